@@ -1,0 +1,138 @@
+"""Vectorised per-row sampling.
+
+One call samples the next token for every row of the batch. Each row carries
+its own parameters as tensors that filter and concatenate with the batch:
+
+1. greedy rows (temperature == 0) take the argmax of the raw logits;
+2. the other rows divide logits by their temperature and turn them into
+   probabilities;
+3. top-k and top-p (only when some row asks for them) zero the tail of each
+   row's sorted distribution;
+4. one uniform number per row, drawn from a counter-based hash of the row's
+   seed and step, picks a token by inverse-CDF search.
+
+Step 4 makes a seeded request reproducible whatever its batch-mates: a row's
+random number depends only on (seed, step), never on the batch, the device or
+a shared generator's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler and the stopping rules."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters, aligned with the rows of a batch."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32, 1 = off
+    seed: torch.Tensor  # [B] int64
+    step: torch.Tensor  # [B] int64, tokens sampled so far for the row
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], device: torch.device) -> SamplingBatch:
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            seed=torch.tensor([p.seed & ((1 << 63) - 1) for p in params], dtype=torch.int64, device=device),
+            step=torch.zeros(len(params), dtype=torch.int64, device=device),
+        )
+
+    def filter(self, keep: torch.Tensor) -> SamplingBatch:
+        return SamplingBatch(*(t[keep] for t in self._fields()))
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[SamplingBatch]) -> SamplingBatch:
+        columns = zip(*(b._fields() for b in batches), strict=True)
+        return cls(*(torch.cat(list(c)) for c in columns))
+
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.step)
+
+    def __len__(self) -> int:
+        return self.temperature.shape[0]
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x holding uint32 values in int64, without int64 overflow."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (murmur3 fmix32): every input bit flips ~half the output bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row, a pure function of (seed, step). [B] -> [B]."""
+    seed_lo = seed & _MASK32
+    seed_hi = (seed >> 32) & _MASK32
+    base = _mix32(seed_lo ^ _mix32((seed_hi + _mul32(step & _MASK32, 0x9E3779B9)) & _MASK32))
+    high = _mix32(base ^ 0x5BD1E995)  # 32 bits
+    low = _mix32((base + 0x27D4EB2F) & _MASK32) >> 11  # 21 bits
+    return ((high << 21) | low).to(torch.float64) * 2.0**-53
+
+
+def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+    """Next token per row. logits: [B, V] -> tokens: [B] int64. Advances ``params.step``."""
+    logits = logits.float()
+    greedy_tokens = logits.argmax(dim=-1)
+    sampling_rows = params.temperature > 0
+    if not bool(sampling_rows.any()):
+        params.step += 1
+        return greedy_tokens
+
+    temperature = torch.where(sampling_rows, params.temperature, torch.ones_like(params.temperature))
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
+    token_order: torch.Tensor | None = None
+    if bool((params.top_k > 0).any()) or bool((params.top_p < 1).any()):
+        probs, token_order = probs.sort(dim=-1, descending=True)
+        probs = _truncate_sorted(probs, params.top_k, params.top_p)
+
+    cdf = probs.cumsum(dim=-1)  # [B, V], non-decreasing
+    u = row_uniforms(params.seed, params.step).to(cdf.dtype) * cdf[:, -1]
+    # First index whose cumulative mass exceeds u: always a token with non-zero probability.
+    picked = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
+    if token_order is not None:
+        picked = token_order.gather(1, picked[:, None]).squeeze(1)
+    params.step += 1
+    return torch.where(sampling_rows, picked, greedy_tokens)
+
+
+def _truncate_sorted(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero the tail of each row's descending distribution. [B, V] -> [B, V]."""
+    vocab = sorted_probs.shape[-1]
+    rank = torch.arange(vocab, device=sorted_probs.device)[None, :]  # [1, V]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    outside_k = rank >= k[:, None]
+    # Keep the smallest head whose mass reaches top_p: a token goes when the mass before it already does.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    outside_p = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
+    outside_p[:, 0] = False  # the most likely token always stays
+    return sorted_probs.masked_fill(outside_k | outside_p, 0.0)

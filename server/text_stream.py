@@ -1,0 +1,87 @@
+"""Turning a request's token stream into text pieces: incremental detokenisation and stop strings.
+
+The streamed pieces concatenate to exactly the final text: the non-streamed
+response is built from the same pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+# How many prompt tokens seed the detokeniser, so that the first generated
+# token decodes with the spacing it has in context (sentencepiece drops a
+# leading space when a token is decoded alone).
+_CONTEXT_TOKENS = 4
+
+
+class Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Emits text only once it is stable: never half of a multi-byte character."""
+
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0  # start of the window decoded for context
+        self._read_offset = len(self._ids)  # tokens before this were already emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is left when the request ends, even if it is not a whole character."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        if self._read_offset >= len(self._ids):
+            return ""
+        decode = self._tokenizer.decode
+        emitted = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        if not final and (len(full) <= len(emitted) or full.endswith("\ufffd")):
+            return ""  # an unfinished byte sequence: wait for the next token
+        piece = full[len(emitted) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return piece
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string and holds back any tail that could start one."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string completed)."""
+        text = self._pending + piece
+        if not self._stop:
+            self._pending = ""
+            return text, False
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self._pending = ""
+            return text[: min(hits)], True
+        hold = self._longest_stop_start(text)
+        self._pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        """The held-back tail, released when the request ends without a stop string."""
+        text, self._pending = self._pending, ""
+        return text
+
+    def _longest_stop_start(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self._stop:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
