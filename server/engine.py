@@ -1,0 +1,304 @@
+"""The engine: one thread that owns the model and runs iteration-level (continuous) batching.
+
+The HTTP layer is async. It submits requests from the event loop; the engine
+thread admits them between decode steps, prefills newcomers together, merges
+them into the running batch and drops finished or cancelled rows. Each
+request's events go back to its own asyncio queue via call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import traceback
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from server.batch import Batch
+from server.errors import InvalidInput, Overloaded, Unavailable
+from server.runner import ModelRunner, NewRequest
+from server.sampling import SamplingParams
+from server.scheduler import QueueFull, Scheduler, SchedulerConfig
+from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    prefix_kv: torch.Tensor | None = None  # [L, 2, H_kv, P, d] on the host
+    prefix_id: str | None = None  # identifies tenant, task and version; rows with equal ids share a prefix
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One step of a request: a token and the text it released, or the end."""
+
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None  # "length" | "stop" | "eos" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Tracked:
+    """The engine's state of one request."""
+
+    request_id: str
+    request: GenerationRequest
+    max_len: int  # KV slots the row may reach: P + prompt + max_new_tokens (capped by the context)
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[GenerationEvent]
+    detokenizer: IncrementalDetokenizer | None
+    stop: StopMatcher
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Decoder | None,
+        *,
+        eos_token_ids: Sequence[int],
+        max_context: int,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_context = max_context
+        self.scheduler = Scheduler(config or SchedulerConfig())
+        self._lock = threading.RLock()  # guards scheduler, _tracked and _accepting
+        self._tracked: dict[str, _Tracked] = {}
+        self._wakeup: queue.Queue[None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._accepting = True
+        self._batch: Batch | None = None
+        self._ids = itertools.count()
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="prefix-serve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop admitting, let running requests finish (up to ``timeout``), then stop the thread."""
+        with self._lock:
+            self._accepting = False
+        self._running = False
+        self._wakeup.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        batch = self._batch
+        return 0 if batch is None else len(batch)
+
+    # ----- the async side ----------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Submit a request and yield its events; leaving early (disconnect) cancels it."""
+        tracked = self._submit(request)
+        try:
+            while True:
+                event = await tracked.events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not tracked.done:
+                self.abort(tracked.request_id)
+
+    def _submit(self, request: GenerationRequest) -> _Tracked:
+        prefix_len = 0 if request.prefix_kv is None else request.prefix_kv.shape[3]
+        used = prefix_len + len(request.prompt_ids)
+        if not request.prompt_ids:
+            raise InvalidInput("the prompt is empty")
+        if used >= self.max_context:
+            raise InvalidInput(
+                f"prompt too long: {len(request.prompt_ids)} tokens + {prefix_len} prefix tokens "
+                f"leave no room in the model's context of {self.max_context}"
+            )
+        max_len = min(used + request.params.max_new_tokens, self.max_context)
+        if not self.scheduler.fits_alone(max_len):
+            raise InvalidInput(
+                f"request needs {max_len} KV slots; the batch token budget is "
+                f"{self.scheduler.config.max_batch_tokens}: lower max_new_tokens or the prompt"
+            )
+        loop = asyncio.get_running_loop()
+        tracked = _Tracked(
+            request_id=f"req-{next(self._ids)}-{secrets.token_hex(4)}",
+            request=request,
+            max_len=max_len,
+            loop=loop,
+            events=asyncio.Queue(),
+            detokenizer=None
+            if self.tokenizer is None
+            else IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+            stop=StopMatcher(request.params.stop),
+        )
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable("the server is shutting down")
+            try:
+                self.scheduler.add(tracked.request_id, max_len)
+            except QueueFull as exc:
+                raise Overloaded(str(exc)) from exc
+            self._tracked[tracked.request_id] = tracked
+        self._wakeup.put(None)
+        return tracked
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: a waiting one leaves the queue now, a running one frees its row next step."""
+        with self._lock:
+            tracked = self._tracked.get(request_id)
+            if tracked is None or tracked.done:
+                return
+            tracked.cancelled = True
+            if self.scheduler.remove(request_id):
+                self._finish(tracked, GenerationEvent(None, "", "cancelled"))
+        self._wakeup.put(None)
+
+    # ----- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if self._batch is None and self.scheduler.num_waiting == 0:
+                if not self._running:
+                    return
+                self._wakeup.get()  # idle: block until something arrives
+            try:
+                self._step()
+            except Exception as exc:  # a failed forward fails its requests, never the thread
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                self._fail_running(f"generation failed: {exc}")
+
+    def _step(self) -> None:
+        with self._lock:
+            running_lens = (
+                [] if self._batch is None else [self._tracked[r].max_len for r in self._batch.request_ids]
+            )
+            admitted = [self._tracked[r] for r in self.scheduler.admit(running_lens)]
+        admitted = [t for t in admitted if not t.cancelled]
+        if admitted:
+            new_requests = [
+                NewRequest(
+                    t.request_id,
+                    t.request.prompt_ids,
+                    t.request.params,
+                    t.request.prefix_kv,
+                    t.request.prefix_id,
+                )
+                for t in admitted
+            ]
+            try:
+                new_batch, tokens = self.runner.prefill(new_requests)
+            except Exception as exc:
+                log.error("prefill failed:\n%s", traceback.format_exc())
+                for t in admitted:
+                    self._finish(t, GenerationEvent(None, "", "error", error=f"prefill failed: {exc}"))
+                new_batch = None
+            if new_batch is not None:
+                new_batch = self._consume(new_batch, tokens)
+                if new_batch is not None:
+                    self._batch = (
+                        new_batch if self._batch is None else Batch.concatenate([self._batch, new_batch])
+                    )
+        if self._batch is not None:
+            tokens = self.runner.decode(self._batch)
+            self._batch = self._consume(self._batch, tokens)
+
+    def _consume(self, batch: Batch, tokens: torch.Tensor) -> Batch | None:
+        """Hand each row's new token to its request; return the batch without finished rows."""
+        positions = batch.next_positions.tolist()
+        keep: list[str] = []
+        for row, token, position in zip(batch.rows, tokens.tolist(), positions, strict=True):
+            tracked = self._tracked[row.request_id]
+            if tracked.cancelled:
+                self._finish(tracked, GenerationEvent(None, "", "cancelled"))
+                continue
+            if not self._emit(tracked, token, position):
+                keep.append(row.request_id)
+        return batch.filter(keep)
+
+    def _emit(self, tracked: _Tracked, token: int, position: int) -> bool:
+        """Record one token; returns True when the request finished."""
+        tracked.generated.append(token)
+        params = tracked.request.params
+        finish: str | None = None
+        piece = ""
+        if token in self.eos_token_ids:
+            finish = "eos"
+        elif tracked.detokenizer is not None:
+            piece = tracked.detokenizer.push(token)
+        # ``position`` is where this token would go next; the context has no room past max_context.
+        if finish is None and (
+            len(tracked.generated) >= params.max_new_tokens or position >= self.max_context
+        ):
+            finish = "length"
+        text, stopped = tracked.stop.feed(piece)
+        if stopped:
+            finish = "stop"
+        elif finish is not None:
+            tail = tracked.detokenizer.flush() if tracked.detokenizer is not None else ""
+            tail_text, stopped = tracked.stop.feed(tail)
+            text += tail_text
+            if stopped:
+                finish = "stop"
+            else:
+                text += tracked.stop.flush()
+        event = GenerationEvent(
+            token_id=token,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(tracked.request.prompt_ids),
+            completion_tokens=len(tracked.generated),
+        )
+        if finish is None:
+            self._send(tracked, event)
+            return False
+        self._finish(tracked, event)
+        return True
+
+    def _finish(self, tracked: _Tracked, event: GenerationEvent) -> None:
+        tracked.done = True
+        self._send(tracked, event)
+        with self._lock:
+            self._tracked.pop(tracked.request_id, None)
+
+    def _fail_running(self, message: str) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        for request_id in batch.request_ids:
+            tracked = self._tracked.get(request_id)
+            if tracked is not None:
+                self._finish(tracked, GenerationEvent(None, "", "error", error=message))
+
+    @staticmethod
+    def _send(tracked: _Tracked, event: GenerationEvent) -> None:
+        try:
+            tracked.loop.call_soon_threadsafe(tracked.events.put_nowait, event)
+        except RuntimeError:  # the request's event loop is gone: nobody is listening
+            tracked.cancelled = True

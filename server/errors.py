@@ -1,0 +1,89 @@
+"""The server's error taxonomy: one exception type per HTTP outcome, one JSON shape.
+
+Every error leaves the server as ``{"error": {"type": ..., "message": ...}}``.
+The client's exceptions (clients/errors.py) mirror the ``type`` strings.
+"""
+
+from __future__ import annotations
+
+from prefix_store import errors as store_errors
+
+
+class ApiError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"type": self.error_type, "message": self.message}}
+
+
+class BadRequest(ApiError):
+    status_code = 400
+    error_type = "invalid_request"
+
+
+class InvalidInput(ApiError):
+    status_code = 422
+    error_type = "invalid_request"
+
+
+class InvalidPrefixError(ApiError):
+    status_code = 422
+    error_type = "invalid_prefix"
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class Overloaded(ApiError):
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class Unavailable(ApiError):
+    status_code = 503
+    error_type = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class GenerationFailed(ApiError):
+    status_code = 500
+    error_type = "generation_failed"
+
+
+def from_store_error(exc: store_errors.PrefixStoreError) -> ApiError:
+    """Map a prefix-store failure to its HTTP outcome."""
+    message = str(exc)
+    if isinstance(exc, store_errors.PrefixNotFound):
+        return NotFound(message)
+    if isinstance(exc, store_errors.InvalidTaskId):
+        return InvalidInput(message)
+    if isinstance(exc, store_errors.InvalidPrefix):
+        return InvalidPrefixError(message)
+    if isinstance(exc, store_errors.PrefixTooLarge):
+        return PayloadTooLarge(message)
+    if isinstance(exc, store_errors.CorruptPrefix | store_errors.StoreUnavailable):
+        return Unavailable(message, retry_after_s=2)
+    return ApiError(message)

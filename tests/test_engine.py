@@ -1,0 +1,207 @@
+"""The engine end to end on a tiny model: oracle tokens, batch invariance, joins, sampling, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+from server.engine import Engine, GenerationEvent, GenerationRequest
+from server.errors import Overloaded
+from server.model_loading import probe_kv_shape
+from server.runner import ModelRunner
+from server.sampling import SamplingParams
+from server.scheduler import SchedulerConfig
+from tests.tiny_models import oracle_greedy, peft_prefix_model, prefix_kv_of, tiny_llama
+
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(seed=3)
+
+
+@pytest.fixture(scope="module")
+def prefixes(base):
+    """Five PEFT prefixes of different lengths: (kv [L,2,H,P,d], peft model)."""
+    out = []
+    for i, p in enumerate([2, 5, 1, 9, 4]):
+        peft = peft_prefix_model(copy.deepcopy(base), p, seed=100 + i)
+        out.append((prefix_kv_of(peft), peft))
+    return out
+
+
+def make_engine(model, **config) -> Engine:
+    runner = ModelRunner(model, *probe_kv_shape(model))
+    engine = Engine(runner, None, eos_token_ids=[], max_context=512, config=SchedulerConfig(**config))
+    engine.start()
+    return engine
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> list[GenerationEvent]:
+    return [event async for event in engine.generate(request)]
+
+
+def tokens_of(events: list[GenerationEvent]) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def prompt(i: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randint(3, 250, (n,), generator=g).tolist()
+
+
+async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes) -> None:
+    engine = make_engine(base)
+    try:
+        params = SamplingParams(max_new_tokens=NEW_TOKENS)
+        requests = []
+        for i in range(8):
+            kv = None if i % 3 == 2 else prefixes[i % len(prefixes)][0]
+            requests.append(
+                GenerationRequest(prompt(i, 3 + 2 * i), params, kv, None if kv is None else f"p{i % 5}")
+            )
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests))
+        assert [tokens_of(e) for e in together] == alone
+        for i, req in enumerate(requests):
+            model = base if req.prefix_kv is None else prefixes[i % len(prefixes)][1]
+            want, _ = oracle_greedy(model, list(req.prompt_ids), NEW_TOKENS)
+            assert alone[i] == want, f"request {i}"
+            assert together[i][-1].finish_reason == "length"
+            assert together[i][-1].completion_tokens == NEW_TOKENS
+    finally:
+        engine.shutdown()
+
+
+async def test_requests_joining_mid_decode_change_nobody(base, prefixes) -> None:
+    engine = make_engine(base)
+    try:
+        long = GenerationRequest(prompt(50, 6), SamplingParams(max_new_tokens=40), prefixes[3][0], "p3")
+        late = [
+            GenerationRequest(
+                prompt(51 + i, 4 + i), SamplingParams(max_new_tokens=6), prefixes[i][0], f"p{i}"
+            )
+            for i in range(3)
+        ]
+        want_long = tokens_of(await collect(engine, long))
+        want_late = [tokens_of(await collect(engine, r)) for r in late]
+
+        seen_tokens = asyncio.Event()
+
+        async def run_long() -> list[int]:
+            out = []
+            async for event in engine.generate(long):
+                out.append(event.token_id)
+                if len(out) == 5:
+                    seen_tokens.set()
+            return [t for t in out if t is not None]
+
+        long_task = asyncio.create_task(run_long())
+        await seen_tokens.wait()  # the long request is decoding; now others join
+        late_results = await asyncio.gather(*(collect(engine, r) for r in late))
+        assert await long_task == want_long
+        assert [tokens_of(e) for e in late_results] == want_late
+    finally:
+        engine.shutdown()
+
+
+async def test_seeded_sampling_is_batch_invariant(base, prefixes) -> None:
+    engine = make_engine(base)
+    try:
+        sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+        request = GenerationRequest(prompt(7, 5), sampled, prefixes[1][0], "p1")
+        alone = tokens_of(await collect(engine, request))
+        others = [
+            GenerationRequest(
+                prompt(8 + i, 3 + i), SamplingParams(max_new_tokens=10, temperature=0.7, seed=i), kv, "x"
+            )
+            for i, (kv, _) in enumerate(prefixes)
+        ]
+        results = await asyncio.gather(collect(engine, request), *(collect(engine, r) for r in others))
+        assert tokens_of(results[0]) == alone
+        other_seed = tokens_of(
+            await collect(
+                engine,
+                GenerationRequest(
+                    prompt(7, 5),
+                    sampled.__class__(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=99),
+                    prefixes[1][0],
+                    "p1",
+                ),
+            )
+        )
+        assert other_seed != alone  # the seed matters (10 tokens over a 256 vocabulary)
+    finally:
+        engine.shutdown()
+
+
+async def test_top_k_one_equals_greedy(base, prefixes) -> None:
+    engine = make_engine(base)
+    try:
+        p = prompt(9, 6)
+        greedy = tokens_of(
+            await collect(engine, GenerationRequest(p, SamplingParams(max_new_tokens=8), prefixes[0][0]))
+        )
+        top1 = SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=5)
+        assert tokens_of(await collect(engine, GenerationRequest(p, top1, prefixes[0][0]))) == greedy
+        tiny_p = SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=5)
+        assert tokens_of(await collect(engine, GenerationRequest(p, tiny_p, prefixes[0][0]))) == greedy
+    finally:
+        engine.shutdown()
+
+
+async def test_cancel_frees_row_and_others_continue(base, prefixes) -> None:
+    engine = make_engine(base)
+    try:
+        keep = GenerationRequest(prompt(20, 5), SamplingParams(max_new_tokens=30), prefixes[2][0], "p2")
+        want = tokens_of(await collect(engine, keep))
+        victim = GenerationRequest(prompt(21, 5), SamplingParams(max_new_tokens=400), prefixes[4][0], "p4")
+
+        async def consume_some() -> None:
+            n = 0
+            async for _ in engine.generate(victim):
+                n += 1
+                if n == 3:
+                    return  # leaving the generator cancels the request
+
+        keep_task = asyncio.create_task(collect(engine, keep))
+        await consume_some()
+        for _ in range(200):
+            if engine.num_running <= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.num_running <= 1, "the cancelled row was not freed"
+        assert tokens_of(await keep_task) == want
+    finally:
+        engine.shutdown()
+
+
+async def test_queue_full_is_overloaded(base) -> None:
+    engine = make_engine(base, max_queue=2, max_batch_size=1)
+    try:
+        blockers = [
+            engine.generate(GenerationRequest(prompt(i, 4), SamplingParams(max_new_tokens=50)))
+            for i in range(3)
+        ]
+        first = await blockers[0].__anext__()  # one running
+        assert first.token_id is not None
+        second, third = (asyncio.create_task(b.__anext__()) for b in blockers[1:])
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            async for _ in engine.generate(GenerationRequest(prompt(9, 4), SamplingParams(max_new_tokens=2))):
+                pass
+        for task in (second, third):
+            task.cancel()
+        await asyncio.gather(second, third, return_exceptions=True)
+        await blockers[0].aclose()
+        for _ in range(200):  # every cancelled request left the engine
+            if engine.num_running == 0 and engine.num_waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.num_running == 0 and engine.num_waiting == 0
+    finally:
+        engine.shutdown()
