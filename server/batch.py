@@ -121,9 +121,7 @@ class Batch:
         assert len({r.request_id for r in self.rows}) == n, "duplicate request ids"
         assert self.attention_mask.shape == (n, width)
         for k, v in zip(self.keys, self.values, strict=True):
-            assert k.shape[0] == n and k.shape[2] == width, (
-                f"key shape {tuple(k.shape)} vs {n} rows x {width}"
-            )
+            assert k.shape[0] == n and k.shape[2] == width, f"key shape {tuple(k.shape)} vs {n} rows x {width}"
             assert v.shape == k.shape
         for t in (self.next_positions, self.next_input_ids, *self.sampling._fields()):
             assert t.shape == (n,)

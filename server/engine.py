@@ -153,9 +153,7 @@ class Engine:
             max_len=max_len,
             loop=loop,
             events=asyncio.Queue(),
-            detokenizer=None
-            if self.tokenizer is None
-            else IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+            detokenizer=None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
             stop=StopMatcher(request.params.stop),
         )
         with self._lock:
@@ -196,9 +194,7 @@ class Engine:
 
     def _step(self) -> None:
         with self._lock:
-            running_lens = (
-                [] if self._batch is None else [self._tracked[r].max_len for r in self._batch.request_ids]
-            )
+            running_lens = [] if self._batch is None else [self._tracked[r].max_len for r in self._batch.request_ids]
             admitted = [self._tracked[r] for r in self.scheduler.admit(running_lens)]
         admitted = [t for t in admitted if not t.cancelled]
         if admitted:
@@ -222,9 +218,7 @@ class Engine:
             if new_batch is not None:
                 new_batch = self._consume(new_batch, tokens)
                 if new_batch is not None:
-                    self._batch = (
-                        new_batch if self._batch is None else Batch.concatenate([self._batch, new_batch])
-                    )
+                    self._batch = new_batch if self._batch is None else Batch.concatenate([self._batch, new_batch])
         if self._batch is not None:
             tokens = self.runner.decode(self._batch)
             self._batch = self._consume(self._batch, tokens)
@@ -253,9 +247,7 @@ class Engine:
         elif tracked.detokenizer is not None:
             piece = tracked.detokenizer.push(token)
         # ``position`` is where this token would go next; the context has no room past max_context.
-        if finish is None and (
-            len(tracked.generated) >= params.max_new_tokens or position >= self.max_context
-        ):
+        if finish is None and (len(tracked.generated) >= params.max_new_tokens or position >= self.max_context):
             finish = "length"
         text, stopped = tracked.stop.feed(piece)
         if stopped:

@@ -93,7 +93,7 @@ class ModelRunner:
             keys=keys,
             values=values,
             attention_mask=mask,
-            next_positions=torch.tensor([p + n for p, n in zip(prefix_lens, prompt_lens)], device=dev),
+            next_positions=torch.tensor([p + n for p, n in zip(prefix_lens, prompt_lens, strict=True)], device=dev),
             next_input_ids=torch.zeros(n_rows, dtype=torch.int64, device=dev),
             sampling=SamplingBatch.from_params([r.params for r in requests], dev),
         )

@@ -49,10 +49,7 @@ class Scheduler:
         admitted: list[str] = []
         for request_id, max_len in self._waiting.items():
             new_longest = max(longest, max_len)
-            if (
-                rows + 1 > self.config.max_batch_size
-                or (rows + 1) * new_longest > self.config.max_batch_tokens
-            ):
+            if rows + 1 > self.config.max_batch_size or (rows + 1) * new_longest > self.config.max_batch_tokens:
                 break  # strict FIFO: a large request at the head is not overtaken forever
             admitted.append(request_id)
             rows, longest = rows + 1, new_longest

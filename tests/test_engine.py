@@ -61,9 +61,7 @@ async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes) 
         requests = []
         for i in range(8):
             kv = None if i % 3 == 2 else prefixes[i % len(prefixes)][0]
-            requests.append(
-                GenerationRequest(prompt(i, 3 + 2 * i), params, kv, None if kv is None else f"p{i % 5}")
-            )
+            requests.append(GenerationRequest(prompt(i, 3 + 2 * i), params, kv, None if kv is None else f"p{i % 5}"))
         alone = [tokens_of(await collect(engine, r)) for r in requests]
         together = await asyncio.gather(*(collect(engine, r) for r in requests))
         assert [tokens_of(e) for e in together] == alone
@@ -82,9 +80,7 @@ async def test_requests_joining_mid_decode_change_nobody(base, prefixes) -> None
     try:
         long = GenerationRequest(prompt(50, 6), SamplingParams(max_new_tokens=40), prefixes[3][0], "p3")
         late = [
-            GenerationRequest(
-                prompt(51 + i, 4 + i), SamplingParams(max_new_tokens=6), prefixes[i][0], f"p{i}"
-            )
+            GenerationRequest(prompt(51 + i, 4 + i), SamplingParams(max_new_tokens=6), prefixes[i][0], f"p{i}")
             for i in range(3)
         ]
         want_long = tokens_of(await collect(engine, long))
@@ -116,9 +112,7 @@ async def test_seeded_sampling_is_batch_invariant(base, prefixes) -> None:
         request = GenerationRequest(prompt(7, 5), sampled, prefixes[1][0], "p1")
         alone = tokens_of(await collect(engine, request))
         others = [
-            GenerationRequest(
-                prompt(8 + i, 3 + i), SamplingParams(max_new_tokens=10, temperature=0.7, seed=i), kv, "x"
-            )
+            GenerationRequest(prompt(8 + i, 3 + i), SamplingParams(max_new_tokens=10, temperature=0.7, seed=i), kv, "x")
             for i, (kv, _) in enumerate(prefixes)
         ]
         results = await asyncio.gather(collect(engine, request), *(collect(engine, r) for r in others))
@@ -184,8 +178,7 @@ async def test_queue_full_is_overloaded(base) -> None:
     engine = make_engine(base, max_queue=2, max_batch_size=1)
     try:
         blockers = [
-            engine.generate(GenerationRequest(prompt(i, 4), SamplingParams(max_new_tokens=50)))
-            for i in range(3)
+            engine.generate(GenerationRequest(prompt(i, 4), SamplingParams(max_new_tokens=50))) for i in range(3)
         ]
         first = await blockers[0].__anext__()  # one running
         assert first.token_id is not None

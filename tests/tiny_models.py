@@ -57,9 +57,7 @@ def prefix_kv_of(peft_model: PeftModel) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def oracle_greedy(
-    model: PreTrainedModel, prompt: list[int], steps: int
-) -> tuple[list[int], list[torch.Tensor]]:
+def oracle_greedy(model: PreTrainedModel, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and per-step logits from full, uncached forwards (PEFT's training path).
 
     Never PEFT's generate(): on this stack it silently drops the prefix.
