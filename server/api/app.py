@@ -1,0 +1,119 @@
+"""The FastAPI application: lifespan (model, store, engine), error handlers, routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prefix_store.backends import default_store_url, open_backend
+from prefix_store.registry import PrefixRegistry
+from server.api import generate, prefixes
+from server.api.auth import KeyRing
+from server.api.body_limit import BodyLimitMiddleware
+from server.api.state import ServerState
+from server.config import ServeConfig
+from server.engine import Engine
+from server.errors import ApiError, BadRequest, InvalidInput, NotFound
+from server.model_loading import LoadedModel, load_model
+from server.runner import ModelRunner
+from server.scheduler import SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_state(config: ServeConfig, model: LoadedModel) -> ServerState:
+    """Open the store and start the engine around an already loaded model."""
+    store_url = config.store or default_store_url()
+    backend = open_backend(store_url)
+    registry = PrefixRegistry(
+        backend,
+        model.fingerprint,
+        host_cache_bytes=config.host_cache_bytes,
+        max_virtual_tokens=config.max_virtual_tokens,
+        max_upload_bytes=config.max_upload_bytes,
+    )
+    runner = ModelRunner(model.model, model.num_layers, model.num_kv_heads, model.head_dim)
+    engine = Engine(
+        runner,
+        model.tokenizer,
+        eos_token_ids=model.eos_token_ids,
+        max_context=model.max_context,
+        config=SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_queue),
+    )
+    keys = KeyRing.load(config.api_keys) if config.api_keys else KeyRing.disabled()
+    engine.start()
+    return ServerState(config, model, engine, registry, keys, backend.describe())
+
+
+def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> FastAPI:
+    """The app; the model is loaded in the lifespan unless one is given (tests, embedding)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model
+        if loaded is None:
+            loaded = await asyncio.to_thread(load_model, config.model, device=config.device, dtype=config.dtype)
+        state = build_state(config, loaded)
+        app.state.server = state
+        try:
+            yield
+        finally:
+            state.ready = False
+            await asyncio.to_thread(state.engine.shutdown)
+            state.registry.backend.close()
+
+    app = FastAPI(title="prefix-serve", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=config.max_request_bytes,
+        upload_limit=config.max_upload_bytes,
+        upload_prefix="/v1/prefixes/",
+    )
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        state: ServerState | None = getattr(request.app.state, "server", None)
+        if state is None or not state.ready:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    app.include_router(generate.router)
+    app.include_router(prefixes.router)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        json_broken = any(err.get("type") == "json_invalid" for err in exc.errors())
+        error = (BadRequest if json_broken else InvalidInput)("; ".join(problems) or "invalid request")
+        return JSONResponse(error.body(), status_code=error.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: ApiError = NotFound(str(exc.detail)) if exc.status_code == 404 else ApiError(str(exc.detail))
+        error.status_code = exc.status_code
+        if exc.status_code == 405:
+            error.error_type = "method_not_allowed"
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse({"error": {"type": "internal_error", "message": "internal server error"}}, 500)

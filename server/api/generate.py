@@ -1,0 +1,199 @@
+"""POST /v1/generate: schema in, engine events out, as JSON or server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from prefix_store.errors import PrefixStoreError
+from server.api.auth import Principal
+from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, Usage
+from server.api.state import Caller, ServerState, State
+from server.engine import GenerationEvent, GenerationRequest
+from server.errors import GenerationFailed, InvalidInput, from_store_error
+from server.sampling import SamplingParams
+
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class PreparedGeneration:
+    """A validated request, its prefix resolved: ready for the engine."""
+
+    response_id: str
+    task_id: str | None
+    prefix_version: int | None
+    request: GenerationRequest
+
+
+async def prepare_generation(
+    state: ServerState,
+    principal: Principal,
+    *,
+    task_id: str | None,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    params: SamplingParams,
+    response_id: str,
+) -> PreparedGeneration:
+    """Shared by the native and OpenAI routes: limits, tokenisation, prefix lookup."""
+    config = state.config
+    if params.max_new_tokens > config.max_new_tokens:
+        raise InvalidInput(f"max_new_tokens must be at most {config.max_new_tokens}")
+    if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
+        raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters")
+    prompt_ids = tokenize(state, prompt, messages)
+    if len(prompt_ids) > config.max_prompt_tokens:
+        raise InvalidInput(f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
+    prefix_kv, prefix_id, version = None, None, None
+    if task_id is not None:
+        try:
+            artifact = await asyncio.to_thread(state.registry.resolve, principal.tenant, task_id)
+        except PrefixStoreError as exc:
+            raise from_store_error(exc) from exc
+        meta = artifact.metadata
+        prefix_kv, version = artifact.key_values, meta.version
+        prefix_id = f"{meta.tenant}/{meta.task_id}@{meta.version}"
+    return PreparedGeneration(
+        response_id=response_id,
+        task_id=task_id,
+        prefix_version=version,
+        request=GenerationRequest(prompt_ids, params, prefix_kv, prefix_id),
+    )
+
+
+def tokenize(state: ServerState, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+    tokenizer = state.model.tokenizer
+    if tokenizer is None:
+        raise InvalidInput("this model has no tokenizer")
+    if messages is not None:
+        if not tokenizer.chat_template:
+            raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'")
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    return list(tokenizer(prompt or "").input_ids)
+
+
+async def events_until_disconnect(
+    request: Request, events: AsyncIterator[GenerationEvent]
+) -> AsyncIterator[GenerationEvent]:
+    """Yield engine events; stop (and so cancel the request) as soon as the client goes away."""
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        while True:
+            next_event = asyncio.ensure_future(anext(events, None))
+            await asyncio.wait({next_event, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_event.done():
+                next_event.cancel()
+                await asyncio.gather(next_event, return_exceptions=True)
+                return
+            event = next_event.result()
+            if event is None:
+                return
+            yield event
+    finally:
+        disconnect.cancel()
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+
+
+def check_event(event: GenerationEvent) -> None:
+    if event.finish_reason == "error":
+        raise GenerationFailed(event.error or "generation failed")
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    state: State,
+    principal: Caller,
+):
+    params = SamplingParams(
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        seed=secrets.randbits(63) if body.seed is None else body.seed,
+        stop=tuple(body.stop),
+    )
+    prepared = await prepare_generation(
+        state,
+        principal,
+        task_id=body.task_id,
+        prompt=body.prompt,
+        messages=None if body.messages is None else [m.model_dump() for m in body.messages],
+        params=params,
+        response_id="gen-" + secrets.token_hex(8),
+    )
+    if body.stream:
+        # StreamingResponse cancels the body iterator when the client goes away, which aborts the request.
+        stream = state.engine.generate(prepared.request)
+        first = await anext(stream)  # errors before the first token still get a proper status code
+        check_event(first)
+        return StreamingResponse(_sse(prepared, first, stream), media_type="text/event-stream")
+    events = events_until_disconnect(request, state.engine.generate(prepared.request))
+    text, token_ids = [], []
+    last: GenerationEvent | None = None
+    async for event in events:
+        check_event(event)
+        text.append(event.text)
+        if event.token_id is not None:
+            token_ids.append(event.token_id)
+        last = event
+    if last is None or last.finish_reason not in ("length", "stop", "eos"):
+        raise GenerationFailed("the request ended without a result")
+    return GenerateResponse(
+        id=prepared.response_id,
+        task_id=prepared.task_id,
+        text="".join(text),
+        token_ids=token_ids,
+        finish_reason=last.finish_reason,
+        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        prefix_version=prepared.prefix_version,
+    )
+
+
+async def _sse(
+    prepared: PreparedGeneration, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]
+) -> AsyncIterator[str]:
+    try:
+        async for chunk in _sse_chunks(prepared, first, rest):
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the request
+
+
+async def _sse_chunks(
+    prepared: PreparedGeneration, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]
+) -> AsyncIterator[str]:
+    event: GenerationEvent | None = first
+    while event is not None:
+        if event.finish_reason == "error":
+            error = {"error": {"type": GenerationFailed.error_type, "message": event.error or "generation failed"}}
+            yield f"data: {json.dumps(error)}\n\n"
+            return
+        finished = event.finish_reason in ("length", "stop", "eos")
+        payload = StreamEvent(
+            id=prepared.response_id,
+            task_id=prepared.task_id,
+            token_id=event.token_id,
+            text=event.text,
+            finish_reason=event.finish_reason if finished else None,
+            usage=Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+            if finished
+            else None,
+            prefix_version=prepared.prefix_version,
+        )
+        yield f"data: {payload.model_dump_json()}\n\n"
+        event = None if finished else await anext(rest, None)

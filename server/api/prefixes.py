@@ -1,0 +1,118 @@
+"""Prefix management: upload (native file or PEFT checkpoint), list, show, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from prefix_store.artifact import parse_uploaded_native
+from prefix_store.errors import PrefixStoreError
+from prefix_store.ids import validate_task_id
+from prefix_store.peft_import import key_values_from_peft
+from server.api.schemas import PrefixInfo, PrefixList
+from server.api.state import Caller, State
+from server.errors import BadRequest, NotFound, PayloadTooLarge, from_store_error
+
+router = APIRouter()
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking store work off the event loop, turning store errors into API errors."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except PrefixStoreError as exc:
+        raise from_store_error(exc) from exc
+
+
+@router.put(
+    "/v1/prefixes/{task_id}",
+    status_code=201,
+    response_model=PrefixInfo,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            PEFT_CONFIG_FILE: {"type": "string", "format": "binary"},
+                            PEFT_WEIGHTS_FILE: {"type": "string", "format": "binary"},
+                        },
+                        "required": [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE],
+                    }
+                },
+            },
+            "required": True,
+        }
+    },
+)
+async def upload_prefix(
+    task_id: str,
+    request: Request,
+    state: State,
+    principal: Caller,
+) -> JSONResponse:
+    await _in_thread(validate_task_id, task_id)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        key_values = await _read_peft_form(request, state.config.max_upload_bytes)
+    elif content_type in ("application/octet-stream", ""):
+        blob = await request.body()
+        if not blob:
+            raise BadRequest("empty body: send the .safetensors prefix file")
+        key_values = await _in_thread(parse_uploaded_native, blob)
+    else:
+        raise BadRequest(
+            f"unsupported content type {content_type!r}: send application/octet-stream (native .safetensors) "
+            f"or multipart/form-data with {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE}"
+        )
+    meta = await _in_thread(state.registry.upload, principal.tenant, task_id, key_values)
+    return JSONResponse(meta.to_public_dict(), status_code=201)
+
+
+async def _read_peft_form(request: Request, limit: int) -> torch.Tensor:
+    try:
+        form = await request.form(max_files=4, max_fields=8, max_part_size=limit)
+    except PayloadTooLarge:
+        raise
+    except Exception as exc:  # starlette raises its own parse errors for malformed multipart bodies
+        raise BadRequest(f"malformed multipart body: {exc}") from exc
+    try:
+        parts = {}
+        for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
+            part = form.get(name)
+            if not isinstance(part, UploadFile):
+                raise BadRequest(f"multipart upload needs a file field named {name!r}")
+            parts[name] = await part.read()
+    finally:
+        await form.close()
+    return await _in_thread(key_values_from_peft, parts[PEFT_CONFIG_FILE], parts[PEFT_WEIGHTS_FILE])
+
+
+@router.get("/v1/prefixes", response_model=PrefixList)
+async def list_prefixes(state: State, principal: Caller) -> dict[str, Any]:
+    metas = await _in_thread(state.registry.list, principal.tenant)
+    return {"data": [m.to_public_dict() for m in metas]}
+
+
+@router.get("/v1/prefixes/{task_id}", response_model=PrefixInfo)
+async def get_prefix(task_id: str, state: State, principal: Caller) -> dict[str, Any]:
+    meta = await _in_thread(state.registry.info, principal.tenant, task_id)
+    return meta.to_public_dict()
+
+
+@router.delete("/v1/prefixes/{task_id}", status_code=204)
+async def delete_prefix(task_id: str, state: State, principal: Caller) -> Response:
+    if not await _in_thread(state.registry.delete, principal.tenant, task_id):
+        raise NotFound(f"no prefix {task_id!r}")
+    return Response(status_code=204)

@@ -1,0 +1,87 @@
+"""Request and response bodies of the native API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str | None = Field(None, description="the prefix to use; null = the base model")
+    prompt: str | None = Field(None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+FinishReason = Literal["length", "stop", "eos"]
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    task_id: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    prefix_version: int | None
+
+
+class StreamEvent(BaseModel):
+    """One server-sent event of a streamed generation; the last carries finish_reason and usage."""
+
+    id: str
+    task_id: str | None
+    token_id: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    prefix_version: int | None = None
+
+
+class PrefixInfo(BaseModel):
+    task_id: str
+    version: int
+    num_virtual_tokens: int
+    sha256: str
+    bytes: int
+    created_at: str
+    dtype: str | None = None
+
+
+class PrefixList(BaseModel):
+    data: list[PrefixInfo]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,119 @@
+"""`prefix-serve` command line. `serve` runs the server; client commands arrive with the client."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from dataclasses import fields
+
+from server.config import ServeConfig
+
+ENV_PREFIX = "PREFIX_SERVE_"
+
+# flag -> (type, help). Every flag can also come from PREFIX_SERVE_<FLAG> (dashes as underscores).
+_SERVE_FLAGS: dict[str, tuple[type, str]] = {
+    "model": (str, "model directory, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)"),
+    "store": (str, "prefix store: disk://PATH (default: under the user data directory)"),
+    "host": (str, "address to bind (default 127.0.0.1)"),
+    "port": (int, "port (default 8000)"),
+    "api_keys": (str, "JSON file of API keys and tenants"),
+    "device": (str, "cpu or cuda (default: cuda when available)"),
+    "dtype": (str, "float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)"),
+    "max_batch_size": (int, "rows decoded together (default 32)"),
+    "max_batch_tokens": (int, "KV budget of the batch in token slots (default 65536)"),
+    "max_queue": (int, "waiting requests before 429 (default 256)"),
+    "max_new_tokens": (int, "largest max_new_tokens a request may ask (default 2048)"),
+    "max_prompt_tokens": (int, "longest prompt in tokens (default 4096)"),
+    "max_upload_bytes": (int, "largest prefix upload (default 64 MiB)"),
+    "max_virtual_tokens": (int, "longest prefix P (default 512)"),
+    "host_cache_bytes": (int, "host prefix cache budget (default 512 MiB)"),
+}
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the inference server")
+    for name, (kind, text) in _SERVE_FLAGS.items():
+        env = ENV_PREFIX + name.upper()
+        serve.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{text} [env {env}]")
+    serve.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without API keys")
+    serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Flags win over PREFIX_SERVE_* variables, which win over the defaults."""
+    values: dict[str, object] = {}
+    for field in fields(ServeConfig):
+        if field.name not in _SERVE_FLAGS:
+            continue
+        kind = _SERVE_FLAGS[field.name][0]
+        value = getattr(args, field.name, None)
+        if value is None and (raw := os.environ.get(ENV_PREFIX + field.name.upper())):
+            try:
+                value = kind(raw)
+            except ValueError as exc:
+                raise SystemExit(
+                    f"error: {ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from exc
+        if value is not None:
+            values[field.name] = value
+    return ServeConfig(**values)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from prefix_store.backends import default_store_url
+    from server.api.app import create_app
+    from server.model_loading import ModelLoadError, load_model
+
+    config = config_from_args(args)
+    insecure = args.insecure_no_auth or os.environ.get(ENV_PREFIX + "INSECURE_NO_AUTH") == "1"
+    if not config.api_keys and not _is_loopback(config.host) and not insecure:
+        print(
+            f"error: refusing to bind {config.host} without --api-keys (pass --insecure-no-auth to override)",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model = load_model(config.model, device=config.device, dtype=config.dtype)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = config.store or default_store_url()
+    print(
+        f"prefix-serve: model {model.name} ({model.num_layers} layers, {model.num_kv_heads} KV heads, "
+        f"head size {model.head_dim}) on {model.device} as {str(model.dtype).removeprefix('torch.')}; "
+        f"store {store}; listening on http://{config.host}:{config.port}",
+        flush=True,
+    )
+    app = create_app(config, model=model)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefix-serve", description="Serve many prefix-tuned tasks on one model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Server settings: one dataclass, filled from command-line flags or PREFIX_SERVE_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None  # None = the embedded default model
+    store: str | None = None  # None = disk store under the user's data directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: str | None = None  # path of the JSON key file
+    device: str | None = None  # None = cuda when available, else cpu
+    dtype: str | None = None  # None = bf16 on cuda, fp32 on cpu
+    max_batch_size: int = 32
+    max_batch_tokens: int = 65536
+    max_queue: int = 256
+    max_new_tokens: int = 2048  # upper bound a request may ask for
+    max_prompt_tokens: int = 4096
+    max_stop_strings: int = 16
+    max_upload_bytes: int = 64 * 2**20
+    max_request_bytes: int = 4 * 2**20  # JSON bodies (uploads have their own limit)
+    max_virtual_tokens: int = 512
+    host_cache_bytes: int = 512 * 2**20

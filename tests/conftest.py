@@ -1,0 +1,46 @@
+"""Shared fixtures: an offline environment, a tiny model directory with the default model's tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOL_VOCAB = 49152
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default model's tokenizer and chat template, saved as a plain HF tokenizer once."""
+    from transformers import AutoTokenizer
+
+    from server.model_loading import default_model_source
+
+    source = default_model_source()
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, local_files_only=True)
+    out = tmp_path_factory.mktemp("smol-tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GQA Llama with the real SmolLM2 tokenizer, saved as a local HF model directory."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import tiny_llama
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(seed=7, vocab_size=SMOL_VOCAB)
+    model.config.eos_token_id = 2  # <|im_end|> in the SmolLM2 vocabulary
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smol_tokenizer_dir).save_pretrained(out)
+    torch.manual_seed(0)
+    return out

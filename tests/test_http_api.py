@@ -1,0 +1,195 @@
+"""The HTTP API through the real app and its lifespan, on a tiny model with the real tokenizer."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save
+
+from server.api.app import create_app
+from server.config import ServeConfig
+from server.model_loading import load_model
+from tests.tiny_models import oracle_greedy, peft_prefix_model
+
+MAX_UPLOAD = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path):
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def client(loaded, tmp_path_factory: pytest.TempPathFactory):
+    store = tmp_path_factory.mktemp("store")
+    config = ServeConfig(store=f"disk://{store}", max_upload_bytes=MAX_UPLOAD, max_new_tokens=64, max_prompt_tokens=200)
+    with TestClient(create_app(config, model=loaded)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def peft_checkpoint(loaded, tmp_path_factory: pytest.TempPathFactory):
+    """A PEFT prefix checkpoint written by PEFT's own save_pretrained, and the PEFT model (the oracle)."""
+    import copy
+
+    peft = peft_prefix_model(copy.deepcopy(loaded.model), num_virtual_tokens=6, seed=11)
+    out = tmp_path_factory.mktemp("peft-ckpt")
+    peft.save_pretrained(out)
+    return out, peft
+
+
+def upload_peft(client: TestClient, task_id: str, ckpt: Path):
+    files = {
+        "adapter_config.json": ("adapter_config.json", (ckpt / "adapter_config.json").read_bytes()),
+        "adapter_model.safetensors": ("adapter_model.safetensors", (ckpt / "adapter_model.safetensors").read_bytes()),
+    }
+    return client.put(f"/v1/prefixes/{task_id}", files=files)
+
+
+def native_blob(layers: int = 2, heads: int = 2, p: int = 4, head_dim: int = 16, fill: float | None = None) -> bytes:
+    g = torch.Generator().manual_seed(layers * 100 + p)
+    tensors = {}
+    for layer in range(layers):
+        for name in ("key", "value"):
+            t = torch.randn(heads, p, head_dim, generator=g)
+            if fill is not None:
+                t[0, 0, 0] = fill
+            tensors[f"layers.{layer}.{name}"] = t
+    return save(tensors)
+
+
+def put_native(client: TestClient, task_id: str, blob: bytes):
+    return client.put(f"/v1/prefixes/{task_id}", content=blob, headers={"content-type": "application/octet-stream"})
+
+
+def assert_error(response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and {"type", "message"} <= set(body["error"]), body
+    for word in words:
+        assert word in body["error"]["message"], body
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_peft_upload_then_generate_matches_oracle(client: TestClient, loaded, peft_checkpoint) -> None:
+    ckpt, peft = peft_checkpoint
+    r = upload_peft(client, "summarize", ckpt)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["task_id"] == "summarize" and info["num_virtual_tokens"] == 6 and info["version"] >= 1
+
+    prompt = "The quick brown fox jumps over"
+    r = client.post("/v1/generate", json={"task_id": "summarize", "prompt": prompt, "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    prompt_ids = loaded.tokenizer(prompt).input_ids
+    want, _ = oracle_greedy(peft, prompt_ids, 8)
+    got = body["token_ids"]
+    # eos may end it early; then the oracle's first tokens match and the last is eos.
+    assert got == want[: len(got)] and (len(got) == 8 or got[-1] in loaded.eos_token_ids)
+    assert body["prefix_version"] == info["version"]
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(got)}
+
+    base = client.post("/v1/generate", json={"task_id": None, "prompt": prompt, "max_new_tokens": 8}).json()
+    want_base, _ = oracle_greedy(loaded.model, prompt_ids, 8)
+    assert base["token_ids"] == want_base[: len(base["token_ids"])]
+    assert base["prefix_version"] is None
+    assert base["token_ids"] != got  # the prefix changes the output
+
+
+def test_stream_concatenates_to_text(client: TestClient) -> None:
+    assert put_native(client, "streamer", native_blob(p=5)).status_code == 201
+    request = {"task_id": "streamer", "prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0}
+    full = client.post("/v1/generate", json=request).json()
+    events = []
+    with client.stream("POST", "/v1/generate", json={**request, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: ") :]))
+    assert "".join(e["text"] for e in events) == full["text"]
+    assert [e["token_id"] for e in events] == full["token_ids"]
+    assert events[-1]["finish_reason"] == full["finish_reason"] and events[-1]["usage"] == full["usage"]
+    assert all(e["finish_reason"] is None for e in events[:-1])
+
+
+def test_stop_string_cuts_text(client: TestClient) -> None:
+    request = {"prompt": "Count with me: one two three", "max_new_tokens": 30}
+    full = client.post("/v1/generate", json=request).json()
+    text = full["text"]
+    assert len(text) > 6, full
+    stop = text[3:6]
+    cut = client.post("/v1/generate", json={**request, "stop": [stop]}).json()
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == text[: text.index(stop)]
+
+
+def test_messages_use_chat_template(client: TestClient, loaded) -> None:
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat = client.post("/v1/generate", json={"messages": messages, "max_new_tokens": 4}).json()
+    rendered = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat["usage"]["prompt_tokens"] == len(loaded.tokenizer(rendered, add_special_tokens=False).input_ids)
+
+
+def test_versions_list_get_delete(client: TestClient) -> None:
+    first = put_native(client, "versioned", native_blob(p=3)).json()
+    second = put_native(client, "versioned", native_blob(p=7)).json()
+    assert second["version"] == first["version"] + 1 and second["num_virtual_tokens"] == 7
+    assert client.get("/v1/prefixes/versioned").json()["version"] == second["version"]
+    listed = {p["task_id"]: p for p in client.get("/v1/prefixes").json()["data"]}
+    assert listed["versioned"]["version"] == second["version"]
+    gen = client.post("/v1/generate", json={"task_id": "versioned", "prompt": "x", "max_new_tokens": 2}).json()
+    assert gen["prefix_version"] == second["version"]
+    assert client.delete("/v1/prefixes/versioned").status_code == 204
+    assert_error(client.get("/v1/prefixes/versioned"), 404)
+    assert_error(client.delete("/v1/prefixes/versioned"), 404)
+    assert_error(client.post("/v1/generate", json={"task_id": "versioned", "prompt": "x"}), 404)
+
+
+def test_bad_input_is_a_clear_4xx(client: TestClient) -> None:
+    assert_error(client.post("/v1/generate", json={"task_id": "nope", "prompt": "hi"}), 404, "nope")
+    assert_error(put_native(client, "wrong-model", native_blob(layers=3)), 422, "num_layers")
+    assert_error(put_native(client, "wrong-heads", native_blob(heads=3)), 422, "num_kv_heads")
+    assert_error(put_native(client, "wrong-dim", native_blob(head_dim=8)), 422, "head_dim")
+    assert_error(put_native(client, "nan", native_blob(fill=float("nan"))), 422, "finite")
+    assert_error(put_native(client, "inf", native_blob(fill=float("inf"))), 422, "finite")
+    assert_error(put_native(client, "garbage", b"not a safetensors file at all"), 422)
+    bad_json = client.post("/v1/generate", content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
+    assert bad_json.status_code in (400, 422) and "error" in bad_json.json()
+    assert_error(put_native(client, "bad..id", native_blob()), 422)
+    assert_error(put_native(client, "-leading-dash", native_blob()), 422)
+    assert_error(client.post("/v1/generate", json={"prompt": "word " * 400}), 422, "prompt")
+    assert_error(client.put("/v1/prefixes/huge", content=b"\0" * (MAX_UPLOAD + 1)), 413)
+    assert_error(client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 0}), 422)
+    assert_error(client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 65}), 422, "max_new_tokens")
+    both = {"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}
+    assert_error(client.post("/v1/generate", json=both), 422)
+    assert_error(client.post("/v1/generate", json={"prompt": "hi", "temperature": -1}), 422)
+    assert_error(client.post("/v1/generate", json={"prompt": "hi", "bogus": 1}), 422)
+    assert_error(client.get("/v1/no-such-route"), 404)
+    # ...and the server keeps serving.
+    assert client.post("/v1/generate", json={"prompt": "still alive?", "max_new_tokens": 2}).status_code == 200
+
+
+def test_failed_upload_keeps_previous_version(client: TestClient) -> None:
+    good = put_native(client, "keeper", native_blob(p=4)).json()
+    assert_error(put_native(client, "keeper", native_blob(p=4, fill=float("nan"))), 422)
+    assert_error(put_native(client, "keeper", native_blob(layers=5)), 422)
+    assert client.get("/v1/prefixes/keeper").json() == good
+    gen = client.post("/v1/generate", json={"task_id": "keeper", "prompt": "x", "max_new_tokens": 2})
+    assert gen.status_code == 200 and gen.json()["prefix_version"] == good["version"]
+
+
+def test_multipart_needs_both_files(client: TestClient, peft_checkpoint) -> None:
+    ckpt, _ = peft_checkpoint
+    files = {"adapter_config.json": ("adapter_config.json", io.BytesIO((ckpt / "adapter_config.json").read_bytes()))}
+    assert_error(client.put("/v1/prefixes/half", files=files), 400, "adapter_model.safetensors")
