@@ -1,0 +1,32 @@
+"""Prefix backends and the store URL parser."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefix_store.backends.base import PrefixBackend
+from prefix_store.backends.disk import DiskBackend
+
+__all__ = ["DiskBackend", "PrefixBackend", "default_store_url", "open_backend"]
+
+
+def default_store_url() -> str:
+    """disk:// under the user's data dir ($XDG_DATA_HOME or ~/.local/share)/prefix-serve/prefixes."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return "disk://" + str(Path(base) / "prefix-serve" / "prefixes")
+
+
+def open_backend(url: str) -> PrefixBackend:
+    """`disk://PATH` or a bare path -> DiskBackend; `redis://` / `rediss://` are not implemented yet."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return DiskBackend(Path(url))
+    scheme = scheme.lower()
+    if scheme == "disk":
+        if not rest:
+            raise ValueError(f"store URL {url!r} has no path (use disk:///abs/path or disk://rel/path)")
+        return DiskBackend(Path(rest))
+    if scheme in ("redis", "rediss"):
+        raise ValueError("redis store not implemented yet")
+    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r} (use disk://PATH)")

@@ -1,0 +1,96 @@
+"""Import PEFT `PREFIX_TUNING` checkpoints into the native layout.
+
+`adapter_model.safetensors` holds one tensor `prompt_embeddings`
+[P, 2 * L * H_kv * d] (PEFT 0.21 writes exactly that name; with
+`prefix_projection=True` it already holds the MLP's output). Viewed as
+[P, 2L, H_kv, d], layer l's K is slot 2l and V slot 2l+1. For GQA models
+PEFT writes `num_attention_heads = H_kv` and `token_dim = H_kv * d`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefix_store.errors import InvalidPrefix
+from prefix_store.safetensors_io import read_header, tensor_from_blob
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+EMBEDDINGS_NAME = "prompt_embeddings"
+
+
+def _parse_config(config_json: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(config_json, dict):
+        return config_json
+    try:
+        config = json.loads(config_json)
+    except (ValueError, RecursionError) as e:
+        raise InvalidPrefix(f"{CONFIG_NAME} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InvalidPrefix(f"{CONFIG_NAME} must be a JSON object")
+    return config
+
+
+def _positive_int(config: dict[str, Any], key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidPrefix(f"{CONFIG_NAME}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _embeddings_entry_name(names: list[str]) -> str:
+    # PEFT writes the bare name; accept a module-path prefix too ("base_model.prompt_embeddings").
+    matches = [n for n in names if n == EMBEDDINGS_NAME or n.endswith("." + EMBEDDINGS_NAME)]
+    if len(matches) != 1:
+        raise InvalidPrefix(f"{WEIGHTS_NAME} must hold one tensor {EMBEDDINGS_NAME!r}, found {sorted(names)[:6]}")
+    return matches[0]
+
+
+def key_values_from_peft(config_json: bytes | str | dict[str, Any], weights: bytes) -> torch.Tensor:
+    """key_values [L, 2, H_kv, P, d] float32 from a PEFT prefix-tuning checkpoint's two files."""
+    config = _parse_config(config_json)
+    peft_type = config.get("peft_type")
+    if peft_type != "PREFIX_TUNING":
+        raise InvalidPrefix(f"not a prefix-tuning checkpoint: peft_type is {peft_type!r}, want 'PREFIX_TUNING'")
+    submodules = config.get("num_transformer_submodules", 1)
+    if submodules == 2:
+        raise InvalidPrefix("encoder-decoder prefixes are not supported yet (num_transformer_submodules is 2)")
+    if submodules not in (1, None):
+        raise InvalidPrefix(f"{CONFIG_NAME}: num_transformer_submodules must be 1, got {submodules!r}")
+    L = _positive_int(config, "num_layers")
+    H = _positive_int(config, "num_attention_heads")  # = H_kv for GQA models
+    token_dim = _positive_int(config, "token_dim")  # = H_kv * d
+    P = _positive_int(config, "num_virtual_tokens")
+    if token_dim % H:
+        raise InvalidPrefix(f"{CONFIG_NAME}: token_dim {token_dim} is not a multiple of num_attention_heads {H}")
+    d = token_dim // H
+
+    header = read_header(weights)
+    entry = header.tensors[_embeddings_entry_name(list(header.tensors))]
+    expected = (P, 2 * L * token_dim)
+    if entry.shape != expected:
+        raise InvalidPrefix(
+            f"{EMBEDDINGS_NAME} has shape {list(entry.shape)}, but {CONFIG_NAME} implies {list(expected)} "
+            f"(num_virtual_tokens, 2 * num_layers * token_dim)"
+        )
+    emb = tensor_from_blob(weights, entry).to(torch.float32)  # [P, 2L*H*d]
+    # [P, 2L, H, d] -> [2L, H, P, d] -> [L, 2, H, P, d]; slot 2l = K_l, 2l+1 = V_l.
+    return emb.view(P, 2 * L, H, d).permute(1, 2, 0, 3).reshape(L, 2, H, P, d).contiguous()
+
+
+def key_values_from_peft_dir(path: str | Path) -> torch.Tensor:
+    """Like key_values_from_peft, reading `adapter_config.json` and `adapter_model.safetensors` from a dir."""
+    root = Path(path)
+    files = {}
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            files[name] = (root / name).read_bytes()
+        except FileNotFoundError:
+            raise InvalidPrefix(f"{root} is not a PEFT checkpoint: {name} is missing") from None
+        except OSError as e:
+            raise InvalidPrefix(f"cannot read {root / name}: {e}") from None
+    return key_values_from_peft(files[CONFIG_NAME], files[WEIGHTS_NAME])

@@ -1,0 +1,117 @@
+"""A strict safetensors reader for untrusted bytes.
+
+The reader never raises anything but InvalidPrefix on malformed input (the
+Rust loader can raise assorted errors, or panic, on hostile headers), never
+unpickles, and can read the metadata without touching tensor data.
+Layout: 8-byte little-endian header length N, N bytes of JSON header, data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prefix_store.errors import InvalidPrefix
+
+# Headers of real prefix files are a few KiB; anything huge is hostile.
+MAX_HEADER_BYTES = 16 * 2**20
+# Bound on data offsets when only a header is at hand.
+MAX_DATA_BYTES = 2**40
+
+DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets into the blob
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def _parse_entry(name: str, raw: object, data_len: int, data_start: int) -> TensorEntry:
+    if not isinstance(raw, dict):
+        raise InvalidPrefix(f"tensor {name!r}: header entry must be an object")
+    dtype_name, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
+    if dtype_name not in DTYPES:
+        raise InvalidPrefix(f"tensor {name!r}: unsupported dtype {dtype_name!r} (want one of {list(DTYPES)})")
+    dtype = DTYPES[str(dtype_name)]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise InvalidPrefix(f"tensor {name!r}: shape must be a list of integers")
+    if any(s < 0 for s in shape):
+        raise InvalidPrefix(f"tensor {name!r}: negative dimension in shape {shape}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise InvalidPrefix(f"tensor {name!r}: data_offsets must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise InvalidPrefix(f"tensor {name!r}: data_offsets {offsets} outside the data ({data_len} bytes)")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if math.prod(shape) * itemsize != end - begin:
+        raise InvalidPrefix(f"tensor {name!r}: shape {shape} does not match its {end - begin} data bytes")
+    return TensorEntry(dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def read_header(blob: bytes, *, allow_truncated_data: bool = False) -> Header:
+    """Parse and check the header of a safetensors blob (no tensor data is read).
+
+    With `allow_truncated_data`, `blob` may stop after the header: data
+    offsets are then checked for consistency but not against the blob's end.
+    """
+    if len(blob) < 8:
+        raise InvalidPrefix("not a safetensors file: shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > MAX_HEADER_BYTES:
+        raise InvalidPrefix(f"not a safetensors file: header length {n} is implausible")
+    if 8 + n > len(blob):
+        raise InvalidPrefix("not a safetensors file: truncated header")
+    try:
+        raw = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InvalidPrefix(f"not a safetensors file: header is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise InvalidPrefix("not a safetensors file: header must be a JSON object")
+    meta_raw = raw.pop("__metadata__", {})
+    if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
+        raise InvalidPrefix("safetensors __metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_len = MAX_DATA_BYTES if allow_truncated_data else len(blob) - data_start
+    tensors = {name: _parse_entry(name, entry, data_len, data_start) for name, entry in raw.items()}
+    return Header(tensors=tensors, metadata=dict(meta_raw))
+
+
+def tensor_from_blob(blob: bytes, entry: TensorEntry) -> torch.Tensor:
+    """Copy one tensor's bytes out of the blob (little-endian, as safetensors stores)."""
+    data = bytearray(blob[entry.start : entry.end])
+    if not data:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
+
+
+def parse_json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise InvalidPrefix(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InvalidPrefix(f"{what} must be a JSON object")
+    return obj

@@ -1,0 +1,251 @@
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_store.backends import DiskBackend, PrefixBackend
+from prefix_store.errors import CorruptPrefix, InvalidPrefix, InvalidTaskId, PrefixNotFound, PrefixTooLarge
+from prefix_store.fingerprint import ModelFingerprint
+from prefix_store.registry import PrefixRegistry
+
+FP = ModelFingerprint("llama", num_layers=2, num_kv_heads=2, head_dim=8, vocab_size=128)
+
+
+def make_kv(p: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(FP.num_layers, 2, FP.num_kv_heads, p, FP.head_dim, generator=g)  # [L, 2, H, P, d]
+
+
+KV_BYTES = make_kv().numel() * 4  # 512
+
+
+class CountingBackend(PrefixBackend):
+    """Wraps a backend, counting reads and optionally delaying their return (a slow transfer)."""
+
+    def __init__(self, inner: PrefixBackend, delay: float = 0.0) -> None:
+        self.inner, self.delay, self.reads = inner, delay, 0
+        self._lock = threading.Lock()
+
+    def put(self, tenant: str, task_id: str, encode: Callable[[int], bytes]) -> int:
+        return self.inner.put(tenant, task_id, encode)
+
+    def get(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
+        with self._lock:
+            self.reads += 1
+        blob = self.inner.get(tenant, task_id, version)
+        time.sleep(self.delay)
+        return blob
+
+    def latest_version(self, tenant: str, task_id: str) -> int | None:
+        return self.inner.latest_version(tenant, task_id)
+
+    def list_tasks(self, tenant: str) -> list[str]:
+        return self.inner.list_tasks(tenant)
+
+    def delete(self, tenant: str, task_id: str) -> bool:
+        return self.inner.delete(tenant, task_id)
+
+    def describe(self) -> str:
+        return "counting " + self.inner.describe()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> DiskBackend:
+    return DiskBackend(tmp_path)
+
+
+@pytest.fixture
+def registry(disk: DiskBackend) -> PrefixRegistry:
+    return PrefixRegistry(disk, FP, max_virtual_tokens=16)
+
+
+def test_upload_resolve_info_list_delete(registry: PrefixRegistry) -> None:
+    m1 = registry.upload("acme", "sum", make_kv(seed=1))
+    m2 = registry.upload("acme", "sum", make_kv(seed=2))
+    registry.upload("acme", "chat", make_kv(p=3))
+    assert (m1.version, m2.version) == (1, 2)
+    assert m2.tenant == "acme" and m2.num_virtual_tokens == 4 and m2.nbytes == KV_BYTES
+    art = registry.resolve("acme", "sum")
+    assert art.metadata == m2 and torch.equal(art.key_values, make_kv(seed=2))
+    assert torch.equal(registry.resolve("acme", "sum", version=1).key_values, make_kv(seed=1))
+    assert registry.info("acme", "sum") == m2
+    assert [(m.task_id, m.version) for m in registry.list("acme")] == [("chat", 1), ("sum", 2)]
+    assert registry.delete("acme", "sum") is True
+    assert registry.delete("acme", "sum") is False
+    assert all(key[1] != "sum" for key in registry.cached_keys())
+    for call in (registry.resolve, registry.info):
+        with pytest.raises(PrefixNotFound):
+            call("acme", "sum")
+
+
+def test_tenants_do_not_see_each_other(registry: PrefixRegistry) -> None:
+    registry.upload("acme", "sum", make_kv())
+    with pytest.raises(PrefixNotFound):
+        registry.resolve("umbrella", "sum")
+    assert registry.list("umbrella") == []
+
+
+def test_cold_registry_reads_and_verifies(disk: DiskBackend) -> None:
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
+    counting = CountingBackend(disk)
+    cold = PrefixRegistry(counting, FP)
+    art = cold.resolve("acme", "sum")
+    assert torch.equal(art.key_values, make_kv())
+    assert cold.resolve("acme", "sum") is art
+    assert counting.reads == 1
+    assert cold.stats()["host_cache_hits"] == 1 and cold.stats()["host_cache_misses"] == 1
+
+
+def test_upload_copies_the_tensor(registry: PrefixRegistry) -> None:
+    kv = make_kv()
+    registry.upload("acme", "sum", kv)
+    kv.zero_()
+    assert torch.equal(registry.resolve("acme", "sum").key_values, make_kv())
+
+
+def _corrupt_latest(disk: DiskBackend, tenant: str, task: str, offset: int) -> None:
+    path = disk.root / tenant / task / f"v{disk.latest_version(tenant, task):08d}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("offset", [-1, 20])  # a tensor byte; a header byte
+def test_corrupt_blob_is_never_served(disk: DiskBackend, offset: int) -> None:
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
+    _corrupt_latest(disk, "acme", "sum", offset)
+    cold = PrefixRegistry(disk, FP)
+    for _ in range(2):  # not cached after failing
+        with pytest.raises(CorruptPrefix):
+            cold.resolve("acme", "sum")
+    assert cold.cached_keys() == []
+
+
+def test_stored_prefix_for_another_model(disk: DiskBackend) -> None:
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
+    other = ModelFingerprint("llama", num_layers=30, num_kv_heads=2, head_dim=8, vocab_size=128)
+    with pytest.raises(InvalidPrefix, match="num_layers: prefix has 2, model has 30"):
+        PrefixRegistry(disk, other).resolve("acme", "sum")
+
+
+def test_failed_upload_keeps_previous_version(registry: PrefixRegistry) -> None:
+    registry.upload("acme", "sum", make_kv(seed=1))
+    bad = make_kv(seed=2)
+    bad[1, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidPrefix, match="non-finite"):
+        registry.upload("acme", "sum", bad)
+    with pytest.raises(InvalidPrefix, match="between 1 and 16"):
+        registry.upload("acme", "sum", make_kv(p=17))
+    with pytest.raises(InvalidPrefix, match="num_kv_heads: prefix has 1, model has 2"):
+        registry.upload("acme", "sum", make_kv()[:, :, :1])
+    art = registry.resolve("acme", "sum")
+    assert art.metadata.version == 1 and torch.equal(art.key_values, make_kv(seed=1))
+
+
+def test_too_large_upload(disk: DiskBackend) -> None:
+    registry = PrefixRegistry(disk, FP, max_upload_bytes=KV_BYTES - 1)
+    with pytest.raises(PrefixTooLarge):
+        registry.upload("acme", "sum", make_kv())
+    assert disk.latest_version("acme", "sum") is None
+
+
+@pytest.mark.parametrize("bad", ["../x", "", "a/b", "a" * 129])
+def test_invalid_ids(registry: PrefixRegistry, bad: str) -> None:
+    for call in (
+        lambda: registry.upload("acme", bad, make_kv()),
+        lambda: registry.upload(bad, "sum", make_kv()),
+        lambda: registry.resolve("acme", bad),
+        lambda: registry.info("acme", bad),
+        lambda: registry.delete("acme", bad),
+        lambda: registry.list(bad),
+    ):
+        with pytest.raises(InvalidTaskId):
+            call()
+
+
+def test_host_cache_evicts_by_bytes(disk: DiskBackend) -> None:
+    counting = CountingBackend(disk)
+    registry = PrefixRegistry(counting, FP, host_cache_bytes=int(2.5 * KV_BYTES))
+    for task in ("a", "b", "c"):
+        registry.upload("acme", task, make_kv())  # uploads warm the cache
+    assert registry.cached_keys() == [("acme", "b", 1), ("acme", "c", 1)]
+    assert registry.stats()["host_cache_bytes"] == 2 * KV_BYTES
+    registry.resolve("acme", "b")  # hit; now "c" is least recently used
+    assert counting.reads == 0
+    registry.resolve("acme", "a")  # miss evicts "c"
+    assert counting.reads == 1
+    assert registry.cached_keys() == [("acme", "b", 1), ("acme", "a", 1)]
+    # A prefix bigger than the whole cache is served but not cached.
+    registry.upload("acme", "big", make_kv(p=16))
+    registry.resolve("acme", "big")
+    assert ("acme", "big", 1) not in registry.cached_keys()
+    assert registry.stats()["host_cache_bytes"] <= int(2.5 * KV_BYTES)
+
+
+def test_new_version_is_resolved_after_upload(registry: PrefixRegistry) -> None:
+    registry.upload("acme", "sum", make_kv(seed=1))
+    first = registry.resolve("acme", "sum")
+    registry.upload("acme", "sum", make_kv(seed=2))
+    second = registry.resolve("acme", "sum")
+    assert (first.metadata.version, second.metadata.version) == (1, 2)
+    assert torch.equal(first.key_values, make_kv(seed=1))  # a running request keeps its copy
+
+
+def _resolve_concurrently(registry: PrefixRegistry, n: int) -> list[object]:
+    barrier = threading.Barrier(n)
+    results: list[object] = [None] * n
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = registry.resolve("acme", "sum")
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_single_flight(disk: DiskBackend) -> None:
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
+    counting = CountingBackend(disk, delay=0.2)
+    results = _resolve_concurrently(PrefixRegistry(counting, FP), 8)
+    assert counting.reads == 1
+    assert all(r is results[0] for r in results)
+    assert torch.equal(results[0].key_values, make_kv())  # type: ignore[attr-defined]
+
+
+def test_single_flight_shares_errors_and_does_not_stick(disk: DiskBackend) -> None:
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
+    _corrupt_latest(disk, "acme", "sum", -1)
+    counting = CountingBackend(disk, delay=0.2)
+    registry = PrefixRegistry(counting, FP)
+    results = _resolve_concurrently(registry, 6)
+    assert counting.reads == 1
+    assert all(isinstance(r, CorruptPrefix) for r in results)
+    with pytest.raises(CorruptPrefix):
+        registry.resolve("acme", "sum")
+    assert counting.reads == 2  # the failure was not cached
+
+
+def test_delete_during_load_does_not_cache_stale_prefix(disk: DiskBackend) -> None:
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv(seed=1))
+    counting = CountingBackend(disk, delay=0.3)
+    registry = PrefixRegistry(counting, FP)
+    loaded = []
+    loader = threading.Thread(target=lambda: loaded.append(registry.resolve("acme", "sum")))
+    loader.start()
+    time.sleep(0.1)  # the loader has read v1 and is still "transferring" it
+    registry.delete("acme", "sum")
+    loader.join()
+    assert torch.equal(loaded[0].key_values, make_kv(seed=1))
+    # Another process re-creates the task; version numbers restart at 1 after a delete.
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv(seed=2))
+    assert torch.equal(registry.resolve("acme", "sum").key_values, make_kv(seed=2))
