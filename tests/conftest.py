@@ -44,3 +44,11 @@ def tiny_model_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFa
     AutoTokenizer.from_pretrained(smol_tokenizer_dir).save_pretrained(out)
     torch.manual_seed(0)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real embedded default model (SmolLM2-135M-Instruct), loaded once, fp32 on CPU."""
+    from server.model_loading import load_model
+
+    return load_model(None, device="cpu", dtype="float32")
