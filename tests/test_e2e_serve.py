@@ -1,0 +1,104 @@
+"""End to end: `prefix-serve serve` as a process on the real default model, driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.tiny_models import oracle_greedy, peft_prefix_model
+
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """A real server process; yields (base URL, its stdout so far)."""
+    port = free_port()
+    store = tmp_path_factory.mktemp("e2e-store")
+    log_path = tmp_path_factory.mktemp("e2e-log") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFIX_SERVE_MAX_BATCH_SIZE": "8"}
+    # The installed console script, next to this interpreter (a venv's bin/) or on PATH.
+    script = Path(sys.executable).with_name("prefix-serve")
+    executable = str(script) if script.exists() else shutil.which("prefix-serve")
+    assert executable, "the prefix-serve console script is not installed (pip install -e .)"
+    cmd = [executable, "serve", "--port", str(port), "--store", f"disk://{store}"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not become healthy:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield url, log_path
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_upload_generate_stream_list_delete(server, default_model, tmp_path: Path) -> None:
+    url, log_path = server
+    startup = log_path.read_text()
+    assert "SmolLM2-135M-Instruct" in startup and "cpu" in startup and "float32" in startup
+    assert "disk://" in startup and url.rsplit(":", 1)[1] in startup
+
+    # A checkpoint written by PEFT's own save_pretrained for the default model.
+    peft = peft_prefix_model(default_model.model, num_virtual_tokens=10, seed=5)
+    peft.save_pretrained(tmp_path)
+    files = {
+        name: (name, (tmp_path / name).read_bytes()) for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
+    with httpx.Client(base_url=url, timeout=120) as client:
+        r = client.put("/v1/prefixes/poet", files=files)
+        assert r.status_code == 201, r.text
+        assert r.json()["num_virtual_tokens"] == 10
+
+        prompt = "The weather today is"
+        r = client.post("/v1/generate", json={"task_id": "poet", "prompt": prompt, "max_new_tokens": 8})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want, _ = oracle_greedy(peft, default_model.tokenizer(prompt).input_ids, 8)
+        assert body["token_ids"] == want[: len(body["token_ids"])]
+        assert len(body["token_ids"]) == 8 or body["finish_reason"] == "eos"
+
+        events = []
+        request = {"task_id": "poet", "prompt": prompt, "max_new_tokens": 8, "stream": True}
+        with client.stream("POST", "/v1/generate", json=request) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert "".join(e["text"] for e in events) == body["text"]
+        assert events[-1]["finish_reason"] == body["finish_reason"]
+
+        listed = client.get("/v1/prefixes").json()["data"]
+        assert [p["task_id"] for p in listed] == ["poet"]
+        assert client.delete("/v1/prefixes/poet").status_code == 204
+        r = client.post("/v1/generate", json={"task_id": "poet", "prompt": prompt})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
