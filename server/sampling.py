@@ -6,8 +6,8 @@ its own parameters as tensors that filter and concatenate with the batch:
 1. greedy rows (temperature == 0) take the argmax of the raw logits;
 2. the other rows divide logits by their temperature and turn them into
    probabilities;
-3. top-k and top-p (only when some row asks for them) zero the tail of each
-   row's sorted distribution;
+3. top-k and top-p (only when some row asks for them) zero each row's tail,
+   found on its sorted distribution;
 4. one uniform number per row, drawn from a counter-based hash of the row's
    seed and step, picks a token by inverse-CDF search.
 
@@ -110,23 +110,33 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
 
     temperature = torch.where(sampling_rows, params.temperature, torch.ones_like(params.temperature))
     probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
-    token_order: torch.Tensor | None = None
     if bool((params.top_k > 0).any()) or bool((params.top_p < 1).any()):
-        probs, token_order = probs.sort(dim=-1, descending=True)
-        probs = _truncate_sorted(probs, params.top_k, params.top_p)
+        probs = _truncate(probs, params.top_k, params.top_p)
 
+    # The CDF runs in vocabulary order for every row, truncated or not, so a row's pick never
+    # depends on which code path its batch-mates needed.
     cdf = probs.cumsum(dim=-1)  # [B, V], non-decreasing
     u = row_uniforms(params.seed, params.step).to(cdf.dtype) * cdf[:, -1]
     # First index whose cumulative mass exceeds u: always a token with non-zero probability.
     picked = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
-    if token_order is not None:
-        picked = token_order.gather(1, picked[:, None]).squeeze(1)
     params.step += 1
     return torch.where(sampling_rows, picked, greedy_tokens)
 
 
-def _truncate_sorted(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Zero the tail of each row's descending distribution. [B, V] -> [B, V]."""
+def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero each row's tokens outside its top-k / top-p head, in vocabulary order. [B, V] -> [B, V].
+
+    The head is found on the sorted distribution; its smallest probability becomes a per-row
+    threshold applied to the unsorted one (rows without top-k/top-p keep everything).
+    """
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    kept = _sorted_head_mask(sorted_probs, top_k, top_p).sum(dim=-1)  # [B], >= 1
+    threshold = sorted_probs.gather(1, (kept - 1)[:, None])  # [B, 1]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _sorted_head_mask(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """True where a token of each row's descending distribution is kept. [B, V] -> [B, V] bool."""
     vocab = sorted_probs.shape[-1]
     rank = torch.arange(vocab, device=sorted_probs.device)[None, :]  # [1, V]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
@@ -135,4 +145,4 @@ def _truncate_sorted(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: tor
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     outside_p = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     outside_p[:, 0] = False  # the most likely token always stays
-    return sorted_probs.masked_fill(outside_k | outside_p, 0.0)
+    return ~(outside_k | outside_p)

@@ -1,0 +1,102 @@
+"""Batch filter/concatenate keep every row's KV, mask and positions; the invariant check runs after each."""
+
+from __future__ import annotations
+
+import torch
+
+from server.batch import Batch, RowInfo
+from server.sampling import SamplingBatch, SamplingParams
+
+LAYERS, HEADS, DIM = 3, 2, 4
+
+
+def make_batch(tag: str, real_lengths: list[int], width: int) -> Batch:
+    """Rows with distinct, recognisable KV: value = row number + column / 100 (+ layer * 1000)."""
+    n = len(real_lengths)
+    mask = torch.zeros(n, width, dtype=torch.int64)
+    keys, values = [], []
+    for layer in range(LAYERS):
+        k = torch.zeros(n, HEADS, width, DIM)
+        for i, length in enumerate(real_lengths):
+            mask[i, width - length :] = 1
+            for col in range(width - length, width):
+                k[i, :, col, :] = hash((tag, i)) % 997 + col / 100 + layer * 1000
+        keys.append(k)
+        values.append(-k)
+    rows = [RowInfo(f"{tag}{i}", f"prefix-{tag}{i}", 1) for i in range(n)]
+    return Batch(
+        rows=rows,
+        keys=keys,
+        values=values,
+        attention_mask=mask,
+        next_positions=torch.tensor(real_lengths),
+        next_input_ids=torch.arange(n),
+        sampling=SamplingBatch.from_params([SamplingParams(seed=i) for i in range(n)], torch.device("cpu")),
+    )
+
+
+def real_kv(batch: Batch) -> dict[str, list[torch.Tensor]]:
+    """Each request's real (unpadded) KV columns, per layer, keys then values."""
+    out = {}
+    for i, row in enumerate(batch.rows):
+        cols = batch.attention_mask[i].bool()
+        out[row.request_id] = [k[i][:, cols] for k in batch.keys] + [v[i][:, cols] for v in batch.values]
+    return out
+
+
+def assert_same_rows(before: dict[str, list[torch.Tensor]], after: Batch) -> None:
+    got = real_kv(after)
+    for request_id, tensors in got.items():
+        for a, b in zip(before[request_id], tensors, strict=True):
+            assert torch.equal(a, b), request_id
+
+
+def test_concatenate_left_pads_and_keeps_rows() -> None:
+    a = make_batch("a", [3, 5], width=5)
+    b = make_batch("b", [2, 7, 4], width=8)
+    before = {**real_kv(a), **real_kv(b)}
+    seeds = torch.cat([a.sampling.seed, b.sampling.seed])
+    merged = Batch.concatenate([a, b])
+    merged.check()
+    assert merged.width == 8 and len(merged) == 5
+    assert merged.request_ids == ["a0", "a1", "b0", "b1", "b2"]
+    assert torch.equal(merged.sampling.seed, seeds)
+    assert_same_rows(before, merged)
+
+
+def test_filter_drops_rows_and_trims_padding_columns() -> None:
+    batch = make_batch("x", [2, 9, 3, 4], width=9)
+    before = real_kv(batch)
+    kept = batch.filter(["x0", "x2", "x3"])
+    assert kept is not None
+    kept.check()
+    assert kept.request_ids == ["x0", "x2", "x3"]
+    assert kept.width == 4  # the long row left; columns padded in every kept row are gone
+    assert torch.equal(kept.next_positions, torch.tensor([2, 3, 4]))
+    assert torch.equal(kept.next_input_ids, torch.tensor([0, 2, 3]))
+    assert torch.equal(kept.sampling.seed, torch.tensor([0, 2, 3]))
+    assert_same_rows(before, kept)
+    assert kept.filter([]) is None
+
+
+def test_filter_then_concatenate_round_trip() -> None:
+    a = make_batch("a", [4, 6], width=6)
+    b = make_batch("b", [2, 3], width=3)
+    before = {**real_kv(a), **real_kv(b)}
+    merged = Batch.concatenate([a, b])
+    merged.check()
+    kept = merged.filter(["b1", "a0"])
+    assert kept is not None
+    kept.check()
+    assert kept.request_ids == ["a0", "b1"]  # batch order, not the order asked
+    assert_same_rows(before, kept)
+
+
+def test_check_catches_inconsistency() -> None:
+    batch = make_batch("c", [2, 3], width=4)
+    batch.next_positions = torch.tensor([2, 4])
+    try:
+        batch.check()
+    except AssertionError:
+        return
+    raise AssertionError("check() accepted a row whose position disagrees with its mask")

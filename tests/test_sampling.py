@@ -1,0 +1,83 @@
+"""The vectorised sampler: greedy rows, seeded reproducibility, top-k/top-p truncation, the right distribution."""
+
+from __future__ import annotations
+
+import torch
+
+from server.sampling import SamplingBatch, SamplingParams, row_uniforms, sample
+
+CPU = torch.device("cpu")
+
+
+def batch_of(*params: SamplingParams) -> SamplingBatch:
+    return SamplingBatch.from_params(list(params), CPU)
+
+
+def test_greedy_rows_take_argmax_whatever_the_others_do() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = batch_of(SamplingParams(), SamplingParams(temperature=1.0, seed=1), SamplingParams())
+    tokens = sample(logits, params)
+    assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
+    assert params.step.tolist() == [1, 1, 1]
+
+
+def test_row_draw_depends_only_on_seed_and_step() -> None:
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(1))
+    alone = sample(logits, batch_of(SamplingParams(temperature=1.0, seed=42)))
+    crowd_logits = torch.cat([torch.randn(5, 1000), logits, torch.randn(2, 1000)])
+    crowd = batch_of(
+        *[SamplingParams(temperature=0.5, seed=s) for s in range(5)],
+        SamplingParams(temperature=1.0, seed=42),
+        *[SamplingParams(temperature=2.0, top_k=3, seed=9) for _ in range(2)],
+    )
+    assert sample(crowd_logits, crowd)[5] == alone[0]
+
+
+def test_uniforms_are_uniform_and_distinct() -> None:
+    seeds = torch.arange(20_000)
+    u = row_uniforms(seeds, torch.zeros_like(seeds))
+    assert bool(((u >= 0) & (u < 1)).all())
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    histogram = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert bool(((histogram > 1800) & (histogram < 2200)).all()), histogram
+    steps = row_uniforms(torch.full((1000,), 7), torch.arange(1000))
+    assert steps.unique().numel() == 1000
+
+
+def test_sampling_follows_the_distribution() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20_000
+    logits = probs.log().expand(n, 4)
+    params = batch_of(*[SamplingParams(temperature=1.0, seed=s) for s in range(n)])
+    counts = torch.bincount(sample(logits, params), minlength=4).float() / n
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+
+
+def test_top_k_and_top_p_cut_the_tail() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    logits = probs.log().expand(n, 4)
+    top2 = sample(logits, batch_of(*[SamplingParams(temperature=1.0, top_k=2, seed=s) for s in range(n)]))
+    assert set(top2.tolist()) == {0, 1}
+    # top_p 0.7: the head {0.5, 0.3} reaches it; tokens 2 and 3 never appear.
+    nucleus = sample(logits, batch_of(*[SamplingParams(temperature=1.0, top_p=0.7, seed=s) for s in range(n)]))
+    assert set(nucleus.tolist()) == {0, 1}
+    share_of_first = (nucleus == 0).float().mean().item()
+    assert abs(share_of_first - 0.5 / 0.8) < 0.03
+
+
+def test_low_temperature_sharpens() -> None:
+    logits = torch.tensor([[1.0, 0.0, -1.0]]).expand(3000, 3)
+    cold = sample(logits, batch_of(*[SamplingParams(temperature=0.05, seed=s) for s in range(3000)]))
+    hot = sample(logits, batch_of(*[SamplingParams(temperature=5.0, seed=s) for s in range(3000)]))
+    assert (cold == 0).float().mean() > 0.99
+    assert 0.25 < (hot == 2).float().mean() < 0.4
+
+
+def test_filter_and_concatenate_keep_per_row_parameters() -> None:
+    a = batch_of(SamplingParams(temperature=0.1, seed=1), SamplingParams(top_k=5, seed=2))
+    b = batch_of(SamplingParams(top_p=0.5, seed=3))
+    merged = SamplingBatch.concatenate([a, b])
+    assert merged.seed.tolist() == [1, 2, 3] and len(merged) == 3
+    kept = merged.filter(torch.tensor([0, 2]))
+    assert kept.seed.tolist() == [1, 3] and kept.top_p.tolist() == [1.0, 0.5]

@@ -1,0 +1,54 @@
+"""Incremental detokenisation and stop strings: pieces concatenate to the full text; stops never leak."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.text_stream import IncrementalDetokenizer, StopMatcher
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smol_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+
+
+@pytest.mark.parametrize(
+    "text", ["Hello world, how are you?", "naïve café — 日本語のテキスト 🎉🎉 ok", "  spaces\n\nnewlines"]
+)
+def test_pieces_concatenate_to_decoded_text(tokenizer, text: str) -> None:
+    prompt = tokenizer("Say:").input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    pieces = [detok.push(t) for t in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)  # never half a character
+
+
+def test_emoji_split_across_tokens_is_held_back(tokenizer) -> None:
+    ids = tokenizer("🎉", add_special_tokens=False).input_ids
+    assert len(ids) > 1  # byte-level BPE splits the emoji; the test needs that
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert [detok.push(t) for t in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.push(ids[-1]) == "🎉"
+
+
+def test_stop_string_completed_across_pieces() -> None:
+    stop = StopMatcher(["END"])
+    assert stop.feed("abc E") == ("abc ", False)  # "E" might start END: held back
+    assert stop.feed("N") == ("", False)
+    assert stop.feed("D tail") == ("", True)
+
+
+def test_held_back_text_released_when_stop_does_not_complete() -> None:
+    stop = StopMatcher(["END", "###"])
+    assert stop.feed("x EN") == ("x ", False)
+    assert stop.feed("O more #") == ("ENO more ", False)
+    assert stop.flush() == "#"
+
+
+def test_earliest_stop_wins_and_no_stop_passes_through() -> None:
+    assert StopMatcher(["b", "a"]).feed("xxab") == ("xx", True)
+    assert StopMatcher([]).feed("anything") == ("anything", False)
