@@ -1,0 +1,39 @@
+"""`prefix-serve serve` flags and PREFIX_SERVE_* variables."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server.cli import _SERVE_FLAGS, config_from_args, main
+from server.config import ServeConfig
+
+
+def args(**given: object) -> argparse.Namespace:
+    values = dict.fromkeys(_SERVE_FLAGS)
+    values.update(given)
+    return argparse.Namespace(**values)
+
+
+def test_every_flag_is_a_config_field() -> None:
+    assert set(_SERVE_FLAGS) <= set(ServeConfig.__dataclass_fields__)
+
+
+def test_flags_beat_env_which_beats_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFIX_SERVE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("PREFIX_SERVE_STORE", "disk:///tmp/x")
+    config = config_from_args(args(port=9001, store="disk:///tmp/y"))
+    assert config.max_batch_size == 7 and config.port == 9001 and config.store == "disk:///tmp/y"
+    assert config.max_queue == ServeConfig().max_queue
+
+
+def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFIX_SERVE_PORT", "eighty")
+    with pytest.raises(SystemExit, match="PREFIX_SERVE_PORT"):
+        config_from_args(args())
+
+
+def test_refuses_public_bind_without_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "--api-keys" in capsys.readouterr().err
