@@ -16,6 +16,7 @@ class ByteLRU(Generic[K, V]):
         self._size_of = size_of
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self.used_bytes = 0
+        self.evictions = 0  # entries dropped to make room (explicit pops are not evictions)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -39,6 +40,7 @@ class ByteLRU(Generic[K, V]):
         while self.used_bytes + size > self.capacity_bytes:
             _, (_, evicted_size) = self._entries.popitem(last=False)
             self.used_bytes -= evicted_size
+            self.evictions += 1
         self._entries[key] = (value, size)
         self.used_bytes += size
         return True

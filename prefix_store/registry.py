@@ -4,6 +4,14 @@ All methods block (the server calls them from a thread pool) and are
 thread-safe. Resolving a cold prefix reads the backend once however many
 threads ask for it at the same time (single-flight), verifies its checksum
 and fingerprint, and caches it in host memory bounded by tensor bytes.
+
+Replicas sharing one store stay coherent two ways: the backend's change
+notifications (Redis pub/sub) drop stale entries at once, and resolving the
+latest version asks the backend which version that is, an answer reused for
+at most `latest_ttl` seconds, so a missed notification cannot serve a stale or
+deleted prefix for longer. When the backend is unavailable, a task with a
+host-resident version keeps being served from it; anything else raises
+StoreUnavailable.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import builtins
 import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -24,8 +34,8 @@ from prefix_store.artifact import (
     utc_now_iso,
     validate_key_values,
 )
-from prefix_store.backends.base import PrefixBackend
-from prefix_store.errors import CorruptPrefix, InvalidPrefix, PrefixNotFound, PrefixTooLarge
+from prefix_store.backends.base import Invalidation, PrefixBackend
+from prefix_store.errors import CorruptPrefix, InvalidPrefix, PrefixNotFound, PrefixTooLarge, StoreUnavailable
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.ids import validate_task_id, validate_tenant
 from prefix_store.lru import ByteLRU
@@ -33,10 +43,19 @@ from prefix_store.lru import ByteLRU
 logger = logging.getLogger(__name__)
 
 CacheKey = tuple[str, str, int]  # (tenant, task_id, version)
+TaskKey = tuple[str, str]  # (tenant, task_id)
 
 DEFAULT_HOST_CACHE_BYTES = 256 * 2**20
 DEFAULT_MAX_VIRTUAL_TOKENS = 512
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 2**20
+# How long a "latest version is N" answer is reused: bounds how long a replica that
+# missed an invalidation can serve a superseded or deleted prefix.
+DEFAULT_LATEST_TTL = 0.5
+# After a StoreUnavailable, resident prefixes are served without asking the backend
+# for this long, so a hung (not refusing) store does not add its timeout to each request.
+_STORE_DOWN_HOLD = 1.0
+# Expired latest-version answers are swept once there are this many.
+_LATEST_SWEEP_AT = 4096
 
 
 def _artifact_bytes(artifact: PrefixArtifact) -> int:
@@ -53,8 +72,15 @@ class PrefixRegistry:
         host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
         max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        on_load: Callable[[float], None] | None = None,
+        latest_ttl: float = DEFAULT_LATEST_TTL,
     ) -> None:
+        """`on_load`, if given, is called with the seconds each successful backend load took (metrics).
+
+        Subscribes to the backend's change notifications; `backend.close()` ends that.
+        """
         self.backend = backend
+        self.on_load = on_load
         self.fingerprint = fingerprint
         self.max_virtual_tokens = max_virtual_tokens
         self.max_upload_bytes = max_upload_bytes
@@ -64,8 +90,16 @@ class PrefixRegistry:
         # Bumped by every delete; a load or upload that straddles one does not fill the
         # cache, since a deleted task's version numbers may be reused by a new upload.
         self._deletions = 0
+        self.latest_ttl = latest_ttl
+        # (version or None, monotonic time asked) per task, for the latest-version check on use.
+        self._latest: dict[TaskKey, tuple[int | None, float]] = {}
+        # Bumped by every change we hear of; a latest-version answer read across one is not kept.
+        self._epoch = 0
+        self._store_down_until = 0.0
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
+        self.store_fallbacks = 0  # resolves served from the host cache because the backend was unavailable
+        backend.subscribe(self._on_invalidation)
 
     # -- writes ---------------------------------------------------------------
 
@@ -101,6 +135,7 @@ class PrefixRegistry:
         version = self.backend.put(tenant, task_id, encode)
         metadata = read_metadata(blobs[version])
         with self._lock:
+            self._forget_latest((tenant, task_id))
             if deletions == self._deletions:
                 self._cache.put((tenant, task_id, version), PrefixArtifact(kv, metadata))
         return metadata
@@ -112,10 +147,73 @@ class PrefixRegistry:
         existed = self.backend.delete(tenant, task_id)
         with self._lock:
             self._deletions += 1
-            for key in self._cache.ordered_keys():
-                if key[:2] == (tenant, task_id):
-                    self._cache.pop(key)
+            self._forget_latest((tenant, task_id))
+            self._drop_cached((tenant, task_id))
         return existed
+
+    # -- coherence ------------------------------------------------------------
+
+    def _on_invalidation(self, event: Invalidation) -> None:
+        """A backend notification (any thread): drop what it makes stale."""
+        with self._lock:
+            if event.tenant is None or event.task_id is None:
+                # Notifications may have been missed: ask the backend again before trusting a version.
+                self._epoch += 1
+                self._latest.clear()
+                return
+            task = (event.tenant, event.task_id)
+            self._forget_latest(task)
+            if event.version is None:
+                self._deletions += 1
+                self._drop_cached(task)
+            else:
+                # Superseded versions: requests that started on one hold the artifact itself.
+                self._drop_cached(task, below=event.version)
+
+    def _forget_latest(self, task: TaskKey) -> None:
+        """Drop the latest-version answer for `task` (lock held)."""
+        self._epoch += 1
+        self._latest.pop(task, None)
+
+    def _drop_cached(self, task: TaskKey, below: int | None = None) -> None:
+        """Drop the task's host-cached versions (only those < `below` if given; lock held)."""
+        for key in self._cache.ordered_keys():
+            if key[:2] == task and (below is None or key[2] < below):
+                self._cache.pop(key)
+
+    def _latest_version(self, tenant: str, task_id: str) -> int | None:
+        """The task's latest version, asking the backend unless it answered within `latest_ttl`."""
+        task = (tenant, task_id)
+        with self._lock:
+            known = self._latest.get(task)
+            asked = time.monotonic()
+            if known is not None and asked - known[1] < self.latest_ttl:
+                return known[0]
+            epoch = self._epoch
+        try:
+            version = self.backend.latest_version(tenant, task_id)
+        except StoreUnavailable:
+            with self._lock:
+                self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+            raise
+        with self._lock:
+            self._store_down_until = 0.0
+            if epoch == self._epoch:  # no change was heard of while we asked
+                if len(self._latest) >= _LATEST_SWEEP_AT:
+                    self._latest = {t: a for t, a in self._latest.items() if asked - a[1] < self.latest_ttl}
+                self._latest[task] = (version, asked)
+            if version is None:
+                self._drop_cached(task)  # deleted elsewhere and we missed the notification
+        return version
+
+    def _newest_cached(self, tenant: str, task_id: str) -> PrefixArtifact | None:
+        """The newest host-cached version of the task, if any (marks it recently used)."""
+        with self._lock:
+            versions = [key for key in self._cache.ordered_keys() if key[:2] == (tenant, task_id)]
+            if not versions:
+                return None
+            self.store_fallbacks += 1
+            return self._cache.get(max(versions))
 
     # -- reads ----------------------------------------------------------------
 
@@ -127,16 +225,33 @@ class PrefixRegistry:
         """
         validate_tenant(tenant)
         validate_task_id(task_id)
-        # The latest version may be pruned between listing and reading: look again.
+        if version is not None:
+            return self._resolve_version((tenant, task_id, version))
+        with self._lock:
+            store_down = time.monotonic() < self._store_down_until
+        if store_down and (resident := self._newest_cached(tenant, task_id)) is not None:
+            return resident
+        try:
+            return self._resolve_latest(tenant, task_id)
+        except StoreUnavailable:
+            # Keep serving what is resident; it is the newest version this replica knows.
+            resident = self._newest_cached(tenant, task_id)
+            if resident is None:
+                raise
+            logger.debug("store unavailable; serving resident %s/%s v%d", tenant, task_id, resident.metadata.version)
+            return resident
+
+    def _resolve_latest(self, tenant: str, task_id: str) -> PrefixArtifact:
+        # The latest version may be pruned between asking and reading: ask again.
         for _ in range(3):
-            v = version if version is not None else self.backend.latest_version(tenant, task_id)
+            v = self._latest_version(tenant, task_id)
             if v is None:
                 break
             try:
                 return self._resolve_version((tenant, task_id, v))
             except PrefixNotFound:
-                if version is not None:
-                    raise
+                with self._lock:
+                    self._forget_latest((tenant, task_id))
         raise PrefixNotFound(f"prefix {task_id!r} not found")
 
     def _resolve_version(self, key: CacheKey) -> PrefixArtifact:
@@ -154,7 +269,10 @@ class PrefixRegistry:
         if not leader:
             return future.result()  # re-raises the leader's error
         try:
+            started = time.perf_counter()
             artifact = self._load(key)
+            if self.on_load is not None:
+                self.on_load(time.perf_counter() - started)
         except BaseException as e:
             with self._lock:
                 del self._inflight[key]
@@ -192,13 +310,13 @@ class PrefixRegistry:
         """Metadata of the latest version (read from the header; tensors are not verified here)."""
         validate_tenant(tenant)
         validate_task_id(task_id)
-        version = self.backend.latest_version(tenant, task_id)
+        version = self._latest_version(tenant, task_id)
         if version is not None:
             with self._lock:
                 cached = self._cache.get((tenant, task_id, version))
             if cached is not None:
                 return cached.metadata
-        blob = self.backend.get(tenant, task_id)
+        blob = self.backend.get_header(tenant, task_id)
         try:
             return read_metadata(blob)
         except InvalidPrefix as e:
@@ -213,6 +331,8 @@ class PrefixRegistry:
                 "host_cache_capacity_bytes": self._cache.capacity_bytes,
                 "host_cache_hits": self.hits,
                 "host_cache_misses": self.misses,
+                "host_cache_evictions": self._cache.evictions,
+                "store_fallbacks": self.store_fallbacks,
             }
 
     def cached_keys(self) -> builtins.list[CacheKey]:

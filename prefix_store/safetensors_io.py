@@ -65,7 +65,7 @@ def _parse_entry(name: str, raw: object, data_len: int, data_start: int) -> Tens
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise InvalidPrefix(f"tensor {name!r}: data_offsets {offsets} outside the data ({data_len} bytes)")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize  # not torch.empty(...).element_size(): this runs per tensor on every listing
     if math.prod(shape) * itemsize != end - begin:
         raise InvalidPrefix(f"tensor {name!r}: shape {shape} does not match its {end - begin} data bytes")
     return TensorEntry(dtype, tuple(shape), data_start + begin, data_start + end)

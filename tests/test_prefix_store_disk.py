@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from prefix_store.backends import DiskBackend, default_store_url, open_backend
+from prefix_store.backends import DiskBackend, RedisBackend, default_store_url, open_backend
 from prefix_store.errors import InvalidTaskId, PrefixNotFound, StoreUnavailable
 
 
@@ -156,10 +156,11 @@ def test_open_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(tmp_path / "a") in a.describe()
     b = open_backend(str(tmp_path / "b"))
     assert isinstance(b, DiskBackend) and b.root == tmp_path / "b"
-    with pytest.raises(ValueError, match="redis store not implemented yet"):
-        open_backend("redis://localhost:6379/0")
-    with pytest.raises(ValueError, match="redis store not implemented yet"):
-        open_backend("rediss://localhost:6379/0")
+    # Redis URLs open lazily (nothing listens here); the password never shows.
+    for url in ("redis://u:sekrit@localhost:1/0", "rediss://u:sekrit@localhost:1/2"):
+        r = open_backend(url)
+        assert isinstance(r, RedisBackend) and "sekrit" not in r.describe() and "localhost:1" in r.describe()
+        r.close()
     with pytest.raises(ValueError, match="scheme"):
         open_backend("s3://bucket")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))

@@ -178,10 +178,12 @@ def test_host_cache_evicts_by_bytes(disk: DiskBackend) -> None:
     registry.resolve("acme", "a")  # miss evicts "c"
     assert counting.reads == 1
     assert registry.cached_keys() == [("acme", "b", 1), ("acme", "a", 1)]
+    assert registry.stats()["host_cache_evictions"] == 2  # "a" by the upload of "c", then "c"
     # A prefix bigger than the whole cache is served but not cached.
     registry.upload("acme", "big", make_kv(p=16))
     registry.resolve("acme", "big")
     assert ("acme", "big", 1) not in registry.cached_keys()
+    assert registry.stats()["host_cache_evictions"] == 2  # refusing an oversized entry evicts nothing
     assert registry.stats()["host_cache_bytes"] <= int(2.5 * KV_BYTES)
 
 

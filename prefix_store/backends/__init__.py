@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prefix_store.backends.base import PrefixBackend
+from prefix_store.backends.base import Invalidation, PrefixBackend
 from prefix_store.backends.disk import DiskBackend
+from prefix_store.backends.redis import RedisBackend, redact_url
 
-__all__ = ["DiskBackend", "PrefixBackend", "default_store_url", "open_backend"]
+__all__ = ["DiskBackend", "Invalidation", "PrefixBackend", "RedisBackend", "default_store_url", "open_backend"]
 
 
 def default_store_url() -> str:
@@ -18,7 +19,12 @@ def default_store_url() -> str:
 
 
 def open_backend(url: str) -> PrefixBackend:
-    """`disk://PATH` or a bare path -> DiskBackend; `redis://` / `rediss://` are not implemented yet."""
+    """Open the prefix store at `url`.
+
+    `disk://PATH` or a bare path: DiskBackend. `redis://[user:password@]host:port/db`
+    or `rediss://` (TLS): RedisBackend, which connects lazily, so an unreachable
+    Redis shows up as StoreUnavailable on use rather than at startup.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return DiskBackend(Path(url))
@@ -28,5 +34,7 @@ def open_backend(url: str) -> PrefixBackend:
             raise ValueError(f"store URL {url!r} has no path (use disk:///abs/path or disk://rel/path)")
         return DiskBackend(Path(rest))
     if scheme in ("redis", "rediss"):
-        raise ValueError("redis store not implemented yet")
-    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r} (use disk://PATH)")
+        return RedisBackend(url)
+    raise ValueError(
+        f"unknown store URL scheme {scheme!r} in {redact_url(url)!r} (use disk://PATH or redis://HOST:PORT/DB)"
+    )

@@ -1,0 +1,386 @@
+"""Redis backend: versioned blobs, written atomically, with pub/sub invalidation.
+
+Key layout (T = tenant, K = task id; both validated, so they never contain
+"{", "}" or ":"). The hash tag `{T/K}` puts every key of one task in one
+Redis Cluster slot, so a version write is a single-slot Lua script:
+
+    ps:{T/K}:seq     STRING  version allocator (INCR); survives deletes so a
+                             version number is never reused and a replica's
+                             cached vN can never be mistaken for a newer upload
+    ps:{T/K}:latest  STRING  newest stored version (the latest pointer)
+    ps:{T/K}:blob    HASH    version -> artifact bytes
+    ps:{T/K}:head    HASH    version -> the artifact's safetensors header
+                             (listing and info read it, not the tensors)
+    ps:{T}:tasks     SET     the tenant's task ids (the listing index)
+
+The blob, its header and the latest pointer change together inside one
+script, as does pruning to the newest `keep_versions`. The tenant index lives
+in another slot, so it is updated separately and idempotently: an entry may
+outlive its task (listing skips tasks with no latest pointer), but a stored
+version always has an entry (see `put` and `delete`).
+
+Writes publish `{"tenant", "task_id", "version"}` (version null for a delete)
+on `ps:invalidate:<db>` from inside the same script, so a notification is
+sent exactly when the write happens; `subscribe` delivers them to other
+replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from prefix_store.backends.base import Invalidation, PrefixBackend
+from prefix_store.errors import PrefixNotFound, StoreUnavailable
+from prefix_store.ids import validate_task_id, validate_tenant
+
+logger = logging.getLogger(__name__)
+
+# Short timeouts so a dead or unreachable Redis fails a cold request in well
+# under 2 s instead of hanging; `?socket_timeout=...` in the URL overrides them.
+DEFAULT_CONNECT_TIMEOUT = 0.5
+DEFAULT_SOCKET_TIMEOUT = 1.0
+# Subscriber reconnect backoff: doubles from the first value up to the cap.
+_BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 1.0
+
+# KEYS: latest, blob, head. ARGV: version, blob, head, keep, channel, message.
+# Returns the latest version after the write.
+_PUT_SCRIPT = """
+local v = tonumber(ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+if v > latest then
+  redis.call('SET', KEYS[1], ARGV[1])
+  latest = v
+end
+local keep = tonumber(ARGV[4])
+local stored = redis.call('HKEYS', KEYS[2])
+if #stored > keep then
+  local versions = {}
+  for i, s in ipairs(stored) do versions[i] = tonumber(s) end
+  table.sort(versions)
+  for i = 1, #versions - keep do
+    redis.call('HDEL', KEYS[2], versions[i])
+    redis.call('HDEL', KEYS[3], versions[i])
+  end
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return latest
+"""
+
+# KEYS: latest, a version -> bytes hash. Returns {version, bytes} of the latest, or nil.
+_GET_LATEST_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if not v then return nil end
+local data = redis.call('HGET', KEYS[2], v)
+if not data then return nil end
+return {v, data}
+"""
+
+# KEYS: latest, blob, head. ARGV: channel, message. Returns the number of keys removed.
+_DELETE_SCRIPT = """
+local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+if n > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return n
+"""
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ***, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _header_of(blob: bytes) -> bytes:
+    """The safetensors header (8-byte little-endian length + JSON) at the start of `blob`.
+
+    The backend otherwise never looks inside blobs; this framing is all it needs
+    to let listings skip the tensor bytes. A malformed blob yields what is there,
+    and the registry reports it when it parses the header.
+    """
+    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
+    return blob[: 8 + n]
+
+
+class RedisBackend(PrefixBackend):
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep_versions: int = 5,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    ) -> None:
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be >= 1")
+        self.keep_versions = keep_versions
+        self._safe_url = redact_url(url)
+        self._password = urlsplit(url).password
+        try:
+            self._client: redis.Redis = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=socket_connect_timeout,
+                socket_timeout=socket_timeout,
+                # One immediate retry on a dropped connection: the first command on a pooled
+                # connection to a restarted Redis fails and the retry reconnects. Timeouts are
+                # not retried: a hung Redis would then cost twice the timeout, over the 2 s budget.
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                # Lets the subscriber notice a silently dead connection (no RST).
+                health_check_interval=5,
+            )
+        except ValueError as e:
+            raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
+        self._db = int(self._client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        # Pub/sub is not scoped by database: name the channel after it so two
+        # deployments on one server in different dbs do not invalidate each other.
+        self.channel = f"ps:invalidate:{self._db}"
+        self._put_script = self._client.register_script(_PUT_SCRIPT)
+        self._get_latest_script = self._client.register_script(_GET_LATEST_SCRIPT)
+        self._delete_script = self._client.register_script(_DELETE_SCRIPT)
+        # Each entry returns the callback, or None once its owner is gone (see subscribe).
+        self._callbacks: list[Callable[[], Callable[[Invalidation], None] | None]] = []
+        self._subscriber: threading.Thread | None = None
+        self._subscribed = threading.Event()
+        self._closed = threading.Event()
+        self._sub_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"redis store at {self._safe_url} (keeping {self.keep_versions} versions per task)"
+
+    # -- keys -----------------------------------------------------------------
+
+    @staticmethod
+    def _tag(tenant: str, task_id: str) -> str:
+        """The key prefix of one task: "ps:{tenant/task}" (the braces make it the Cluster hash tag)."""
+        return f"ps:{{{tenant}/{task_id}}}"
+
+    def _task_keys(self, tenant: str, task_id: str) -> tuple[str, str, str, str]:
+        """(seq, latest, blob, head) keys, all in one slot. Ids are validated: no braces get in."""
+        tag = self._tag(validate_tenant(tenant), validate_task_id(task_id))
+        return f"{tag}:seq", f"{tag}:latest", f"{tag}:blob", f"{tag}:head"
+
+    @staticmethod
+    def _index_key(tenant: str) -> str:
+        return f"ps:{{{validate_tenant(tenant)}}}:tasks"
+
+    def _message(self, tenant: str, task_id: str, version: int | None) -> str:
+        return json.dumps({"tenant": tenant, "task_id": task_id, "version": version})
+
+    def _scrub(self, text: str) -> str:
+        # redis-py's messages name host and port, not the password; make sure of it.
+        return text.replace(self._password, "***") if self._password else text
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one Redis operation, turning redis-py's errors into StoreUnavailable."""
+        try:
+            return fn()
+        except redis.RedisError as e:
+            detail = self._scrub(str(e)) or type(e).__name__
+            raise StoreUnavailable(f"redis store at {self._safe_url} unavailable ({what}): {detail}") from e
+
+    # -- writes ---------------------------------------------------------------
+
+    def put(self, tenant: str, task_id: str, encode: Callable[[int], bytes]) -> int:
+        seq, latest, blob_key, head_key = self._task_keys(tenant, task_id)
+        index = self._index_key(tenant)
+
+        def allocate() -> int:
+            # Index first: if the script below fails after running (connection lost
+            # mid-reply), the version still has an index entry. A leftover entry
+            # without versions is harmless.
+            pipe = self._client.pipeline(transaction=False)
+            pipe.sadd(index, task_id)
+            pipe.incr(seq)
+            return int(pipe.execute()[1])
+
+        # INCR hands out each number once, so concurrent puts never collide and
+        # `encode` is called exactly once.
+        version = self._call("allocating a version", allocate)
+        blob = encode(version)
+        self._call(
+            "writing a version",
+            lambda: self._put_script(
+                keys=[latest, blob_key, head_key],
+                args=[
+                    version,
+                    blob,
+                    _header_of(blob),
+                    self.keep_versions,
+                    self.channel,
+                    self._message(tenant, task_id, version),
+                ],
+            ),
+        )
+        # Again after the write: a concurrent delete may have removed the entry
+        # between our SADD and the script (see `delete` for the other half).
+        self._call("indexing a task", lambda: self._client.sadd(index, task_id))
+        return version
+
+    def delete(self, tenant: str, task_id: str) -> bool:
+        _, latest, blob_key, head_key = self._task_keys(tenant, task_id)
+        index = self._index_key(tenant)
+        removed = self._call(
+            "deleting a task",
+            lambda: self._delete_script(
+                keys=[latest, blob_key, head_key], args=[self.channel, self._message(tenant, task_id, None)]
+            ),
+        )
+
+        def unindex() -> None:
+            self._client.srem(index, task_id)
+            # A put that wrote after our script but indexed before our SREM would be
+            # left unlisted: put its entry back if the task has versions again.
+            if self._client.exists(latest):
+                self._client.sadd(index, task_id)
+
+        self._call("unindexing a task", unindex)
+        return int(removed) > 0
+
+    # -- reads ----------------------------------------------------------------
+
+    def latest_version(self, tenant: str, task_id: str) -> int | None:
+        _, latest, _, _ = self._task_keys(tenant, task_id)
+        raw = self._call("reading the latest version", lambda: self._client.get(latest))
+        return int(raw) if raw is not None else None
+
+    def _read(self, tenant: str, task_id: str, version: int | None, head: bool) -> bytes:
+        _, latest, blob_key, head_key = self._task_keys(tenant, task_id)
+        key = head_key if head else blob_key
+        if version is None:
+            # Pointer and bytes in one script: never a pointer without its blob.
+            found = self._call("reading a prefix", lambda: self._get_latest_script(keys=[latest, key], args=[]))
+            data = found[1] if found else None
+        else:
+            data = self._call("reading a prefix", lambda: self._client.hget(key, str(version)))
+        if data is None:
+            which = f"version {version}" if version is not None else "any version"
+            raise PrefixNotFound(f"prefix {task_id!r} not found ({which})")
+        return bytes(data)
+
+    def get(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
+        return self._read(tenant, task_id, version, head=False)
+
+    def get_header(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
+        return self._read(tenant, task_id, version, head=True)
+
+    def list_tasks(self, tenant: str) -> list[str]:
+        index = self._index_key(tenant)
+
+        def scan() -> list[str]:
+            # SSCAN, not SMEMBERS or KEYS: bounded work per call on a big tenant.
+            names = sorted(m.decode() for m in self._client.sscan_iter(index, count=1000))
+            # Entries of deleted tasks or interrupted puts have no latest pointer.
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(f"{self._tag(tenant, name)}:latest")
+            return [n for n, present in zip(names, pipe.execute(), strict=True) if present]
+
+        return self._call("listing tasks", scan)
+
+    # -- invalidation ---------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Invalidation], None]) -> None:
+        """Call `callback` from a daemon thread for every put/delete on this Redis (any replica).
+
+        After each (re)subscription it is called with `Invalidation(None, None, None)`:
+        messages may have been missed while disconnected, so anything derived from the
+        store's state should be dropped. A bound method is held weakly, so a registry
+        that is dropped stops being called instead of being kept alive by the backend.
+        """
+        ref: Callable[[], Callable[[Invalidation], None] | None] = (
+            weakref.WeakMethod(callback) if inspect.ismethod(callback) else lambda: callback
+        )
+        with self._sub_lock:
+            self._callbacks.append(ref)
+            if self._subscriber is None and not self._closed.is_set():
+                self._subscriber = threading.Thread(target=self._listen, name="prefix-store-redis-sub", daemon=True)
+                self._subscriber.start()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until the subscriber is listening (for tests and startup checks)."""
+        return self._subscribed.wait(timeout)
+
+    def _dispatch(self, event: Invalidation) -> None:
+        with self._sub_lock:
+            self._callbacks = [ref for ref in self._callbacks if ref() is not None]
+            callbacks = [cb for ref in self._callbacks if (cb := ref()) is not None]
+        for callback in callbacks:
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("prefix invalidation callback failed for %s", event)
+
+    def _listen(self) -> None:
+        backoff = _BACKOFF_FIRST
+        failing = False
+        while not self._closed.is_set():
+            pubsub = self._client.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=0.1)  # also how quickly close() is noticed
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Also seen when redis-py reconnects and resubscribes by itself.
+                        self._subscribed.set()
+                        if failing:
+                            logger.info("redis store subscriber reconnected to %s", self._safe_url)
+                        failing, backoff = False, _BACKOFF_FIRST
+                        self._dispatch(Invalidation(None, None, None))
+                    elif message["type"] == "message":
+                        event = _parse_message(message["data"])
+                        if event is not None:
+                            self._dispatch(event)
+            except (redis.RedisError, OSError) as e:
+                self._subscribed.clear()
+                if not failing:
+                    logger.warning(
+                        "redis store subscriber lost %s: %s; reconnecting", self._safe_url, self._scrub(str(e))
+                    )
+                failing = True
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_CAP)
+            finally:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    pubsub.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        subscriber = self._subscriber
+        if subscriber is not None:
+            subscriber.join(timeout=2.0)
+        self._client.close()
+
+
+def _parse_message(data: bytes | str) -> Invalidation | None:
+    try:
+        d = json.loads(data)
+        version = d["version"]
+        if not isinstance(d["tenant"], str) or not isinstance(d["task_id"], str):
+            raise TypeError("tenant and task_id must be strings")
+        if version is not None and not isinstance(version, int):
+            raise TypeError("version must be an integer or null")
+        return Invalidation(d["tenant"], d["task_id"], version)
+    except (ValueError, TypeError, KeyError) as e:
+        logger.warning("ignoring malformed prefix invalidation %r: %s", data, e)
+        return None

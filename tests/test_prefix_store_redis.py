@@ -1,0 +1,444 @@
+"""The Redis backend and the registry's replica/fault behaviour, against real redis-server processes.
+
+Each test starts its own redis-server on a free loopback port; fault tests
+kill (or stop) and restart it on the same port.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from prefix_store.artifact import decode_artifact
+from prefix_store.backends import Invalidation, RedisBackend, open_backend
+from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
+from prefix_store.fingerprint import ModelFingerprint
+from prefix_store.registry import PrefixRegistry
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+FP = ModelFingerprint("llama", num_layers=2, num_kv_heads=2, head_dim=8, vocab_size=128)
+PASSWORD = "sekrit-pw"
+
+
+def make_kv(p: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(FP.num_layers, 2, FP.num_kv_heads, p, FP.head_dim, generator=g)  # [L, 2, H, P, d]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process on a fixed loopback port, restartable on that port."""
+
+    def __init__(self, workdir: Path, *, persistent: bool = False, password: str | None = None) -> None:
+        self.port = _free_port()
+        self.workdir = workdir
+        self.persistent = persistent  # AOF with fsync always, so a restart keeps what was written
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
+
+    def start(self) -> None:
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.workdir),
+        ]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        client = self.client()
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.01)
+        client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            self.kill()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    servers: list[RedisServer] = []
+
+    def make(**kwargs: object) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", **kwargs)  # type: ignore[arg-type]
+        server.workdir.mkdir()
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., RedisServer]) -> RedisServer:
+    return make_server()
+
+
+@pytest.fixture
+def open_registry() -> Iterator[Callable[..., PrefixRegistry]]:
+    """Registries on their own RedisBackend each (as separate replicas would have), closed afterwards."""
+    backends: list[RedisBackend] = []
+
+    def make(url: str, backend_cls: type[RedisBackend] = RedisBackend, **kwargs: object) -> PrefixRegistry:
+        backend = backend_cls(url)
+        backends.append(backend)
+        return PrefixRegistry(backend, FP, max_virtual_tokens=16, **kwargs)  # type: ignore[arg-type]
+
+    yield make
+    for backend in backends:
+        backend.close()
+
+
+@pytest.fixture
+def backend(server: RedisServer) -> Iterator[RedisBackend]:
+    b = RedisBackend(server.url)
+    yield b
+    b.close()
+
+
+def eventually(check: Callable[[], bool], within: float) -> float:
+    """Poll `check` until it holds; the seconds it took. Fails after `within` seconds."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"condition not met within {within} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def _version_or_none(registry: PrefixRegistry, task_id: str) -> int | None:
+    try:
+        return registry.resolve("acme", task_id).metadata.version
+    except PrefixNotFound:
+        return None
+
+
+def _commandstats(client: redis.Redis) -> dict[str, int]:
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in client.info("commandstats").items()}
+
+
+# -- the backend ----------------------------------------------------------------
+
+
+def test_versions_pruning_and_delete(backend: RedisBackend, server: RedisServer) -> None:
+    def blob(v: int) -> bytes:
+        return f"blob-{v}".encode()
+
+    assert [backend.put("acme", "sum", blob) for _ in range(7)] == list(range(1, 8))
+    assert backend.latest_version("acme", "sum") == 7
+    assert backend.get("acme", "sum") == b"blob-7"
+    assert [backend.get("acme", "sum", v) for v in range(3, 8)] == [blob(v) for v in range(3, 8)]
+    for pruned in (1, 2):  # only the newest 5 are kept
+        with pytest.raises(PrefixNotFound):
+            backend.get("acme", "sum", pruned)
+    assert backend.list_tasks("acme") == ["sum"] and backend.list_tasks("other") == []
+    assert backend.delete("acme", "sum") is True
+    assert backend.delete("acme", "sum") is False
+    assert backend.latest_version("acme", "sum") is None and backend.list_tasks("acme") == []
+    with pytest.raises(PrefixNotFound):
+        backend.get("acme", "sum")
+    # Numbers are never reused after a delete, so another replica's cached v7 cannot pass for a new upload.
+    assert backend.put("acme", "sum", blob) == 8
+    # Every key of the task carries the {tenant/task} hash tag (one Cluster slot); the index is per tenant.
+    keys = sorted(k.decode() for k in server.client().scan_iter())
+    assert keys == [f"ps:{{acme/sum}}:{s}" for s in ("blob", "head", "latest", "seq")] + ["ps:{acme}:tasks"]
+
+
+def test_reader_never_sees_a_pointer_without_its_blob(backend: RedisBackend) -> None:
+    registry = PrefixRegistry(backend, FP, max_virtual_tokens=16)
+    registry.upload("acme", "sum", make_kv(seed=0))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = [0]
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                before = backend.latest_version("acme", "sum")
+                blob = backend.get("acme", "sum")  # raises PrefixNotFound if the pointer ran ahead of the blob
+                after = backend.latest_version("acme", "sum")
+                meta = decode_artifact(blob).metadata
+                assert before is not None and after is not None and before <= meta.version <= after
+                reads[0] += 1
+        except BaseException as e:
+            errors.append(e)
+
+    def writer(seed: int) -> None:
+        for i in range(10):
+            registry.upload("acme", "sum", make_kv(seed=seed * 100 + i))
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not errors, errors[0]
+    assert reads[0] > 0 and backend.latest_version("acme", "sum") == 41
+
+
+def test_listing_uses_the_index_not_keys(backend: RedisBackend, server: RedisServer) -> None:
+    registry = PrefixRegistry(backend, FP, max_virtual_tokens=16)
+    for task in ("b", "a", "c"):
+        registry.upload("acme", task, make_kv())
+    registry.upload("umbrella", "z", make_kv())
+    client = server.client()
+    client.sadd("ps:{acme}:tasks", "ghost")  # an index entry whose task has no versions (an interrupted put)
+    assert backend.list_tasks("acme") == ["a", "b", "c"]
+    cold = PrefixRegistry(RedisBackend(server.url), FP)
+    assert [(m.task_id, m.version) for m in cold.list("acme")] == [("a", 1), ("b", 1), ("c", 1)]
+    stats = _commandstats(client)
+    assert "keys" not in stats and "scan" not in stats and "sscan" in stats
+    cold.backend.close()
+
+
+def test_listing_reads_headers_not_blobs(backend: RedisBackend, server: RedisServer) -> None:
+    PrefixRegistry(backend, FP, max_virtual_tokens=16).upload("acme", "sum", make_kv(p=16))
+    cold_backend = RedisBackend(server.url)
+    cold = PrefixRegistry(cold_backend, FP)
+    client = server.client()
+    client.config_resetstat()
+    assert cold.info("acme", "sum").num_virtual_tokens == 16
+    # The header is a few hundred bytes; the blob would be > 2 KiB of tensors.
+    assert client.info("stats")["total_net_output_bytes"] < 2048
+    cold_backend.close()
+
+
+@pytest.mark.parametrize("offset", [-1, 20])  # a tensor byte; a header byte
+def test_corrupt_blob_is_never_served(backend: RedisBackend, server: RedisServer, offset: int) -> None:
+    PrefixRegistry(backend, FP, max_virtual_tokens=16).upload("acme", "sum", make_kv())
+    client = server.client()
+    data = bytearray(client.hget("ps:{acme/sum}:blob", "1"))  # type: ignore[arg-type]
+    data[offset] ^= 0x5A
+    client.hset("ps:{acme/sum}:blob", "1", bytes(data))
+    cold = PrefixRegistry(backend, FP)
+    for _ in range(2):  # and not cached after the first failure
+        with pytest.raises(CorruptPrefix):
+            cold.resolve("acme", "sum")
+
+
+def test_single_flight_with_redis(backend: RedisBackend, server: RedisServer) -> None:
+    PrefixRegistry(backend, FP, max_virtual_tokens=16).upload("acme", "sum", make_kv(p=16))
+    cold = PrefixRegistry(RedisBackend(server.url), FP)
+    client = server.client()
+    hget_before = _commandstats(client).get("hget", 0)
+    barrier = threading.Barrier(8)
+    results: list[torch.Tensor] = []
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(cold.resolve("acme", "sum").key_values)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and all(r is results[0] for r in results)
+    assert _commandstats(client)["hget"] - hget_before == 1  # one blob read for eight requests
+    cold.backend.close()
+
+
+def test_store_url_and_password_never_shown(make_server: Callable[..., RedisServer]) -> None:
+    server = make_server(password=PASSWORD)
+    backend = open_backend(server.url)
+    assert isinstance(backend, RedisBackend) and PASSWORD not in backend.describe()
+    assert backend.put("acme", "sum", lambda v: b"x") == 1
+    wrong = RedisBackend(server.url.replace(PASSWORD, "wrong-pw"))
+    with pytest.raises(StoreUnavailable) as e:
+        wrong.latest_version("acme", "sum")
+    assert "wrong-pw" not in str(e.value) and "***" in str(e.value)
+    backend.close()
+    wrong.close()
+
+
+def test_a_dropped_registry_is_not_kept_alive_by_its_backend(backend: RedisBackend) -> None:
+    registry = PrefixRegistry(backend, FP)
+    ref = weakref.ref(registry)
+    del registry
+    gc.collect()
+    assert ref() is None
+
+
+# -- replicas ---------------------------------------------------------------------
+
+
+class DeafRedisBackend(RedisBackend):
+    """A replica that misses every invalidation message."""
+
+    def subscribe(self, callback: Callable[[Invalidation], None]) -> None:
+        pass
+
+
+def test_replicas_see_uploads_and_deletes_via_pubsub(
+    server: RedisServer, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    a = open_registry(server.url)
+    # A long latest-version window: only the invalidation message can tell B in time.
+    b = open_registry(server.url, latest_ttl=60.0)
+    assert isinstance(b.backend, RedisBackend) and b.backend.wait_subscribed(5)
+    a.upload("acme", "sum", make_kv(seed=1))
+    assert eventually(lambda: _version_or_none(b, "sum") == 1, within=1.0) < 1.0
+    a.upload("acme", "sum", make_kv(seed=2))
+    eventually(lambda: _version_or_none(b, "sum") == 2, within=1.0)
+    assert torch.equal(b.resolve("acme", "sum").key_values, make_kv(seed=2))
+    assert ("acme", "sum", 1) not in b.cached_keys()  # the superseded version was dropped
+    a.delete("acme", "sum")
+    eventually(lambda: _version_or_none(b, "sum") is None, within=1.0)
+    assert b.cached_keys() == []
+
+
+def test_missed_messages_are_caught_by_the_version_check(
+    server: RedisServer, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    a = open_registry(server.url)
+    b = open_registry(server.url, DeafRedisBackend)  # default latest_ttl (0.5 s)
+    a.upload("acme", "sum", make_kv(seed=1))
+    assert b.resolve("acme", "sum").metadata.version == 1
+    a.upload("acme", "sum", make_kv(seed=2))
+    eventually(lambda: _version_or_none(b, "sum") == 2, within=1.0)
+    a.delete("acme", "sum")
+    eventually(lambda: _version_or_none(b, "sum") is None, within=1.0)
+    assert b.cached_keys() == []  # learning of the delete also frees the cached copies
+
+
+# -- faults -------------------------------------------------------------------------
+
+
+def test_redis_down_and_back(
+    make_server: Callable[..., RedisServer], open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    server = make_server(persistent=True, password=PASSWORD)
+    a = open_registry(server.url)
+    b = open_registry(server.url, latest_ttl=0.05)
+    events: list[Invalidation] = []
+    assert isinstance(b.backend, RedisBackend)
+    b.backend.subscribe(events.append)
+    a.upload("acme", "hot", make_kv(seed=1))
+    a.upload("acme", "cold", make_kv(seed=2))
+    assert b.resolve("acme", "hot").metadata.version == 1  # now resident on B
+
+    seen_before_outage = len(events)
+    server.kill()
+    time.sleep(0.1)  # past B's latest-version window, so B has to ask the (dead) store
+    for _ in range(3):
+        assert torch.equal(b.resolve("acme", "hot").key_values, make_kv(seed=1))
+    assert b.stats()["store_fallbacks"] >= 1
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as cold_error:
+        b.resolve("acme", "cold")
+    assert time.monotonic() - started < 2.0
+    assert PASSWORD not in str(cold_error.value)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        b.upload("acme", "new", make_kv(seed=3))
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(StoreUnavailable):
+        b.list("acme")
+
+    server.start()  # same port, same data (AOF)
+    # The failed upload left nothing behind.
+    assert b.backend.latest_version("acme", "new") is None
+    assert [m.task_id for m in b.list("acme")] == ["cold", "hot"]
+    # Same registries, no restart: reads and writes work again.
+    assert torch.equal(b.resolve("acme", "cold").key_values, make_kv(seed=2))
+    assert b.upload("acme", "new", make_kv(seed=3)).version == 1
+    # The subscriber reconnects by itself and announces that messages may have been missed.
+    eventually(lambda: Invalidation(None, None, None) in events[seen_before_outage:], within=5.0)
+    a.upload("acme", "hot", make_kv(seed=4))
+    eventually(lambda: Invalidation("acme", "hot", 2) in events, within=1.0)
+
+
+def test_write_interrupted_by_a_crash_leaves_nothing_partial(make_server: Callable[..., RedisServer]) -> None:
+    server = make_server(persistent=True)
+    backend = RedisBackend(server.url)
+    backend.put("acme", "sum", lambda v: b"v1")
+
+    def encode_and_crash(version: int) -> bytes:
+        server.kill()  # Redis dies after the version number is allocated, before the write
+        return b"never stored"
+
+    with pytest.raises(StoreUnavailable):
+        backend.put("acme", "half", encode_and_crash)
+    with pytest.raises(StoreUnavailable):
+        backend.put("acme", "sum", lambda v: b"v2")
+    server.start()
+    assert backend.latest_version("acme", "half") is None
+    with pytest.raises(PrefixNotFound):
+        backend.get("acme", "half")
+    assert backend.list_tasks("acme") == ["sum"]  # the index entry it left is ignored
+    assert backend.get("acme", "sum") == b"v1" and backend.latest_version("acme", "sum") == 1
+    backend.close()
+
+
+def test_hung_redis_fails_cold_loads_fast(server: RedisServer, open_registry: Callable[..., PrefixRegistry]) -> None:
+    a = open_registry(server.url)
+    a.upload("acme", "hot", make_kv(seed=1))
+    a.upload("acme", "cold", make_kv(seed=2))
+    b = open_registry(server.url, latest_ttl=0.0)
+    b.resolve("acme", "hot")
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=re.escape(f"127.0.0.1:{server.port}")):
+            b.resolve("acme", "cold")
+        assert time.monotonic() - started < 2.0
+        started = time.monotonic()
+        assert b.resolve("acme", "hot").metadata.version == 1
+        assert time.monotonic() - started < 0.1  # the store is known to be down: no second timeout
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert eventually(lambda: _version_or_none(b, "cold") == 1, within=3.0) < 3.0
