@@ -1,4 +1,4 @@
-"""`prefix-serve` command line. `serve` runs the server; client commands arrive with the client."""
+"""`prefix-serve` command line. `serve` runs the server; upload, generate, list, info, delete are clients/cli.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import fields
 
+from clients.cli import add_client_commands, run_client_command
 from server.config import ServeConfig
 
 ENV_PREFIX = "PREFIX_SERVE_"
@@ -108,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefix-serve", description="Serve many prefix-tuned tasks on one model.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
+    add_client_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if getattr(args, "client_command", None) is not None:
+        return run_client_command(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

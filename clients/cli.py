@@ -1,0 +1,157 @@
+"""Client commands of ``prefix-serve``: upload, generate, list, info, delete.
+
+Each takes ``--url`` (env PREFIX_SERVE_URL, default http://127.0.0.1:8000),
+``--api-key`` (env PREFIX_SERVE_API_KEY) and ``--json`` (machine-readable
+output). Failures print one line, ``error: ...``, to stderr and exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from clients.client import DEFAULT_URL, ENV_API_KEY, ENV_URL, Client
+from clients.errors import PrefixServeError
+
+BASE_MODEL = "-"  # TASK_ID meaning "no prefix": never a valid task id, which must start with a letter or digit
+
+Handler = Callable[[Client, argparse.Namespace], None]
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None, help=f"server URL [env {ENV_URL}, default {DEFAULT_URL}]")
+    common.add_argument("--api-key", default=None, help=f"API key [env {ENV_API_KEY}]")
+    common.add_argument("--json", action="store_true", help="print JSON (one object per line when streaming)")
+    return common
+
+
+def add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the client commands on the ``prefix-serve`` parser; ``run_client_command`` runs them."""
+    common = _common_options()
+
+    upload = sub.add_parser("upload", parents=[common], help="upload a prefix (PEFT checkpoint dir or .safetensors)")
+    upload.add_argument("task_id", metavar="TASK_ID")
+    upload.add_argument("path", metavar="PATH", help="PEFT prefix-tuning checkpoint directory, or a native file")
+    upload.add_argument("--no-progress", action="store_true", help="no progress bar")
+    upload.set_defaults(client_command=_upload)
+
+    generate = sub.add_parser("generate", parents=[common], help="generate text with a task's prefix")
+    generate.add_argument("task_id", metavar="TASK_ID", help=f"the task, or {BASE_MODEL!r} for the base model")
+    generate.add_argument("prompt", metavar="PROMPT", help="the prompt, or '-' to read it from stdin")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they come")
+    generate.add_argument("--chat", action="store_true", help="send PROMPT as a user message (chat template)")
+    generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (64)")
+    generate.add_argument("--temperature", type=float, default=None, help="0 = greedy (the server's default)")
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    generate.set_defaults(client_command=_generate)
+
+    listing = sub.add_parser("list", parents=[common], help="list your prefixes")
+    listing.set_defaults(client_command=_list)
+
+    info = sub.add_parser("info", parents=[common], help="show a prefix's metadata")
+    info.add_argument("task_id", metavar="TASK_ID")
+    info.set_defaults(client_command=_info)
+
+    delete = sub.add_parser("delete", parents=[common], help="delete a prefix (all versions)")
+    delete.add_argument("task_id", metavar="TASK_ID")
+    delete.set_defaults(client_command=_delete)
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run the command ``args`` names; 0 on success, 1 with a one-line message on stderr on failure."""
+    handler: Handler = args.client_command
+    try:
+        with Client(args.url, args.api_key) as client:
+            handler(client, args)
+    except (PrefixServeError, OSError, ValueError) as exc:  # server errors, and local mistakes (missing file, ...)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False))
+
+
+def _upload(client: Client, args: argparse.Namespace) -> None:
+    progress = not args.json and not args.no_progress and sys.stderr.isatty()
+    info = client.upload_prefix(args.task_id, args.path, progress=progress)
+    if args.json:
+        _print_json(info.model_dump())
+    else:
+        print(
+            f"uploaded {info.task_id} version {info.version}: {info.num_virtual_tokens} virtual tokens, "
+            f"{info.bytes} bytes, sha256 {info.sha256}"
+        )
+
+
+def _generate(client: Client, args: argparse.Namespace) -> None:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    request: dict[str, Any] = {
+        "task_id": None if args.task_id == BASE_MODEL else args.task_id,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    if args.chat:
+        request["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        request["prompt"] = prompt
+    if not args.stream:
+        result = client.generate(**request)
+        if args.json:
+            _print_json(result.model_dump())
+        else:
+            print(result.text)
+        return
+    for event in client.stream(**request):
+        if args.json:
+            _print_json(event.model_dump(exclude_none=True))
+        else:
+            print(event.text, end="", flush=True)
+    if not args.json:
+        print()
+
+
+def _list(client: Client, args: argparse.Namespace) -> None:
+    prefixes = client.list_prefixes()
+    if args.json:
+        _print_json([p.model_dump() for p in prefixes])
+        return
+    if not prefixes:
+        print("no prefixes")
+        return
+    width = max(len("TASK_ID"), *(len(p.task_id) for p in prefixes))
+    print(f"{'TASK_ID':<{width}}  VERSION  TOKENS  {'BYTES':>10}  CREATED")
+    for p in prefixes:
+        print(f"{p.task_id:<{width}}  {p.version:>7}  {p.num_virtual_tokens:>6}  {p.bytes:>10}  {p.created_at}")
+
+
+def _info(client: Client, args: argparse.Namespace) -> None:
+    info = client.get_prefix(args.task_id)
+    if args.json:
+        _print_json(info.model_dump())
+        return
+    for key, value in info.model_dump().items():
+        print(f"{key}: {value}")
+
+
+def _delete(client: Client, args: argparse.Namespace) -> None:
+    client.delete_prefix(args.task_id)
+    if args.json:
+        _print_json({"task_id": args.task_id, "deleted": True})
+    else:
+        print(f"deleted {args.task_id}")

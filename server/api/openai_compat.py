@@ -1,0 +1,456 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+``model`` names a task (its prefix) or, for the plain base model, the base
+model's name (which wins if a task has the same id). These routes answer errors
+in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
+native routes keep theirs. Parameters the server cannot honour (n > 1, tools,
+logprobs, ...) are refused with a 400 instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefix_store.errors import InvalidTaskId, PrefixNotFound, PrefixStoreError
+from prefix_store.ids import validate_task_id
+from server.api.auth import Principal
+from server.api.generate import PreparedGeneration, check_event, events_until_disconnect, prepare_generation
+from server.api.state import Caller, ServerState, State
+from server.engine import GenerationEvent
+from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
+from server.sampling import SamplingParams
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI lets chat run to the context; we stop here (capped by the server limit)
+_FINISHED = ("length", "stop", "eos")
+
+
+# ----- errors in OpenAI's shape ----------------------------------------------------------------
+
+
+class ParameterError(BadRequest):
+    """A 400 that names the offending parameter (OpenAI's ``param``)."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class UnsupportedParameter(ParameterError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(param, message, "unsupported_parameter")
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model {model!r} does not exist or you do not have access to it")
+        self.param = "model"
+        self.code = "model_not_found"
+
+
+def _openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _openai_type(status), "param": param, "code": code}}
+
+
+def _from_api_error(exc: ApiError) -> JSONResponse:
+    # OpenAI answers bad input with 400; our 422 ("valid JSON, bad value") becomes 400 here.
+    status = 400 if exc.status_code == 422 else exc.status_code
+    body = openai_error_body(status, exc.message, getattr(exc, "param", None), getattr(exc, "code", exc.error_type))
+    return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+def _from_validation_error(exc: RequestValidationError) -> JSONResponse:
+    if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        return JSONResponse(openai_error_body(400, "the request body is not valid JSON"), status_code=400)
+    problems, params = [], []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        params.append(where)
+        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    body = openai_error_body(400, "; ".join(problems) or "invalid request", params[0] if params else None, None)
+    return JSONResponse(body, status_code=400)
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors (auth, validation, engine) leave in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def openai_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _from_validation_error(exc)
+            except ApiError as exc:
+                return _from_api_error(exc)
+
+        return openai_handler
+
+
+router = APIRouter(route_class=OpenAIRoute)
+
+
+# ----- request bodies --------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """What both endpoints accept. Unknown fields are refused rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="extension (as in vLLM); 0 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: str | None = None  # accepted and not used, as OpenAI only logs it
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool | None = False
+    suffix: str | None = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+OpenAIBody = CompletionRequest | ChatCompletionRequest
+
+
+def _reject_unsupported(body: OpenAIBody) -> None:
+    if body.n not in (None, 1):
+        raise UnsupportedParameter("n", "n > 1 is not supported: send one request per completion")
+    if body.logit_bias:
+        raise UnsupportedParameter("logit_bias", "logit_bias is not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise UnsupportedParameter(name, f"{name} is not supported (send 0 or leave it out)")
+    if body.stream_options is not None and not body.stream:
+        raise ParameterError("stream_options", "stream_options is only allowed with stream=true")
+    if isinstance(body, CompletionRequest):
+        if body.best_of not in (None, 1):
+            raise UnsupportedParameter("best_of", "best_of > 1 is not supported")
+        if body.logprobs is not None:
+            raise UnsupportedParameter("logprobs", "logprobs are not supported")
+        if body.echo:
+            raise UnsupportedParameter("echo", "echo is not supported")
+        if body.suffix:
+            raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
+        return
+    if body.logprobs or body.top_logprobs is not None:
+        raise UnsupportedParameter("logprobs", "logprobs are not supported")
+    for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+        if getattr(body, name) is not None:
+            raise UnsupportedParameter(name, f"{name}: tool and function calling are not supported")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise UnsupportedParameter("response_format", "only response_format {'type': 'text'} is supported")
+
+
+def _chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
+    """OpenAI messages as the chat template wants them: text only; 'developer' is the system role."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+                raise UnsupportedParameter(f"messages.{i}.content", "only text content parts are supported")
+            content = "".join(part["text"] for part in content)
+        out.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+    return out
+
+
+# ----- shared plumbing -------------------------------------------------------------------------
+
+
+async def _prepare(
+    state: ServerState,
+    principal: Principal,
+    body: OpenAIBody,
+    *,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    max_tokens: int,
+    response_id: str,
+) -> PreparedGeneration:
+    if max_tokens > state.config.max_new_tokens:
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ParameterError(param, f"{param} must be at most {state.config.max_new_tokens} on this server")
+    task_id = None if body.model == state.model.name else body.model
+    if task_id is not None:
+        try:
+            validate_task_id(task_id)
+        except InvalidTaskId as exc:  # cannot name a task, so no such model
+            raise ModelNotFound(body.model) from exc
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=secrets.randbits(63) if body.seed is None else body.seed,
+        stop=tuple(s for s in stop if s),
+    )
+    try:
+        return await prepare_generation(
+            state, principal, task_id=task_id, prompt=prompt, messages=messages, params=params, response_id=response_id
+        )
+    except NotFound as exc:  # the only NotFound here is the prefix lookup
+        raise ModelNotFound(body.model) from exc
+
+
+def _finish_reason(event: GenerationEvent) -> str:
+    return "length" if event.finish_reason == "length" else "stop"
+
+
+def _usage(event: GenerationEvent) -> dict[str, int]:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+class _Shape:
+    """How one endpoint words its responses and stream chunks."""
+
+    def __init__(self, chat: bool, prepared: PreparedGeneration, body: OpenAIBody) -> None:
+        self.chat = chat
+        # With stream_options.include_usage every chunk has "usage": null and one last chunk carries it.
+        self.include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        self.head = {
+            "id": prepared.response_id,
+            "created": int(time.time()),
+            "model": body.model,
+            "system_fingerprint": None,
+        }
+
+    def response(self, text: str, last: GenerationEvent) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish_reason(last)}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self.head, "object": kind, "choices": [choice], "usage": _usage(last)}
+
+    def chunk(self, text: str | None, finish_reason: str | None, usage: dict[str, int] | None = None) -> str:
+        choices: list[dict[str, Any]] = []
+        if text is not None:
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+            if self.chat:
+                choice["delta"] = {"content": text} if text or finish_reason is None else {}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        payload = {**self.head, "object": kind, "choices": choices}
+        if usage is not None or self.include_usage:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def opening(self) -> str | None:
+        """Chat streams start by naming the role, as OpenAI's do."""
+        if not self.chat:
+            return None
+        payload = {
+            **self.head,
+            "object": "chat.completion.chunk",
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
+        if self.include_usage:
+            payload["usage"] = None
+        return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _respond(
+    request: Request,
+    state: ServerState,
+    prepared: PreparedGeneration,
+    body: OpenAIBody,
+    shape: _Shape,
+) -> Response:
+    if body.stream:
+        events = state.engine.generate(prepared.request)
+        first = await anext(events)  # errors before the first token still get a proper status code
+        check_event(first)
+        return StreamingResponse(_sse(shape, first, events), media_type="text/event-stream")
+    text: list[str] = []
+    last: GenerationEvent | None = None
+    async for event in events_until_disconnect(request, state.engine.generate(prepared.request)):
+        check_event(event)
+        text.append(event.text)
+        last = event
+    if last is None or last.finish_reason not in _FINISHED:
+        raise GenerationFailed("the request ended without a result")
+    return JSONResponse(shape.response("".join(text), last))
+
+
+async def _sse(shape: _Shape, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[str]:
+    try:
+        opening = shape.opening()
+        if opening is not None:
+            yield opening
+        event: GenerationEvent | None = first
+        while event is not None:
+            if event.finish_reason == "error":
+                error = openai_error_body(500, event.error or "generation failed", None, GenerationFailed.error_type)
+                yield f"data: {json.dumps(error)}\n\n"
+                return
+            if event.finish_reason in _FINISHED:
+                yield shape.chunk(event.text, _finish_reason(event))
+                if shape.include_usage:
+                    yield shape.chunk(None, None, _usage(event))
+                yield "data: [DONE]\n\n"
+                return
+            if event.text:  # a piece held back (inside a character or a possible stop string) comes later
+                yield shape.chunk(event.text, None)
+            event = await anext(rest, None)
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the request
+
+
+# ----- routes ----------------------------------------------------------------------------------
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State, principal: Caller) -> Response:
+    _reject_unsupported(body)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise UnsupportedParameter("prompt", "send one prompt per request (a list of several is not supported)")
+        prompt = prompt[0]
+    max_tokens = body.max_tokens or min(COMPLETION_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
+    prepared = await _prepare(
+        state,
+        principal,
+        body,
+        prompt=prompt,
+        messages=None,
+        max_tokens=max_tokens,
+        response_id="cmpl-" + secrets.token_hex(12),
+    )
+    return await _respond(request, state, prepared, body, _Shape(False, prepared, body))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, principal: Caller) -> Response:
+    _reject_unsupported(body)
+    if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
+        raise ParameterError("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one")
+    max_tokens = (
+        body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
+    )
+    prepared = await _prepare(
+        state,
+        principal,
+        body,
+        prompt=None,
+        messages=_chat_messages(body.messages),
+        max_tokens=max_tokens,
+        response_id="chatcmpl-" + secrets.token_hex(12),
+    )
+    return await _respond(request, state, prepared, body, _Shape(True, prepared, body))
+
+
+def _model_card(model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": owned_by,
+        "root": parent or model_id,
+        "parent": parent,
+    }
+
+
+def _epoch(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0
+
+
+async def _task_cards(state: ServerState, principal: Principal) -> list[dict[str, Any]]:
+    try:
+        metas = await asyncio.to_thread(state.registry.list, principal.tenant)
+    except PrefixStoreError as exc:
+        raise from_store_error(exc) from exc
+    base = state.model.name
+    return [_model_card(m.task_id, _epoch(m.created_at), principal.tenant, base) for m in metas if m.task_id != base]
+
+
+@router.get("/v1/models")
+async def list_models(state: State, principal: Caller) -> dict[str, Any]:
+    base = _model_card(state.model.name, 0, "prefix-serve", None)
+    return {"object": "list", "data": [base, *await _task_cards(state, principal)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, state: State, principal: Caller) -> dict[str, Any]:
+    if model == state.model.name:
+        return _model_card(model, 0, "prefix-serve", None)
+    try:
+        meta = await asyncio.to_thread(state.registry.info, principal.tenant, model)
+    except (PrefixNotFound, InvalidTaskId) as exc:
+        raise ModelNotFound(model) from exc
+    except PrefixStoreError as exc:
+        raise from_store_error(exc) from exc
+    return _model_card(meta.task_id, _epoch(meta.created_at), principal.tenant, state.model.name)

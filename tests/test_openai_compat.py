@@ -1,0 +1,239 @@
+"""The OpenAI-compatible routes, driven by the official `openai` package against a real server on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from server.api.app import create_app
+from server.config import ServeConfig
+from server.model_loading import LoadedModel, load_model
+from tests.live_server import serve_in_thread, write_key_file, write_peft_checkpoint
+
+KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
+TASK = "summarize"
+MAX_NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("openai-server")
+    keys = write_key_file(root / "keys.json", {KEY_A: "tenant-a", KEY_B: "tenant-b"})
+    config = ServeConfig(
+        store=f"disk://{root / 'store'}", api_keys=str(keys), max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=200
+    )
+    with serve_in_thread(create_app(config, model=loaded)) as url:
+        write_peft_checkpoint(loaded, root / "ckpt", num_virtual_tokens=5, seed=3)
+        files = {
+            name: (name, (root / "ckpt" / name).read_bytes())
+            for name in ("adapter_config.json", "adapter_model.safetensors")
+        }
+        r = httpx.put(f"{url}/v1/prefixes/{TASK}", files=files, headers={"authorization": f"Bearer {KEY_A}"})
+        assert r.status_code == 201, r.text
+        yield url
+
+
+@pytest.fixture(scope="module")
+def oai(server_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_A, max_retries=0, timeout=60) as client:
+        yield client
+
+
+def native_generate(server_url: str, key: str = KEY_A, **body: Any) -> dict[str, Any]:
+    r = httpx.post(f"{server_url}/v1/generate", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_models_list_shows_base_and_own_tasks(oai: openai.OpenAI, server_url: str, loaded: LoadedModel) -> None:
+    ids = [m.id for m in oai.models.list()]
+    assert ids[0] == loaded.name and TASK in ids
+    assert oai.models.retrieve(TASK).id == TASK
+    with openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_B, max_retries=0) as other:
+        assert [m.id for m in other.models.list()] == [loaded.name]  # tenant B never sees A's task
+        with pytest.raises(openai.NotFoundError):
+            other.completions.create(model=TASK, prompt="hi", max_tokens=2)
+
+
+@pytest.mark.parametrize("use_task", [True, False])
+def test_completion_equals_native_generate(
+    oai: openai.OpenAI, server_url: str, loaded: LoadedModel, use_task: bool
+) -> None:
+    prompt = "The quick brown fox jumps over"
+    native = native_generate(
+        server_url, task_id=TASK if use_task else None, prompt=prompt, max_new_tokens=12, temperature=0
+    )
+    model = TASK if use_task else loaded.name
+    got = oai.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+    assert got.object == "text_completion" and got.model == model
+    assert got.choices[0].text == native["text"] and native["text"]
+    assert got.choices[0].finish_reason == ("length" if native["finish_reason"] == "length" else "stop")
+    assert got.usage is not None
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == tuple(native["usage"].values())
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+
+def test_completion_default_max_tokens_is_16(oai: openai.OpenAI, server_url: str) -> None:
+    # temperature 0 so eos cannot end it at a random point; OpenAI's default of 16 applies.
+    native = native_generate(server_url, task_id=TASK, prompt="Once", max_new_tokens=16, temperature=0)
+    got = oai.completions.create(model=TASK, prompt="Once", temperature=0)
+    assert got.usage is not None and got.usage.completion_tokens == native["usage"]["completion_tokens"]
+
+
+def test_completion_stream_concatenates_and_reports_usage(oai: openai.OpenAI) -> None:
+    request = {"model": TASK, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
+    full = oai.completions.create(**request)
+    chunks = list(oai.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == full.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+    plain = list(oai.completions.create(**request, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason is not None
+
+
+def test_stream_ends_with_done(server_url: str) -> None:
+    body = {"model": TASK, "prompt": "Hello", "max_tokens": 3, "stream": True}
+    with httpx.stream(
+        "POST", f"{server_url}/v1/completions", json=body, headers={"authorization": f"Bearer {KEY_A}"}
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_chat_equals_native_messages(oai: openai.OpenAI, server_url: str, loaded: LoadedModel) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a fox?"}]
+    native = native_generate(server_url, task_id=TASK, messages=messages, max_new_tokens=10, temperature=0)
+    got = oai.chat.completions.create(model=TASK, messages=messages, max_tokens=10, temperature=0)  # type: ignore[arg-type]
+    assert got.object == "chat.completion"
+    assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == native["text"]
+    assert got.usage is not None and got.usage.prompt_tokens == native["usage"]["prompt_tokens"]
+    # content parts and the newer max_completion_tokens give the same request
+    parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "What is a fox?"}]}]
+    again = oai.chat.completions.create(model=TASK, messages=parts, max_completion_tokens=10, temperature=0)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == native["text"]
+
+
+def test_chat_stream(oai: openai.OpenAI) -> None:
+    request: dict[str, Any] = {
+        "model": TASK,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    full = oai.chat.completions.create(**request)
+    chunks = list(oai.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishing == [full.choices[0].finish_reason]
+    assert chunks[-1].usage == full.usage
+
+
+def test_stop_and_seed(oai: openai.OpenAI) -> None:
+    base = {"model": TASK, "prompt": "Count with me: one two three", "max_tokens": 24, "temperature": 0}
+    text = oai.completions.create(**base).choices[0].text
+    assert len(text) > 6
+    cut = oai.completions.create(**base, stop=text[3:6]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == text[: text.index(text[3:6])]
+    listed = oai.completions.create(**base, stop=["\u2603", text[3:6]]).choices[0]
+    assert listed.text == cut.text
+    sampled = {**base, "temperature": 1.0, "seed": 1234}
+    assert oai.completions.create(**sampled).choices[0].text == oai.completions.create(**sampled).choices[0].text
+
+
+def _error_of(exc: openai.APIStatusError) -> dict[str, Any]:
+    body = exc.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
+    for model in ("no-such-task", "../etc/passwd"):
+        with pytest.raises(openai.NotFoundError) as info:
+            oai.completions.create(model=model, prompt="hi", max_tokens=2)
+        error = _error_of(info.value)
+        assert error["param"] == "model" and error["code"] == "model_not_found" and model in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], stream=True)
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("nope")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "extra", "param"),
+    [
+        ("completions", {"n": 2}, "n"),
+        ("completions", {"best_of": 3}, "best_of"),
+        ("completions", {"logprobs": 2}, "logprobs"),
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"suffix": "end"}, "suffix"),
+        ("completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+        ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("completions", {"max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
+        ("completions", {"temperature": 2.5}, "temperature"),
+        ("chat", {"n": 2}, "n"),
+        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_unsupported_parameters_are_400(oai: openai.OpenAI, endpoint: str, extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        if endpoint == "completions":
+            oai.completions.create(model=TASK, prompt="hi", **{"max_tokens": 2, **extra})
+        else:
+            messages = [{"role": "user", "content": "hi"}]
+            oai.chat.completions.create(model=TASK, messages=messages, **{"max_tokens": 2, **extra})  # type: ignore[arg-type]
+    error = _error_of(info.value)
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+def test_other_bad_input_is_400(oai: openai.OpenAI, server_url: str) -> None:
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=TASK, prompt=["one", "two"], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=TASK, prompt="hi", extra_body={"no_such_field": 1})
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=TASK, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=TASK, messages=[image])  # type: ignore[list-item]
+    broken = httpx.post(
+        f"{server_url}/v1/completions",
+        content=b'{"model": "x",',
+        headers={"authorization": f"Bearer {KEY_A}", "content-type": "application/json"},
+    )
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_key_is_authentication_error(server_url: str) -> None:
+    with openai.OpenAI(base_url=f"{server_url}/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.models.list()
+        assert _error_of(info.value)["type"] == "authentication_error"
+
+
+def test_native_routes_keep_native_error_shape(server_url: str) -> None:
+    r = httpx.post(
+        f"{server_url}/v1/generate",
+        json={"task_id": "no-such-task", "prompt": "hi", "max_new_tokens": 2},
+        headers={"authorization": f"Bearer {KEY_A}"},
+    )
+    assert r.status_code == 404
+    assert r.json() == {"error": {"type": "not_found", "message": r.json()["error"]["message"]}}
