@@ -27,12 +27,13 @@ from server.scheduler import SchedulerConfig
 PROMPT = "Write a short note about the history of the city, its people, its rivers and its old bridges, please"
 
 
-async def run_concurrent(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, int]:
-    async def one(r: GenerationRequest) -> int:
-        return sum(1 async for e in engine.generate(r) if e.token_id is not None)
+async def count_tokens(engine: Engine, request: GenerationRequest) -> int:
+    return len([e async for e in engine.generate(request) if e.token_id is not None])
 
+
+async def run_concurrent(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, int]:
     start = time.perf_counter()
-    counts = await asyncio.gather(*(one(r) for r in requests))
+    counts = await asyncio.gather(*(count_tokens(engine, r) for r in requests))
     return time.perf_counter() - start, sum(counts)
 
 
@@ -40,7 +41,7 @@ async def run_sequential(engine: Engine, requests: list[GenerationRequest]) -> t
     start = time.perf_counter()
     total = 0
     for r in requests:
-        total += sum(1 async for e in engine.generate(r) if e.token_id is not None)
+        total += await count_tokens(engine, r)
     return time.perf_counter() - start, total
 
 

@@ -14,9 +14,11 @@ import logging
 import queue
 import secrets
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +28,9 @@ from server.runner import ModelRunner, NewRequest
 from server.sampling import SamplingParams
 from server.scheduler import QueueFull, Scheduler, SchedulerConfig
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
+
+if TYPE_CHECKING:
+    from server.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class _Tracked:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)  # for time to first token
+    last_token_at: float = 0.0  # for inter-token latency
 
 
 class Engine:
@@ -75,8 +82,10 @@ class Engine:
         eos_token_ids: Sequence[int],
         max_context: int,
         config: SchedulerConfig | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.runner = runner
+        self.metrics = metrics
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_context = max_context
@@ -216,6 +225,8 @@ class Engine:
                     self._finish(t, GenerationEvent(None, "", "error", error=f"prefill failed: {exc}"))
                 new_batch = None
             if new_batch is not None:
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(sum(len(t.request.prompt_ids) for t in admitted))
                 new_batch = self._consume(new_batch, tokens)
                 if new_batch is not None:
                     self._batch = new_batch if self._batch is None else Batch.concatenate([self._batch, new_batch])
@@ -226,18 +237,33 @@ class Engine:
     def _consume(self, batch: Batch, tokens: torch.Tensor) -> Batch | None:
         """Hand each row's new token to its request; return the batch without finished rows."""
         positions = batch.next_positions.tolist()
+        now = time.perf_counter()  # after the host sync above: the forward pass has finished
+        metrics = self.metrics
+        if metrics is not None:
+            # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
+            metrics.forward_pass(batch.rows, batch.width, sum(positions))
         keep: list[str] = []
+        emitted = 0
         for row, token, position in zip(batch.rows, tokens.tolist(), positions, strict=True):
             tracked = self._tracked[row.request_id]
             if tracked.cancelled:
                 self._finish(tracked, GenerationEvent(None, "", "cancelled"))
                 continue
-            if not self._emit(tracked, token, position):
+            emitted += 1
+            if not self._emit(tracked, token, position, now):
                 keep.append(row.request_id)
+        if metrics is not None:
+            metrics.generated_tokens.inc(emitted)  # once per step, not per row: one lock instead of B
         return batch.filter(keep)
 
-    def _emit(self, tracked: _Tracked, token: int, position: int) -> bool:
-        """Record one token; returns True when the request finished."""
+    def _emit(self, tracked: _Tracked, token: int, position: int, now: float) -> bool:
+        """Record one token sampled at ``now`` (perf_counter); returns True when the request finished."""
+        if self.metrics is not None:
+            if tracked.generated:
+                self.metrics.inter_token_latency.observe(now - tracked.last_token_at)
+            else:
+                self.metrics.time_to_first_token.observe(now - tracked.submitted_at)
+        tracked.last_token_at = now
         tracked.generated.append(token)
         params = tracked.request.params
         finish: str | None = None

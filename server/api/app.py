@@ -14,13 +14,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_store.backends import default_store_url, open_backend
 from prefix_store.registry import PrefixRegistry
-from server.api import generate, prefixes
+from server.api import generate, openai_compat, prefixes
 from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.state import ServerState
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import ApiError, BadRequest, InvalidInput, NotFound
+from server.metrics import MetricsMiddleware, ServerMetrics
+from server.metrics import router as metrics_router
 from server.model_loading import LoadedModel, load_model
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
@@ -28,16 +30,18 @@ from server.scheduler import SchedulerConfig
 log = logging.getLogger(__name__)
 
 
-def build_state(config: ServeConfig, model: LoadedModel) -> ServerState:
-    """Open the store and start the engine around an already loaded model."""
+def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics | None = None) -> ServerState:
+    """Open the store and start the engine around an already loaded model (instrumented when given metrics)."""
     store_url = config.store or default_store_url()
     backend = open_backend(store_url)
+    source = store_url.partition("://")[0].lower() if "://" in store_url else "disk"  # a bare path is a disk store
     registry = PrefixRegistry(
         backend,
         model.fingerprint,
         host_cache_bytes=config.host_cache_bytes,
         max_virtual_tokens=config.max_virtual_tokens,
         max_upload_bytes=config.max_upload_bytes,
+        on_load=None if metrics is None else metrics.load_observer(source),
     )
     runner = ModelRunner(model.model, model.num_layers, model.num_kv_heads, model.head_dim)
     engine = Engine(
@@ -46,10 +50,14 @@ def build_state(config: ServeConfig, model: LoadedModel) -> ServerState:
         eos_token_ids=model.eos_token_ids,
         max_context=model.max_context,
         config=SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_queue),
+        metrics=None if metrics is None else metrics.engine,
     )
     keys = KeyRing.load(config.api_keys) if config.api_keys else KeyRing.disabled()
     engine.start()
-    return ServerState(config, model, engine, registry, keys, backend.describe())
+    state = ServerState(config, model, engine, registry, keys, backend.describe())
+    if metrics is not None:
+        metrics.bind(state)
+    return state
 
 
 def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> FastAPI:
@@ -60,7 +68,7 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
         loaded = model
         if loaded is None:
             loaded = await asyncio.to_thread(load_model, config.model, device=config.device, dtype=config.dtype)
-        state = build_state(config, loaded)
+        state = build_state(config, loaded, metrics)
         app.state.server = state
         try:
             yield
@@ -69,13 +77,17 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
             await asyncio.to_thread(state.engine.shutdown)
             state.registry.backend.close()
 
+    metrics = ServerMetrics()  # one registry per app: tests build several apps in one process
     app = FastAPI(title="prefix-serve", version="0.1.0", lifespan=lifespan)
+    app.state.metrics = metrics
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=config.max_request_bytes,
         upload_limit=config.max_upload_bytes,
         upload_prefix="/v1/prefixes/",
     )
+    # Added last, so outermost: it also counts the 413s the body limit answers before any route.
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -87,6 +99,8 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
 
     app.include_router(generate.router)
     app.include_router(prefixes.router)
+    app.include_router(metrics_router)
+    app.include_router(openai_compat.router)
     return app
 
 

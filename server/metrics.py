@@ -1,0 +1,299 @@
+"""Prometheus metrics: the families, the HTTP middleware that counts requests, and GET /metrics.
+
+Each app owns its own ``CollectorRegistry`` (tests build many apps in one
+process; the global default registry would refuse the second). Three kinds of
+sources feed it:
+
+* the engine thread pushes per-forward-pass and per-token observations through
+  ``EngineMetrics`` (plain histogram/counter updates, no label lookups, no
+  device work: the figures come from values the engine already has on the host);
+* the ASGI middleware counts finished HTTP requests by route template;
+* everything that is a level rather than an event (queue depth, cache
+  occupancy, the registry's hit/miss/eviction counters, CUDA memory) is read at
+  scrape time by ``_StateCollector``, so it costs nothing between scrapes.
+
+No label carries a task id or tenant: their number is unbounded. (An opt-in
+per-task label with an ``other`` bucket is not implemented yet.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from server.api.state import ServerState
+    from server.batch import RowInfo
+
+# PUTs under this path are uploads, also counted in prefix_serve_prefix_uploads_total. Matched on the raw
+# path (the body-limit middleware's rule), so a 413 answered before routing still counts as an upload.
+UPLOAD_PATH_PREFIX = "/v1/prefixes/"
+# Requests no route handled (404s, bodies refused before routing): one label value however many paths are probed.
+UNMATCHED_ENDPOINT = "unmatched"
+
+# Bucket edges. Batch sizes and prefix counts are small integers; latencies span a cached
+# tiny model on CPU (milliseconds) to a long generation (minutes).
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+DISTINCT_PREFIX_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+PADDING_RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class EngineMetrics:
+    """What the engine thread records, per forward pass and per emitted token.
+
+    Every method is a handful of Python operations plus one lock per observation;
+    nothing here reads a tensor (see bench/metrics_overhead.py for the cost).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.prompt_tokens = Counter("prefix_serve_prompt_tokens", "Prompt tokens prefilled.", registry=registry)
+        self.generated_tokens = Counter(
+            "prefix_serve_generated_tokens", "Tokens generated and handed to requests.", registry=registry
+        )
+        self.batch_size = Histogram(
+            "prefix_serve_batch_size",
+            "Rows per forward pass (prefill and decode).",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.distinct_prefixes = Histogram(
+            "prefix_serve_batch_distinct_prefixes",
+            "Distinct prefixes (task versions) per forward pass; rows without a prefix are not counted.",
+            buckets=DISTINCT_PREFIX_BUCKETS,
+            registry=registry,
+        )
+        self.padding_ratio = Histogram(
+            "prefix_serve_batch_padding_ratio",
+            "Share of the batch's KV slots that are padding in a forward pass.",
+            buckets=PADDING_RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "prefix_serve_time_to_first_token_seconds",
+            "From entering the engine's queue (after tokenisation and prefix lookup) to the first token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "prefix_serve_inter_token_latency_seconds",
+            "Time between consecutive tokens of one request.",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+
+    def forward_pass(self, rows: Sequence[RowInfo], width: int, real_slots: int) -> None:
+        """One forward pass over ``rows`` whose KV is [B, ·, width, ·] with ``real_slots`` unmasked slots.
+
+        ``real_slots`` is the sum of the rows' next positions, which the engine
+        already holds as a Python list: by the batch invariant it equals
+        ``attention_mask.sum()``, so the padding ratio needs no tensor reduction.
+        """
+        n = len(rows)
+        if n == 0:
+            return
+        self.batch_size.observe(n)
+        self.distinct_prefixes.observe(len({r.prefix_id for r in rows if r.prefix_id is not None}))
+        self.padding_ratio.observe(1.0 - real_slots / (n * width))
+
+
+class ServerMetrics:
+    """All metrics of one app instance, on a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # prometheus_client registers these on its global registry at import; ours get their own.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.requests = Counter(
+            "prefix_serve_requests",
+            "Finished HTTP requests by route template and status code.",
+            ["method", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "prefix_serve_request_duration_seconds",
+            "End-to-end HTTP request latency, until the last byte (streams included).",
+            ["endpoint"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.uploads = Counter(
+            "prefix_serve_prefix_uploads",
+            "Prefix uploads by HTTP status code.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.prefix_load = Histogram(
+            "prefix_serve_prefix_load_seconds",
+            "Cold prefix loads: backend read, decode and verification.",
+            ["source"],
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_info = Info("prefix_serve_model", "The served base model.", registry=self.registry)
+        self.engine = EngineMetrics(self.registry)
+        self._state = _StateCollector()
+        self.registry.register(self._state)
+
+    def bind(self, state: ServerState) -> None:
+        """Attach the started server: its model, engine and prefix registry are read at scrape time."""
+        model = state.model
+        self.model_info.info(
+            {
+                "model": model.name,
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "device": str(model.device),
+                "num_layers": str(model.num_layers),
+            }
+        )
+        self._state.state = state
+
+    def load_observer(self, source: str) -> Callable[[float], None]:
+        """The callback the prefix registry calls with each cold load's duration."""
+        return self.prefix_load.labels(source=source).observe
+
+    def observe_request(self, method: str, path: str, endpoint: str, status: int, seconds: float) -> None:
+        code = str(status)
+        self.requests.labels(method, endpoint, code).inc()
+        self.request_duration.labels(endpoint).observe(seconds)
+        if method == "PUT" and path.startswith(UPLOAD_PATH_PREFIX):
+            self.uploads.labels(code).inc()
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape body and its content type (OpenMetrics when the scraper asks for it)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class _StateCollector(Collector):
+    """Levels and counters owned by other objects, read when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.state: ServerState | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        # Declares the names to the registry (duplicate detection) before any server is bound.
+        yield from self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self.state)
+
+    @staticmethod
+    def _families(state: ServerState | None) -> Iterator[Metric]:
+        queue = GaugeMetricFamily("prefix_serve_queue_depth", "Requests waiting for admission.")
+        running = GaugeMetricFamily("prefix_serve_running_requests", "Requests in the decoding batch.")
+        hits = CounterMetricFamily(
+            "prefix_serve_prefix_cache_hits", "Prefix lookups served by a tier.", labels=["tier"]
+        )
+        misses = CounterMetricFamily(
+            "prefix_serve_prefix_cache_misses", "Prefix lookups that missed a tier.", labels=["tier"]
+        )
+        evictions = CounterMetricFamily(
+            "prefix_serve_prefix_cache_evictions", "Prefixes evicted from a tier for space.", labels=["tier"]
+        )
+        used = GaugeMetricFamily("prefix_serve_prefix_cache_bytes", "Tensor bytes cached per tier.", labels=["tier"])
+        capacity = GaugeMetricFamily(
+            "prefix_serve_prefix_cache_capacity_bytes", "Byte budget of each tier.", labels=["tier"]
+        )
+        resident = GaugeMetricFamily("prefix_serve_prefixes_resident", "Prefixes cached per tier.", labels=["tier"])
+        if state is not None:
+            queue.add_metric([], state.engine.num_waiting)
+            running.add_metric([], state.engine.num_running)
+            # Only a host tier exists so far; a device tier will add its own label value.
+            stats = state.registry.stats()
+            hits.add_metric(["host"], stats["host_cache_hits"])
+            misses.add_metric(["host"], stats["host_cache_misses"])
+            evictions.add_metric(["host"], stats["host_cache_evictions"])
+            used.add_metric(["host"], stats["host_cache_bytes"])
+            capacity.add_metric(["host"], stats["host_cache_capacity_bytes"])
+            resident.add_metric(["host"], stats["host_cache_entries"])
+        yield from (queue, running, hits, misses, evictions, used, capacity, resident)
+        if state is not None and state.model.device.type == "cuda":
+            yield from _cuda_memory(state.model.device)
+
+
+def _cuda_memory(device: torch.device) -> Iterator[Metric]:
+    """The caching allocator's counters: host-side bookkeeping, no device sync."""
+    label = [str(device)]
+    allocated = GaugeMetricFamily(
+        "prefix_serve_cuda_memory_allocated_bytes", "Bytes held by tensors.", labels=["device"]
+    )
+    allocated.add_metric(label, torch.cuda.memory_allocated(device))
+    reserved = GaugeMetricFamily(
+        "prefix_serve_cuda_memory_reserved_bytes", "Bytes reserved by the caching allocator.", labels=["device"]
+    )
+    reserved.add_metric(label, torch.cuda.memory_reserved(device))
+    peak = GaugeMetricFamily(
+        "prefix_serve_cuda_memory_peak_allocated_bytes", "Peak bytes held by tensors.", labels=["device"]
+    )
+    peak.add_metric(label, torch.cuda.max_memory_allocated(device))
+    yield from (allocated, reserved, peak)
+
+
+class MetricsMiddleware:
+    """Counts every finished HTTP request by method, route template and status, and times it.
+
+    Pure ASGI rather than BaseHTTPMiddleware: it must see streamed responses to
+    their last byte, and it must sit outside the body-limit middleware to count
+    the 413s that never reach a route.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the server error middleware answers if the app raises
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        finally:
+            self.metrics.observe_request(
+                scope["method"], scope["path"], _endpoint(scope), status, time.perf_counter() - started
+            )
+
+
+def _endpoint(scope: Scope) -> str:
+    """The template of the route that handled the request ("/v1/prefixes/{task_id}"), never the raw path.
+
+    Starlette's router (and FastAPI's, for included routers) leaves the selected
+    route in the scope, 405s included; read it after the app has run.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED_ENDPOINT
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
