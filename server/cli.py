@@ -31,6 +31,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "max_upload_bytes": (int, "largest prefix upload (default 64 MiB)"),
     "max_virtual_tokens": (int, "longest prefix P (default 512)"),
     "host_cache_bytes": (int, "host prefix cache budget (default 512 MiB)"),
+    "device_cache_bytes": (int, "accelerator prefix cache budget (default 1 GiB; unused on CPU)"),
 }
 
 

@@ -24,3 +24,4 @@ class ServeConfig:
     max_request_bytes: int = 4 * 2**20  # JSON bodies (uploads have their own limit)
     max_virtual_tokens: int = 512
     host_cache_bytes: int = 512 * 2**20
+    device_cache_bytes: int = 2**30  # prefixes kept on the accelerator (unused on CPU, where host memory is used)

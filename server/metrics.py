@@ -216,14 +216,17 @@ class _StateCollector(Collector):
         if state is not None:
             queue.add_metric([], state.engine.num_waiting)
             running.add_metric([], state.engine.num_running)
-            # Only a host tier exists so far; a device tier will add its own label value.
-            stats = state.registry.stats()
-            hits.add_metric(["host"], stats["host_cache_hits"])
-            misses.add_metric(["host"], stats["host_cache_misses"])
-            evictions.add_metric(["host"], stats["host_cache_evictions"])
-            used.add_metric(["host"], stats["host_cache_bytes"])
-            capacity.add_metric(["host"], stats["host_cache_capacity_bytes"])
-            resident.add_metric(["host"], stats["host_cache_entries"])
+            tiers = [("host", state.registry.stats())]
+            device_cache = state.engine.runner.prefix_cache
+            if device_cache.enabled:  # on CPU the host tier is the device tier
+                tiers.append(("device", device_cache.stats()))
+            for tier, stats in tiers:
+                hits.add_metric([tier], stats[f"{tier}_cache_hits"])
+                misses.add_metric([tier], stats[f"{tier}_cache_misses"])
+                evictions.add_metric([tier], stats[f"{tier}_cache_evictions"])
+                used.add_metric([tier], stats[f"{tier}_cache_bytes"])
+                capacity.add_metric([tier], stats[f"{tier}_cache_capacity_bytes"])
+                resident.add_metric([tier], stats[f"{tier}_cache_entries"])
         yield from (queue, running, hits, misses, evictions, used, capacity, resident)
         if state is not None and state.model.device.type == "cuda":
             yield from _cuda_memory(state.model.device)

@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from server.batch import Batch, RowInfo
+from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.kv_cache import build_cache, read_cache
 from server.sampling import SamplingBatch, SamplingParams, sample
 
@@ -31,10 +32,19 @@ class NewRequest:
 class ModelRunner:
     """Executes what the scheduler decided. Called from the engine thread only."""
 
-    def __init__(self, model: PreTrainedModel, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
+    ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -79,7 +89,7 @@ class ModelRunner:
         for i, req in enumerate(requests):
             p, n = prefix_lens[i], prompt_lens[i]
             if req.prefix_kv is not None:
-                past[:, :, i, :, p_max - p :] = req.prefix_kv.to(device=dev, dtype=self.dtype)
+                past[:, :, i, :, p_max - p :] = self.prefix_cache.get(req.prefix_id, req.prefix_kv)
             input_ids[i, n_max - n :] = torch.tensor(list(req.prompt_ids), dtype=torch.int64)
             positions[i, n_max - n :] = torch.arange(p, p + n)
             mask[i, p_max - p : p_max] = 1

@@ -43,7 +43,13 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         max_upload_bytes=config.max_upload_bytes,
         on_load=None if metrics is None else metrics.load_observer(source),
     )
-    runner = ModelRunner(model.model, model.num_layers, model.num_kv_heads, model.head_dim)
+    runner = ModelRunner(
+        model.model,
+        model.num_layers,
+        model.num_kv_heads,
+        model.head_dim,
+        device_cache_bytes=config.device_cache_bytes,
+    )
     engine = Engine(
         runner,
         model.tokenizer,
