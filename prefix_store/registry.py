@@ -229,8 +229,12 @@ class PrefixRegistry:
             return self._resolve_version((tenant, task_id, version))
         with self._lock:
             store_down = time.monotonic() < self._store_down_until
-        if store_down and (resident := self._newest_cached(tenant, task_id)) is not None:
-            return resident
+        if store_down:
+            # Circuit open: serve what is resident, and fail cold loads now rather than each waiting out
+            # its own store timeout (a burst of them would pile up on the I/O threads).
+            if (resident := self._newest_cached(tenant, task_id)) is not None:
+                return resident
+            raise StoreUnavailable("the prefix store failed moments ago; retry shortly")
         try:
             return self._resolve_latest(tenant, task_id)
         except StoreUnavailable:

@@ -3,65 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.server_process import running_server
 from tests.tiny_models import oracle_greedy, peft_prefix_model
-
-STARTUP_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """A real server process; yields (base URL, its stdout so far)."""
-    port = free_port()
+    """A real server process on the default model; yields (base URL, its log file)."""
     store = tmp_path_factory.mktemp("e2e-store")
     log_path = tmp_path_factory.mktemp("e2e-log") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFIX_SERVE_MAX_BATCH_SIZE": "8"}
-    # The installed console script, next to this interpreter (a venv's bin/) or on PATH.
-    script = Path(sys.executable).with_name("prefix-serve")
-    executable = str(script) if script.exists() else shutil.which("prefix-serve")
-    assert executable, "the prefix-serve console script is not installed (pip install -e .)"
-    cmd = [executable, "serve", "--port", str(port), "--store", f"disk://{store}"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield url, log_path
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    args = ["--store", f"disk://{store}"]
+    with running_server(args, log_path, env={"PREFIX_SERVE_MAX_BATCH_SIZE": "8"}) as proc:
+        yield proc.url, log_path
 
 
 def test_serve_upload_generate_stream_list_delete(server, default_model, tmp_path: Path) -> None:

@@ -1,0 +1,158 @@
+"""Several `prefix-serve serve` processes sharing one real Redis: visibility, versions, Redis faults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from tests.redis_server import RedisServer
+from tests.server_process import ServerProcess, running_server
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+
+def prefix_blob(p: int, seed: int) -> bytes:
+    """A native prefix for the tiny test model: 2 layers, 2 KV heads, head size 16."""
+    g = torch.Generator().manual_seed(seed)
+    return save(
+        {f"layers.{layer}.{kv}": torch.randn(2, p, 16, generator=g) for layer in range(2) for kv in ("key", "value")}
+    )
+
+
+def put(url: str, task: str, blob: bytes) -> httpx.Response:
+    return httpx.put(f"{url}/v1/prefixes/{task}", content=blob, headers={"content-type": "application/octet-stream"})
+
+
+def generate(url: str, task: str | None, timeout: float = 30, **extra: object) -> httpx.Response:
+    body = {"task_id": task, "prompt": "The replicas agree that", "max_new_tokens": 4, **extra}
+    return httpx.post(f"{url}/v1/generate", json=body, timeout=timeout)
+
+
+def eventually(check: Callable[[], bool], within: float) -> float:
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < within, f"not within {within} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", persistent=True)  # AOF: a restart keeps what was written
+    server.workdir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    args = ["--model", str(tiny_model_dir), "--store", redis_server.url]
+    with ExitStack() as stack:
+        yield [stack.enter_context(running_server(args, tmp_path / f"replica{i}.log")) for i in range(2)]
+
+
+def test_uploads_and_deletes_reach_the_other_replica_within_a_second(replicas: list[ServerProcess]) -> None:
+    a, b = (r.url for r in replicas)
+    v1 = put(a, "shared", prefix_blob(4, seed=1)).json()["version"]
+    assert generate(b, "shared").json()["prefix_version"] == v1  # B now holds v1 in its caches
+
+    v2 = put(a, "shared", prefix_blob(6, seed=2)).json()["version"]
+    assert v2 > v1
+    eventually(lambda: generate(b, "shared").json()["prefix_version"] == v2, within=1.0)
+    assert httpx.get(f"{b}/v1/prefixes/shared").json()["num_virtual_tokens"] == 6
+
+    assert httpx.delete(f"{a}/v1/prefixes/shared").status_code == 204
+    eventually(lambda: generate(b, "shared").status_code == 404, within=1.0)
+    assert [p["task_id"] for p in httpx.get(f"{b}/v1/prefixes").json()["data"]] == []
+
+
+def test_redis_down_then_back(replicas: list[ServerProcess], redis_server: RedisServer) -> None:
+    a, b = (r.url for r in replicas)
+    assert put(a, "hot", prefix_blob(3, seed=3)).status_code == 201
+    assert put(a, "cold", prefix_blob(5, seed=4)).status_code == 201
+    hot_tokens = generate(b, "hot").json()["token_ids"]  # resident on B from now on
+
+    redis_server.kill()
+    # Resident prefixes keep being served (allow one store timeout while the registry notices).
+    for _ in range(3):
+        r = generate(b, "hot")
+        assert r.status_code == 200 and r.json()["token_ids"] == hot_tokens
+    # A cold prefix fails fast with 503 and Retry-After.
+    start = time.monotonic()
+    cold = generate(b, "cold")
+    assert cold.status_code == 503 and "retry-after" in cold.headers
+    assert cold.json()["error"]["type"] == "unavailable"
+    assert time.monotonic() - start < 2.0
+    # Uploads fail with 503 and write nothing.
+    failed = put(a, "new-task", prefix_blob(2, seed=5))
+    assert failed.status_code == 503 and "retry-after" in failed.headers
+    assert generate(b, None).status_code == 200  # the base model never needs the store
+
+    redis_server.start()  # same port, same data directory
+    eventually(lambda: generate(b, "cold").status_code == 200, within=10.0)
+    assert generate(a, "new-task").status_code == 404  # the failed upload left nothing behind
+    assert put(a, "new-task", prefix_blob(2, seed=5)).status_code == 201
+
+
+def test_cold_burst_while_decoding_keeps_tokens_flowing(
+    replicas: list[ServerProcess], redis_server: RedisServer
+) -> None:
+    a, b = (r.url for r in replicas)
+    assert put(a, "hot", prefix_blob(3, seed=6)).status_code == 201
+    for i in range(8):
+        assert put(a, f"cold{i}", prefix_blob(8, seed=10 + i)).status_code == 201
+    assert generate(b, "hot").status_code == 200  # resident on B
+
+    token_times: list[float] = []
+    stream_done = threading.Event()
+
+    def stream_hot() -> None:
+        body = {"task_id": "hot", "prompt": "A long story:", "max_new_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"{b}/v1/generate", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:]).get("token_id") is not None:
+                    token_times.append(time.monotonic())
+        stream_done.set()
+
+    streamer = threading.Thread(target=stream_hot)
+    streamer.start()
+    eventually(lambda: len(token_times) >= 5, within=30)
+
+    # Freeze Redis: every cold load now hangs until the store timeout. The running stream must not care.
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    stalled_at = time.monotonic()
+    results: list[tuple[int, float]] = []
+
+    def cold(i: int) -> None:
+        start = time.monotonic()
+        status = generate(b, f"cold{i}").status_code
+        results.append((status, time.monotonic() - start))
+
+    burst = [threading.Thread(target=cold, args=(i,)) for i in range(8)]
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join(10)
+    resumed_at = time.monotonic()
+    redis_server.proc.send_signal(signal.SIGCONT)
+
+    assert len(results) == 8 and all(status == 503 for status, _ in results), results
+    assert max(seconds for _, seconds in results) < 2.0
+    during = [t for t in token_times if stalled_at <= t <= resumed_at]
+    assert len(during) >= 10, f"only {len(during)} tokens while the cold loads were stuck"
+    stream_done.wait(60)
+    streamer.join()
+    assert len(token_times) == 400
