@@ -63,6 +63,10 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     delete.add_argument("task_id", metavar="TASK_ID")
     delete.set_defaults(client_command=_delete)
 
+    from clients.train import add_train_command  # torch, transformers and peft load only when train runs
+
+    add_train_command(sub)
+
 
 def run_client_command(args: argparse.Namespace) -> int:
     """Run the command ``args`` names; 0 on success, 1 with a one-line message on stderr on failure."""
