@@ -13,9 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prefix_store.fingerprint import ModelFingerprint
+from server.architectures import VERIFIED_ARCHITECTURES, supported_list
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +123,30 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(spec: str | None = None, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def check_architecture(config: PretrainedConfig, *, allow_unverified: bool = False) -> None:
+    """Refuse a model the server cannot serve exactly; ``allow_unverified`` lets an unverified decoder through."""
+    model_type = str(getattr(config, "model_type", "") or "unknown")
+    if getattr(config, "is_encoder_decoder", False):
+        # Never overridable: AutoModelForCausalLM would load only the decoder (BART) and silently drop the encoder.
+        raise ModelLoadError(
+            f"{model_type!r} is an encoder-decoder model; prefix-serve serves decoder-only causal LMs "
+            f"(verified: {supported_list()})"
+        )
+    if model_type in VERIFIED_ARCHITECTURES:
+        return
+    if not allow_unverified:
+        raise ModelLoadError(
+            f"architecture {model_type!r} is not verified for prefix serving (verified: {supported_list()}); "
+            "pass --allow-unverified-architecture to serve it anyway"
+        )
+    log.warning(
+        "serving unverified architecture %r: prefix outputs are not checked against PEFT's forward for it", model_type
+    )
+
+
+def load_model(
+    spec: str | None = None, *, device: str | None = None, dtype: str | None = None, allow_unverified: bool = False
+) -> LoadedModel:
     source = resolve_model_source(spec)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
@@ -123,15 +154,25 @@ def load_model(spec: str | None = None, *, device: str | None = None, dtype: str
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
+        if not source.gguf_file:
+            # Refuse before reading weights. (A GGUF config costs seconds to parse; prepare_model checks it.)
+            check_architecture(AutoConfig.from_pretrained(source.path, **kwargs), allow_unverified=allow_unverified)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec or source.name!r} (offline, local files only): {exc}") from exc
-    return prepare_model(model.to(target), tokenizer, source.name)
+    return prepare_model(model.to(target), tokenizer, source.name, allow_unverified=allow_unverified)
 
 
-def prepare_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, name: str) -> LoadedModel:
-    """Freeze the model and read off what the engine needs."""
+def prepare_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    name: str,
+    *,
+    allow_unverified: bool = False,
+) -> LoadedModel:
+    """Check the architecture, freeze the model and read off what the engine needs."""
+    check_architecture(model.config, allow_unverified=allow_unverified)
     model.eval()
     model.requires_grad_(False)
     num_layers, num_kv_heads, head_dim = probe_kv_shape(model)
