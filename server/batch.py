@@ -2,9 +2,11 @@
 
 Layout (TGI's padded continuous batching, plus per-row prefixes):
 
-* per layer ``keys[l]`` / ``values[l]``: [B, H_kv, T, d]. Columns of a row are
-  padding (mask 0) or real (mask 1). A row's real columns are its prefix's P
-  virtual tokens followed by its tokens, in order; padding sits before them and,
+* per layer ``keys[l]`` / ``values[l]``: [B, H_kv, C, d] buffers whose first T
+  columns are in use (T = ``width``; the rest is room for decode steps to write
+  in place, see kv_cache.py). Columns of a row are padding (mask 0) or real
+  (mask 1). A row's real columns are its prefix's P virtual tokens followed by
+  its tokens, in order; padding sits before them and,
   after a prefill of prompts of unequal length, between prefix and prompt.
 * ``attention_mask``: [B, T] int64, 1 over real columns.
 * ``next_positions``: [B] position id of each row's next input token,
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.kv_cache import allocate
 from server.sampling import SamplingBatch
 
 
@@ -39,8 +42,8 @@ class RowInfo:
 @dataclass
 class Batch:
     rows: list[RowInfo]
-    keys: list[torch.Tensor]  # per layer [B, H_kv, T, d]
-    values: list[torch.Tensor]  # per layer [B, H_kv, T, d]
+    keys: list[torch.Tensor]  # per layer [B, H_kv, C, d], C >= T; columns [0, T) in use
+    values: list[torch.Tensor]  # per layer [B, H_kv, C, d]
     attention_mask: torch.Tensor  # [B, T] int64
     next_positions: torch.Tensor  # [B] int64
     next_input_ids: torch.Tensor  # [B] int64
@@ -69,15 +72,19 @@ class Batch:
         device = self.attention_mask.device
         index = torch.tensor(keep, dtype=torch.int64, device=device)
         mask = self.attention_mask[index]
-        columns = mask.any(dim=0).nonzero().squeeze(1)  # real in at least one kept row
-        if columns.numel() == mask.shape[1]:
-            columns = None
+        real = mask.any(dim=0)  # [T]: real in at least one kept row
+        columns = None
+        if not bool(real.all()):
+            # Keep the real columns and the free room after T, so the buffers keep their headroom.
+            room = torch.arange(self.width, self.keys[0].shape[2], device=device)
+            columns = torch.cat([real.nonzero().squeeze(1), room])
+            mask = mask[:, real]
         keys, values = [], []
         # Replace the sources layer by layer so the old tensors can be freed as we go.
         for k, v in zip(self.keys, self.values, strict=True):
-            k, v = k[index], v[index]
+            k, v = k.index_select(0, index), v.index_select(0, index)
             if columns is not None:
-                k, v = k[:, :, columns], v[:, :, columns]
+                k, v = k.index_select(2, columns), v.index_select(2, columns)
             keys.append(k)
             values.append(v)
         self.keys, self.values = [], []
@@ -85,7 +92,7 @@ class Batch:
             rows=[self.rows[i] for i in keep],
             keys=keys,
             values=values,
-            attention_mask=mask if columns is None else mask[:, columns],
+            attention_mask=mask,
             next_positions=self.next_positions[index],
             next_input_ids=self.next_input_ids[index],
             sampling=self.sampling.filter(index),
@@ -98,10 +105,19 @@ class Batch:
             return batches[0]
         width = max(b.width for b in batches)
         num_layers = len(batches[0].keys)
+        rows = sum(len(b) for b in batches)
         keys, values = [], []
         for layer in range(num_layers):
-            keys.append(torch.cat([_left_pad(b.keys[layer], width) for b in batches]))
-            values.append(torch.cat([_left_pad(b.values[layer], width) for b in batches]))
+            first = batches[0].keys[layer]  # [B, H_kv, C, d]
+            k = allocate(rows, first.shape[1], width, first.shape[3], like=first)
+            v = torch.zeros_like(k)
+            offset = 0
+            for b in batches:  # right-aligned: each batch's T columns end at the new width
+                k[offset : offset + len(b), :, width - b.width : width] = b.keys[layer][:, :, : b.width]
+                v[offset : offset + len(b), :, width - b.width : width] = b.values[layer][:, :, : b.width]
+                offset += len(b)
+            keys.append(k)
+            values.append(v)
         for b in batches:
             b.keys, b.values = [], []
         masks = [torch.nn.functional.pad(b.attention_mask, (width - b.width, 0)) for b in batches]
@@ -121,7 +137,7 @@ class Batch:
         assert len({r.request_id for r in self.rows}) == n, "duplicate request ids"
         assert self.attention_mask.shape == (n, width)
         for k, v in zip(self.keys, self.values, strict=True):
-            assert k.shape[0] == n and k.shape[2] == width, f"key shape {tuple(k.shape)} vs {n} rows x {width}"
+            assert k.shape[0] == n and k.shape[2] >= width, f"key buffer {tuple(k.shape)} vs {n} rows x {width}"
             assert v.shape == k.shape
         for t in (self.next_positions, self.next_input_ids, *self.sampling._fields()):
             assert t.shape == (n,)
@@ -129,11 +145,3 @@ class Batch:
         assert torch.equal(real, self.next_positions), "real columns must equal next position per row"
         prefix_lens = torch.tensor([r.prefix_len for r in self.rows], device=real.device)
         assert bool((real > prefix_lens).all()), "every row holds its prefix plus at least one token"
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, T, d] -> [B, H, width, d], zeros in front."""
-    missing = width - t.shape[2]
-    if missing == 0:
-        return t
-    return torch.nn.functional.pad(t, (0, 0, missing, 0))

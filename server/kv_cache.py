@@ -1,9 +1,11 @@
 """The one place where the engine's KV layout meets transformers' ``Cache`` objects.
 
-The engine keeps, per layer, keys and values as plain tensors of shape
-[B, H_kv, T, d] (rows left-padded, a row's prefix slots are its first real
-columns). A forward pass needs a ``Cache``; these helpers wrap the tensors
-without copying them and read them back after the model appended the new step.
+The engine keeps, per layer, keys and values in preallocated buffers of shape
+[B, H_kv, C, d]: the first T columns (T = the batch's width) are the rows'
+left-padded KV, the remaining C - T columns are room to grow. A decode step
+writes its new column in place instead of concatenating (which would copy
+every layer's K and V every step); when the room runs out the buffer grows by
+half its size, so copies are amortised.
 """
 
 from __future__ import annotations
@@ -13,26 +15,62 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 KV = tuple[list[torch.Tensor], list[torch.Tensor]]
 
+# Free columns a fresh buffer gets beyond what it holds: a few dozen decode steps before the first growth.
+HEADROOM_COLUMNS = 64
 
-class _BorrowedLayer(DynamicLayer):
-    """A ``DynamicLayer`` that starts from existing tensors instead of copying them in."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+def allocate(batch: int, heads: int, columns: int, head_dim: int, *, like: torch.Tensor) -> torch.Tensor:
+    """A zeroed [B, H_kv, columns + headroom, d] buffer. Zeros, so padding columns are finite (0 x NaN = NaN)."""
+    return torch.zeros(batch, heads, columns + HEADROOM_COLUMNS, head_dim, dtype=like.dtype, device=like.device)
+
+
+class _BufferLayer(DynamicLayer):
+    """A cache layer that appends into a preallocated buffer and exposes its first ``length`` columns."""
+
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
         super().__init__()
-        # keys/values: [B, H_kv, T, d]; the model's update() appends [B, H_kv, q, d].
-        self.keys = keys
-        self.values = values
-        self.device = keys.device
+        self.key_buffer = key_buffer  # [B, H_kv, C, d]
+        self.value_buffer = value_buffer
+        self.length = length
+        self.keys = key_buffer[:, :, :length]  # [B, H_kv, length, d] views, no copy
+        self.values = value_buffer[:, :, :length]
+        self.device = key_buffer.device
         self.is_initialized = True
 
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states / value_states: [B, H_kv, q, d], written at columns [length, length + q).
+        end = self.length + key_states.shape[2]
+        if end > self.key_buffer.shape[2]:
+            self._grow(end)
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys = self.key_buffer[:, :, :end]
+        self.values = self.value_buffer[:, :, :end]
+        return self.keys, self.values
 
-def build_cache(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Cache:
-    """Wrap per-layer [B, H_kv, T, d] tensors as a cache the model can extend."""
-    return Cache(layers=[_BorrowedLayer(k, v) for k, v in zip(keys, values, strict=True)])
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def _grow(self, needed: int) -> None:
+        capacity = needed + max(HEADROOM_COLUMNS, needed // 2)
+        for name in ("key_buffer", "value_buffer"):
+            old: torch.Tensor = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+
+def build_cache(key_buffers: list[torch.Tensor], value_buffers: list[torch.Tensor], length: int) -> Cache:
+    """Wrap per-layer [B, H_kv, C, d] buffers holding ``length`` columns as a cache the model extends in place."""
+    layers = [_BufferLayer(k, v, length) for k, v in zip(key_buffers, value_buffers, strict=True)]
+    return Cache(layers=layers)
 
 
 def read_cache(cache: Cache) -> KV:
-    """Per-layer keys and values after a forward pass: each [B, H_kv, T + q, d]."""
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
+    """Per-layer buffers after a forward pass (new tensors only where a buffer had to grow)."""
+    keys = [layer.key_buffer for layer in cache.layers]
+    values = [layer.value_buffer for layer in cache.layers]
     return keys, values

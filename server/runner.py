@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from server.architectures import mask_builder
 from server.batch import Batch, RowInfo
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
-from server.kv_cache import build_cache, read_cache
+from server.kv_cache import HEADROOM_COLUMNS, build_cache, read_cache
 from server.sampling import SamplingBatch, SamplingParams, sample
 
 
@@ -48,6 +49,8 @@ class ModelRunner:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        # Sliding-window models need masks built from positions, not cache columns (see server/architectures.py).
+        self._attention_mask = mask_builder(model.config, self.dtype)
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[NewRequest]) -> tuple[Batch, torch.Tensor]:
@@ -78,9 +81,11 @@ class ModelRunner:
         p_max, n_max = max(prefix_lens), max(prompt_lens)
         dev = self.device
 
-        # Past KV = the prefixes, left-padded to P_max: per layer [B, H_kv, P_max, d].
+        # Past KV = the prefixes, left-padded to P_max, in buffers with room for the prompts and the first
+        # decode steps: per layer [B, H_kv, P_max + N_max + headroom, d].
+        capacity = p_max + n_max + HEADROOM_COLUMNS
         past = torch.zeros(
-            self.num_layers, 2, n_rows, self.num_kv_heads, p_max, self.head_dim, dtype=self.dtype, device=dev
+            self.num_layers, 2, n_rows, self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=dev
         )
         # Inputs = the prompts, left-padded to N_max. Mask over [prefix slots | prompt slots].
         input_ids = torch.zeros(n_rows, n_max, dtype=torch.int64)
@@ -89,7 +94,7 @@ class ModelRunner:
         for i, req in enumerate(requests):
             p, n = prefix_lens[i], prompt_lens[i]
             if req.prefix_kv is not None:
-                past[:, :, i, :, p_max - p :] = self.prefix_cache.get(req.prefix_id, req.prefix_kv)
+                past[:, :, i, :, p_max - p : p_max] = self.prefix_cache.get(req.prefix_id, req.prefix_kv)
             input_ids[i, n_max - n :] = torch.tensor(list(req.prompt_ids), dtype=torch.int64)
             positions[i, n_max - n :] = torch.arange(p, p + n)
             mask[i, p_max - p : p_max] = 1
@@ -114,15 +119,16 @@ class ModelRunner:
         input_ids: torch.Tensor,  # [B, q]
         attention_mask: torch.Tensor,  # [B, T + q]
         position_ids: torch.Tensor,  # [B, q]
-        keys: list[torch.Tensor],  # per layer [B, H_kv, T, d]
+        keys: list[torch.Tensor],  # per layer [B, H_kv, C, d] buffers, the first T columns in use
         values: list[torch.Tensor],
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Logits of each row's last input [B, V] (float32) and the KV extended to T + q."""
+        """Logits of each row's last input [B, V] (float32) and the buffers, now holding T + q columns."""
+        past_len = attention_mask.shape[1] - input_ids.shape[1]
         out = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=self._attention_mask(attention_mask, position_ids),
             position_ids=position_ids,
-            cache=build_cache(keys, values),
+            cache=build_cache(keys, values, past_len),
             use_cache=True,
             logits_to_keep=1,
         )

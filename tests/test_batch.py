@@ -40,7 +40,10 @@ def real_kv(batch: Batch) -> dict[str, list[torch.Tensor]]:
     out = {}
     for i, row in enumerate(batch.rows):
         cols = batch.attention_mask[i].bool()
-        out[row.request_id] = [k[i][:, cols] for k in batch.keys] + [v[i][:, cols] for v in batch.values]
+        width = batch.width  # buffers may hold free columns beyond the batch's width
+        out[row.request_id] = [k[i][:, :width][:, cols] for k in batch.keys] + [
+            v[i][:, :width][:, cols] for v in batch.values
+        ]
     return out
 
 

@@ -61,3 +61,27 @@ def test_mixed_prefix_batch_matches_peft_forward(make_model) -> None:
         for got, want in zip(got_logits[i], want_logits, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert got_tokens[i] == want_tokens, f"row {i}"
+
+
+def test_long_decode_across_buffer_growth_matches_oracle() -> None:
+    """150 decode steps: the in-place KV buffers grow several times; tokens must not notice."""
+    base = tiny_llama(seed=4)
+    peft = peft_prefix_model(copy.deepcopy(base), 7, seed=8)
+    prompts = [[5, 9, 13, 17], [100, 3, 44]]
+    want = [oracle_greedy(peft, prompts[0], 150)[0], oracle_greedy(base, prompts[1], 150)[0]]
+    runner = _runner_for(base)
+    requests = [
+        NewRequest("a", prompts[0], SamplingParams(max_new_tokens=150), prefix_kv_of(peft), "t"),
+        NewRequest("b", prompts[1], SamplingParams(max_new_tokens=150)),
+    ]
+    batch, tokens = runner.prefill(requests)
+    got = [[t] for t in tokens.tolist()]
+    capacities = {batch.keys[0].shape[2]}
+    for _ in range(149):
+        tokens = runner.decode(batch)
+        capacities.add(batch.keys[0].shape[2])
+        for row, t in zip(got, tokens.tolist(), strict=True):
+            row.append(t)
+    batch.check()
+    assert len(capacities) >= 3, capacities  # the buffers really grew
+    assert got == want
