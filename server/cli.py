@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
+from types import FrameType
+from typing import Any
 
 from clients.cli import add_client_commands, run_client_command
 from server.config import ServeConfig
@@ -32,6 +36,17 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "max_virtual_tokens": (int, "longest prefix P (default 512)"),
     "host_cache_bytes": (int, "host prefix cache budget (default 512 MiB)"),
     "device_cache_bytes": (int, "accelerator prefix cache budget (default 1 GiB; unused on CPU)"),
+    "max_stop_strings": (int, "most stop strings per request (default 16)"),
+    "max_request_bytes": (int, "largest JSON request body (default 4 MiB)"),
+    "request_timeout_s": (float, "cancel a generation running longer, answering 408 (default 600; 0 = never)"),
+    "max_open_streams": (int, "streamed generations open at once before 429 (default 1024; 0 = no limit)"),
+    "drain_timeout_s": (float, "on SIGTERM, seconds in-flight requests get to finish (default 30)"),
+    "cors_allow_origins": (str, "comma-separated origins allowed cross-site (default: none, CORS off)"),
+    "tenant_max_concurrent_requests": (int, "per-tenant generations in flight before 429 (default 0 = no limit)"),
+    "tenant_max_queued_requests": (int, "per-tenant generations waiting before 429 (default 0 = no limit)"),
+    "tenant_max_prefixes": (int, "per-tenant stored prefixes before 409 (default 0 = no limit)"),
+    "tenant_max_stored_bytes": (int, "per-tenant stored prefix bytes before 409 (default 0 = no limit)"),
+    "tenant_max_upload_bytes": (int, "per-tenant largest upload before 413 (default 0 = --max-upload-bytes)"),
 }
 
 
@@ -41,6 +56,16 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         env = ENV_PREFIX + name.upper()
         serve.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{text} [env {env}]")
     serve.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without API keys")
+    serve.add_argument(  # a store_true flag: the table's type(raw) conversion would read "0" as True
+        "--allow-unverified-architecture",
+        action="store_true",
+        help=f"serve a model type no test verifies, with a warning [env {ENV_PREFIX}ALLOW_UNVERIFIED_ARCHITECTURE=1]",
+    )
+    serve.add_argument(
+        "--disable-docs",
+        action="store_true",
+        help=f"serve no /docs, /redoc or /openapi.json [env {ENV_PREFIX}DISABLE_DOCS=1]",
+    )
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
 
 
@@ -61,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                 ) from exc
         if value is not None:
             values[field.name] = value
+    if getattr(args, "disable_docs", False) or os.environ.get(ENV_PREFIX + "DISABLE_DOCS") == "1":
+        values["disable_docs"] = True
     return ServeConfig(**values)
 
 
@@ -88,9 +115,22 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if config.api_keys:  # a bad key file fails now, not after the model has loaded
+        from server.api.auth import KeyRing
+
+        try:
+            KeyRing.load(config.api_keys)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model = load_model(config.model, device=config.device, dtype=config.dtype)
+        allow_unverified = (
+            config.allow_unverified_architecture
+            or args.allow_unverified_architecture
+            or os.environ.get(ENV_PREFIX + "ALLOW_UNVERIFIED_ARCHITECTURE") == "1"
+        )
+        model = load_model(config.model, device=config.device, dtype=config.dtype, allow_unverified=allow_unverified)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -102,8 +142,42 @@ def serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     app = create_app(config, model=model)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=30)
+    server_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=max(1, round(config.drain_timeout_s)),
+    )
+    _draining_server(server_config, app).run()
     return 0
+
+
+def _draining_server(config: Any, app: Any) -> Any:
+    """uvicorn's server, plus: on SIGTERM/SIGINT new requests get 503 while in-flight ones finish; exit code 0.
+
+    uvicorn itself stops accepting connections, waits for open ones up to its
+    graceful-shutdown timeout (our drain timeout), then runs the lifespan's
+    shutdown, which drains the engine.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            state = getattr(app.state, "server", None)
+            if state is not None:
+                state.draining = True
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                # uvicorn re-raises the signal it shut down for, so the process would die by it;
+                # a drained shutdown is a clean exit.
+                self._captured_signals.clear()
+
+    return Server(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,3 +25,15 @@ class ServeConfig:
     max_virtual_tokens: int = 512
     host_cache_bytes: int = 512 * 2**20
     device_cache_bytes: int = 2**30  # prefixes kept on the accelerator (unused on CPU, where host memory is used)
+    request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
+    max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    disable_docs: bool = False  # no /docs, /redoc or /openapi.json
+    allow_unverified_architecture: bool = False  # serve a model type not in server/architectures.py, with a warning
+    cors_allow_origins: str | None = None  # comma-separated origins allowed cross-site; None = CORS off
+    # Per-tenant quota defaults (0 = unlimited); the key file's "quotas" object overrides them per tenant.
+    tenant_max_concurrent_requests: int = 0
+    tenant_max_queued_requests: int = 0
+    tenant_max_prefixes: int = 0
+    tenant_max_stored_bytes: int = 0
+    tenant_max_upload_bytes: int = 0

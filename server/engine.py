@@ -41,6 +41,7 @@ class GenerationRequest:
     params: SamplingParams
     prefix_kv: torch.Tensor | None = None  # [L, 2, H_kv, P, d] on the host
     prefix_id: str | None = None  # identifies tenant, task and version; rows with equal ids share a prefix
+    tenant: str = "default"  # whose request: admission is round-robin across tenants
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ class Engine:
             if not self._accepting:
                 raise Unavailable("the server is shutting down")
             try:
-                self.scheduler.add(tracked.request_id, max_len)
+                self.scheduler.add(tracked.request_id, max_len, request.tenant)
             except QueueFull as exc:
                 raise Overloaded(str(exc)) from exc
             self._tracked[tracked.request_id] = tracked

@@ -42,9 +42,30 @@ class Unauthorized(ApiError):
     error_type = "unauthorized"
 
 
+class Forbidden(ApiError):
+    """The key is valid but may not do this (a tenant key naming another tenant). Never for another's task: 404."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
 class NotFound(ApiError):
     status_code = 404
     error_type = "not_found"
+
+
+class RequestTimeout(ApiError):
+    """The request ran past the server's --request-timeout-s and was cancelled."""
+
+    status_code = 408
+    error_type = "timeout"
+
+
+class QuotaExceeded(ApiError):
+    """A tenant's storage quota (number of prefixes, stored bytes) would be exceeded."""
+
+    status_code = 409
+    error_type = "quota_exceeded"
 
 
 class PayloadTooLarge(ApiError):

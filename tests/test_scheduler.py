@@ -38,3 +38,54 @@ def test_queue_bound_and_removal() -> None:
     assert s.remove("a") and not s.remove("a")
     s.add("c", 1)
     assert s.admit([]) == ["b", "c"]
+
+
+# ----- fairness across tenants -----------------------------------------------------------------
+
+
+def test_round_robin_across_tenants() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=100, max_batch_tokens=10_000, max_queue=100))
+    for i in range(6):
+        s.add(f"a{i}", 10, "A")
+    s.add("b0", 10, "B")
+    s.add("b1", 10, "B")
+    s.add("c0", 10, "C")
+    assert s.admit([]) == ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4", "a5"]
+
+
+def test_a_late_tenant_overtakes_a_flood_when_one_row_frees() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=10_000, max_queue=300))
+    for i in range(200):
+        s.add(f"a{i}", 10, "A")
+    assert s.admit([]) == ["a0", "a1", "a2", "a3"]
+    s.add("b0", 10, "B")
+    # One row frees per step: B's request is admitted within the next two.
+    first, second = s.admit([10, 10, 10]), s.admit([10, 10, 10])
+    assert "b0" in first + second
+    assert s.waiting_for("B") == 0 and s.waiting_for("A") == 195
+
+
+def test_turn_is_kept_by_a_head_that_does_not_fit() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=10, max_batch_tokens=1000, max_queue=10))
+    s.add("big", 400, "A")
+    s.add("small", 10, "B")
+    # 2 running rows of 100: +big -> 3 x 400 = 1200 > 1000, so nothing is admitted, not even B's small one,
+    # and A keeps its turn: big goes first once it fits.
+    assert s.admit([100, 100]) == []
+    assert s.admit([100]) == ["big"]  # 2 x 400 = 800; small would make it 3 x 400
+    assert s.admit([400]) == ["small"]
+
+
+def test_removal_and_queue_bound_across_tenants() -> None:
+    s = Scheduler(SchedulerConfig(max_queue=3))
+    s.add("a0", 1, "A")
+    s.add("b0", 1, "B")
+    s.add("a1", 1, "A")
+    with pytest.raises(QueueFull):
+        s.add("c0", 1, "C")  # the bound counts every tenant's waiting requests
+    assert s.remove("b0") and not s.remove("b0") and s.waiting_for("B") == 0
+    s.add("c0", 1, "C")
+    assert s.remove("a0") and s.remove("a1") and s.num_waiting == 1
+    assert s.admit([]) == ["c0"] and s.num_waiting == 0
+    s.add("d", 1)  # the default tenant
+    assert s.waiting_for("default") == 1 and s.admit([]) == ["d"]

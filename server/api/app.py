@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -17,6 +18,7 @@ from prefix_store.registry import PrefixRegistry
 from server.api import generate, openai_compat, prefixes
 from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimitMiddleware
+from server.api.schemas import ErrorBody, HealthStatus, OpenAIErrorBody, error_responses
 from server.api.state import ServerState
 from server.config import ServeConfig
 from server.engine import Engine
@@ -24,6 +26,7 @@ from server.errors import ApiError, BadRequest, InvalidInput, NotFound
 from server.metrics import MetricsMiddleware, ServerMetrics
 from server.metrics import router as metrics_router
 from server.model_loading import LoadedModel, load_model
+from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
 
@@ -60,7 +63,10 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     )
     keys = KeyRing.load(config.api_keys) if config.api_keys else KeyRing.disabled()
     engine.start()
-    state = ServerState(config, model, engine, registry, keys, backend.describe())
+    gate = RequestGate(
+        max_open_streams=config.max_open_streams or None, request_timeout_s=config.request_timeout_s or None
+    )
+    state = ServerState(config, model, engine, registry, keys, backend.describe(), gate=gate)
     if metrics is not None:
         metrics.bind(state)
     return state
@@ -73,7 +79,13 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = model
         if loaded is None:
-            loaded = await asyncio.to_thread(load_model, config.model, device=config.device, dtype=config.dtype)
+            loaded = await asyncio.to_thread(
+                load_model,
+                config.model,
+                device=config.device,
+                dtype=config.dtype,
+                allow_unverified=config.allow_unverified_architecture,
+            )
         state = build_state(config, loaded, metrics)
         app.state.server = state
         try:
@@ -84,7 +96,15 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
             state.registry.backend.close()
 
     metrics = ServerMetrics()  # one registry per app: tests build several apps in one process
-    app = FastAPI(title="prefix-serve", version="0.1.0", lifespan=lifespan)
+    docs = not config.disable_docs
+    app = FastAPI(
+        title="prefix-serve",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.metrics = metrics
     app.add_middleware(
         BodyLimitMiddleware,
@@ -92,21 +112,24 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
         upload_limit=config.max_upload_bytes,
         upload_prefix="/v1/prefixes/",
     )
+    if config.cors_allow_origins:  # off unless asked for: browsers on other origins get no access
+        origins = [o.strip() for o in config.cors_allow_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     # Added last, so outermost: it also counts the 413s the body limit answers before any route.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
     async def health(request: Request) -> JSONResponse:
         state: ServerState | None = getattr(request.app.state, "server", None)
-        if state is None or not state.ready:
+        if state is None or not state.ready or state.draining:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    app.include_router(generate.router)
-    app.include_router(prefixes.router)
+    app.include_router(generate.router, responses=error_responses(ErrorBody))
+    app.include_router(prefixes.router, responses=error_responses(ErrorBody))
     app.include_router(metrics_router)
-    app.include_router(openai_compat.router)
+    app.include_router(openai_compat.router, responses=error_responses(OpenAIErrorBody))
     return app
 
 

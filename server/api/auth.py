@@ -1,4 +1,10 @@
-"""API keys and tenants: ``Authorization: Bearer KEY`` -> who is calling."""
+"""API keys and tenants: ``Authorization: Bearer KEY`` -> who is calling.
+
+Keys are kept only as sha256 digests and compared in constant time; neither a
+key nor its digest ever appears in a log line or an error body. An admin key
+may act for another tenant by naming it in the ``X-Prefix-Serve-Tenant``
+header; for any other key that header must be absent or name its own tenant.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefix_store.errors import InvalidTaskId
 from prefix_store.ids import validate_tenant
-from server.errors import Unauthorized
+from server.errors import Forbidden, InvalidInput, Unauthorized
+from server.quotas import TenantQuotas
 
 DEFAULT_TENANT = "default"
+TENANT_HEADER = "X-Prefix-Serve-Tenant"
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,9 @@ class _Key:
 class KeyRing:
     """Keys from the --api-keys file; without one, every caller is the single tenant "default"."""
 
-    def __init__(self, keys: list[_Key] | None) -> None:
+    def __init__(self, keys: list[_Key] | None, quotas: dict[str, dict[str, int | None]] | None = None) -> None:
         self._keys = keys
+        self._quotas = quotas or {}  # tenant -> its quota overrides from the key file
 
     @property
     def enabled(self) -> bool:
@@ -42,18 +52,27 @@ class KeyRing:
 
     @classmethod
     def load(cls, path: str | Path) -> KeyRing:
-        """A JSON list of {"tenant", "key" | "key_sha256", "admin"}; ValueError says what is wrong."""
+        """A JSON list of {"tenant", "key" | "key_sha256", "admin", "quotas"}; ValueError says what is wrong.
+
+        "quotas" (optional) overrides the server's per-tenant defaults, e.g.
+        {"max_concurrent_requests": 4, "max_prefixes": 100}; null = unlimited.
+        Entries of one tenant must not disagree on them.
+        """
         try:
             entries = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read API key file {path}: {exc}") from exc
         if not isinstance(entries, list) or not entries:
             raise ValueError(f"API key file {path} must hold a non-empty JSON list")
-        keys = []
+        keys: list[_Key] = []
+        quotas: dict[str, dict[str, int | None]] = {}
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not isinstance(entry.get("tenant"), str):
                 raise ValueError(f"API key entry {i} needs a string 'tenant'")
-            tenant = validate_tenant(entry["tenant"])
+            try:
+                tenant = validate_tenant(entry["tenant"])
+            except InvalidTaskId as exc:
+                raise ValueError(f"API key entry {i}: {exc}") from exc
             if isinstance(entry.get("key"), str) and entry["key"]:
                 digest = hashlib.sha256(entry["key"].encode()).digest()
             elif isinstance(entry.get("key_sha256"), str):
@@ -65,8 +84,19 @@ class KeyRing:
                     raise ValueError(f"API key entry {i}: key_sha256 must be 64 hex digits")
             else:
                 raise ValueError(f"API key entry {i} needs 'key' or 'key_sha256'")
+            if any(hmac.compare_digest(k.sha256, digest) for k in keys):
+                raise ValueError(f"API key entry {i} repeats the key of an earlier entry")
+            if not isinstance(entry.get("admin", False), bool):
+                raise ValueError(f"API key entry {i}: 'admin' must be true or false")
+            if "quotas" in entry:
+                overrides = TenantQuotas.parse_overrides(entry["quotas"], f"API key entry {i}")
+                if quotas.setdefault(tenant, overrides) != overrides:
+                    raise ValueError(f"API key entry {i}: quotas differ from another entry of tenant {tenant!r}")
             keys.append(_Key(digest, Principal(tenant, bool(entry.get("admin", False)))))
-        return cls(keys)
+        return cls(keys, quotas)
+
+    def quota_overrides(self, tenant: str) -> dict[str, int | None]:
+        return self._quotas.get(tenant, {})
 
     def authenticate(self, authorization: str | None) -> Principal:
         if self._keys is None:
@@ -82,3 +112,16 @@ class KeyRing:
         if found is None:
             raise Unauthorized("invalid API key")
         return found
+
+
+def acting_for(principal: Principal, tenant: str | None) -> Principal:
+    """The principal a request acts as, given the X-Prefix-Serve-Tenant header (None when absent)."""
+    if tenant is None or tenant == principal.tenant:
+        return principal
+    if not principal.admin:
+        raise Forbidden(f"only admin keys may act for another tenant ({TENANT_HEADER})")
+    try:
+        validate_tenant(tenant)
+    except InvalidTaskId as exc:
+        raise InvalidInput(f"{TENANT_HEADER}: {exc}") from exc
+    return Principal(tenant, admin=True)

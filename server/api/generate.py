@@ -16,7 +16,7 @@ from server.api.auth import Principal
 from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, Usage
 from server.api.state import Caller, ServerState, State
 from server.engine import GenerationEvent, GenerationRequest
-from server.errors import GenerationFailed, InvalidInput, from_store_error
+from server.errors import ApiError, GenerationFailed, InvalidInput, from_store_error
 from server.sampling import SamplingParams
 
 router = APIRouter()
@@ -64,8 +64,14 @@ async def prepare_generation(
         response_id=response_id,
         task_id=task_id,
         prefix_version=version,
-        request=GenerationRequest(prompt_ids, params, prefix_kv, prefix_id),
+        request=GenerationRequest(prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant),
     )
+
+
+def start_events(state: ServerState, prepared: PreparedGeneration, *, stream: bool) -> AsyncIterator[GenerationEvent]:
+    """The engine's events for a prepared request, within its tenant's quotas and the server's limits."""
+    request = prepared.request
+    return state.gate.events(state.engine, request, state.quotas_for(request.tenant), stream=stream)
 
 
 def tokenize(state: ServerState, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
@@ -138,11 +144,11 @@ async def generate(
     )
     if body.stream:
         # StreamingResponse cancels the body iterator when the client goes away, which aborts the request.
-        stream = state.engine.generate(prepared.request)
+        stream = start_events(state, prepared, stream=True)
         first = await anext(stream)  # errors before the first token still get a proper status code
         check_event(first)
         return StreamingResponse(_sse(prepared, first, stream), media_type="text/event-stream")
-    events = events_until_disconnect(request, state.engine.generate(prepared.request))
+    events = events_until_disconnect(request, start_events(state, prepared, stream=False))
     text, token_ids = [], []
     last: GenerationEvent | None = None
     async for event in events:
@@ -170,6 +176,8 @@ async def _sse(
     try:
         async for chunk in _sse_chunks(prepared, first, rest):
             yield chunk
+    except ApiError as exc:  # ended by the server mid-stream (timed out): say why in the last event
+        yield f"data: {json.dumps(exc.body())}\n\n"
     finally:
         await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the request
 

@@ -26,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefix_store.errors import InvalidTaskId, PrefixNotFound, PrefixStoreError
 from prefix_store.ids import validate_task_id
 from server.api.auth import Principal
-from server.api.generate import PreparedGeneration, check_event, events_until_disconnect, prepare_generation
+from server.api.generate import (
+    PreparedGeneration,
+    check_event,
+    events_until_disconnect,
+    prepare_generation,
+    start_events,
+)
 from server.api.state import Caller, ServerState, State
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
@@ -327,13 +333,13 @@ async def _respond(
     shape: _Shape,
 ) -> Response:
     if body.stream:
-        events = state.engine.generate(prepared.request)
+        events = start_events(state, prepared, stream=True)
         first = await anext(events)  # errors before the first token still get a proper status code
         check_event(first)
         return StreamingResponse(_sse(shape, first, events), media_type="text/event-stream")
     text: list[str] = []
     last: GenerationEvent | None = None
-    async for event in events_until_disconnect(request, state.engine.generate(prepared.request)):
+    async for event in events_until_disconnect(request, start_events(state, prepared, stream=False)):
         check_event(event)
         text.append(event.text)
         last = event
@@ -362,6 +368,8 @@ async def _sse(shape: _Shape, first: GenerationEvent, rest: AsyncIterator[Genera
             if event.text:  # a piece held back (inside a character or a possible stop string) comes later
                 yield shape.chunk(event.text, None)
             event = await anext(rest, None)
+    except ApiError as exc:  # ended by the server mid-stream (timed out): say why in the last chunk
+        yield f"data: {json.dumps(openai_error_body(exc.status_code, exc.message, None, exc.error_type))}\n\n"
     finally:
         await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the request
 
@@ -369,7 +377,10 @@ async def _sse(shape: _Shape, first: GenerationEvent, rest: AsyncIterator[Genera
 # ----- routes ----------------------------------------------------------------------------------
 
 
-@router.post("/v1/completions")
+_STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"}}
+
+
+@router.post("/v1/completions", responses=_STREAMED)
 async def completions(body: CompletionRequest, request: Request, state: State, principal: Caller) -> Response:
     _reject_unsupported(body)
     prompt = body.prompt
@@ -390,7 +401,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
     return await _respond(request, state, prepared, body, _Shape(False, prepared, body))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=_STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, principal: Caller) -> Response:
     _reject_unsupported(body)
     if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:

@@ -18,6 +18,7 @@ from prefix_store.peft_import import key_values_from_peft
 from server.api.schemas import PrefixInfo, PrefixList
 from server.api.state import Caller, State
 from server.errors import BadRequest, NotFound, PayloadTooLarge, from_store_error
+from server.quotas import check_storage
 
 router = APIRouter()
 
@@ -76,7 +77,11 @@ async def upload_prefix(
             f"unsupported content type {content_type!r}: send application/octet-stream (native .safetensors) "
             f"or multipart/form-data with {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE}"
         )
-    meta = await _in_thread(state.registry.upload, principal.tenant, task_id, key_values)
+    tenant = principal.tenant
+    nbytes = key_values.numel() * key_values.element_size() if isinstance(key_values, torch.Tensor) else 0
+    async with state.gate.upload_lock(tenant):  # the quota check and the write as one step
+        await _in_thread(check_storage, state.registry, tenant, task_id, nbytes, state.quotas_for(tenant))
+        meta = await _in_thread(state.registry.upload, tenant, task_id, key_values)
     return JSONResponse(meta.to_public_dict(), status_code=201)
 
 

@@ -85,3 +85,38 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Errors of the OpenAI-compatible routes (a 413 refused before routing has the native shape, which fits too)."""
+
+    error: OpenAIErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "unavailable"]
+
+
+def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, object]]:
+    """The error statuses every API route may answer, for the OpenAPI schema (``responses=``)."""
+    described = {
+        400: "malformed request",
+        401: "no or invalid API key",
+        403: "a tenant key named another tenant in X-Prefix-Serve-Tenant",
+        404: "no such task (also another tenant's)",
+        408: "the request ran past the server's request timeout",
+        409: "a tenant storage quota would be exceeded",
+        413: "body or prefix too large",
+        422: "invalid value",
+        429: "overloaded or over a tenant's rate quota (see Retry-After)",
+        500: "generation failed",
+        503: "not ready, shutting down, or the prefix store is unavailable",
+    }
+    return {code: {"model": model, "description": text} for code, text in described.items()}

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from prefix_store.registry import PrefixRegistry
-from server.api.auth import KeyRing, Principal
+from server.api.auth import TENANT_HEADER, KeyRing, Principal, acting_for
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import Unavailable
 from server.model_loading import LoadedModel
+from server.quotas import RequestGate, TenantQuotas, default_quotas
 
 
 @dataclass
@@ -24,17 +26,38 @@ class ServerState:
     keys: KeyRing
     store_description: str
     ready: bool = True
+    draining: bool = False  # SIGTERM received: new requests get 503 while in-flight ones finish
+    gate: RequestGate = field(default_factory=RequestGate)
+
+    def quotas_for(self, tenant: str) -> TenantQuotas:
+        return default_quotas(self.config).with_overrides(self.keys.quota_overrides(tenant))
 
 
 def get_state(request: Request) -> ServerState:
     state: ServerState | None = getattr(request.app.state, "server", None)
+    if state is not None and state.draining:
+        raise Unavailable("the server is shutting down", retry_after_s=5)
     if state is None or not state.ready:
         raise Unavailable("the server is not ready")
     return state
 
 
-def get_principal(request: Request) -> Principal:
-    return get_state(request).keys.authenticate(request.headers.get("authorization"))
+# Only documents the scheme in the OpenAPI schema; KeyRing.authenticate reads and checks the header.
+_bearer = HTTPBearer(auto_error=False, description="an API key from the server's --api-keys file")
+
+
+def get_principal(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    tenant: Annotated[
+        str | None,
+        Header(
+            alias=TENANT_HEADER,
+            description="admin keys only: act for this tenant (its prefixes, quotas and fair share)",
+        ),
+    ] = None,
+) -> Principal:
+    return acting_for(get_state(request).keys.authenticate(request.headers.get("authorization")), tenant)
 
 
 State = Annotated[ServerState, Depends(get_state)]

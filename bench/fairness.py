@@ -1,0 +1,134 @@
+"""Fair admission under a flood: tenant A sends 200 requests at once while tenant B sends 5, one after another.
+
+Reports B's median latency (a) alone on an idle server, (b) during A's flood
+with B as its own tenant (round-robin admission), and (c) during the same flood
+with B's requests filed under A's tenant, which is what first-come-first-served
+admission would give it. The target: (b) within 2x of (a).
+
+B's requests start 2 s into the flood, one every --b-interval seconds, each
+measured from its own start. Runs `prefix-serve serve` as a separate process
+(so the load generator does not share its GIL), without API keys; the tenant
+is chosen per request with the X-Prefix-Serve-Tenant header (the keyless
+caller is admin).
+
+    python -m bench.fairness [--model PATH] [--flood 200] [--max-new-tokens 16] [--max-batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+TENANT_HEADER = "X-Prefix-Serve-Tenant"
+
+
+def _serve(args: argparse.Namespace, store: str) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(sys.executable).with_name("prefix-serve")
+    cmd = [str(script) if script.exists() else shutil.which("prefix-serve") or "prefix-serve", "serve"]
+    cmd += ["--port", str(port), "--store", f"disk://{store}", "--max-batch-size", str(args.max_batch_size)]
+    cmd += ["--max-queue", str(max(256, args.flood + 16)), "--log-level", "warning"]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+async def _one(client: httpx.AsyncClient, tenant: str, i: int, tokens: int) -> float:
+    started = time.perf_counter()
+    body = {"prompt": f"Request {i}: tell me about the sea.", "max_new_tokens": tokens}
+    r = await client.post("/v1/generate", json=body, headers={TENANT_HEADER: tenant})
+    r.raise_for_status()
+    return time.perf_counter() - started
+
+
+async def _phase(
+    url: str, *, flood: int, b_tenant: str | None, b_count: int, tokens: int, interval: float
+) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=flood + 20, max_keepalive_connections=flood + 20)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        if b_tenant is None:  # B alone on an idle server, one request at a time
+            lat = [await _one(client, "tenant-b", 1000 + i, tokens) for i in range(b_count)]
+            return {"b_median_s": statistics.median(lat)}
+        started = time.perf_counter()
+        flood_tasks = [asyncio.ensure_future(_one(client, "tenant-a", i, tokens)) for i in range(flood)]
+        b_tasks = []
+        for i in range(b_count):
+            await asyncio.sleep(2.0 if i == 0 else interval)
+            b_tasks.append(asyncio.ensure_future(_one(client, b_tenant, 1000 + i, tokens)))
+        lat = await asyncio.gather(*b_tasks)
+        a_lat = await asyncio.gather(*flood_tasks)
+        return {
+            "b_median_s": statistics.median(lat),
+            "a_median_s": statistics.median(a_lat),
+            "flood_wall_s": time.perf_counter() - started,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model path (default: the embedded default model)")
+    parser.add_argument("--flood", type=int, default=200)
+    parser.add_argument("--b-requests", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--b-interval", type=float, default=2.0, help="seconds between B's requests")
+    parser.add_argument("--skip-fifo", action="store_true", help="skip the first-come-first-served comparison")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as store:
+        proc, url = _serve(args, store)
+        try:
+            kw = {"flood": args.flood, "b_count": args.b_requests, "tokens": args.max_new_tokens}
+            kw["interval"] = args.b_interval
+            asyncio.run(_phase(url, b_tenant=None, **kw))  # warm-up
+            alone = asyncio.run(_phase(url, b_tenant=None, **kw))
+            fair = asyncio.run(_phase(url, b_tenant="tenant-b", **kw))
+            fifo = None if args.skip_fifo else asyncio.run(_phase(url, b_tenant="tenant-a", **kw))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    print(
+        f"model {args.model or 'default'}, {args.flood} requests from A at once, {args.b_requests} from B "
+        f"(one every {args.b_interval:g} s), {args.max_new_tokens} new tokens each, batch <= {args.max_batch_size}"
+    )
+    print(f"B alone (idle server):        median {alone['b_median_s']:.3f} s")
+    ratio = fair["b_median_s"] / alone["b_median_s"]
+    print(
+        f"B during A's flood (fair):    median {fair['b_median_s']:.3f} s = {ratio:.2f}x alone "
+        f"(A's median {fair['a_median_s']:.2f} s, flood {fair['flood_wall_s']:.1f} s)"
+    )
+    if fifo is None:
+        return
+    fifo_ratio = fifo["b_median_s"] / alone["b_median_s"]
+    print(
+        f"B behind A's flood (FIFO):    median {fifo['b_median_s']:.3f} s = {fifo_ratio:.2f}x alone "
+        f"(B filed under A's tenant)"
+    )
+
+
+if __name__ == "__main__":
+    main()

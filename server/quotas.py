@@ -1,0 +1,170 @@
+"""Per-tenant quotas and server-wide request limits, enforced around the engine and the prefix store.
+
+Rate quotas (requests in flight, requests waiting) answer 429 with Retry-After;
+storage quotas answer 409 (number of prefixes, stored bytes) or 413 (one
+upload's size). Each message names the limit it hit.
+
+The counters live on the event loop: a request takes its slot when it starts
+and gives it back in ``finally``, whatever way it ends (finished, failed,
+timed out, client gone). The storage check and the upload run under a
+per-tenant lock, so two concurrent uploads cannot both slip under a quota
+(within one replica; replicas sharing a store may each admit one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import weakref
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from server.errors import Overloaded, PayloadTooLarge, QuotaExceeded, RequestTimeout
+
+if TYPE_CHECKING:
+    from prefix_store.registry import PrefixRegistry
+    from server.config import ServeConfig
+    from server.engine import Engine, GenerationEvent, GenerationRequest
+
+
+@dataclass(frozen=True)
+class TenantQuotas:
+    """One tenant's limits; None = unlimited."""
+
+    max_concurrent_requests: int | None = None  # generation requests in flight (waiting or running)
+    max_queued_requests: int | None = None  # of those, waiting for a batch row
+    max_prefixes: int | None = None  # stored tasks
+    max_stored_bytes: int | None = None  # tensor bytes of the latest version of every task
+    max_upload_bytes: int | None = None  # tensor bytes of one upload (the server's --max-upload-bytes caps it too)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def parse_overrides(cls, raw: object, where: str) -> dict[str, int | None]:
+        """The "quotas" object of a key-file entry: known names, each a non-negative integer or null."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: 'quotas' must be an object")
+        out: dict[str, int | None] = {}
+        for name, value in raw.items():
+            if name not in cls.names():
+                raise ValueError(f"{where}: unknown quota {name!r} (known: {', '.join(cls.names())})")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{where}: quota {name!r} must be a non-negative integer or null")
+            out[name] = value
+        return out
+
+    def with_overrides(self, overrides: Mapping[str, int | None]) -> TenantQuotas:
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+class RequestGate:
+    """In-flight counters per tenant, the server-wide open-stream count and the request timeout."""
+
+    def __init__(self, *, max_open_streams: int | None = None, request_timeout_s: float | None = None) -> None:
+        self.max_open_streams = max_open_streams
+        self.request_timeout_s = request_timeout_s
+        self.in_flight: dict[str, int] = {}
+        self.open_streams = 0
+        self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def events(
+        self, engine: Engine, request: GenerationRequest, quotas: TenantQuotas, *, stream: bool
+    ) -> AsyncIterator[GenerationEvent]:
+        """The engine's events for ``request``, within the tenant's quotas and the server's limits.
+
+        Raises Overloaded (429) before submitting when a limit is reached, and
+        RequestTimeout (408) once the request has run past the timeout (it is
+        aborted then, freeing its row).
+        """
+        tenant = request.tenant
+        self._enter(tenant, quotas, stream)
+        try:
+            waiting = engine.scheduler.waiting_for(tenant)
+            if quotas.max_queued_requests is not None and waiting >= quotas.max_queued_requests:
+                raise Overloaded(
+                    f"tenant {tenant!r} has {waiting} requests waiting; "
+                    f"its quota max_queued_requests is {quotas.max_queued_requests}"
+                )
+            events = engine.generate(request)
+            try:
+                async for event in self._with_deadline(events):
+                    yield event
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]  # aborts the request if it is still going
+        finally:
+            self._leave(tenant, stream)
+
+    async def _with_deadline(self, events: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
+        timeout = self.request_timeout_s
+        deadline = None if not timeout else asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events, None)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request ran longer than the server's limit of {timeout:g} s "
+                    "(request_timeout_s) and was cancelled; ask for fewer tokens"
+                ) from None
+            if event is None:
+                return
+            yield event
+
+    def _enter(self, tenant: str, quotas: TenantQuotas, stream: bool) -> None:
+        running = self.in_flight.get(tenant, 0)
+        if quotas.max_concurrent_requests is not None and running >= quotas.max_concurrent_requests:
+            raise Overloaded(
+                f"tenant {tenant!r} has {running} requests in flight; "
+                f"its quota max_concurrent_requests is {quotas.max_concurrent_requests}"
+            )
+        if stream and self.max_open_streams is not None and self.open_streams >= self.max_open_streams:
+            raise Overloaded(f"the server has {self.open_streams} open streams; its limit max_open_streams is reached")
+        self.in_flight[tenant] = running + 1
+        if stream:
+            self.open_streams += 1
+
+    def _leave(self, tenant: str, stream: bool) -> None:
+        left = self.in_flight[tenant] - 1
+        if left:
+            self.in_flight[tenant] = left
+        else:
+            del self.in_flight[tenant]  # the dict stays as small as the set of busy tenants
+        if stream:
+            self.open_streams -= 1
+
+    def upload_lock(self, tenant: str) -> asyncio.Lock:
+        """Held around a tenant's storage-quota check and upload, so the two are one step."""
+        lock = self._upload_locks.get(tenant)
+        if lock is None:
+            lock = self._upload_locks[tenant] = asyncio.Lock()
+        return lock
+
+
+def check_storage(registry: PrefixRegistry, tenant: str, task_id: str, nbytes: int, quotas: TenantQuotas) -> None:
+    """Raise if storing ``nbytes`` of tensors as ``task_id``'s next version would break a storage quota (blocks)."""
+    if quotas.max_upload_bytes is not None and nbytes > quotas.max_upload_bytes:
+        raise PayloadTooLarge(
+            f"prefix has {nbytes} bytes of tensors; the tenant's quota max_upload_bytes is {quotas.max_upload_bytes}"
+        )
+    if quotas.max_prefixes is None and quotas.max_stored_bytes is None:
+        return
+    metas = registry.list(tenant)
+    others = [m for m in metas if m.task_id != task_id]
+    if quotas.max_prefixes is not None and len(others) == len(metas) and len(metas) >= quotas.max_prefixes:
+        raise QuotaExceeded(
+            f"the tenant has {len(metas)} prefixes; its quota max_prefixes is {quotas.max_prefixes}: delete one first"
+        )
+    stored = sum(m.nbytes for m in others)
+    if quotas.max_stored_bytes is not None and stored + nbytes > quotas.max_stored_bytes:
+        raise QuotaExceeded(
+            f"storing {nbytes} bytes beside the tenant's other {stored} would pass its quota "
+            f"max_stored_bytes of {quotas.max_stored_bytes}"
+        )
+
+
+def default_quotas(config: ServeConfig) -> TenantQuotas:
+    """The server-wide defaults from the ``tenant_max_*`` settings (0 = unlimited)."""
+    return TenantQuotas(**{name: getattr(config, f"tenant_{name}") or None for name in TenantQuotas.names()})
