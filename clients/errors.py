@@ -61,6 +61,22 @@ class GenerationFailed(PrefixServeError):
     error_type = "generation_failed"
 
 
+class Forbidden(PrefixServeError):
+    """A non-admin key asked to act for another tenant."""
+
+    error_type = "forbidden"
+
+
+class RequestTimeout(PrefixServeError):
+    error_type = "timeout"
+
+
+class QuotaExceeded(PrefixServeError):
+    """A per-tenant storage quota (number of prefixes, stored bytes)."""
+
+    error_type = "quota_exceeded"
+
+
 class ConnectionFailed(PrefixServeError):
     """The server could not be reached, or the connection broke."""
 
@@ -76,12 +92,18 @@ _SERVER_TYPES = (
     Overloaded,
     Unavailable,
     GenerationFailed,
+    Forbidden,
+    RequestTimeout,
+    QuotaExceeded,
 )
 _BY_TYPE: dict[str, type[PrefixServeError]] = {cls.error_type: cls for cls in _SERVER_TYPES}
 _BY_STATUS: dict[int, type[PrefixServeError]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
+    408: RequestTimeout,
+    409: QuotaExceeded,
     413: PayloadTooLarge,
     422: InvalidRequest,
     429: Overloaded,
