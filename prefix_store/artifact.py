@@ -92,7 +92,7 @@ def _sha256_of(chunks: Iterable[bytes | memoryview]) -> str:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     # Raw little-endian bytes of a CPU tensor, in C order (view as uint8 works for bf16 too).
-    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def tensor_sha256(key_values: torch.Tensor) -> str:

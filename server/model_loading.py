@@ -161,7 +161,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec or source.name!r} (offline, local files only): {exc}") from exc
-    return prepare_model(model.to(target), tokenizer, source.name, allow_unverified=allow_unverified)
+    model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly; it moves parameters in place
+    return prepare_model(model, tokenizer, source.name, allow_unverified=allow_unverified)
 
 
 def prepare_model(
