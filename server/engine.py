@@ -269,7 +269,7 @@ class Engine:
         params = tracked.request.params
         finish: str | None = None
         piece = ""
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not params.ignore_eos:
             finish = "eos"
         elif tracked.detokenizer is not None:
             piece = tracked.detokenizer.push(token)

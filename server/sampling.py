@@ -36,6 +36,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's name: EOS does not end the request (fixed-length runs)
 
 
 @dataclass

@@ -132,6 +132,7 @@ async def generate(
         top_p=body.top_p,
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(body.stop),
+        ignore_eos=body.ignore_eos,
     )
     prepared = await prepare_generation(
         state,

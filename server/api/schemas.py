@@ -25,6 +25,7 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = Field(False, description="EOS does not end the request (vLLM's name; for fixed-length runs)")
     stream: bool = False
 
     @model_validator(mode="after")

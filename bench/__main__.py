@@ -1,0 +1,67 @@
+"""`python -m bench [s1|s2|s4|all] [--quick] [--url URL]`: the benchmark harness (issue 7).
+
+S1 mixing and S4 many tenants start `prefix-serve serve` (default model, a temporary disk store)
+unless --url names a running server, upload the prefixes they need and drive load with httpx.
+S2 runs in-process: the engine vs the bare transformers loop on identical work.
+Results go to bench/results/<timestamp>/ (results.json, results.md, PNG plots when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from bench.harness import Report, log
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("scenario", choices=["s1", "s2", "s4", "all"], nargs="?", default="all")
+    p.add_argument("--quick", action="store_true", help="the reduced sizes that finish in minutes on a small CPU")
+    p.add_argument("--url", default=None, help="a running server to target instead of starting one")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<timestamp>)")
+    p.add_argument("--new-tokens", type=int, default=None, help="S1/S4 tokens per request (quick 32, else 64)")
+    p.add_argument("--prefix-len", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=None, help="alternating repeats per point (quick 2, else 3)")
+    p.add_argument("--tenants", default=None, help="S4 tenant counts, comma-separated (quick 1,100,1000)")
+    p.add_argument("--s4-requests", type=int, default=None, help="S4 requests per point (quick 128, else 1024)")
+    p.add_argument("--s2-batch", type=int, default=None, help="S2 batch (quick 8, else 32)")
+    p.add_argument("--s2-prompt", type=int, default=None, help="S2 prompt tokens (quick 256, else 512)")
+    p.add_argument("--s2-new-tokens", type=int, default=None, help="S2 new tokens (quick 128, else 512)")
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = {
+        "new_tokens": 32 if q else 64,
+        "repeats": 2 if q else 3,
+        "s4_requests": 128 if q else 1024,
+        "s2_batch": 8 if q else 32,
+        "s2_prompt": 256 if q else 512,
+        "s2_new_tokens": 128 if q else 512,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse(argv)
+    scenarios = ["s1", "s2", "s4"] if args.scenario == "all" else [args.scenario]
+    report = Report.create(args.out)
+    report.data["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    log(f"results in {report.out}")
+    from bench.scenarios import run_http, s2_long_context
+
+    if "s2" in scenarios:
+        s2_long_context(args, report)
+        report.write()
+    http = [s for s in scenarios if s in ("s1", "s4")]
+    if http:
+        run_http(args, report, http)
+    report.write()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""GPU benchmark: a random-initialised Llama-3.2-1B-shaped model, the engine vs the bare transformers loop.
+
+No download and no network: the model is built from a ``LlamaConfig`` with random weights (bf16 on CUDA).
+For each batch size it prints:
+
+* engine tokens/s with all-distinct prefixes ("mixed") and with one shared prefix ("single"), and their ratio;
+* engine tokens/s without prefixes vs the bare transformers loop (``DynamicCache``, left padding, mask) on
+  identical work, and their ratio;
+* the decode step time (engine and bare loop, prefill excluded) against the memory-bandwidth floor:
+  (bytes of weights + bytes of KV read per step) / measured device copy bandwidth.
+
+    bench/gpu.sh                      # H100: batch 64 and 128, bf16
+    bench/gpu.sh --device cpu --tiny  # a CPU smoke run on a tiny config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench.inproc import Timing, bare_loop, engine_requests, engine_run, make_engine, random_prompts, synchronize
+
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "vocab_size": 1024,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
+
+
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(**(TINY if tiny else LLAMA_1B))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # initialise straight on the device: no 5 GB fp32 detour through the host
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, iters: int = 20) -> float:
+    """Bytes/s moved by a device-to-device copy (each copy reads and writes ``nbytes``)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * nbytes * iters / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a tiny config (smoke test, e.g. on CPU)")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 elsewhere")
+    p.add_argument("--batches", default=None, help="comma-separated (default 64,128; tiny 4,8)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 128 (tiny 16)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny 16)")
+    p.add_argument("--prefix-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="also write the results JSON here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    batches = [int(b) for b in (args.batches or ("4,8" if args.tiny else "64,128")).split(",")]
+    prompt_len = args.prompt_len or (16 if args.tiny else 128)
+    new_tokens = args.new_tokens or (16 if args.tiny else 256)
+    short_tokens = max(2, new_tokens // 4)
+
+    model = build_model(args.tiny, device, dtype)
+    cfg = model.config
+    layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    elem = torch.tensor([], dtype=dtype).element_size()
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())  # tied embedding counted once
+    bandwidth = copy_bandwidth(device, 256 * 2**20 if device.type == "cuda" else 64 * 2**20)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, dtype {dtype}, torch {torch.__version__}", flush=True)
+    print(f"weights {weight_bytes / 2**20:.1f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+
+    results: dict[str, Any] = {
+        "device": name,
+        "dtype": str(dtype),
+        "config": TINY if args.tiny else LLAMA_1B,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefix_len": args.prefix_len,
+        "batches": {},
+    }
+    g = torch.Generator().manual_seed(1)
+    for batch in batches:
+        prompts = random_prompts(batch, prompt_len, cfg.vocab_size)
+        prefixes = [
+            (torch.randn(layers, 2, kv_heads, args.prefix_len, head_dim, generator=g) * 0.5).to(dtype)
+            for _ in range(batch)
+        ]
+        engine = make_engine(model, layers, kv_heads, head_dim, cfg.max_position_embeddings, batch)
+        engine.start()
+        runs: dict[str, list[Timing]] = {"mixed": [], "single": [], "engine": [], "engine_short": [], "bare": []}
+        try:
+            engine_run(engine, engine_requests(prompts, 2, prefixes))  # warm-up
+            bare_loop(model, prompts, 2)
+            for _ in range(args.repeats):
+                runs["mixed"].append(engine_run(engine, engine_requests(prompts, new_tokens, prefixes)))
+                runs["single"].append(engine_run(engine, engine_requests(prompts, new_tokens, prefixes[:1])))
+                runs["engine"].append(engine_run(engine, engine_requests(prompts, new_tokens)))
+                runs["engine_short"].append(engine_run(engine, engine_requests(prompts, short_tokens)))
+                runs["bare"].append(bare_loop(model, prompts, new_tokens))
+        finally:
+            engine.shutdown()
+
+        fastest = {key: min(timings, key=lambda t: t.seconds) for key, timings in runs.items()}
+
+        # Decode step time without prefill: the engine from two run lengths, the bare loop from its own split.
+        engine_step = (fastest["engine"].seconds - fastest["engine_short"].seconds) / (new_tokens - short_tokens)
+        b = fastest["bare"]
+        bare_step = (b.seconds - (b.prefill_s or 0.0)) / (new_tokens - 1)
+        mean_context = prompt_len + new_tokens / 2
+        kv_bytes = layers * 2 * kv_heads * head_dim * mean_context * batch * elem
+        floor = (weight_bytes + kv_bytes) / bandwidth
+        row = {
+            "mixed_tokens_per_s": fastest["mixed"].tokens_per_s,
+            "single_tokens_per_s": fastest["single"].tokens_per_s,
+            "mixed_over_single": fastest["mixed"].tokens_per_s / fastest["single"].tokens_per_s,
+            "engine_tokens_per_s": fastest["engine"].tokens_per_s,
+            "bare_tokens_per_s": b.tokens_per_s,
+            "engine_over_bare": fastest["engine"].tokens_per_s / b.tokens_per_s,
+            "engine_step_s": engine_step,
+            "bare_step_s": bare_step,
+            "floor_step_s": floor,
+            "kv_bytes_per_step_at_mean_context": kv_bytes,
+            "engine_step_over_floor": engine_step / floor,
+            "bare_step_over_floor": bare_step / floor,
+        }
+        results["batches"][str(batch)] = row
+        print(
+            f"batch {batch}: mixed {row['mixed_tokens_per_s']:.0f} tok/s, single {row['single_tokens_per_s']:.0f}, "
+            f"mixed/single {row['mixed_over_single']:.3f}; engine {row['engine_tokens_per_s']:.0f} vs bare "
+            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x; decode step engine "
+            f"{engine_step * 1e3:.2f} ms, bare {bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
+            f"(engine {row['engine_step_over_floor']:.2f}x floor)",
+            flush=True,
+        )
+    print(json.dumps(results, indent=2))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

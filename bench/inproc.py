@@ -1,0 +1,109 @@
+"""In-process measurements shared by S2 and the GPU script: the engine vs the bare transformers loop.
+
+Both sides do identical work: B prompts of the same length (distinct random token ids), greedy,
+exactly ``new_tokens`` tokens each (EOS ignored), no prefix unless one is given to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from server.engine import Engine, GenerationRequest
+from server.runner import ModelRunner
+from server.sampling import SamplingParams
+from server.scheduler import SchedulerConfig
+
+
+@dataclass
+class Timing:
+    seconds: float
+    tokens: int
+    prefill_s: float | None = None  # bare loop only: the first forward (prompt) alone
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def random_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Stay clear of the lowest ids, where special tokens usually live.
+    return torch.randint(100, vocab_size, (batch, prompt_len), generator=g).tolist()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def bare_loop(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int, pad_id: int = 0) -> Timing:
+    """Batched greedy decoding with the model's own forward and a ``DynamicCache``: left padding + attention mask."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    cache = DynamicCache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(device)
+    prefill_s = time.perf_counter() - start
+    generated = 1
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated += 1
+    synchronize(device)
+    return Timing(time.perf_counter() - start, generated * len(prompts), prefill_s)
+
+
+def make_engine(
+    model: PreTrainedModel, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int, batch: int
+) -> Engine:
+    runner = ModelRunner(model, num_layers, num_kv_heads, head_dim)
+    config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch))
+    return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config)
+
+
+async def _count(engine: Engine, request: GenerationRequest) -> int:
+    return len([e async for e in engine.generate(request) if e.token_id is not None])
+
+
+def engine_run(engine: Engine, requests: Sequence[GenerationRequest]) -> Timing:
+    """All requests submitted at once to a started engine; wall time until the last finishes."""
+
+    async def go() -> Timing:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(_count(engine, r) for r in requests))
+        return Timing(time.perf_counter() - start, sum(counts))
+
+    return asyncio.run(go())
+
+
+def engine_requests(
+    prompts: Sequence[Sequence[int]],
+    new_tokens: int,
+    prefixes: Sequence[torch.Tensor | None] | None = None,
+) -> list[GenerationRequest]:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    out = []
+    for i, p in enumerate(prompts):
+        kv = None if prefixes is None else prefixes[i % len(prefixes)]
+        pid = None if kv is None or prefixes is None else f"t{i % len(prefixes)}"
+        out.append(GenerationRequest(list(p), params, kv, pid))
+    return out
