@@ -15,6 +15,7 @@ from typing import Any
 
 from clients.cli import add_client_commands, run_client_command
 from server.config import ServeConfig
+from server.request_log import LOG_FORMATS, configure_logging
 
 ENV_PREFIX = "PREFIX_SERVE_"
 
@@ -67,6 +68,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help=f"serve no /docs, /redoc or /openapi.json [env {ENV_PREFIX}DISABLE_DOCS=1]",
     )
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--log-format",
+        default=os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text"),
+        help=f"text or json: one line per request either way (default text) [env {ENV_PREFIX}LOG_FORMAT]",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -123,7 +129,11 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = args.log_format.lower()
+    if log_format not in LOG_FORMATS:
+        print(f"error: --log-format must be one of {', '.join(LOG_FORMATS)}, not {args.log_format!r}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, log_format)
     try:
         allow_unverified = (
             config.allow_unverified_architecture
@@ -135,18 +145,23 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     store = config.store or default_store_url()
-    print(
+    banner = (
         f"prefix-serve: model {model.name} ({model.num_layers} layers, {model.num_kv_heads} KV heads, "
         f"head size {model.head_dim}) on {model.device} as {str(model.dtype).removeprefix('torch.')}; "
-        f"store {store}; listening on http://{config.host}:{config.port}",
-        flush=True,
+        f"store {store}; listening on http://{config.host}:{config.port}"
     )
+    if log_format == "json":  # every line of a JSON log is JSON
+        logging.getLogger("prefix_serve").info(banner)
+    else:
+        print(banner, flush=True)
     app = create_app(config, model=model)
     server_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         log_level=args.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to ours (configure_logging), in the chosen format
+        access_log=False,  # our request line (server/request_log.py) replaces uvicorn's access log
         timeout_graceful_shutdown=max(1, round(config.drain_timeout_s)),
     )
     _draining_server(server_config, app).run()

@@ -33,6 +33,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.request_log import RequestRecord, current_request, log_request, new_request_id
+
 if TYPE_CHECKING:
     from server.api.state import ServerState
     from server.batch import RowInfo
@@ -251,7 +253,10 @@ def _cuda_memory(device: torch.device) -> Iterator[Metric]:
 
 
 class MetricsMiddleware:
-    """Counts every finished HTTP request by method, route template and status, and times it.
+    """Counts every finished HTTP request by method, route template and status, times it, and logs it.
+
+    Each request gets an id (the client's X-Request-ID when plain, else a fresh
+    one), echoed in the response's X-Request-ID header and in its log line.
 
     Pure ASGI rather than BaseHTTPMiddleware: it must see streamed responses to
     their last byte, and it must sit outside the body-limit middleware to count
@@ -268,19 +273,29 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # what the server error middleware answers if the app raises
+        sent_id = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
+        record = RequestRecord(new_request_id(sent_id), scope["method"], scope["path"], started=started)
+        token = current_request.set(record)
 
         async def send_and_record_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = [*message.get("headers", ()), (b"x-request-id", record.request_id.encode())]
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record_status)
         finally:
-            self.metrics.observe_request(
-                scope["method"], scope["path"], _endpoint(scope), status, time.perf_counter() - started
-            )
+            current_request.reset(token)
+            endpoint = _endpoint(scope)
+            if record.task_id is None:  # prefix routes name the task in the path
+                task_id = scope.get("path_params", {}).get("task_id")
+                record.task_id = task_id if isinstance(task_id, str) else None
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(scope["method"], scope["path"], endpoint, status, seconds)
+            log_request(record, endpoint, status)
 
 
 def _endpoint(scope: Scope) -> str:

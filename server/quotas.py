@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.errors import Overloaded, PayloadTooLarge, QuotaExceeded, RequestTimeout
+from server.request_log import current_request
 
 if TYPE_CHECKING:
     from prefix_store.registry import PrefixRegistry
@@ -89,8 +90,13 @@ class RequestGate:
                     f"its quota max_queued_requests is {quotas.max_queued_requests}"
                 )
             events = engine.generate(request)
+            record = current_request.get()  # the HTTP request's log record, when served over HTTP
+            if record is not None:
+                record.note_generation(request)
             try:
                 async for event in self._with_deadline(events):
+                    if record is not None:
+                        record.note_event(event)
                     yield event
             finally:
                 await events.aclose()  # type: ignore[attr-defined]  # aborts the request if it is still going

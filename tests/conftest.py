@@ -52,3 +52,15 @@ def default_model():
     from server.model_loading import load_model
 
     return load_model(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """`prefix-serve serve` run in-process configures root logging for a server process; undo it per test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

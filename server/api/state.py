@@ -15,6 +15,7 @@ from server.engine import Engine
 from server.errors import Unavailable
 from server.model_loading import LoadedModel
 from server.quotas import RequestGate, TenantQuotas, default_quotas
+from server.request_log import current_request
 
 
 @dataclass
@@ -57,7 +58,10 @@ def get_principal(
         ),
     ] = None,
 ) -> Principal:
-    return acting_for(get_state(request).keys.authenticate(request.headers.get("authorization")), tenant)
+    principal = acting_for(get_state(request).keys.authenticate(request.headers.get("authorization")), tenant)
+    if (record := current_request.get()) is not None:  # for the request's log line
+        record.tenant = principal.tenant
+    return principal
 
 
 State = Annotated[ServerState, Depends(get_state)]
