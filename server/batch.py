@@ -21,13 +21,37 @@ independent in attention; padding is masked).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from server.kv_cache import allocate
-from server.sampling import SamplingBatch
+from server.kv_cache import HEADROOM_COLUMNS, allocate
+from server.sampling import SamplingBatch, SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """What it takes to start a row: the prompt, its sampling, and its prefix if any."""
+
+    request_id: str
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    prefix_kv: torch.Tensor | None = None  # [L, 2, H_kv, P, d], any device/dtype
+    prefix_id: str | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix_kv is None else self.prefix_kv.shape[3]
+
+
+@dataclass(frozen=True)
+class PrefillInputs:
+    """The prompts of new rows, left-padded: the inputs of their prefill forward."""
+
+    input_ids: torch.Tensor  # [B, N_max]
+    position_ids: torch.Tensor  # [B, N_max]: P_i, P_i + 1, ... on each row's real tokens
+    attention_mask: torch.Tensor  # [B, P_max + N_max]: [prefix slots | prompt slots]
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,52 @@ class Batch:
     @property
     def request_ids(self) -> list[str]:
         return [r.request_id for r in self.rows]
+
+    @classmethod
+    def from_requests(
+        cls,
+        requests: Sequence[NewRequest],
+        *,
+        kv_shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        place_prefix: Callable[[NewRequest], torch.Tensor],
+    ) -> tuple[Batch, PrefillInputs]:
+        """New rows holding only their prefixes, and the prompt inputs that the prefill forward appends.
+
+        ``kv_shape`` is (layers, KV heads, head size); ``place_prefix`` gives a request's prefix
+        [L, 2, H_kv, P, d] on ``device`` in ``dtype`` (the device tier of the prefix cache). The KV buffers
+        have room for the prompts and the first decode steps: per layer [B, H_kv, P_max + N_max + headroom, d].
+        """
+        num_layers, num_kv_heads, head_dim = kv_shape
+        n_rows = len(requests)
+        prefix_lens = [r.prefix_len for r in requests]
+        prompt_lens = [len(r.prompt_ids) for r in requests]
+        p_max, n_max = max(prefix_lens), max(prompt_lens)
+        capacity = p_max + n_max + HEADROOM_COLUMNS
+        past = torch.zeros(num_layers, 2, n_rows, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        input_ids = torch.zeros(n_rows, n_max, dtype=torch.int64)
+        positions = torch.zeros(n_rows, n_max, dtype=torch.int64)
+        mask = torch.zeros(n_rows, p_max + n_max, dtype=torch.int64)
+        for i, req in enumerate(requests):
+            p, n = prefix_lens[i], prompt_lens[i]
+            if req.prefix_kv is not None:
+                past[:, :, i, :, p_max - p : p_max] = place_prefix(req)
+            input_ids[i, n_max - n :] = torch.tensor(list(req.prompt_ids), dtype=torch.int64)
+            positions[i, n_max - n :] = torch.arange(p, p + n)
+            mask[i, p_max - p : p_max] = 1
+            mask[i, p_max + n_max - n :] = 1
+        mask = mask.to(device)
+        batch = cls(
+            rows=[RowInfo(r.request_id, r.prefix_id, r.prefix_len) for r in requests],
+            keys=[past[layer, 0] for layer in range(num_layers)],
+            values=[past[layer, 1] for layer in range(num_layers)],
+            attention_mask=mask[:, :p_max],
+            next_positions=torch.tensor(prefix_lens, dtype=torch.int64, device=device),
+            next_input_ids=torch.zeros(n_rows, dtype=torch.int64, device=device),
+            sampling=SamplingBatch.from_params([r.params for r in requests], device),
+        )
+        return batch, PrefillInputs(input_ids.to(device), positions.to(device), mask)
 
     def filter(self, keep_request_ids: Sequence[str]) -> Batch | None:
         """Keep the given requests (in their current order); trim columns that are padding in every kept row."""

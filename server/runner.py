@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from server.architectures import mask_builder
-from server.batch import Batch, RowInfo
+from server.batch import Batch, NewRequest
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
-from server.kv_cache import HEADROOM_COLUMNS, build_cache, read_cache
-from server.sampling import SamplingBatch, SamplingParams, sample
+from server.kv_cache import build_cache, read_cache
+from server.sampling import sample
 
-
-@dataclass(frozen=True)
-class NewRequest:
-    """What the runner needs to start a row."""
-
-    request_id: str
-    prompt_ids: Sequence[int]
-    params: SamplingParams
-    prefix_kv: torch.Tensor | None = None  # [L, 2, H_kv, P, d], any device/dtype
-    prefix_id: str | None = None
-
-    @property
-    def prefix_len(self) -> int:
-        return 0 if self.prefix_kv is None else self.prefix_kv.shape[3]
+__all__ = ["ModelRunner", "NewRequest"]  # NewRequest lives with the batch; callers import it from here too
 
 
 class ModelRunner:
@@ -75,43 +61,19 @@ class ModelRunner:
         return tokens
 
     def _prefill_forward(self, requests: Sequence[NewRequest]) -> tuple[Batch, torch.Tensor]:
-        n_rows = len(requests)
-        prefix_lens = [r.prefix_len for r in requests]
-        prompt_lens = [len(r.prompt_ids) for r in requests]
-        p_max, n_max = max(prefix_lens), max(prompt_lens)
-        dev = self.device
-
-        # Past KV = the prefixes, left-padded to P_max, in buffers with room for the prompts and the first
-        # decode steps: per layer [B, H_kv, P_max + N_max + headroom, d].
-        capacity = p_max + n_max + HEADROOM_COLUMNS
-        past = torch.zeros(
-            self.num_layers, 2, n_rows, self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=dev
+        """The prompts' forward after their prefixes: the batch holding all of it, and last-token logits [B, V]."""
+        batch, inputs = Batch.from_requests(
+            requests,
+            kv_shape=(self.num_layers, self.num_kv_heads, self.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+            place_prefix=lambda r: self.prefix_cache.get(r.prefix_id, r.prefix_kv),
         )
-        # Inputs = the prompts, left-padded to N_max. Mask over [prefix slots | prompt slots].
-        input_ids = torch.zeros(n_rows, n_max, dtype=torch.int64)
-        positions = torch.zeros(n_rows, n_max, dtype=torch.int64)
-        mask = torch.zeros(n_rows, p_max + n_max, dtype=torch.int64)
-        for i, req in enumerate(requests):
-            p, n = prefix_lens[i], prompt_lens[i]
-            if req.prefix_kv is not None:
-                past[:, :, i, :, p_max - p : p_max] = self.prefix_cache.get(req.prefix_id, req.prefix_kv)
-            input_ids[i, n_max - n :] = torch.tensor(list(req.prompt_ids), dtype=torch.int64)
-            positions[i, n_max - n :] = torch.arange(p, p + n)
-            mask[i, p_max - p : p_max] = 1
-            mask[i, p_max + n_max - n :] = 1
-        mask = mask.to(dev)
-        keys = [past[layer, 0] for layer in range(self.num_layers)]
-        values = [past[layer, 1] for layer in range(self.num_layers)]
-        logits, keys, values = self._forward(input_ids.to(dev), mask, positions.to(dev), keys, values)
-        batch = Batch(
-            rows=[RowInfo(r.request_id, r.prefix_id, r.prefix_len) for r in requests],
-            keys=keys,
-            values=values,
-            attention_mask=mask,
-            next_positions=torch.tensor([p + n for p, n in zip(prefix_lens, prompt_lens, strict=True)], device=dev),
-            next_input_ids=torch.zeros(n_rows, dtype=torch.int64, device=dev),
-            sampling=SamplingBatch.from_params([r.params for r in requests], dev),
+        logits, batch.keys, batch.values = self._forward(
+            inputs.input_ids, inputs.attention_mask, inputs.position_ids, batch.keys, batch.values
         )
+        batch.attention_mask = inputs.attention_mask
+        batch.next_positions = inputs.position_ids[:, -1] + 1  # every row's last prompt token is in the last column
         return batch, logits
 
     def _forward(

@@ -103,3 +103,30 @@ def test_check_catches_inconsistency() -> None:
     except AssertionError:
         return
     raise AssertionError("check() accepted a row whose position disagrees with its mask")
+
+
+def test_from_requests_places_prefixes_and_prompts() -> None:
+    from server.batch import NewRequest
+
+    kv = torch.arange(2 * 2 * 2 * 3 * 4, dtype=torch.float32).reshape(2, 2, 2, 3, 4)  # [L, 2, H, P=3, d]
+    requests = [
+        NewRequest("with-prefix", [11, 12], SamplingParams(seed=1), kv, "t/a@1"),
+        NewRequest("plain", [21, 22, 23, 24], SamplingParams(seed=2)),
+    ]
+    batch, inputs = Batch.from_requests(
+        requests,
+        kv_shape=(2, 2, 4),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        place_prefix=lambda r: r.prefix_kv,
+    )
+    assert batch.request_ids == ["with-prefix", "plain"] and batch.width == 3
+    for layer in range(2):  # the prefix fills the row's P slots; the other row's slots stay zero
+        assert torch.equal(batch.keys[layer][0, :, :3], kv[layer, 0]) and torch.equal(
+            batch.values[layer][0, :, :3], kv[layer, 1]
+        )
+        assert not batch.keys[layer][1].any()
+    assert inputs.input_ids.tolist() == [[0, 0, 11, 12], [21, 22, 23, 24]]
+    assert inputs.position_ids.tolist() == [[0, 0, 3, 4], [0, 1, 2, 3]]  # real tokens start at P
+    assert inputs.attention_mask.tolist() == [[1, 1, 1, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1]]
+    assert batch.next_positions.tolist() == [3, 0] and batch.sampling.seed.tolist() == [1, 2]
