@@ -5,6 +5,9 @@
 `prefix_projection=True` it already holds the MLP's output). Viewed as
 [P, 2L, H_kv, d], layer l's K is slot 2l and V slot 2l+1. For GQA models
 PEFT writes `num_attention_heads = H_kv` and `token_dim = H_kv * d`.
+Encoder-decoder checkpoints (`num_transformer_submodules: 2`) have the same
+tensor; only the decoder's self-attention uses it, in a slot order of PEFT's
+own (see ``decoder_slot_order``).
 """
 
 from __future__ import annotations
@@ -57,10 +60,8 @@ def key_values_from_peft(config_json: bytes | str | dict[str, Any], weights: byt
     if peft_type != "PREFIX_TUNING":
         raise InvalidPrefix(f"not a prefix-tuning checkpoint: peft_type is {peft_type!r}, want 'PREFIX_TUNING'")
     submodules = config.get("num_transformer_submodules", 1)
-    if submodules == 2:
-        raise InvalidPrefix("encoder-decoder prefixes are not supported yet (num_transformer_submodules is 2)")
-    if submodules not in (1, None):
-        raise InvalidPrefix(f"{CONFIG_NAME}: num_transformer_submodules must be 1, got {submodules!r}")
+    if submodules not in (1, 2, None):
+        raise InvalidPrefix(f"{CONFIG_NAME}: num_transformer_submodules must be 1 or 2, got {submodules!r}")
     L = _positive_int(config, "num_layers")
     H = _positive_int(config, "num_attention_heads")  # = H_kv for GQA models
     token_dim = _positive_int(config, "token_dim")  # = H_kv * d
@@ -78,8 +79,27 @@ def key_values_from_peft(config_json: bytes | str | dict[str, Any], weights: byt
             f"(num_virtual_tokens, 2 * num_layers * token_dim)"
         )
     emb = tensor_from_blob(weights, entry).to(torch.float32)  # [P, 2L*H*d]
-    # [P, 2L, H, d] -> [2L, H, P, d] -> [L, 2, H, P, d]; slot 2l = K_l, 2l+1 = V_l.
-    return emb.view(P, 2 * L, H, d).permute(1, 2, 0, 3).reshape(L, 2, H, P, d).contiguous()
+    slots = emb.view(P, 2 * L, H, d).permute(1, 2, 0, 3)  # [2L, H, P, d]
+    if submodules == 2:
+        slots = slots[decoder_slot_order(L)]
+    # [2L, H, P, d] -> [L, 2, H, P, d]; slot 2l = K_l, 2l+1 = V_l.
+    return slots.reshape(L, 2, H, P, d).contiguous()
+
+
+def decoder_slot_order(num_layers: int) -> list[int]:
+    """For an encoder-decoder checkpoint: the slots that PEFT's forward puts in each decoder layer's self-attention.
+
+    PEFT 0.21.2 duplicates the 2L slots (for self- and cross-attention), concatenates the copies and hands
+    decoder layer l the group [4l, 4l + 4) of that list: self-attention K, V, cross-attention K, V. It then
+    discards the cross-attention part (it resets that cache so the encoder output is attended to). So layer l's
+    self-attention K is slot 4l mod 2L and its V the slot after it: for L = 3, layers take slots (0, 1), (4, 5),
+    (2, 3). Verified against PEFT's forward by tests/test_seq2seq.py.
+    """
+    order: list[int] = []
+    for layer in range(num_layers):
+        key_slot = (4 * layer) % (2 * num_layers)
+        order += [key_slot, key_slot + 1]
+    return order
 
 
 def key_values_from_peft_dir(path: str | Path) -> torch.Tensor:

@@ -40,13 +40,19 @@ VERIFIED_ARCHITECTURES: dict[str, str] = {
     "falcon": "multi-query (1 KV head), rotary or ALiBi; native prefixes only (PEFT cannot run MQA falcon)",
 }
 
+# Encoder-decoder models, served with PEFT's seq2seq prefix placement (server/seq2seq_runner.py).
+VERIFIED_ENCODER_DECODER: dict[str, str] = {
+    "bart": "encoder-decoder, learned positions (per-row decoder positions); prefix in decoder self-attention",
+    "t5": "encoder-decoder, relative position buckets; prefix in decoder self-attention",
+}
+
 # A prepared attention mask: the runner's 2-D [B, T + q] mask, a 4-D additive [B, 1, q, T + q] mask, or per layer type.
 AttentionMask = torch.Tensor | dict[str, torch.Tensor]
 MaskBuilder = Callable[[torch.Tensor, torch.Tensor], AttentionMask]
 
 
 def supported_list() -> str:
-    return ", ".join(sorted(VERIFIED_ARCHITECTURES))
+    return ", ".join(sorted(VERIFIED_ARCHITECTURES | VERIFIED_ENCODER_DECODER))
 
 
 def sliding_window_of(config: PretrainedConfig) -> int | None:

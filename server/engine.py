@@ -31,6 +31,7 @@ from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
 
 if TYPE_CHECKING:
     from server.metrics import EngineMetrics
+    from server.seq2seq_runner import Seq2SeqRunner
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class _Tracked:
 class Engine:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: ModelRunner | Seq2SeqRunner,
         tokenizer: Decoder | None,
         *,
         eos_token_ids: Sequence[int],
@@ -157,13 +158,14 @@ class Engine:
                 f"{self.scheduler.config.max_batch_tokens}: lower max_new_tokens or the prompt"
             )
         loop = asyncio.get_running_loop()
+        context = self.runner.detokenizer_context(request.prompt_ids)  # what the first token decodes after
         tracked = _Tracked(
             request_id=f"req-{next(self._ids)}-{secrets.token_hex(4)}",
             request=request,
             max_len=max_len,
             loop=loop,
             events=asyncio.Queue(),
-            detokenizer=None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+            detokenizer=None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, context),
             stop=StopMatcher(request.params.stop),
         )
         with self._lock:
@@ -230,7 +232,8 @@ class Engine:
                     self.metrics.prompt_tokens.inc(sum(len(t.request.prompt_ids) for t in admitted))
                 new_batch = self._consume(new_batch, tokens)
                 if new_batch is not None:
-                    self._batch = new_batch if self._batch is None else Batch.concatenate([self._batch, new_batch])
+                    merged = [new_batch] if self._batch is None else [self._batch, new_batch]
+                    self._batch = type(new_batch).concatenate(merged)
         if self._batch is not None:
             tokens = self.runner.decode(self._batch)
             self._batch = self._consume(self._batch, tokens)

@@ -16,6 +16,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from prefix_store.fingerprint import ModelFingerprint
-from server.architectures import VERIFIED_ARCHITECTURES, supported_list
+from server.architectures import VERIFIED_ARCHITECTURES, VERIFIED_ENCODER_DECODER, supported_list
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class LoadedModel:
     head_dim: int
     max_context: int
     eos_token_ids: list[int]
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """BART/T5: the prompt goes to the encoder and the prefix to the decoder (server/seq2seq_runner.py)."""
+        return bool(getattr(self.model.config, "is_encoder_decoder", False))
 
     @property
     def fingerprint(self) -> ModelFingerprint:
@@ -127,9 +133,11 @@ def check_architecture(config: PretrainedConfig, *, allow_unverified: bool = Fal
     """Refuse a model the server cannot serve exactly; ``allow_unverified`` lets an unverified decoder through."""
     model_type = str(getattr(config, "model_type", "") or "unknown")
     if getattr(config, "is_encoder_decoder", False):
-        # Never overridable: AutoModelForCausalLM would load only the decoder (BART) and silently drop the encoder.
+        if model_type in VERIFIED_ENCODER_DECODER:
+            return
+        # Never overridable: where PEFT puts an encoder-decoder prefix differs by model family.
         raise ModelLoadError(
-            f"{model_type!r} is an encoder-decoder model; prefix-serve serves decoder-only causal LMs "
+            f"{model_type!r} is an encoder-decoder model that is not verified for prefix serving "
             f"(verified: {supported_list()})"
         )
     if model_type in VERIFIED_ARCHITECTURES:
@@ -154,11 +162,15 @@ def load_model(
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
+        encoder_decoder = False  # GGUF files hold decoder-only models
         if not source.gguf_file:
             # Refuse before reading weights. (A GGUF config costs seconds to parse; prepare_model checks it.)
-            check_architecture(AutoConfig.from_pretrained(source.path, **kwargs), allow_unverified=allow_unverified)
+            config = AutoConfig.from_pretrained(source.path, **kwargs)
+            check_architecture(config, allow_unverified=allow_unverified)
+            encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+        auto_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+        model = auto_class.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec or source.name!r} (offline, local files only): {exc}") from exc
     model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly; it moves parameters in place
@@ -200,8 +212,13 @@ def probe_kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
     models whose config names differ).
     """
     device = next(model.parameters()).device
-    out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64, device=device), use_cache=True)
-    layers = out.cache.layers
+    token = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    if getattr(model.config, "is_encoder_decoder", False):
+        # The prefix lives in the decoder's self-attention: read that half of the encoder-decoder cache.
+        out = model(input_ids=token, decoder_input_ids=token, use_cache=True)
+        layers = out.cache.self_attention_cache.layers
+    else:
+        layers = model(input_ids=token, use_cache=True).cache.layers
     _, heads, _, head_dim = layers[0].keys.shape  # [1, H_kv, 1, d]
     return len(layers), heads, head_dim
 

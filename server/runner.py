@@ -38,6 +38,10 @@ class ModelRunner:
         # Sliding-window models need masks built from positions, not cache columns (see server/architectures.py).
         self._attention_mask = mask_builder(model.config, self.dtype)
 
+    def detokenizer_context(self, prompt_ids: Sequence[int]) -> Sequence[int]:
+        """What precedes the generated tokens in the model's context: the prompt."""
+        return prompt_ids
+
     @torch.inference_mode()
     def prefill(self, requests: Sequence[NewRequest]) -> tuple[Batch, torch.Tensor]:
         """Run new requests' prompts together, each after its own prefix. Returns the batch and first tokens [B]."""

@@ -258,11 +258,11 @@ def test_default_architecture_is_supported() -> None:
     check_architecture(LlamaConfig())
 
 
-@pytest.mark.parametrize("model_type", ["bart", "t5"])
-def test_encoder_decoder_is_refused_even_with_override(tmp_path: Path, model_type: str) -> None:
+@pytest.mark.parametrize("model_type", ["pegasus", "marian"])
+def test_unverified_encoder_decoder_is_refused_even_with_override(tmp_path: Path, model_type: str) -> None:
     model_dir = _config_only_dir(tmp_path, model_type)
     for allow in (False, True):
-        with pytest.raises(ModelLoadError, match=r"encoder-decoder.*llama"):
+        with pytest.raises(ModelLoadError, match=r"encoder-decoder model that is not verified.*bart.*t5"):
             load_model(str(model_dir), device="cpu", allow_unverified=allow)
 
 

@@ -131,7 +131,7 @@ def test_accepts_bytes_config_and_prefixed_tensor_name(saved) -> None:  # type: 
     ("change", "message"),
     [
         ({"peft_type": "LORA"}, "peft_type is 'LORA'"),
-        ({"num_transformer_submodules": 2}, "encoder-decoder prefixes are not supported yet"),
+        ({"num_transformer_submodules": 3}, "must be 1 or 2"),
         ({"num_layers": 3}, "implies"),
         ({"num_virtual_tokens": 6}, "implies"),
         ({"token_dim": 30}, "not a multiple"),

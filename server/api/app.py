@@ -29,6 +29,7 @@ from server.model_loading import LoadedModel, load_model
 from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
+from server.seq2seq_runner import Seq2SeqRunner
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         max_upload_bytes=config.max_upload_bytes,
         on_load=None if metrics is None else metrics.load_observer(source),
     )
-    runner = ModelRunner(
+    runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
+    runner = runner_class(
         model.model,
         model.num_layers,
         model.num_kv_heads,
