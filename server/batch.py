@@ -59,7 +59,7 @@ class RowInfo:
     """Who a row belongs to. Rebuilt only by indexing lists of these, never field by field."""
 
     request_id: str
-    prefix_id: str | None  # "tenant/task@version", or None for the base model
+    prefix_id: str | None  # "tenant/task@version#sha256-prefix", or None for the base model
     prefix_len: int
 
 

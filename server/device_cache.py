@@ -30,7 +30,7 @@ class DevicePrefixCache:
     def get(self, prefix_id: str | None, host_kv: torch.Tensor) -> torch.Tensor:
         """The prefix [L, 2, H_kv, P, d] on the model's device and dtype, copied at most once while cached.
 
-        ``prefix_id`` names a version ("tenant/task@version"), so a new upload is a new entry and an old
+        ``prefix_id`` names a version ("tenant/task@version#sha256-prefix"), so a new upload is a new entry and an old
         version simply ages out; None means an anonymous prefix that is never cached.
         """
         if not self.enabled or prefix_id is None:

@@ -53,7 +53,7 @@ class RequestRecord:
     finish_reason: str | None = None
 
     def note_generation(self, request: GenerationRequest) -> None:
-        """The engine request this HTTP request submits (its prefix id is "tenant/task@version")."""
+        """The engine request this HTTP request submits (its prefix id is "tenant/task@version#sha256-prefix")."""
         self.tenant = request.tenant
         if request.prefix_id is not None:
             self.task_id = request.prefix_id.partition("/")[2].rpartition("@")[0] or None

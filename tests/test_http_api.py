@@ -193,3 +193,37 @@ def test_multipart_needs_both_files(client: TestClient, peft_checkpoint) -> None
     ckpt, _ = peft_checkpoint
     files = {"adapter_config.json": ("adapter_config.json", io.BytesIO((ckpt / "adapter_config.json").read_bytes()))}
     assert_error(client.put("/v1/prefixes/half", files=files), 400, "adapter_model.safetensors")
+
+
+def test_reupload_after_delete_is_a_new_prefix(client: TestClient) -> None:
+    """Versions restart at 1 after a delete; the engine's prefix id (the device cache's key) must still change."""
+    import asyncio
+
+    from server.api.auth import DEFAULT_TENANT, Principal
+    from server.api.generate import prepare_generation
+    from server.sampling import SamplingParams
+
+    def engine_prefix_id() -> str | None:
+        prepared = prepare_generation(
+            client.app.state.server,
+            Principal(DEFAULT_TENANT, admin=True),
+            task_id="reborn",
+            prompt="Once upon a time",
+            messages=None,
+            params=SamplingParams(max_new_tokens=8),
+            response_id="test",
+        )
+        return asyncio.run(prepared).request.prefix_id
+
+    request = {"task_id": "reborn", "prompt": "Once upon a time", "max_new_tokens": 8}
+    first = put_native(client, "reborn", native_blob(p=3)).json()
+    first_id, first_out = engine_prefix_id(), client.post("/v1/generate", json=request).json()
+    assert client.delete("/v1/prefixes/reborn").status_code == 204
+    second = put_native(client, "reborn", native_blob(p=7)).json()
+    second_id, second_out = engine_prefix_id(), client.post("/v1/generate", json=request).json()
+    assert put_native(client, "reborn-twin", native_blob(p=7)).status_code == 201
+    twin_out = client.post("/v1/generate", json={**request, "task_id": "reborn-twin"}).json()
+
+    assert first["version"] == second["version"] == 1  # the disk store starts a deleted task afresh
+    assert first_id is not None and second_id is not None and first_id != second_id
+    assert second_out["token_ids"] == twin_out["token_ids"] != first_out["token_ids"]

@@ -59,7 +59,9 @@ async def prepare_generation(
             raise from_store_error(exc) from exc
         meta = artifact.metadata
         prefix_kv, version = artifact.key_values, meta.version
-        prefix_id = f"{meta.tenant}/{meta.task_id}@{meta.version}"
+        # The content hash makes the id unique even when a deleted task is uploaded again and its version
+        # numbers restart: the device tier of the prefix cache is keyed by this id.
+        prefix_id = f"{meta.tenant}/{meta.task_id}@{meta.version}#{meta.sha256[:16]}"
     return PreparedGeneration(
         response_id=response_id,
         task_id=task_id,
