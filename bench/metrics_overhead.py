@@ -1,18 +1,23 @@
 """What the Prometheus instrumentation costs the decode loop.
 
-Three figures per batch size B:
+Figures per batch size B:
 
 * ``instr``: the engine's per-step metrics work in isolation, exactly the calls
   ``Engine._consume``/``_emit`` make (one ``forward_pass`` observation of batch
   size, distinct prefixes and padding ratio, B inter-token-latency
-  observations, one generated-tokens increment, one clock read);
+  observations, the generated-tokens increment, one clock read), three ways:
+  without the ``task`` label (the default), with ``--metrics-task-labels 64``
+  (each of the B rows has a task of its own, so B label values per step: the
+  worst case) and with ``--metrics-task-labels 4`` (rows past the fourth task
+  are summed under "other");
 * ``decode``: one ``ModelRunner.decode`` step of the same batch on the tiny
   test-sized model (the worst case: the cheapest step there is) and, with
   ``--default-model``, on the embedded SmolLM2-135M;
-* their ratio.
+* instr / decode, without and with the label.
 
-Then an end-to-end A/B on the tiny model: the same concurrent requests through
-an engine with and without metrics, alternated ABAB so drift hits both alike.
+Then an end-to-end A/B/C on the tiny model: the same concurrent requests
+through an engine without metrics, with them and with the ``task`` label,
+alternated so drift hits all alike.
 
     python -m bench.metrics_overhead [--batch 1 8 32] [--steps 64] [--default-model]
 """
@@ -31,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from server.batch import Batch
 from server.engine import Engine, GenerationRequest
-from server.metrics import EngineMetrics
+from server.metrics import EngineMetrics, TaskLabels
 from server.model_loading import load_model, probe_kv_shape
 from server.runner import ModelRunner, NewRequest
 from server.sampling import SamplingParams
@@ -73,9 +78,9 @@ def time_decode(runner: ModelRunner, batch: Batch, steps: int) -> float:
     return statistics.median(times)
 
 
-def time_instrumentation(batch: Batch, repeats: int) -> float:
+def time_instrumentation(batch: Batch, repeats: int, task_labels: int = 0) -> float:
     """Seconds per step of the engine's metrics calls for this batch, on a fresh registry."""
-    metrics = EngineMetrics(CollectorRegistry())
+    metrics = EngineMetrics(CollectorRegistry(), TaskLabels(task_labels) if task_labels else None)
     rows, width = batch.rows, batch.width
     real = sum(batch.next_positions.tolist())
     last = time.perf_counter()
@@ -85,7 +90,7 @@ def time_instrumentation(batch: Batch, repeats: int) -> float:
         metrics.forward_pass(rows, width, real)
         for _row in rows:
             metrics.inter_token_latency.observe(now - last)
-        metrics.generated_tokens.inc(len(rows))
+        metrics.generated(rows)
         last = now
     return (time.perf_counter() - start) / repeats
 
@@ -94,14 +99,20 @@ def per_step_table(name: str, model: PreTrainedModel, batches: list[int], steps:
     runner = ModelRunner(model, *probe_kv_shape(model))
     vocab = int(model.config.vocab_size)
     print(f"\n{name}: per decode step, P={prefix_len}, prompts 16-31 tokens, {steps} steps")
-    print(f"{'B':>4} {'instr us':>10} {'decode ms':>10} {'ratio':>8}")
+    header = ["B", "instr us", "task us", "task/4 us", "decode ms", "ratio", "task ratio"]
+    print(" ".join(f"{h:>10}" for h in header))
     warm, _ = runner.prefill(new_requests(runner, 2, prefix_len, vocab, steps))
     time_decode(runner, warm, 4)  # first calls pay one-off setup; keep them out of the table
     for b in batches:
         batch, _ = runner.prefill(new_requests(runner, b, prefix_len, vocab, steps))
         decode = time_decode(runner, batch, steps)
         instr = time_instrumentation(batch, repeats=2000)
-        print(f"{b:>4} {instr * 1e6:>10.1f} {decode * 1e3:>10.2f} {instr / decode:>8.3%}")
+        labelled = time_instrumentation(batch, repeats=2000, task_labels=64)
+        few = time_instrumentation(batch, repeats=2000, task_labels=4)
+        print(
+            f"{b:>10} {instr * 1e6:>10.1f} {labelled * 1e6:>10.1f} {few * 1e6:>10.1f} {decode * 1e3:>10.2f}"
+            f" {instr / decode:>10.3%} {labelled / decode:>10.3%}"
+        )
 
 
 async def engine_run(model: PreTrainedModel, metrics: EngineMetrics | None, requests: int, new_tokens: int) -> float:
@@ -127,18 +138,20 @@ async def engine_run(model: PreTrainedModel, metrics: EngineMetrics | None, requ
 
 
 def engine_ab(model: PreTrainedModel, requests: int, new_tokens: int, repeats: int) -> None:
-    runs: dict[str, list[float]] = {"off": [], "on": []}
+    runs: dict[str, list[float]] = {"off": [], "on": [], "task": []}
     variants: dict[str, Callable[[], EngineMetrics | None]] = {
         "off": lambda: None,
         "on": lambda: EngineMetrics(CollectorRegistry()),
+        "task": lambda: EngineMetrics(CollectorRegistry(), TaskLabels(64)),
     }
     asyncio.run(engine_run(model, None, requests, 4))  # warm-up
     for _ in range(repeats):
         for name, make in variants.items():
             runs[name].append(asyncio.run(engine_run(model, make(), requests, new_tokens)))
-    off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    off, on, task = (statistics.median(runs[name]) for name in ("off", "on", "task"))
     print(f"\nengine A/B, tiny model, {requests} concurrent requests x {new_tokens} tokens, median of {repeats}:")
     print(f"  without metrics {off * 1e3:.1f} ms, with metrics {on * 1e3:.1f} ms, difference {(on - off) / off:+.2%}")
+    print(f"  with the task label {task * 1e3:.1f} ms, difference {(task - off) / off:+.2%}")
     print("  (the A/B difference is within run-to-run noise unless it exceeds the per-step ratio above)")
 
 

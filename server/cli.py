@@ -48,6 +48,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "tenant_max_prefixes": (int, "per-tenant stored prefixes before 409 (default 0 = no limit)"),
     "tenant_max_stored_bytes": (int, "per-tenant stored prefix bytes before 409 (default 0 = no limit)"),
     "tenant_max_upload_bytes": (int, "per-tenant largest upload before 413 (default 0 = --max-upload-bytes)"),
+    "metrics_task_labels": (int, 'tasks with their own metric label, later ones as "other" (default 0 = no label)'),
 }
 
 
@@ -129,6 +130,9 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if config.metrics_task_labels < 0:
+        print("error: --metrics-task-labels must be 0 (off) or a positive number of tasks", file=sys.stderr)
+        return 2
     log_format = args.log_format.lower()
     if log_format not in LOG_FORMATS:
         print(f"error: --log-format must be one of {', '.join(LOG_FORMATS)}, not {args.log_format!r}", file=sys.stderr)

@@ -37,3 +37,4 @@ class ServeConfig:
     tenant_max_prefixes: int = 0
     tenant_max_stored_bytes: int = 0
     tenant_max_upload_bytes: int = 0
+    metrics_task_labels: int = 0  # first N tasks get their own `task` metric label, later ones "other"; 0 = off

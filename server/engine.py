@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.batch import Batch
+from server.batch import Batch, RowInfo
 from server.errors import InvalidInput, Overloaded, Unavailable
 from server.runner import ModelRunner, NewRequest
 from server.sampling import SamplingParams
@@ -229,7 +229,7 @@ class Engine:
                 new_batch = None
             if new_batch is not None:
                 if self.metrics is not None:
-                    self.metrics.prompt_tokens.inc(sum(len(t.request.prompt_ids) for t in admitted))
+                    self.metrics.prefilled([t.request for t in admitted])
                 new_batch = self._consume(new_batch, tokens)
                 if new_batch is not None:
                     merged = [new_batch] if self._batch is None else [self._batch, new_batch]
@@ -247,17 +247,17 @@ class Engine:
             # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
             metrics.forward_pass(batch.rows, batch.width, sum(positions))
         keep: list[str] = []
-        emitted = 0
+        emitted: list[RowInfo] = []  # rows that got their token, for the generated-token counter
         for row, token, position in zip(batch.rows, tokens.tolist(), positions, strict=True):
             tracked = self._tracked[row.request_id]
             if tracked.cancelled:
                 self._finish(tracked, GenerationEvent(None, "", "cancelled"))
                 continue
-            emitted += 1
+            emitted.append(row)
             if not self._emit(tracked, token, position, now):
                 keep.append(row.request_id)
         if metrics is not None:
-            metrics.generated_tokens.inc(emitted)  # once per step, not per row: one lock instead of B
+            metrics.generated(emitted)  # once per step (per task label), not per row
         return batch.filter(keep)
 
     def _emit(self, tracked: _Tracked, token: int, position: int, now: float) -> bool:
@@ -266,7 +266,7 @@ class Engine:
             if tracked.generated:
                 self.metrics.inter_token_latency.observe(now - tracked.last_token_at)
             else:
-                self.metrics.time_to_first_token.observe(now - tracked.submitted_at)
+                self.metrics.first_token(tracked.request.prefix_id, now - tracked.submitted_at)
         tracked.last_token_at = now
         tracked.generated.append(token)
         params = tracked.request.params

@@ -12,15 +12,18 @@ sources feed it:
   occupancy, the registry's hit/miss/eviction counters, CUDA memory) is read at
   scrape time by ``_StateCollector``, so it costs nothing between scrapes.
 
-No label carries a task id or tenant: their number is unbounded. (An opt-in
-per-task label with an ``other`` bucket is not implemented yet.)
+By default no label carries a task id or tenant: their number is unbounded.
+``--metrics-task-labels N`` adds a ``task`` label ("tenant/task_id") to the
+request, token and time-to-first-token families; ``TaskLabels`` gives the first
+N tasks seen their own value and counts every later one under ``other``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from fastapi import APIRouter, Request, Response
@@ -28,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -38,6 +42,7 @@ from server.request_log import RequestRecord, current_request, log_request, new_
 if TYPE_CHECKING:
     from server.api.state import ServerState
     from server.batch import RowInfo
+    from server.engine import GenerationRequest
 
 # PUTs under this path are uploads, also counted in prefix_serve_prefix_uploads_total. Matched on the raw
 # path (the body-limit middleware's rule), so a 413 answered before routing still counts as an upload.
@@ -55,18 +60,66 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+_Family = TypeVar("_Family", bound=MetricWrapperBase)
+
+# Values of the opt-in ``task`` label besides "tenant/task_id". A task's value always holds a slash
+# (task ids cannot), so none of these can collide with a task.
+BASE_TASK = "base"  # generations without a prefix; never takes one of the N slots
+OTHER_TASK = "other"  # every task seen after the first N
+NO_TASK = ""  # requests that reached no generation (other routes, refused early); Prometheus reads "" as no label
+
+
+class TaskLabels:
+    """Which tasks get a ``task`` label value of their own: the first ``limit`` seen since the server started.
+
+    The named set only grows and never past ``limit``, so the label has at most
+    ``limit`` + 3 values whatever the traffic. A deleted task keeps its slot (its
+    counters must stay monotonic) and a task uploaded again under the same id
+    reuses it. Called from the engine thread and the HTTP threads alike.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the number of labelled tasks must be positive, not {limit}")
+        self.limit = limit
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def value(self, task: str | None) -> str:
+        """The label value of ``task`` ("tenant/task_id"; None for the base model), claiming a free slot."""
+        if task is None:
+            return BASE_TASK
+        # Unlocked reads are safe: the set only grows, and once full it never changes again.
+        if task in self._named:
+            return task
+        if len(self._named) >= self.limit:
+            return OTHER_TASK
+        with self._lock:
+            if task not in self._named and len(self._named) < self.limit:
+                self._named.add(task)
+            return task if task in self._named else OTHER_TASK
+
+    def of_prefix(self, prefix_id: str | None) -> str:
+        """The label value of an engine prefix id, "tenant/task@version#sha" (all versions share the task's value)."""
+        return self.value(None if prefix_id is None else prefix_id.rpartition("@")[0])
+
 
 class EngineMetrics:
     """What the engine thread records, per forward pass and per emitted token.
 
     Every method is a handful of Python operations plus one lock per observation;
     nothing here reads a tensor (see bench/metrics_overhead.py for the cost).
+    With ``tasks`` the token counters and time to first token carry a ``task`` label.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.prompt_tokens = Counter("prefix_serve_prompt_tokens", "Prompt tokens prefilled.", registry=registry)
+    def __init__(self, registry: CollectorRegistry, tasks: TaskLabels | None = None) -> None:
+        self.tasks = tasks
+        by_task = ["task"] if tasks is not None else []
+        self.prompt_tokens = Counter(
+            "prefix_serve_prompt_tokens", "Prompt tokens prefilled.", by_task, registry=registry
+        )
         self.generated_tokens = Counter(
-            "prefix_serve_generated_tokens", "Tokens generated and handed to requests.", registry=registry
+            "prefix_serve_generated_tokens", "Tokens generated and handed to requests.", by_task, registry=registry
         )
         self.batch_size = Histogram(
             "prefix_serve_batch_size",
@@ -89,6 +142,7 @@ class EngineMetrics:
         self.time_to_first_token = Histogram(
             "prefix_serve_time_to_first_token_seconds",
             "From entering the engine's queue (after tokenisation and prefix lookup) to the first token.",
+            by_task,
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
@@ -98,6 +152,7 @@ class EngineMetrics:
             buckets=ITL_BUCKETS,
             registry=registry,
         )
+        self._children: dict[tuple[MetricWrapperBase, str], MetricWrapperBase] = {}
 
     def forward_pass(self, rows: Sequence[RowInfo], width: int, real_slots: int) -> None:
         """One forward pass over ``rows`` whose KV is [B, ·, width, ·] with ``real_slots`` unmasked slots.
@@ -113,11 +168,59 @@ class EngineMetrics:
         self.distinct_prefixes.observe(len({r.prefix_id for r in rows if r.prefix_id is not None}))
         self.padding_ratio.observe(1.0 - real_slots / (n * width))
 
+    def prefilled(self, requests: Iterable[GenerationRequest]) -> None:
+        """The prompts of one prefill."""
+        if self.tasks is None:
+            self.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
+            return
+        counts: dict[str | None, int] = {}
+        for r in requests:
+            counts[r.prefix_id] = counts.get(r.prefix_id, 0) + len(r.prompt_ids)
+        self._inc_per_task(self.prompt_tokens, counts)
+
+    def generated(self, rows: Sequence[RowInfo]) -> None:
+        """One token for each of ``rows`` this step: one increment per task label, not per row."""
+        if self.tasks is None:
+            self.generated_tokens.inc(len(rows))  # once per step: one lock instead of B
+            return
+        counts: dict[str | None, int] = {}
+        for r in rows:
+            counts[r.prefix_id] = counts.get(r.prefix_id, 0) + 1
+        self._inc_per_task(self.generated_tokens, counts)
+
+    def first_token(self, prefix_id: str | None, seconds: float) -> None:
+        if self.tasks is None:
+            self.time_to_first_token.observe(seconds)
+        else:
+            self._child(self.time_to_first_token, self.tasks.of_prefix(prefix_id)).observe(seconds)
+
+    def _inc_per_task(self, family: Counter, per_prefix: dict[str | None, int]) -> None:
+        """Sum counts by label value (several prefix versions or "other" tasks share one), then one inc each."""
+        assert self.tasks is not None
+        per_label: dict[str, int] = {}
+        for prefix_id, n in per_prefix.items():
+            label = self.tasks.of_prefix(prefix_id)
+            per_label[label] = per_label.get(label, 0) + n
+        for label, n in per_label.items():
+            self._child(family, label).inc(n)
+
+    def _child(self, family: _Family, label: str) -> _Family:
+        # ``labels()`` validates, builds a tuple and takes the family's lock; the decode loop skips that.
+        # At most (N + 2) values per family; children are never removed, so the cache cannot go stale.
+        child = self._children.get((family, label))
+        if child is None:
+            child = self._children[(family, label)] = family.labels(label)
+        return child  # type: ignore[return-value]  # cached under its own family, so of the same type
+
 
 class ServerMetrics:
-    """All metrics of one app instance, on a registry of its own."""
+    """All metrics of one app instance, on a registry of its own.
 
-    def __init__(self) -> None:
+    ``task_labels`` > 0 turns the ``task`` label on for that many tasks (``TaskLabels``).
+    """
+
+    def __init__(self, task_labels: int = 0) -> None:
+        self.tasks = TaskLabels(task_labels) if task_labels else None
         self.registry = CollectorRegistry()
         # prometheus_client registers these on its global registry at import; ours get their own.
         ProcessCollector(registry=self.registry)
@@ -126,7 +229,7 @@ class ServerMetrics:
         self.requests = Counter(
             "prefix_serve_requests",
             "Finished HTTP requests by route template and status code.",
-            ["method", "endpoint", "status"],
+            ["method", "endpoint", "status"] + (["task"] if self.tasks is not None else []),
             registry=self.registry,
         )
         self.request_duration = Histogram(
@@ -150,7 +253,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.model_info = Info("prefix_serve_model", "The served base model.", registry=self.registry)
-        self.engine = EngineMetrics(self.registry)
+        self.engine = EngineMetrics(self.registry, self.tasks)
         self._state = _StateCollector()
         self.registry.register(self._state)
 
@@ -171,12 +274,27 @@ class ServerMetrics:
         """The callback the prefix registry calls with each cold load's duration."""
         return self.prefix_load.labels(source=source).observe
 
-    def observe_request(self, method: str, path: str, endpoint: str, status: int, seconds: float) -> None:
+    def observe_request(
+        self, method: str, path: str, endpoint: str, status: int, seconds: float, record: RequestRecord | None = None
+    ) -> None:
         code = str(status)
-        self.requests.labels(method, endpoint, code).inc()
+        if self.tasks is None:
+            self.requests.labels(method, endpoint, code).inc()
+        else:
+            self.requests.labels(method, endpoint, code, self._task_of(record)).inc()
         self.request_duration.labels(endpoint).observe(seconds)
         if method == "PUT" and path.startswith(UPLOAD_PATH_PREFIX):
             self.uploads.labels(code).inc()
+
+    def _task_of(self, record: RequestRecord | None) -> str:
+        """The ``task`` value of a finished request: its generation's task, or NO_TASK if it generated nothing."""
+        assert self.tasks is not None
+        # The request gate notes the generation (tenant, task, token counts) once the prefix has resolved and
+        # the request goes to the engine; requests refused before that (bad input, unknown task, quota)
+        # never claim a slot, so made-up task ids cannot use the slots up.
+        if record is None or record.generated_tokens is None:
+            return NO_TASK
+        return self.tasks.value(None if record.task_id is None else f"{record.tenant}/{record.task_id}")
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape body and its content type (OpenMetrics when the scraper asks for it)."""
@@ -294,7 +412,7 @@ class MetricsMiddleware:
                 task_id = scope.get("path_params", {}).get("task_id")
                 record.task_id = task_id if isinstance(task_id, str) else None
             seconds = time.perf_counter() - started
-            self.metrics.observe_request(scope["method"], scope["path"], endpoint, status, seconds)
+            self.metrics.observe_request(scope["method"], scope["path"], endpoint, status, seconds, record)
             log_request(record, endpoint, status)
 
 

@@ -97,7 +97,8 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
             await asyncio.to_thread(state.engine.shutdown)
             state.registry.backend.close()
 
-    metrics = ServerMetrics()  # one registry per app: tests build several apps in one process
+    # One registry per app: tests build several apps in one process.
+    metrics = ServerMetrics(task_labels=config.metrics_task_labels)
     docs = not config.disable_docs
     app = FastAPI(
         title="prefix-serve",
