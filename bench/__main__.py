@@ -1,8 +1,9 @@
-"""`python -m bench [s1|s2|s4|all] [--quick] [--url URL]`: the benchmark harness (issue 7).
+"""`python -m bench [s1|s2|s3|s4|all] [--quick] [--url URL]`: the benchmark harness (issue 7).
 
 S1 mixing and S4 many tenants start `prefix-serve serve` (default model, a temporary disk store)
 unless --url names a running server, upload the prefixes they need and drive load with httpx.
 S2 runs in-process: the engine vs the bare transformers loop on identical work.
+S3 replays seeded Poisson traffic against our server and two baselines (bench/s3.py; it starts its own servers).
 Results go to bench/results/<timestamp>/ (results.json, results.md, PNG plots when matplotlib is installed).
 """
 
@@ -13,11 +14,12 @@ import os
 from pathlib import Path
 
 from bench.harness import Report, log
+from bench.s3 import add_arguments as add_s3_arguments
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("scenario", choices=["s1", "s2", "s4", "all"], nargs="?", default="all")
+    p.add_argument("scenario", choices=["s1", "s2", "s3", "s4", "all"], nargs="?", default="all")
     p.add_argument("--quick", action="store_true", help="the reduced sizes that finish in minutes on a small CPU")
     p.add_argument("--url", default=None, help="a running server to target instead of starting one")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<timestamp>)")
@@ -29,6 +31,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s2-batch", type=int, default=None, help="S2 batch (quick 8, else 32)")
     p.add_argument("--s2-prompt", type=int, default=None, help="S2 prompt tokens (quick 256, else 512)")
     p.add_argument("--s2-new-tokens", type=int, default=None, help="S2 new tokens (quick 128, else 512)")
+    add_s3_arguments(p)
     args = p.parse_args(argv)
     q = args.quick
     defaults = {
@@ -48,7 +51,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse(argv)
-    scenarios = ["s1", "s2", "s4"] if args.scenario == "all" else [args.scenario]
+    scenarios = ["s1", "s2", "s3", "s4"] if args.scenario == "all" else [args.scenario]
     report = Report.create(args.out)
     report.data["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     log(f"results in {report.out}")
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     http = [s for s in scenarios if s in ("s1", "s4")]
     if http:
         run_http(args, report, http)
+    if "s3" in scenarios:
+        from bench.s3 import s3_traffic
+
+        s3_traffic(args, report)
     report.write()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -50,7 +51,39 @@ def server_url(url: str | None, work: Path, serve_args: Sequence[str]) -> Iterat
         log(f"starting prefix-serve serve {' '.join(args)}")
         with running_server(args, work.resolve() / "server.log") as server:
             log(f"server up at {server.url}")
-            yield server.url
+            SERVER_PIDS[server.url] = server.proc.pid
+            try:
+                yield server.url
+            finally:
+                SERVER_PIDS.pop(server.url, None)
+
+
+# url -> pid of the servers server_url started, so a scenario can read their memory from /proc.
+SERVER_PIDS: dict[str, int] = {}
+
+
+def server_memory(url: str) -> dict[str, int] | None:
+    """The server's current and peak resident set (VmRSS, VmHWM) in bytes; None when we did not start it."""
+    pid = SERVER_PIDS.get(url)
+    if pid is None:
+        return None
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024  # reported in kB
+    return {"rss_bytes": fields["VmRSS"], "peak_rss_bytes": fields["VmHWM"]}
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The server's own samples on /metrics (prefix_serve_*), keyed by name with labels as written."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(prefix_serve_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
 
 
 def client(url: str) -> httpx.AsyncClient:

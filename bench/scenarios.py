@@ -91,6 +91,9 @@ async def s4_tenants(url: str, args: argparse.Namespace, report: Report) -> None
             distinct = len(set(tasks))
             log(f"S4 n={n} ({distinct} used): {run.tokens} tok, {run.seconds:.2f} s = {run.tokens_per_s:.1f}/s")
             rows.append({"tenants": n, "distinct_used": distinct, "tokens_per_s": run.tokens_per_s})
+        from bench.memory import memory_point
+
+        await memory_point(url, c, names, args, report)  # peak RSS with all prefixes registered, 64 at once
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["ratio_vs_first"] = row["tokens_per_s"] / base
