@@ -3,10 +3,17 @@
 Starts redis-server and `prefix-serve serve` (default model, Redis store), uploads hot and cold
 prefixes, then runs, alternating, R rounds of: 16 streams alone; 16 streams + a burst of 16 requests
 whose prefixes are cold (evicted from the host cache: loaded from Redis); and 16 streams + a burst
-of 16 hot-prefix requests (the same prefill work with no loading: the control).
-Reports ITL p50/p99 per scenario and the ratios to the no-burst runs.
+of 16 hot-prefix requests (the same prefill work with no loading: the control). ITL counts the
+gaps after every stream is decoding (3 tokens each), when the burst is sent: the streams' own joins
+are not part of it.
+Reports ITL p50/p99 per scenario, the ratios to the no-burst runs, and the burst requests' latency
+(one token each: their time to first token). With --variant NAME=FLAGS (repeatable) one server per
+variant runs on the same Redis and the rounds alternate between them, so variants are compared under
+the same background load.
 
     python -m bench.cold_burst [--streams 16] [--burst 16] [--rounds 3] [--cold-prefix-len 200]
+        [--variant 'budget=--max-prefill-tokens 64' ...]
+    python -m bench.cold_burst --floor   # in-process step times that bound the ratio on this machine
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ import argparse
 import asyncio
 import itertools
 import json
+import shlex
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -41,38 +51,51 @@ def prefix_blob(p: int, seed: int) -> bytes:
     return save({name: torch.randn(HEADS, p, DIM, generator=g) * 0.5 for name in names})
 
 
-async def stream_one(client: httpx.AsyncClient, task: str, new_tokens: int, started: asyncio.Event) -> list[float]:
+async def stream_one(
+    client: httpx.AsyncClient, task: str, new_tokens: int, running: asyncio.Semaphore, all_running: asyncio.Event
+) -> list[float]:
     prompt = "Tell me about the sea and the ships"
-    body = {"task_id": task, "prompt": prompt, "max_new_tokens": new_tokens, "stream": True}
+    # ignore_eos: every stream runs its full length, so 16 streams really are running during the burst.
+    body = {"task_id": task, "prompt": prompt, "max_new_tokens": new_tokens, "stream": True, "ignore_eos": True}
     times: list[float] = []
-    async with client.stream("POST", "/v1/generate", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and json.loads(line[6:]).get("token_id") is not None:
-                times.append(time.perf_counter())
-                if len(times) == 3:
-                    started.set()
+    try:
+        async with client.stream("POST", "/v1/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and json.loads(line[6:]).get("token_id") is not None:
+                    times.append(time.perf_counter())
+                    if len(times) == 3:
+                        await running.acquire()  # counts the streams that are decoding
+                        if running.locked():
+                            all_running.set()
+    finally:
+        if len(times) < 3:  # a stream that failed early must not hang the round
+            all_running.set()
     return times
 
 
 async def one_round(
     client: httpx.AsyncClient, streams: int, burst_tasks: list[str], new_tokens: int
 ) -> tuple[list[float], list[float]]:
-    started = asyncio.Event()
-    stream_tasks = [asyncio.create_task(stream_one(client, f"hot{i}", new_tokens, started)) for i in range(streams)]
+    """ITL of the streams once every one of them is decoding (their own joins are not counted), with the burst
+    sent at that moment; and each burst request's latency."""
+    running, all_running = asyncio.Semaphore(streams), asyncio.Event()
+    stream_tasks = [
+        asyncio.create_task(stream_one(client, f"hot{i}", new_tokens, running, all_running)) for i in range(streams)
+    ]
     burst_latency: list[float] = []
-    if burst_tasks:
-        await started.wait()
+    await all_running.wait()
+    since = time.perf_counter()
 
-        async def burst_request(task: str) -> None:
-            t0 = time.perf_counter()
-            r = await client.post("/v1/generate", json={"task_id": task, "prompt": "Hi", "max_new_tokens": 1})
-            r.raise_for_status()
-            burst_latency.append(time.perf_counter() - t0)
+    async def burst_request(task: str) -> None:
+        t0 = time.perf_counter()
+        r = await client.post("/v1/generate", json={"task_id": task, "prompt": "Hi", "max_new_tokens": 1})
+        r.raise_for_status()
+        burst_latency.append(time.perf_counter() - t0)
 
-        await asyncio.gather(*(burst_request(t) for t in burst_tasks))
+    await asyncio.gather(*(burst_request(t) for t in burst_tasks))
     itl: list[float] = []
     for times in await asyncio.gather(*stream_tasks):
-        itl.extend(b - a for a, b in itertools.pairwise(times))
+        itl.extend(b - a for a, b in itertools.pairwise(times) if a >= since)
     return itl, burst_latency
 
 
@@ -81,25 +104,49 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(url: str, args: argparse.Namespace) -> dict[str, object]:
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        results: dict[str, list[float]] = {"none": [], "cold": [], "hot": []}
-        loads: list[float] = []
-        for r in range(args.rounds):
-            for scenario in ("none", "cold", "hot"):
-                if scenario == "cold":
-                    # Fresh cold tasks every round: nothing of theirs is resident anywhere yet.
-                    burst = [f"cold{r}-{i}" for i in range(args.burst)]
-                elif scenario == "hot":
-                    burst = [f"hot{i % args.streams}" for i in range(args.burst)]
-                else:
-                    burst = []
-                itl, latency = await one_round(client, args.streams, burst, args.new_tokens)
-                results[scenario].extend(itl)
-                if scenario == "cold":
-                    loads.extend(latency)
-                print(f"round {r} {scenario:>4}: ITL p99 {pct(itl, 0.99) * 1000:.0f} ms", flush=True)
+def floor(args: argparse.Namespace, repeats: int = 5) -> None:
+    """Decode step times at the streams' batch size and with the burst joined, and prefill stalls of burst rows.
+
+    A step that also prefills costs a decode step plus the prefill; these times bound the ITL ratio from below.
+    """
+    from server.model_loading import load_model
+    from server.runner import ModelRunner, NewRequest
+    from server.sampling import SamplingParams
+
+    model = load_model(None)
+    runner = ModelRunner(model.model, model.num_layers, model.num_kv_heads, model.head_dim)
+    g = torch.Generator().manual_seed(0)
+    ids = itertools.count()
+
+    def rows(n: int, prompt_len: int, prefix_len: int) -> list[NewRequest]:
+        shape = (LAYERS, 2, HEADS, prefix_len, DIM)
+        return [
+            NewRequest(f"r{i}", [100 + i] * prompt_len, SamplingParams(), torch.randn(*shape, generator=g), f"p{i}")
+            for i in (next(ids) for _ in range(n))
+        ]
+
+    def timed(fn: Callable[..., object], *a: object) -> float:
+        t0 = time.perf_counter()
+        fn(*a)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for n in (args.streams, args.streams + args.burst):
+            batch, _ = runner.prefill(rows(n, 8, args.hot_prefix_len))
+            steps = [timed(runner.decode, batch) for _ in range(6)]
+            times.setdefault(f"decode step, batch {n}", []).append(statistics.median(steps[1:]))
+        for n in (1, 4, args.burst):
+            stall = timed(runner.prefill, rows(n, 1, args.cold_prefix_len))
+            times.setdefault(f"prefill of {n} burst rows", []).append(stall)
+    for name, values in times.items():
+        print(
+            f"{name}: median {statistics.median(values) * 1000:.0f} ms (min {min(values) * 1000:.0f}, "
+            f"max {max(values) * 1000:.0f}, {repeats} runs)"
+        )
+
+
+def summarize(results: dict[str, list[float]], loads: list[float]) -> dict[str, object]:
     base = pct(results["none"], 0.99)
     return {
         "itl_ms": {
@@ -112,6 +159,46 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+async def run(urls: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    results = {name: {"none": [], "cold": [], "hot": []} for name in urls}
+    loads: dict[str, list[float]] = {name: [] for name in urls}
+    per_round: dict[str, list[dict[str, object]]] = {name: [] for name in urls}
+    for r in range(args.rounds):
+        for v, (name, url) in enumerate(urls.items()):
+            async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+                this_round: dict[str, list[float]] = {}
+                round_loads: list[float] = []
+                for scenario in ("none", "cold", "hot"):
+                    if scenario == "cold":
+                        # Fresh cold tasks every round: nothing of theirs is resident anywhere yet.
+                        burst = [f"cold-v{v}-{r}-{i}" for i in range(args.burst)]
+                    elif scenario == "hot":
+                        burst = [f"hot{i % args.streams}" for i in range(args.burst)]
+                    else:
+                        burst = []
+                    itl, latency = await one_round(client, args.streams, burst, args.new_tokens)
+                    this_round[scenario] = itl
+                    results[name][scenario].extend(itl)
+                    if scenario == "cold":
+                        round_loads = latency
+                        loads[name].extend(latency)
+                per_round[name].append(summarize(this_round, round_loads))
+                ratios = per_round[name][-1]
+                print(
+                    f"round {r} {name}: ITL p99 ms {[v['p99'] for v in ratios['itl_ms'].values()]} (none, cold, hot); "
+                    f"ratios cold {ratios['p99_ratio_cold_burst_vs_none']} hot {ratios['p99_ratio_hot_burst_vs_none']}",
+                    flush=True,
+                )
+    out: dict[str, object] = {}
+    for name in urls:
+        summary = summarize(results[name], loads[name])
+        summary["per_round_p99_ratio_cold"] = [x["p99_ratio_cold_burst_vs_none"] for x in per_round[name]]
+        summary["per_round_p99_ratio_hot"] = [x["p99_ratio_hot_burst_vs_none"] for x in per_round[name]]
+        out[name] = summary
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=int, default=16)
@@ -120,30 +207,50 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--hot-prefix-len", type=int, default=10)
     parser.add_argument("--cold-prefix-len", type=int, default=200)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="a server configuration, e.g. 'budget=--max-prefill-tokens 64' (repeatable; default: the defaults)",
+    )
+    parser.add_argument("--floor", action="store_true", help="only time decode steps and prefills in process")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.floor:
+        floor(args)
+        return
+    variants = dict(v.partition("=")[::2] for v in args.variant) or {"default": ""}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         redis_server = RedisServer(Path(tmp))
         redis_server.start()
-        try:
+        stack.callback(redis_server.stop)
+        urls: dict[str, str] = {}
+        for name, flags in variants.items():
             serve_args = ["--store", redis_server.url, "--max-batch-size", str(args.streams + args.burst)]
-            with running_server(serve_args, Path(tmp) / "server.log") as server:
-                with httpx.Client(base_url=server.url, timeout=120) as c:
-                    for i in range(args.streams):
-                        c.put(f"/v1/prefixes/hot{i}", content=prefix_blob(args.hot_prefix_len, i)).raise_for_status()
-                        c.post("/v1/generate", json={"task_id": f"hot{i}", "prompt": "x", "max_new_tokens": 1})
-                # Cold prefixes are written straight to Redis, as another replica would: this server
-                # has never seen them, so each burst request loads from Redis (host and device tiers miss).
-                other_replica = PrefixRegistry(RedisBackend(redis_server.url), DEFAULT_FINGERPRINT)
-                g = torch.Generator().manual_seed(1)
-                for r in range(args.rounds):
-                    for i in range(args.burst):
-                        kv = torch.randn(LAYERS, 2, HEADS, args.cold_prefix_len, DIM, generator=g) * 0.5
-                        other_replica.upload("default", f"cold{r}-{i}", kv)
-                other_replica.backend.close()
-                result = asyncio.run(run(server.url, args))
-        finally:
-            redis_server.stop()
-    print(json.dumps(result, indent=2))
+            server = stack.enter_context(running_server(serve_args + shlex.split(flags), Path(tmp) / f"{name}.log"))
+            urls[name] = server.url
+        first = next(iter(urls.values()))
+        with httpx.Client(base_url=first, timeout=120) as c:
+            for i in range(args.streams):
+                c.put(f"/v1/prefixes/hot{i}", content=prefix_blob(args.hot_prefix_len, i)).raise_for_status()
+        for url in urls.values():  # every server loads the hot prefixes once: they are resident from now on
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for i in range(args.streams):
+                    c.post("/v1/generate", json={"task_id": f"hot{i}", "prompt": "x", "max_new_tokens": 1})
+        # Cold prefixes are written straight to Redis, as another replica would: these servers
+        # have never seen them, so each burst request loads from Redis (host and device tiers miss).
+        other_replica = PrefixRegistry(RedisBackend(redis_server.url), DEFAULT_FINGERPRINT)
+        g = torch.Generator().manual_seed(1)
+        for v in range(len(urls)):  # task ids by variant index: a variant's name may hold any character
+            for r in range(args.rounds):
+                for i in range(args.burst):
+                    kv = torch.randn(LAYERS, 2, HEADS, args.cold_prefix_len, DIM, generator=g) * 0.5
+                    other_replica.upload("default", f"cold-v{v}-{r}-{i}", kv)
+        other_replica.backend.close()
+        result = asyncio.run(run(urls, args))
+    for name, flags in variants.items():
+        print(f"{name} [{flags or 'defaults'}]")
+        print(json.dumps(result[name], indent=2))
 
 
 if __name__ == "__main__":

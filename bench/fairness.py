@@ -6,12 +6,15 @@ with B's requests filed under A's tenant, which is what first-come-first-served
 admission would give it. The target: (b) within 2x of (a).
 
 B's requests start 2 s into the flood, one every --b-interval seconds, each
-measured from its own start. Runs `prefix-serve serve` as a separate process
+measured from its own start. With --variant NAME=FLAGS (repeatable) one server
+per variant runs side by side and the rounds alternate between them, so their
+ratios are compared under the same load on a shared machine. Runs `prefix-serve serve` as a separate process
 (so the load generator does not share its GIL), without API keys; the tenant
 is chosen per request with the X-Prefix-Serve-Tenant header (the keyless
 caller is admin).
 
     python -m bench.fairness [--model PATH] [--flood 200] [--max-new-tokens 16] [--max-batch-size 16]
+        [--rounds 2] [--variant 'reserve=--reserved-rows 1' ...]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -34,14 +38,14 @@ import httpx
 TENANT_HEADER = "X-Prefix-Serve-Tenant"
 
 
-def _serve(args: argparse.Namespace, store: str) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(args: argparse.Namespace, store: str, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     script = Path(sys.executable).with_name("prefix-serve")
     cmd = [str(script) if script.exists() else shutil.which("prefix-serve") or "prefix-serve", "serve"]
     cmd += ["--port", str(port), "--store", f"disk://{store}", "--max-batch-size", str(args.max_batch_size)]
-    cmd += ["--max-queue", str(max(256, args.flood + 16)), "--log-level", "warning"]
+    cmd += ["--max-queue", str(max(256, args.flood + 16)), "--log-level", "warning", *flags]
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
@@ -97,36 +101,63 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--b-interval", type=float, default=2.0, help="seconds between B's requests")
     parser.add_argument("--skip-fifo", action="store_true", help="skip the first-come-first-served comparison")
+    parser.add_argument("--rounds", type=int, default=1, help="alone + flood phases per variant, alternating")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="a server configuration, e.g. 'reserve=--reserved-rows 1' (repeatable; default: the server's defaults)",
+    )
     args = parser.parse_args()
+    variants = [v.partition("=")[::2] for v in args.variant] or [("default", "")]
 
     with tempfile.TemporaryDirectory() as store:
-        proc, url = _serve(args, store)
+        servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         try:
+            for name, flags in variants:
+                servers[name] = _serve(args, f"{store}/{name}", shlex.split(flags))
             kw = {"flood": args.flood, "b_count": args.b_requests, "tokens": args.max_new_tokens}
             kw["interval"] = args.b_interval
-            asyncio.run(_phase(url, b_tenant=None, **kw))  # warm-up
-            alone = asyncio.run(_phase(url, b_tenant=None, **kw))
-            fair = asyncio.run(_phase(url, b_tenant="tenant-b", **kw))
-            fifo = None if args.skip_fifo else asyncio.run(_phase(url, b_tenant="tenant-a", **kw))
+            for _, url in servers.values():
+                asyncio.run(_phase(url, b_tenant=None, **kw))  # warm-up
+            rounds: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {name: [] for name in servers}
+            for r in range(args.rounds):
+                for name, (_, url) in servers.items():
+                    alone = asyncio.run(_phase(url, b_tenant=None, **kw))
+                    fair = asyncio.run(_phase(url, b_tenant="tenant-b", **kw))
+                    rounds[name].append((alone, fair))
+                    ratio = fair["b_median_s"] / alone["b_median_s"]
+                    print(f"round {r} {name}: B alone {alone['b_median_s']:.3f} s, in flood {ratio:.2f}x", flush=True)
+            first_url = next(iter(servers.values()))[1]
+            fifo = None if args.skip_fifo else asyncio.run(_phase(first_url, b_tenant="tenant-a", **kw))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc, _ in servers.values():
+                proc.wait(60)
     print(
         f"model {args.model or 'default'}, {args.flood} requests from A at once, {args.b_requests} from B "
         f"(one every {args.b_interval:g} s), {args.max_new_tokens} new tokens each, batch <= {args.max_batch_size}"
     )
-    print(f"B alone (idle server):        median {alone['b_median_s']:.3f} s")
-    ratio = fair["b_median_s"] / alone["b_median_s"]
-    print(
-        f"B during A's flood (fair):    median {fair['b_median_s']:.3f} s = {ratio:.2f}x alone "
-        f"(A's median {fair['a_median_s']:.2f} s, flood {fair['flood_wall_s']:.1f} s)"
-    )
+    for (name, flags), results in zip(variants, rounds.values(), strict=True):
+        ratios = [fair["b_median_s"] / alone["b_median_s"] for alone, fair in results]
+        alone_s = statistics.median(a["b_median_s"] for a, _ in results)
+        fair_s = statistics.median(f["b_median_s"] for _, f in results)
+        a_s = statistics.median(f["a_median_s"] for _, f in results)
+        wall = statistics.median(f["flood_wall_s"] for _, f in results)
+        print(f"{name} [{flags or 'defaults'}]")
+        print(f"  B alone (idle server):      median {alone_s:.3f} s")
+        print(
+            f"  B during A's flood (fair):  median {fair_s:.3f} s; per round "
+            f"{', '.join(f'{x:.2f}x' for x in ratios)} alone (A's median {a_s:.2f} s, flood {wall:.1f} s)"
+        )
     if fifo is None:
         return
-    fifo_ratio = fifo["b_median_s"] / alone["b_median_s"]
+    alone_s = statistics.median(a["b_median_s"] for a, _ in next(iter(rounds.values())))
     print(
-        f"B behind A's flood (FIFO):    median {fifo['b_median_s']:.3f} s = {fifo_ratio:.2f}x alone "
-        f"(B filed under A's tenant)"
+        f"B behind A's flood (FIFO, {variants[0][0]}): median {fifo['b_median_s']:.3f} s = "
+        f"{fifo['b_median_s'] / alone_s:.2f}x alone (B filed under A's tenant)"
     )
 
 

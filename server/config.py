@@ -17,6 +17,10 @@ class ServeConfig:
     max_batch_size: int = 32
     max_batch_tokens: int = 65536
     max_queue: int = 256
+    # Prompt tokens one step may prefill, padding included (0 = no limit). 512 caps the stall that newcomers
+    # cause running streams (~66 ms + ~1.5 ms a token on the 2-core CPU) without splitting ordinary bursts.
+    max_prefill_tokens: int = 512
+    reserved_rows: int = 0  # batch rows the tenant holding the most rows may not take (others start at once)
     max_new_tokens: int = 2048  # upper bound a request may ask for
     max_prompt_tokens: int = 4096
     max_stop_strings: int = 16

@@ -26,7 +26,7 @@ from server.batch import Batch, RowInfo
 from server.errors import InvalidInput, Overloaded, Unavailable
 from server.runner import ModelRunner, NewRequest
 from server.sampling import SamplingParams
-from server.scheduler import QueueFull, Scheduler, SchedulerConfig
+from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class Engine:
             if not self._accepting:
                 raise Unavailable("the server is shutting down")
             try:
-                self.scheduler.add(tracked.request_id, max_len, request.tenant)
+                self.scheduler.add(tracked.request_id, max_len, request.tenant, len(request.prompt_ids))
             except QueueFull as exc:
                 raise Overloaded(str(exc)) from exc
             self._tracked[tracked.request_id] = tracked
@@ -206,8 +206,9 @@ class Engine:
 
     def _step(self) -> None:
         with self._lock:
-            running_lens = [] if self._batch is None else [self._tracked[r].max_len for r in self._batch.request_ids]
-            admitted = [self._tracked[r] for r in self.scheduler.admit(running_lens)]
+            rows = [] if self._batch is None else [self._tracked[r] for r in self._batch.request_ids]
+            running = [Running(t.max_len, t.request.tenant) for t in rows]
+            admitted = [self._tracked[r] for r in self.scheduler.admit(running)]
         admitted = [t for t in admitted if not t.cancelled]
         if admitted:
             new_requests = [

@@ -1,8 +1,13 @@
 """Admission bookkeeping: which waiting requests join the running batch. Ids and numbers only, no tensors.
 
-Waiting requests queue per tenant; admission takes the head of each tenant's
-queue in turn (round-robin), so a tenant that floods the server delays the
-others by at most one admission per turn, not by its whole backlog.
+Waiting requests queue per tenant. When rows are scarce, the tenant holding the
+fewest running rows is offered the next one (ties go round-robin), so a tenant
+that floods the server delays the others by at most one freed row, not by its
+whole backlog. ``reserved_rows`` keeps the last rows of the batch from the
+tenant holding the most rows, so another tenant's request starts at the next
+step instead of waiting for one of the flood's rows to finish. A per-step prefill budget spreads a burst of
+newcomers over several steps, so running streams never stall for all of them
+at once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,26 @@ class SchedulerConfig:
     # Bound on the batch's KV memory, in token slots: rows x longest row the batch may reach.
     max_batch_tokens: int = 65536
     max_queue: int = 256
+    # Prompt tokens one step may prefill, padding included (rows x longest prompt); 0 = no limit.
+    # The first request of a step is admitted whatever its size, so no prompt starves.
+    max_prefill_tokens: int = 0
+    # Rows the tenant holding the most running rows may not take, so that another tenant's request starts
+    # at once while one tenant floods the rest. Capped at max_batch_size - 1, so a tenant alone always runs.
+    reserved_rows: int = 0
+
+
+@dataclass(frozen=True)
+class Running:
+    """One running row, as admission sees it."""
+
+    max_len: int  # KV slots the row may reach
+    tenant: str = DEFAULT_TENANT
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    max_len: int
+    prefill_tokens: int
 
 
 class QueueFull(Exception):
@@ -27,14 +52,14 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    """Round-robin admission across tenants (FIFO within one) under a row limit and a token budget."""
+    """Fewest-rows-first admission across tenants (FIFO within one) under row, token and prefill budgets."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        # tenant -> (request id -> max length it can reach), each in arrival order
-        self._queues: dict[str, OrderedDict[str, int]] = {}
+        # tenant -> (request id -> its needs), each in arrival order
+        self._queues: dict[str, OrderedDict[str, _Waiting]] = {}
         self._tenant_of: dict[str, str] = {}  # request id -> tenant, for every waiting request
-        # Tenants with waiting requests; the first one is offered the next free row.
+        # Tenants with waiting requests, in turn order: ties on running rows go to the earliest.
         self._turns: deque[str] = deque()
 
     @property
@@ -49,14 +74,15 @@ class Scheduler:
     def fits_alone(self, max_len: int) -> bool:
         return max_len <= self.config.max_batch_tokens
 
-    def add(self, request_id: str, max_len: int, tenant: str = DEFAULT_TENANT) -> None:
+    def add(self, request_id: str, max_len: int, tenant: str = DEFAULT_TENANT, prefill_tokens: int = 1) -> None:
+        """Queue a request that may reach ``max_len`` KV slots and whose prompt is ``prefill_tokens`` long."""
         if len(self._tenant_of) >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests)")
         queue = self._queues.get(tenant)
         if queue is None:
             queue = self._queues[tenant] = OrderedDict()
             self._turns.append(tenant)  # a tenant that was idle waits behind those already waiting
-        queue[request_id] = max_len
+        queue[request_id] = _Waiting(max_len, prefill_tokens)
         self._tenant_of[request_id] = tenant
 
     def remove(self, request_id: str) -> bool:
@@ -70,30 +96,47 @@ class Scheduler:
             self._drop_tenant(tenant)
         return True
 
-    def admit(self, running_max_lens: Iterable[int]) -> list[str]:
-        """Pop the waiting requests that fit beside the running ones, one per tenant per turn.
+    def admit(self, running: Iterable[Running]) -> list[str]:
+        """Pop the waiting requests that join the running ones this step.
 
-        The head of the tenant whose turn it is either fits or stops admission: a
-        large request is never overtaken forever, and its tenant keeps the turn.
+        Each turn goes to the waiting tenant with the fewest running rows (the earliest
+        in turn order on a tie), which then goes to the back of the line. That tenant's
+        head either fits or stops admission for this step: a large request is never
+        overtaken forever, and its tenant keeps the turn.
         """
-        lens = list(running_max_lens)
-        rows, longest = len(lens), max(lens, default=0)
+        config = self.config
+        rows_of: dict[str, int] = {}
+        rows = longest = 0
+        for row in running:
+            rows_of[row.tenant] = rows_of.get(row.tenant, 0) + 1
+            rows, longest = rows + 1, max(longest, row.max_len)
+        reserved = min(config.reserved_rows, config.max_batch_size - 1)
         admitted: list[str] = []
+        widest_prompt = 0
         while self._turns:
-            tenant = self._turns[0]
+            tenant = min(self._turns, key=lambda t: rows_of.get(t, 0))  # min keeps the earliest on a tie
             queue = self._queues[tenant]
-            request_id, max_len = next(iter(queue.items()))
-            new_longest = max(longest, max_len)
-            if rows + 1 > self.config.max_batch_size or (rows + 1) * new_longest > self.config.max_batch_tokens:
+            request_id, need = next(iter(queue.items()))
+            new_longest = max(longest, need.max_len)
+            new_widest = max(widest_prompt, need.prefill_tokens)
+            held = rows_of.get(tenant, 0)
+            holds_most = held > 0 and held == max(rows_of.values())  # ties: each of them holds the most
+            row_limit = config.max_batch_size - (reserved if holds_most else 0)
+            if rows + 1 > row_limit or (rows + 1) * new_longest > config.max_batch_tokens:
+                break
+            over_prefill = 0 < config.max_prefill_tokens < (len(admitted) + 1) * new_widest
+            if admitted and over_prefill:
                 break
             admitted.append(request_id)
-            rows, longest = rows + 1, new_longest
+            rows, longest, widest_prompt = rows + 1, new_longest, new_widest
+            rows_of[tenant] = rows_of.get(tenant, 0) + 1
             del queue[request_id]
             del self._tenant_of[request_id]
+            self._turns.remove(tenant)
             if queue:
-                self._turns.rotate(-1)  # this tenant goes to the back of the line
+                self._turns.append(tenant)  # this tenant goes to the back of the line
             else:
-                self._drop_tenant(tenant)
+                del self._queues[tenant]
         return admitted
 
     def _drop_tenant(self, tenant: str) -> None:

@@ -37,3 +37,9 @@ def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 def test_refuses_public_bind_without_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "--api-keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-prefill-tokens", "--reserved-rows"])
+def test_negative_admission_budget_is_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", flag, "-1"]) == 2
+    assert flag in capsys.readouterr().err

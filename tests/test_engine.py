@@ -75,6 +75,29 @@ async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes) 
         engine.shutdown()
 
 
+async def test_prefill_budget_spreads_admission_and_changes_no_token(base, prefixes) -> None:
+    """A budget below any two prompts admits one request per step: the burst joins over many steps."""
+    engine = make_engine(base, max_prefill_tokens=4)
+    prefills: list[int] = []
+    prefill = engine.runner.prefill
+
+    def counting_prefill(requests):  # the real prefill, counted: how many requests each step admitted
+        prefills.append(len(requests))
+        return prefill(requests)
+
+    engine.runner.prefill = counting_prefill  # type: ignore[method-assign]
+    try:
+        params = SamplingParams(max_new_tokens=NEW_TOKENS)
+        requests = [GenerationRequest(prompt(60 + i, 3 + i), params, prefixes[i % 5][0], f"p{i % 5}") for i in range(6)]
+        results = await asyncio.gather(*(collect(engine, r) for r in requests))
+        assert prefills == [1] * 6
+        for i, events in enumerate(results):
+            want, _ = oracle_greedy(prefixes[i % 5][1], list(requests[i].prompt_ids), NEW_TOKENS)
+            assert tokens_of(events) == want, f"request {i}"
+    finally:
+        engine.shutdown()
+
+
 async def test_requests_joining_mid_decode_change_nobody(base, prefixes) -> None:
     engine = make_engine(base)
     try:

@@ -24,26 +24,30 @@ def model():
     return tiny_llama(seed=5)
 
 
-async def _run(engine: Engine, tenant: str, prompt: list[int], done: list[str], name: str) -> None:
-    request = GenerationRequest(prompt, SamplingParams(max_new_tokens=TOKENS), tenant=tenant)
+async def _run(
+    engine: Engine, tenant: str, prompt: list[int], done: list[str], name: str, tokens: int = TOKENS
+) -> None:
+    request = GenerationRequest(prompt, SamplingParams(max_new_tokens=tokens), tenant=tenant)
     events = [e async for e in engine.generate(request)]
     assert events[-1].finish_reason == "length"
     done.append(name)
 
 
-async def _flood_then_late_request(model, late_tenant: str) -> int:
+async def _flood_then_late_request(model, late_tenant: str, reserved_rows: int = 0, flood_tokens: int = TOKENS) -> int:
     """A floods FLOOD requests, then one request arrives from ``late_tenant``; its place in completion order."""
     engine = Engine(
         ModelRunner(model, *probe_kv_shape(model)),
         None,
         eos_token_ids=[],
         max_context=512,
-        config=SchedulerConfig(max_batch_size=ROWS, max_queue=FLOOD + 8),
+        config=SchedulerConfig(max_batch_size=ROWS, max_queue=FLOOD + 8, reserved_rows=reserved_rows),
     )
     engine.start()
     try:
         done: list[str] = []
-        flood = [asyncio.ensure_future(_run(engine, "A", [3, 4, 5 + i], done, f"a{i}")) for i in range(FLOOD)]
+        flood = [
+            asyncio.ensure_future(_run(engine, "A", [3, 4, 5 + i], done, f"a{i}", flood_tokens)) for i in range(FLOOD)
+        ]
         while engine.num_running == 0:  # the first rows are decoding, the rest of the flood waits
             await asyncio.sleep(0.001)
         late = asyncio.ensure_future(_run(engine, late_tenant, [7, 8, 9], done, "late"))
@@ -63,3 +67,13 @@ async def test_same_tenant_waits_its_turn(model) -> None:
     """The control: filed under A's own tenant the late request is served in arrival order, behind the flood."""
     position = await _flood_then_late_request(model, "A")
     assert position >= FLOOD - ROWS, position
+
+
+@pytest.mark.parametrize("reserved_rows", [0, 1])
+async def test_a_reserved_row_starts_another_tenant_at_once(model, reserved_rows: int) -> None:
+    """A's requests are 5x longer than B's: B finishes first only if it did not wait for one of A's rows."""
+    position = await _flood_then_late_request(model, "B", reserved_rows, flood_tokens=5 * TOKENS)
+    if reserved_rows:
+        assert position == 0, position  # B took the reserved row at the next step
+    else:
+        assert position >= 1, position  # the control: B waited for the first of A's rows to finish

@@ -60,7 +60,13 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         model.tokenizer,
         eos_token_ids=model.eos_token_ids,
         max_context=model.max_context,
-        config=SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_queue),
+        config=SchedulerConfig(
+            config.max_batch_size,
+            config.max_batch_tokens,
+            config.max_queue,
+            max_prefill_tokens=config.max_prefill_tokens,
+            reserved_rows=config.reserved_rows,
+        ),
         metrics=None if metrics is None else metrics.engine,
     )
     keys = KeyRing.load(config.api_keys) if config.api_keys else KeyRing.disabled()
