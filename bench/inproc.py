@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
+@contextmanager
+def stock_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run the model with transformers' own SDPA attention, whatever the engine's runner selected on it."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def bare_loop(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int, pad_id: int = 0) -> Timing:
     """Batched greedy decoding with the model's own forward and a ``DynamicCache``: left padding + attention mask."""
+    with stock_attention(model), torch.inference_mode():
+        return _bare_loop(model, prompts, new_tokens, pad_id)
+
+
+def _bare_loop(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int, pad_id: int) -> Timing:
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

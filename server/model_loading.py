@@ -25,6 +25,7 @@ from transformers import (
 
 from prefix_store.fingerprint import ModelFingerprint
 from server.architectures import VERIFIED_ARCHITECTURES, VERIFIED_ENCODER_DECODER, supported_list
+from server.attention import use_gqa_attention
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ def prepare_model(
     check_architecture(model.config, allow_unverified=allow_unverified)
     model.eval()
     model.requires_grad_(False)
+    use_gqa_attention(model)  # GQA on the KV heads, no repeated K/V (server/attention.py)
     num_layers, num_kv_heads, head_dim = probe_kv_shape(model)
     param = next(model.parameters())
     return LoadedModel(

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel
 
 from server.architectures import mask_builder
+from server.attention import use_gqa_attention
 from server.batch import Batch, NewRequest
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.kv_cache import build_cache, read_cache
@@ -29,6 +30,8 @@ class ModelRunner:
         device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
     ) -> None:
         self.model = model
+        # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
+        use_gqa_attention(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
