@@ -85,6 +85,11 @@ class Batch:
     def request_ids(self) -> list[str]:
         return [r.request_id for r in self.rows]
 
+    def indices_of(self, request_ids: Sequence[str]) -> list[int]:
+        """Positions of the given requests' rows, in batch order (absent ids are skipped)."""
+        wanted = set(request_ids)
+        return [i for i, row in enumerate(self.rows) if row.request_id in wanted]
+
     @classmethod
     def from_requests(
         cls,
@@ -133,8 +138,7 @@ class Batch:
 
     def filter(self, keep_request_ids: Sequence[str]) -> Batch | None:
         """Keep the given requests (in their current order); trim columns that are padding in every kept row."""
-        wanted = set(keep_request_ids)
-        keep = [i for i, row in enumerate(self.rows) if row.request_id in wanted]
+        keep = self.indices_of(keep_request_ids)
         if not keep:
             return None
         if len(keep) == len(self.rows):

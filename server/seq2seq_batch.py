@@ -64,8 +64,7 @@ class Seq2SeqBatch:
 
     def filter(self, keep_request_ids: Sequence[str]) -> Seq2SeqBatch | None:
         """Keep the given requests; drop encoder columns that are padding in every kept row."""
-        wanted = set(keep_request_ids)
-        keep = [i for i, row in enumerate(self.rows) if row.request_id in wanted]
+        keep = self.decoder.indices_of(keep_request_ids)
         decoder = self.decoder.filter(keep_request_ids)
         if decoder is None:
             return None

@@ -16,7 +16,7 @@ once there and reused by every decode step.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -186,7 +186,7 @@ class Seq2SeqRunner:
         cache: EncoderDecoderCache,
     ) -> torch.Tensor:
         """Last-position logits [B, V] (float32); the decoder's self-attention cache grows by q in place."""
-        with self._positions.use(positions) if self._positions is not None else _nothing():
+        with self._positions.use(positions) if self._positions is not None else nullcontext():
             out = self.model(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
                 attention_mask=encoder_mask,
@@ -202,8 +202,3 @@ class Seq2SeqRunner:
         tokens = sample(logits, batch.sampling)
         batch.decoder.next_input_ids = tokens
         return tokens
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
