@@ -23,6 +23,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from server.fused_step import LAYOUT_KWARG, fused_attention_forward
+
 ATTENTION_NAME = "prefix_serve_gqa"
 
 # Architectures whose attention modules call the generic interface with the SDPA contract (query/key/value
@@ -46,6 +48,9 @@ def gqa_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention output [B, q, H_q, d] (the layout transformers' attention functions return)."""
+    layout = kwargs.get(LAYOUT_KWARG)
+    if layout is not None:  # a flat step of decode rows and prompt chunks (server/fused_step.py)
+        return fused_attention_forward(module, query, key, value, layout, scaling), None
     groups = query.shape[1] // key.shape[1]
     q_len = query.shape[2]
     if (

@@ -32,6 +32,10 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "max_batch_tokens": (int, "KV budget of the batch in token slots (default 65536)"),
     "max_queue": (int, "waiting requests before 429 (default 256)"),
     "max_prefill_tokens": (int, "prompt tokens prefilled per step, padding included (default 512; 0 = no limit)"),
+    "prefill_chunk_tokens": (
+        int,
+        "prompt tokens prefilled inside each decode step, in chunks (default 64; 0 = separate prefill steps)",
+    ),
     "reserved_rows": (int, "batch rows the tenant holding the most rows may not take (default 0)"),
     "max_new_tokens": (int, "largest max_new_tokens a request may ask (default 2048)"),
     "max_prompt_tokens": (int, "longest prompt in tokens (default 4096)"),
@@ -132,8 +136,11 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    if config.max_prefill_tokens < 0 or config.reserved_rows < 0:
-        print("error: --max-prefill-tokens and --reserved-rows must be 0 (off) or positive", file=sys.stderr)
+    if config.max_prefill_tokens < 0 or config.reserved_rows < 0 or config.prefill_chunk_tokens < 0:
+        print(
+            "error: --max-prefill-tokens, --prefill-chunk-tokens and --reserved-rows must be 0 (off) or positive",
+            file=sys.stderr,
+        )
         return 2
     if config.metrics_task_labels < 0:
         print("error: --metrics-task-labels must be 0 (off) or a positive number of tasks", file=sys.stderr)

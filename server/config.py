@@ -20,6 +20,9 @@ class ServeConfig:
     # Prompt tokens one step may prefill, padding included (0 = no limit). 512 caps the stall that newcomers
     # cause running streams (~66 ms + ~1.5 ms a token on the 2-core CPU) without splitting ordinary bursts.
     max_prefill_tokens: int = 512
+    # Prompt tokens that ride along in one decode step (chunked prefill fused into the decode forward);
+    # 0 = a separate prefill forward per admission. Bounds the stall newcomers cause running streams.
+    prefill_chunk_tokens: int = 64
     reserved_rows: int = 0  # batch rows the tenant holding the most rows may not take (others start at once)
     max_new_tokens: int = 2048  # upper bound a request may ask for
     max_prompt_tokens: int = 4096

@@ -24,7 +24,7 @@ import torch
 
 from server.batch import Batch, RowInfo
 from server.errors import InvalidInput, Overloaded, Unavailable
-from server.runner import ModelRunner, NewRequest
+from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
@@ -75,6 +75,14 @@ class _Tracked:
     last_token_at: float = 0.0  # for inter-token latency
 
 
+@dataclass
+class _Prefilling:
+    """An admitted request whose prompt is entering the KV chunk by chunk (fused chunked prefill)."""
+
+    tracked: _Tracked
+    pending: PendingPrefill
+
+
 class Engine:
     def __init__(
         self,
@@ -99,6 +107,9 @@ class Engine:
         self._running = False
         self._accepting = True
         self._batch: Batch | None = None
+        # Fused chunked prefill (runner permitting): admitted rows whose prompts are still going in, in order.
+        self._chunk_tokens = self.scheduler.config.prefill_chunk_tokens if runner.fuses_prefill else 0
+        self._prefilling: list[_Prefilling] = []
         self._ids = itertools.count()
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -122,9 +133,14 @@ class Engine:
         return self.scheduler.num_waiting
 
     @property
+    def prefills_in_chunks(self) -> bool:
+        """Whether prompts enter the batch in chunks inside decode steps (else in prefill forwards of their own)."""
+        return self._chunk_tokens > 0
+
+    @property
     def num_running(self) -> int:
         batch = self._batch
-        return 0 if batch is None else len(batch)
+        return (0 if batch is None else len(batch)) + len(self._prefilling)
 
     # ----- the async side ----------------------------------------------------------------------
 
@@ -194,7 +210,7 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if self._batch is None and self.scheduler.num_waiting == 0:
+            if self._batch is None and not self._prefilling and self.scheduler.num_waiting == 0:
                 if not self._running:
                     return
                 self._wakeup.get()  # idle: block until something arrives
@@ -207,22 +223,16 @@ class Engine:
     def _step(self) -> None:
         with self._lock:
             rows = [] if self._batch is None else [self._tracked[r] for r in self._batch.request_ids]
+            rows += [p.tracked for p in self._prefilling]
             running = [Running(t.max_len, t.request.tenant) for t in rows]
             admitted = [self._tracked[r] for r in self.scheduler.admit(running)]
         admitted = [t for t in admitted if not t.cancelled]
+        if self._chunk_tokens:
+            self._fused_step(admitted)
+            return
         if admitted:
-            new_requests = [
-                NewRequest(
-                    t.request_id,
-                    t.request.prompt_ids,
-                    t.request.params,
-                    t.request.prefix_kv,
-                    t.request.prefix_id,
-                )
-                for t in admitted
-            ]
             try:
-                new_batch, tokens = self.runner.prefill(new_requests)
+                new_batch, tokens = self.runner.prefill([self._new_request(t) for t in admitted])
             except Exception as exc:
                 log.error("prefill failed:\n%s", traceback.format_exc())
                 for t in admitted:
@@ -239,12 +249,65 @@ class Engine:
             tokens = self.runner.decode(self._batch)
             self._batch = self._consume(self._batch, tokens)
 
-    def _consume(self, batch: Batch, tokens: torch.Tensor) -> Batch | None:
+    def _fused_step(self, admitted: list[_Tracked]) -> None:
+        """Admitted requests start prefilling; one forward decodes the batch and feeds the next prompt chunks."""
+        for t in admitted:
+            try:
+                self._prefilling.append(_Prefilling(t, self.runner.begin_prefill(self._new_request(t))))
+            except Exception as exc:
+                log.error("prefill failed:\n%s", traceback.format_exc())
+                self._finish(t, GenerationEvent(None, "", "error", error=f"prefill failed: {exc}"))
+        for entry in [p for p in self._prefilling if p.tracked.cancelled]:
+            self._prefilling.remove(entry)
+            self._finish(entry.tracked, GenerationEvent(None, "", "cancelled"))
+        chunks = self._next_chunks()
+        if self._batch is None and not chunks:
+            return
+        if not chunks:  # nothing to prefill: the plain decode step (as fast, and the path every runner has)
+            assert self._batch is not None
+            self._batch = self._consume(self._batch, self.runner.decode(self._batch))
+            return
+        tokens, firsts = self.runner.fused_step(self._batch, chunks)
+        if self._batch is not None and tokens is not None:
+            self._batch = self._consume(self._batch, tokens)
+        joining: list[Batch] = []
+        for (pending, _), first in zip(chunks, firsts, strict=True):
+            if first is None:
+                continue
+            entry = next(p for p in self._prefilling if p.pending is pending)
+            self._prefilling.remove(entry)
+            if self.metrics is not None:
+                self.metrics.prefilled([entry.tracked.request])
+            row = self._consume(pending.batch, first, forward_pass=False)  # its forward was counted above
+            if row is not None:
+                joining.append(row)
+        if joining:
+            merged = joining if self._batch is None else [self._batch, *joining]
+            self._batch = Batch.concatenate(merged)
+
+    def _next_chunks(self) -> list[tuple[PendingPrefill, int]]:
+        """This step's prompt chunks: the oldest prompts first, ``prefill_chunk_tokens`` tokens in all."""
+        budget = self._chunk_tokens
+        chunks = []
+        for entry in self._prefilling:
+            if budget == 0:
+                break
+            n = min(entry.pending.remaining, budget)
+            chunks.append((entry.pending, n))
+            budget -= n
+        return chunks
+
+    @staticmethod
+    def _new_request(t: _Tracked) -> NewRequest:
+        request = t.request
+        return NewRequest(t.request_id, request.prompt_ids, request.params, request.prefix_kv, request.prefix_id)
+
+    def _consume(self, batch: Batch, tokens: torch.Tensor, *, forward_pass: bool = True) -> Batch | None:
         """Hand each row's new token to its request; return the batch without finished rows."""
         positions = batch.next_positions.tolist()
         now = time.perf_counter()  # after the host sync above: the forward pass has finished
         metrics = self.metrics
-        if metrics is not None:
+        if metrics is not None and forward_pass:
             # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
             metrics.forward_pass(batch.rows, batch.width, sum(positions))
         keep: list[str] = []
@@ -312,9 +375,9 @@ class Engine:
 
     def _fail_running(self, message: str) -> None:
         batch, self._batch = self._batch, None
-        if batch is None:
-            return
-        for request_id in batch.request_ids:
+        prefilling, self._prefilling = self._prefilling, []
+        request_ids = [] if batch is None else batch.request_ids
+        for request_id in request_ids + [p.tracked.request_id for p in prefilling]:
             tracked = self._tracked.get(request_id)
             if tracked is not None:
                 self._finish(tracked, GenerationEvent(None, "", "error", error=message))

@@ -55,12 +55,18 @@ class _BufferLayer(DynamicLayer):
         return self.length
 
     def _grow(self, needed: int) -> None:
-        capacity = needed + max(HEADROOM_COLUMNS, needed // 2)
-        for name in ("key_buffer", "value_buffer"):
-            old: torch.Tensor = getattr(self, name)
-            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
+        self.key_buffer = with_room(self.key_buffer, self.length, needed)
+        self.value_buffer = with_room(self.value_buffer, self.length, needed)
+
+
+def with_room(buffer: torch.Tensor, used: int, needed: int) -> torch.Tensor:
+    """``buffer`` [B, H_kv, C, d] if C >= needed, else a copy of its first ``used`` columns with room to grow."""
+    if needed <= buffer.shape[2]:
+        return buffer
+    capacity = needed + max(HEADROOM_COLUMNS, needed // 2)
+    grown = buffer.new_zeros(buffer.shape[0], buffer.shape[1], capacity, buffer.shape[3])
+    grown[:, :, :used] = buffer[:, :, :used]
+    return grown
 
 
 def build_cache(key_buffers: list[torch.Tensor], value_buffers: list[torch.Tensor], length: int) -> Cache:

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from server.architectures import mask_builder
-from server.attention import use_gqa_attention
-from server.batch import Batch, NewRequest
+from server.architectures import mask_builder, sliding_window_of
+from server.attention import ATTENTION_NAME, use_gqa_attention
+from server.batch import Batch, NewRequest, PrefillInputs
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
-from server.kv_cache import build_cache, read_cache
+from server.fused_step import LAYOUT_KWARG, ChunkSlot, FusedLayout
+from server.kv_cache import build_cache, read_cache, with_room
 from server.sampling import sample
 
-__all__ = ["ModelRunner", "NewRequest"]  # NewRequest lives with the batch; callers import it from here too
+__all__ = ["ModelRunner", "NewRequest", "PendingPrefill"]  # NewRequest lives with the batch; re-exported here
+
+
+@dataclass
+class PendingPrefill:
+    """A new row whose prompt enters its KV chunk by chunk, inside decode steps (server/fused_step.py)."""
+
+    batch: Batch  # one row: its prefix, then the prompt tokens prefilled so far (a single row needs no padding)
+    inputs: PrefillInputs  # the whole prompt: input_ids, position_ids [1, N]; attention_mask [1, P + N]
+    done: int = 0  # prompt tokens already in the KV
+
+    @property
+    def remaining(self) -> int:
+        return self.inputs.input_ids.shape[1] - self.done
 
 
 class ModelRunner:
@@ -40,6 +55,10 @@ class ModelRunner:
         self.head_dim = head_dim
         # Sliding-window models need masks built from positions, not cache columns (see server/architectures.py).
         self._attention_mask = mask_builder(model.config, self.dtype)
+        # Chunks of prompts can ride along in decode steps when attention is ours and needs no position masks.
+        self.fuses_prefill = (
+            model.config._attn_implementation == ATTENTION_NAME and sliding_window_of(model.config) is None
+        )
 
     def detokenizer_context(self, prompt_ids: Sequence[int]) -> Sequence[int]:
         """What precedes the generated tokens in the model's context: the prompt."""
@@ -66,6 +85,94 @@ class ModelRunner:
         tokens = sample(logits, batch.sampling)
         batch.next_input_ids = tokens
         return tokens
+
+    @torch.inference_mode()
+    def begin_prefill(self, request: NewRequest) -> PendingPrefill:
+        """A one-row batch holding the request's prefix; ``fused_step`` feeds it the prompt in chunks."""
+        batch, inputs = Batch.from_requests(
+            [request],
+            kv_shape=(self.num_layers, self.num_kv_heads, self.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+            place_prefix=lambda r: self.prefix_cache.get(r.prefix_id, r.prefix_kv),
+        )
+        return PendingPrefill(batch, inputs)
+
+    @torch.inference_mode()
+    def fused_step(
+        self, batch: Batch | None, chunks: Sequence[tuple[PendingPrefill, int]]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """One forward pass: a decode step for every row of ``batch`` plus the next n prompt tokens of each chunk.
+
+        Returns the batch's tokens [B] (None without a batch) and, per chunk, the row's first token [1] when
+        the chunk completes its prompt (None otherwise). Requires ``fuses_prefill``.
+        """
+        logits = self._fused_forward(batch, chunks)
+        rows = 0 if batch is None else len(batch)
+        tokens = None
+        if batch is not None:
+            tokens = batch.next_input_ids = sample(logits[:rows], batch.sampling)
+        firsts: list[torch.Tensor | None] = []
+        for pending, _ in chunks:
+            if pending.remaining:
+                firsts.append(None)
+                continue
+            first = pending.batch.next_input_ids = sample(logits[rows : rows + 1], pending.batch.sampling)
+            firsts.append(first)
+            rows += 1
+        return tokens, firsts
+
+    def _fused_forward(self, batch: Batch | None, chunks: Sequence[tuple[PendingPrefill, int]]) -> torch.Tensor:
+        """The forward of ``fused_step``: logits [B + completed prompts, V] (float32), in the order of the step."""
+        token_ids: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        keep: list[int] = []  # flat indices whose logits are wanted: every decode token, each finished prompt's last
+        decode_mask = None
+        if batch is not None:
+            width = batch.width
+            batch.keys = [with_room(k, width, width + 1) for k in batch.keys]
+            batch.values = [with_room(v, width, width + 1) for v in batch.values]
+            decode_mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
+            token_ids.append(batch.next_input_ids)
+            positions.append(batch.next_positions)
+            keep.extend(range(len(batch)))
+        slots = []
+        offset = len(keep)
+        for pending, n in chunks:
+            if not 0 < n <= pending.remaining:
+                raise ValueError(f"a chunk of {n} tokens for a prompt with {pending.remaining} left")
+            done = pending.done
+            token_ids.append(pending.inputs.input_ids[0, done : done + n])
+            positions.append(pending.inputs.position_ids[0, done : done + n])
+            slots.append(ChunkSlot(pending.batch.keys, pending.batch.values, pending.batch.width, n))
+            offset += n
+            if n == pending.remaining:
+                keep.append(offset - 1)
+        layout = FusedLayout(
+            decode_keys=[] if batch is None else batch.keys,
+            decode_values=[] if batch is None else batch.values,
+            decode_width=0 if batch is None else batch.width,
+            decode_mask=decode_mask,
+            chunks=slots,
+        )
+        out = self.model(
+            input_ids=torch.cat(token_ids)[None],
+            position_ids=torch.cat(positions)[None],
+            use_cache=False,
+            logits_to_keep=torch.tensor(keep, dtype=torch.int64, device=self.device),
+            **{LAYOUT_KWARG: layout},
+        )
+        # The K/V of every token are in place now: advance each row's bookkeeping past them.
+        if batch is not None:
+            batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
+            batch.next_positions = batch.next_positions + 1
+        for pending, n in chunks:
+            pending.done += n
+            prefix_len = pending.batch.rows[0].prefix_len
+            pending.batch.attention_mask = pending.inputs.attention_mask[:, : prefix_len + pending.done]
+            if not pending.remaining:
+                pending.batch.next_positions = pending.inputs.position_ids[:, -1] + 1
+        return out.logits[0].float()
 
     def _prefill_forward(self, requests: Sequence[NewRequest]) -> tuple[Batch, torch.Tensor]:
         """The prompts' forward after their prefixes: the batch holding all of it, and last-token logits [B, V]."""

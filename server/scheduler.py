@@ -31,6 +31,10 @@ class SchedulerConfig:
     # Rows the tenant holding the most running rows may not take, so that another tenant's request starts
     # at once while one tenant floods the rest. Capped at max_batch_size - 1, so a tenant alone always runs.
     reserved_rows: int = 0
+    # Prompt tokens fused into one decode step (chunked prefill, server/fused_step.py): admitted requests enter
+    # the batch chunk by chunk inside decode steps instead of in a prefill forward of their own. 0 = off.
+    # Only for runners that can (``ModelRunner.fuses_prefill``); others always prefill separately.
+    prefill_chunk_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,8 @@ def _right_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.d
 class Seq2SeqRunner:
     """Executes prefill and decode steps of an encoder-decoder model. Called from the engine thread only."""
 
+    fuses_prefill = False  # prompts go to the encoder in a prefill of their own, never in chunks
+
     def __init__(
         self,
         model: PreTrainedModel,

@@ -39,7 +39,7 @@ def test_refuses_public_bind_without_keys(capsys: pytest.CaptureFixture[str]) ->
     assert "--api-keys" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--max-prefill-tokens", "--reserved-rows"])
+@pytest.mark.parametrize("flag", ["--max-prefill-tokens", "--reserved-rows", "--prefill-chunk-tokens"])
 def test_negative_admission_budget_is_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", flag, "-1"]) == 2
     assert flag in capsys.readouterr().err

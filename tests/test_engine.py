@@ -34,6 +34,12 @@ def prefixes(base):
     return out
 
 
+@pytest.fixture(params=[0, 3], ids=["separate-prefill", "fused-chunks-of-3"])
+def chunk_tokens(request) -> int:
+    """Every engine test runs with prefill forwards of their own and with prompts fused into decode steps."""
+    return request.param
+
+
 def make_engine(model, **config) -> Engine:
     runner = ModelRunner(model, *probe_kv_shape(model))
     engine = Engine(runner, None, eos_token_ids=[], max_context=512, config=SchedulerConfig(**config))
@@ -54,8 +60,8 @@ def prompt(i: int, n: int) -> list[int]:
     return torch.randint(3, 250, (n,), generator=g).tolist()
 
 
-async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes) -> None:
-    engine = make_engine(base)
+async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes, chunk_tokens) -> None:
+    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
     try:
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
         requests = []
@@ -77,7 +83,7 @@ async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes) 
 
 async def test_prefill_budget_spreads_admission_and_changes_no_token(base, prefixes) -> None:
     """A budget below any two prompts admits one request per step: the burst joins over many steps."""
-    engine = make_engine(base, max_prefill_tokens=4)
+    engine = make_engine(base, max_prefill_tokens=4)  # prefill forwards of their own, which the test counts
     prefills: list[int] = []
     prefill = engine.runner.prefill
 
@@ -98,8 +104,8 @@ async def test_prefill_budget_spreads_admission_and_changes_no_token(base, prefi
         engine.shutdown()
 
 
-async def test_requests_joining_mid_decode_change_nobody(base, prefixes) -> None:
-    engine = make_engine(base)
+async def test_requests_joining_mid_decode_change_nobody(base, prefixes, chunk_tokens) -> None:
+    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
     try:
         long = GenerationRequest(prompt(50, 6), SamplingParams(max_new_tokens=40), prefixes[3][0], "p3")
         late = [
@@ -128,8 +134,8 @@ async def test_requests_joining_mid_decode_change_nobody(base, prefixes) -> None
         engine.shutdown()
 
 
-async def test_seeded_sampling_is_batch_invariant(base, prefixes) -> None:
-    engine = make_engine(base)
+async def test_seeded_sampling_is_batch_invariant(base, prefixes, chunk_tokens) -> None:
+    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
     try:
         sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
         request = GenerationRequest(prompt(7, 5), sampled, prefixes[1][0], "p1")
@@ -156,8 +162,8 @@ async def test_seeded_sampling_is_batch_invariant(base, prefixes) -> None:
         engine.shutdown()
 
 
-async def test_top_k_one_equals_greedy(base, prefixes) -> None:
-    engine = make_engine(base)
+async def test_top_k_one_equals_greedy(base, prefixes, chunk_tokens) -> None:
+    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
     try:
         p = prompt(9, 6)
         greedy = tokens_of(
@@ -171,8 +177,8 @@ async def test_top_k_one_equals_greedy(base, prefixes) -> None:
         engine.shutdown()
 
 
-async def test_cancel_frees_row_and_others_continue(base, prefixes) -> None:
-    engine = make_engine(base)
+async def test_cancel_frees_row_and_others_continue(base, prefixes, chunk_tokens) -> None:
+    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
     try:
         keep = GenerationRequest(prompt(20, 5), SamplingParams(max_new_tokens=30), prefixes[2][0], "p2")
         want = tokens_of(await collect(engine, keep))
@@ -197,8 +203,8 @@ async def test_cancel_frees_row_and_others_continue(base, prefixes) -> None:
         engine.shutdown()
 
 
-async def test_queue_full_is_overloaded(base) -> None:
-    engine = make_engine(base, max_queue=2, max_batch_size=1)
+async def test_queue_full_is_overloaded(base, chunk_tokens) -> None:
+    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens, max_queue=2, max_batch_size=1)
     try:
         blockers = [
             engine.generate(GenerationRequest(prompt(i, 4), SamplingParams(max_new_tokens=50))) for i in range(3)

@@ -80,17 +80,19 @@ def test_concurrent_mixed_prefixes_move_the_metrics(loaded, tmp_path: Path) -> N
 
         # Hold the engine's next prefill until every concurrent request is queued: then they are
         # prefilled and decoded together whatever the thread timing, so mixing is guaranteed.
+        # With chunked prefill the held call is the first fused step, after the first arrivals were admitted.
         entered, release = threading.Event(), threading.Event()
-        held: list[int] = []  # rows in the held prefill: the first arrivals, one or more
-        prefill = engine.runner.prefill
+        held: list[int] = []  # rows admitted before the hold: the first arrivals, one or more
+        name = "fused_step" if engine.prefills_in_chunks else "prefill"
+        prefill = getattr(engine.runner, name)
 
-        def gated_prefill(requests):
-            held.append(len(requests))
+        def gated_prefill(*args):
+            held.append(engine.num_running if engine.prefills_in_chunks else len(args[0]))
             entered.set()
             release.wait(timeout=60)
-            return prefill(requests)
+            return prefill(*args)
 
-        engine.runner.prefill = gated_prefill
+        setattr(engine.runner, name, gated_prefill)
         tasks = list(TASKS) * (CONCURRENT // len(TASKS))
         prompts = [f"Request number {i} says hello to {task}" for i, task in enumerate(tasks)]
         with ThreadPoolExecutor(CONCURRENT) as pool:

@@ -66,6 +66,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
             config.max_queue,
             max_prefill_tokens=config.max_prefill_tokens,
             reserved_rows=config.reserved_rows,
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
         ),
         metrics=None if metrics is None else metrics.engine,
     )

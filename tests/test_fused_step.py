@@ -1,0 +1,148 @@
+"""Chunked prefill fused into decode steps (server/fused_step.py) equals the PEFT oracle, for every row.
+
+Rows join a batch that keeps decoding while their prompts go in chunk by chunk; chunks of several prompts
+share steps; finished rows leave. Logits of every step must match PEFT's uncached forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.batch import Batch
+from server.engine import GenerationRequest
+from server.runner import ModelRunner, NewRequest, PendingPrefill
+from server.sampling import SamplingParams
+from tests.test_architectures import (
+    ARCHITECTURES,
+    LONG_STEPS,
+    STEPS,
+    Case,
+    _prefix_id,
+    assert_matches,
+    runner_for,
+    setup,
+)
+from tests.test_engine import collect, make_engine, tokens_of
+from tests.tiny_models import oracle_greedy
+
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
+# Architectures whose runner fuses prompt chunks into decode steps: GQA/MQA on our attention, no sliding window.
+FUSING = {"llama", "qwen3", "gemma-mqa"}
+
+
+def test_which_architectures_fuse() -> None:
+    fusing = {name for name in ARCHITECTURES if runner_for(setup(name).base).fuses_prefill}
+    assert fusing == FUSING
+
+
+@torch.inference_mode()  # as fused_step does around this private forward
+def run_fused(
+    runner: ModelRunner, cases: list[Case], budget: int, admit_per_step: int
+) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Admit cases a few per step; each step feeds the oldest prompts ``budget`` tokens and decodes the rest."""
+    requests = [
+        NewRequest(f"r{i}", c.prompt, SamplingParams(max_new_tokens=STEPS), c.prefix_kv, _prefix_id(c, f"t{i}"))
+        for i, c in enumerate(cases)
+    ]
+    logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
+    waiting = list(requests)
+    pending: list[tuple[str, PendingPrefill]] = []
+    batch: Batch | None = None
+    saw_shared_step = False  # a step holding decode rows and chunks of two prompts
+    while waiting or pending or batch is not None:
+        for request in waiting[:admit_per_step]:
+            pending.append((request.request_id, runner.begin_prefill(request)))
+        waiting = waiting[admit_per_step:]
+        chunks, left = [], budget
+        for _, p in pending:
+            if left == 0:
+                break
+            chunks.append((p, min(p.remaining, left)))
+            left -= chunks[-1][1]
+        saw_shared_step |= batch is not None and len(chunks) >= 2
+        step = runner._fused_forward(batch, chunks)  # [B + finished prompts, V]
+        rows = 0
+        if batch is not None:
+            rows = len(batch)
+            for row, row_logits in zip(batch.rows, step[:rows], strict=True):
+                logits[row.request_id].append(row_logits)
+            batch.next_input_ids = step[:rows].argmax(-1)
+            batch.check()
+        for p, _ in chunks:
+            if p.remaining:
+                continue
+            request_id = next(r for r, q in pending if q is p)
+            pending = [(r, q) for r, q in pending if q is not p]
+            logits[request_id].append(step[rows])
+            p.batch.next_input_ids = step[rows : rows + 1].argmax(-1)
+            p.batch.check()
+            batch = p.batch if batch is None else Batch.concatenate([batch, p.batch])
+            rows += 1
+        if batch is not None:
+            batch = batch.filter([r.request_id for r in batch.rows if len(logits[r.request_id]) < STEPS])
+    assert saw_shared_step or budget == 1, "the schedule never mixed decode rows with two prompts' chunks"
+    per_row = [logits[r.request_id] for r in requests]
+    return [[int(x.argmax()) for x in rows] for rows in per_row], per_row
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7, 64])
+@pytest.mark.parametrize("name", sorted(FUSING))
+def test_fused_steps_match_peft_forward(name: str, budget: int) -> None:
+    s = setup(name)
+    assert s.peft_cases is not None
+    cases = s.peft_cases + s.peft_cases[:2]  # more rows than steps of one prompt: joins overlap decodes
+    # Whole prompts fit one step at 64: admitting two per step puts two prompts in one step.
+    admit_per_step = 2 if budget == 64 else 1
+    assert_matches(cases, *run_fused(runner_for(s.base), cases, budget, admit_per_step))
+
+
+def test_chunk_must_fit_the_prompt() -> None:
+    runner = runner_for(setup("llama").base)
+    pending = runner.begin_prefill(NewRequest("r", [5, 6, 7], SamplingParams()))
+    with pytest.raises(ValueError, match="3 left"), torch.inference_mode():
+        runner._fused_forward(None, [(pending, 4)])
+
+
+async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() -> None:
+    """Budget 4: a 30-token prompt takes 8 steps, every one of which also decodes the running request."""
+    s = setup("llama")
+    engine = make_engine(s.base, prefill_chunk_tokens=4)
+    steps: list[tuple[int, list[int]]] = []  # per forward: (decode rows, chunk sizes)
+    fused_step = engine.runner.fused_step
+
+    def recording(batch, chunks):
+        steps.append((0 if batch is None else len(batch), [n for _, n in chunks]))
+        return fused_step(batch, chunks)
+
+    engine.runner.fused_step = recording  # type: ignore[method-assign]
+    try:
+        long_case = s.long
+        long_prompt = list(range(3, 33))  # 30 tokens
+        started = asyncio.Event()
+        long_tokens: list[int] = []
+
+        async def stream() -> None:
+            params = SamplingParams(max_new_tokens=LONG_STEPS)
+            request = GenerationRequest(long_case.prompt, params, long_case.prefix_kv, "t")
+            async for event in engine.generate(request):
+                if event.token_id is not None:
+                    long_tokens.append(event.token_id)
+                if len(long_tokens) == 2:
+                    started.set()
+
+        task = asyncio.create_task(stream())
+        await started.wait()
+        before = len(steps)
+        newcomer = await collect(engine, GenerationRequest(long_prompt, SamplingParams(max_new_tokens=3)))
+        await task
+        assert tokens_of(newcomer) == oracle_greedy(s.base, long_prompt, 3)[0]
+        chunk_steps = [(rows, sizes) for rows, sizes in steps[before:] if sizes]
+        assert [sizes for _, sizes in chunk_steps] == [[4]] * 7 + [[2]]
+        assert all(rows == 1 for rows, _ in chunk_steps), "the running stream decoded in every chunk step"
+        assert long_tokens == long_case.tokens
+    finally:
+        engine.shutdown()
