@@ -121,31 +121,37 @@ async def s4_tenants(url: str, args: argparse.Namespace, report: Report) -> None
 
 def s2_long_context(args: argparse.Namespace, report: Report) -> None:
     """The engine vs the bare transformers loop on identical work, in-process, on the default model."""
-    from bench.inproc import bare_loop, engine_requests, engine_run, make_engine, random_prompts
+    from bench.inproc import Timing, bare_loop, engine_requests, engine_run, make_engine, random_prompts
     from server.model_loading import load_model
 
     model = load_model(None)
     vocab = int(model.model.config.get_text_config().vocab_size)
     batch, prompt_len, new_tokens = args.s2_batch, args.s2_prompt, args.s2_new_tokens
     prompts = random_prompts(batch, prompt_len, vocab)
-    engine = make_engine(
-        model.model, model.num_layers, model.num_kv_heads, model.head_dim, model.max_context, max(batch, 1)
-    )
-    engine.start()
     rates: dict[str, list[float]] = {"engine": [], "bare": []}
-    try:
-        log(f"S2: warm-up (batch {batch}, prompt {prompt_len})")
-        engine_run(engine, engine_requests(prompts, 2))
-        bare_loop(model.model, prompts, 2)
-        for r in range(args.repeats):
-            e = engine_run(engine, engine_requests(prompts, new_tokens))
-            rates["engine"].append(e.tokens_per_s)
-            log(f"S2 engine #{r}: {e.tokens} tok in {e.seconds:.2f} s = {e.tokens_per_s:.1f}")
-            b = bare_loop(model.model, prompts, new_tokens)
-            rates["bare"].append(b.tokens_per_s)
-            log(f"S2 bare #{r}: {b.tokens} tok, {b.seconds:.2f} s = {b.tokens_per_s:.1f} (prefill {b.prefill_s:.2f})")
-    finally:
-        engine.shutdown()
+
+    def run_engine(tokens: int) -> Timing:
+        # A fresh engine per run, shut down after it: its thread's OpenMP pool goes with it, and starting it
+        # frees this thread's, so each side runs with the process's only pool (see server/threads.py).
+        engine = make_engine(
+            model.model, model.num_layers, model.num_kv_heads, model.head_dim, model.max_context, max(batch, 1)
+        )
+        engine.start()
+        try:
+            return engine_run(engine, engine_requests(prompts, tokens))
+        finally:
+            engine.shutdown()
+
+    log(f"S2: warm-up (batch {batch}, prompt {prompt_len})")
+    run_engine(2)
+    bare_loop(model.model, prompts, 2)
+    for r in range(args.repeats):
+        e = run_engine(new_tokens)
+        rates["engine"].append(e.tokens_per_s)
+        log(f"S2 engine #{r}: {e.tokens} tok in {e.seconds:.2f} s = {e.tokens_per_s:.1f}")
+        b = bare_loop(model.model, prompts, new_tokens)
+        rates["bare"].append(b.tokens_per_s)
+        log(f"S2 bare #{r}: {b.tokens} tok, {b.seconds:.2f} s = {b.tokens_per_s:.1f} (prefill {b.prefill_s:.2f})")
     eng, bare = median(rates["engine"]), median(rates["bare"])
     report.data["s2_long_context"] = {
         "batch": batch,

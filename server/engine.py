@@ -28,6 +28,7 @@ from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
+from server.threads import ENGINE_TORCH_THREADS, pin_torch_threads, release_openmp_pool
 
 if TYPE_CHECKING:
     from server.metrics import EngineMetrics
@@ -111,11 +112,13 @@ class Engine:
         self._chunk_tokens = self.scheduler.config.prefill_chunk_tokens if runner.fuses_prefill else 0
         self._prefilling: list[_Prefilling] = []
         self._ids = itertools.count()
+        self.torch_threads = ENGINE_TORCH_THREADS  # intra-op threads of the engine's forwards
 
     # ----- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         self._running = True
+        release_openmp_pool()  # the engine thread's pool must be the process's only one (server/threads.py)
         self._thread = threading.Thread(target=self._loop, name="prefix-serve-engine", daemon=True)
         self._thread.start()
 
@@ -209,6 +212,7 @@ class Engine:
     # ----- the engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        pin_torch_threads(self.torch_threads)  # I/O threads run torch single-threaded (server/threads.py)
         while True:
             if self._batch is None and not self._prefilling and self.scheduler.num_waiting == 0:
                 if not self._running:

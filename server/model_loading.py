@@ -26,6 +26,7 @@ from transformers import (
 from prefix_store.fingerprint import ModelFingerprint
 from server.architectures import VERIFIED_ARCHITECTURES, VERIFIED_ENCODER_DECODER, supported_list
 from server.attention import use_gqa_attention
+from server.threads import release_openmp_pool
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,9 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec or source.name!r} (offline, local files only): {exc}") from exc
     model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly; it moves parameters in place
-    return prepare_model(model, tokenizer, source.name, allow_unverified=allow_unverified)
+    loaded = prepare_model(model, tokenizer, source.name, allow_unverified=allow_unverified)
+    release_openmp_pool()  # loading is this thread's last intra-op work: its idle pool would slow the engine's
+    return loaded
 
 
 def prepare_model(

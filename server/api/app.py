@@ -30,6 +30,7 @@ from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
 from server.seq2seq_runner import Seq2SeqRunner
+from server.threads import io_executor
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
                 allow_unverified=config.allow_unverified_architecture,
             )
         state = build_state(config, loaded, metrics)
+        # From now on blocking work (prefix loads and uploads) runs torch single-threaded, off the engine's cores.
+        asyncio.get_running_loop().set_default_executor(io_executor())
         app.state.server = state
         try:
             yield
