@@ -232,7 +232,10 @@ class Engine:
             admitted = [self._tracked[r] for r in self.scheduler.admit(running)]
         admitted = [t for t in admitted if not t.cancelled]
         if self._chunk_tokens:
-            self._fused_step(admitted)
+            rows_of: dict[str, int] = {}  # rows each tenant holds, decoding or prefilling, as admission counted
+            for t in rows + admitted:
+                rows_of[t.request.tenant] = rows_of.get(t.request.tenant, 0) + 1
+            self._fused_step(admitted, rows_of)
             return
         if admitted:
             try:
@@ -253,7 +256,7 @@ class Engine:
             tokens = self.runner.decode(self._batch)
             self._batch = self._consume(self._batch, tokens)
 
-    def _fused_step(self, admitted: list[_Tracked]) -> None:
+    def _fused_step(self, admitted: list[_Tracked], rows_of: dict[str, int]) -> None:
         """Admitted requests start prefilling; one forward decodes the batch and feeds the next prompt chunks."""
         for t in admitted:
             try:
@@ -264,7 +267,7 @@ class Engine:
         for entry in [p for p in self._prefilling if p.tracked.cancelled]:
             self._prefilling.remove(entry)
             self._finish(entry.tracked, GenerationEvent(None, "", "cancelled"))
-        chunks = self._next_chunks()
+        chunks = self._next_chunks(rows_of)
         if self._batch is None and not chunks:
             return
         if not chunks:  # nothing to prefill: the plain decode step (as fast, and the path every runner has)
@@ -289,11 +292,15 @@ class Engine:
             merged = joining if self._batch is None else [self._batch, *joining]
             self._batch = Batch.concatenate(merged)
 
-    def _next_chunks(self) -> list[tuple[PendingPrefill, int]]:
-        """This step's prompt chunks: the oldest prompts first, ``prefill_chunk_tokens`` tokens in all."""
+    def _next_chunks(self, rows_of: dict[str, int]) -> list[tuple[PendingPrefill, int]]:
+        """This step's prompt chunks, ``prefill_chunk_tokens`` tokens in all.
+
+        Prompts of tenants holding the fewest rows go first, as in admission (oldest first among equals): a
+        tenant flooding the server cannot keep another's admitted prompt waiting behind its own.
+        """
         budget = self._chunk_tokens
         chunks = []
-        for entry in self._prefilling:
+        for entry in sorted(self._prefilling, key=lambda e: rows_of.get(e.tracked.request.tenant, 0)):
             if budget == 0:
                 break
             n = min(entry.pending.remaining, budget)

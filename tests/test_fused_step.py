@@ -7,6 +7,7 @@ share steps; finished rows leave. Logits of every step must match PEFT's uncache
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -145,4 +146,25 @@ async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() ->
         assert all(rows == 1 for rows, _ in chunk_steps), "the running stream decoded in every chunk step"
         assert long_tokens == long_case.tokens
     finally:
+        engine.shutdown()
+
+
+def test_prompts_of_tenants_holding_fewer_rows_are_fed_first() -> None:
+    """A flood's prompts were admitted first, but another tenant's prompt gets the step's chunk budget first."""
+    engine = make_engine(setup("llama").base, prefill_chunk_tokens=6)
+    try:
+
+        def entry(tenant: str, remaining: int) -> SimpleNamespace:
+            return SimpleNamespace(
+                tracked=SimpleNamespace(request=SimpleNamespace(tenant=tenant)),
+                pending=SimpleNamespace(remaining=remaining, tenant=tenant),
+            )
+
+        engine._prefilling = [entry("flood", 20), entry("flood", 20), entry("b", 4), entry("c", 9)]  # type: ignore[list-item]
+        chunks = engine._next_chunks({"flood": 12, "b": 1, "c": 1})
+        assert [(p.tenant, n) for p, n in chunks] == [("b", 4), ("c", 2)]
+        chunks = engine._next_chunks({})  # equal holdings: oldest first
+        assert [(p.tenant, n) for p, n in chunks] == [("flood", 6)]
+    finally:
+        engine._prefilling = []
         engine.shutdown()
