@@ -268,11 +268,9 @@ class Engine:
             self._prefilling.remove(entry)
             self._finish(entry.tracked, GenerationEvent(None, "", "cancelled"))
         chunks = self._next_chunks(rows_of)
-        if self._batch is None and not chunks:
-            return
         if not chunks:  # nothing to prefill: the plain decode step (as fast, and the path every runner has)
-            assert self._batch is not None
-            self._batch = self._consume(self._batch, self.runner.decode(self._batch))
+            if self._batch is not None:
+                self._batch = self._consume(self._batch, self.runner.decode(self._batch))
             return
         tokens, firsts = self.runner.fused_step(self._batch, chunks)
         if self._batch is not None and tokens is not None:

@@ -89,14 +89,7 @@ class ModelRunner:
     @torch.inference_mode()
     def begin_prefill(self, request: NewRequest) -> PendingPrefill:
         """A one-row batch holding the request's prefix; ``fused_step`` feeds it the prompt in chunks."""
-        batch, inputs = Batch.from_requests(
-            [request],
-            kv_shape=(self.num_layers, self.num_kv_heads, self.head_dim),
-            dtype=self.dtype,
-            device=self.device,
-            place_prefix=lambda r: self.prefix_cache.get(r.prefix_id, r.prefix_kv),
-        )
-        return PendingPrefill(batch, inputs)
+        return PendingPrefill(*self._new_rows([request]))
 
     @torch.inference_mode()
     def fused_step(
@@ -176,19 +169,23 @@ class ModelRunner:
 
     def _prefill_forward(self, requests: Sequence[NewRequest]) -> tuple[Batch, torch.Tensor]:
         """The prompts' forward after their prefixes: the batch holding all of it, and last-token logits [B, V]."""
-        batch, inputs = Batch.from_requests(
-            requests,
-            kv_shape=(self.num_layers, self.num_kv_heads, self.head_dim),
-            dtype=self.dtype,
-            device=self.device,
-            place_prefix=lambda r: self.prefix_cache.get(r.prefix_id, r.prefix_kv),
-        )
+        batch, inputs = self._new_rows(requests)
         logits, batch.keys, batch.values = self._forward(
             inputs.input_ids, inputs.attention_mask, inputs.position_ids, batch.keys, batch.values
         )
         batch.attention_mask = inputs.attention_mask
         batch.next_positions = inputs.position_ids[:, -1] + 1  # every row's last prompt token is in the last column
         return batch, logits
+
+    def _new_rows(self, requests: Sequence[NewRequest]) -> tuple[Batch, PrefillInputs]:
+        """Rows holding the requests' prefixes (from the device tier of the prefix cache), and their prompt inputs."""
+        return Batch.from_requests(
+            requests,
+            kv_shape=(self.num_layers, self.num_kv_heads, self.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+            place_prefix=lambda r: self.prefix_cache.get(r.prefix_id, r.prefix_kv),
+        )
 
     def _forward(
         self,
