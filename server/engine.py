@@ -319,18 +319,21 @@ class Engine:
         if metrics is not None and forward_pass:
             # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
             metrics.forward_pass(batch.rows, batch.width, sum(positions))
-        keep: list[str] = []
-        emitted: list[RowInfo] = []  # rows that got their token, for the generated-token counter
+        live: list[tuple[RowInfo, _Tracked, int, int]] = []  # rows that get their token this step
         for row, token, position in zip(batch.rows, tokens.tolist(), positions, strict=True):
             tracked = self._tracked[row.request_id]
             if tracked.cancelled:
                 self._finish(tracked, GenerationEvent(None, "", "cancelled"))
                 continue
-            emitted.append(row)
+            live.append((row, tracked, token, position))
+        if metrics is not None:
+            # Once per step (per task label), not per row; and before any event goes out, so a client that has
+            # received its last token (and then scrapes /metrics) finds that token counted.
+            metrics.generated([row for row, *_ in live])
+        keep: list[str] = []
+        for row, tracked, token, position in live:
             if not self._emit(tracked, token, position, now):
                 keep.append(row.request_id)
-        if metrics is not None:
-            metrics.generated(emitted)  # once per step (per task label), not per row
         return batch.filter(keep)
 
     def _emit(self, tracked: _Tracked, token: int, position: int, now: float) -> bool:
