@@ -26,9 +26,9 @@ from prefix_store.safetensors_io import (
     DTYPES,
     Header,
     TensorEntry,
+    copy_from_blob,
     parse_json_object,
     read_header,
-    tensor_from_blob,
 )
 
 FORMAT_NAME = "prefix-serve"
@@ -200,8 +200,13 @@ def _layer_entries(header: Header) -> list[tuple[TensorEntry, TensorEntry]]:
 
 
 def _stack(blob: bytes, pairs: list[tuple[TensorEntry, TensorEntry]]) -> torch.Tensor:
-    # [L, 2, H_kv, P, d]
-    return torch.stack([torch.stack([tensor_from_blob(blob, k), tensor_from_blob(blob, v)]) for k, v in pairs])
+    """The pairs' tensors as one [L, 2, H_kv, P, d], each copied once from the blob into its place."""
+    first = pairs[0][0]
+    out = torch.empty((len(pairs), 2, *first.shape), dtype=first.dtype)
+    for layer, pair in enumerate(pairs):
+        for kv, entry in enumerate(pair):
+            copy_from_blob(blob, entry, out[layer, kv])
+    return out
 
 
 def _blob_sha256(blob: bytes, pairs: list[tuple[TensorEntry, TensorEntry]]) -> str:
