@@ -112,7 +112,6 @@ class Engine:
         self._chunk_tokens = self.scheduler.config.prefill_chunk_tokens if runner.fuses_prefill else 0
         self._prefilling: list[_Prefilling] = []
         self._ids = itertools.count()
-        self.torch_threads = ENGINE_TORCH_THREADS  # intra-op threads of the engine's forwards
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -212,7 +211,7 @@ class Engine:
     # ----- the engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        pin_torch_threads(self.torch_threads)  # I/O threads run torch single-threaded (server/threads.py)
+        pin_torch_threads(ENGINE_TORCH_THREADS)  # whatever single-threaded I/O threads set process-wide
         while True:
             if self._batch is None and not self._prefilling and self.scheduler.num_waiting == 0:
                 if not self._running:

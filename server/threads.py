@@ -26,18 +26,17 @@ import torch
 ENGINE_TORCH_THREADS = torch.get_num_threads()
 
 
-def use_one_torch_thread() -> None:
-    """Make torch's ops on the calling thread single-threaded (other threads keep their own setting)."""
+def pin_torch_threads(count: int) -> None:
+    """Give the calling thread ``count`` intra-op threads (other threads keep their own setting)."""
     # torch gives a thread its count lazily, from the process-wide value, on the thread's first parallel op;
     # asking first settles that, so the setting below is not overwritten later.
     torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def pin_torch_threads(count: int) -> None:
-    """Give the calling thread ``count`` intra-op threads, whatever single-threaded I/O threads set process-wide."""
-    torch.get_num_threads()
     torch.set_num_threads(count)
+
+
+def use_one_torch_thread() -> None:
+    """Make torch's ops on the calling thread single-threaded: the I/O executor's initializer."""
+    pin_torch_threads(1)
 
 
 def io_executor() -> ThreadPoolExecutor:
