@@ -81,13 +81,13 @@ def time_decode(runner: ModelRunner, batch: Batch, steps: int) -> float:
 def time_instrumentation(batch: Batch, repeats: int, task_labels: int = 0) -> float:
     """Seconds per step of the engine's metrics calls for this batch, on a fresh registry."""
     metrics = EngineMetrics(CollectorRegistry(), TaskLabels(task_labels) if task_labels else None)
-    rows, width = batch.rows, batch.width
+    rows, slots = batch.rows, len(batch) * batch.width
     real = sum(batch.next_positions.tolist())
     last = time.perf_counter()
     start = time.perf_counter()
     for _ in range(repeats):
         now = time.perf_counter()
-        metrics.forward_pass(rows, width, real)
+        metrics.forward_pass(rows, slots, real)
         for _row in rows:
             metrics.inter_token_latency.observe(now - last)
         metrics.generated(rows)

@@ -22,6 +22,7 @@ import asyncio
 import json
 import math
 import random
+import shlex
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -62,6 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-batch", type=int, default=8, help="S3 static baseline: batch size per task")
     p.add_argument("--static-wait", type=float, default=1.0, help="S3 static baseline: longest wait for a batch, s")
     p.add_argument("--seed", type=int, default=0, help="S3 workload seed")
+    p.add_argument(
+        "--s3-variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="S3: also replay each rate against our server started with these extra flags (repeatable)",
+    )
+    p.add_argument("--s3-no-baselines", action="store_true", help="S3: skip one-at-a-time and static batching")
 
 
 class Prompts:
@@ -242,7 +251,13 @@ def s3_traffic(args: argparse.Namespace, report: Report) -> None:
     prefixes = [parse_uploaded_native(prefix_blob(args.prefix_len, i)) for i in range(TENANTS)]
     names = [task_name(i) for i in range(TENANTS)]
     common = ["--max-queue", "4096", "--max-new-tokens", "4096"]
-    systems = {"ours": ["--max-batch-size", "32", *common], "one_at_a_time": ["--max-batch-size", "1", *common]}
+    systems = {"ours": ["--max-batch-size", "32", *common]}
+    for variant in args.s3_variant:  # side by side with "ours", under the same load on the machine
+        name, _, flags = variant.partition("=")
+        systems[f"ours-{name}"] = [*systems["ours"], *shlex.split(flags)]
+    baselines = not args.s3_no_baselines
+    if baselines:
+        systems["one_at_a_time"] = ["--max-batch-size", "1", *common]
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
         urls = {}
@@ -262,7 +277,7 @@ def s3_traffic(args: argparse.Namespace, report: Report) -> None:
         for rate in rates:
             workload = make_workload(rate, cap, args.seed)
             measured = sum(r.arrival_s < window for r in workload)
-            for name in ("ours", "one_at_a_time", "static"):
+            for name in [*systems, *(["static"] if baselines else [])]:
                 errors: dict[str, int] = {}
                 if name == "static":
                     t0 = time.perf_counter()
@@ -303,7 +318,7 @@ def finish_report(
 ) -> None:
     by = {(r["rate"], r["system"]): r for r in rows}
     ratios = []
-    for rate in rates:
+    for rate in [] if args.s3_no_baselines else rates:
         ours = by[(rate, "ours")]["goodput_rps"]
         ratios.append(
             {
@@ -338,20 +353,23 @@ def finish_report(
             for r in rows
         ],
     )  # fmt: skip
-    report.table(
-        "S3 goodput ratios (ours over each baseline)",
-        ["λ req/s", "ours' p99s meet SLO", "ours/static per task", "ours/one-at-a-time"],
-        [[r["rate"], "yes" if r["ours_p99_meets_slo"] else "no", r["over_static"], r["over_one_at_a_time"]]
-         for r in ratios],
-    )  # fmt: skip
+    systems = sorted({r["system"] for r in rows})
     plot(
         report.out,
         "s3_goodput",
         "S3 goodput",
         "arrival rate (req/s)",
         "goodput (req/s within SLO)",
-        {s: (rates, [by[(x, s)]["goodput_rps"] for x in rates]) for s in ("ours", "static", "one_at_a_time")},
+        {s: (rates, [by[(x, s)]["goodput_rps"] for x in rates]) for s in systems},
     )
+    if not ratios:
+        return
+    report.table(
+        "S3 goodput ratios (ours over each baseline)",
+        ["λ req/s", "ours' p99s meet SLO", "ours/static per task", "ours/one-at-a-time"],
+        [[r["rate"], "yes" if r["ours_p99_meets_slo"] else "no", r["over_static"], r["over_one_at_a_time"]]
+         for r in ratios],
+    )  # fmt: skip
 
 
 def _ratio(a: float, b: float) -> float:

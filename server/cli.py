@@ -36,6 +36,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         int,
         "prompt tokens prefilled inside each decode step, in chunks (default 64; 0 = separate prefill steps)",
     ),
+    "kv_groups": (int, "padded groups of similar lengths the running rows are kept in, with fused steps (default 4)"),
     "reserved_rows": (int, "batch rows the tenant holding the most rows may not take (default 0)"),
     "max_new_tokens": (int, "largest max_new_tokens a request may ask (default 2048)"),
     "max_prompt_tokens": (int, "longest prompt in tokens (default 4096)"),
@@ -136,6 +137,9 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if config.kv_groups < 1:
+        print("error: --kv-groups must be at least 1", file=sys.stderr)
+        return 2
     if config.max_prefill_tokens < 0 or config.reserved_rows < 0 or config.prefill_chunk_tokens < 0:
         print(
             "error: --max-prefill-tokens, --prefill-chunk-tokens and --reserved-rows must be 0 (off) or positive",

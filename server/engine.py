@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server import kv_groups
 from server.batch import Batch, RowInfo
 from server.errors import InvalidInput, Overloaded, Unavailable
 from server.runner import ModelRunner, NewRequest, PendingPrefill
@@ -107,9 +108,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._accepting = True
-        self._batch: Batch | None = None
+        # The running rows: one padded batch, or with fused steps up to ``kv_groups`` of them (server/kv_groups.py).
+        self._groups: list[Batch] = []
         # Fused chunked prefill (runner permitting): admitted rows whose prompts are still going in, in order.
         self._chunk_tokens = self.scheduler.config.prefill_chunk_tokens if runner.fuses_prefill else 0
+        self._max_groups = max(1, self.scheduler.config.kv_groups) if self._chunk_tokens else 1
         self._prefilling: list[_Prefilling] = []
         self._ids = itertools.count()
 
@@ -141,8 +144,10 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        batch = self._batch
-        return (0 if batch is None else len(batch)) + len(self._prefilling)
+        return sum(len(g) for g in self._groups) + len(self._prefilling)
+
+    def _running_ids(self) -> list[str]:
+        return [request_id for g in self._groups for request_id in g.request_ids]
 
     # ----- the async side ----------------------------------------------------------------------
 
@@ -213,7 +218,7 @@ class Engine:
     def _loop(self) -> None:
         pin_torch_threads(ENGINE_TORCH_THREADS)  # whatever single-threaded I/O threads set process-wide
         while True:
-            if self._batch is None and not self._prefilling and self.scheduler.num_waiting == 0:
+            if not self._groups and not self._prefilling and self.scheduler.num_waiting == 0:
                 if not self._running:
                     return
                 self._wakeup.get()  # idle: block until something arrives
@@ -225,8 +230,7 @@ class Engine:
 
     def _step(self) -> None:
         with self._lock:
-            rows = [] if self._batch is None else [self._tracked[r] for r in self._batch.request_ids]
-            rows += [p.tracked for p in self._prefilling]
+            rows = [self._tracked[r] for r in self._running_ids()] + [p.tracked for p in self._prefilling]
             running = [Running(t.max_len, t.request.tenant) for t in rows]
             admitted = [self._tracked[r] for r in self.scheduler.admit(running)]
         admitted = [t for t in admitted if not t.cancelled]
@@ -247,13 +251,19 @@ class Engine:
             if new_batch is not None:
                 if self.metrics is not None:
                     self.metrics.prefilled([t.request for t in admitted])
+                self._observe_forward([new_batch])
                 new_batch = self._consume(new_batch, tokens)
                 if new_batch is not None:
-                    merged = [new_batch] if self._batch is None else [self._batch, new_batch]
-                    self._batch = type(new_batch).concatenate(merged)
-        if self._batch is not None:
-            tokens = self.runner.decode(self._batch)
-            self._batch = self._consume(self._batch, tokens)
+                    self._groups = [type(new_batch).concatenate([*self._groups, new_batch])]
+        if self._groups:
+            self._decode_one_group()
+
+    def _decode_one_group(self) -> None:
+        (batch,) = self._groups
+        tokens = self.runner.decode(batch)
+        self._observe_forward([batch])
+        batch = self._consume(batch, tokens)
+        self._groups = [] if batch is None else [batch]
 
     def _fused_step(self, admitted: list[_Tracked], rows_of: dict[str, int]) -> None:
         """Admitted requests start prefilling; one forward decodes the batch and feeds the next prompt chunks."""
@@ -267,13 +277,14 @@ class Engine:
             self._prefilling.remove(entry)
             self._finish(entry.tracked, GenerationEvent(None, "", "cancelled"))
         chunks = self._next_chunks(rows_of)
-        if not chunks:  # nothing to prefill: the plain decode step (as fast, and the path every runner has)
-            if self._batch is not None:
-                self._batch = self._consume(self._batch, self.runner.decode(self._batch))
+        if not chunks and len(self._groups) <= 1:  # the plain decode step (as fast, and the path every runner has)
+            if self._groups:
+                self._decode_one_group()
             return
-        tokens, firsts = self.runner.fused_step(self._batch, chunks)
-        if self._batch is not None and tokens is not None:
-            self._batch = self._consume(self._batch, tokens)
+        group_tokens, firsts = self.runner.fused_step(self._groups, chunks)
+        self._observe_forward(self._groups)
+        groups = [self._consume(g, tokens) for g, tokens in zip(self._groups, group_tokens, strict=True)]
+        self._groups = [g for g in groups if g is not None]
         joining: list[Batch] = []
         for (pending, _), first in zip(chunks, firsts, strict=True):
             if first is None:
@@ -282,12 +293,11 @@ class Engine:
             self._prefilling.remove(entry)
             if self.metrics is not None:
                 self.metrics.prefilled([entry.tracked.request])
-            row = self._consume(pending.batch, first, forward_pass=False)  # its forward was counted above
+            row = self._consume(pending.batch, first)
             if row is not None:
                 joining.append(row)
         if joining:
-            merged = joining if self._batch is None else [self._batch, *joining]
-            self._batch = Batch.concatenate(merged)
+            self._groups = kv_groups.join(self._groups, joining, self._max_groups)
 
     def _next_chunks(self, rows_of: dict[str, int]) -> list[tuple[PendingPrefill, int]]:
         """This step's prompt chunks, ``prefill_chunk_tokens`` tokens in all.
@@ -310,14 +320,20 @@ class Engine:
         request = t.request
         return NewRequest(t.request_id, request.prompt_ids, request.params, request.prefix_kv, request.prefix_id)
 
-    def _consume(self, batch: Batch, tokens: torch.Tensor, *, forward_pass: bool = True) -> Batch | None:
+    def _observe_forward(self, groups: Sequence[Batch]) -> None:
+        """Batch metrics of the forward pass that just ran over the rows of ``groups``."""
+        if self.metrics is None or not groups:
+            return
+        # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
+        real = sum(int(g.next_positions.sum()) for g in groups)
+        slots = sum(len(g) * g.width for g in groups)
+        self.metrics.forward_pass([row for g in groups for row in g.rows], slots, real)
+
+    def _consume(self, batch: Batch, tokens: torch.Tensor) -> Batch | None:
         """Hand each row's new token to its request; return the batch without finished rows."""
         positions = batch.next_positions.tolist()
         now = time.perf_counter()  # after the host sync above: the forward pass has finished
         metrics = self.metrics
-        if metrics is not None and forward_pass:
-            # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
-            metrics.forward_pass(batch.rows, batch.width, sum(positions))
         live: list[tuple[RowInfo, _Tracked, int, int]] = []  # rows that get their token this step
         for row, token, position in zip(batch.rows, tokens.tolist(), positions, strict=True):
             tracked = self._tracked[row.request_id]
@@ -385,10 +401,9 @@ class Engine:
             self._tracked.pop(tracked.request_id, None)
 
     def _fail_running(self, message: str) -> None:
-        batch, self._batch = self._batch, None
-        prefilling, self._prefilling = self._prefilling, []
-        request_ids = [] if batch is None else batch.request_ids
-        for request_id in request_ids + [p.tracked.request_id for p in prefilling]:
+        request_ids = self._running_ids() + [p.tracked.request_id for p in self._prefilling]
+        self._groups, self._prefilling = [], []
+        for request_id in request_ids:
             tracked = self._tracked.get(request_id)
             if tracked is not None:
                 self._finish(tracked, GenerationEvent(None, "", "error", error=message))

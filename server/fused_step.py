@@ -3,14 +3,16 @@
 A separate prefill forward reads every weight once more and stalls every running stream for its whole
 length. Instead, the tokens of one step are laid out flat, as a single sequence of S = B + sum(n_c) tokens:
 
-    [ decode token of row 0 | ... | decode token of row B-1 | chunk 0 (n_0 prompt tokens) | chunk 1 | ... ]
+    [ decode tokens of group 0 (its B_0 rows) | group 1 | ... | chunk 0 (n_0 prompt tokens) | chunk 1 | ... ]
 
 The model's linear layers, norms and rotary embedding are per token, so they run on this [1, S] input as on
 any other. Attention is the only place where tokens of different rows meet, so the attention function
 (registered by server/attention.py; this module holds its fused branch) splits the sequence again:
 
 * the B decode tokens write their K/V into column T of the running batch's buffers [B, H_kv, C, d] and attend,
-  one query per row, to the row's real columns (the batch's padding mask plus the new column);
+  one query per row, to the row's real columns (the batch's padding mask plus the new column). The running
+  rows may be split into several padded groups of similar lengths (server/kv_groups.py), each with its own
+  buffers and width: the decode tokens come group after group, and each group attends on its own;
 * each chunk writes its n tokens' K/V into its own one-row buffers [1, H_kv, C, d] after the columns already
   filled (the row's prefix and earlier chunks) and attends causally to them.
 
@@ -40,18 +42,25 @@ class ChunkSlot:
 
 
 @dataclass(frozen=True)
-class FusedLayout:
-    """What the flat token sequence of one step is made of."""
+class DecodeSlot:
+    """Where one group of running rows writes and reads: padded [B_g, H_kv, C, d] buffers, T columns in use."""
 
-    decode_keys: list[torch.Tensor]  # per layer [B, H_kv, C, d], C > T; empty when no row decodes
-    decode_values: list[torch.Tensor]
-    decode_width: int  # T: the decode tokens' K/V go to column T
-    decode_mask: torch.Tensor | None  # [B, 1, 1, T + 1] bool, True where a row's query may look
-    chunks: list[ChunkSlot]
+    keys: list[torch.Tensor]  # per layer [B_g, H_kv, C, d], C > T
+    values: list[torch.Tensor]
+    width: int  # T: the rows' decode tokens' K/V go to column T
+    mask: torch.Tensor  # [B_g, 1, 1, T + 1] bool, True where a row's query may look
 
     @property
-    def decode_rows(self) -> int:
-        return 0 if self.decode_mask is None else self.decode_mask.shape[0]
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """What the flat token sequence of one step is made of: decode groups, then prompt chunks."""
+
+    decodes: list[DecodeSlot]
+    chunks: list[ChunkSlot]
 
 
 def fused_attention_forward(
@@ -66,27 +75,23 @@ def fused_attention_forward(
     layer = module.layer_idx
     heads, head_dim = query.shape[1], query.shape[3]
     kv_heads = key.shape[1]
-    groups = heads // kv_heads  # query heads per KV head; those of one group are adjacent
+    q_per_kv = heads // kv_heads  # G, query heads per KV head; those sharing one are adjacent
     parts: list[torch.Tensor] = []  # per segment [tokens, H_q, d]
 
-    rows = layout.decode_rows
-    if rows:
-        width = layout.decode_width
-        keys, values = layout.decode_keys[layer], layout.decode_values[layer]
-        keys[:, :, width] = key[0, :, :rows].transpose(0, 1)  # [B, H_kv, d]
-        values[:, :, width] = value[0, :, :rows].transpose(0, 1)
-        # One query per row; the G queries of a KV head's group attend together: [B, H_kv, G, d].
-        q = query[0, :, :rows].transpose(0, 1).reshape(rows, kv_heads, groups, head_dim)
+    offset = 0
+    for group in layout.decodes:
+        rows, width = group.rows, group.width
+        keys, values = group.keys[layer], group.values[layer]
+        keys[:, :, width] = key[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_kv, d]
+        values[:, :, width] = value[0, :, offset : offset + rows].transpose(0, 1)
+        # One query per row; the G queries sharing a KV head attend together: [B_g, H_kv, G, d].
+        q = query[0, :, offset : offset + rows].transpose(0, 1).reshape(rows, kv_heads, q_per_kv, head_dim)
         out = scaled_dot_product_attention(
-            q,
-            keys[:, :, : width + 1],
-            values[:, :, : width + 1],
-            attn_mask=layout.decode_mask,
-            scale=scaling,
+            q, keys[:, :, : width + 1], values[:, :, : width + 1], attn_mask=group.mask, scale=scaling
         )
         parts.append(out.reshape(rows, heads, head_dim))
+        offset += rows
 
-    offset = rows
     for chunk in layout.chunks:
         start, n = chunk.start, chunk.length
         end = start + n
@@ -94,10 +99,10 @@ def fused_attention_forward(
         keys[0, :, start:end] = key[0, :, offset : offset + n]
         values[0, :, start:end] = value[0, :, offset : offset + n]
         # [1, H_q, n, d] -> [1, H_kv, G·n, d]: query i of every head in a group sees columns [0, start + i].
-        q = query[:, :, offset : offset + n].reshape(1, kv_heads, groups * n, head_dim)
+        q = query[:, :, offset : offset + n].reshape(1, kv_heads, q_per_kv * n, head_dim)
         columns = torch.arange(end, device=query.device)
         visible = columns[None, :] <= columns[start:, None]  # [n, start + n]
-        mask = visible.repeat(groups, 1)[None, None]  # [1, 1, G·n, start + n]
+        mask = visible.repeat(q_per_kv, 1)[None, None]  # [1, 1, G·n, start + n]
         out = scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=scaling)
         parts.append(out.reshape(heads, n, head_dim).transpose(0, 1))
         offset += n

@@ -154,19 +154,19 @@ class EngineMetrics:
         )
         self._children: dict[tuple[MetricWrapperBase, str], MetricWrapperBase] = {}
 
-    def forward_pass(self, rows: Sequence[RowInfo], width: int, real_slots: int) -> None:
-        """One forward pass over ``rows`` whose KV is [B, ·, width, ·] with ``real_slots`` unmasked slots.
+    def forward_pass(self, rows: Sequence[RowInfo], slots: int, real_slots: int) -> None:
+        """One forward pass over ``rows`` whose padded KV has ``slots`` token slots, ``real_slots`` of them unmasked.
 
-        ``real_slots`` is the sum of the rows' next positions, which the engine
-        already holds as a Python list: by the batch invariant it equals
-        ``attention_mask.sum()``, so the padding ratio needs no tensor reduction.
+        ``slots`` is rows x width summed over the running groups; ``real_slots`` is the sum of the rows' next
+        positions: by the batch invariant it equals ``attention_mask.sum()``, so the padding ratio needs no
+        mask reduction.
         """
         n = len(rows)
         if n == 0:
             return
         self.batch_size.observe(n)
         self.distinct_prefixes.observe(len({r.prefix_id for r in rows if r.prefix_id is not None}))
-        self.padding_ratio.observe(1.0 - real_slots / (n * width))
+        self.padding_ratio.observe(1.0 - real_slots / slots)
 
     def prefilled(self, requests: Iterable[GenerationRequest]) -> None:
         """The prompts of one prefill."""

@@ -12,7 +12,7 @@ from server.architectures import mask_builder, sliding_window_of
 from server.attention import ATTENTION_NAME, use_gqa_attention
 from server.batch import Batch, NewRequest, PrefillInputs
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
-from server.fused_step import LAYOUT_KWARG, ChunkSlot, FusedLayout
+from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout
 from server.kv_cache import build_cache, read_cache, with_room
 from server.sampling import sample
 
@@ -93,18 +93,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def fused_step(
-        self, batch: Batch | None, chunks: Sequence[tuple[PendingPrefill, int]]
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """One forward pass: a decode step for every row of ``batch`` plus the next n prompt tokens of each chunk.
+        self, groups: Sequence[Batch], chunks: Sequence[tuple[PendingPrefill, int]]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """One forward pass: a decode step for every row of ``groups`` plus the next n prompt tokens of each chunk.
 
-        Returns the batch's tokens [B] (None without a batch) and, per chunk, the row's first token [1] when
-        the chunk completes its prompt (None otherwise). Requires ``fuses_prefill``.
+        ``groups`` are the running rows as padded batches of their own (server/kv_groups.py). Returns each
+        group's tokens [B_g] and, per chunk, the row's first token [1] when the chunk completes its prompt (None
+        otherwise). Requires ``fuses_prefill``.
         """
-        logits = self._fused_forward(batch, chunks)
-        rows = 0 if batch is None else len(batch)
-        tokens = None
-        if batch is not None:
-            tokens = batch.next_input_ids = sample(logits[:rows], batch.sampling)
+        logits = self._fused_forward(groups, chunks)
+        rows = 0
+        tokens = []
+        for batch in groups:
+            batch.next_input_ids = sample(logits[rows : rows + len(batch)], batch.sampling)
+            tokens.append(batch.next_input_ids)
+            rows += len(batch)
         firsts: list[torch.Tensor | None] = []
         for pending, _ in chunks:
             if pending.remaining:
@@ -115,20 +118,21 @@ class ModelRunner:
             rows += 1
         return tokens, firsts
 
-    def _fused_forward(self, batch: Batch | None, chunks: Sequence[tuple[PendingPrefill, int]]) -> torch.Tensor:
+    def _fused_forward(self, groups: Sequence[Batch], chunks: Sequence[tuple[PendingPrefill, int]]) -> torch.Tensor:
         """The forward of ``fused_step``: logits [B + completed prompts, V] (float32), in the order of the step."""
         token_ids: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
-        keep: list[int] = []  # flat indices whose logits are wanted: every decode token, each finished prompt's last
-        decode_mask = None
-        if batch is not None:
+        decodes: list[DecodeSlot] = []
+        for batch in groups:
             width = batch.width
             batch.keys = [with_room(k, width, width + 1) for k in batch.keys]
             batch.values = [with_room(v, width, width + 1) for v in batch.values]
-            decode_mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
+            mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
+            decodes.append(DecodeSlot(batch.keys, batch.values, width, mask))
             token_ids.append(batch.next_input_ids)
             positions.append(batch.next_positions)
-            keep.extend(range(len(batch)))
+        # Flat indices whose logits are wanted: every decode token, and each finished prompt's last.
+        keep = list(range(sum(len(batch) for batch in groups)))
         slots = []
         offset = len(keep)
         for pending, n in chunks:
@@ -141,22 +145,15 @@ class ModelRunner:
             offset += n
             if n == pending.remaining:
                 keep.append(offset - 1)
-        layout = FusedLayout(
-            decode_keys=[] if batch is None else batch.keys,
-            decode_values=[] if batch is None else batch.values,
-            decode_width=0 if batch is None else batch.width,
-            decode_mask=decode_mask,
-            chunks=slots,
-        )
         out = self.model(
             input_ids=torch.cat(token_ids)[None],
             position_ids=torch.cat(positions)[None],
             use_cache=False,
             logits_to_keep=torch.tensor(keep, dtype=torch.int64, device=self.device),
-            **{LAYOUT_KWARG: layout},
+            **{LAYOUT_KWARG: FusedLayout(decodes, slots)},
         )
         # The K/V of every token are in place now: advance each row's bookkeeping past them.
-        if batch is not None:
+        for batch in groups:
             batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
             batch.next_positions = batch.next_positions + 1
         for pending, n in chunks:

@@ -35,6 +35,9 @@ class SchedulerConfig:
     # the batch chunk by chunk inside decode steps instead of in a prefill forward of their own. 0 = off.
     # Only for runners that can (``ModelRunner.fuses_prefill``); others always prefill separately.
     prefill_chunk_tokens: int = 0
+    # With fused steps, the running rows are kept in up to this many padded groups of similar lengths, so that
+    # less of their KV is padding (server/kv_groups.py). Without fused steps there is always one.
+    kv_groups: int = 1
 
 
 @dataclass(frozen=True)

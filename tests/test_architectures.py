@@ -202,12 +202,13 @@ def test_own_kv_prefix_equals_prompting_with_its_text(name: str) -> None:
     assert_matches(s.own_kv_cases, *run_batched(runner_for(s.base), s.own_kv_cases))
 
 
-@pytest.mark.parametrize("chunk_tokens", [0, 3], ids=["separate-prefill", "fused-chunks-of-3"])
+@pytest.mark.parametrize("chunk_tokens", [0, 3], ids=["separate-prefill", "fused-chunks-of-3-in-3-groups"])
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 async def test_engine_mixed_batch_and_mid_decode_join_equal_oracle(name: str, chunk_tokens: int) -> None:
-    """With chunks on, fusing architectures prefill inside decode steps (tests/test_fused_step.py); others ignore it."""
+    """With chunks on, fusing architectures prefill inside decode steps and keep rows in groups
+    (tests/test_fused_step.py); others ignore both."""
     s = setup(name)
-    engine = make_engine(s.base, prefill_chunk_tokens=chunk_tokens)
+    engine = make_engine(s.base, prefill_chunk_tokens=chunk_tokens, kv_groups=3)
     try:
         order: list[str] = []  # arrival of events, to show the join happened while the long request decoded
         started = asyncio.Event()

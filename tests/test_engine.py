@@ -34,9 +34,13 @@ def prefixes(base):
     return out
 
 
-@pytest.fixture(params=[0, 3], ids=["separate-prefill", "fused-chunks-of-3"])
-def chunk_tokens(request) -> int:
-    """Every engine test runs with prefill forwards of their own and with prompts fused into decode steps."""
+@pytest.fixture(
+    params=[{"prefill_chunk_tokens": 0}, {"prefill_chunk_tokens": 3, "kv_groups": 3}],
+    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups"],
+)
+def mode(request) -> dict[str, int]:
+    """Every engine test runs with prefill forwards of their own, and with prompts fused into decode steps and
+    the running rows kept in up to 3 padded groups."""
     return request.param
 
 
@@ -60,8 +64,8 @@ def prompt(i: int, n: int) -> list[int]:
     return torch.randint(3, 250, (n,), generator=g).tolist()
 
 
-async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes, chunk_tokens) -> None:
-    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
+async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes, mode) -> None:
+    engine = make_engine(base, **mode)
     try:
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
         requests = []
@@ -104,8 +108,8 @@ async def test_prefill_budget_spreads_admission_and_changes_no_token(base, prefi
         engine.shutdown()
 
 
-async def test_requests_joining_mid_decode_change_nobody(base, prefixes, chunk_tokens) -> None:
-    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
+async def test_requests_joining_mid_decode_change_nobody(base, prefixes, mode) -> None:
+    engine = make_engine(base, **mode)
     try:
         long = GenerationRequest(prompt(50, 6), SamplingParams(max_new_tokens=40), prefixes[3][0], "p3")
         late = [
@@ -134,8 +138,8 @@ async def test_requests_joining_mid_decode_change_nobody(base, prefixes, chunk_t
         engine.shutdown()
 
 
-async def test_seeded_sampling_is_batch_invariant(base, prefixes, chunk_tokens) -> None:
-    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
+async def test_seeded_sampling_is_batch_invariant(base, prefixes, mode) -> None:
+    engine = make_engine(base, **mode)
     try:
         sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
         request = GenerationRequest(prompt(7, 5), sampled, prefixes[1][0], "p1")
@@ -162,8 +166,8 @@ async def test_seeded_sampling_is_batch_invariant(base, prefixes, chunk_tokens) 
         engine.shutdown()
 
 
-async def test_top_k_one_equals_greedy(base, prefixes, chunk_tokens) -> None:
-    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
+async def test_top_k_one_equals_greedy(base, prefixes, mode) -> None:
+    engine = make_engine(base, **mode)
     try:
         p = prompt(9, 6)
         greedy = tokens_of(
@@ -177,8 +181,8 @@ async def test_top_k_one_equals_greedy(base, prefixes, chunk_tokens) -> None:
         engine.shutdown()
 
 
-async def test_cancel_frees_row_and_others_continue(base, prefixes, chunk_tokens) -> None:
-    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens)
+async def test_cancel_frees_row_and_others_continue(base, prefixes, mode) -> None:
+    engine = make_engine(base, **mode)
     try:
         keep = GenerationRequest(prompt(20, 5), SamplingParams(max_new_tokens=30), prefixes[2][0], "p2")
         want = tokens_of(await collect(engine, keep))
@@ -203,8 +207,8 @@ async def test_cancel_frees_row_and_others_continue(base, prefixes, chunk_tokens
         engine.shutdown()
 
 
-async def test_queue_full_is_overloaded(base, chunk_tokens) -> None:
-    engine = make_engine(base, prefill_chunk_tokens=chunk_tokens, max_queue=2, max_batch_size=1)
+async def test_queue_full_is_overloaded(base, mode) -> None:
+    engine = make_engine(base, max_queue=2, max_batch_size=1, **mode)
     try:
         blockers = [
             engine.generate(GenerationRequest(prompt(i, 4), SamplingParams(max_new_tokens=50))) for i in range(3)

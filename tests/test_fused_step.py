@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from server import kv_groups
 from server.batch import Batch
 from server.engine import GenerationRequest
 from server.runner import ModelRunner, NewRequest, PendingPrefill
@@ -42,9 +43,12 @@ def test_which_architectures_fuse() -> None:
 
 @torch.inference_mode()  # as fused_step does around this private forward
 def run_fused(
-    runner: ModelRunner, cases: list[Case], budget: int, admit_per_step: int
+    runner: ModelRunner, cases: list[Case], budget: int, admit_per_step: int, max_groups: int = 1
 ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
-    """Admit cases a few per step; each step feeds the oldest prompts ``budget`` tokens and decodes the rest."""
+    """Admit cases a few per step; each step feeds the oldest prompts ``budget`` tokens and decodes the rest.
+
+    Finished prompts join the running rows as the engine places them, in up to ``max_groups`` groups.
+    """
     requests = [
         NewRequest(f"r{i}", c.prompt, SamplingParams(max_new_tokens=STEPS), c.prefix_kv, _prefix_id(c, f"t{i}"))
         for i, c in enumerate(cases)
@@ -52,9 +56,10 @@ def run_fused(
     logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
     waiting = list(requests)
     pending: list[tuple[str, PendingPrefill]] = []
-    batch: Batch | None = None
+    groups: list[Batch] = []
     saw_shared_step = False  # a step holding decode rows and chunks of two prompts
-    while waiting or pending or batch is not None:
+    most_groups = 0
+    while waiting or pending or groups:
         for request in waiting[:admit_per_step]:
             pending.append((request.request_id, runner.begin_prefill(request)))
         waiting = waiting[admit_per_step:]
@@ -64,15 +69,17 @@ def run_fused(
                 break
             chunks.append((p, min(p.remaining, left)))
             left -= chunks[-1][1]
-        saw_shared_step |= batch is not None and len(chunks) >= 2
-        step = runner._fused_forward(batch, chunks)  # [B + finished prompts, V]
+        saw_shared_step |= bool(groups) and len(chunks) >= 2
+        most_groups = max(most_groups, len(groups))
+        step = runner._fused_forward(groups, chunks)  # [B + finished prompts, V]
         rows = 0
-        if batch is not None:
-            rows = len(batch)
-            for row, row_logits in zip(batch.rows, step[:rows], strict=True):
+        for batch in groups:
+            for row, row_logits in zip(batch.rows, step[rows : rows + len(batch)], strict=True):
                 logits[row.request_id].append(row_logits)
-            batch.next_input_ids = step[:rows].argmax(-1)
+            batch.next_input_ids = step[rows : rows + len(batch)].argmax(-1)
             batch.check()
+            rows += len(batch)
+        joining = []
         for p, _ in chunks:
             if p.remaining:
                 continue
@@ -81,11 +88,12 @@ def run_fused(
             logits[request_id].append(step[rows])
             p.batch.next_input_ids = step[rows : rows + 1].argmax(-1)
             p.batch.check()
-            batch = p.batch if batch is None else Batch.concatenate([batch, p.batch])
+            joining.append(p.batch)
             rows += 1
-        if batch is not None:
-            batch = batch.filter([r.request_id for r in batch.rows if len(logits[r.request_id]) < STEPS])
+        groups = [g.filter([r.request_id for r in g.rows if len(logits[r.request_id]) < STEPS]) for g in groups]
+        groups = kv_groups.join([g for g in groups if g is not None], joining, max_groups)
     assert saw_shared_step or budget == 1, "the schedule never mixed decode rows with two prompts' chunks"
+    assert most_groups == max_groups, f"{most_groups} groups decoded together at most, {max_groups} allowed"
     per_row = [logits[r.request_id] for r in requests]
     return [[int(x.argmax()) for x in rows] for rows in per_row], per_row
 
@@ -101,11 +109,21 @@ def test_fused_steps_match_peft_forward(name: str, budget: int) -> None:
     assert_matches(cases, *run_fused(runner_for(s.base), cases, budget, admit_per_step))
 
 
+@pytest.mark.parametrize("budget", [3, 64])
+@pytest.mark.parametrize("name", sorted(FUSING))
+def test_rows_in_several_groups_match_peft_forward(name: str, budget: int) -> None:
+    """Rows of different lengths decode in separate padded groups of one forward: every row still equals PEFT."""
+    s = setup(name)
+    assert s.peft_cases is not None
+    cases = s.peft_cases + s.peft_cases[:2]
+    assert_matches(cases, *run_fused(runner_for(s.base), cases, budget, admit_per_step=2, max_groups=3))
+
+
 def test_chunk_must_fit_the_prompt() -> None:
     runner = runner_for(setup("llama").base)
     pending = runner.begin_prefill(NewRequest("r", [5, 6, 7], SamplingParams()))
     with pytest.raises(ValueError, match="3 left"), torch.inference_mode():
-        runner._fused_forward(None, [(pending, 4)])
+        runner._fused_forward([], [(pending, 4)])
 
 
 async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() -> None:
@@ -115,9 +133,9 @@ async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() ->
     steps: list[tuple[int, list[int]]] = []  # per forward: (decode rows, chunk sizes)
     fused_step = engine.runner.fused_step
 
-    def recording(batch, chunks):
-        steps.append((0 if batch is None else len(batch), [n for _, n in chunks]))
-        return fused_step(batch, chunks)
+    def recording(groups, chunks):
+        steps.append((sum(len(g) for g in groups), [n for _, n in chunks]))
+        return fused_step(groups, chunks)
 
     engine.runner.fused_step = recording  # type: ignore[method-assign]
     try:

@@ -66,7 +66,8 @@ def loaded(tiny_model_dir: Path):
 
 
 def test_concurrent_mixed_prefixes_move_the_metrics(loaded, tmp_path: Path) -> None:
-    config = ServeConfig(store=f"disk://{tmp_path}", host_cache_bytes=HOST_CACHE_BYTES, max_new_tokens=64)
+    # Two KV groups for three prefix lengths: some group holds rows of unequal lengths, so some pass pads.
+    config = ServeConfig(store=f"disk://{tmp_path}", host_cache_bytes=HOST_CACHE_BYTES, max_new_tokens=64, kv_groups=2)
     with TestClient(create_app(config, model=loaded)) as client:
         engine = client.app.state.server.engine
         before = scrape(client)
@@ -183,7 +184,7 @@ def test_forward_pass_figures() -> None:
     metrics = ServerMetrics()
     engine: EngineMetrics = metrics.engine
     rows = [RowInfo("a", "t/x@1", 3), RowInfo("b", "t/x@1", 3), RowInfo("c", None, 0), RowInfo("d", "t/y@2", 5)]
-    engine.forward_pass(rows, width=10, real_slots=30)  # 4 rows x 10 slots, 30 real
+    engine.forward_pass(rows, slots=40, real_slots=30)  # 4 rows x 10 slots, 30 real
     get = metrics.registry.get_sample_value
     assert get("prefix_serve_batch_size_sum") == 4
     assert get("prefix_serve_batch_distinct_prefixes_sum") == 2  # rows without a prefix are not a prefix

@@ -68,6 +68,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
             max_prefill_tokens=config.max_prefill_tokens,
             reserved_rows=config.reserved_rows,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
+            kv_groups=config.kv_groups,
         ),
         metrics=None if metrics is None else metrics.engine,
     )
