@@ -111,8 +111,10 @@ def test_fused_steps_match_peft_forward(name: str, budget: int) -> None:
 
 @pytest.mark.parametrize("budget", [3, 64])
 @pytest.mark.parametrize("name", sorted(FUSING))
-def test_rows_in_several_groups_match_peft_forward(name: str, budget: int) -> None:
-    """Rows of different lengths decode in separate padded groups of one forward: every row still equals PEFT."""
+def test_rows_in_several_groups_match_peft_forward(name: str, budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of different lengths decode in separate padded groups of one forward: every row still equals PEFT.
+    No slack: the cases' lengths differ by a few columns, and each difference should start a group."""
+    monkeypatch.setattr(kv_groups, "SLACK_COLUMNS", 0)
     s = setup(name)
     assert s.peft_cases is not None
     cases = s.peft_cases + s.peft_cases[:2]
@@ -167,22 +169,43 @@ async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() ->
         engine.shutdown()
 
 
+def _entry(tenant: str, remaining: int) -> SimpleNamespace:
+    """What ``Engine._next_chunks`` reads of a prefilling request."""
+    return SimpleNamespace(
+        tracked=SimpleNamespace(request=SimpleNamespace(tenant=tenant)),
+        pending=SimpleNamespace(remaining=remaining, tenant=tenant),
+    )
+
+
 def test_prompts_of_tenants_holding_fewer_rows_are_fed_first() -> None:
     """A flood's prompts were admitted first, but another tenant's prompt gets the step's chunk budget first."""
     engine = make_engine(setup("llama").base, prefill_chunk_tokens=6)
     try:
-
-        def entry(tenant: str, remaining: int) -> SimpleNamespace:
-            return SimpleNamespace(
-                tracked=SimpleNamespace(request=SimpleNamespace(tenant=tenant)),
-                pending=SimpleNamespace(remaining=remaining, tenant=tenant),
-            )
-
-        engine._prefilling = [entry("flood", 20), entry("flood", 20), entry("b", 4), entry("c", 9)]  # type: ignore[list-item]
+        engine._groups = [range(12)]  # type: ignore[list-item]  # more rows decode than prompts wait: the budget holds
+        engine._prefilling = [_entry("flood", 20), _entry("flood", 20), _entry("b", 4), _entry("c", 9)]  # type: ignore[list-item]
         chunks = engine._next_chunks({"flood": 12, "b": 1, "c": 1})
         assert [(p.tenant, n) for p, n in chunks] == [("b", 4), ("c", 2)]
         chunks = engine._next_chunks({})  # equal holdings: oldest first
         assert [(p.tenant, n) for p, n in chunks] == [("flood", 6)]
     finally:
-        engine._prefilling = []
+        engine._groups, engine._prefilling = [], []
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("decoding", [0, 2])
+@pytest.mark.parametrize(("max_prefill_tokens", "fed"), [(0, [20, 20, 4]), (30, [20, 10]), (3, [6])])
+def test_a_burst_outnumbering_the_decoding_rows_is_fed_what_admission_allows(
+    decoding: int, max_prefill_tokens: int, fed: list[int]
+) -> None:
+    """Fewer rows decode than prompts wait: up to max_prefill_tokens (0: all) in one step, at least the chunk size.
+    As many rows decoding as prompts waiting: the chunk size."""
+    engine = make_engine(setup("llama").base, prefill_chunk_tokens=6, max_prefill_tokens=max_prefill_tokens)
+    try:
+        engine._prefilling = [_entry("a", 20), _entry("a", 20), _entry("b", 4)]  # type: ignore[list-item]
+        engine._groups = [range(decoding)] if decoding else []  # type: ignore[list-item]
+        assert [n for _, n in engine._next_chunks({})] == fed
+        engine._groups = [range(3)]  # type: ignore[list-item]
+        assert [n for _, n in engine._next_chunks({})] == [6]
+    finally:
+        engine._groups, engine._prefilling = [], []
         engine.shutdown()

@@ -12,7 +12,7 @@ import pytest
 
 from server import kv_groups
 from server.engine import GenerationRequest
-from server.kv_groups import added_padding, choose_group
+from server.kv_groups import SLACK_COLUMNS, added_padding, choose_group
 from server.sampling import SamplingParams
 from tests.test_batch import make_batch, real_kv
 from tests.test_engine import collect, make_engine, prompt, tokens_of
@@ -25,11 +25,22 @@ def test_added_padding_pads_the_row_or_every_row_of_the_group() -> None:
     assert added_padding(rows=4, width=10, row_width=12) == 8  # each of the 4 rows gets 2 more columns
 
 
-def test_a_row_starts_a_group_while_there_is_room_and_no_free_fit() -> None:
+def test_a_row_starts_a_group_while_there_is_room_and_no_cheap_fit() -> None:
+    assert SLACK_COLUMNS == 64
     assert choose_group([], 9, max_groups=1) is None  # the first row starts the first group
-    assert choose_group([(3, 20)], 9, max_groups=2) is None  # 11 padded slots: a group of its own instead
-    assert choose_group([(3, 20), (2, 9)], 9, max_groups=3) == 1  # an exact fit costs nothing
-    assert choose_group([(3, 20)], 9, max_groups=1) == 0  # no room: the only group, whatever it costs
+    assert choose_group([(3, 200)], 90, max_groups=2) is None  # 110 padded columns: a group of its own
+    assert choose_group([(3, 200)], 150, max_groups=2) == 0  # 50 padded columns: within the slack
+    assert choose_group([(3, 100)], 130, max_groups=2) == 0  # 3 rows padded by 30 each: within the slack
+    assert choose_group([(3, 100)], 200, max_groups=2) is None  # 3 rows padded by 100 each
+    assert choose_group([(3, 200), (2, 90)], 90, max_groups=3) == 1  # an exact fit costs nothing
+    assert choose_group([(3, 200)], 9, max_groups=1) == 0  # no room: the only group, whatever it costs
+
+
+def test_rows_of_nearly_equal_lengths_share_one_group() -> None:
+    """A burst of similar prompts (S1): a few columns apart, they stay in one group, so steps stay plain decodes."""
+    joining = [make_batch(tag, [n], width=n) for tag, n in [("a", 32), ("b", 33), ("c", 31), ("d", 34)]]
+    (group,) = kv_groups.join([], joining, max_groups=4)
+    assert group.request_ids == ["a0", "b0", "c0", "d0"]
 
 
 def test_a_row_joins_the_group_it_pads_least() -> None:
@@ -40,10 +51,14 @@ def test_a_row_joins_the_group_it_pads_least() -> None:
     assert choose_group(shapes, 31, max_groups=3) == 2
 
 
+# A [30, 250] group; rows of 900, 20, 250 and 800 columns join it.
+WIDTHS = [("b", 900), ("c", 20), ("d", 250), ("e", 800)]
+
+
 @pytest.mark.parametrize("max_groups", [1, 2, 3])
 def test_join_keeps_every_row_and_its_kv_within_the_group_bound(max_groups: int) -> None:
-    groups = [make_batch("a", [3, 5], width=5)]
-    joining = [make_batch(tag, [n], width=n) for tag, n in [("b", 9), ("c", 2), ("d", 5), ("e", 8)]]
+    groups = [make_batch("a", [30, 250], width=250)]
+    joining = [make_batch(tag, [n], width=n) for tag, n in WIDTHS]
     want = real_kv(groups[0])
     for batch in joining:
         want |= real_kv(batch)
@@ -60,12 +75,12 @@ def test_join_keeps_every_row_and_its_kv_within_the_group_bound(max_groups: int)
 
 
 def test_join_groups_rows_of_similar_widths() -> None:
-    """With three groups: a [3, 5] group; 9 then 8 together; 2 starts the third; 5 fits the first at no cost."""
-    groups = [make_batch("a", [3, 5], width=5)]
-    joining = [make_batch(tag, [n], width=n) for tag, n in [("b", 9), ("c", 2), ("d", 8), ("e", 5)]]
-    joined = kv_groups.join(groups, joining, max_groups=3)
-    assert [g.request_ids for g in joined] == [["a0", "a1", "e0"], ["b0", "d0"], ["c0"]]
-    assert [g.width for g in joined] == [5, 9, 2]
+    """900 starts a group; 20 too (230 columns short of the first); 250 fits the first exactly; the groups are
+    full when 800 comes, and it pads least in 900's."""
+    groups = [make_batch("a", [30, 250], width=250)]
+    joined = kv_groups.join(groups, [make_batch(tag, [n], width=n) for tag, n in WIDTHS], max_groups=3)
+    assert [g.request_ids for g in joined] == [["a0", "a1", "d0"], ["b0", "e0"], ["c0"]]
+    assert [g.width for g in joined] == [250, 900, 20]
 
 
 async def test_engine_decodes_rows_in_groups_as_it_would_alone() -> None:
@@ -81,7 +96,8 @@ async def test_engine_decodes_rows_in_groups_as_it_would_alone() -> None:
     engine.runner.fused_step = recording  # type: ignore[method-assign]
     try:
         requests = [
-            GenerationRequest(prompt(i, n), SamplingParams(max_new_tokens=12)) for i, n in enumerate([3, 40, 9, 70, 20])
+            GenerationRequest(prompt(i, n), SamplingParams(max_new_tokens=12))
+            for i, n in enumerate([3, 100, 210, 330, 8])
         ]
         alone = [tokens_of(await collect(engine, r)) for r in requests]
         group_counts.clear()

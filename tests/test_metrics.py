@@ -66,8 +66,7 @@ def loaded(tiny_model_dir: Path):
 
 
 def test_concurrent_mixed_prefixes_move_the_metrics(loaded, tmp_path: Path) -> None:
-    # Two KV groups for three prefix lengths: some group holds rows of unequal lengths, so some pass pads.
-    config = ServeConfig(store=f"disk://{tmp_path}", host_cache_bytes=HOST_CACHE_BYTES, max_new_tokens=64, kv_groups=2)
+    config = ServeConfig(store=f"disk://{tmp_path}", host_cache_bytes=HOST_CACHE_BYTES, max_new_tokens=64)
     with TestClient(create_app(config, model=loaded)) as client:
         engine = client.app.state.server.engine
         before = scrape(client)
