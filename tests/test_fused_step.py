@@ -192,12 +192,22 @@ def test_prompts_of_tenants_holding_fewer_rows_are_fed_first() -> None:
         engine.shutdown()
 
 
-@pytest.mark.parametrize("decoding", [0, 2])
-@pytest.mark.parametrize(("max_prefill_tokens", "fed"), [(0, [20, 20, 4]), (30, [20, 10]), (3, [6])])
-def test_a_burst_outnumbering_the_decoding_rows_is_fed_what_admission_allows(
+@pytest.mark.parametrize(
+    ("decoding", "max_prefill_tokens", "fed"),
+    [
+        (0, 0, [20, 20, 4]),  # nothing decodes: every waiting token (no admission limit)
+        (0, 30, [20, 10]),  # nothing decodes: admission's limit
+        (0, 3, [6]),  # never less than the chunk size
+        (1, 0, [18]),  # three prompts wait per decoding row: three chunks' worth
+        (1, 10, [10]),  # ... capped by admission's limit
+        (2, 0, [9]),  # 6 * 3 // 2
+    ],
+)
+def test_a_burst_outnumbering_the_decoding_rows_gets_a_bigger_budget(
     decoding: int, max_prefill_tokens: int, fed: list[int]
 ) -> None:
-    """Fewer rows decode than prompts wait: up to max_prefill_tokens (0: all) in one step, at least the chunk size.
+    """Fewer rows decode than prompts wait: the chunk budget grows with prompts per decoding row, up to
+    max_prefill_tokens; with nothing decoding, it is max_prefill_tokens (0: all). Never below the chunk size.
     As many rows decoding as prompts waiting: the chunk size."""
     engine = make_engine(setup("llama").base, prefill_chunk_tokens=6, max_prefill_tokens=max_prefill_tokens)
     try:
