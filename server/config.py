@@ -23,6 +23,7 @@ class ServeConfig:
     # Prompt tokens that ride along in one decode step (chunked prefill fused into the decode forward);
     # 0 = a separate prefill forward per admission. Bounds the stall newcomers cause running streams.
     prefill_chunk_tokens: int = 64
+    # Padded groups of similar lengths the running rows are kept in (fused steps only): less of the KV is padding.
     kv_groups: int = 4
     reserved_rows: int = 0  # batch rows the tenant holding the most rows may not take (others start at once)
     max_new_tokens: int = 2048  # upper bound a request may ask for
