@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import shlex
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ import httpx
 import torch
 from safetensors.torch import save
 
+from bench.variants import add_variant_option, flag_list, parse_variants
 from prefix_store.backends.redis import RedisBackend
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.registry import PrefixRegistry
@@ -207,19 +207,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--hot-prefix-len", type=int, default=10)
     parser.add_argument("--cold-prefix-len", type=int, default=200)
-    parser.add_argument(
+    add_variant_option(
+        parser,
         "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=FLAGS",
-        help="a server configuration, e.g. 'budget=--max-prefill-tokens 64' (repeatable; default: the defaults)",
+        "a server configuration, e.g. 'budget=--max-prefill-tokens 64' (repeatable; default: the defaults)",
     )
     parser.add_argument("--floor", action="store_true", help="only time decode steps and prefills in process")
     args = parser.parse_args()
     if args.floor:
         floor(args)
         return
-    variants = dict(v.partition("=")[::2] for v in args.variant) or {"default": ""}
+    variants = parse_variants(args.variant) or {"default": ""}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         redis_server = RedisServer(Path(tmp))
         redis_server.start()
@@ -227,7 +225,7 @@ def main() -> None:
         urls: dict[str, str] = {}
         for name, flags in variants.items():
             serve_args = ["--store", redis_server.url, "--max-batch-size", str(args.streams + args.burst)]
-            server = stack.enter_context(running_server(serve_args + shlex.split(flags), Path(tmp) / f"{name}.log"))
+            server = stack.enter_context(running_server(serve_args + flag_list(flags), Path(tmp) / f"{name}.log"))
             urls[name] = server.url
         first = next(iter(urls.values()))
         with httpx.Client(base_url=first, timeout=120) as c:

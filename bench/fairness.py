@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from bench.variants import add_variant_option, flag_list, parse_variants
 
 TENANT_HEADER = "X-Prefix-Serve-Tenant"
 
@@ -102,21 +103,19 @@ def main() -> None:
     parser.add_argument("--b-interval", type=float, default=2.0, help="seconds between B's requests")
     parser.add_argument("--skip-fifo", action="store_true", help="skip the first-come-first-served comparison")
     parser.add_argument("--rounds", type=int, default=1, help="alone + flood phases per variant, alternating")
-    parser.add_argument(
+    add_variant_option(
+        parser,
         "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=FLAGS",
-        help="a server configuration, e.g. 'reserve=--reserved-rows 1' (repeatable; default: the server's defaults)",
+        "a server configuration, e.g. 'reserve=--reserved-rows 1' (repeatable; default: the server's defaults)",
     )
     args = parser.parse_args()
-    variants = [v.partition("=")[::2] for v in args.variant] or [("default", "")]
+    variants = parse_variants(args.variant) or {"default": ""}
 
     with tempfile.TemporaryDirectory() as store:
         servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         try:
-            for name, flags in variants:
-                servers[name] = _serve(args, f"{store}/{name}", shlex.split(flags))
+            for name, flags in variants.items():
+                servers[name] = _serve(args, f"{store}/{name}", flag_list(flags))
             kw = {"flood": args.flood, "b_count": args.b_requests, "tokens": args.max_new_tokens}
             kw["interval"] = args.b_interval
             for _, url in servers.values():
@@ -140,7 +139,7 @@ def main() -> None:
         f"model {args.model or 'default'}, {args.flood} requests from A at once, {args.b_requests} from B "
         f"(one every {args.b_interval:g} s), {args.max_new_tokens} new tokens each, batch <= {args.max_batch_size}"
     )
-    for (name, flags), results in zip(variants, rounds.values(), strict=True):
+    for (name, flags), results in zip(variants.items(), rounds.values(), strict=True):
         ratios = [fair["b_median_s"] / alone["b_median_s"] for alone, fair in results]
         alone_s = statistics.median(a["b_median_s"] for a, _ in results)
         fair_s = statistics.median(f["b_median_s"] for _, f in results)
@@ -156,7 +155,7 @@ def main() -> None:
         return
     alone_s = statistics.median(a["b_median_s"] for a, _ in next(iter(rounds.values())))
     print(
-        f"B behind A's flood (FIFO, {variants[0][0]}): median {fifo['b_median_s']:.3f} s = "
+        f"B behind A's flood (FIFO, {next(iter(variants))}): median {fifo['b_median_s']:.3f} s = "
         f"{fifo['b_median_s'] / alone_s:.2f}x alone (B filed under A's tenant)"
     )
 

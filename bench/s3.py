@@ -22,7 +22,6 @@ import asyncio
 import json
 import math
 import random
-import shlex
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -40,6 +39,7 @@ from bench.harness import (
     upload_prefixes,
 )
 from bench.traffic import Outcome, Slo, StaticBatcher, TrafficRequest, make_workload, summarize
+from bench.variants import add_variant_option, flag_list, parse_variants
 
 TENANTS = 100
 # Common words; those the tokenizer keeps as one token after a space make prompts of exact token counts.
@@ -63,12 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-batch", type=int, default=8, help="S3 static baseline: batch size per task")
     p.add_argument("--static-wait", type=float, default=1.0, help="S3 static baseline: longest wait for a batch, s")
     p.add_argument("--seed", type=int, default=0, help="S3 workload seed")
-    p.add_argument(
-        "--s3-variant",
-        action="append",
-        default=[],
-        metavar="NAME=FLAGS",
-        help="S3: also replay each rate against our server started with these extra flags (repeatable)",
+    add_variant_option(
+        p, "--s3-variant", "S3: also replay each rate against our server started with these extra flags (repeatable)"
     )
     p.add_argument("--s3-no-baselines", action="store_true", help="S3: skip one-at-a-time and static batching")
 
@@ -252,9 +248,8 @@ def s3_traffic(args: argparse.Namespace, report: Report) -> None:
     names = [task_name(i) for i in range(TENANTS)]
     common = ["--max-queue", "4096", "--max-new-tokens", "4096"]
     systems = {"ours": ["--max-batch-size", "32", *common]}
-    for variant in args.s3_variant:  # side by side with "ours", under the same load on the machine
-        name, _, flags = variant.partition("=")
-        systems[f"ours-{name}"] = [*systems["ours"], *shlex.split(flags)]
+    for name, flags in parse_variants(args.s3_variant).items():  # side by side with "ours", under the same load
+        systems[f"ours-{name}"] = [*systems["ours"], *flag_list(flags)]
     baselines = not args.s3_no_baselines
     if baselines:
         systems["one_at_a_time"] = ["--max-batch-size", "1", *common]
