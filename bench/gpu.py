@@ -25,6 +25,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.inproc import Timing, bare_loop, engine_requests, engine_run, make_engine, random_prompts, synchronize
+from server.config import ServeConfig
+from server.engine import Engine
 
 LLAMA_1B = {
     "hidden_size": 2048,
@@ -37,6 +39,11 @@ LLAMA_1B = {
     "max_position_embeddings": 8192,
     "rope_theta": 500000.0,
     "tie_word_embeddings": True,
+}
+# What `prefix-serve serve` runs with: prompt chunks fused into decode steps, running rows in padded groups.
+FUSED_SCHEDULER = {
+    "prefill_chunk_tokens": ServeConfig.prefill_chunk_tokens,
+    "kv_groups": ServeConfig.kv_groups,
 }
 TINY = {
     "hidden_size": 64,
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny 16)")
     p.add_argument("--prefix-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None, help="also write the results JSON here")
+    p.add_argument("--out", type=Path, default=None, help="also write the results JSON here (after each batch)")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of a few steps here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -125,24 +133,36 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(batch)
         ]
         engine = make_engine(model, layers, kv_heads, head_dim, cfg.max_position_embeddings, batch)
+        # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
+        fused = make_engine(model, layers, kv_heads, head_dim, cfg.max_position_embeddings, batch, **FUSED_SCHEDULER)
         engine.start()
-        runs: dict[str, list[Timing]] = {"mixed": [], "single": [], "engine": [], "engine_short": [], "bare": []}
+        fused.start()
+        runs: dict[str, list[Timing]] = {
+            key: [] for key in ("mixed", "single", "engine", "engine_short", "fused", "fused_short", "bare")
+        }
         try:
             engine_run(engine, engine_requests(prompts, 2, prefixes))  # warm-up
+            engine_run(fused, engine_requests(prompts, 2, prefixes))
             bare_loop(model, prompts, 2)
             for _ in range(args.repeats):
                 runs["mixed"].append(engine_run(engine, engine_requests(prompts, new_tokens, prefixes)))
                 runs["single"].append(engine_run(engine, engine_requests(prompts, new_tokens, prefixes[:1])))
                 runs["engine"].append(engine_run(engine, engine_requests(prompts, new_tokens)))
                 runs["engine_short"].append(engine_run(engine, engine_requests(prompts, short_tokens)))
+                runs["fused"].append(engine_run(fused, engine_requests(prompts, new_tokens)))
+                runs["fused_short"].append(engine_run(fused, engine_requests(prompts, short_tokens)))
                 runs["bare"].append(bare_loop(model, prompts, new_tokens))
+            if args.profile is not None and batch == batches[0]:
+                profile_steps(args.profile, engine, model, prompts, device)
         finally:
             engine.shutdown()
+            fused.shutdown()
 
         fastest = {key: min(timings, key=lambda t: t.seconds) for key, timings in runs.items()}
 
         # Decode step time without prefill: the engine from two run lengths, the bare loop from its own split.
         engine_step = (fastest["engine"].seconds - fastest["engine_short"].seconds) / (new_tokens - short_tokens)
+        fused_step = (fastest["fused"].seconds - fastest["fused_short"].seconds) / (new_tokens - short_tokens)
         b = fastest["bare"]
         bare_step = (b.seconds - (b.prefill_s or 0.0)) / (new_tokens - 1)
         mean_context = prompt_len + new_tokens / 2
@@ -155,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
             "engine_tokens_per_s": fastest["engine"].tokens_per_s,
             "bare_tokens_per_s": b.tokens_per_s,
             "engine_over_bare": fastest["engine"].tokens_per_s / b.tokens_per_s,
+            "fused_tokens_per_s": fastest["fused"].tokens_per_s,
+            "fused_over_bare": fastest["fused"].tokens_per_s / b.tokens_per_s,
             "engine_step_s": engine_step,
+            "fused_step_s": fused_step,
             "bare_step_s": bare_step,
             "floor_step_s": floor,
             "kv_bytes_per_step_at_mean_context": kv_bytes,
@@ -166,14 +189,35 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"batch {batch}: mixed {row['mixed_tokens_per_s']:.0f} tok/s, single {row['single_tokens_per_s']:.0f}, "
             f"mixed/single {row['mixed_over_single']:.3f}; engine {row['engine_tokens_per_s']:.0f} vs bare "
-            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x; decode step engine "
-            f"{engine_step * 1e3:.2f} ms, bare {bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
+            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x (fused steps "
+            f"{row['fused_over_bare']:.2f}x); decode step engine {engine_step * 1e3:.2f} ms, fused "
+            f"{fused_step * 1e3:.2f} ms, bare {bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
             f"(engine {row['engine_step_over_floor']:.2f}x floor)",
             flush=True,
         )
+        if args.out is not None:  # after every batch, so a run cut short still leaves what it measured
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-    if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def profile_steps(
+    path: Path, engine: Engine, model: LlamaForCausalLM, prompts: list[list[int]], device: torch.device
+) -> None:
+    """Kernel and operator times of a short engine run and a short bare loop: where a decode step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sections = []
+    for name, work in (
+        ("engine, 16 tokens", lambda: engine_run(engine, engine_requests(prompts, 16))),
+        ("bare loop, 16 tokens", lambda: bare_loop(model, prompts, 16)),
+    ):
+        with profile(activities=activities) as prof:
+            timing = work()
+        table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+        sections.append(f"## {name}: {timing.seconds * 1e3:.1f} ms wall\n\n{table}\n")
+    path.write_text("\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -89,10 +89,17 @@ def _bare_loop(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tok
 
 
 def make_engine(
-    model: PreTrainedModel, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int, batch: int
+    model: PreTrainedModel,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_context: int,
+    batch: int,
+    **scheduler: int,
 ) -> Engine:
+    """An engine for ``batch`` rows; ``scheduler`` overrides SchedulerConfig fields (e.g. prefill_chunk_tokens)."""
     runner = ModelRunner(model, num_layers, num_kv_heads, head_dim)
-    config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch))
+    config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
     return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config)
 
 
