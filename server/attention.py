@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from server.fused_step import LAYOUT_KWARG, fused_attention_forward
+from server.static_decode import StaticDecodeLayout, static_decode_attention
 
 ATTENTION_NAME = "prefix_serve_gqa"
 
@@ -49,6 +50,8 @@ def gqa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Attention output [B, q, H_q, d] (the layout transformers' attention functions return)."""
     layout = kwargs.get(LAYOUT_KWARG)
+    if isinstance(layout, StaticDecodeLayout):  # a decode step of fixed shape (server/static_decode.py)
+        return static_decode_attention(module, query, key, value, layout, scaling), None
     if layout is not None:  # a flat step of decode rows and prompt chunks (server/fused_step.py)
         return fused_attention_forward(module, query, key, value, layout, scaling), None
     groups = query.shape[1] // key.shape[1]

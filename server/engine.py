@@ -226,6 +226,7 @@ class Engine:
             if not self._groups and not self._prefilling and self.scheduler.num_waiting == 0:
                 if not self._running:
                     return
+                self.runner.on_idle()
                 self._wakeup.get()  # idle: block until something arrives
             try:
                 self._step()

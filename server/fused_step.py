@@ -31,6 +31,15 @@ from torch.nn.functional import scaled_dot_product_attention
 LAYOUT_KWARG = "prefix_serve_layout"
 
 
+def placeholder_mask(device: torch.device) -> torch.Tensor:
+    """An ``attention_mask`` for forwards whose attention reads a layout instead: [1, 1, 1, 1], never read.
+
+    transformers returns a 4D mask as it is. Given none, it would build a [1, 1, S, S] mask nobody reads, after
+    checking the flat position ids for packed sequences with a host sync (``.all()``) every step.
+    """
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+
+
 @dataclass(frozen=True)
 class ChunkSlot:
     """Where one prompt chunk's tokens go: a one-row KV whose first ``start`` columns are filled."""

@@ -12,9 +12,10 @@ from server.architectures import mask_builder, sliding_window_of
 from server.attention import ATTENTION_NAME, use_gqa_attention
 from server.batch import Batch, NewRequest, PrefillInputs
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
-from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout
+from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
 from server.kv_cache import build_cache, read_cache, with_room
 from server.sampling import sample
+from server.static_decode import StaticDecoder
 
 __all__ = ["ModelRunner", "NewRequest", "PendingPrefill"]  # NewRequest lives with the batch; re-exported here
 
@@ -43,6 +44,7 @@ class ModelRunner:
         head_dim: int,
         *,
         device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
+        static_decode: bool | None = None,
     ) -> None:
         self.model = model
         # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
@@ -59,6 +61,25 @@ class ModelRunner:
         self.fuses_prefill = (
             model.config._attn_implementation == ATTENTION_NAME and sliding_window_of(model.config) is None
         )
+        # Single-batch decode steps at fixed shapes, replayed from CUDA graphs (server/static_decode.py): by
+        # default on CUDA, where the eager step is host-bound. Needs our attention, as fused steps do.
+        if static_decode is None:
+            static_decode = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            # cuDNN's SDPA builds an execution plan for every new shape (tens of ms each), and an eager decode
+            # step's KV grows by a column every step: on an H200, eager steps that hit it took 60-80 ms instead
+            # of ~15 (bench/RESULTS.md, "GPU"). Flash / memory-efficient attention need no plans. Process-wide.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        self.static_decoder = (
+            StaticDecoder(model, use_graphs=self.device.type == "cuda")
+            if static_decode and self.fuses_prefill
+            else None
+        )
+
+    def on_idle(self) -> None:
+        """Nothing running: let go of the last batch's fixed-shape step (its graph and KV buffers)."""
+        if self.static_decoder is not None:
+            self.static_decoder.release()
 
     def detokenizer_context(self, prompt_ids: Sequence[int]) -> Sequence[int]:
         """What precedes the generated tokens in the model's context: the prompt."""
@@ -75,6 +96,12 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, batch: Batch) -> torch.Tensor:
         """One decode step for every row; appends each row's input token to its KV. Returns tokens [B]."""
+        if self.static_decoder is not None:
+            logits = self.static_decoder.logits(batch)
+            batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
+            batch.next_positions = batch.next_positions + 1
+            batch.next_input_ids = sample(logits, batch.sampling)
+            return batch.next_input_ids
         step_mask = torch.ones(len(batch), 1, dtype=batch.attention_mask.dtype, device=self.device)
         mask = torch.cat([batch.attention_mask, step_mask], dim=1)  # [B, T + 1]
         logits, batch.keys, batch.values = self._forward(
@@ -148,6 +175,7 @@ class ModelRunner:
         out = self.model(
             input_ids=torch.cat(token_ids)[None],
             position_ids=torch.cat(positions)[None],
+            attention_mask=placeholder_mask(self.device),
             use_cache=False,
             logits_to_keep=torch.tensor(keep, dtype=torch.int64, device=self.device),
             **{LAYOUT_KWARG: FusedLayout(decodes, slots)},

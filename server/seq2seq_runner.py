@@ -91,6 +91,9 @@ class Seq2SeqRunner:
 
     fuses_prefill = False  # prompts go to the encoder in a prefill of their own, never in chunks
 
+    def on_idle(self) -> None:
+        """Nothing running: nothing to release (decode steps hold no state between batches)."""
+
     def __init__(
         self,
         model: PreTrainedModel,

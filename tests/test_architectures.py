@@ -203,16 +203,21 @@ def test_own_kv_prefix_equals_prompting_with_its_text(name: str) -> None:
     assert_matches(s.own_kv_cases, *run_batched(runner_for(s.base), s.own_kv_cases))
 
 
-@pytest.mark.parametrize("chunk_tokens", [0, 3], ids=["separate-prefill", "fused-chunks-of-3-in-3-groups"])
+@pytest.mark.parametrize(
+    "mode",
+    [{"prefill_chunk_tokens": 0}, {"prefill_chunk_tokens": 3}, {"prefill_chunk_tokens": 0, "static_decode": True}],
+    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode"],
+)
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 async def test_engine_mixed_batch_and_mid_decode_join_equal_oracle(
-    name: str, chunk_tokens: int, monkeypatch: pytest.MonkeyPatch
+    name: str, mode: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With chunks on, fusing architectures prefill inside decode steps and keep rows in groups
-    (tests/test_fused_step.py); others ignore both. No slack: rows of any two lengths may start groups."""
+    (tests/test_fused_step.py); with static decode, they decode at fixed shapes as CUDA graphs replay them
+    (server/static_decode.py). Others ignore both. No slack: rows of any two lengths may start groups."""
     monkeypatch.setattr(kv_groups, "SLACK_COLUMNS", 0)
     s = setup(name)
-    engine = make_engine(s.base, prefill_chunk_tokens=chunk_tokens, kv_groups=3)
+    engine = make_engine(s.base, kv_groups=3, **mode)
     try:
         order: list[str] = []  # arrival of events, to show the join happened while the long request decoded
         started = asyncio.Event()

@@ -36,19 +36,24 @@ def prefixes(base):
 
 
 @pytest.fixture(
-    params=[{"prefill_chunk_tokens": 0}, {"prefill_chunk_tokens": 3, "kv_groups": 3}],
-    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups"],
+    params=[
+        {"prefill_chunk_tokens": 0},
+        {"prefill_chunk_tokens": 3, "kv_groups": 3},
+        {"prefill_chunk_tokens": 0, "static_decode": True},
+    ],
+    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode"],
 )
 def mode(request, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Every engine test runs with prefill forwards of their own, and with prompts fused into decode steps and
-    the running rows kept in up to 3 padded groups. The tiny prompts differ by fewer columns than the groups'
+    """Every engine test runs with prefill forwards of their own, with prompts fused into decode steps and
+    the running rows kept in up to 3 padded groups, and with the fixed-shape decode step that CUDA graphs
+    replay (eager here: server/static_decode.py). The tiny prompts differ by fewer columns than the groups'
     slack, so it is off: any difference in length starts a group."""
     monkeypatch.setattr(kv_groups, "SLACK_COLUMNS", 0)
     return request.param
 
 
-def make_engine(model, **config) -> Engine:
-    runner = ModelRunner(model, *probe_kv_shape(model))
+def make_engine(model, static_decode: bool | None = None, **config) -> Engine:
+    runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
     engine = Engine(runner, None, eos_token_ids=[], max_context=512, config=SchedulerConfig(**config))
     engine.start()
     return engine

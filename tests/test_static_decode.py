@@ -1,0 +1,84 @@
+"""The fixed-shape decode step (what CUDA graphs replay) equals the eager decode, step for step."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import torch
+
+from server.kv_cache import HEADROOM_COLUMNS
+from server.model_loading import probe_kv_shape
+from server.runner import ModelRunner, NewRequest
+from server.sampling import SamplingParams
+from tests.tiny_models import peft_prefix_model, prefix_kv_of, tiny_llama
+
+# More steps than a fresh buffer's headroom, so the buffers grow (new addresses) while decoding.
+STEPS = HEADROOM_COLUMNS + 16
+
+
+def _requests(base) -> list[NewRequest]:
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for i, (p, n) in enumerate([(3, 5), (0, 7), (6, 2), (1, 9)]):
+        prompt = torch.randint(3, 250, (n,), generator=gen).tolist()
+        kv = prefix_kv_of(peft_prefix_model(copy.deepcopy(base), p, seed=30 + i)) if p else None
+        out.append(NewRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=STEPS), kv, f"t{i}" if p else None))
+    return out
+
+
+def test_static_decode_equals_eager_decode_through_growth_and_filtering() -> None:
+    base = tiny_llama(seed=5)
+    shape = probe_kv_shape(base)
+    eager, static = ModelRunner(base, *shape, static_decode=False), ModelRunner(base, *shape, static_decode=True)
+    assert eager.static_decoder is None and static.static_decoder is not None
+    assert not static.static_decoder.use_graphs  # on a CPU the step always runs eagerly
+    requests = _requests(base)
+    batches = [runner.prefill(requests)[0] for runner in (eager, static)]
+    for step in range(STEPS):
+        if step == STEPS // 2:  # a row leaves: new buffers, so a new fixed-shape step
+            batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
+        want, got = eager.decode(batches[0]), static.decode(batches[1])
+        assert torch.equal(got, want), f"step {step}"
+        batches[1].check()
+    e, s = batches
+    assert torch.equal(e.attention_mask, s.attention_mask)
+    assert torch.equal(e.next_positions, s.next_positions)
+    width = e.width
+    for k_e, k_s, v_e, v_s in zip(e.keys, s.keys, e.values, s.values, strict=True):
+        torch.testing.assert_close(k_s[:, :, :width], k_e[:, :, :width])
+        torch.testing.assert_close(v_s[:, :, :width], v_e[:, :, :width])
+
+
+def test_a_failed_capture_leaves_the_steps_eager_and_right(caplog) -> None:
+    """Graph capture fails on a CPU (no CUDA streams): the decoder says so once, stays eager, loses nothing."""
+    base = tiny_llama(seed=5)
+    shape = probe_kv_shape(base)
+    eager, static = ModelRunner(base, *shape, static_decode=False), ModelRunner(base, *shape, static_decode=True)
+    static.static_decoder.use_graphs = True
+    requests = _requests(base)
+    batches = [runner.prefill(requests)[0] for runner in (eager, static)]
+    for step in range(12):
+        assert torch.equal(static.decode(batches[1]), eager.decode(batches[0])), f"step {step}"
+    assert not static.static_decoder.use_graphs and static.static_decoder.captures == 0
+    assert [r.message for r in caplog.records].count("CUDA graph capture failed; decode steps stay eager") == 1
+
+
+async def test_an_idle_engine_lets_go_of_the_last_batch() -> None:
+    """The fixed-shape step holds the batch's KV buffers (and on CUDA its graph): released when nothing runs."""
+    from server.engine import GenerationRequest
+    from tests.test_engine import collect, make_engine, tokens_of
+
+    base = tiny_llama(seed=5)
+    engine = make_engine(base, static_decode=True)
+    try:
+        decoder = engine.runner.static_decoder
+        events = await collect(engine, GenerationRequest([5, 6, 7], SamplingParams(max_new_tokens=6)))
+        assert len(tokens_of(events)) == 6
+        for _ in range(200):
+            if decoder._step is None:
+                break
+            await asyncio.sleep(0.01)
+        assert decoder._step is None
+    finally:
+        engine.shutdown()
