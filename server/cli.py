@@ -75,6 +75,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"serve no /docs, /redoc or /openapi.json [env {ENV_PREFIX}DISABLE_DOCS=1]",
     )
+    serve.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help=f"no CUDA graphs: every decode step runs eagerly (vLLM's flag) [env {ENV_PREFIX}ENFORCE_EAGER=1]",
+    )
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
     serve.add_argument(
         "--log-format",
@@ -102,6 +107,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             values[field.name] = value
     if getattr(args, "disable_docs", False) or os.environ.get(ENV_PREFIX + "DISABLE_DOCS") == "1":
         values["disable_docs"] = True
+    if getattr(args, "enforce_eager", False) or os.environ.get(ENV_PREFIX + "ENFORCE_EAGER") == "1":
+        values["enforce_eager"] = True
     return ServeConfig(**values)
 
 

@@ -38,6 +38,8 @@ class ServeConfig:
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     disable_docs: bool = False  # no /docs, /redoc or /openapi.json
+    # No CUDA graphs: decode steps run eagerly (on CUDA the default replays fixed-shape steps from graphs).
+    enforce_eager: bool = False
     allow_unverified_architecture: bool = False  # serve a model type not in server/architectures.py, with a warning
     cors_allow_origins: str | None = None  # comma-separated origins allowed cross-site; None = CORS off
     # Per-tenant quota defaults (0 = unlimited); the key file's "quotas" object overrides them per tenant.

@@ -43,3 +43,10 @@ def test_refuses_public_bind_without_keys(capsys: pytest.CaptureFixture[str]) ->
 def test_negative_admission_budget_is_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", flag, "-1"]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_enforce_eager_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config_from_args(args()).enforce_eager is False
+    assert config_from_args(args(enforce_eager=True)).enforce_eager is True
+    monkeypatch.setenv("PREFIX_SERVE_ENFORCE_EAGER", "1")
+    assert config_from_args(args()).enforce_eager is True

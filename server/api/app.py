@@ -49,12 +49,15 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         on_load=None if metrics is None else metrics.load_observer(source),
     )
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
+    # Decoder-only runners replay fixed-shape decode steps from CUDA graphs on a GPU unless told not to.
+    eager = {} if model.is_encoder_decoder else {"static_decode": False if config.enforce_eager else None}
     runner = runner_class(
         model.model,
         model.num_layers,
         model.num_kv_heads,
         model.head_dim,
         device_cache_bytes=config.device_cache_bytes,
+        **eager,
     )
     engine = Engine(
         runner,
