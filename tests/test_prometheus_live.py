@@ -94,10 +94,14 @@ def test_prometheus_scrapes_the_generated_token_rate(server_url: str, tmp_path: 
             reply = httpx.post(server_url + "/v1/generate", json={"prompt": "count", "max_new_tokens": 8}, timeout=30)
             assert reply.status_code == 200, reply.text
             try:
-                answer = httpx.get(prom_url + "/api/v1/query", params={"query": QUERY}, timeout=5).json()
+                response = httpx.get(prom_url + "/api/v1/query", params={"query": QUERY}, timeout=5)
             except httpx.TransportError:  # not listening yet
                 time.sleep(0.3)
                 continue
+            if response.status_code == 503:  # listening, but still starting ("Service Unavailable", not JSON)
+                time.sleep(0.3)
+                continue
+            answer = response.json()
             assert answer["status"] == "success", answer
             result = answer["data"]["result"]
             rate = float(result[0]["value"][1]) if result else 0.0
