@@ -18,13 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.inproc import Timing, bare_loop, engine_requests, engine_run, make_engine, random_prompts, synchronize
+from bench.inproc import (
+    Timing,
+    bare_loop,
+    engine_requests,
+    engine_run,
+    engine_tokens,
+    make_engine,
+    random_prompts,
+    synchronize,
+)
 from server.config import ServeConfig
 from server.engine import Engine
 
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefix-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="also write the results JSON here (after each batch)")
-    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of a few steps here")
+    p.add_argument("--profile", type=Path, default=None, help="a folder for torch.profiler tables of a few steps")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -132,37 +142,14 @@ def main(argv: list[str] | None = None) -> None:
             (torch.randn(layers, 2, kv_heads, args.prefix_len, head_dim, generator=g) * 0.5).to(dtype)
             for _ in range(batch)
         ]
-        engine = make_engine(model, layers, kv_heads, head_dim, cfg.max_position_embeddings, batch)
-        # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
-        fused = make_engine(model, layers, kv_heads, head_dim, cfg.max_position_embeddings, batch, **FUSED_SCHEDULER)
-        engine.start()
-        fused.start()
-        runs: dict[str, list[Timing]] = {
-            key: [] for key in ("mixed", "single", "engine", "engine_short", "fused", "fused_short", "bare")
-        }
-        try:
-            engine_run(engine, engine_requests(prompts, 2, prefixes))  # warm-up
-            engine_run(fused, engine_requests(prompts, 2, prefixes))
-            bare_loop(model, prompts, 2)
-            for _ in range(args.repeats):
-                runs["mixed"].append(engine_run(engine, engine_requests(prompts, new_tokens, prefixes)))
-                runs["single"].append(engine_run(engine, engine_requests(prompts, new_tokens, prefixes[:1])))
-                runs["engine"].append(engine_run(engine, engine_requests(prompts, new_tokens)))
-                runs["engine_short"].append(engine_run(engine, engine_requests(prompts, short_tokens)))
-                runs["fused"].append(engine_run(fused, engine_requests(prompts, new_tokens)))
-                runs["fused_short"].append(engine_run(fused, engine_requests(prompts, short_tokens)))
-                runs["bare"].append(bare_loop(model, prompts, new_tokens))
-            if args.profile is not None and batch == batches[0]:
-                profile_steps(args.profile, engine, model, prompts, device)
-        finally:
-            engine.shutdown()
-            fused.shutdown()
+        runs, graphs, agree = measure_batch(model, batch, prompts, prefixes, new_tokens, short_tokens, args)
 
         fastest = {key: min(timings, key=lambda t: t.seconds) for key, timings in runs.items()}
-
-        # Decode step time without prefill: the engine from two run lengths, the bare loop from its own split.
-        engine_step = (fastest["engine"].seconds - fastest["engine_short"].seconds) / (new_tokens - short_tokens)
-        fused_step = (fastest["fused"].seconds - fastest["fused_short"].seconds) / (new_tokens - short_tokens)
+        # Decode step time without prefill, from the difference of two run lengths.
+        engine_step, eager_step, fused_step = (
+            (fastest[name].seconds - fastest[f"{name}_short"].seconds) / (new_tokens - short_tokens)
+            for name in ("engine", "eager", "fused")
+        )
         b = fastest["bare"]
         bare_step = (b.seconds - (b.prefill_s or 0.0)) / (new_tokens - 1)
         mean_context = prompt_len + new_tokens / 2
@@ -175,24 +162,32 @@ def main(argv: list[str] | None = None) -> None:
             "engine_tokens_per_s": fastest["engine"].tokens_per_s,
             "bare_tokens_per_s": b.tokens_per_s,
             "engine_over_bare": fastest["engine"].tokens_per_s / b.tokens_per_s,
+            "eager_tokens_per_s": fastest["eager"].tokens_per_s,
+            "eager_over_bare": fastest["eager"].tokens_per_s / b.tokens_per_s,
             "fused_tokens_per_s": fastest["fused"].tokens_per_s,
             "fused_over_bare": fastest["fused"].tokens_per_s / b.tokens_per_s,
             "engine_step_s": engine_step,
+            "eager_step_s": eager_step,
             "fused_step_s": fused_step,
             "bare_step_s": bare_step,
             "floor_step_s": floor,
             "kv_bytes_per_step_at_mean_context": kv_bytes,
             "engine_step_over_floor": engine_step / floor,
             "bare_step_over_floor": bare_step / floor,
+            "graphs": graphs,
+            "rows_agreeing_graph_vs_eager_32_tokens": f"{sum(agree)}/{len(agree)}",
+            "runs_s": {key: [round(t.seconds, 4) for t in timings] for key, timings in runs.items()},
         }
         results["batches"][str(batch)] = row
         print(
             f"batch {batch}: mixed {row['mixed_tokens_per_s']:.0f} tok/s, single {row['single_tokens_per_s']:.0f}, "
             f"mixed/single {row['mixed_over_single']:.3f}; engine {row['engine_tokens_per_s']:.0f} vs bare "
-            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x (fused steps "
-            f"{row['fused_over_bare']:.2f}x); decode step engine {engine_step * 1e3:.2f} ms, fused "
-            f"{fused_step * 1e3:.2f} ms, bare {bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
-            f"(engine {row['engine_step_over_floor']:.2f}x floor)",
+            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x (eager steps "
+            f"{row['eager_over_bare']:.2f}x, fused steps {row['fused_over_bare']:.2f}x); decode step engine "
+            f"{engine_step * 1e3:.2f} ms, eager {eager_step * 1e3:.2f}, fused {fused_step * 1e3:.2f} ms, bare "
+            f"{bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms (engine {row['engine_step_over_floor']:.2f}x "
+            f"floor); graphs {graphs}; rows agreeing {row['rows_agreeing_graph_vs_eager_32_tokens']}; "
+            f"runs {row['runs_s']}",
             flush=True,
         )
         if args.out is not None:  # after every batch, so a run cut short still leaves what it measured
@@ -200,23 +195,81 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results, indent=2))
 
 
+def measure_batch(
+    model: LlamaForCausalLM,
+    batch: int,
+    prompts: list[list[int]],
+    prefixes: list[torch.Tensor],
+    new_tokens: int,
+    short_tokens: int,
+    args: argparse.Namespace,
+) -> tuple[dict[str, list[Timing]], dict[str, int], list[bool]]:
+    """Every variant's timings (in alternating order), the graph counters, and graph-vs-eager token agreement."""
+    cfg = model.config
+    layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    context = cfg.max_position_embeddings
+    engines = {
+        # The default runner: fixed-shape decode steps, replayed from CUDA graphs on a GPU.
+        "engine": make_engine(model, layers, kv_heads, head_dim, context, batch),
+        # The eager transformers decode step the engine used before graphs.
+        "eager": make_engine(model, layers, kv_heads, head_dim, context, batch, static_decode=False),
+        # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
+        "fused": make_engine(model, layers, kv_heads, head_dim, context, batch, **FUSED_SCHEDULER),
+    }
+    for engine in engines.values():
+        engine.start()
+    work = {
+        "mixed": lambda: engine_run(engines["engine"], engine_requests(prompts, new_tokens, prefixes)),
+        "single": lambda: engine_run(engines["engine"], engine_requests(prompts, new_tokens, prefixes[:1])),
+        **{
+            f"{name}{suffix}": partial(engine_run, engine, engine_requests(prompts, tokens))
+            for name, engine in engines.items()
+            for suffix, tokens in (("", new_tokens), ("_short", short_tokens))
+        },
+        "bare": lambda: bare_loop(model, prompts, new_tokens),
+    }
+    runs: dict[str, list[Timing]] = {key: [] for key in work}
+    try:
+        for engine in engines.values():  # warm-up
+            engine_run(engine, engine_requests(prompts, 2, prefixes))
+        bare_loop(model, prompts, 2)
+        # Graph replay against the eager step: do greedy tokens agree (bf16 sums may round differently)?
+        check = engine_requests(prompts, 32)
+        graphed, eager = (engine_tokens(engines[k], check) for k in ("engine", "eager"))
+        agree = [a == b for a, b in zip(graphed, eager, strict=True)]
+        for r in range(args.repeats):
+            for key in list(work) if r % 2 == 0 else reversed(work):  # alternate the order between repeats
+                runs[key].append(work[key]())
+        if args.profile is not None:
+            profile_steps(args.profile / f"profile_{batch}.txt", engines["engine"], model, prompts, prefixes)
+        decoder = engines["engine"].runner.static_decoder
+        graphs = {"captures": decoder.captures, "replays": decoder.replays} if decoder is not None else {}
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    return runs, graphs, agree
+
+
 def profile_steps(
-    path: Path, engine: Engine, model: LlamaForCausalLM, prompts: list[list[int]], device: torch.device
+    path: Path, engine: Engine, model: LlamaForCausalLM, prompts: list[list[int]], prefixes: list[torch.Tensor]
 ) -> None:
-    """Kernel and operator times of a short engine run and a short bare loop: where a decode step's time goes."""
+    """Kernel and operator times of short engine runs and a short bare loop: where a decode step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     sections = []
     for name, work in (
-        ("engine, 16 tokens", lambda: engine_run(engine, engine_requests(prompts, 16))),
+        ("engine, no prefixes, 32 tokens", lambda: engine_run(engine, engine_requests(prompts, 32))),
+        ("engine, distinct prefixes, 32 tokens", lambda: engine_run(engine, engine_requests(prompts, 32, prefixes))),
         ("bare loop, 16 tokens", lambda: bare_loop(model, prompts, 16)),
     ):
         with profile(activities=activities) as prof:
             timing = work()
-        table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+        table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
         sections.append(f"## {name}: {timing.seconds * 1e3:.1f} ms wall\n\n{table}\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(sections))
 
 

@@ -95,16 +95,28 @@ def make_engine(
     head_dim: int,
     max_context: int,
     batch: int,
+    *,
+    static_decode: bool | None = None,
     **scheduler: int,
 ) -> Engine:
-    """An engine for ``batch`` rows; ``scheduler`` overrides SchedulerConfig fields (e.g. prefill_chunk_tokens)."""
-    runner = ModelRunner(model, num_layers, num_kv_heads, head_dim)
+    """An engine for ``batch`` rows; ``scheduler`` overrides SchedulerConfig fields (e.g. prefill_chunk_tokens).
+    ``static_decode``: the runner's fixed-shape decode step (CUDA graphs on a GPU); None, its default."""
+    runner = ModelRunner(model, num_layers, num_kv_heads, head_dim, static_decode=static_decode)
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
     return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config)
 
 
-async def _count(engine: Engine, request: GenerationRequest) -> int:
-    return len([e async for e in engine.generate(request) if e.token_id is not None])
+async def _tokens(engine: Engine, request: GenerationRequest) -> list[int]:
+    return [e.token_id async for e in engine.generate(request) if e.token_id is not None]
+
+
+def engine_tokens(engine: Engine, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """Each request's tokens, all submitted at once to a started engine."""
+
+    async def go() -> list[list[int]]:
+        return list(await asyncio.gather(*(_tokens(engine, r) for r in requests)))
+
+    return asyncio.run(go())
 
 
 def engine_run(engine: Engine, requests: Sequence[GenerationRequest]) -> Timing:
@@ -112,8 +124,8 @@ def engine_run(engine: Engine, requests: Sequence[GenerationRequest]) -> Timing:
 
     async def go() -> Timing:
         start = time.perf_counter()
-        counts = await asyncio.gather(*(_count(engine, r) for r in requests))
-        return Timing(time.perf_counter() - start, sum(counts))
+        tokens = await asyncio.gather(*(_tokens(engine, r) for r in requests))
+        return Timing(time.perf_counter() - start, sum(len(t) for t in tokens))
 
     return asyncio.run(go())
 
