@@ -97,11 +97,8 @@ class ModelRunner:
     def decode(self, batch: Batch) -> torch.Tensor:
         """One decode step for every row; appends each row's input token to its KV. Returns tokens [B]."""
         if self.static_decoder is not None:
-            logits = self.static_decoder.logits(batch)
-            batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
-            batch.next_positions = batch.next_positions + 1
-            batch.next_input_ids = sample(logits, batch.sampling)
-            return batch.next_input_ids
+            (tokens,) = self._static_decode([batch])
+            return tokens
         step_mask = torch.ones(len(batch), 1, dtype=batch.attention_mask.dtype, device=self.device)
         mask = torch.cat([batch.attention_mask, step_mask], dim=1)  # [B, T + 1]
         logits, batch.keys, batch.values = self._forward(
@@ -128,6 +125,8 @@ class ModelRunner:
         group's tokens [B_g] and, per chunk, the row's first token [1] when the chunk completes its prompt (None
         otherwise). Requires ``fuses_prefill``.
         """
+        if not chunks and self.static_decoder is not None:
+            return self._static_decode(groups), []
         logits = self._fused_forward(groups, chunks)
         rows = 0
         tokens = []
@@ -144,6 +143,20 @@ class ModelRunner:
             firsts.append(first)
             rows += 1
         return tokens, firsts
+
+    def _static_decode(self, groups: Sequence[Batch]) -> list[torch.Tensor]:
+        """A decode step of fixed shape for the rows of ``groups`` (a CUDA graph on a GPU); each group's tokens."""
+        assert self.static_decoder is not None
+        logits = self.static_decoder.logits(groups)
+        tokens = []
+        rows = 0
+        for batch in groups:
+            batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
+            batch.next_positions = batch.next_positions + 1
+            batch.next_input_ids = sample(logits[rows : rows + len(batch)], batch.sampling)
+            tokens.append(batch.next_input_ids)
+            rows += len(batch)
+        return tokens
 
     def _fused_forward(self, groups: Sequence[Batch], chunks: Sequence[tuple[PendingPrefill, int]]) -> torch.Tensor:
         """The forward of ``fused_step``: logits [B + completed prompts, V] (float32), in the order of the step."""

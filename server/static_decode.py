@@ -12,16 +12,17 @@ with none that change from one step to the next:
   tensor): columns past the row's new one are masked out like padding. Masked columns add exact zeros, so
   the result is the eager step's, up to the order of float sums.
 
-A graph belongs to one set of KV buffers. Joins, leaves and growth replace them (``Batch.filter``,
-``Batch.concatenate``, ``with_room``), so the graph is captured only after ``CAPTURE_AFTER`` steps on the
-same buffers and dropped as soon as they change; steps in between run the same function eagerly. On a
-CPU (tests) there is no graph: the function always runs eagerly.
+With several padded groups (server/kv_groups.py) the rows come group after group and each group attends to
+its own buffers, as in a fused step. A graph belongs to one set of KV buffers. Joins, leaves and growth replace
+them (``Batch.filter``, ``Batch.concatenate``, ``with_room``), so the graph is captured only after
+``CAPTURE_AFTER`` steps on the same buffers and dropped as soon as they change; steps in between run the same
+function eagerly. On a CPU (tests) there is no graph: the function always runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,50 +40,69 @@ CAPTURE_AFTER = 4
 
 
 @dataclass(frozen=True)
-class StaticDecodeLayout:
-    """Where a fixed-shape decode step writes and reads (passed to attention as ``LAYOUT_KWARG``)."""
+class StaticGroup:
+    """Where one padded group of rows writes and reads in a fixed-shape step."""
 
-    keys: list[torch.Tensor]  # per layer [B, H_kv, C, d]
+    keys: list[torch.Tensor]  # per layer [B_g, H_kv, C_g, d]
     values: list[torch.Tensor]
-    column: torch.Tensor  # [1] int64: the column this step's K/V go to (T, the batch's width)
-    mask: torch.Tensor  # [B, 1, 1, C] bool: the row's real columns and ``column``
+    column: torch.Tensor  # [1] int64: the column this step's K/V go to (T_g, the group's width)
+    mask: torch.Tensor  # [B_g, 1, 1, C_g] bool: each row's real columns and ``column``
+
+
+@dataclass(frozen=True)
+class StaticDecodeLayout:
+    """A fixed-shape decode step (passed to attention as ``LAYOUT_KWARG``): the groups' rows, in order."""
+
+    groups: list[StaticGroup]
 
 
 def static_decode_attention(
     module: torch.nn.Module,
-    query: torch.Tensor,  # [1, H_q, B, d]: one token per row, laid out flat
+    query: torch.Tensor,  # [1, H_q, B, d]: one token per row, laid out flat, group after group
     key: torch.Tensor,  # [1, H_kv, B, d], rotary already applied
     value: torch.Tensor,  # [1, H_kv, B, d]
     layout: StaticDecodeLayout,
     scaling: float | None,
 ) -> torch.Tensor:
-    """Attention output [1, B, H_q, d]; writes the step's K/V at ``layout.column``."""
+    """Attention output [1, B, H_q, d]; writes the step's K/V at each group's ``column``."""
     layer = module.layer_idx
-    heads, rows, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    heads, head_dim = query.shape[1], query.shape[3]
     kv_heads = key.shape[1]
-    keys, values = layout.keys[layer], layout.values[layer]
-    keys.index_copy_(2, layout.column, key[0].transpose(0, 1)[:, :, None])  # [B, H_kv, 1, d] at the column
-    values.index_copy_(2, layout.column, value[0].transpose(0, 1)[:, :, None])
-    # The G query heads sharing a KV head attend together: [B, H_kv, G, d] against [B, H_kv, C, d].
-    q = query[0].transpose(0, 1).reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    out = scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, scale=scaling)
-    return out.reshape(rows, heads, head_dim)[None]
+    parts = []
+    offset = 0
+    for group in layout.groups:
+        keys, values = group.keys[layer], group.values[layer]
+        rows = keys.shape[0]
+        span = slice(offset, offset + rows)
+        keys.index_copy_(2, group.column, key[0, :, span].transpose(0, 1)[:, :, None])  # [B_g, H_kv, 1, d]
+        values.index_copy_(2, group.column, value[0, :, span].transpose(0, 1)[:, :, None])
+        # The G query heads sharing a KV head attend together: [B_g, H_kv, G, d] against [B_g, H_kv, C_g, d].
+        q = query[0, :, span].transpose(0, 1).reshape(rows, kv_heads, heads // kv_heads, head_dim)
+        out = scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling)
+        parts.append(out.reshape(rows, heads, head_dim))
+        offset += rows
+    return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
 
 
 class _Step:
-    """The static inputs and outputs of one batch's step, and its graph once captured."""
+    """The static inputs and outputs of one set of groups' step, and its graph once captured."""
 
-    def __init__(self, batch: Batch, forward: Callable[..., torch.Tensor]) -> None:
-        rows, capacity = len(batch), batch.keys[0].shape[2]
-        device = batch.keys[0].device
-        self.buffers = _addresses(batch)
+    def __init__(self, groups: Sequence[Batch], forward: Callable[..., torch.Tensor]) -> None:
+        rows = sum(len(batch) for batch in groups)
+        device = groups[0].keys[0].device
+        self.buffers = _addresses(groups)
         self.input_ids = torch.zeros(1, rows, dtype=torch.int64, device=device)
         self.positions = torch.zeros(1, rows, dtype=torch.int64, device=device)
         self.layout = StaticDecodeLayout(
-            batch.keys,
-            batch.values,
-            torch.zeros(1, dtype=torch.int64, device=device),
-            torch.zeros(rows, 1, 1, capacity, dtype=torch.bool, device=device),
+            [
+                StaticGroup(
+                    batch.keys,
+                    batch.values,
+                    torch.zeros(1, dtype=torch.int64, device=device),
+                    torch.zeros(len(batch), 1, 1, batch.keys[0].shape[2], dtype=torch.bool, device=device),
+                )
+                for batch in groups
+            ]
         )
         self.no_mask = placeholder_mask(device)
         self._forward = forward
@@ -90,16 +110,19 @@ class _Step:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output [B, V] float32
 
-    def load(self, batch: Batch) -> None:
-        """Copy this step's inputs into the static tensors (a few small kernels, no host sync)."""
-        width = batch.width
-        self.input_ids[0].copy_(batch.next_input_ids)
-        self.positions[0].copy_(batch.next_positions)
-        self.layout.column.fill_(width)
-        mask = self.layout.mask[:, 0, 0]  # [B, C]
-        mask[:, :width].copy_(batch.attention_mask)
-        mask[:, width:].fill_(False)
-        mask[:, width] = True
+    def load(self, groups: Sequence[Batch]) -> None:
+        """Copy this step's inputs into the static tensors (a few small kernels per group, no host sync)."""
+        offset = 0
+        for batch, group in zip(groups, self.layout.groups, strict=True):
+            width, span = batch.width, slice(offset, offset + len(batch))
+            self.input_ids[0, span].copy_(batch.next_input_ids)
+            self.positions[0, span].copy_(batch.next_positions)
+            group.column.fill_(width)
+            mask = group.mask[:, 0, 0]  # [B_g, C_g]
+            mask[:, :width].copy_(batch.attention_mask)
+            mask[:, width:].fill_(False)
+            mask[:, width] = True
+            offset += len(batch)
 
     def run(self) -> torch.Tensor:
         if self.graph is not None:
@@ -121,10 +144,14 @@ class _Step:
         self.graph = graph
 
 
-def _addresses(batch: Batch) -> tuple[int, ...]:
-    """What a graph is bound to: the rows, the buffers' capacity and strides, and every KV buffer's address."""
-    first = batch.keys[0]
-    return (len(batch), first.shape[2], *first.stride(), *(t.data_ptr() for t in (*batch.keys, *batch.values)))
+def _addresses(groups: Sequence[Batch]) -> tuple[int, ...]:
+    """What a graph is bound to: per group the rows, the buffers' capacity and strides, and every buffer's
+    address."""
+    out: list[int] = []
+    for batch in groups:
+        first = batch.keys[0]
+        out += [len(batch), first.shape[2], *first.stride(), *(t.data_ptr() for t in (*batch.keys, *batch.values))]
+    return tuple(out)
 
 
 class StaticDecoder:
@@ -141,15 +168,17 @@ class StaticDecoder:
         """Drop the current step: its graph, and its hold on the last batch's KV buffers."""
         self._step = None
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Logits [B, V] (float32) of every row's next token; the step's K/V are then in column T."""
-        width = batch.width
-        batch.keys = [with_room(k, width, width + 1) for k in batch.keys]
-        batch.values = [with_room(v, width, width + 1) for v in batch.values]
+    def logits(self, groups: Sequence[Batch]) -> torch.Tensor:
+        """Logits [B, V] (float32) of every row's next token, groups in order; the step's K/V are then in each
+        group's column T_g."""
+        for batch in groups:
+            width = batch.width
+            batch.keys = [with_room(k, width, width + 1) for k in batch.keys]
+            batch.values = [with_room(v, width, width + 1) for v in batch.values]
         step = self._step
-        if step is None or step.buffers != _addresses(batch):
-            step = self._step = _Step(batch, self._forward)  # the old graph (if any) goes with the old step
-        step.load(batch)
+        if step is None or step.buffers != _addresses(groups):
+            step = self._step = _Step(groups, self._forward)  # the old graph (if any) goes with the old step
+        step.load(groups)
         step.steps += 1
         if self.use_graphs and step.graph is None and step.steps > CAPTURE_AFTER:
             try:

@@ -205,8 +205,13 @@ def test_own_kv_prefix_equals_prompting_with_its_text(name: str) -> None:
 
 @pytest.mark.parametrize(
     "mode",
-    [{"prefill_chunk_tokens": 0}, {"prefill_chunk_tokens": 3}, {"prefill_chunk_tokens": 0, "static_decode": True}],
-    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode"],
+    [
+        {"prefill_chunk_tokens": 0},
+        {"prefill_chunk_tokens": 3},
+        {"prefill_chunk_tokens": 0, "static_decode": True},
+        {"prefill_chunk_tokens": 3, "static_decode": True},
+    ],
+    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode", "static-decode-in-3-groups"],
 )
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 async def test_engine_mixed_batch_and_mid_decode_join_equal_oracle(

@@ -40,14 +40,16 @@ def prefixes(base):
         {"prefill_chunk_tokens": 0},
         {"prefill_chunk_tokens": 3, "kv_groups": 3},
         {"prefill_chunk_tokens": 0, "static_decode": True},
+        {"prefill_chunk_tokens": 3, "kv_groups": 3, "static_decode": True},
     ],
-    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode"],
+    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode", "static-decode-in-3-groups"],
 )
 def mode(request, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Every engine test runs with prefill forwards of their own, with prompts fused into decode steps and
     the running rows kept in up to 3 padded groups, and with the fixed-shape decode step that CUDA graphs
-    replay (eager here: server/static_decode.py). The tiny prompts differ by fewer columns than the groups'
-    slack, so it is off: any difference in length starts a group."""
+    replay (eager here: server/static_decode.py), on one batch and on groups (steps without prompt chunks).
+    The tiny prompts differ by fewer columns than the groups' slack, so it is off: any difference in length
+    starts a group."""
     monkeypatch.setattr(kv_groups, "SLACK_COLUMNS", 0)
     return request.param
 

@@ -82,3 +82,27 @@ async def test_an_idle_engine_lets_go_of_the_last_batch() -> None:
         assert decoder._step is None
     finally:
         engine.shutdown()
+
+
+def test_static_decode_of_groups_equals_the_fused_step() -> None:
+    """Rows in several padded groups (server/kv_groups.py): a step without prompt chunks decodes them at fixed
+    shapes, group after group in one forward, with the tokens and KV of the eager fused step."""
+    base = tiny_llama(seed=5)
+    shape = probe_kv_shape(base)
+    eager, static = ModelRunner(base, *shape, static_decode=False), ModelRunner(base, *shape, static_decode=True)
+    requests = _requests(base)
+    # Three groups of unequal widths and sizes: [r0, r1], [r2], [r3].
+    parts = (requests[:2], requests[2:3], requests[3:])
+    groups = [[runner.prefill(part)[0] for part in parts] for runner in (eager, static)]
+    for step in range(STEPS):
+        want, firsts = eager.fused_step(groups[0], [])
+        got, no_firsts = static.fused_step(groups[1], [])
+        assert firsts == no_firsts == []
+        for g, (w, t) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(t, w), f"step {step}, group {g}"
+    for e, s in zip(*groups, strict=True):
+        s.check()
+        assert torch.equal(e.attention_mask, s.attention_mask)
+        width = e.width
+        for k_e, k_s in zip(e.keys, s.keys, strict=True):
+            torch.testing.assert_close(k_s[:, :, :width], k_e[:, :, :width])
