@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     new_tokens = args.new_tokens or (16 if args.tiny else 256)
     short_tokens = max(2, new_tokens // 4)
 
+    check = check_static_decode(device)
+    print(f"check: {check}", flush=True)
     model = build_model(args.tiny, device, dtype)
     cfg = model.config
     layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "prefix_len": args.prefix_len,
+        "static_decode_check": check,
         "batches": {},
     }
     g = torch.Generator().manual_seed(1)
@@ -193,6 +196,49 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is not None:  # after every batch, so a run cut short still leaves what it measured
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+
+
+def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]:
+    """Correctness on this device before any timing: on the tiny config in float32, the default runner's decode
+    (fixed-shape steps, from CUDA graphs once settled) gives the same greedy tokens as the eager transformers
+    step, step for step, for rows with prefixes of different lengths, through buffer growth and a row leaving.
+    (The bf16 benchmark model cannot show this: its random logits are nearly flat, so rounding flips argmaxes.)
+    """
+    from server.batch import NewRequest
+    from server.runner import ModelRunner
+    from server.sampling import SamplingParams
+
+    model = build_model(True, device, torch.float32)
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    default, eager = ModelRunner(model, *shape), ModelRunner(model, *shape, static_decode=False)
+    g = torch.Generator().manual_seed(2)
+    requests = []
+    for i, (p, n) in enumerate([(3, 5), (0, 7), (6, 2), (1, 9)]):
+        prompt = torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
+        kv = torch.randn(*shape[:1], 2, shape[1], p, shape[2], generator=g) if p else None
+        requests.append(NewRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=steps), kv, f"t{i}" if p else None))
+    batches = [runner.prefill(requests)[0] for runner in (default, eager)]
+    equal = 0
+    for step in range(steps):
+        if step == steps // 2:
+            batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
+        equal += int(torch.equal(default.decode(batches[0]), eager.decode(batches[1])))
+    # The same rows in three padded groups, decoded in one step (as the engine does between prompt chunks).
+    parts = (requests[:2], requests[2:3], requests[3:])
+    groups = [[runner.prefill(part)[0] for part in parts] for runner in (default, eager)]
+    groups_equal = 0
+    for _ in range(steps):
+        got, want = (runner.fused_step(g, [])[0] for runner, g in zip((default, eager), groups, strict=True))
+        groups_equal += int(all(torch.equal(a, b) for a, b in zip(got, want, strict=True)))
+    decoder = default.static_decoder
+    return {
+        "steps_token_equal": f"{equal}/{steps}",
+        "group_steps_token_equal": f"{groups_equal}/{steps}",
+        "static_decode": decoder is not None,
+        "graph_captures": 0 if decoder is None else decoder.captures,
+        "graph_replays": 0 if decoder is None else decoder.replays,
+    }
 
 
 def measure_batch(
