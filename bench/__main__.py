@@ -1,9 +1,11 @@
-"""`python -m bench [s1|s2|s3|s4|all] [--quick] [--url URL]`: the benchmark harness (issue 7).
+"""`python -m bench [s1|s2|s3|s4|s5|all] [--quick] [--url URL]`: the benchmark harness (issue 7).
 
 S1 mixing and S4 many tenants start `prefix-serve serve` (default model, a temporary disk store)
 unless --url names a running server, upload the prefixes they need and drive load with httpx.
 S2 runs in-process: the engine vs the bare transformers loop on identical work.
 S3 replays seeded Poisson traffic against our server and two baselines (bench/s3.py; it starts its own servers).
+S5 measures hot streams' inter-token latency while a burst of cold prefixes loads from Redis (bench/cold_burst.py;
+it starts redis-server and its own server).
 Results go to bench/results/<timestamp>/ (results.json, results.md, PNG plots when matplotlib is installed).
 """
 
@@ -11,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 from pathlib import Path
 
-from bench.harness import Report, log
+from bench.cold_burst import add_arguments as add_s5_arguments
+from bench.harness import Report, log, plot
 from bench.s3 import add_arguments as add_s3_arguments
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("scenario", choices=["s1", "s2", "s3", "s4", "all"], nargs="?", default="all")
+    p.add_argument("scenario", choices=["s1", "s2", "s3", "s4", "s5", "all"], nargs="?", default="all")
     p.add_argument("--quick", action="store_true", help="the reduced sizes that finish in minutes on a small CPU")
     p.add_argument("--url", default=None, help="a running server to target instead of starting one")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<timestamp>)")
@@ -32,7 +37,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s2-prompt", type=int, default=None, help="S2 prompt tokens (quick 256, else 512)")
     p.add_argument("--s2-new-tokens", type=int, default=None, help="S2 new tokens (quick 128, else 512)")
     add_s3_arguments(p)
+    add_s5_arguments(p, prefix="s5-")
     args = p.parse_args(argv)
+    if args.quick and "--s5-rounds" not in (argv if argv is not None else sys.argv[1:]):
+        args.s5_rounds = 1
     q = args.quick
     defaults = {
         "new_tokens": 32 if q else 64,
@@ -51,7 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse(argv)
-    scenarios = ["s1", "s2", "s3", "s4"] if args.scenario == "all" else [args.scenario]
+    scenarios = ["s1", "s2", "s3", "s4", "s5"] if args.scenario == "all" else [args.scenario]
     report = Report.create(args.out)
     report.data["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     log(f"results in {report.out}")
@@ -67,7 +75,59 @@ def main(argv: list[str] | None = None) -> None:
         from bench.s3 import s3_traffic
 
         s3_traffic(args, report)
+    if "s5" in scenarios:
+        if shutil.which("redis-server") is None:
+            log("S5: skipped, no redis-server on PATH (apt-get install -y redis-server)")
+        else:
+            s5_cold_burst(args, report)
     report.write()
+
+
+def s5_cold_burst(args: argparse.Namespace, report: Report) -> None:
+    """S5 on the server's defaults: ITL of hot streams alone, with a cold burst, with a hot burst (the control)."""
+    from bench.cold_burst import SIZES, measure
+
+    if args.url is not None:
+        log("S5: --url is ignored, S5 starts its own Redis and server")
+    sizes = argparse.Namespace(**{name: getattr(args, "s5_" + name) for name in SIZES})
+    log(f"S5: {sizes.streams} streams, bursts of {sizes.burst}, {sizes.rounds} rounds")
+    result = measure(sizes, {"default": ""})["default"]
+    report.data["s5_cold_burst"] = {**vars(sizes), **result}
+    itl = result["itl_ms"]
+    report.table(
+        f"S5 cold burst: ITL of {sizes.streams} hot streams (ms), bursts of {sizes.burst}, cold P="
+        f"{sizes.cold_prefix_len}",
+        ["burst", "ITL p50", "ITL p99", "p99 vs none", "p99 vs none, per round"],
+        [
+            ["none", itl["none"]["p50"], itl["none"]["p99"], 1.0, ""],
+            [
+                "cold (Redis)",
+                itl["cold"]["p50"],
+                itl["cold"]["p99"],
+                result["p99_ratio_cold_burst_vs_none"],
+                ", ".join(map(str, result["per_round_p99_ratio_cold"])),
+            ],
+            [
+                "hot (control)",
+                itl["hot"]["p50"],
+                itl["hot"]["p99"],
+                result["p99_ratio_hot_burst_vs_none"],
+                ", ".join(map(str, result["per_round_p99_ratio_hot"])),
+            ],
+        ],
+    )
+    rounds = list(range(1, sizes.rounds + 1))
+    plot(
+        report.out,
+        "s5_cold_burst",
+        "S5: ITL p99 with a burst / without, per round",
+        "round",
+        "ratio",
+        {
+            "cold burst": (rounds, result["per_round_p99_ratio_cold"]),
+            "hot burst": (rounds, result["per_round_p99_ratio_hot"]),
+        },
+    )
 
 
 if __name__ == "__main__":

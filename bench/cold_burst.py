@@ -11,6 +11,7 @@ Reports ITL p50/p99 per scenario, the ratios to the no-burst runs, and the burst
 variant runs on the same Redis and the rounds alternate between them, so variants are compared under
 the same background load.
 
+    python -m bench s5 [--s5-rounds 3]   # the same, inside the harness (results.json, results.md, a plot)
     python -m bench.cold_burst [--streams 16] [--burst 16] [--rounds 3] [--cold-prefix-len 200]
         [--variant 'budget=--max-prefill-tokens 64' ...]
     python -m bench.cold_burst --floor   # in-process step times that bound the ratio on this machine
@@ -199,14 +200,57 @@ async def run(urls: dict[str, str], args: argparse.Namespace) -> dict[str, objec
     return out
 
 
+def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The scenario's sizes; ``prefix`` ("s5-") names them inside `python -m bench`."""
+    parser.add_argument(f"--{prefix}streams", type=int, default=16, help="running hot streams (default 16)")
+    parser.add_argument(f"--{prefix}burst", type=int, default=16, help="cold requests sent at once (default 16)")
+    parser.add_argument(f"--{prefix}rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument(f"--{prefix}new-tokens", type=int, default=48, help="tokens per stream (default 48)")
+    parser.add_argument(f"--{prefix}hot-prefix-len", type=int, default=10)
+    parser.add_argument(f"--{prefix}cold-prefix-len", type=int, default=200)
+
+
+SIZES = ("streams", "burst", "rounds", "new_tokens", "hot_prefix_len", "cold_prefix_len")
+
+
+def measure(sizes: argparse.Namespace, variants: dict[str, str]) -> dict[str, object]:
+    """Start Redis and one server per variant, upload the prefixes, run the rounds: a summary per variant.
+
+    ``sizes`` has the fields named in ``SIZES``.
+    """
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        redis_server = RedisServer(Path(tmp))
+        redis_server.start()
+        stack.callback(redis_server.stop)
+        urls: dict[str, str] = {}
+        for name, flags in variants.items():
+            serve_args = ["--store", redis_server.url, "--max-batch-size", str(sizes.streams + sizes.burst)]
+            server = stack.enter_context(running_server(serve_args + flag_list(flags), Path(tmp) / f"{name}.log"))
+            urls[name] = server.url
+        first = next(iter(urls.values()))
+        with httpx.Client(base_url=first, timeout=120) as c:
+            for i in range(sizes.streams):
+                c.put(f"/v1/prefixes/hot{i}", content=prefix_blob(sizes.hot_prefix_len, i)).raise_for_status()
+        for url in urls.values():  # every server loads the hot prefixes once: they are resident from now on
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for i in range(sizes.streams):
+                    c.post("/v1/generate", json={"task_id": f"hot{i}", "prompt": "x", "max_new_tokens": 1})
+        # Cold prefixes are written straight to Redis, as another replica would: these servers
+        # have never seen them, so each burst request loads from Redis (host and device tiers miss).
+        other_replica = PrefixRegistry(RedisBackend(redis_server.url), DEFAULT_FINGERPRINT)
+        g = torch.Generator().manual_seed(1)
+        for v in range(len(urls)):  # task ids by variant index: a variant's name may hold any character
+            for r in range(sizes.rounds):
+                for i in range(sizes.burst):
+                    kv = torch.randn(LAYERS, 2, HEADS, sizes.cold_prefix_len, DIM, generator=g) * 0.5
+                    other_replica.upload("default", f"cold-v{v}-{r}-{i}", kv)
+        other_replica.backend.close()
+        return asyncio.run(run(urls, sizes))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--burst", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--hot-prefix-len", type=int, default=10)
-    parser.add_argument("--cold-prefix-len", type=int, default=200)
+    add_arguments(parser)
     add_variant_option(
         parser,
         "--variant",
@@ -218,34 +262,7 @@ def main() -> None:
         floor(args)
         return
     variants = parse_variants(args.variant) or {"default": ""}
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        redis_server = RedisServer(Path(tmp))
-        redis_server.start()
-        stack.callback(redis_server.stop)
-        urls: dict[str, str] = {}
-        for name, flags in variants.items():
-            serve_args = ["--store", redis_server.url, "--max-batch-size", str(args.streams + args.burst)]
-            server = stack.enter_context(running_server(serve_args + flag_list(flags), Path(tmp) / f"{name}.log"))
-            urls[name] = server.url
-        first = next(iter(urls.values()))
-        with httpx.Client(base_url=first, timeout=120) as c:
-            for i in range(args.streams):
-                c.put(f"/v1/prefixes/hot{i}", content=prefix_blob(args.hot_prefix_len, i)).raise_for_status()
-        for url in urls.values():  # every server loads the hot prefixes once: they are resident from now on
-            with httpx.Client(base_url=url, timeout=120) as c:
-                for i in range(args.streams):
-                    c.post("/v1/generate", json={"task_id": f"hot{i}", "prompt": "x", "max_new_tokens": 1})
-        # Cold prefixes are written straight to Redis, as another replica would: these servers
-        # have never seen them, so each burst request loads from Redis (host and device tiers miss).
-        other_replica = PrefixRegistry(RedisBackend(redis_server.url), DEFAULT_FINGERPRINT)
-        g = torch.Generator().manual_seed(1)
-        for v in range(len(urls)):  # task ids by variant index: a variant's name may hold any character
-            for r in range(args.rounds):
-                for i in range(args.burst):
-                    kv = torch.randn(LAYERS, 2, HEADS, args.cold_prefix_len, DIM, generator=g) * 0.5
-                    other_replica.upload("default", f"cold-v{v}-{r}-{i}", kv)
-        other_replica.backend.close()
-        result = asyncio.run(run(urls, args))
+    result = measure(args, variants)
     for name, flags in variants.items():
         print(f"{name} [{flags or 'defaults'}]")
         print(json.dumps(result[name], indent=2))
