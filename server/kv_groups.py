@@ -43,9 +43,8 @@ def choose_group(shapes: Sequence[tuple[int, int]], row_width: int, max_groups: 
     best = min(range(len(costs)), key=costs.__getitem__, default=None)
     if best is None:
         return None
-    rows, width = shapes[best]
-    padded_rows = 1 if row_width <= width else rows
-    if len(shapes) < max_groups and costs[best] > SLACK_COLUMNS * padded_rows:
+    # Padding per padded row: the newcomer's own (width - row_width), or each old row's (row_width - width).
+    if len(shapes) < max_groups and abs(row_width - shapes[best][1]) > SLACK_COLUMNS:
         return None
     return best
 
