@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(batch)
         ]
         runs, graphs, agree = measure_batch(model, batch, prompts, prefixes, new_tokens, short_tokens, args)
+        # The runner's step alone, in steady state (no joins, no growth, no capture): what the replay costs.
+        variants = (("graphs", None), ("eager", False))  # static_decode: the default (graphs on CUDA), or off
+        runner_step = {name: runner_step_s(model, prompts, static) for name, static in variants}
 
         fastest = {key: min(timings, key=lambda t: t.seconds) for key, timings in runs.items()}
         # Decode step time without prefill, from the difference of two run lengths.
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
             "engine_step_over_floor": engine_step / floor,
             "bare_step_over_floor": bare_step / floor,
             "graphs": graphs,
+            "runner_step_s": runner_step,
+            "runner_graph_step_over_floor": runner_step["graphs"] / floor,
             "rows_agreeing_graph_vs_eager_32_tokens": f"{sum(agree)}/{len(agree)}",
             "runs_s": {key: [round(t.seconds, 4) for t in timings] for key, timings in runs.items()},
         }
@@ -189,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['eager_over_bare']:.2f}x, fused steps {row['fused_over_bare']:.2f}x); decode step engine "
             f"{engine_step * 1e3:.2f} ms, eager {eager_step * 1e3:.2f}, fused {fused_step * 1e3:.2f} ms, bare "
             f"{bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms (engine {row['engine_step_over_floor']:.2f}x "
-            f"floor); graphs {graphs}; rows agreeing {row['rows_agreeing_graph_vs_eager_32_tokens']}; "
+            f"floor); runner step in steady state: graphs {runner_step['graphs'] * 1e3:.2f} ms "
+            f"({row['runner_graph_step_over_floor']:.2f}x floor), eager {runner_step['eager'] * 1e3:.2f} ms; "
+            f"graphs {graphs}; rows agreeing {row['rows_agreeing_graph_vs_eager_32_tokens']}; "
             f"runs {row['runs_s']}",
             flush=True,
         )
@@ -239,6 +246,33 @@ def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]
         "graph_captures": 0 if decoder is None else decoder.captures,
         "graph_replays": 0 if decoder is None else decoder.replays,
     }
+
+
+def runner_step_s(
+    model: LlamaForCausalLM, prompts: list[list[int]], static_decode: bool | None, warm: int = 8, steps: int = 48
+) -> float:
+    """Seconds per decode step of a bare ModelRunner on a settled batch, with the engine's per-step host sync
+    (the tokens to the host) but none of its bookkeeping. A fresh batch has 64 free columns (kv_cache.py's
+    headroom), so warm + steps stay under it: no growth, and with graphs one capture during the warm steps."""
+    from server.batch import NewRequest
+    from server.runner import ModelRunner
+    from server.sampling import SamplingParams
+
+    cfg = model.config
+    runner = ModelRunner(
+        model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, static_decode=static_decode
+    )
+    params = SamplingParams(max_new_tokens=warm + steps + 1)
+    batch, _ = runner.prefill([NewRequest(f"r{i}", p, params) for i, p in enumerate(prompts)])
+    device = next(model.parameters()).device
+    for _ in range(warm):
+        runner.decode(batch).tolist()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.decode(batch).tolist()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
 
 
 def measure_batch(
