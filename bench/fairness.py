@@ -5,12 +5,12 @@ with B as its own tenant (round-robin admission), and (c) during the same flood
 with B's requests filed under A's tenant, which is what first-come-first-served
 admission would give it. The target: (b) within 2x of (a).
 
-B's requests start 2 s into the flood, one every --b-interval seconds, each
-measured from its own start. With --variant NAME=FLAGS (repeatable) one server
-per variant runs side by side and the rounds alternate between them, so their
-ratios are compared under the same load on a shared machine. Runs `prefix-serve serve` as a separate process
-(so the load generator does not share its GIL), without API keys; the tenant
-is chosen per request with the X-Prefix-Serve-Tenant header (the keyless
+B's requests start 2 s into the flood, one every --b-interval seconds, each measured from its own start. They
+are streamed, so each round also reports B's time to first token (waiting for a row and the prompt's prefill)
+and its inter-token latency (the steps it rode in). With --variant NAME=FLAGS (repeatable) one server per
+variant runs side by side and the rounds alternate between them, so their ratios are compared under the same
+load on a shared machine. Runs `prefix-serve serve` as a separate process (so the load generator does not share
+its GIL), without API keys; the tenant is chosen per request with the X-Prefix-Serve-Tenant header (the keyless
 caller is admin).
 
     python -m bench.fairness [--model PATH] [--flood 200] [--max-new-tokens 16] [--max-batch-size 16]
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import signal
@@ -70,24 +71,46 @@ async def _one(client: httpx.AsyncClient, tenant: str, i: int, tokens: int) -> f
     return time.perf_counter() - started
 
 
+async def _one_streamed(client: httpx.AsyncClient, tenant: str, i: int, tokens: int) -> tuple[float, float]:
+    """B's request, streamed: (latency, time to first token), to tell waiting and prefill from decode steps."""
+    started = time.perf_counter()
+    first: float | None = None
+    body = {"prompt": f"Request {i}: tell me about the sea.", "max_new_tokens": tokens, "stream": True}
+    async with client.stream("POST", "/v1/generate", json=body, headers={TENANT_HEADER: tenant}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: "):
+                first = time.perf_counter() - started
+    return time.perf_counter() - started, first if first is not None else math.nan
+
+
+def _b_summary(b: list[tuple[float, float]], tokens: int) -> dict[str, float]:
+    return {
+        "b_median_s": statistics.median(t for t, _ in b),
+        "b_ttft_median_s": statistics.median(f for _, f in b),
+        # The mean gap between B's tokens after the first: the decode steps B rode in.
+        "b_itl_median_s": statistics.median((t - f) / max(1, tokens - 1) for t, f in b),
+    }
+
+
 async def _phase(
     url: str, *, flood: int, b_tenant: str | None, b_count: int, tokens: int, interval: float
 ) -> dict[str, float]:
     limits = httpx.Limits(max_connections=flood + 20, max_keepalive_connections=flood + 20)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
         if b_tenant is None:  # B alone on an idle server, one request at a time
-            lat = [await _one(client, "tenant-b", 1000 + i, tokens) for i in range(b_count)]
-            return {"b_median_s": statistics.median(lat)}
+            alone = [await _one_streamed(client, "tenant-b", 1000 + i, tokens) for i in range(b_count)]
+            return _b_summary(alone, tokens)
         started = time.perf_counter()
         flood_tasks = [asyncio.ensure_future(_one(client, "tenant-a", i, tokens)) for i in range(flood)]
         b_tasks = []
         for i in range(b_count):
             await asyncio.sleep(2.0 if i == 0 else interval)
-            b_tasks.append(asyncio.ensure_future(_one(client, b_tenant, 1000 + i, tokens)))
-        lat = await asyncio.gather(*b_tasks)
+            b_tasks.append(asyncio.ensure_future(_one_streamed(client, b_tenant, 1000 + i, tokens)))
+        b = await asyncio.gather(*b_tasks)
         a_lat = await asyncio.gather(*flood_tasks)
         return {
-            "b_median_s": statistics.median(lat),
+            **_b_summary(list(b), tokens),
             "a_median_s": statistics.median(a_lat),
             "flood_wall_s": time.perf_counter() - started,
         }
@@ -127,7 +150,12 @@ def main() -> None:
                     fair = asyncio.run(_phase(url, b_tenant="tenant-b", **kw))
                     rounds[name].append((alone, fair))
                     ratio = fair["b_median_s"] / alone["b_median_s"]
-                    print(f"round {r} {name}: B alone {alone['b_median_s']:.3f} s, in flood {ratio:.2f}x", flush=True)
+                    print(
+                        f"round {r} {name}: B alone {alone['b_median_s']:.3f} s, in flood {ratio:.2f}x; TTFT "
+                        f"{alone['b_ttft_median_s'] * 1e3:.0f} -> {fair['b_ttft_median_s'] * 1e3:.0f} ms, ITL "
+                        f"{alone['b_itl_median_s'] * 1e3:.0f} -> {fair['b_itl_median_s'] * 1e3:.0f} ms",
+                        flush=True,
+                    )
             first_url = next(iter(servers.values()))[1]
             fifo = None if args.skip_fifo else asyncio.run(_phase(first_url, b_tenant="tenant-a", **kw))
         finally:
