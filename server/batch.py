@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.kv_cache import HEADROOM_COLUMNS, allocate
+from server.kv_cache import HEADROOM_COLUMNS, allocate, with_room
 from server.sampling import SamplingBatch, SamplingParams
 
 
@@ -135,6 +135,12 @@ class Batch:
             sampling=SamplingBatch.from_params([r.params for r in requests], device),
         )
         return batch, PrefillInputs(input_ids.to(device), positions.to(device), mask)
+
+    def make_room_for_step(self) -> None:
+        """Buffers with room for a decode step's column T (grown, so copied, only when full: kv_cache.py)."""
+        width = self.width
+        self.keys = [with_room(k, width, width + 1) for k in self.keys]
+        self.values = [with_room(v, width, width + 1) for v in self.values]
 
     def filter(self, keep_request_ids: Sequence[str]) -> Batch | None:
         """Keep the given requests (in their current order); trim columns that are padding in every kept row."""

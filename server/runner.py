@@ -13,7 +13,7 @@ from server.attention import ATTENTION_NAME, use_gqa_attention
 from server.batch import Batch, NewRequest, PrefillInputs
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
-from server.kv_cache import build_cache, read_cache, with_room
+from server.kv_cache import build_cache, read_cache
 from server.sampling import sample
 from server.static_decode import StaticDecoder
 
@@ -61,8 +61,9 @@ class ModelRunner:
         self.fuses_prefill = (
             model.config._attn_implementation == ATTENTION_NAME and sliding_window_of(model.config) is None
         )
-        # Single-batch decode steps at fixed shapes, replayed from CUDA graphs (server/static_decode.py): by
-        # default on CUDA, where the eager step is host-bound. Needs our attention, as fused steps do.
+        # Decode steps without prompt chunks (one batch, or KV groups) at fixed shapes, replayed from CUDA graphs
+        # (server/static_decode.py): by default on CUDA, where the eager step is host-bound. Needs our attention,
+        # as fused steps do.
         if static_decode is None:
             static_decode = self.device.type == "cuda"
         if self.device.type == "cuda":
@@ -128,12 +129,8 @@ class ModelRunner:
         if not chunks and self.static_decoder is not None:
             return self._static_decode(groups), []
         logits = self._fused_forward(groups, chunks)
-        rows = 0
-        tokens = []
-        for batch in groups:
-            batch.next_input_ids = sample(logits[rows : rows + len(batch)], batch.sampling)
-            tokens.append(batch.next_input_ids)
-            rows += len(batch)
+        tokens = _sample_groups(groups, logits)
+        rows = sum(len(batch) for batch in groups)  # the completed prompts' rows follow the groups' rows
         firsts: list[torch.Tensor | None] = []
         for pending, _ in chunks:
             if pending.remaining:
@@ -148,15 +145,9 @@ class ModelRunner:
         """A decode step of fixed shape for the rows of ``groups`` (a CUDA graph on a GPU); each group's tokens."""
         assert self.static_decoder is not None
         logits = self.static_decoder.logits(groups)
-        tokens = []
-        rows = 0
         for batch in groups:
-            batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
-            batch.next_positions = batch.next_positions + 1
-            batch.next_input_ids = sample(logits[rows : rows + len(batch)], batch.sampling)
-            tokens.append(batch.next_input_ids)
-            rows += len(batch)
-        return tokens
+            _advance_past_decode(batch)
+        return _sample_groups(groups, logits)
 
     def _fused_forward(self, groups: Sequence[Batch], chunks: Sequence[tuple[PendingPrefill, int]]) -> torch.Tensor:
         """The forward of ``fused_step``: logits [B + completed prompts, V] (float32), in the order of the step."""
@@ -164,9 +155,8 @@ class ModelRunner:
         positions: list[torch.Tensor] = []
         decodes: list[DecodeSlot] = []
         for batch in groups:
+            batch.make_room_for_step()
             width = batch.width
-            batch.keys = [with_room(k, width, width + 1) for k in batch.keys]
-            batch.values = [with_room(v, width, width + 1) for v in batch.values]
             mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
             decodes.append(DecodeSlot(batch.keys, batch.values, width, mask))
             token_ids.append(batch.next_input_ids)
@@ -195,8 +185,7 @@ class ModelRunner:
         )
         # The K/V of every token are in place now: advance each row's bookkeeping past them.
         for batch in groups:
-            batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
-            batch.next_positions = batch.next_positions + 1
+            _advance_past_decode(batch)
         for pending, n in chunks:
             pending.done += n
             prefix_len = pending.batch.rows[0].prefix_len
@@ -245,3 +234,21 @@ class ModelRunner:
         )
         new_keys, new_values = read_cache(out.cache)
         return out.logits[:, -1, :].float(), new_keys, new_values
+
+
+def _advance_past_decode(batch: Batch) -> None:
+    """Bookkeeping after a decode step wrote every row's input token at column T: one more real column each."""
+    batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1)
+    batch.next_positions = batch.next_positions + 1
+
+
+def _sample_groups(groups: Sequence[Batch], logits: torch.Tensor) -> list[torch.Tensor]:
+    """Each group's next tokens [B_g] from its rows of ``logits`` (the groups' rows first, in order); each group
+    also keeps its tokens as its next inputs."""
+    tokens = []
+    rows = 0
+    for batch in groups:
+        batch.next_input_ids = sample(logits[rows : rows + len(batch)], batch.sampling)
+        tokens.append(batch.next_input_ids)
+        rows += len(batch)
+    return tokens

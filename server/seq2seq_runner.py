@@ -91,9 +91,6 @@ class Seq2SeqRunner:
 
     fuses_prefill = False  # prompts go to the encoder in a prefill of their own, never in chunks
 
-    def on_idle(self) -> None:
-        """Nothing running: nothing to release (decode steps hold no state between batches)."""
-
     def __init__(
         self,
         model: PreTrainedModel,
@@ -113,6 +110,9 @@ class Seq2SeqRunner:
         pad = config.pad_token_id
         self.pad_id = int(pad) if isinstance(pad, int) else 0  # encoder padding is masked; any id will do
         self._positions = _row_positions_for(model)
+
+    def on_idle(self) -> None:
+        """Nothing running: nothing to release (decode steps hold no state between batches)."""
 
     def detokenizer_context(self, prompt_ids: Sequence[int]) -> list[int]:
         """What precedes the generated tokens: the decoder start token, not the (encoder's) prompt."""

@@ -30,7 +30,6 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from server.batch import Batch
 from server.fused_step import LAYOUT_KWARG, placeholder_mask
-from server.kv_cache import with_room
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +171,7 @@ class StaticDecoder:
         """Logits [B, V] (float32) of every row's next token, groups in order; the step's K/V are then in each
         group's column T_g."""
         for batch in groups:
-            width = batch.width
-            batch.keys = [with_room(k, width, width + 1) for k in batch.keys]
-            batch.values = [with_room(v, width, width + 1) for v in batch.values]
+            batch.make_room_for_step()
         step = self._step
         if step is None or step.buffers != _addresses(groups):
             step = self._step = _Step(groups, self._forward)  # the old graph (if any) goes with the old step
