@@ -72,6 +72,22 @@ class FusedLayout:
     chunks: list[ChunkSlot]
 
 
+def decode_rows_attention(
+    queries: torch.Tensor,  # [B_g, H_q, d]: one query per row
+    keys: torch.Tensor,  # [B_g, H_kv, T, d]
+    values: torch.Tensor,  # [B_g, H_kv, T, d]
+    mask: torch.Tensor,  # [B_g, 1, 1, T] bool
+    scaling: float | None,
+) -> torch.Tensor:
+    """Each row's one query against its own KV: [B_g, H_q, d]. The G query heads sharing a KV head (adjacent)
+    attend together, as [B_g, H_kv, G, d], so K and V are never repeated per query head."""
+    rows, heads, head_dim = queries.shape
+    kv_heads = keys.shape[1]
+    q = queries.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    out = scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(rows, heads, head_dim)
+
+
 def fused_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # [1, H_q, S, d]
@@ -93,12 +109,9 @@ def fused_attention_forward(
         keys, values = group.keys[layer], group.values[layer]
         keys[:, :, width] = key[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_kv, d]
         values[:, :, width] = value[0, :, offset : offset + rows].transpose(0, 1)
-        # One query per row; the G queries sharing a KV head attend together: [B_g, H_kv, G, d].
-        q = query[0, :, offset : offset + rows].transpose(0, 1).reshape(rows, kv_heads, q_per_kv, head_dim)
-        out = scaled_dot_product_attention(
-            q, keys[:, :, : width + 1], values[:, :, : width + 1], attn_mask=group.mask, scale=scaling
-        )
-        parts.append(out.reshape(rows, heads, head_dim))
+        queries = query[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_q, d]
+        visible = slice(0, width + 1)
+        parts.append(decode_rows_attention(queries, keys[:, :, visible], values[:, :, visible], group.mask, scaling))
         offset += rows
 
     for chunk in layout.chunks:

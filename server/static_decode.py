@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
 
 from server.batch import Batch
-from server.fused_step import LAYOUT_KWARG, placeholder_mask
+from server.fused_step import LAYOUT_KWARG, decode_rows_attention, placeholder_mask
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +64,16 @@ def static_decode_attention(
 ) -> torch.Tensor:
     """Attention output [1, B, H_q, d]; writes the step's K/V at each group's ``column``."""
     layer = module.layer_idx
-    heads, head_dim = query.shape[1], query.shape[3]
-    kv_heads = key.shape[1]
     parts = []
     offset = 0
     for group in layout.groups:
         keys, values = group.keys[layer], group.values[layer]
-        rows = keys.shape[0]
-        span = slice(offset, offset + rows)
+        span = slice(offset, offset + keys.shape[0])
         keys.index_copy_(2, group.column, key[0, :, span].transpose(0, 1)[:, :, None])  # [B_g, H_kv, 1, d]
         values.index_copy_(2, group.column, value[0, :, span].transpose(0, 1)[:, :, None])
-        # The G query heads sharing a KV head attend together: [B_g, H_kv, G, d] against [B_g, H_kv, C_g, d].
-        q = query[0, :, span].transpose(0, 1).reshape(rows, kv_heads, heads // kv_heads, head_dim)
-        out = scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling)
-        parts.append(out.reshape(rows, heads, head_dim))
-        offset += rows
+        # All C_g columns under the mask: the shapes stay the same from step to step.
+        parts.append(decode_rows_attention(query[0, :, span].transpose(0, 1), keys, values, group.mask, scaling))
+        offset = span.stop
     return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
 
 
