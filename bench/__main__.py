@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from bench.cold_burst import add_arguments as add_s5_arguments
@@ -38,9 +37,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s2-new-tokens", type=int, default=None, help="S2 new tokens (quick 128, else 512)")
     add_s3_arguments(p)
     add_s5_arguments(p, prefix="s5-")
+    p.set_defaults(s5_rounds=None)  # quick 1, else 3 (below)
     args = p.parse_args(argv)
-    if args.quick and "--s5-rounds" not in (argv if argv is not None else sys.argv[1:]):
-        args.s5_rounds = 1
     q = args.quick
     defaults = {
         "new_tokens": 32 if q else 64,
@@ -49,6 +47,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "s2_batch": 8 if q else 32,
         "s2_prompt": 256 if q else 512,
         "s2_new_tokens": 128 if q else 512,
+        "s5_rounds": 1 if q else 3,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
