@@ -1,13 +1,18 @@
 """GPU benchmark: a random-initialised Llama-3.2-1B-shaped model, the engine vs the bare transformers loop.
 
 No download and no network: the model is built from a ``LlamaConfig`` with random weights (bf16 on CUDA).
-For each batch size it prints:
+First, on the device, a float32 check on a tiny config: the default runner's fixed-shape decode steps (CUDA
+graphs) give the eager step's greedy tokens. Then, for each batch size, it prints:
 
 * engine tokens/s with all-distinct prefixes ("mixed") and with one shared prefix ("single"), and their ratio;
 * engine tokens/s without prefixes vs the bare transformers loop (``DynamicCache``, left padding, mask) on
-  identical work, and their ratio;
-* the decode step time (engine and bare loop, prefill excluded) against the memory-bandwidth floor:
-  (bytes of weights + bytes of KV read per step) / measured device copy bandwidth.
+  identical work, and their ratio, for three engines side by side: the default (graph-replayed decode steps),
+  the eager transformers decode step, and the server's fused defaults (prompt chunks, KV groups);
+* the decode step time (engines and bare loop, prefill excluded) against the memory-bandwidth floor:
+  (bytes of weights + bytes of KV read per step) / measured device copy bandwidth; and the runner's step alone
+  in steady state (no joins, growth or captures), graphs and eager.
+
+With --profile DIR, torch.profiler tables of a few steps per batch size.
 
     bench/gpu.sh                      # H100: batch 64 and 128, bf16
     bench/gpu.sh --device cpu --tiny  # a CPU smoke run on a tiny config
