@@ -63,10 +63,13 @@ def _serve(args: argparse.Namespace, store: str, flags: list[str]) -> tuple[subp
         time.sleep(0.5)
 
 
+def _body(i: int, tokens: int) -> dict[str, object]:
+    return {"prompt": f"Request {i}: tell me about the sea.", "max_new_tokens": tokens}
+
+
 async def _one(client: httpx.AsyncClient, tenant: str, i: int, tokens: int) -> float:
     started = time.perf_counter()
-    body = {"prompt": f"Request {i}: tell me about the sea.", "max_new_tokens": tokens}
-    r = await client.post("/v1/generate", json=body, headers={TENANT_HEADER: tenant})
+    r = await client.post("/v1/generate", json=_body(i, tokens), headers={TENANT_HEADER: tenant})
     r.raise_for_status()
     return time.perf_counter() - started
 
@@ -75,7 +78,7 @@ async def _one_streamed(client: httpx.AsyncClient, tenant: str, i: int, tokens: 
     """B's request, streamed: (latency, time to first token), to tell waiting and prefill from decode steps."""
     started = time.perf_counter()
     first: float | None = None
-    body = {"prompt": f"Request {i}: tell me about the sea.", "max_new_tokens": tokens, "stream": True}
+    body = {**_body(i, tokens), "stream": True}
     async with client.stream("POST", "/v1/generate", json=body, headers={TENANT_HEADER: tenant}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
