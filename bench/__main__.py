@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def s5_cold_burst(args: argparse.Namespace, report: Report) -> None:
-    """S5 on the server's defaults: ITL of hot streams alone, with a cold burst, with a hot burst (the control)."""
+    """S5 on the server's defaults: ITL of hot streams alone, with a cold burst, with the same burst resident
+    (warm), with a burst on the streams' own short prefixes (hot)."""
     from bench.cold_burst import SIZES, measure
 
     if args.url is not None:
@@ -107,6 +108,13 @@ def s5_cold_burst(args: argparse.Namespace, report: Report) -> None:
                 ", ".join(map(str, result["per_round_p99_ratio_cold"])),
             ],
             [
+                "warm (same burst, resident)",
+                itl["warm"]["p50"],
+                itl["warm"]["p99"],
+                result["p99_ratio_warm_burst_vs_none"],
+                ", ".join(map(str, result["per_round_p99_ratio_warm"])),
+            ],
+            [
                 "hot (control)",
                 itl["hot"]["p50"],
                 itl["hot"]["p99"],
@@ -124,6 +132,7 @@ def s5_cold_burst(args: argparse.Namespace, report: Report) -> None:
         "ratio",
         {
             "cold burst": (rounds, result["per_round_p99_ratio_cold"]),
+            "warm burst": (rounds, result["per_round_p99_ratio_warm"]),
             "hot burst": (rounds, result["per_round_p99_ratio_hot"]),
         },
     )
