@@ -17,6 +17,7 @@ StoreUnavailable.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import threading
 import time
@@ -54,6 +55,11 @@ DEFAULT_LATEST_TTL = 0.5
 # After a StoreUnavailable, resident prefixes are served without asking the backend
 # for this long, so a hung (not refusing) store does not add its timeout to each request.
 _STORE_DOWN_HOLD = 1.0
+_STORE_DOWN_MESSAGE = "the prefix store failed moments ago; retry shortly"
+# Backend loads at once. A load is CPU work (read, sha256, copy: ~15 ms for 9 MB here) on the cores that
+# decode; run together, a burst of them stalls the running streams' steps at once, run one after another
+# they spread over many steps. 0 = no limit.
+DEFAULT_MAX_CONCURRENT_LOADS = 1
 # Expired latest-version answers are swept once there are this many.
 _LATEST_SWEEP_AT = 4096
 
@@ -74,8 +80,10 @@ class PrefixRegistry:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         on_load: Callable[[float], None] | None = None,
         latest_ttl: float = DEFAULT_LATEST_TTL,
+        max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
     ) -> None:
-        """`on_load`, if given, is called with the seconds each successful backend load took (metrics).
+        """`on_load`, if given, is called with the seconds each successful backend load took (metrics),
+        not counting the wait for one of the `max_concurrent_loads` slots.
 
         Subscribes to the backend's change notifications; `backend.close()` ends that.
         """
@@ -96,6 +104,7 @@ class PrefixRegistry:
         # Bumped by every change we hear of; a latest-version answer read across one is not kept.
         self._epoch = 0
         self._store_down_until = 0.0
+        self._load_slots = threading.BoundedSemaphore(max_concurrent_loads) if max_concurrent_loads > 0 else None
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
         self.store_fallbacks = 0  # resolves served from the host cache because the backend was unavailable
@@ -234,7 +243,7 @@ class PrefixRegistry:
             # its own store timeout (a burst of them would pile up on the I/O threads).
             if (resident := self._newest_cached(tenant, task_id)) is not None:
                 return resident
-            raise StoreUnavailable("the prefix store failed moments ago; retry shortly")
+            raise StoreUnavailable(_STORE_DOWN_MESSAGE)
         try:
             return self._resolve_latest(tenant, task_id)
         except StoreUnavailable:
@@ -273,10 +282,7 @@ class PrefixRegistry:
         if not leader:
             return future.result()  # re-raises the leader's error
         try:
-            started = time.perf_counter()
-            artifact = self._load(key)
-            if self.on_load is not None:
-                self.on_load(time.perf_counter() - started)
+            artifact = self._load_in_turn(key)
         except BaseException as e:
             with self._lock:
                 del self._inflight[key]
@@ -288,6 +294,24 @@ class PrefixRegistry:
             del self._inflight[key]
         future.set_result(artifact)
         return artifact
+
+    def _load_in_turn(self, key: CacheKey) -> PrefixArtifact:
+        """``_load`` once a load slot is free; StoreUnavailable at once if the store failed while we waited."""
+        with self._load_slots or contextlib.nullcontext():
+            with self._lock:
+                if time.monotonic() < self._store_down_until:
+                    # Loads queued behind one that found the store hung must not each wait out a timeout.
+                    raise StoreUnavailable(_STORE_DOWN_MESSAGE)
+            started = time.perf_counter()
+            try:
+                artifact = self._load(key)
+            except StoreUnavailable:
+                with self._lock:
+                    self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+                raise
+            if self.on_load is not None:
+                self.on_load(time.perf_counter() - started)
+            return artifact
 
     def _load(self, key: CacheKey) -> PrefixArtifact:
         tenant, task_id, version = key

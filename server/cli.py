@@ -43,6 +43,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "max_upload_bytes": (int, "largest prefix upload (default 64 MiB)"),
     "max_virtual_tokens": (int, "longest prefix P (default 512)"),
     "host_cache_bytes": (int, "host prefix cache budget (default 512 MiB)"),
+    "max_concurrent_loads": (int, "prefix loads from the store at once (default 1; 0 = no limit)"),
     "device_cache_bytes": (int, "accelerator prefix cache budget (default 1 GiB; unused on CPU)"),
     "max_stop_strings": (int, "most stop strings per request (default 16)"),
     "max_request_bytes": (int, "largest JSON request body (default 4 MiB)"),

@@ -33,6 +33,8 @@ class ServeConfig:
     max_request_bytes: int = 4 * 2**20  # JSON bodies (uploads have their own limit)
     max_virtual_tokens: int = 512
     host_cache_bytes: int = 512 * 2**20
+    # Prefix loads from the store at once (0 = no limit): one at a time spreads a burst's CPU over many steps.
+    max_concurrent_loads: int = 1
     device_cache_bytes: int = 2**30  # prefixes kept on the accelerator (unused on CPU, where host memory is used)
     request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit

@@ -39,10 +39,16 @@ def use_one_torch_thread() -> None:
     pin_torch_threads(1)
 
 
+# Threads of the I/O executor. Most of them wait (on the store, or for a load slot: prefix_store/registry.py
+# runs one backend load at a time by default), so there are more than cores: cold loads queued behind one
+# another must not leave a resident prefix's lookup waiting for a thread.
+IO_THREADS = 32
+
+
 def io_executor() -> ThreadPoolExecutor:
-    """The event loop's executor for blocking store and parsing work: as many threads as asyncio's default."""
+    """The event loop's executor for blocking store and parsing work."""
     return ThreadPoolExecutor(
-        max_workers=min(32, (os.cpu_count() or 1) + 4),
+        max_workers=IO_THREADS,
         thread_name_prefix="prefix-serve-io",
         initializer=use_one_torch_thread,
     )

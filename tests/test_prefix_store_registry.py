@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from prefix_store.backends import DiskBackend, PrefixBackend
-from prefix_store.errors import CorruptPrefix, InvalidPrefix, InvalidTaskId, PrefixNotFound, PrefixTooLarge
+from prefix_store.errors import (
+    CorruptPrefix,
+    InvalidPrefix,
+    InvalidTaskId,
+    PrefixNotFound,
+    PrefixTooLarge,
+    StoreUnavailable,
+)
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.registry import PrefixRegistry
 
@@ -23,10 +30,13 @@ KV_BYTES = make_kv().numel() * 4  # 512
 
 
 class CountingBackend(PrefixBackend):
-    """Wraps a backend, counting reads and optionally delaying their return (a slow transfer)."""
+    """Wraps a backend, counting reads (and the most at once) and optionally delaying their return (a slow
+    transfer) or holding them until ``gate`` is set."""
 
-    def __init__(self, inner: PrefixBackend, delay: float = 0.0) -> None:
-        self.inner, self.delay, self.reads = inner, delay, 0
+    def __init__(self, inner: PrefixBackend, delay: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.inner, self.delay, self.gate = inner, delay, gate
+        self.reads = self.in_flight = self.most_in_flight = 0
+        self.fail_with: Exception | None = None  # raised by reads once set
         self._lock = threading.Lock()
 
     def put(self, tenant: str, task_id: str, encode: Callable[[int], bytes]) -> int:
@@ -35,9 +45,19 @@ class CountingBackend(PrefixBackend):
     def get(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
         with self._lock:
             self.reads += 1
-        blob = self.inner.get(tenant, task_id, version)
-        time.sleep(self.delay)
-        return blob
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            blob = self.inner.get(tenant, task_id, version)
+            time.sleep(self.delay)
+            if self.gate is not None:
+                self.gate.wait(timeout=10)
+            if self.fail_with is not None:
+                raise self.fail_with
+            return blob
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def latest_version(self, tenant: str, task_id: str) -> int | None:
         return self.inner.latest_version(tenant, task_id)
@@ -235,6 +255,79 @@ def test_single_flight_shares_errors_and_does_not_stick(disk: DiskBackend) -> No
     with pytest.raises(CorruptPrefix):
         registry.resolve("acme", "sum")
     assert counting.reads == 2  # the failure was not cached
+
+
+def _resolve_tasks_concurrently(registry: PrefixRegistry, tasks: list[str]) -> list[object]:
+    results: list[object] = [None] * len(tasks)
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = registry.resolve("acme", tasks[i])
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(tasks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize(("limit", "most_at_once"), [(1, 1), (2, 2), (0, 4)])
+def test_loads_of_distinct_prefixes_run_at_most_max_concurrent_loads_at_once(
+    disk: DiskBackend, limit: int, most_at_once: int
+) -> None:
+    tasks = ["a", "b", "c", "d"]
+    for task in tasks:
+        PrefixRegistry(disk, FP).upload("acme", task, make_kv(seed=ord(task)))
+    counting = CountingBackend(disk, delay=0.1)
+    results = _resolve_tasks_concurrently(PrefixRegistry(counting, FP, max_concurrent_loads=limit), tasks)
+    assert counting.reads == 4
+    assert counting.most_in_flight == most_at_once
+    for task, result in zip(tasks, results, strict=True):
+        assert torch.equal(result.key_values, make_kv(seed=ord(task)))  # type: ignore[attr-defined]
+
+
+def test_queued_loads_do_not_hold_up_resident_prefixes(disk: DiskBackend) -> None:
+    for task in ("hot", "cold1", "cold2"):
+        PrefixRegistry(disk, FP).upload("acme", task, make_kv())
+    gate = threading.Event()
+    counting = CountingBackend(disk, gate=gate)
+    registry = PrefixRegistry(counting, FP, max_concurrent_loads=1)
+    gate.set()
+    registry.resolve("acme", "hot")  # resident from now on
+    gate.clear()
+    cold = [threading.Thread(target=registry.resolve, args=("acme", t)) for t in ("cold1", "cold2")]
+    for t in cold:
+        t.start()
+    while counting.in_flight == 0:  # one cold load holds the only slot, the other waits for it
+        time.sleep(0.01)
+    assert registry.resolve("acme", "hot").metadata.task_id == "hot"
+    assert counting.reads == 2
+    gate.set()
+    for t in cold:
+        t.join()
+    assert counting.reads == 3
+
+
+def test_loads_queued_behind_a_failed_one_fail_at_once(disk: DiskBackend) -> None:
+    for task in ("a", "b", "c"):
+        PrefixRegistry(disk, FP).upload("acme", task, make_kv())
+    gate = threading.Event()
+    counting = CountingBackend(disk, gate=gate)
+    counting.fail_with = StoreUnavailable("timed out")
+    registry = PrefixRegistry(counting, FP, max_concurrent_loads=1)
+    results: list[object] = []
+    resolving = threading.Thread(target=lambda: results.extend(_resolve_tasks_concurrently(registry, ["a", "b", "c"])))
+    resolving.start()
+    while counting.in_flight == 0:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the other two are queued for the slot by now
+    gate.set()  # the first load fails, like a hung store's timeout
+    resolving.join()
+    assert len(results) == 3 and all(isinstance(r, StoreUnavailable) for r in results)
+    assert counting.reads == 1  # the queued loads did not each wait out a timeout of their own
 
 
 def test_delete_during_load_does_not_cache_stale_prefix(disk: DiskBackend) -> None:

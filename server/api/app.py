@@ -46,6 +46,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         host_cache_bytes=config.host_cache_bytes,
         max_virtual_tokens=config.max_virtual_tokens,
         max_upload_bytes=config.max_upload_bytes,
+        max_concurrent_loads=config.max_concurrent_loads,
         on_load=None if metrics is None else metrics.load_observer(source),
     )
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
