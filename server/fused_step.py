@@ -22,7 +22,7 @@ passes unchanged to every attention call. No ``Cache`` object is involved: the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -70,6 +70,23 @@ class FusedLayout:
 
     decodes: list[DecodeSlot]
     chunks: list[ChunkSlot]
+    # Each chunk's attention mask, the same in every layer: built by the first layer, reused by the others.
+    chunk_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def chunk_mask(self, index: int, q_per_kv: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The additive mask [1, 1, G·n, start + n] of chunk ``index`` (in ``like``'s dtype and device): query i of
+        every head in a KV group sees columns [0, start + i]. None for a one-token chunk, which sees them all."""
+        if index not in self.chunk_masks:
+            chunk = self.chunks[index]
+            start, n = chunk.start, chunk.length
+            mask = None
+            if n > 1:
+                columns = torch.arange(start + n, device=like.device)
+                hidden = columns[None, :] > columns[start:, None]  # [n, start + n]
+                mask = torch.zeros(hidden.shape, dtype=like.dtype, device=like.device).masked_fill_(hidden, -torch.inf)
+                mask = mask.repeat(q_per_kv, 1)[None, None]
+            self.chunk_masks[index] = mask
+        return self.chunk_masks[index]
 
 
 def decode_rows_attention(
@@ -114,17 +131,15 @@ def fused_attention_forward(
         parts.append(decode_rows_attention(queries, keys[:, :, visible], values[:, :, visible], group.mask, scaling))
         offset += rows
 
-    for chunk in layout.chunks:
+    for index, chunk in enumerate(layout.chunks):
         start, n = chunk.start, chunk.length
         end = start + n
         keys, values = chunk.keys[layer], chunk.values[layer]
         keys[0, :, start:end] = key[0, :, offset : offset + n]
         values[0, :, start:end] = value[0, :, offset : offset + n]
-        # [1, H_q, n, d] -> [1, H_kv, G·n, d]: query i of every head in a group sees columns [0, start + i].
+        # [1, H_q, n, d] -> [1, H_kv, G·n, d]: the G query heads sharing a KV head attend together.
         q = query[:, :, offset : offset + n].reshape(1, kv_heads, q_per_kv * n, head_dim)
-        columns = torch.arange(end, device=query.device)
-        visible = columns[None, :] <= columns[start:, None]  # [n, start + n]
-        mask = visible.repeat(q_per_kv, 1)[None, None]  # [1, 1, G·n, start + n]
+        mask = layout.chunk_mask(index, q_per_kv, query)
         out = scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=scaling)
         parts.append(out.reshape(heads, n, head_dim).transpose(0, 1))
         offset += n
