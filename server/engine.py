@@ -82,7 +82,14 @@ class _Prefilling:
     """An admitted request whose prompt is entering the KV chunk by chunk (fused chunked prefill)."""
 
     tracked: _Tracked
-    pending: PendingPrefill
+    # Its row (prefix copied in, room for the prompt): made when its first chunk is scheduled, so that a burst
+    # admitted at once pays for its rows step by step, as its chunks go in, and no earlier.
+    pending: PendingPrefill | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens not yet in the KV."""
+        return len(self.tracked.request.prompt_ids) if self.pending is None else self.pending.remaining
 
 
 class Engine:
@@ -275,39 +282,49 @@ class Engine:
 
     def _fused_step(self, admitted: list[_Tracked], rows_of: dict[str, int]) -> None:
         """Admitted requests start prefilling; one forward decodes the batch and feeds the next prompt chunks."""
-        for t in admitted:
-            try:
-                self._prefilling.append(_Prefilling(t, self.runner.begin_prefill(self._new_request(t))))
-            except Exception as exc:
-                log.error("prefill failed:\n%s", traceback.format_exc())
-                self._finish(t, GenerationEvent(None, "", "error", error=f"prefill failed: {exc}"))
+        self._prefilling.extend(_Prefilling(t) for t in admitted)
         for entry in [p for p in self._prefilling if p.tracked.cancelled]:
             self._prefilling.remove(entry)
             self._finish(entry.tracked, GenerationEvent(None, "", "cancelled"))
-        chunks = self._next_chunks(rows_of)
-        if not chunks and len(self._groups) <= 1:  # the plain decode step (as fast, and the path every runner has)
+        scheduled = self._start_rows(self._next_chunks(rows_of))
+        if not scheduled and len(self._groups) <= 1:  # the plain decode step (as fast, and the path every runner has)
             if self._groups:
                 self._decode_one_group()
             return
+        chunks = [(entry.pending, n) for entry, n in scheduled]
         group_tokens, firsts = self.runner.fused_step(self._groups, chunks)
         self._observe_forward(self._groups)
         groups = [self._consume(g, tokens) for g, tokens in zip(self._groups, group_tokens, strict=True)]
         self._groups = [g for g in groups if g is not None]
         joining: list[Batch] = []
-        for (pending, _), first in zip(chunks, firsts, strict=True):
+        for (entry, _), first in zip(scheduled, firsts, strict=True):
             if first is None:
                 continue
-            entry = next(p for p in self._prefilling if p.pending is pending)
             self._prefilling.remove(entry)
             if self.metrics is not None:
                 self.metrics.prefilled([entry.tracked.request])
-            row = self._consume(pending.batch, first)
+            row = self._consume(entry.pending.batch, first)
             if row is not None:
                 joining.append(row)
         if joining:
             self._groups = kv_groups.join(self._groups, joining, self._max_groups)
 
-    def _next_chunks(self, rows_of: dict[str, int]) -> list[tuple[PendingPrefill, int]]:
+    def _start_rows(self, scheduled: list[tuple[_Prefilling, int]]) -> list[tuple[_Prefilling, int]]:
+        """Make the rows of requests getting their first chunk; a request whose row fails is failed and dropped."""
+        started = []
+        for entry, n in scheduled:
+            if entry.pending is None:
+                try:
+                    entry.pending = self.runner.begin_prefill(self._new_request(entry.tracked))
+                except Exception as exc:
+                    log.error("prefill failed:\n%s", traceback.format_exc())
+                    self._prefilling.remove(entry)
+                    self._finish(entry.tracked, GenerationEvent(None, "", "error", error=f"prefill failed: {exc}"))
+                    continue
+            started.append((entry, n))
+        return started
+
+    def _next_chunks(self, rows_of: dict[str, int]) -> list[tuple[_Prefilling, int]]:
         """This step's prompt chunks: ``prefill_chunk_tokens`` tokens in all, so that running rows' inter-token
         latency stays low. While fewer rows decode than prompts wait (a burst), the budget grows in proportion,
         up to what admission allows at once (``max_prefill_tokens``, 0: no limit), which is also the budget when
@@ -321,14 +338,14 @@ class Engine:
         budget = self._chunk_tokens
         decoding, waiting = sum(len(g) for g in self._groups), len(self._prefilling)
         if decoding < waiting:
-            limit = self.scheduler.config.max_prefill_tokens or sum(p.pending.remaining for p in self._prefilling)
+            limit = self.scheduler.config.max_prefill_tokens or sum(p.remaining for p in self._prefilling)
             budget = max(budget, limit if decoding == 0 else min(limit, budget * waiting // decoding))
         chunks = []
         for entry in sorted(self._prefilling, key=lambda e: rows_of.get(e.tracked.request.tenant, 0)):
             if budget == 0:
                 break
-            n = min(entry.pending.remaining, budget)
-            chunks.append((entry.pending, n))
+            n = min(entry.remaining, budget)
+            chunks.append((entry, n))
             budget -= n
         return chunks
 

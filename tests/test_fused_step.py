@@ -169,12 +169,60 @@ async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() ->
         engine.shutdown()
 
 
+async def test_a_burst_admitted_at_once_gets_its_rows_as_its_chunks_go_in() -> None:
+    """Budget 3 while four streams decode: four 3-token prompts admitted in one step get a chunk, and their row
+    (prefix copy and KV buffers), one step after another, not all in the step that admitted them."""
+    s = setup("llama")
+    engine = make_engine(s.base, prefill_chunk_tokens=3)
+    events: list[str] = []  # in order: "row" per row made, "step" per fused forward
+    begin_prefill, fused_step = engine.runner.begin_prefill, engine.runner.fused_step
+
+    def recording_begin(request):
+        events.append("row")
+        return begin_prefill(request)
+
+    def recording_step(groups, chunks):
+        events.append("step")
+        return fused_step(groups, chunks)
+
+    engine.runner.begin_prefill = recording_begin  # type: ignore[method-assign]
+    engine.runner.fused_step = recording_step  # type: ignore[method-assign]
+    try:
+        case = s.long
+        decoding = asyncio.Semaphore(0)
+
+        async def stream() -> list[int]:
+            tokens: list[int] = []
+            request = GenerationRequest(case.prompt, SamplingParams(max_new_tokens=LONG_STEPS), case.prefix_kv, "t")
+            async for event in engine.generate(request):
+                if event.token_id is not None:
+                    tokens.append(event.token_id)
+                if len(tokens) == 2:
+                    decoding.release()
+            return tokens
+
+        streams = [asyncio.create_task(stream()) for _ in range(4)]
+        for _ in streams:
+            await decoding.acquire()
+        events.clear()  # as many rows decode as the burst has prompts: the chunk budget stays at 3
+        prompts = [[7 + i, 8 + i, 9 + i] for i in range(4)]
+        burst = await asyncio.gather(
+            *(collect(engine, GenerationRequest(p, SamplingParams(max_new_tokens=2))) for p in prompts)
+        )
+        for tokens in await asyncio.gather(*streams):
+            assert tokens == case.tokens
+        for prompt, result in zip(prompts, burst, strict=True):
+            assert tokens_of(result) == oracle_greedy(s.base, prompt, 2)[0]
+        rows_made_before_each_step = "".join("r" if e == "row" else "|" for e in events).split("|")
+        assert [len(rows) for rows in rows_made_before_each_step if rows] == [1, 1, 1, 1], events
+    finally:
+        engine.shutdown()
+
+
 def _entry(tenant: str, remaining: int) -> SimpleNamespace:
     """What ``Engine._next_chunks`` reads of a prefilling request."""
-    return SimpleNamespace(
-        tracked=SimpleNamespace(request=SimpleNamespace(tenant=tenant)),
-        pending=SimpleNamespace(remaining=remaining, tenant=tenant),
-    )
+    request = SimpleNamespace(tenant=tenant)
+    return SimpleNamespace(tracked=SimpleNamespace(request=request), remaining=remaining, tenant=tenant)
 
 
 def test_prompts_of_tenants_holding_fewer_rows_are_fed_first() -> None:
