@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -81,9 +82,13 @@ class PrefixRegistry:
         on_load: Callable[[float], None] | None = None,
         latest_ttl: float = DEFAULT_LATEST_TTL,
         max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
+        cpu_section: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
         """`on_load`, if given, is called with the seconds each successful backend load took (metrics),
         not counting the wait for one of the `max_concurrent_loads` slots.
+
+        `cpu_section`, if given, wraps the CPU-bound part of a load (verifying and unpacking a fetched blob,
+        never the fetch itself): the server passes the engine's `StepGaps.between_steps` on a CPU device.
 
         Subscribes to the backend's change notifications; `backend.close()` ends that.
         """
@@ -104,6 +109,7 @@ class PrefixRegistry:
         # Bumped by every change we hear of; a latest-version answer read across one is not kept.
         self._epoch = 0
         self._store_down_until = 0.0
+        self._cpu_section = cpu_section or contextlib.nullcontext
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads) if max_concurrent_loads > 0 else None
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
@@ -317,7 +323,8 @@ class PrefixRegistry:
         tenant, task_id, version = key
         blob = self.backend.get(tenant, task_id, version)
         try:
-            artifact = decode_artifact(blob)
+            with self._cpu_section():
+                artifact = decode_artifact(blob)
         except InvalidPrefix as e:
             # We wrote it, so an unreadable stored blob is damage, not bad input.
             raise CorruptPrefix(f"stored prefix {task_id!r} v{version} is unreadable: {e}") from e

@@ -9,6 +9,7 @@ request's events go back to its own asyncio queue via call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -28,6 +29,7 @@ from server.errors import InvalidInput, Overloaded, Unavailable
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
+from server.step_gaps import StepGaps
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
 from server.threads import ENGINE_TORCH_THREADS, pin_torch_threads, release_openmp_pool
 
@@ -102,8 +104,11 @@ class Engine:
         max_context: int,
         config: SchedulerConfig | None = None,
         metrics: EngineMetrics | None = None,
+        step_gaps: StepGaps | None = None,
     ) -> None:
+        """``step_gaps``, if given, runs other threads' CPU-bound work between steps (server/step_gaps.py)."""
         self.runner = runner
+        self.step_gaps = step_gaps
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -236,7 +241,8 @@ class Engine:
                 self.runner.on_idle()
                 self._wakeup.get()  # idle: block until something arrives
             try:
-                self._step()
+                with self.step_gaps.step() if self.step_gaps is not None else contextlib.nullcontext():
+                    self._step()
             except Exception as exc:  # a failed forward fails its requests, never the thread
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_running(f"generation failed: {exc}")

@@ -15,6 +15,7 @@ from server.model_loading import probe_kv_shape
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
+from server.step_gaps import StepGaps
 from tests.tiny_models import oracle_greedy, peft_prefix_model, prefix_kv_of, tiny_llama
 
 NEW_TOKENS = 8
@@ -54,9 +55,11 @@ def mode(request, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return request.param
 
 
-def make_engine(model, static_decode: bool | None = None, **config) -> Engine:
+def make_engine(model, static_decode: bool | None = None, step_gaps: StepGaps | None = None, **config) -> Engine:
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
-    engine = Engine(runner, None, eos_token_ids=[], max_context=512, config=SchedulerConfig(**config))
+    engine = Engine(
+        runner, None, eos_token_ids=[], max_context=512, config=SchedulerConfig(**config), step_gaps=step_gaps
+    )
     engine.start()
     return engine
 

@@ -30,6 +30,7 @@ from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
 from server.seq2seq_runner import Seq2SeqRunner
+from server.step_gaps import StepGaps
 from server.threads import io_executor
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     store_url = config.store or default_store_url()
     backend = open_backend(store_url)
     source = store_url.partition("://")[0].lower() if "://" in store_url else "disk"  # a bare path is a disk store
+    # On a CPU the engine's threads take every core: prefix loads unpack between its steps (server/step_gaps.py).
+    step_gaps = StepGaps() if model.device.type == "cpu" else None
     registry = PrefixRegistry(
         backend,
         model.fingerprint,
@@ -47,6 +50,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         max_virtual_tokens=config.max_virtual_tokens,
         max_upload_bytes=config.max_upload_bytes,
         max_concurrent_loads=config.max_concurrent_loads,
+        cpu_section=None if step_gaps is None else step_gaps.between_steps,
         on_load=None if metrics is None else metrics.load_observer(source),
     )
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
@@ -75,6 +79,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
             kv_groups=config.kv_groups,
         ),
         metrics=None if metrics is None else metrics.engine,
+        step_gaps=step_gaps,
     )
     keys = KeyRing.load(config.api_keys) if config.api_keys else KeyRing.disabled()
     engine.start()

@@ -1,0 +1,142 @@
+"""Background CPU work runs between engine steps (server/step_gaps.py): never during one, and never starved."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from prefix_store.backends import DiskBackend
+from prefix_store.registry import PrefixRegistry
+from server.engine import GenerationRequest
+from server.sampling import SamplingParams
+from server.step_gaps import StepGaps
+from tests.test_engine import collect, make_engine, tokens_of
+from tests.test_prefix_store_registry import FP, make_kv
+from tests.tiny_models import oracle_greedy
+
+
+def test_work_waits_for_the_running_step_and_the_next_step_waits_for_the_work() -> None:
+    gaps = StepGaps()
+    order: list[str] = []
+    in_step, end_step, in_work, end_work = (threading.Event() for _ in range(4))
+
+    def engine() -> None:
+        with gaps.step():
+            order.append("step 1")
+            in_step.set()
+            end_step.wait(5)
+        with gaps.step():  # the worker that waited during step 1 runs first
+            order.append("step 2")
+
+    def worker() -> None:
+        with gaps.between_steps():
+            order.append("work")
+            in_work.set()
+            end_work.wait(5)
+        order.append("work done")
+
+    engine_thread = threading.Thread(target=engine)
+    engine_thread.start()
+    in_step.wait(5)
+    worker_thread = threading.Thread(target=worker)
+    worker_thread.start()
+    assert not in_work.wait(0.2), "the work started during a step"
+    end_step.set()
+    assert in_work.wait(5)
+    assert not engine_thread.join(0.2) and order == ["step 1", "work"], "step 2 started during the work"
+    end_work.set()
+    engine_thread.join(5)
+    worker_thread.join(5)
+    assert order == ["step 1", "work", "work done", "step 2"]
+    assert gaps.gaps_given == 1
+
+
+def test_work_waits_at_most_max_wait_s_for_a_step_to_end() -> None:
+    """A step that never ends (here: one waiting for the work itself) delays the work by max_wait_s only."""
+    gaps = StepGaps(max_wait_s=0.2)
+    work_done = threading.Event()
+
+    def worker() -> None:
+        with gaps.between_steps():
+            work_done.set()
+
+    with gaps.step():
+        threading.Thread(target=worker).start()
+        assert work_done.wait(5), "the work waited for a step that waits for it"
+
+
+def test_work_runs_at_once_while_the_engine_is_idle() -> None:
+    gaps = StepGaps()
+    done = threading.Event()
+
+    def worker() -> None:
+        with gaps.between_steps():
+            done.set()
+
+    threading.Thread(target=worker).start()
+    assert done.wait(5)
+    assert gaps.gaps_given == 0
+
+
+def test_the_registry_unpacks_loaded_prefixes_in_its_cpu_section(tmp_path) -> None:
+    disk = DiskBackend(tmp_path)
+    PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
+    entered: list[int] = []
+    gaps = StepGaps()
+    real = gaps.between_steps
+
+    def section():  # counts the registry's entries into the real section
+        entered.append(1)
+        return real()
+
+    registry = PrefixRegistry(disk, FP, cpu_section=section)
+    registry.resolve("acme", "sum")  # cold: read, then unpacked in the section
+    registry.resolve("acme", "sum")  # resident: nothing to unpack
+    assert len(entered) == 1
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+async def test_an_engine_with_step_gaps_never_steps_while_work_runs(tmp_path) -> None:
+    from tests.test_architectures import setup
+
+    s = setup("llama")
+    gaps = StepGaps()
+    engine = make_engine(s.base, step_gaps=gaps)
+    in_forward = threading.Event()
+    violations: list[str] = []
+    for name in ("fused_step", "decode", "prefill"):
+        real = getattr(engine.runner, name)
+
+        def spying(*args, _real=real, **kwargs):
+            in_forward.set()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                in_forward.clear()
+
+        setattr(engine.runner, name, spying)
+    stop = threading.Event()
+    entries = 0
+
+    def worker() -> None:
+        nonlocal entries
+        while not stop.is_set():
+            with gaps.between_steps():
+                entries += 1
+                if in_forward.is_set():
+                    violations.append("a forward ran during the work")
+                stop.wait(0.002)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        prompt = [5, 6, 7, 8]
+        result = await collect(engine, GenerationRequest(prompt, SamplingParams(max_new_tokens=20)))
+        assert tokens_of(result) == oracle_greedy(s.base, prompt, 20)[0]
+    finally:
+        stop.set()
+        thread.join(5)
+        engine.shutdown()
+    assert not violations
+    assert entries > 0 and gaps.gaps_given > 0  # the worker got gaps while the engine was busy
