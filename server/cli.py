@@ -18,6 +18,7 @@ from server.config import ServeConfig
 from server.request_log import LOG_FORMATS, configure_logging
 
 ENV_PREFIX = "PREFIX_SERVE_"
+KEEP_ALIVE_S = 75  # seconds an idle HTTP connection stays open (nginx's default)
 
 # flag -> (type, help). Every flag can also come from PREFIX_SERVE_<FLAG> (dashes as underscores).
 _SERVE_FLAGS: dict[str, tuple[type, str]] = {
@@ -191,6 +192,10 @@ def serve(args: argparse.Namespace) -> int:
         log_config=None,  # uvicorn's loggers propagate to ours (configure_logging), in the chosen format
         access_log=False,  # our request line (server/request_log.py) replaces uvicorn's access log
         timeout_graceful_shutdown=max(1, round(config.drain_timeout_s)),
+        # Idle keep-alive connections stay open longer than clients keep them (httpx: 5 s, uvicorn's own
+        # default too): when both sides expire together, a client can send a request on a connection that the
+        # server is closing, and gets a connection error with no response (seen by the cold-burst benchmark).
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     _draining_server(server_config, app).run()
     return 0
