@@ -61,6 +61,9 @@ _STORE_DOWN_MESSAGE = "the prefix store failed moments ago; retry shortly"
 # decode; run together, a burst of them stalls the running streams' steps at once, run one after another
 # they spread over many steps. 0 = no limit.
 DEFAULT_MAX_CONCURRENT_LOADS = 1
+# Smaller blobs unpack in well under a millisecond (~0.3 ms for a 10-token prefix of the default model): not
+# worth waiting up to a step for a gap, which would cap loads at one per step.
+DEFAULT_CPU_SECTION_MIN_BYTES = 2**20
 # Expired latest-version answers are swept once there are this many.
 _LATEST_SWEEP_AT = 4096
 
@@ -83,12 +86,14 @@ class PrefixRegistry:
         latest_ttl: float = DEFAULT_LATEST_TTL,
         max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
         cpu_section: Callable[[], AbstractContextManager[object]] | None = None,
+        cpu_section_min_bytes: int = DEFAULT_CPU_SECTION_MIN_BYTES,
     ) -> None:
         """`on_load`, if given, is called with the seconds each successful backend load took (metrics),
         not counting the wait for one of the `max_concurrent_loads` slots.
 
         `cpu_section`, if given, wraps the CPU-bound part of a load (verifying and unpacking a fetched blob,
-        never the fetch itself): the server passes the engine's `StepGaps.between_steps` on a CPU device.
+        never the fetch itself) for blobs of at least `cpu_section_min_bytes`: the server passes the engine's
+        `StepGaps.between_steps` on a CPU device.
 
         Subscribes to the backend's change notifications; `backend.close()` ends that.
         """
@@ -110,6 +115,7 @@ class PrefixRegistry:
         self._epoch = 0
         self._store_down_until = 0.0
         self._cpu_section = cpu_section or contextlib.nullcontext
+        self._cpu_section_min_bytes = cpu_section_min_bytes
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads) if max_concurrent_loads > 0 else None
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
@@ -323,7 +329,8 @@ class PrefixRegistry:
         tenant, task_id, version = key
         blob = self.backend.get(tenant, task_id, version)
         try:
-            with self._cpu_section():
+            big = len(blob) >= self._cpu_section_min_bytes
+            with self._cpu_section() if big else contextlib.nullcontext():
                 artifact = decode_artifact(blob)
         except InvalidPrefix as e:
             # We wrote it, so an unreadable stored blob is damage, not bad input.

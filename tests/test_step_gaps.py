@@ -79,9 +79,10 @@ def test_work_runs_at_once_while_the_engine_is_idle() -> None:
     assert gaps.gaps_given == 0
 
 
-def test_the_registry_unpacks_loaded_prefixes_in_its_cpu_section(tmp_path) -> None:
+def test_the_registry_unpacks_large_loaded_prefixes_in_its_cpu_section(tmp_path) -> None:
     disk = DiskBackend(tmp_path)
     PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
+    PrefixRegistry(disk, FP).upload("acme", "small", make_kv())
     entered: list[int] = []
     gaps = StepGaps()
     real = gaps.between_steps
@@ -90,9 +91,12 @@ def test_the_registry_unpacks_loaded_prefixes_in_its_cpu_section(tmp_path) -> No
         entered.append(1)
         return real()
 
-    registry = PrefixRegistry(disk, FP, cpu_section=section)
+    registry = PrefixRegistry(disk, FP, cpu_section=section, cpu_section_min_bytes=1)
     registry.resolve("acme", "sum")  # cold: read, then unpacked in the section
     registry.resolve("acme", "sum")  # resident: nothing to unpack
+    assert len(entered) == 1
+    # With the default threshold (1 MiB) a small prefix unpacks at once, without waiting for a gap.
+    PrefixRegistry(disk, FP, cpu_section=section).resolve("acme", "small")
     assert len(entered) == 1
 
 
