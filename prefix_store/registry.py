@@ -214,8 +214,7 @@ class PrefixRegistry:
         try:
             version = self.backend.latest_version(tenant, task_id)
         except StoreUnavailable:
-            with self._lock:
-                self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+            self._open_circuit()
             raise
         with self._lock:
             self._store_down_until = 0.0
@@ -248,9 +247,7 @@ class PrefixRegistry:
         validate_task_id(task_id)
         if version is not None:
             return self._resolve_version((tenant, task_id, version))
-        with self._lock:
-            store_down = time.monotonic() < self._store_down_until
-        if store_down:
+        if self._circuit_open():
             # Circuit open: serve what is resident, and fail cold loads now rather than each waiting out
             # its own store timeout (a burst of them would pile up on the I/O threads).
             if (resident := self._newest_cached(tenant, task_id)) is not None:
@@ -307,19 +304,26 @@ class PrefixRegistry:
         future.set_result(artifact)
         return artifact
 
+    def _open_circuit(self) -> None:
+        """The store just failed: for ``_STORE_DOWN_HOLD`` seconds, serve what is resident and fail cold loads."""
+        with self._lock:
+            self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+
+    def _circuit_open(self) -> bool:
+        with self._lock:
+            return time.monotonic() < self._store_down_until
+
     def _load_in_turn(self, key: CacheKey) -> PrefixArtifact:
         """``_load`` once a load slot is free; StoreUnavailable at once if the store failed while we waited."""
         with self._load_slots or contextlib.nullcontext():
-            with self._lock:
-                if time.monotonic() < self._store_down_until:
-                    # Loads queued behind one that found the store hung must not each wait out a timeout.
-                    raise StoreUnavailable(_STORE_DOWN_MESSAGE)
+            if self._circuit_open():
+                # Loads queued behind one that found the store hung must not each wait out a timeout.
+                raise StoreUnavailable(_STORE_DOWN_MESSAGE)
             started = time.perf_counter()
             try:
                 artifact = self._load(key)
             except StoreUnavailable:
-                with self._lock:
-                    self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+                self._open_circuit()
                 raise
             if self.on_load is not None:
                 self.on_load(time.perf_counter() - started)

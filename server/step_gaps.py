@@ -33,7 +33,7 @@ class StepGaps:
         self._waiting = 0  # workers waiting for the running step to end
         self._owed = 0  # workers that were waiting when the last step ended and have not started yet
         self._inside = 0  # workers running between steps
-        self.gaps_given = 0  # steps that waited for workers (counted for tests and metrics)
+        self.gaps_given = 0  # steps that waited for workers (tests read it)
 
     @contextmanager
     def step(self) -> Iterator[None]:
