@@ -48,6 +48,9 @@ class SamplingBatch:
     top_p: torch.Tensor  # [B] float32, 1 = off
     seed: torch.Tensor  # [B] int64
     step: torch.Tensor  # [B] int64, tokens sampled so far for the row
+    # Known on the host: False when every row is greedy, so ``sample`` needs no host sync to find out. True may
+    # also mean "not known" (rows filtered out since): ``sample`` then checks on the device.
+    may_sample: bool = True
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], device: torch.device) -> SamplingBatch:
@@ -57,15 +60,16 @@ class SamplingBatch:
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             seed=torch.tensor([p.seed & ((1 << 63) - 1) for p in params], dtype=torch.int64, device=device),
             step=torch.zeros(len(params), dtype=torch.int64, device=device),
+            may_sample=any(p.temperature > 0 for p in params),
         )
 
     def filter(self, keep: torch.Tensor) -> SamplingBatch:
-        return SamplingBatch(*(t[keep] for t in self._fields()))
+        return SamplingBatch(*(t[keep] for t in self._fields()), may_sample=self.may_sample)
 
     @classmethod
     def concatenate(cls, batches: Sequence[SamplingBatch]) -> SamplingBatch:
         columns = zip(*(b._fields() for b in batches), strict=True)
-        return cls(*(torch.cat(list(c)) for c in columns))
+        return cls(*(torch.cat(list(c)) for c in columns), may_sample=any(b.may_sample for b in batches))
 
     def _fields(self) -> tuple[torch.Tensor, ...]:
         return (self.temperature, self.top_k, self.top_p, self.seed, self.step)
@@ -104,6 +108,9 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Next token per row. logits: [B, V] -> tokens: [B] int64. Advances ``params.step``."""
     logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1)
+    if not params.may_sample:  # all greedy, known on the host: no sync (on a GPU the host runs on ahead)
+        params.step += 1
+        return greedy_tokens
     sampling_rows = params.temperature > 0
     if not bool(sampling_rows.any()):
         params.step += 1

@@ -81,3 +81,17 @@ def test_filter_and_concatenate_keep_per_row_parameters() -> None:
     assert merged.seed.tolist() == [1, 2, 3] and len(merged) == 3
     kept = merged.filter(torch.tensor([0, 2]))
     assert kept.seed.tolist() == [1, 3] and kept.top_p.tolist() == [1.0, 0.5]
+
+
+def test_a_batch_knows_on_the_host_whether_any_row_samples() -> None:
+    """All-greedy batches skip the device check (no host sync); a merge with a sampling row must not."""
+    greedy = batch_of(SamplingParams(), SamplingParams())
+    assert not greedy.may_sample and not greedy.filter(torch.tensor([1])).may_sample
+    hot = batch_of(SamplingParams(temperature=1.0, seed=4))
+    merged = SamplingBatch.concatenate([greedy, hot])
+    assert merged.may_sample and merged.filter(torch.tensor([0, 2])).may_sample
+    logits = torch.zeros(3, 50)
+    logits[:, 7] = 0.5  # every row's argmax is 7; the sampling row draws from a nearly flat distribution
+    alone = sample(logits[2:], batch_of(SamplingParams(temperature=1.0, seed=4)))
+    assert alone.item() != 7  # seed 4 draws another token, so the merged row below cannot pass as greedy
+    assert sample(logits, merged).tolist() == [7, 7, alone.item()]
