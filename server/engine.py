@@ -94,6 +94,38 @@ class _Prefilling:
         return len(self.tracked.request.prompt_ids) if self.pending is None else self.pending.remaining
 
 
+@dataclass
+class _Launched:
+    """A decode step's results on their way to the host: each group's rows as the step ran them, and one
+    [2, B] int64 copy of every row's new token and next position (groups' rows in order), pinned on CUDA."""
+
+    rows: list[list[RowInfo]]  # per group
+    slots: int  # KV slots the forward covered: rows x width, summed over the groups
+    host: torch.Tensor  # [2, B]: tokens, then next positions
+    ready: torch.cuda.Event | None  # recorded after the copy (CUDA); None when ``host`` is already filled
+
+    @classmethod
+    def of(cls, groups: Sequence[Batch], tokens: Sequence[torch.Tensor]) -> _Launched:
+        """Start copying the step's tokens and positions to the host without waiting for the step to finish."""
+        packed = torch.cat([torch.stack((t, g.next_positions)) for g, t in zip(groups, tokens, strict=True)], dim=1)
+        rows = [list(g.rows) for g in groups]
+        slots = sum(len(g) * g.width for g in groups)
+        if packed.device.type != "cuda":
+            return cls(rows, slots, packed, None)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(rows, slots, host, ready)
+
+    def values(self) -> tuple[list[int], list[int]]:
+        """Tokens and next positions (waits for this step's copy only, not for any step launched after it)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens, positions = self.host.tolist()
+        return tokens, positions
+
+
 class Engine:
     def __init__(
         self,
@@ -105,8 +137,14 @@ class Engine:
         config: SchedulerConfig | None = None,
         metrics: EngineMetrics | None = None,
         step_gaps: StepGaps | None = None,
+        overlap_steps: bool | None = None,
     ) -> None:
-        """``step_gaps``, if given, runs other threads' CPU-bound work between steps (server/step_gaps.py)."""
+        """``step_gaps``, if given, runs other threads' CPU-bound work between steps (server/step_gaps.py).
+
+        ``overlap_steps``: a decode step is launched before the last one's tokens are handed out, so the host's
+        per-row work runs while the accelerator computes (None: on CUDA, for decoder-only runners). A row that
+        ends (EOS, stop string, cancel) rides one step more; that step's token is dropped.
+        """
         self.runner = runner
         self.step_gaps = step_gaps
         self.metrics = metrics
@@ -131,6 +169,10 @@ class Engine:
         # call_soon_threadsafe per row and step cost 16% of the engine thread at 128 rows of a tiny model.
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Tracked, GenerationEvent]]] = {}
         self._engine_thread_id: int | None = None
+        if overlap_steps is None:
+            overlap_steps = isinstance(runner, ModelRunner) and runner.device.type == "cuda"
+        self._overlap = overlap_steps
+        self._ahead: _Launched | None = None  # the decode step launched last, its tokens not yet handed out
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -235,13 +277,18 @@ class Engine:
         self._engine_thread_id = threading.get_ident()
         pin_torch_threads(ENGINE_TORCH_THREADS)  # whatever single-threaded I/O threads set process-wide
         while True:
-            if not self._groups and not self._prefilling and self.scheduler.num_waiting == 0:
+            if not self._groups and not self._prefilling and self.scheduler.num_waiting == 0 and self._ahead is None:
                 if not self._running:
                     return
                 self.runner.on_idle()
                 self._wakeup.get()  # idle: block until something arrives
             try:
-                with self.step_gaps.step() if self.step_gaps is not None else contextlib.nullcontext():
+                # Inference mode for all of it, not only the forwards: tensors the engine makes between them (rows
+                # filtered, groups joined) are then inference tensors too, like those a compiled step was built on.
+                with (
+                    self.step_gaps.step() if self.step_gaps is not None else contextlib.nullcontext(),
+                    torch.inference_mode(),
+                ):
                     self._step()
             except Exception as exc:  # a failed forward fails its requests, never the thread
                 log.error("engine step failed:\n%s", traceback.format_exc())
@@ -262,6 +309,7 @@ class Engine:
             self._fused_step(admitted, rows_of)
             return
         if admitted:
+            self._settle_ahead()  # the newcomers join the running batch: hand out its last tokens first
             try:
                 new_batch, tokens = self.runner.prefill([self._new_request(t) for t in admitted])
             except Exception as exc:
@@ -272,19 +320,38 @@ class Engine:
             if new_batch is not None:
                 if self.metrics is not None:
                     self.metrics.prefilled([t.request for t in admitted])
-                self._observe_forward([new_batch])
-                new_batch = self._consume(new_batch, tokens)
+                new_batch = self._consume(new_batch, tokens, observe=True)
                 if new_batch is not None:
                     self._groups = [type(new_batch).concatenate([*self._groups, new_batch])]
-        if self._groups:
-            self._decode_one_group()
+        self._decode()
 
-    def _decode_one_group(self) -> None:
-        (batch,) = self._groups
-        tokens = self.runner.decode(batch)
-        self._observe_forward([batch])
-        batch = self._consume(batch, tokens)
-        self._groups = [] if batch is None else [batch]
+    def _decode(self) -> None:
+        """A decode step of every running row, with no prompt chunk. With overlap, this step is launched first
+        and the previous one's tokens are handed out while it runs."""
+        groups = self._groups
+        if not groups:
+            self._settle_ahead()
+            return
+        # One group: the plain decode step, which every runner has. Several: a fused step with no chunk.
+        tokens = [self.runner.decode(groups[0])] if len(groups) == 1 else self.runner.fused_step(groups, [])[0]
+        launched: _Launched | None = _Launched.of(groups, tokens)
+        if self._overlap:
+            launched, self._ahead = self._ahead, launched
+        if launched is not None:
+            self._settle(launched)
+
+    def _settle(self, launched: _Launched) -> None:
+        """Hand out a decode step's tokens; the running groups lose the rows that ended."""
+        left = self._hand_out(launched, observe=True)
+        if left:
+            groups = [g.filter([r for r in g.request_ids if r not in left]) for g in self._groups]
+            self._groups = [g for g in groups if g is not None]
+
+    def _settle_ahead(self) -> None:
+        """Hand out the tokens of the step launched ahead, if any (before anything else changes the batch)."""
+        if self._ahead is not None:
+            launched, self._ahead = self._ahead, None
+            self._settle(launched)
 
     def _fused_step(self, admitted: list[_Tracked], rows_of: dict[str, int]) -> None:
         """Admitted requests start prefilling; one forward decodes the batch and feeds the next prompt chunks."""
@@ -293,15 +360,14 @@ class Engine:
             self._prefilling.remove(entry)
             self._finish(entry.tracked, GenerationEvent(None, "", "cancelled"))
         scheduled = self._start_rows(self._next_chunks(rows_of))
-        if not scheduled and len(self._groups) <= 1:  # the plain decode step (as fast, and the path every runner has)
-            if self._groups:
-                self._decode_one_group()
+        if not scheduled:
+            self._decode()
             return
+        self._settle_ahead()
         chunks = [(entry.pending, n) for entry, n in scheduled]
         group_tokens, firsts = self.runner.fused_step(self._groups, chunks)
-        self._observe_forward(self._groups)
-        groups = [self._consume(g, tokens) for g, tokens in zip(self._groups, group_tokens, strict=True)]
-        self._groups = [g for g in groups if g is not None]
+        if self._groups:
+            self._settle(_Launched.of(self._groups, group_tokens))
         joining: list[Batch] = []
         for (entry, _), first in zip(scheduled, firsts, strict=True):
             if first is None:
@@ -309,7 +375,7 @@ class Engine:
             self._prefilling.remove(entry)
             if self.metrics is not None:
                 self.metrics.prefilled([entry.tracked.request])
-            row = self._consume(entry.pending.batch, first)
+            row = self._consume(entry.pending.batch, first, observe=False)
             if row is not None:
                 joining.append(row)
         if joining:
@@ -360,36 +426,40 @@ class Engine:
         request = t.request
         return NewRequest(t.request_id, request.prompt_ids, request.params, request.prefix_kv, request.prefix_id)
 
-    def _observe_forward(self, groups: Sequence[Batch]) -> None:
-        """Batch metrics of the forward pass that just ran over the rows of ``groups``."""
-        if self.metrics is None or not groups:
-            return
-        # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
-        real = sum(int(g.next_positions.sum()) for g in groups)
-        slots = sum(len(g) * g.width for g in groups)
-        self.metrics.forward_pass([row for g in groups for row in g.rows], slots, real)
+    def _consume(self, batch: Batch, tokens: torch.Tensor, observe: bool) -> Batch | None:
+        """Hand each row of a new batch its first token; return the batch without the rows that ended.
+        ``observe``: the forward was the batch's own (a prefill), so it goes into the batch metrics."""
+        left = self._hand_out(_Launched.of([batch], [tokens]), observe)
+        return batch.filter([r for r in batch.request_ids if r not in left])
 
-    def _consume(self, batch: Batch, tokens: torch.Tensor) -> Batch | None:
-        """Hand each row's new token to its request; return the batch without finished rows."""
-        positions = batch.next_positions.tolist()
-        now = time.perf_counter()  # after the host sync above: the forward pass has finished
+    def _hand_out(self, launched: _Launched, observe: bool) -> set[str]:
+        """Give each row of a step its token; returns the request ids that ended, or had ended before (overlap)."""
+        tokens, positions = launched.values()
+        now = time.perf_counter()  # after the wait above: the forward pass has finished
+        rows = [row for group in launched.rows for row in group]
         metrics = self.metrics
+        if observe and metrics is not None:
+            # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
+            metrics.forward_pass(rows, launched.slots, sum(positions))
+        left: set[str] = set()
         live: list[tuple[RowInfo, _Tracked, int, int]] = []  # rows that get their token this step
-        for row, token, position in zip(batch.rows, tokens.tolist(), positions, strict=True):
-            tracked = self._tracked[row.request_id]
-            if tracked.cancelled:
+        for row, token, position in zip(rows, tokens, positions, strict=True):
+            tracked = self._tracked.get(row.request_id)
+            if tracked is None or tracked.done:  # ended in the step before this one (overlap): token dropped
+                left.add(row.request_id)
+            elif tracked.cancelled:
                 self._finish(tracked, GenerationEvent(None, "", "cancelled"))
-                continue
-            live.append((row, tracked, token, position))
+                left.add(row.request_id)
+            else:
+                live.append((row, tracked, token, position))
         if metrics is not None:
             # Once per step (per task label), not per row; and before any event goes out, so a client that has
             # received its last token (and then scrapes /metrics) finds that token counted.
             metrics.generated([row for row, *_ in live])
-        keep: list[str] = []
         for row, tracked, token, position in live:
-            if not self._emit(tracked, token, position, now):
-                keep.append(row.request_id)
-        return batch.filter(keep)
+            if self._emit(tracked, token, position, now):
+                left.add(row.request_id)
+        return left
 
     def _emit(self, tracked: _Tracked, token: int, position: int, now: float) -> bool:
         """Record one token sampled at ``now`` (perf_counter); returns True when the request finished."""
@@ -442,7 +512,7 @@ class Engine:
 
     def _fail_running(self, message: str) -> None:
         request_ids = self._running_ids() + [p.tracked.request_id for p in self._prefilling]
-        self._groups, self._prefilling = [], []
+        self._groups, self._prefilling, self._ahead = [], [], None
         for request_id in request_ids:
             tracked = self._tracked.get(request_id)
             if tracked is not None:

@@ -208,10 +208,15 @@ def test_own_kv_prefix_equals_prompting_with_its_text(name: str) -> None:
     [
         {"prefill_chunk_tokens": 0},
         {"prefill_chunk_tokens": 3},
-        {"prefill_chunk_tokens": 0, "static_decode": True},
-        {"prefill_chunk_tokens": 3, "static_decode": True},
+        {"prefill_chunk_tokens": 0, "static_decode": True, "overlap_steps": True},
+        {"prefill_chunk_tokens": 3, "static_decode": True, "overlap_steps": True},
     ],
-    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode", "static-decode-in-3-groups"],
+    ids=[
+        "separate-prefill",
+        "fused-chunks-of-3-in-3-groups",
+        "overlapped-static-decode",
+        "overlapped-static-in-3-groups",
+    ],
 )
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 async def test_engine_mixed_batch_and_mid_decode_join_equal_oracle(

@@ -40,25 +40,43 @@ def prefixes(base):
     params=[
         {"prefill_chunk_tokens": 0},
         {"prefill_chunk_tokens": 3, "kv_groups": 3},
-        {"prefill_chunk_tokens": 0, "static_decode": True},
-        {"prefill_chunk_tokens": 3, "kv_groups": 3, "static_decode": True},
+        {"prefill_chunk_tokens": 0, "static_decode": True, "overlap_steps": True},
+        {"prefill_chunk_tokens": 3, "kv_groups": 3, "static_decode": True, "overlap_steps": True},
     ],
-    ids=["separate-prefill", "fused-chunks-of-3-in-3-groups", "static-decode", "static-decode-in-3-groups"],
+    ids=[
+        "separate-prefill",
+        "fused-chunks-of-3-in-3-groups",
+        "overlapped-static-decode",
+        "overlapped-static-in-3-groups",
+    ],
 )
 def mode(request, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Every engine test runs with prefill forwards of their own, with prompts fused into decode steps and
     the running rows kept in up to 3 padded groups, and with the fixed-shape decode step that CUDA graphs
-    replay (eager here: server/static_decode.py), on one batch and on groups (steps without prompt chunks).
+    replay (eager here: server/static_decode.py), on one batch and on groups (steps without prompt chunks),
+    each step launched before the last one's tokens are handed out (``overlap_steps``, the default on CUDA).
     The tiny prompts differ by fewer columns than the groups' slack, so it is off: any difference in length
     starts a group."""
     monkeypatch.setattr(kv_groups, "SLACK_COLUMNS", 0)
     return request.param
 
 
-def make_engine(model, static_decode: bool | None = None, step_gaps: StepGaps | None = None, **config) -> Engine:
+def make_engine(
+    model,
+    static_decode: bool | None = None,
+    step_gaps: StepGaps | None = None,
+    overlap_steps: bool | None = None,
+    **config,
+) -> Engine:
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
     engine = Engine(
-        runner, None, eos_token_ids=[], max_context=512, config=SchedulerConfig(**config), step_gaps=step_gaps
+        runner,
+        None,
+        eos_token_ids=[],
+        max_context=512,
+        config=SchedulerConfig(**config),
+        step_gaps=step_gaps,
+        overlap_steps=overlap_steps,
     )
     engine.start()
     return engine
@@ -275,3 +293,48 @@ async def test_a_step_wakes_each_event_loop_once(base, mode) -> None:
     finally:
         del loop.call_soon_threadsafe
         engine.shutdown()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlapped"])
+async def test_overlapped_steps_hand_out_a_step_after_launching_the_next(base, overlap: bool) -> None:
+    """With ``overlap_steps`` a decode step is launched before the previous step's tokens are handed out; a row
+    that ends by EOS rides one step more, whose token is dropped. The tokens are those of steps taken in turn."""
+    runner = ModelRunner(base, *probe_kv_shape(base), static_decode=True)
+    ended = GenerationRequest(prompt(60, 4), SamplingParams(max_new_tokens=12))
+    other = GenerationRequest(prompt(61, 6), SamplingParams(max_new_tokens=12))
+    alone = make_engine(base)
+    try:
+        free_run = tokens_of(await collect(alone, ended))
+        other_alone = tokens_of(await collect(alone, other))
+    finally:
+        alone.shutdown()
+    eos = free_run[4]
+    want = free_run[: free_run.index(eos) + 1]  # the first occurrence of that token ends the request
+    engine = Engine(runner, None, eos_token_ids=[eos], max_context=512, overlap_steps=overlap)
+    calls: list[str] = []
+    decode, hand_out = runner.decode, engine._hand_out
+
+    def logged_decode(batch):
+        calls.append(f"decode {len(batch)}")
+        return decode(batch)
+
+    def logged_hand_out(launched, observe):
+        calls.append(f"hand out {sum(len(rows) for rows in launched.rows)}")
+        return hand_out(launched, observe)
+
+    runner.decode, engine._hand_out = logged_decode, logged_hand_out
+    engine.start()
+    try:
+        ended_events, other_events = await asyncio.gather(collect(engine, ended), collect(engine, other))
+    finally:
+        engine.shutdown()
+    assert len(want) < 12 and tokens_of(ended_events) == want and ended_events[-1].finish_reason == "eos"
+    other_want = other_alone[: other_alone.index(eos) + 1] if eos in other_alone else other_alone
+    assert tokens_of(other_events) == other_want
+    decodes = [i for i, c in enumerate(calls) if c.startswith("decode")]
+    hand_outs_after_first_decode = [i for i, c in enumerate(calls) if c.startswith("hand out") and i > decodes[0]]
+    if overlap:  # each decode step's tokens come out after the next step was launched
+        assert calls[decodes[0] + 1].startswith("decode"), calls[:8]
+        assert len(hand_outs_after_first_decode) == len(decodes)  # every step's tokens, the extra ones too
+    else:
+        assert all(calls[i + 1].startswith("hand out") for i in decodes), calls[:8]
