@@ -6,13 +6,15 @@ graphs) give the eager step's greedy tokens. Then, for each batch size, it print
 
 * engine tokens/s with all-distinct prefixes ("mixed") and with one shared prefix ("single"), and their ratio;
 * engine tokens/s without prefixes vs the bare transformers loop (``DynamicCache``, left padding, mask) on
-  identical work, and their ratio, for three engines side by side: the default (graph-replayed decode steps),
-  the eager transformers decode step, and the server's fused defaults (prompt chunks, KV groups);
+  identical work, and their ratio, for five engines side by side: the default (graph-replayed decode steps,
+  each launched before the last one's tokens are handed out), the same with steps in turn (no overlap), the
+  default with the step compiled first (``--compile-decode``: Inductor's fused kernels in the graph), the
+  eager transformers decode step, and the server's fused defaults (prompt chunks, KV groups);
 * the decode step time (engines and bare loop, prefill excluded) against the memory-bandwidth floor:
   (bytes of weights + bytes of KV read per step) / measured device copy bandwidth; and the runner's step alone
-  in steady state (no joins, growth or captures), graphs and eager.
+  in steady state (no joins, growth or captures): graphs, compiled graphs and eager.
 
-With --profile DIR, torch.profiler tables of a few steps per batch size.
+With --profile DIR, torch.profiler tables of a few steps per batch size (the compiled engine, the bare loop).
 
     bench/gpu.sh                      # H100: batch 64 and 128, bf16
     bench/gpu.sh --device cpu --tiny  # a CPU smoke run on a tiny config
@@ -152,14 +154,15 @@ def main(argv: list[str] | None = None) -> None:
         ]
         runs, graphs, agree = measure_batch(model, batch, prompts, prefixes, new_tokens, short_tokens, args)
         # The runner's step alone, in steady state (no joins, no growth, no capture): what the replay costs.
-        variants = (("graphs", None), ("eager", False))  # static_decode: the default (graphs on CUDA), or off
-        runner_step = {name: runner_step_s(model, prompts, static) for name, static in variants}
+        # static_decode: the default (graphs on CUDA), or off; and whether the step is compiled first.
+        variants = (("graphs", None, False), ("compiled", None, True), ("eager", False, False))
+        runner_step = {name: runner_step_s(model, prompts, static, comp) for name, static, comp in variants}
 
         fastest = {key: min(timings, key=lambda t: t.seconds) for key, timings in runs.items()}
         # Decode step time without prefill, from the difference of two run lengths.
-        engine_step, eager_step, fused_step = (
+        engine_step, in_turn_step, compiled_step, eager_step, fused_step = (
             (fastest[name].seconds - fastest[f"{name}_short"].seconds) / (new_tokens - short_tokens)
-            for name in ("engine", "eager", "fused")
+            for name in ("engine", "in_turn", "compiled", "eager", "fused")
         )
         b = fastest["bare"]
         bare_step = (b.seconds - (b.prefill_s or 0.0)) / (new_tokens - 1)
@@ -173,21 +176,28 @@ def main(argv: list[str] | None = None) -> None:
             "engine_tokens_per_s": fastest["engine"].tokens_per_s,
             "bare_tokens_per_s": b.tokens_per_s,
             "engine_over_bare": fastest["engine"].tokens_per_s / b.tokens_per_s,
+            "in_turn_tokens_per_s": fastest["in_turn"].tokens_per_s,
+            "compiled_tokens_per_s": fastest["compiled"].tokens_per_s,
+            "compiled_over_bare": fastest["compiled"].tokens_per_s / b.tokens_per_s,
             "eager_tokens_per_s": fastest["eager"].tokens_per_s,
             "eager_over_bare": fastest["eager"].tokens_per_s / b.tokens_per_s,
             "fused_tokens_per_s": fastest["fused"].tokens_per_s,
             "fused_over_bare": fastest["fused"].tokens_per_s / b.tokens_per_s,
             "engine_step_s": engine_step,
+            "in_turn_step_s": in_turn_step,
+            "compiled_step_s": compiled_step,
             "eager_step_s": eager_step,
             "fused_step_s": fused_step,
             "bare_step_s": bare_step,
             "floor_step_s": floor,
             "kv_bytes_per_step_at_mean_context": kv_bytes,
             "engine_step_over_floor": engine_step / floor,
+            "compiled_step_over_floor": compiled_step / floor,
             "bare_step_over_floor": bare_step / floor,
             "graphs": graphs,
             "runner_step_s": runner_step,
             "runner_graph_step_over_floor": runner_step["graphs"] / floor,
+            "runner_compiled_step_over_floor": runner_step["compiled"] / floor,
             "rows_agreeing_graph_vs_eager_32_tokens": f"{sum(agree)}/{len(agree)}",
             "runs_s": {key: [round(t.seconds, 4) for t in timings] for key, timings in runs.items()},
         }
@@ -195,12 +205,16 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"batch {batch}: mixed {row['mixed_tokens_per_s']:.0f} tok/s, single {row['single_tokens_per_s']:.0f}, "
             f"mixed/single {row['mixed_over_single']:.3f}; engine {row['engine_tokens_per_s']:.0f} vs bare "
-            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x (eager steps "
+            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x (compiled "
+            f"{row['compiled_over_bare']:.2f}x, eager steps "
             f"{row['eager_over_bare']:.2f}x, fused steps {row['fused_over_bare']:.2f}x); decode step engine "
-            f"{engine_step * 1e3:.2f} ms, eager {eager_step * 1e3:.2f}, fused {fused_step * 1e3:.2f} ms, bare "
+            f"{engine_step * 1e3:.2f} ms, in turn {in_turn_step * 1e3:.2f}, compiled {compiled_step * 1e3:.2f} "
+            f"({row['compiled_step_over_floor']:.2f}x "
+            f"floor), eager {eager_step * 1e3:.2f}, fused {fused_step * 1e3:.2f} ms, bare "
             f"{bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms (engine {row['engine_step_over_floor']:.2f}x "
             f"floor); runner step in steady state: graphs {runner_step['graphs'] * 1e3:.2f} ms "
-            f"({row['runner_graph_step_over_floor']:.2f}x floor), eager {runner_step['eager'] * 1e3:.2f} ms; "
+            f"({row['runner_graph_step_over_floor']:.2f}x floor), compiled {runner_step['compiled'] * 1e3:.2f} ms "
+            f"({row['runner_compiled_step_over_floor']:.2f}x floor), eager {runner_step['eager'] * 1e3:.2f} ms; "
             f"graphs {graphs}; rows agreeing {row['rows_agreeing_graph_vs_eager_32_tokens']}; "
             f"runs {row['runs_s']}",
             flush=True,
@@ -224,18 +238,21 @@ def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]
     cfg = model.config
     shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
     default, eager = ModelRunner(model, *shape), ModelRunner(model, *shape, static_decode=False)
+    compiled = ModelRunner(model, *shape, compile_decode=True)
     g = torch.Generator().manual_seed(2)
     requests = []
     for i, (p, n) in enumerate([(3, 5), (0, 7), (6, 2), (1, 9)]):
         prompt = torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
         kv = torch.randn(*shape[:1], 2, shape[1], p, shape[2], generator=g) if p else None
         requests.append(NewRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=steps), kv, f"t{i}" if p else None))
-    batches = [runner.prefill(requests)[0] for runner in (default, eager)]
-    equal = 0
+    batches = [runner.prefill(requests)[0] for runner in (default, eager, compiled)]
+    equal = compiled_equal = 0
     for step in range(steps):
         if step == steps // 2:
             batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
-        equal += int(torch.equal(default.decode(batches[0]), eager.decode(batches[1])))
+        want = eager.decode(batches[1])
+        equal += int(torch.equal(default.decode(batches[0]), want))
+        compiled_equal += int(torch.equal(compiled.decode(batches[2]), want))
     # The same rows in three padded groups, decoded in one step (as the engine does between prompt chunks).
     parts = (requests[:2], requests[2:3], requests[3:])
     groups = [[runner.prefill(part)[0] for part in parts] for runner in (default, eager)]
@@ -246,15 +263,22 @@ def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]
     decoder = default.static_decoder
     return {
         "steps_token_equal": f"{equal}/{steps}",
+        "compiled_steps_token_equal": f"{compiled_equal}/{steps}",
         "group_steps_token_equal": f"{groups_equal}/{steps}",
         "static_decode": decoder is not None,
         "graph_captures": 0 if decoder is None else decoder.captures,
         "graph_replays": 0 if decoder is None else decoder.replays,
+        "compiled_still_on": compiled.static_decoder is not None and compiled.static_decoder.compiled,
     }
 
 
 def runner_step_s(
-    model: LlamaForCausalLM, prompts: list[list[int]], static_decode: bool | None, warm: int = 8, steps: int = 48
+    model: LlamaForCausalLM,
+    prompts: list[list[int]],
+    static_decode: bool | None,
+    compile_decode: bool = False,
+    warm: int = 8,
+    steps: int = 48,
 ) -> float:
     """Seconds per decode step of a bare ModelRunner on a settled batch, with the engine's per-step host sync
     (the tokens to the host) but none of its bookkeeping. A fresh batch has 64 free columns (kv_cache.py's
@@ -265,7 +289,12 @@ def runner_step_s(
 
     cfg = model.config
     runner = ModelRunner(
-        model, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, static_decode=static_decode
+        model,
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        static_decode=static_decode,
+        compile_decode=compile_decode,
     )
     params = SamplingParams(max_new_tokens=warm + steps + 1)
     batch, _ = runner.prefill([NewRequest(f"r{i}", p, params) for i, p in enumerate(prompts)])
@@ -288,7 +317,7 @@ def measure_batch(
     new_tokens: int,
     short_tokens: int,
     args: argparse.Namespace,
-) -> tuple[dict[str, list[Timing]], dict[str, int], list[bool]]:
+) -> tuple[dict[str, list[Timing]], dict[str, dict[str, Any]], list[bool]]:
     """Every variant's timings (in alternating order), the graph counters, and graph-vs-eager token agreement."""
     cfg = model.config
     layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -296,11 +325,17 @@ def measure_batch(
     engines = {
         # The default runner: fixed-shape decode steps, replayed from CUDA graphs on a GPU.
         "engine": make_engine(model, layers, kv_heads, head_dim, context, batch),
+        # The same with each step's tokens handed out before the next step is launched (no overlap).
+        "in_turn": make_engine(model, layers, kv_heads, head_dim, context, batch, overlap_steps=False),
+        # The default, the step compiled first (Inductor's fused kernels, then replayed from graphs).
+        "compiled": make_engine(model, layers, kv_heads, head_dim, context, batch, compile_decode=True),
         # The eager transformers decode step the engine used before graphs.
         "eager": make_engine(model, layers, kv_heads, head_dim, context, batch, static_decode=False),
         # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
         "fused": make_engine(model, layers, kv_heads, head_dim, context, batch, **FUSED_SCHEDULER),
     }
+    # As the server does at startup (--compile-decode): the compiles happen now, not in a timed run.
+    engines["compiled"].runner.compile_decode_steps(1)
     for engine in engines.values():
         engine.start()
     work = {
@@ -326,9 +361,12 @@ def measure_batch(
             for key in list(work) if r % 2 == 0 else reversed(work):  # alternate the order between repeats
                 runs[key].append(work[key]())
         if args.profile is not None:
-            profile_steps(args.profile / f"profile_{batch}.txt", engines["engine"], model, prompts, prefixes)
-        decoder = engines["engine"].runner.static_decoder
-        graphs = {"captures": decoder.captures, "replays": decoder.replays} if decoder is not None else {}
+            profile_steps(args.profile / f"profile_{batch}.txt", engines["compiled"], model, prompts, prefixes)
+        graphs: dict[str, dict[str, Any]] = {}
+        for name in ("engine", "compiled"):
+            decoder = engines[name].runner.static_decoder
+            if decoder is not None:
+                graphs[name] = {"captures": decoder.captures, "replays": decoder.replays, "compiled": decoder.compiled}
     finally:
         for engine in engines.values():
             engine.shutdown()

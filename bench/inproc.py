@@ -97,13 +97,19 @@ def make_engine(
     batch: int,
     *,
     static_decode: bool | None = None,
+    compile_decode: bool = False,
+    overlap_steps: bool | None = None,
     **scheduler: int,
 ) -> Engine:
     """An engine for ``batch`` rows; ``scheduler`` overrides SchedulerConfig fields (e.g. prefill_chunk_tokens).
-    ``static_decode``: the runner's fixed-shape decode step (CUDA graphs on a GPU); None, its default."""
-    runner = ModelRunner(model, num_layers, num_kv_heads, head_dim, static_decode=static_decode)
+    ``static_decode``: the runner's fixed-shape decode step (CUDA graphs on a GPU); None, its default.
+    ``compile_decode``: that step through torch.compile first. ``overlap_steps``: the engine's; None, its default
+    (on CUDA: each step launched before the last one's tokens are handed out)."""
+    runner = ModelRunner(
+        model, num_layers, num_kv_heads, head_dim, static_decode=static_decode, compile_decode=compile_decode
+    )
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
-    return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config)
+    return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config, overlap_steps=overlap_steps)
 
 
 async def _tokens(engine: Engine, request: GenerationRequest) -> list[int]:

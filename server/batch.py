@@ -112,14 +112,22 @@ class Batch:
         prompt_lens = [len(r.prompt_ids) for r in requests]
         p_max, n_max = max(prefix_lens), max(prompt_lens)
         capacity = p_max + n_max + HEADROOM_COLUMNS
-        past = torch.zeros(num_layers, 2, n_rows, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        # One buffer per layer and K/V, not views of one tensor: every batch's buffers are then laid out alike
+        # (filtered, joined and grown ones are separate too), which a compiled decode step relies on.
+        keys = [
+            torch.zeros(n_rows, num_kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        values = [torch.zeros_like(keys[0]) for _ in range(num_layers)]
         input_ids = torch.zeros(n_rows, n_max, dtype=torch.int64)
         positions = torch.zeros(n_rows, n_max, dtype=torch.int64)
         mask = torch.zeros(n_rows, p_max + n_max, dtype=torch.int64)
         for i, req in enumerate(requests):
             p, n = prefix_lens[i], prompt_lens[i]
             if req.prefix_kv is not None:
-                past[:, :, i, :, p_max - p : p_max] = place_prefix(req)
+                prefix = place_prefix(req)  # [L, 2, H_kv, P, d]
+                for layer in range(num_layers):
+                    keys[layer][i, :, p_max - p : p_max] = prefix[layer, 0]
+                    values[layer][i, :, p_max - p : p_max] = prefix[layer, 1]
             input_ids[i, n_max - n :] = torch.tensor(list(req.prompt_ids), dtype=torch.int64)
             positions[i, n_max - n :] = torch.arange(p, p + n)
             mask[i, p_max - p : p_max] = 1
@@ -127,8 +135,8 @@ class Batch:
         mask = mask.to(device)
         batch = cls(
             rows=[RowInfo(r.request_id, r.prefix_id, r.prefix_len) for r in requests],
-            keys=[past[layer, 0] for layer in range(num_layers)],
-            values=[past[layer, 1] for layer in range(num_layers)],
+            keys=keys,
+            values=values,
             attention_mask=mask[:, :p_max],
             next_positions=torch.tensor(prefix_lens, dtype=torch.int64, device=device),
             next_input_ids=torch.zeros(n_rows, dtype=torch.int64, device=device),

@@ -82,6 +82,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"no CUDA graphs: every decode step runs eagerly (vLLM's flag) [env {ENV_PREFIX}ENFORCE_EAGER=1]",
     )
+    serve.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="compile the fixed-shape decode step with torch.compile at startup (tens of seconds) "
+        f"for fewer, fused kernels; CUDA graphs then replay those [env {ENV_PREFIX}COMPILE_DECODE=1]",
+    )
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
     serve.add_argument(
         "--log-format",
@@ -111,6 +117,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         values["disable_docs"] = True
     if getattr(args, "enforce_eager", False) or os.environ.get(ENV_PREFIX + "ENFORCE_EAGER") == "1":
         values["enforce_eager"] = True
+    if getattr(args, "compile_decode", False) or os.environ.get(ENV_PREFIX + "COMPILE_DECODE") == "1":
+        values["compile_decode"] = True
     return ServeConfig(**values)
 
 

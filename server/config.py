@@ -42,6 +42,8 @@ class ServeConfig:
     disable_docs: bool = False  # no /docs, /redoc or /openapi.json
     # No CUDA graphs: decode steps run eagerly (on CUDA the default replays fixed-shape steps from graphs).
     enforce_eager: bool = False
+    # Decode steps go through torch.compile before graph capture (fused kernels); compiled at startup.
+    compile_decode: bool = False
     allow_unverified_architecture: bool = False  # serve a model type not in server/architectures.py, with a warning
     cors_allow_origins: str | None = None  # comma-separated origins allowed cross-site; None = CORS off
     # Per-tenant quota defaults (0 = unlimited); the key file's "quotas" object overrides them per tenant.

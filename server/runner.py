@@ -14,7 +14,7 @@ from server.batch import Batch, NewRequest, PrefillInputs
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
 from server.kv_cache import build_cache, read_cache
-from server.sampling import sample
+from server.sampling import SamplingParams, sample
 from server.static_decode import StaticDecoder
 
 __all__ = ["ModelRunner", "NewRequest", "PendingPrefill"]  # NewRequest lives with the batch; re-exported here
@@ -45,6 +45,7 @@ class ModelRunner:
         *,
         device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
         static_decode: bool | None = None,
+        compile_decode: bool = False,
     ) -> None:
         self.model = model
         # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
@@ -72,10 +73,39 @@ class ModelRunner:
             # of ~15 (bench/RESULTS.md, "GPU"). Flash / memory-efficient attention need no plans. Process-wide.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.static_decoder = (
-            StaticDecoder(model, use_graphs=self.device.type == "cuda")
+            StaticDecoder(model, use_graphs=self.device.type == "cuda", compile_forward=compile_decode)
             if static_decode and self.fuses_prefill
             else None
         )
+
+    @torch.inference_mode()
+    def compile_decode_steps(self, max_groups: int) -> None:
+        """Run the compiled fixed-shape step once for 1..max_groups groups of dummy rows, so that its compiles
+        (one per number of groups) happen now and not under traffic.
+
+        Sizes that are equal when dynamo first sees them get one symbol, and a later call where they differ
+        compiles again; so every group here has its own number of rows and its own width (never 1, never equal
+        to a KV-head count or head size), and the graphs hold for any sizes.
+        """
+        if self.static_decoder is None or not self.static_decoder.compiled:
+            return
+        params = SamplingParams(max_new_tokens=2)
+        taken = {0, 1, self.num_kv_heads, self.head_dim}
+        sizes: list[int] = []
+        for _ in range(2 * max_groups):  # rows of each group, then prompt lengths: all distinct
+            size = max(taken) + 1 if not sizes else sizes[-1] + 1
+            while size in taken:
+                size += 1
+            sizes.append(size)
+            taken.add(size)
+        rows, prompts = sizes[:max_groups], sizes[max_groups:]
+        groups = [
+            self.prefill([NewRequest(f"compile-{i}-{j}", [0] * prompts[i], params) for j in range(rows[i])])[0]
+            for i in range(max_groups)
+        ]
+        for n in range(1, max_groups + 1):
+            self._static_decode(groups[:n])
+        self.on_idle()
 
     def on_idle(self) -> None:
         """Nothing running: let go of the last batch's fixed-shape step (its graph and KV buffers)."""

@@ -17,6 +17,14 @@ its own buffers, as in a fused step. A graph belongs to one set of KV buffers. J
 them (``Batch.filter``, ``Batch.concatenate``, ``with_room``), so the graph is captured only after
 ``CAPTURE_AFTER`` steps on the same buffers and dropped as soon as they change; steps in between run the same
 function eagerly. On a CPU (tests) there is no graph: the function always runs eagerly.
+
+With ``compile_forward`` the step's forward goes through ``torch.compile`` (Inductor, dynamic shapes) first:
+the norms, rotary embedding, activations and residual adds of each layer become a few fused kernels instead
+of dozens of small ones, and the graph then replays those. One compile covers every batch size and KV width
+(both symbolic); a different number of groups compiles once more. A group of one row would compile once more
+for each place it can take (dynamo specialises sizes of 1), so steps with such a group run uncompiled (still
+from a graph). It is opt-in (``--compile-decode``): each compile takes tens of seconds, so the server runs them
+at startup (``ModelRunner.compile_decode_steps``).
 """
 
 from __future__ import annotations
@@ -150,9 +158,12 @@ def _addresses(groups: Sequence[Batch]) -> tuple[int, ...]:
 class StaticDecoder:
     """Runs a batch's decode forward at fixed shapes; on CUDA, from a graph once the batch has settled."""
 
-    def __init__(self, model: torch.nn.Module, use_graphs: bool) -> None:
+    def __init__(self, model: torch.nn.Module, use_graphs: bool, compile_forward: bool = False) -> None:
         self.model = model
         self.use_graphs = use_graphs
+        self.compiled = compile_forward
+        # dynamic=True: rows and KV columns are symbolic from the first compile, so growth never recompiles.
+        self._step_forward = torch.compile(self._forward, dynamic=True) if compile_forward else self._forward
         self._step: _Step | None = None
         self.captures = 0  # graphs recorded (tests and benchmarks read it)
         self.replays = 0
@@ -168,7 +179,9 @@ class StaticDecoder:
             batch.make_room_for_step()
         step = self._step
         if step is None or step.buffers != _addresses(groups):
-            step = self._step = _Step(groups, self._forward)  # the old graph (if any) goes with the old step
+            compiled = self.compiled and all(len(batch) > 1 for batch in groups)
+            # The old graph (if any) goes with the old step.
+            step = self._step = _Step(groups, self._step_forward if compiled else self._forward)
         step.load(groups)
         step.steps += 1
         if self.use_graphs and step.graph is None and step.steps > CAPTURE_AFTER:
@@ -181,7 +194,18 @@ class StaticDecoder:
                 step.graph = None
         if step.graph is not None:
             self.replays += 1
-        return step.run()
+        try:
+            return step.run()
+        except Exception:
+            if not self.compiled or step.graph is not None:
+                raise
+            # torch.compile could not handle the forward (it fails before any kernel runs): say so once and
+            # serve uncompiled. Running the step again rewrites the same K/V column, so nothing is lost.
+            log.warning("torch.compile of the decode step failed; decode steps run uncompiled", exc_info=True)
+            self.compiled = False
+            self._step_forward = self._forward
+            self._step = None
+            return self.logits(groups)
 
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, no_mask: torch.Tensor, layout: StaticDecodeLayout

@@ -50,3 +50,10 @@ def test_enforce_eager_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None
     assert config_from_args(args(enforce_eager=True)).enforce_eager is True
     monkeypatch.setenv("PREFIX_SERVE_ENFORCE_EAGER", "1")
     assert config_from_args(args()).enforce_eager is True
+
+
+def test_compile_decode_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config_from_args(args()).compile_decode is False
+    assert config_from_args(args(compile_decode=True)).compile_decode is True
+    monkeypatch.setenv("PREFIX_SERVE_COMPILE_DECODE", "1")
+    assert config_from_args(args()).compile_decode is True

@@ -106,3 +106,55 @@ def test_static_decode_of_groups_equals_the_fused_step() -> None:
         width = e.width
         for k_e, k_s in zip(e.keys, s.keys, strict=True):
             torch.testing.assert_close(k_s[:, :, :width], k_e[:, :, :width])
+
+
+def test_compiled_static_decode_equals_eager_decode() -> None:
+    """``compile_decode``: the fixed-shape step through torch.compile (Inductor, dynamic shapes) gives the eager
+    step's greedy tokens, through growth and a row leaving, and for rows in three groups. The server's startup
+    compiles (one per number of groups) cover them all: nothing compiles under traffic."""
+    from torch._dynamo.utils import counters
+
+    base = tiny_llama(seed=5)
+    shape = probe_kv_shape(base)
+    eager = ModelRunner(base, *shape, static_decode=False)
+    compiled = ModelRunner(base, *shape, static_decode=True, compile_decode=True)
+    assert compiled.static_decoder is not None and compiled.static_decoder.compiled
+    compiled.compile_decode_steps(3)  # what the server does at startup: dummy rows, then the step is let go
+    assert compiled.static_decoder._step is None
+    graphs = counters["stats"]["unique_graphs"]
+    requests = _requests(base)
+    with torch.inference_mode():  # as in the engine, whose steps (filters and joins too) run in inference mode
+        batches = [runner.prefill(requests)[0] for runner in (eager, compiled)]
+        for step in range(STEPS):
+            if step == STEPS // 2:
+                batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
+            assert torch.equal(compiled.decode(batches[1]), eager.decode(batches[0])), f"step {step}"
+        parts = (requests[:2], requests[2:3], requests[3:])  # a group of one row runs uncompiled
+        parts_of_two = (requests[:2], requests[2:])
+        for grouping in (parts, parts_of_two):
+            groups = [[runner.prefill(part)[0] for part in grouping] for runner in (eager, compiled)]
+            for step in range(8):
+                want, got = eager.fused_step(groups[0], [])[0], compiled.fused_step(groups[1], [])[0]
+                for g, (w, t) in enumerate(zip(want, got, strict=True)):
+                    assert torch.equal(t, w), f"step {step}, group {g}"
+    assert counters["stats"]["unique_graphs"] == graphs, "a step compiled again after startup"
+
+
+def test_a_failed_compile_leaves_the_steps_uncompiled_and_right(caplog) -> None:
+    """If torch.compile cannot handle the forward, the decoder says so once and serves the step uncompiled."""
+    base = tiny_llama(seed=5)
+    shape = probe_kv_shape(base)
+    eager, static = ModelRunner(base, *shape, static_decode=False), ModelRunner(base, *shape, static_decode=True)
+    decoder = static.static_decoder
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("dynamo cannot trace this")
+
+    decoder.compiled, decoder._step_forward = True, unsupported  # what a failing compile looks like
+    requests = _requests(base)
+    batches = [runner.prefill(requests)[0] for runner in (eager, static)]
+    for step in range(12):
+        assert torch.equal(static.decode(batches[1]), eager.decode(batches[0])), f"step {step}"
+    assert not decoder.compiled
+    messages = [r.message for r in caplog.records]
+    assert messages.count("torch.compile of the decode step failed; decode steps run uncompiled") == 1

@@ -55,15 +55,21 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     )
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
     # Decoder-only runners replay fixed-shape decode steps from CUDA graphs on a GPU unless told not to.
-    eager = {} if model.is_encoder_decoder else {"static_decode": False if config.enforce_eager else None}
+    steps = (
+        {}
+        if model.is_encoder_decoder
+        else {"static_decode": False if config.enforce_eager else None, "compile_decode": config.compile_decode}
+    )
     runner = runner_class(
         model.model,
         model.num_layers,
         model.num_kv_heads,
         model.head_dim,
         device_cache_bytes=config.device_cache_bytes,
-        **eager,
+        **steps,
     )
+    if config.compile_decode and isinstance(runner, ModelRunner):
+        runner.compile_decode_steps(max(1, config.kv_groups))  # before traffic: the first compile takes a while
     engine = Engine(
         runner,
         model.tokenizer,
