@@ -103,20 +103,28 @@ class _Launched:
     slots: int  # KV slots the forward covered: rows x width, summed over the groups
     host: torch.Tensor  # [2, B]: tokens, then next positions
     ready: torch.cuda.Event | None  # recorded after the copy (CUDA); None when ``host`` is already filled
+    chunk_rows: Sequence[RowInfo] = ()  # prompt chunks in the same forward (batch metrics only)
+    chunk_slots: int = 0  # their KV columns, none of them padding
 
     @classmethod
-    def of(cls, groups: Sequence[Batch], tokens: Sequence[torch.Tensor]) -> _Launched:
+    def of(
+        cls,
+        groups: Sequence[Batch],
+        tokens: Sequence[torch.Tensor],
+        chunk_rows: Sequence[RowInfo] = (),
+        chunk_slots: int = 0,
+    ) -> _Launched:
         """Start copying the step's tokens and positions to the host without waiting for the step to finish."""
         packed = torch.cat([torch.stack((t, g.next_positions)) for g, t in zip(groups, tokens, strict=True)], dim=1)
         rows = [list(g.rows) for g in groups]
         slots = sum(len(g) * g.width for g in groups)
         if packed.device.type != "cuda":
-            return cls(rows, slots, packed, None)
+            return cls(rows, slots, packed, None, chunk_rows, chunk_slots)
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(rows, slots, host, ready)
+        return cls(rows, slots, host, ready, chunk_rows, chunk_slots)
 
     def values(self) -> tuple[list[int], list[int]]:
         """Tokens and next positions (waits for this step's copy only, not for any step launched after it)."""
@@ -366,8 +374,13 @@ class Engine:
         self._settle_ahead()
         chunks = [(entry.pending, n) for entry, n in scheduled]
         group_tokens, firsts = self.runner.fused_step(self._groups, chunks)
+        # The chunks' rows count in the forward's batch metrics too: each is a one-row KV with no padding.
+        chunk_rows = [pending.batch.rows[0] for pending, _ in chunks]
+        chunk_slots = sum(pending.batch.width for pending, _ in chunks)
         if self._groups:
-            self._settle(_Launched.of(self._groups, group_tokens))
+            self._settle(_Launched.of(self._groups, group_tokens, chunk_rows, chunk_slots))
+        elif self.metrics is not None:
+            self.metrics.forward_pass(chunk_rows, chunk_slots, chunk_slots)
         joining: list[Batch] = []
         for (entry, _), first in zip(scheduled, firsts, strict=True):
             if first is None:
@@ -440,7 +453,8 @@ class Engine:
         metrics = self.metrics
         if observe and metrics is not None:
             # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
-            metrics.forward_pass(rows, launched.slots, sum(positions))
+            slots, real = launched.slots + launched.chunk_slots, sum(positions) + launched.chunk_slots
+            metrics.forward_pass([*rows, *launched.chunk_rows], slots, real)
         left: set[str] = set()
         live: list[tuple[RowInfo, _Tracked, int, int]] = []  # rows that get their token this step
         for row, token, position in zip(rows, tokens, positions, strict=True):

@@ -338,3 +338,36 @@ async def test_overlapped_steps_hand_out_a_step_after_launching_the_next(base, o
         assert len(hand_outs_after_first_decode) == len(decodes)  # every step's tokens, the extra ones too
     else:
         assert all(calls[i + 1].startswith("hand out") for i in decodes), calls[:8]
+
+
+async def test_every_forward_is_observed_with_its_prompt_chunks(base) -> None:
+    """Batch metrics count every forward pass and every row in it: steps that only feed prompt chunks too, and
+    rows still prefilling in a step that also decodes."""
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    runner = ModelRunner(base, *probe_kv_shape(base))
+    # max_prefill_tokens: with no row decoding, a prompt would otherwise go in whole, in one step.
+    config = SchedulerConfig(prefill_chunk_tokens=3, max_prefill_tokens=3)
+    engine = Engine(runner, None, eos_token_ids=[], max_context=512, config=config, metrics=metrics.engine)
+    steps = 0
+    step = engine._step
+
+    def counted_step() -> None:
+        nonlocal steps
+        steps += 1
+        step()
+
+    engine._step = counted_step
+    engine.start()
+    try:
+        # 9 prompt tokens in chunks of 3: two steps of chunks alone, then the third completes the prompt (and
+        # samples the first token); 3 decode steps follow for the other tokens.
+        events = await collect(engine, GenerationRequest(prompt(70, 9), SamplingParams(max_new_tokens=4)))
+    finally:
+        engine.shutdown()
+    assert len(tokens_of(events)) == 4
+    get = metrics.registry.get_sample_value
+    assert get("prefix_serve_batch_size_count") == steps == 6
+    assert get("prefix_serve_batch_size_sum") == 6  # one row in each
+    assert get("prefix_serve_batch_padding_ratio_sum") == 0.0  # a single row never pads
