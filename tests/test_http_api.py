@@ -227,3 +227,22 @@ def test_reupload_after_delete_is_a_new_prefix(client: TestClient) -> None:
     assert first["version"] == second["version"] == 1  # the disk store starts a deleted task afresh
     assert first_id is not None and second_id is not None and first_id != second_id
     assert second_out["token_ids"] == twin_out["token_ids"] != first_out["token_ids"]
+
+
+@pytest.mark.parametrize(("chunk_tokens", "groups"), [(64, 3), (0, 1)])
+def test_compile_decode_compiles_at_startup_for_each_number_of_groups(
+    loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_tokens: int, groups: int
+) -> None:
+    """--compile-decode: the app compiles the decode step before serving, once per number of KV groups the
+    engine can keep (one without fused steps). On a CPU the step is not compiled, so the call is recorded."""
+    from server.runner import ModelRunner
+
+    calls: list[int] = []
+    monkeypatch.setattr(ModelRunner, "compile_decode_steps", lambda self, max_groups: calls.append(max_groups))
+    config = ServeConfig(
+        store=f"disk://{tmp_path}", compile_decode=True, kv_groups=3, prefill_chunk_tokens=chunk_tokens
+    )
+    with TestClient(create_app(config, model=loaded)) as c:
+        assert calls == [groups]
+        r = c.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -69,7 +69,9 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         **steps,
     )
     if config.compile_decode and isinstance(runner, ModelRunner):
-        runner.compile_decode_steps(max(1, config.kv_groups))  # before traffic: the first compile takes a while
+        # Before traffic: each compile takes a while. Rows are kept in several groups only with fused steps.
+        fused = config.prefill_chunk_tokens > 0 and runner.fuses_prefill
+        runner.compile_decode_steps(max(1, config.kv_groups) if fused else 1)
     engine = Engine(
         runner,
         model.tokenizer,
