@@ -312,20 +312,27 @@ async def test_overlapped_steps_hand_out_a_step_after_launching_the_next(base, o
     want = free_run[: free_run.index(eos) + 1]  # the first occurrence of that token ends the request
     engine = Engine(runner, None, eos_token_ids=[eos], max_context=512, overlap_steps=overlap)
     calls: list[str] = []
-    decode, hand_out = runner.decode, engine._hand_out
+    decode, settle = runner.decode, engine._settle
 
     def logged_decode(batch):
         calls.append(f"decode {len(batch)}")
         return decode(batch)
 
-    def logged_hand_out(launched, observe):
+    def logged_settle(launched):  # a decode step's tokens handed out (a prefill's go through _consume)
         calls.append(f"hand out {sum(len(rows) for rows in launched.rows)}")
-        return hand_out(launched, observe)
+        return settle(launched)
 
-    runner.decode, engine._hand_out = logged_decode, logged_hand_out
+    runner.decode, engine._settle = logged_decode, logged_settle
+    # Both requests wait before the engine thread starts, so they are admitted in one step and every later
+    # step is a decode step: the pattern of calls below cannot depend on thread timing.
+    tasks = [asyncio.create_task(collect(engine, r)) for r in (ended, other)]
+    for _ in range(100):
+        if engine.num_waiting == 2:
+            break
+        await asyncio.sleep(0.01)
     engine.start()
     try:
-        ended_events, other_events = await asyncio.gather(collect(engine, ended), collect(engine, other))
+        ended_events, other_events = await asyncio.gather(*tasks)
     finally:
         engine.shutdown()
     assert len(want) < 12 and tokens_of(ended_events) == want and ended_events[-1].finish_reason == "eos"
@@ -350,15 +357,18 @@ async def test_every_forward_is_observed_with_its_prompt_chunks(base) -> None:
     # max_prefill_tokens: with no row decoding, a prompt would otherwise go in whole, in one step.
     config = SchedulerConfig(prefill_chunk_tokens=3, max_prefill_tokens=3)
     engine = Engine(runner, None, eos_token_ids=[], max_context=512, config=config, metrics=metrics.engine)
-    steps = 0
-    step = engine._step
+    forwards = 0  # the runner's two forward entry points in fused mode (an idle wake-up runs a step without one)
+    decode, fused_step = runner.decode, runner.fused_step
 
-    def counted_step() -> None:
-        nonlocal steps
-        steps += 1
-        step()
+    def counted(forward):
+        def call(*args):
+            nonlocal forwards
+            forwards += 1
+            return forward(*args)
 
-    engine._step = counted_step
+        return call
+
+    runner.decode, runner.fused_step = counted(decode), counted(fused_step)
     engine.start()
     try:
         # 9 prompt tokens in chunks of 3: two steps of chunks alone, then the third completes the prompt (and
@@ -368,6 +378,6 @@ async def test_every_forward_is_observed_with_its_prompt_chunks(base) -> None:
         engine.shutdown()
     assert len(tokens_of(events)) == 4
     get = metrics.registry.get_sample_value
-    assert get("prefix_serve_batch_size_count") == steps == 6
+    assert get("prefix_serve_batch_size_count") == forwards == 6
     assert get("prefix_serve_batch_size_sum") == 6  # one row in each
     assert get("prefix_serve_batch_padding_ratio_sum") == 0.0  # a single row never pads
