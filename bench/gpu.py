@@ -249,7 +249,8 @@ def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]
     equal = compiled_equal = 0
     for step in range(steps):
         if step == steps // 2:
-            batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
+            with torch.inference_mode():  # as the engine filters: no recompile for the tensors' dispatch keys
+                batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
         want = eager.decode(batches[1])
         equal += int(torch.equal(default.decode(batches[0]), want))
         compiled_equal += int(torch.equal(compiled.decode(batches[2]), want))
