@@ -230,7 +230,7 @@ def run_static(
 
 def s3_traffic(args: argparse.Namespace, report: Report) -> None:
     from prefix_store.artifact import parse_uploaded_native
-    from server.model_loading import load_model
+    from server.model_loading import load_model, load_tokenizer
     from server.runner import ModelRunner
 
     quick = args.quick
@@ -239,18 +239,23 @@ def s3_traffic(args: argparse.Namespace, report: Report) -> None:
     window = args.s3_window or (20.0 if quick else 40.0)
     cap = args.s3_cap or (50.0 if quick else 90.0)
     slo = Slo(args.slo_ttft, args.slo_itl)
-    log("S3: loading the default model in-process for the static baseline and the prompts' token counts")
-    model = load_model(None)
-    prompts = Prompts(model.tokenizer)
+    baselines = not args.s3_no_baselines
+    runner = None
+    if baselines:
+        log("S3: loading the default model in-process for the static baseline and the prompts' token counts")
+        model = load_model(None)
+        tokenizer = model.tokenizer
+        runner = ModelRunner(model.model, model.num_layers, model.num_kv_heads, model.head_dim)
+    else:  # no in-process baseline: the tokenizer alone counts the prompts' tokens
+        tokenizer = load_tokenizer(None)
+    prompts = Prompts(tokenizer)
     log(f"S3: {len(prompts.words)} one-token words; the tokenizer adds {prompts.special} token(s)")
-    runner = ModelRunner(model.model, model.num_layers, model.num_kv_heads, model.head_dim)
     prefixes = [parse_uploaded_native(prefix_blob(args.prefix_len, i)) for i in range(TENANTS)]
     names = [task_name(i) for i in range(TENANTS)]
     common = ["--max-queue", "4096", "--max-new-tokens", "4096"]
     systems = {"ours": ["--max-batch-size", "32", *common]}
     for name, flags in parse_variants(args.s3_variant).items():  # side by side with "ours", under the same load
         systems[f"ours-{name}"] = [*systems["ours"], *flag_list(flags)]
-    baselines = not args.s3_no_baselines
     if baselines:
         systems["one_at_a_time"] = ["--max-batch-size", "1", *common]
     rows: list[dict[str, Any]] = []
@@ -268,13 +273,15 @@ def s3_traffic(args: argparse.Namespace, report: Report) -> None:
 
             asyncio.run(prepare(urls[name]))
         warm = make_workload(1.0, 10.0, args.seed)[:2]
-        run_static(runner, warm, prompts, prefixes, len(warm), 30.0, 2, 0.0)  # warm-up
+        if runner is not None:
+            run_static(runner, warm, prompts, prefixes, len(warm), 30.0, 2, 0.0)  # warm-up
         for rate in rates:
             workload = make_workload(rate, cap, args.seed)
             measured = sum(r.arrival_s < window for r in workload)
             for name in [*systems, *(["static"] if baselines else [])]:
                 errors: dict[str, int] = {}
                 if name == "static":
+                    assert runner is not None  # "static" runs only with the baselines, which load the model
                     t0 = time.perf_counter()
                     outcomes = run_static(
                         runner, workload, prompts, prefixes, measured, cap, args.static_batch, args.static_wait

@@ -154,15 +154,30 @@ def check_architecture(config: PretrainedConfig, *, allow_unverified: bool = Fal
     )
 
 
+def _offline_kwargs(source: ModelSource) -> dict[str, object]:
+    """from_pretrained arguments for a model source: local files only, and its GGUF file if it has one."""
+    kwargs: dict[str, object] = {"local_files_only": True}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    return kwargs
+
+
+def load_tokenizer(spec: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model (default: the embedded one) without its weights."""
+    source = resolve_model_source(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **_offline_kwargs(source))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {spec or source.name!r}: {exc}") from exc
+
+
 def load_model(
     spec: str | None = None, *, device: str | None = None, dtype: str | None = None, allow_unverified: bool = False
 ) -> LoadedModel:
     source = resolve_model_source(spec)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
-    kwargs: dict[str, object] = {"local_files_only": True}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
+    kwargs = _offline_kwargs(source)
     try:
         encoder_decoder = False  # GGUF files hold decoder-only models
         if not source.gguf_file:

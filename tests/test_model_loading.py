@@ -12,6 +12,7 @@ from server.model_loading import (
     ModelLoadError,
     default_model_source,
     load_model,
+    load_tokenizer,
     pick_dtype,
     resolve_model_source,
 )
@@ -59,3 +60,13 @@ def test_gguf_path_resolves_like_the_default(default_model) -> None:
     gguf = Path(default_model_source().path) / DEFAULT_GGUF_FILE
     assert resolve_model_source(str(gguf)).path == default_model_source().path
     assert default_model.name == "SmolLM2-135M-Instruct" and default_model.max_context == 8192
+
+
+def test_a_tokenizer_loads_without_its_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """What the S3 harness uses when it runs no in-process baseline: the model's own tokenizer, nothing else."""
+    text = "Prefix tuning keeps the model frozen."
+    want = load_model(str(tiny_model_dir), device="cpu").tokenizer(text).input_ids
+    assert load_tokenizer(str(tiny_model_dir))(text).input_ids == want
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="cannot load the tokenizer"):
+        load_tokenizer(str(tmp_path / "empty"))
