@@ -106,7 +106,7 @@ class _Step:
             ]
         )
         self.no_mask = placeholder_mask(device)
-        self._forward = forward
+        self.forward = forward  # compiled or not
         self.steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output [B, V] float32
@@ -130,18 +130,18 @@ class _Step:
             self.graph.replay()
             assert self.logits is not None
             return self.logits
-        return self._forward(self.input_ids, self.positions, self.no_mask, self.layout)
+        return self.forward(self.input_ids, self.positions, self.no_mask, self.layout)
 
     def capture(self) -> None:
         """Record the step as a graph. Warm-up and capture write the same K/V as the real step will."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward(self.input_ids, self.positions, self.no_mask, self.layout)
+            self.forward(self.input_ids, self.positions, self.no_mask, self.layout)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._forward(self.input_ids, self.positions, self.no_mask, self.layout)
+            self.logits = self.forward(self.input_ids, self.positions, self.no_mask, self.layout)
         self.graph = graph
 
 
@@ -197,7 +197,7 @@ class StaticDecoder:
         try:
             return step.run()
         except Exception:
-            if not self.compiled or step.graph is not None:
+            if step.graph is not None or step.forward == self._forward:  # not a compile: a real failure
                 raise
             # torch.compile could not handle the forward (it fails before any kernel runs): say so once and
             # serve uncompiled. Running the step again rewrites the same K/V column, so nothing is lost.

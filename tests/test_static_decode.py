@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import pytest
 import torch
 
 from server.kv_cache import HEADROOM_COLUMNS
@@ -158,3 +159,22 @@ def test_a_failed_compile_leaves_the_steps_uncompiled_and_right(caplog) -> None:
     assert not decoder.compiled
     messages = [r.message for r in caplog.records]
     assert messages.count("torch.compile of the decode step failed; decode steps run uncompiled") == 1
+
+
+def test_a_failing_uncompiled_step_is_an_error_not_a_failed_compile() -> None:
+    """A step that runs uncompiled (here: a group of one row) and fails raises; compiling stays on."""
+    base = tiny_llama(seed=5)
+    static = ModelRunner(base, *probe_kv_shape(base), static_decode=True)
+    decoder = static.static_decoder
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("dynamo cannot trace this")
+
+    def broken(*args, **kwargs):
+        raise ValueError("a real failure")
+
+    decoder.compiled, decoder._step_forward, decoder._forward = True, unsupported, broken
+    (batch, _) = static.prefill(_requests(base)[:1])
+    with pytest.raises(ValueError, match="a real failure"):
+        static.decode(batch)
+    assert decoder.compiled
