@@ -209,6 +209,11 @@ class Engine:
         return self._chunk_tokens > 0
 
     @property
+    def max_groups(self) -> int:
+        """Padded groups the running rows may be kept in: ``kv_groups`` with fused steps, else one."""
+        return self._max_groups
+
+    @property
     def num_running(self) -> int:
         return sum(len(g) for g in self._groups) + len(self._prefilling)
 

@@ -90,15 +90,9 @@ class ModelRunner:
         if self.static_decoder is None or not self.static_decoder.compiled:
             return
         params = SamplingParams(max_new_tokens=2)
-        taken = {0, 1, self.num_kv_heads, self.head_dim}
-        sizes: list[int] = []
-        for _ in range(2 * max_groups):  # rows of each group, then prompt lengths: all distinct
-            size = max(taken) + 1 if not sizes else sizes[-1] + 1
-            while size in taken:
-                size += 1
-            sizes.append(size)
-            taken.add(size)
-        rows, prompts = sizes[:max_groups], sizes[max_groups:]
+        first = max(1, self.num_kv_heads, self.head_dim) + 1  # above every size the buffers fix
+        rows = [first + i for i in range(max_groups)]  # each group's rows, then its prompt length: all distinct
+        prompts = [first + max_groups + i for i in range(max_groups)]
         groups = [
             self.prefill([NewRequest(f"compile-{i}-{j}", [0] * prompts[i], params) for j in range(rows[i])])[0]
             for i in range(max_groups)

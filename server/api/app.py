@@ -68,10 +68,6 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         device_cache_bytes=config.device_cache_bytes,
         **steps,
     )
-    if config.compile_decode and isinstance(runner, ModelRunner):
-        # Before traffic: each compile takes a while. Rows are kept in several groups only with fused steps.
-        fused = config.prefill_chunk_tokens > 0 and runner.fuses_prefill
-        runner.compile_decode_steps(max(1, config.kv_groups) if fused else 1)
     engine = Engine(
         runner,
         model.tokenizer,
@@ -89,6 +85,8 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         metrics=None if metrics is None else metrics.engine,
         step_gaps=step_gaps,
     )
+    if config.compile_decode and isinstance(runner, ModelRunner):
+        runner.compile_decode_steps(engine.max_groups)  # before traffic: each compile takes a while
     keys = KeyRing.load(config.api_keys) if config.api_keys else KeyRing.disabled()
     engine.start()
     gate = RequestGate(
