@@ -108,11 +108,9 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Next token per row. logits: [B, V] -> tokens: [B] int64. Advances ``params.step``."""
     logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1)
-    if not params.may_sample:  # all greedy, known on the host: no sync (on a GPU the host runs on ahead)
-        params.step += 1
-        return greedy_tokens
     sampling_rows = params.temperature > 0
-    if not bool(sampling_rows.any()):
+    # All greedy: known on the host without a sync when ``may_sample`` is False (on a GPU the host runs on ahead).
+    if not params.may_sample or not bool(sampling_rows.any()):
         params.step += 1
         return greedy_tokens
 
