@@ -35,6 +35,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s2-batch", type=int, default=None, help="S2 batch (quick 8, else 32)")
     p.add_argument("--s2-prompt", type=int, default=None, help="S2 prompt tokens (quick 256, else 512)")
     p.add_argument("--s2-new-tokens", type=int, default=None, help="S2 new tokens (quick 128, else 512)")
+    p.add_argument(
+        "--s2-stock-linear",
+        action="store_true",
+        help="S2 also runs the engine on torch's default linear kernel (as --stock-linear serves), to split the gain",
+    )
     add_s3_arguments(p)
     add_s5_arguments(p, prefix="s5-")
     p.set_defaults(s5_rounds=None)  # quick 1, else 3 (below)

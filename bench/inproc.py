@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from server.cpu_linear import stock_linear
 from server.engine import Engine, GenerationRequest
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
@@ -44,19 +45,21 @@ def synchronize(device: torch.device) -> None:
 
 
 @contextmanager
-def stock_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run the model with transformers' own SDPA attention, whatever the engine's runner selected on it."""
+def stock_model(model: PreTrainedModel) -> Iterator[None]:
+    """Run the model as transformers ships it: its own SDPA attention and torch's default linear kernel,
+    whatever the server switched on it (server/attention.py, server/cpu_linear.py)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     try:
-        yield
+        with stock_linear(model):
+            yield
     finally:
         model.set_attn_implementation(previous)
 
 
 def bare_loop(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int, pad_id: int = 0) -> Timing:
     """Batched greedy decoding with the model's own forward and a ``DynamicCache``: left padding + attention mask."""
-    with stock_attention(model), torch.inference_mode():
+    with stock_model(model), torch.inference_mode():
         return _bare_loop(model, prompts, new_tokens, pad_id)
 
 

@@ -122,6 +122,7 @@ async def s4_tenants(url: str, args: argparse.Namespace, report: Report) -> None
 def s2_long_context(args: argparse.Namespace, report: Report) -> None:
     """The engine vs the bare transformers loop on identical work, in-process, on the default model."""
     from bench.inproc import Timing, bare_loop, engine_requests, engine_run, make_engine, random_prompts
+    from server.cpu_linear import stock_linear
     from server.model_loading import load_model
 
     model = load_model(None)
@@ -129,6 +130,8 @@ def s2_long_context(args: argparse.Namespace, report: Report) -> None:
     batch, prompt_len, new_tokens = args.s2_batch, args.s2_prompt, args.s2_new_tokens
     prompts = random_prompts(batch, prompt_len, vocab)
     rates: dict[str, list[float]] = {"engine": [], "bare": []}
+    if args.s2_stock_linear:
+        rates["engine_stock_linear"] = []
 
     def run_engine(tokens: int) -> Timing:
         # A fresh engine per run, shut down after it: its thread's OpenMP pool goes with it, and starting it
@@ -152,6 +155,11 @@ def s2_long_context(args: argparse.Namespace, report: Report) -> None:
         b = bare_loop(model.model, prompts, new_tokens)
         rates["bare"].append(b.tokens_per_s)
         log(f"S2 bare #{r}: {b.tokens} tok, {b.seconds:.2f} s = {b.tokens_per_s:.1f} (prefill {b.prefill_s:.2f})")
+        if args.s2_stock_linear:
+            with stock_linear(model.model):  # the engine's own changes alone, on the bare loop's matmul kernel
+                s = run_engine(new_tokens)
+            rates["engine_stock_linear"].append(s.tokens_per_s)
+            log(f"S2 engine, stock linear #{r}: {s.tokens} tok in {s.seconds:.2f} s = {s.tokens_per_s:.1f}")
     eng, bare = median(rates["engine"]), median(rates["bare"])
     report.data["s2_long_context"] = {
         "batch": batch,
@@ -161,10 +169,17 @@ def s2_long_context(args: argparse.Namespace, report: Report) -> None:
         "tokens_per_s": rates,
         "engine_over_bare": eng / bare,
     }
+    columns = ["engine tok/s", "bare transformers loop tok/s", "engine/bare"]
+    row = [eng, bare, eng / bare]
+    if args.s2_stock_linear:
+        stock = median(rates["engine_stock_linear"])
+        report.data["s2_long_context"]["engine_stock_linear_over_bare"] = stock / bare
+        columns += ["engine on stock linear tok/s", "its /bare"]
+        row += [stock, stock / bare]
     report.table(
         f"S2 long context (batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, median of {args.repeats})",
-        ["engine tok/s", "bare transformers loop tok/s", "engine/bare"],
-        [[eng, bare, eng / bare]],
+        columns,
+        [row],
     )
 
 

@@ -44,6 +44,9 @@ class ServeConfig:
     enforce_eager: bool = False
     # Decode steps go through torch.compile before graph capture (fused kernels); compiled at startup.
     compile_decode: bool = False
+    # float32 linear layers on the CPU keep torch's default kernel (MKL) instead of packed oneDNN
+    # (server/cpu_linear.py): the weights held once, not twice, at ~1.4x the decode step time.
+    stock_linear: bool = False
     allow_unverified_architecture: bool = False  # serve a model type not in server/architectures.py, with a warning
     cors_allow_origins: str | None = None  # comma-separated origins allowed cross-site; None = CORS off
     # Per-tenant quota defaults (0 = unlimited); the key file's "quotas" object overrides them per tenant.

@@ -57,3 +57,10 @@ def test_compile_decode_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> Non
     assert config_from_args(args(compile_decode=True)).compile_decode is True
     monkeypatch.setenv("PREFIX_SERVE_COMPILE_DECODE", "1")
     assert config_from_args(args()).compile_decode is True
+
+
+def test_stock_linear_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config_from_args(args()).stock_linear is False
+    assert config_from_args(args(stock_linear=True)).stock_linear is True
+    monkeypatch.setenv("PREFIX_SERVE_STOCK_LINEAR", "1")
+    assert config_from_args(args()).stock_linear is True

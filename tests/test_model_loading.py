@@ -55,6 +55,14 @@ def test_local_directory_is_frozen_and_described(tiny_model_dir: Path) -> None:
     assert loaded.tokenizer is not None and loaded.tokenizer.chat_template
 
 
+def test_linear_layers_on_onednn_unless_asked_not_to(tiny_model_dir: Path) -> None:
+    def switched(loaded) -> int:
+        return sum("forward" in m.__dict__ for m in loaded.model.modules() if type(m) is torch.nn.Linear)
+
+    assert switched(load_model(str(tiny_model_dir), device="cpu")) == 15  # 7 per layer x 2 layers + lm_head
+    assert switched(load_model(str(tiny_model_dir), device="cpu", onednn_linear=False)) == 0
+
+
 def test_gguf_path_resolves_like_the_default(default_model) -> None:
     # The default model is loaded from a .gguf file; a path to that file resolves to the same source.
     gguf = Path(default_model_source().path) / DEFAULT_GGUF_FILE

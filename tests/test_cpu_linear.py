@@ -1,0 +1,127 @@
+"""Linear layers on oneDNN with packed weights (server/cpu_linear.py): same results as torch's default kernel,
+and a fall-back wherever the packed kernel cannot serve."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from server.cpu_linear import onednn_available, restore_linear, stock_linear, use_onednn_linear
+from tests.tiny_models import tiny_llama
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+def _switched(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if "forward" in m.__dict__]
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if type(m) is nn.Linear]
+
+
+def test_every_float32_linear_is_switched_and_computes_the_same() -> None:
+    model = tiny_llama(seed=3)
+    ids = torch.randint(3, 256, (3, 11))
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+    assert use_onednn_linear(model) == len(_linears(model)) == 15  # 7 per layer x 2 layers + the lm_head
+    assert _switched(model) == _linears(model)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_a_row_gets_the_same_bits_alone_as_in_a_batch() -> None:
+    # The engine's batch invariance rests on this: a row's output must not depend on the rows beside it.
+    layer = nn.Linear(576, 1536)
+    use_onednn_linear(layer)
+    x = torch.randn(32, 576)
+    with torch.inference_mode():
+        batched = layer(x)
+        for i in (0, 7, 31):
+            assert torch.equal(layer(x[i : i + 1]), batched[i : i + 1])
+
+
+def test_a_weight_changed_in_place_or_replaced_is_packed_again() -> None:
+    layer = nn.Linear(64, 32)
+    use_onednn_linear(layer)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight = nn.Parameter(torch.randn(32, 64))
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_autograd_falls_back_to_the_default_kernel() -> None:
+    # Training a prefix back-propagates through the frozen layers: the gradient must be the stock one.
+    model = tiny_llama(seed=4)
+    model.requires_grad_(False)
+    embeds = torch.randn(2, 6, 64)
+
+    def input_grad() -> torch.Tensor:
+        x = embeds.clone().requires_grad_(True)
+        model(inputs_embeds=x).logits.square().mean().backward()
+        assert x.grad is not None
+        return x.grad
+
+    want = input_grad()
+    use_onednn_linear(model)
+    torch.testing.assert_close(input_grad(), want)
+
+
+def test_other_dtypes_are_left_alone() -> None:
+    layer = nn.Linear(16, 8).to(torch.bfloat16)
+    assert use_onednn_linear(layer) == 0 and not _switched(layer)
+
+
+def test_a_deep_copy_packs_its_own_weights() -> None:
+    model = tiny_llama(seed=5)
+    use_onednn_linear(model)
+    twin = copy.deepcopy(model)  # PEFT oracles in the tests wrap copies of the served model
+    with torch.no_grad():
+        twin.lm_head.weight.add_(0.5)  # the copy's weights are its own
+    ids = torch.randint(3, 256, (1, 7))
+    with torch.inference_mode():
+        logits, twin_logits = model(input_ids=ids).logits, twin(input_ids=ids).logits
+    assert not torch.allclose(logits, twin_logits)
+    restore_linear(twin)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(input_ids=ids).logits, twin_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_stock_linear_switches_back_for_a_while() -> None:
+    model = tiny_llama(seed=6)
+    use_onednn_linear(model)
+    with stock_linear(model):
+        assert _switched(model) == []
+    assert _switched(model) == _linears(model)
+    restore_linear(model)
+    with stock_linear(model):  # a model that was never switched stays stock afterwards
+        pass
+    assert _switched(model) == []
+
+
+def test_the_default_model_generates_the_same_tokens_on_either_kernel(default_model) -> None:
+    model, tokenizer = default_model.model, default_model.tokenizer
+    assert _switched(model), "load_model switches the default model's linear layers"
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+
+    def greedy() -> list[int]:
+        out, tokens = ids, []
+        with torch.inference_mode():
+            for _ in range(12):  # the model's forward without a cache: the PEFT-style oracle loop
+                token = int(model(input_ids=out).logits[0, -1].argmax())
+                tokens.append(token)
+                out = torch.cat([out, torch.tensor([[token]])], dim=1)
+        return tokens
+
+    fast = greedy()
+    with stock_linear(model):
+        stock = greedy()
+    assert fast == stock
