@@ -102,14 +102,22 @@ def make_engine(
     static_decode: bool | None = None,
     compile_decode: bool = False,
     overlap_steps: bool | None = None,
+    onednn_linear: bool = True,
     **scheduler: int,
 ) -> Engine:
     """An engine for ``batch`` rows; ``scheduler`` overrides SchedulerConfig fields (e.g. prefill_chunk_tokens).
     ``static_decode``: the runner's fixed-shape decode step (CUDA graphs on a GPU); None, its default.
     ``compile_decode``: that step through torch.compile first. ``overlap_steps``: the engine's; None, its default
-    (on CUDA: each step launched before the last one's tokens are handed out)."""
+    (on CUDA: each step launched before the last one's tokens are handed out). ``onednn_linear``: the runner's
+    (server/cpu_linear.py); False leaves the model's linear layers as they are."""
     runner = ModelRunner(
-        model, num_layers, num_kv_heads, head_dim, static_decode=static_decode, compile_decode=compile_decode
+        model,
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        static_decode=static_decode,
+        compile_decode=compile_decode,
+        onednn_linear=onednn_linear,
     )
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
     return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config, overlap_steps=overlap_steps)

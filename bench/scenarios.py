@@ -133,11 +133,17 @@ def s2_long_context(args: argparse.Namespace, report: Report) -> None:
     if args.s2_stock_linear:
         rates["engine_stock_linear"] = []
 
-    def run_engine(tokens: int) -> Timing:
+    def run_engine(tokens: int, onednn_linear: bool = True) -> Timing:
         # A fresh engine per run, shut down after it: its thread's OpenMP pool goes with it, and starting it
         # frees this thread's, so each side runs with the process's only pool (see server/threads.py).
         engine = make_engine(
-            model.model, model.num_layers, model.num_kv_heads, model.head_dim, model.max_context, max(batch, 1)
+            model.model,
+            model.num_layers,
+            model.num_kv_heads,
+            model.head_dim,
+            model.max_context,
+            max(batch, 1),
+            onednn_linear=onednn_linear,
         )
         engine.start()
         try:
@@ -157,7 +163,7 @@ def s2_long_context(args: argparse.Namespace, report: Report) -> None:
         log(f"S2 bare #{r}: {b.tokens} tok, {b.seconds:.2f} s = {b.tokens_per_s:.1f} (prefill {b.prefill_s:.2f})")
         if args.s2_stock_linear:
             with stock_linear(model.model):  # the engine's own changes alone, on the bare loop's matmul kernel
-                s = run_engine(new_tokens)
+                s = run_engine(new_tokens, onednn_linear=False)
             rates["engine_stock_linear"].append(s.tokens_per_s)
             log(f"S2 engine, stock linear #{r}: {s.tokens} tok in {s.seconds:.2f} s = {s.tokens_per_s:.1f}")
     eng, bare = median(rates["engine"]), median(rates["bare"])

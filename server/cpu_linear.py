@@ -58,10 +58,12 @@ def onednn_available() -> bool:
 
 
 def use_onednn_linear(model: nn.Module) -> int:
-    """Switch the model's float32 CPU ``nn.Linear`` layers to packed oneDNN; returns how many were switched."""
+    """Switch the model's float32 CPU ``nn.Linear`` layers to packed oneDNN; returns how many are switched.
+    Layers switched before are left as they are."""
     if not onednn_available():
         return 0
-    layers = [m for m in model.modules() if _eligible(m)]
+    done = sum(hasattr(m, _PACKED) for m in model.modules())
+    layers = [m for m in model.modules() if _eligible(m) and not hasattr(m, _PACKED)]
     try:
         for layer in layers:
             packed = PackedWeight()
@@ -69,10 +71,10 @@ def use_onednn_linear(model: nn.Module) -> int:
             setattr(layer, _PACKED, packed)
     except RuntimeError as exc:  # a oneDNN build that cannot reorder: stay on MKL, say why
         log.warning("oneDNN linear layers unavailable, using torch's default: %s", exc)
-        return 0
+        return done
     for layer in layers:
         layer.forward = MethodType(_onednn_forward, layer)  # type: ignore[method-assign]
-    return len(layers)
+    return done + len(layers)
 
 
 def restore_linear(model: nn.Module) -> None:

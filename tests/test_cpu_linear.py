@@ -36,6 +36,23 @@ def test_every_float32_linear_is_switched_and_computes_the_same() -> None:
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_switching_twice_keeps_the_packed_weights() -> None:
+    model = tiny_llama(seed=2)
+    assert use_onednn_linear(model) == 15
+    packed = [m._prefix_serve_onednn_weight for m in _switched(model)]
+    assert use_onednn_linear(model) == 15  # a runner built on a loaded model switches it again: a no-op
+    assert [m._prefix_serve_onednn_weight for m in _switched(model)] == packed
+
+
+def test_a_runner_switches_its_model_unless_told_not_to() -> None:
+    from server.runner import ModelRunner
+
+    stock, fast = tiny_llama(seed=2), tiny_llama(seed=2)
+    ModelRunner(stock, 2, 2, 16, onednn_linear=False)
+    ModelRunner(fast, 2, 2, 16)
+    assert _switched(stock) == [] and _switched(fast) == _linears(fast)
+
+
 def test_a_row_gets_the_same_bits_alone_as_in_a_batch() -> None:
     # The engine's batch invariance rests on this: a row's output must not depend on the rows beside it.
     layer = nn.Linear(576, 1536)

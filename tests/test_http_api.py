@@ -246,3 +246,23 @@ def test_compile_decode_compiles_at_startup_for_each_number_of_groups(
         assert calls == [groups]
         r = c.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_stock_linear_serves_on_torchs_default_kernel(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--stock-linear: neither the loader nor the app's runner switches linear layers to oneDNN, and the greedy
+    tokens are those of the default setting."""
+
+    def switched(model: torch.nn.Module) -> int:
+        return sum("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
+
+    body = {"prompt": "hello there", "max_new_tokens": 8, "ignore_eos": True}
+    texts = []
+    for stock in (True, False):
+        model = load_model(str(tiny_model_dir), onednn_linear=not stock)
+        config = ServeConfig(store=f"disk://{tmp_path / str(stock)}", stock_linear=stock)
+        with TestClient(create_app(config, model=model)) as c:
+            r = c.post("/v1/generate", json=body)
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["text"])
+            assert switched(model.model) == (0 if stock else 15)
+    assert texts[0] == texts[1]

@@ -22,7 +22,13 @@ def _runner_for(model) -> ModelRunner:
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama-gqa"])
-def test_mixed_prefix_batch_matches_peft_forward(make_model) -> None:
+@pytest.mark.parametrize("forward_tokens", [None, 9, 20], ids=["one-forward", "row-by-row", "two-rows"])
+def test_mixed_prefix_batch_matches_peft_forward(
+    make_model, forward_tokens: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also with the CPU prefill split into forwards of 1 or 2 rows (the longest prompt has 9 tokens)."""
+    if forward_tokens is not None:
+        monkeypatch.setattr("server.runner.CPU_PREFILL_FORWARD_TOKENS", forward_tokens)
     base = make_model()
     gen = torch.Generator().manual_seed(1)
     cases = []  # (prompt, prefix kv or None, oracle tokens, oracle logits)

@@ -58,7 +58,11 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     steps = (
         {}
         if model.is_encoder_decoder
-        else {"static_decode": False if config.enforce_eager else None, "compile_decode": config.compile_decode}
+        else {
+            "static_decode": False if config.enforce_eager else None,
+            "compile_decode": config.compile_decode,
+            "onednn_linear": not config.stock_linear,
+        }
     )
     runner = runner_class(
         model.model,
