@@ -62,33 +62,37 @@ def use_onednn_linear(model: nn.Module) -> int:
     Layers switched before are left as they are."""
     if not onednn_available():
         return 0
-    done = sum(hasattr(m, _PACKED) for m in model.modules())
+    done = len(switched_layers(model))
     layers = [m for m in model.modules() if _eligible(m) and not hasattr(m, _PACKED)]
+    packed = [PackedWeight() for _ in layers]
     try:
-        for layer in layers:
-            packed = PackedWeight()
-            packed.current(layer.weight)  # now, not in the first request
-            setattr(layer, _PACKED, packed)
+        for layer, weight in zip(layers, packed, strict=True):
+            weight.current(layer.weight)  # now, not in the first request
     except RuntimeError as exc:  # a oneDNN build that cannot reorder: stay on MKL, say why
         log.warning("oneDNN linear layers unavailable, using torch's default: %s", exc)
         return done
-    for layer in layers:
+    for layer, weight in zip(layers, packed, strict=True):
+        setattr(layer, _PACKED, weight)
         layer.forward = MethodType(_onednn_forward, layer)  # type: ignore[method-assign]
     return done + len(layers)
 
 
+def switched_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers ``use_onednn_linear`` switched, in module order."""
+    return [layer for layer in model.modules() if hasattr(layer, _PACKED)]
+
+
 def restore_linear(model: nn.Module) -> None:
     """Undo ``use_onednn_linear``: every layer back to ``nn.Linear.forward``, packed copies freed."""
-    for layer in model.modules():
-        if hasattr(layer, _PACKED):
-            del layer.forward
-            delattr(layer, _PACKED)
+    for layer in switched_layers(model):
+        del layer.forward
+        delattr(layer, _PACKED)
 
 
 @contextmanager
 def stock_linear(model: nn.Module) -> Iterator[None]:
     """Run the model's linear layers on torch's default kernel for a while (a baseline), then switch back."""
-    switched = any(hasattr(layer, _PACKED) for layer in model.modules())
+    switched = bool(switched_layers(model))
     restore_linear(model)
     try:
         yield

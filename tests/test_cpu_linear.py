@@ -10,13 +10,9 @@ import torch
 from torch import nn
 
 from server.cpu_linear import onednn_available, restore_linear, stock_linear, use_onednn_linear
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import onednn_switched, tiny_llama
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
-
-
-def _switched(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if "forward" in m.__dict__]
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
@@ -29,7 +25,7 @@ def test_every_float32_linear_is_switched_and_computes_the_same() -> None:
     with torch.inference_mode():
         want = model(input_ids=ids).logits
     assert use_onednn_linear(model) == len(_linears(model)) == 15  # 7 per layer x 2 layers + the lm_head
-    assert _switched(model) == _linears(model)
+    assert onednn_switched(model) == _linears(model)
     with torch.inference_mode():
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -39,9 +35,9 @@ def test_every_float32_linear_is_switched_and_computes_the_same() -> None:
 def test_switching_twice_keeps_the_packed_weights() -> None:
     model = tiny_llama(seed=2)
     assert use_onednn_linear(model) == 15
-    packed = [m._prefix_serve_onednn_weight for m in _switched(model)]
+    packed = [m._prefix_serve_onednn_weight for m in onednn_switched(model)]
     assert use_onednn_linear(model) == 15  # a runner built on a loaded model switches it again: a no-op
-    assert [m._prefix_serve_onednn_weight for m in _switched(model)] == packed
+    assert [m._prefix_serve_onednn_weight for m in onednn_switched(model)] == packed
 
 
 def test_a_runner_switches_its_model_unless_told_not_to() -> None:
@@ -50,7 +46,7 @@ def test_a_runner_switches_its_model_unless_told_not_to() -> None:
     stock, fast = tiny_llama(seed=2), tiny_llama(seed=2)
     ModelRunner(stock, 2, 2, 16, onednn_linear=False)
     ModelRunner(fast, 2, 2, 16)
-    assert _switched(stock) == [] and _switched(fast) == _linears(fast)
+    assert onednn_switched(stock) == [] and onednn_switched(fast) == _linears(fast)
 
 
 def test_a_row_gets_the_same_bits_alone_as_in_a_batch() -> None:
@@ -94,7 +90,7 @@ def test_autograd_falls_back_to_the_default_kernel() -> None:
 
 def test_other_dtypes_are_left_alone() -> None:
     layer = nn.Linear(16, 8).to(torch.bfloat16)
-    assert use_onednn_linear(layer) == 0 and not _switched(layer)
+    assert use_onednn_linear(layer) == 0 and not onednn_switched(layer)
 
 
 def test_a_deep_copy_packs_its_own_weights() -> None:
@@ -116,17 +112,17 @@ def test_stock_linear_switches_back_for_a_while() -> None:
     model = tiny_llama(seed=6)
     use_onednn_linear(model)
     with stock_linear(model):
-        assert _switched(model) == []
-    assert _switched(model) == _linears(model)
+        assert onednn_switched(model) == []
+    assert onednn_switched(model) == _linears(model)
     restore_linear(model)
     with stock_linear(model):  # a model that was never switched stays stock afterwards
         pass
-    assert _switched(model) == []
+    assert onednn_switched(model) == []
 
 
 def test_the_default_model_generates_the_same_tokens_on_either_kernel(default_model) -> None:
     model, tokenizer = default_model.model, default_model.tokenizer
-    assert _switched(model), "load_model switches the default model's linear layers"
+    assert onednn_switched(model), "load_model switches the default model's linear layers"
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
 
     def greedy() -> list[int]:
@@ -142,3 +138,22 @@ def test_the_default_model_generates_the_same_tokens_on_either_kernel(default_mo
     with stock_linear(model):
         stock = greedy()
     assert fast == stock
+
+
+def test_a_failed_packing_switches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import cpu_linear
+
+    packed = cpu_linear.PackedWeight.current
+    calls = []
+
+    def fail_third(self, dense: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("no reorder for this weight")
+        return packed(self, dense)
+
+    monkeypatch.setattr(cpu_linear.PackedWeight, "current", fail_third)
+    model = tiny_llama(seed=8)
+    assert use_onednn_linear(model) == 0
+    assert onednn_switched(model) == [] and cpu_linear.switched_layers(model) == []
+    restore_linear(model)  # nothing to undo, and no error

@@ -56,11 +56,10 @@ def test_local_directory_is_frozen_and_described(tiny_model_dir: Path) -> None:
 
 
 def test_linear_layers_on_onednn_unless_asked_not_to(tiny_model_dir: Path) -> None:
-    def switched(loaded) -> int:
-        return sum("forward" in m.__dict__ for m in loaded.model.modules() if type(m) is torch.nn.Linear)
+    from tests.tiny_models import onednn_switched
 
-    assert switched(load_model(str(tiny_model_dir), device="cpu")) == 15  # 7 per layer x 2 layers + lm_head
-    assert switched(load_model(str(tiny_model_dir), device="cpu", onednn_linear=False)) == 0
+    assert len(onednn_switched(load_model(str(tiny_model_dir), device="cpu").model)) == 15  # 7 x 2 layers + lm_head
+    assert onednn_switched(load_model(str(tiny_model_dir), device="cpu", onednn_linear=False).model) == []
 
 
 def test_gguf_path_resolves_like_the_default(default_model) -> None:
