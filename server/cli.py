@@ -185,13 +185,7 @@ def serve(args: argparse.Namespace) -> int:
             or args.allow_unverified_architecture
             or os.environ.get(ENV_PREFIX + "ALLOW_UNVERIFIED_ARCHITECTURE") == "1"
         )
-        model = load_model(
-            config.model,
-            device=config.device,
-            dtype=config.dtype,
-            allow_unverified=allow_unverified,
-            onednn_linear=not config.stock_linear,
-        )
+        model = load_model(config.model, device=config.device, dtype=config.dtype, allow_unverified=allow_unverified)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

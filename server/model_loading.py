@@ -26,7 +26,6 @@ from transformers import (
 from prefix_store.fingerprint import ModelFingerprint
 from server.architectures import VERIFIED_ARCHITECTURES, VERIFIED_ENCODER_DECODER, supported_list
 from server.attention import use_gqa_attention
-from server.cpu_linear import use_onednn_linear
 from server.threads import release_openmp_pool
 
 log = logging.getLogger(__name__)
@@ -178,7 +177,6 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     allow_unverified: bool = False,
-    onednn_linear: bool = True,
 ) -> LoadedModel:
     source = resolve_model_source(spec)
     target = pick_device(device)
@@ -197,9 +195,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec or source.name!r} (offline, local files only): {exc}") from exc
     model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly; it moves parameters in place
-    loaded = prepare_model(
-        model, tokenizer, source.name, allow_unverified=allow_unverified, onednn_linear=onednn_linear
-    )
+    loaded = prepare_model(model, tokenizer, source.name, allow_unverified=allow_unverified)
     release_openmp_pool()  # loading is this thread's last intra-op work: its idle pool would slow the engine's
     return loaded
 
@@ -210,18 +206,12 @@ def prepare_model(
     name: str,
     *,
     allow_unverified: bool = False,
-    onednn_linear: bool = True,
 ) -> LoadedModel:
-    """Check the architecture, freeze the model and read off what the engine needs.
-
-    ``onednn_linear``: float32 linear layers on the CPU run on oneDNN with packed weights (server/cpu_linear.py).
-    """
+    """Check the architecture, freeze the model and read off what the engine needs."""
     check_architecture(model.config, allow_unverified=allow_unverified)
     model.eval()
     model.requires_grad_(False)
     use_gqa_attention(model)  # GQA on the KV heads, no repeated K/V (server/attention.py)
-    if onednn_linear:
-        use_onednn_linear(model)
     num_layers, num_kv_heads, head_dim = probe_kv_shape(model)
     param = next(model.parameters())
     return LoadedModel(

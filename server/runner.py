@@ -56,7 +56,7 @@ class ModelRunner:
         self.model = model
         # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
         use_gqa_attention(model)
-        if onednn_linear:
+        if onednn_linear:  # the runner picks the kernels it serves with; the loader leaves the model as shipped
             use_onednn_linear(model)  # float32 on the CPU: packed oneDNN linear layers (server/cpu_linear.py)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

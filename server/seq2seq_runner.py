@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderD
 from transformers.modeling_outputs import BaseModelOutput
 
 from server.batch import Batch, NewRequest
+from server.cpu_linear import use_onednn_linear
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.kv_cache import build_cache, read_cache
 from server.sampling import sample
@@ -99,8 +100,11 @@ class Seq2SeqRunner:
         head_dim: int,
         *,
         device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
+        onednn_linear: bool = True,
     ) -> None:
         self.model = model
+        if onednn_linear:
+            use_onednn_linear(model)  # float32 on the CPU: packed oneDNN linear layers (server/cpu_linear.py)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)

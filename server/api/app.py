@@ -58,11 +58,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     steps = (
         {}
         if model.is_encoder_decoder
-        else {
-            "static_decode": False if config.enforce_eager else None,
-            "compile_decode": config.compile_decode,
-            "onednn_linear": not config.stock_linear,
-        }
+        else {"static_decode": False if config.enforce_eager else None, "compile_decode": config.compile_decode}
     )
     runner = runner_class(
         model.model,
@@ -70,6 +66,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         model.num_kv_heads,
         model.head_dim,
         device_cache_bytes=config.device_cache_bytes,
+        onednn_linear=not config.stock_linear,
         **steps,
     )
     engine = Engine(
