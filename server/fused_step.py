@@ -72,6 +72,19 @@ class FusedLayout:
     chunks: list[ChunkSlot]
     # Each chunk's attention mask, the same in every layer: built by the first layer, reused by the others.
     chunk_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    # Likewise each decode group's additive mask, where decode attention runs as batched matmuls (CPU).
+    decode_biases: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def decode_bias(self, index: int, kv_heads: int, like: torch.Tensor) -> torch.Tensor:
+        """Decode group ``index``'s mask as an additive bias [B_g·H_kv, 1, T + 1] in ``like``'s dtype: 0 where a
+        row's query may look, -inf elsewhere, repeated per KV head (the batch axis of ``decode_rows_attention``)."""
+        if index not in self.decode_biases:
+            mask = self.decodes[index].mask  # [B_g, 1, 1, T + 1] bool
+            rows, width = mask.shape[0], mask.shape[-1]
+            bias = torch.zeros(rows, 1, width, dtype=like.dtype, device=like.device)
+            bias.masked_fill_(~mask.view(rows, 1, width), -torch.inf)
+            self.decode_biases[index] = bias.expand(rows, kv_heads, width).reshape(rows * kv_heads, 1, width)
+        return self.decode_biases[index]
 
     def chunk_mask(self, index: int, q_per_kv: int, like: torch.Tensor) -> torch.Tensor | None:
         """The additive mask [1, 1, G·n, start + n] of chunk ``index`` (in ``like``'s dtype and device): query i of
@@ -89,19 +102,41 @@ class FusedLayout:
         return self.chunk_masks[index]
 
 
+def matmul_decode_attention(query: torch.Tensor) -> bool:
+    """Whether decode rows attend through ``decode_rows_attention``'s batched matmuls rather than SDPA.
+
+    On a CPU, SDPA's flash kernel spends most of a one-query step on set-up: at 16 rows of 30 columns it took
+    108 µs per layer against 45 µs for baddbmm, softmax and bmm, and at 32 rows of 768 columns 2.4 ms against
+    2.1 ms (bench/RESULTS.md, ninth session). Only float32: SDPA keeps a bf16 softmax in float32, bmm would not.
+    """
+    return query.device.type == "cpu" and query.dtype == torch.float32
+
+
 def decode_rows_attention(
     queries: torch.Tensor,  # [B_g, H_q, d]: one query per row
     keys: torch.Tensor,  # [B_g, H_kv, T, d]
     values: torch.Tensor,  # [B_g, H_kv, T, d]
     mask: torch.Tensor,  # [B_g, 1, 1, T] bool
     scaling: float | None,
+    bias: torch.Tensor | None = None,  # the same mask as FusedLayout.decode_bias makes it: [B_g·H_kv, 1, T]
 ) -> torch.Tensor:
     """Each row's one query against its own KV: [B_g, H_q, d]. The G query heads sharing a KV head (adjacent)
-    attend together, as [B_g, H_kv, G, d], so K and V are never repeated per query head."""
+    attend together, as [B_g, H_kv, G, d], so K and V are never repeated per query head.
+
+    Given ``bias``, as batched matmuls over the B_g·H_kv (row, KV head) pairs: scores [B_g·H_kv, G, T] =
+    bias + scale · q Kᵀ, then softmax, then · V. K and V stay views of the batch's buffers (their row and head
+    axes merge without a copy when the buffers are contiguous).
+    """
     rows, heads, head_dim = queries.shape
     kv_heads = keys.shape[1]
-    q = queries.reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    out = scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    if bias is None:
+        q = queries.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+        out = scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        return out.reshape(rows, heads, head_dim)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    q = queries.reshape(rows * kv_heads, heads // kv_heads, head_dim)
+    scores = torch.baddbmm(bias, q, keys.flatten(0, 1).transpose(1, 2), alpha=scale)
+    out = torch.bmm(torch.softmax(scores, dim=-1), values.flatten(0, 1))  # [B_g·H_kv, G, d]
     return out.reshape(rows, heads, head_dim)
 
 
@@ -120,15 +155,19 @@ def fused_attention_forward(
     q_per_kv = heads // kv_heads  # G, query heads per KV head; those sharing one are adjacent
     parts: list[torch.Tensor] = []  # per segment [tokens, H_q, d]
 
+    matmuls = matmul_decode_attention(query)
     offset = 0
-    for group in layout.decodes:
+    for index, group in enumerate(layout.decodes):
         rows, width = group.rows, group.width
         keys, values = group.keys[layer], group.values[layer]
         keys[:, :, width] = key[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_kv, d]
         values[:, :, width] = value[0, :, offset : offset + rows].transpose(0, 1)
         queries = query[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_q, d]
         visible = slice(0, width + 1)
-        parts.append(decode_rows_attention(queries, keys[:, :, visible], values[:, :, visible], group.mask, scaling))
+        bias = layout.decode_bias(index, kv_heads, query) if matmuls else None
+        parts.append(
+            decode_rows_attention(queries, keys[:, :, visible], values[:, :, visible], group.mask, scaling, bias)
+        )
         offset += rows
 
     for index, chunk in enumerate(layout.chunks):

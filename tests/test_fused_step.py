@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server import kv_groups
+from server import fused_step, kv_groups
 from server.batch import Batch
 from server.engine import GenerationRequest
 from server.runner import ModelRunner, NewRequest, PendingPrefill
@@ -119,6 +119,39 @@ def test_rows_in_several_groups_match_peft_forward(name: str, budget: int, monke
     assert s.peft_cases is not None
     cases = s.peft_cases + s.peft_cases[:2]
     assert_matches(cases, *run_fused(runner_for(s.base), cases, budget, admit_per_step=2, max_groups=3))
+
+
+@pytest.mark.parametrize("name", sorted(FUSING))
+def test_sdpa_decode_attention_matches_peft_forward(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDPA branch of decode attention (what a GPU runs) against PEFT, with the matmul branch switched off."""
+    monkeypatch.setattr(fused_step, "matmul_decode_attention", lambda query: False)
+    s = setup(name)
+    assert s.peft_cases is not None
+    cases = s.peft_cases + s.peft_cases[:2]
+    assert_matches(cases, *run_fused(runner_for(s.base), cases, 3, admit_per_step=1))
+
+
+def test_matmul_decode_attention_equals_sdpa_and_ignores_hidden_columns() -> None:
+    """Rows with hidden columns (left padding, holes) give SDPA's output, and what a hidden column holds does not
+    change it: the additive bias must hide exactly what the boolean mask hides, per row and KV head."""
+    torch.manual_seed(0)
+    rows, kv_heads, q_per_kv, width, head_dim = 5, 3, 3, 11, 8
+    queries = torch.randn(rows, kv_heads * q_per_kv, head_dim)
+    keys = torch.randn(rows, kv_heads, width + 4, head_dim)[:, :, :width]  # a view of wider buffers, as served
+    values = torch.randn(rows, kv_heads, width + 4, head_dim)[:, :, :width]
+    mask = torch.rand(rows, 1, 1, width) > 0.4
+    mask[..., -1] = True  # a row's new column is always visible
+    layout = fused_step.FusedLayout([fused_step.DecodeSlot([keys], [values], width - 1, mask)], [])
+    bias = layout.decode_bias(0, kv_heads, queries)
+    assert bias.shape == (rows * kv_heads, 1, width)
+    assert fused_step.matmul_decode_attention(queries)
+    matmuls = fused_step.decode_rows_attention(queries, keys, values, mask, 0.3, bias)
+    sdpa = fused_step.decode_rows_attention(queries, keys, values, mask, 0.3)
+    torch.testing.assert_close(matmuls, sdpa)
+    hidden = ~mask[:, 0, 0]  # [rows, width]
+    keys.masked_fill_(hidden[:, None, :, None], 1e4)
+    values.masked_fill_(hidden[:, None, :, None], -1e4)
+    torch.testing.assert_close(fused_step.decode_rows_attention(queries, keys, values, mask, 0.3, bias), matmuls)
 
 
 def test_chunk_must_fit_the_prompt() -> None:
