@@ -167,6 +167,29 @@ def test_disconnect_mid_stream_frees_the_row(server) -> None:
     assert extra < LONG / 4  # nowhere near running to its end
 
 
+def test_disconnect_while_waiting_for_a_whole_response_frees_the_row(server) -> None:
+    """A non-streamed request whose client goes away is cancelled too: the server learns of it from the
+    connection closing (no polling), and the row is freed long before the generation would have ended."""
+    proc, _ = server
+    body = json.dumps({"prompt": "hello", "max_new_tokens": LONG, "ignore_eos": True}).encode()
+    host, port = urlsplit(proc.url).hostname, urlsplit(proc.url).port
+    with socket.create_connection((host, port), timeout=30) as sock:
+        head = f"POST /v1/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while metric(proc.url, "prefix_serve_running_requests") != 1:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+        generated = metric(proc.url, "prefix_serve_generated_tokens_total")
+        closed_at = time.monotonic()
+    while metric(proc.url, "prefix_serve_running_requests") != 0:
+        assert time.monotonic() - closed_at < 2, "the row was not freed"
+        time.sleep(0.005)
+    extra = metric(proc.url, "prefix_serve_generated_tokens_total") - generated
+    print(f"\nnon-streamed disconnect: row freed {1000 * (time.monotonic() - closed_at):.0f} ms after close")
+    assert extra < LONG / 4  # nowhere near running to its end
+
+
 def test_overload_gets_429_quickly_and_admitted_requests_complete(server) -> None:
     """Both rows are held by long streams, then 4x more requests than there are places arrive at once: exactly
     the 4 queue places are taken, the rest get 429 at once, and the queued ones complete once rows free up.

@@ -111,8 +111,14 @@ async def events_until_disconnect(
 
 
 async def _wait_for_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.05)
+    """Return once the client has gone away.
+
+    The body has been read, so the server's next message for this request is ``http.disconnect``, sent when the
+    connection closes: waiting for it costs nothing meanwhile. (Polling ``request.is_disconnected()`` every 50 ms
+    instead cost the event loop ~9% of a core with 200 requests waiting, stolen from the engine's threads.)
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def check_event(event: GenerationEvent) -> None:
