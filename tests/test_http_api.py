@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,23 @@ def test_versions_list_get_delete(client: TestClient) -> None:
     assert_error(client.get("/v1/prefixes/versioned"), 404)
     assert_error(client.delete("/v1/prefixes/versioned"), 404)
     assert_error(client.post("/v1/generate", json={"task_id": "versioned", "prompt": "x"}), 404)
+
+
+def test_uploads_and_deletes_ask_for_a_heap_trim(client: TestClient) -> None:
+    """Each prefix write gives the heap's freed pages back soon after (server/heap_trim.py), on glibc."""
+    trimmer = client.app.state.server.heap_trimmer
+    if not trimmer.enabled:
+        pytest.skip("no malloc_trim in this C library")
+    for action in (
+        lambda: put_native(client, "trimmed", native_blob(p=5)),
+        lambda: client.delete("/v1/prefixes/trimmed"),
+    ):
+        before = trimmer.trims
+        assert action().status_code in (201, 204)
+        deadline = time.monotonic() + 5  # at most one trim per second: the next may wait that long
+        while trimmer.trims == before:
+            assert time.monotonic() < deadline, "no trim after a prefix write"
+            time.sleep(0.01)
 
 
 def test_bad_input_is_a_clear_4xx(client: TestClient) -> None:

@@ -23,6 +23,7 @@ from server.api.state import ServerState
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import ApiError, BadRequest, InvalidInput, NotFound
+from server.heap_trim import HeapTrimmer, malloc_trim
 from server.metrics import MetricsMiddleware, ServerMetrics
 from server.metrics import router as metrics_router
 from server.model_loading import LoadedModel, load_model
@@ -43,6 +44,14 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     source = store_url.partition("://")[0].lower() if "://" in store_url else "disk"  # a bare path is a disk store
     # On a CPU the engine's threads take every core: prefix loads unpack between its steps (server/step_gaps.py).
     step_gaps = StepGaps() if model.device.type == "cpu" else None
+    heap_trimmer = HeapTrimmer(malloc_trim(), section=None if step_gaps is None else step_gaps.between_steps)
+    observe_load = None if metrics is None else metrics.load_observer(source)
+
+    def on_load(seconds: float) -> None:
+        if observe_load is not None:
+            observe_load(seconds)
+        heap_trimmer.request()  # the load freed its blob, and may have evicted others
+
     registry = PrefixRegistry(
         backend,
         model.fingerprint,
@@ -51,7 +60,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         max_upload_bytes=config.max_upload_bytes,
         max_concurrent_loads=config.max_concurrent_loads,
         cpu_section=None if step_gaps is None else step_gaps.between_steps,
-        on_load=None if metrics is None else metrics.load_observer(source),
+        on_load=on_load,
     )
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
     # Decoder-only runners replay fixed-shape decode steps from CUDA graphs on a GPU unless told not to.
@@ -93,7 +102,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     gate = RequestGate(
         max_open_streams=config.max_open_streams or None, request_timeout_s=config.request_timeout_s or None
     )
-    state = ServerState(config, model, engine, registry, keys, backend.describe(), gate=gate)
+    state = ServerState(config, model, engine, registry, keys, backend.describe(), gate=gate, heap_trimmer=heap_trimmer)
     if metrics is not None:
         metrics.bind(state)
     return state
@@ -123,6 +132,7 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
             state.ready = False
             await asyncio.to_thread(state.engine.shutdown)
             state.registry.backend.close()
+            state.heap_trimmer.close()
 
     # One registry per app: tests build several apps in one process.
     metrics = ServerMetrics(task_labels=config.metrics_task_labels)

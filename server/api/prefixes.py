@@ -79,9 +79,12 @@ async def upload_prefix(
         )
     tenant = principal.tenant
     nbytes = key_values.numel() * key_values.element_size() if isinstance(key_values, torch.Tensor) else 0
-    async with state.gate.upload_lock(tenant):  # the quota check and the write as one step
-        await _in_thread(check_storage, state.registry, tenant, task_id, nbytes, state.quotas_for(tenant))
-        meta = await _in_thread(state.registry.upload, tenant, task_id, key_values)
+    try:
+        async with state.gate.upload_lock(tenant):  # the quota check and the write as one step
+            await _in_thread(check_storage, state.registry, tenant, task_id, nbytes, state.quotas_for(tenant))
+            meta = await _in_thread(state.registry.upload, tenant, task_id, key_values)
+    finally:
+        state.heap_trimmer.request()  # the body, blob and parsed copies are freed now, between cached prefixes
     return JSONResponse(meta.to_public_dict(), status_code=201)
 
 
@@ -118,6 +121,8 @@ async def get_prefix(task_id: str, state: State, principal: Caller) -> dict[str,
 
 @router.delete("/v1/prefixes/{task_id}", status_code=204)
 async def delete_prefix(task_id: str, state: State, principal: Caller) -> Response:
-    if not await _in_thread(state.registry.delete, principal.tenant, task_id):
+    deleted = await _in_thread(state.registry.delete, principal.tenant, task_id)
+    state.heap_trimmer.request()
+    if not deleted:
         raise NotFound(f"no prefix {task_id!r}")
     return Response(status_code=204)

@@ -13,6 +13,7 @@ from server.api.auth import TENANT_HEADER, KeyRing, Principal, acting_for
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import Unavailable
+from server.heap_trim import HeapTrimmer
 from server.model_loading import LoadedModel
 from server.quotas import RequestGate, TenantQuotas, default_quotas
 from server.request_log import current_request
@@ -29,6 +30,8 @@ class ServerState:
     ready: bool = True
     draining: bool = False  # SIGTERM received: new requests get 503 while in-flight ones finish
     gate: RequestGate = field(default_factory=RequestGate)
+    # Gives the heap's freed pages back after prefix uploads, loads and deletes (server/heap_trim.py).
+    heap_trimmer: HeapTrimmer = field(default_factory=lambda: HeapTrimmer(None))
 
     def quotas_for(self, tenant: str) -> TenantQuotas:
         return default_quotas(self.config).with_overrides(self.keys.quota_overrides(tenant))
