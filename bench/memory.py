@@ -19,12 +19,18 @@ from bench.harness import DIM, HEADS, LAYERS, PROMPT, Report, closed_loop, log, 
 MIB = 2**20
 
 
-def weight_bytes() -> int:
-    """Parameter bytes of the default model as the server holds it (fp32 on CPU)."""
+def weight_bytes() -> tuple[int, int]:
+    """Parameter bytes of the default model as the server holds it (fp32 on CPU), and the bytes of its float32
+    linear layers' weights (the tied lm_head included), which a CPU server also holds packed for oneDNN
+    (server/cpu_linear.py; the harness starts it without --stock-linear)."""
+    import torch
+
     from server.model_loading import load_model
 
     model = load_model(None).model
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32]
+    return params, sum(w.numel() * w.element_size() for w in linear)
 
 
 def kv_bytes(rows: int, length: int) -> int:
@@ -58,15 +64,16 @@ async def _memory_point(
     assert mem is not None
     metrics = scrape(url)
     resident = sum(v for k, v in metrics.items() if k.startswith("prefix_serve_prefix_cache_bytes{"))
-    weights = weight_bytes()
+    weights, packed = weight_bytes()
     length = args.prefix_len + prompt_tokens + args.new_tokens
     kv = kv_bytes(concurrency, length)
-    parts = weights + kv + resident
+    parts = weights + packed + kv + resident
     data: dict[str, Any] = {
         "prefixes_registered": len(names),
         "concurrency": concurrency,
         "kv_length": length,
         "weights_bytes": weights,
+        "packed_linear_bytes": packed,
         "kv_bytes": kv,
         "resident_prefix_bytes": resident,
         "parts_bytes": parts,
@@ -76,7 +83,8 @@ async def _memory_point(
     report.data["memory"] = data
     report.table(
         f"Memory ({len(names)} prefixes registered, concurrency {concurrency}, KV length {length})",
-        ["weights MiB", "KV MiB", "resident prefixes MiB", "sum MiB", "peak RSS MiB", "RSS now MiB", "peak/sum"],
-        [[weights / MIB, kv / MIB, resident / MIB, parts / MIB, mem["peak_rss_bytes"] / MIB, mem["rss_bytes"] / MIB,
-          data["peak_over_parts"]]],
+        ["weights MiB", "packed linear MiB", "KV MiB", "resident prefixes MiB", "sum MiB", "peak RSS MiB",
+         "RSS now MiB", "peak/sum"],
+        [[weights / MIB, packed / MIB, kv / MIB, resident / MIB, parts / MIB, mem["peak_rss_bytes"] / MIB,
+          mem["rss_bytes"] / MIB, data["peak_over_parts"]]],
     )  # fmt: skip
