@@ -38,7 +38,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         "prompt tokens prefilled inside each decode step, in chunks (default 64; 0 = separate prefill steps)",
     ),
     "kv_groups": (int, "padded groups of similar lengths the running rows are kept in, with fused steps (default 4)"),
-    "reserved_rows": (int, "batch rows the tenant holding the most rows may not take (default 0)"),
+    "reserved_rows": (int, "rows beyond --max-batch-size for tenants other than the one holding the most (default 1)"),
     "max_new_tokens": (int, "largest max_new_tokens a request may ask (default 2048)"),
     "max_prompt_tokens": (int, "longest prompt in tokens (default 4096)"),
     "max_upload_bytes": (int, "largest prefix upload (default 64 MiB)"),

@@ -25,7 +25,9 @@ class ServeConfig:
     prefill_chunk_tokens: int = 64
     # Padded groups of similar lengths the running rows are kept in (fused steps only): less of the KV is padding.
     kv_groups: int = 4
-    reserved_rows: int = 0  # batch rows the tenant holding the most rows may not take (others start at once)
+    # Rows beyond max_batch_size for tenants other than the one holding the most rows: another tenant's request
+    # starts at the next step while one tenant fills the batch (issue 6's fairness), and a lone tenant loses nothing.
+    reserved_rows: int = 1
     max_new_tokens: int = 2048  # upper bound a request may ask for
     max_prompt_tokens: int = 4096
     max_stop_strings: int = 16

@@ -5,7 +5,7 @@ and load paths free temporaries of similar sizes around them (the request body, 
 tensors). Once glibc's dynamic mmap threshold has risen past those sizes (it does when the first large mapped
 block is freed), they all come from the heap, and the freed holes between cached tensors stay resident.
 Measured with the default model's 460,800-byte prefixes: 4,000 uploads raised the server's RSS by 2,565 MiB for
-1,758 MiB of cached tensors, and in process ``malloc_trim(0)`` brought the excess from ~48% to 2%.
+1,758 MiB of cached tensors, and in process ``malloc_trim(0)`` brought the excess from ~46% to 2%.
 
 ``malloc_trim`` walks every arena under its lock and madvises the free pages away: 91 ms for a 2.6 GB heap with
 870 MB free, 4 ms when little is free. So the server asks for a trim after each prefix write or load, and one

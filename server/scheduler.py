@@ -3,11 +3,12 @@
 Waiting requests queue per tenant. When rows are scarce, the tenant holding the
 fewest running rows is offered the next one (ties go round-robin), so a tenant
 that floods the server delays the others by at most one freed row, not by its
-whole backlog. ``reserved_rows`` keeps the last rows of the batch from the
-tenant holding the most rows, so another tenant's request starts at the next
-step instead of waiting for one of the flood's rows to finish. A per-step prefill budget spreads a burst of
-newcomers over several steps, so running streams never stall for all of them
-at once.
+whole backlog. ``reserved_rows`` are rows beyond ``max_batch_size`` that the
+tenant holding the most rows may not take: while one tenant fills the batch,
+another tenant's request starts at the next step instead of waiting for one of
+the flood's rows to finish, and a tenant alone still has the whole batch. A per-step prefill budget spreads a
+burst of newcomers over several steps, so running streams never stall for all
+of them at once.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class SchedulerConfig:
     # Prompt tokens one step may prefill, padding included (rows x longest prompt); 0 = no limit.
     # The first request of a step is admitted whatever its size, so no prompt starves.
     max_prefill_tokens: int = 0
-    # Rows the tenant holding the most running rows may not take, so that another tenant's request starts
-    # at once while one tenant floods the rest. Capped at max_batch_size - 1, so a tenant alone always runs.
+    # Rows beyond max_batch_size that the tenant holding the most running rows may not take, so that another
+    # tenant's request starts at once while one tenant fills the batch.
     reserved_rows: int = 0
     # Prompt tokens fused into one decode step (chunked prefill, server/fused_step.py): admitted requests enter
     # the batch chunk by chunk inside decode steps instead of in a prefill forward of their own. 0 = off.
@@ -117,7 +118,6 @@ class Scheduler:
         for row in running:
             rows_of[row.tenant] = rows_of.get(row.tenant, 0) + 1
             rows, longest = rows + 1, max(longest, row.max_len)
-        reserved = min(config.reserved_rows, config.max_batch_size - 1)
         admitted: list[str] = []
         widest_prompt = 0
         while self._turns:
@@ -128,7 +128,7 @@ class Scheduler:
             new_widest = max(widest_prompt, need.prefill_tokens)
             held = rows_of.get(tenant, 0)
             holds_most = held > 0 and held == max(rows_of.values())  # ties: each of them holds the most
-            row_limit = config.max_batch_size - (reserved if holds_most else 0)
+            row_limit = config.max_batch_size + (0 if holds_most else config.reserved_rows)
             if rows + 1 > row_limit or (rows + 1) * new_longest > config.max_batch_tokens:
                 break
             over_prefill = 0 < config.max_prefill_tokens < (len(admitted) + 1) * new_widest

@@ -150,11 +150,11 @@ def test_prefill_budget_keeps_round_robin() -> None:
 # ----- reserved rows ---------------------------------------------------------------------------
 
 
-def test_reserved_rows_are_kept_from_the_tenant_holding_most_rows() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_size=5, max_batch_tokens=10_000, max_queue=100, reserved_rows=1))
+def test_reserved_rows_go_beyond_the_batch_to_tenants_not_holding_the_most_rows() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=10_000, max_queue=100, reserved_rows=1))
     for i in range(10):
         s.add(f"a{i}", 10, "A")
-    assert s.admit(rows()) == ["a0", "a1", "a2", "a3"]  # A alone fills all but the reserved row
+    assert s.admit(rows()) == ["a0", "a1", "a2", "a3"]  # A alone has the whole batch
     assert s.admit(rows(10, 10, 10, 10, tenant="A")) == []
     s.add("b0", 10, "B")
     s.add("b1", 10, "B")
@@ -165,21 +165,27 @@ def test_reserved_rows_are_kept_from_the_tenant_holding_most_rows() -> None:
 
 
 def test_a_tenant_holding_fewer_rows_may_use_the_reserved_rows() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_size=6, max_batch_tokens=10_000, max_queue=100, reserved_rows=2))
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=10_000, max_queue=100, reserved_rows=2))
     for i in range(3):
         s.add(f"a{i}", 10, "A")
         s.add(f"b{i}", 10, "B")
-    # A holds 3 rows and B 1: B may fill the reserved rows; A, holding the most, stops at 4.
+    # A holds 3 rows and B 1: B may fill the reserved rows (6 in all); A, holding the most, stops at 4.
     assert s.admit(rows(10, 10, 10, tenant="A") + rows(10, tenant="B")) == ["b0", "b1"]
-    # A and B tie at 2 rows: both hold the most, so neither takes the last 2 rows.
+    # A and B tie at 2 rows: both hold the most, so neither takes a reserved row.
     assert s.admit(rows(10, 10, tenant="A") + rows(10, 10, tenant="B")) == []
     assert s.admit(rows(10, tenant="A") + rows(10, 10, tenant="B")) == ["a0"]
 
 
-def test_reserved_rows_never_block_a_single_row_batch() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_size=1, max_batch_tokens=10_000, max_queue=10, reserved_rows=3))
-    s.add("a0", 10, "A")
-    s.add("a1", 10, "A")
-    assert s.admit(rows()) == ["a0"]
-    assert s.admit(rows(10, tenant="A")) == []
-    assert s.admit(rows()) == ["a1"]
+def test_a_tenant_alone_gets_the_batch_and_no_more() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_batch_tokens=10_000, max_queue=10, reserved_rows=2))
+    for i in range(5):
+        s.add(f"a{i}", 10, "A")
+    assert s.admit(rows()) == ["a0", "a1", "a2"]
+    assert s.admit(rows(10, 10, 10, tenant="A")) == []
+    assert s.admit(rows(10, 10, tenant="A")) == ["a3"]
+
+
+def test_reserved_rows_stay_within_the_token_budget() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_batch_tokens=20, max_queue=10, reserved_rows=1))
+    s.add("b0", 10, "B")
+    assert s.admit(rows(10, 10, tenant="A")) == []  # a third row of 10 would need 30 token slots
