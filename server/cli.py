@@ -29,7 +29,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "api_keys": (str, "JSON file of API keys and tenants"),
     "device": (str, "cpu or cuda (default: cuda when available)"),
     "dtype": (str, "float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)"),
-    "max_batch_size": (int, "rows decoded together (default 32)"),
+    "max_batch_size": (int, "rows decoded together (default 32), plus --reserved-rows for other tenants"),
     "max_batch_tokens": (int, "KV budget of the batch in token slots (default 65536)"),
     "max_queue": (int, "waiting requests before 429 (default 256)"),
     "max_prefill_tokens": (int, "prompt tokens prefilled per step, padding included (default 512; 0 = no limit)"),
