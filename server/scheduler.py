@@ -1,13 +1,11 @@
 """Admission bookkeeping: which waiting requests join the running batch. Ids and numbers only, no tensors.
 
-Waiting requests queue per tenant. When rows are scarce, the tenant holding the
-fewest running rows is offered the next one (ties go round-robin), so a tenant
-that floods the server delays the others by at most one freed row, not by its
-whole backlog. ``reserved_rows`` are rows beyond ``max_batch_size`` that the
-tenant holding the most rows may not take: while one tenant fills the batch,
-another tenant's request starts at the next step instead of waiting for one of
-the flood's rows to finish, and a tenant alone still has the whole batch. A per-step prefill budget spreads a
-burst of newcomers over several steps, so running streams never stall for all
+Waiting requests queue per tenant. When rows are scarce, the tenant holding the fewest running rows is offered
+the next one (ties go round-robin), so a tenant that floods the server delays the others by at most one freed
+row, not by its whole backlog. ``reserved_rows`` are rows beyond ``max_batch_size`` that the tenant holding the
+most rows may not take: while one tenant fills the batch, another tenant's request starts at the next step
+instead of waiting for one of the flood's rows to finish, and a tenant alone still has the whole batch. A
+per-step prefill budget spreads a burst of newcomers over several steps, so running streams never stall for all
 of them at once.
 """
 
