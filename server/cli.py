@@ -35,7 +35,8 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "max_prefill_tokens": (int, "prompt tokens prefilled per step, padding included (default 512; 0 = no limit)"),
     "prefill_chunk_tokens": (
         int,
-        "prompt tokens prefilled inside each decode step, in chunks (default 64; 0 = separate prefill steps)",
+        "prompt tokens prefilled inside each decode step, in chunks, each chunk's overhead counted "
+        "(default 64; 0 = separate prefill steps)",
     ),
     "kv_groups": (int, "padded groups of similar lengths the running rows are kept in, with fused steps (default 4)"),
     "reserved_rows": (int, "rows beyond --max-batch-size for tenants other than the one holding the most (default 1)"),

@@ -21,7 +21,8 @@ class ServeConfig:
     # cause running streams (~66 ms + ~1.5 ms a token on the 2-core CPU) without splitting ordinary bursts.
     max_prefill_tokens: int = 512
     # Prompt tokens that ride along in one decode step (chunked prefill fused into the decode forward);
-    # 0 = a separate prefill forward per admission. Bounds the stall newcomers cause running streams.
+    # 0 = a separate prefill forward per admission. Bounds the stall newcomers cause running streams; while
+    # rows decode, each chunk's fixed cost counts against it too (server/engine.py, chunk_overhead).
     prefill_chunk_tokens: int = 64
     # Padded groups of similar lengths the running rows are kept in (fused steps only): less of the KV is padding.
     kv_groups: int = 4

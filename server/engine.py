@@ -94,6 +94,24 @@ class _Prefilling:
         return len(self.tracked.request.prompt_ids) if self.pending is None else self.pending.remaining
 
 
+# A chunk's cost beyond its tokens, in prompt tokens' worth of step time (2-core CPU, default model, 16 rows
+# decoding: a prompt token adds ~1.1-1.35 ms to the step). Each chunk: ~2 ms of attention calls and indexing in
+# every layer. A row's first chunk also makes the row: ~0.65 ms, and ~1.7 ms per 200 prefix columns (copied
+# in, then attended over). Measured in bench/RESULTS.md, tenth session.
+CHUNK_OVERHEAD_TOKENS = 2
+ROW_START_TOKENS = 1
+PREFIX_COLUMNS_PER_TOKEN = 100
+
+
+def chunk_overhead(entry: _Prefilling) -> int:
+    """The step time a chunk of ``entry``'s prompt costs beyond its tokens, in tokens."""
+    if entry.pending is not None:
+        return CHUNK_OVERHEAD_TOKENS
+    prefix = entry.tracked.request.prefix_kv
+    prefix_len = 0 if prefix is None else prefix.shape[3]  # [L, 2, H_kv, P, d]
+    return CHUNK_OVERHEAD_TOKENS + ROW_START_TOKENS + prefix_len // PREFIX_COLUMNS_PER_TOKEN
+
+
 @dataclass
 class _Launched:
     """A decode step's results on their way to the host: each group's rows as the step ran them, and one
@@ -424,19 +442,24 @@ class Engine:
 
         Prompts of tenants holding the fewest rows go first, as in admission (oldest first among equals): a
         tenant flooding the server cannot keep another's admitted prompt waiting behind its own.
+
+        While rows decode, each chunk also pays its fixed cost out of the budget, in tokens (``chunk_overhead``):
+        a burst of one-token prompts with long prefixes costs the step far more than its tokens.
         """
         budget = self._chunk_tokens
         decoding, waiting = sum(len(g) for g in self._groups), len(self._prefilling)
         if decoding < waiting:
             limit = self.scheduler.config.max_prefill_tokens or sum(p.remaining for p in self._prefilling)
             budget = max(budget, limit if decoding == 0 else min(limit, budget * waiting // decoding))
-        chunks = []
+        chunks: list[tuple[_Prefilling, int]] = []
         for entry in sorted(self._prefilling, key=lambda e: rows_of.get(e.tracked.request.tenant, 0)):
-            if budget == 0:
+            overhead = chunk_overhead(entry) if decoding else 0
+            # The first chunk of a step always goes in, however small the budget: prompts make progress.
+            n = min(entry.remaining, budget - overhead if chunks else max(1, budget - overhead))
+            if n <= 0:
                 break
-            n = min(entry.remaining, budget)
             chunks.append((entry, n))
-            budget -= n
+            budget -= n + overhead
         return chunks
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 
 from server import fused_step, kv_groups
 from server.batch import Batch
-from server.engine import GenerationRequest
+from server.engine import CHUNK_OVERHEAD_TOKENS, ROW_START_TOKENS, GenerationRequest
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from tests.test_architectures import (
@@ -162,9 +162,11 @@ def test_chunk_must_fit_the_prompt() -> None:
 
 
 async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() -> None:
-    """Budget 4: a 30-token prompt takes 8 steps, every one of which also decodes the running request."""
+    """Budget 8: a 30-token prompt takes 6 steps, every one of which also decodes the running request. Each
+    chunk pays its overhead out of the budget: 2 tokens, 3 for the one that makes the row (no prefix)."""
+    assert (CHUNK_OVERHEAD_TOKENS, ROW_START_TOKENS) == (2, 1)
     s = setup("llama")
-    engine = make_engine(s.base, prefill_chunk_tokens=4)
+    engine = make_engine(s.base, prefill_chunk_tokens=8)
     steps: list[tuple[int, list[int]]] = []  # per forward: (decode rows, chunk sizes)
     fused_step = engine.runner.fused_step
 
@@ -195,7 +197,7 @@ async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() ->
         await task
         assert tokens_of(newcomer) == oracle_greedy(s.base, long_prompt, 3)[0]
         chunk_steps = [(rows, sizes) for rows, sizes in steps[before:] if sizes]
-        assert [sizes for _, sizes in chunk_steps] == [[4]] * 7 + [[2]]
+        assert [sizes for _, sizes in chunk_steps] == [[5]] + [[6]] * 4 + [[1]]
         assert all(rows == 1 for rows, _ in chunk_steps), "the running stream decoded in every chunk step"
         assert long_tokens == long_case.tokens
     finally:
@@ -252,22 +254,46 @@ async def test_a_burst_admitted_at_once_gets_its_rows_as_its_chunks_go_in() -> N
         engine.shutdown()
 
 
-def _entry(tenant: str, remaining: int) -> SimpleNamespace:
-    """What ``Engine._next_chunks`` reads of a prefilling request."""
-    request = SimpleNamespace(tenant=tenant)
-    return SimpleNamespace(tracked=SimpleNamespace(request=request), remaining=remaining, tenant=tenant)
+def _entry(tenant: str, remaining: int, prefix_len: int = 0, started: bool = False) -> SimpleNamespace:
+    """What ``Engine._next_chunks`` reads of a prefilling request: its row exists once ``started``."""
+    prefix = torch.zeros(1, 2, 1, prefix_len, 1) if prefix_len else None  # [L, 2, H_kv, P, d]
+    request = SimpleNamespace(tenant=tenant, prefix_kv=prefix)
+    pending = SimpleNamespace() if started else None
+    tracked = SimpleNamespace(request=request)
+    return SimpleNamespace(tracked=tracked, remaining=remaining, tenant=tenant, pending=pending)
 
 
 def test_prompts_of_tenants_holding_fewer_rows_are_fed_first() -> None:
-    """A flood's prompts were admitted first, but another tenant's prompt gets the step's chunk budget first."""
-    engine = make_engine(setup("llama").base, prefill_chunk_tokens=6)
+    """A flood's prompts were admitted first, but another tenant's prompt gets the step's chunk budget first.
+    Budget 12; each new row's chunk pays 3 tokens of overhead."""
+    engine = make_engine(setup("llama").base, prefill_chunk_tokens=12)
     try:
         engine._groups = [range(12)]  # type: ignore[list-item]  # more rows decode than prompts wait: the budget holds
         engine._prefilling = [_entry("flood", 20), _entry("flood", 20), _entry("b", 4), _entry("c", 9)]  # type: ignore[list-item]
         chunks = engine._next_chunks({"flood": 12, "b": 1, "c": 1})
         assert [(p.tenant, n) for p, n in chunks] == [("b", 4), ("c", 2)]
         chunks = engine._next_chunks({})  # equal holdings: oldest first
-        assert [(p.tenant, n) for p, n in chunks] == [("flood", 6)]
+        assert [(p.tenant, n) for p, n in chunks] == [("flood", 9)]
+    finally:
+        engine._groups, engine._prefilling = [], []
+        engine.shutdown()
+
+
+def test_chunks_pay_their_overhead_out_of_the_budget_while_rows_decode() -> None:
+    """A burst of one-token prompts with long prefixes: each chunk costs its token, 2 for the chunk, and for its
+    new row 1 plus one per 100 prefix columns. With no row decoding, nobody's latency is at stake: all go in."""
+    engine = make_engine(setup("llama").base, prefill_chunk_tokens=16)
+    try:
+        engine._prefilling = [_entry(f"t{i}", 1, prefix_len=250) for i in range(4)]  # type: ignore[list-item]
+        engine._groups = [range(12)]  # type: ignore[list-item]
+        assert [n for _, n in engine._next_chunks({})] == [1, 1]  # 2 x (1 + 2 + 1 + 2) = 12; a third makes 18
+        engine._prefilling = [_entry("a", 30, started=True), _entry("b", 30, prefix_len=400)]  # type: ignore[list-item]
+        assert [n for _, n in engine._next_chunks({})] == [14]  # 14 + 2: nothing left for b's 7 of overhead
+        engine._prefilling.reverse()
+        assert [n for _, n in engine._next_chunks({})] == [9]  # 9 + 7 of overhead: nothing left for a
+        engine._groups = []
+        engine._prefilling = [_entry(f"t{i}", 1, prefix_len=250) for i in range(4)]  # type: ignore[list-item]
+        assert [n for _, n in engine._next_chunks({})] == [1, 1, 1, 1]
     finally:
         engine._groups, engine._prefilling = [], []
         engine.shutdown()
@@ -279,9 +305,10 @@ def test_prompts_of_tenants_holding_fewer_rows_are_fed_first() -> None:
         (0, 0, [20, 20, 4]),  # nothing decodes: every waiting token (no admission limit)
         (0, 30, [20, 10]),  # nothing decodes: admission's limit
         (0, 3, [6]),  # never less than the chunk size
-        (1, 0, [18]),  # three prompts wait per decoding row: three chunks' worth
-        (1, 10, [10]),  # ... capped by admission's limit
-        (2, 0, [9]),  # 6 * 3 // 2
+        # While rows decode, the chunk pays 2 of overhead out of the budget:
+        (1, 0, [16]),  # three prompts wait per decoding row: three chunks' worth (18)
+        (1, 10, [8]),  # ... capped by admission's limit
+        (2, 0, [7]),  # 6 * 3 // 2
     ],
 )
 def test_a_burst_outnumbering_the_decoding_rows_gets_a_bigger_budget(
@@ -289,14 +316,15 @@ def test_a_burst_outnumbering_the_decoding_rows_gets_a_bigger_budget(
 ) -> None:
     """Fewer rows decode than prompts wait: the chunk budget grows with prompts per decoding row, up to
     max_prefill_tokens; with nothing decoding, it is max_prefill_tokens (0: all). Never below the chunk size.
-    As many rows decoding as prompts waiting: the chunk size."""
+    As many rows decoding as prompts waiting: the chunk size (less the chunk's overhead)."""
     engine = make_engine(setup("llama").base, prefill_chunk_tokens=6, max_prefill_tokens=max_prefill_tokens)
     try:
-        engine._prefilling = [_entry("a", 20), _entry("a", 20), _entry("b", 4)]  # type: ignore[list-item]
+        prompts = [_entry("a", 20, started=True), _entry("a", 20, started=True), _entry("b", 4, started=True)]
+        engine._prefilling = prompts  # type: ignore[assignment]
         engine._groups = [range(decoding)] if decoding else []  # type: ignore[list-item]
         assert [n for _, n in engine._next_chunks({})] == fed
         engine._groups = [range(3)]  # type: ignore[list-item]
-        assert [n for _, n in engine._next_chunks({})] == [6]
+        assert [n for _, n in engine._next_chunks({})] == [4]
     finally:
         engine._groups, engine._prefilling = [], []
         engine.shutdown()
