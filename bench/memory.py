@@ -20,17 +20,18 @@ MIB = 2**20
 
 
 def weight_bytes() -> tuple[int, int]:
-    """Parameter bytes of the default model as the server holds it (fp32 on CPU), and the bytes of its float32
-    linear layers' weights (the tied lm_head included), which a CPU server also holds packed for oneDNN
-    (server/cpu_linear.py; the harness starts it without --stock-linear)."""
-    import torch
-
+    """The default model's weights as a CPU server holds them (fp32; the harness starts it without
+    --stock-linear): bytes of dense parameters, and of linear weights packed for oneDNN (server/cpu_linear.py).
+    Switched as the server's runner switches it: a packed weight is the only copy unless another parameter
+    shares the dense one (the tied lm_head)."""
+    from server.cpu_linear import switched_layers, use_onednn_linear
     from server.model_loading import load_model
 
     model = load_model(None).model
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32]
-    return params, sum(w.numel() * w.element_size() for w in linear)
+    use_onednn_linear(model, free_dense=True)
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    packed = sum(layer.weight.numel() * layer.weight.element_size() for layer in switched_layers(model))
+    return dense, packed
 
 
 def kv_bytes(rows: int, length: int) -> int:

@@ -93,7 +93,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--stock-linear",
         action="store_true",
         help="float32 linear layers on the CPU use torch's default kernel, not oneDNN with packed weights: "
-        f"half the weights' memory, slower steps [env {ENV_PREFIX}STOCK_LINEAR=1]",
+        f"slower steps, no packed copy of a tied lm_head [env {ENV_PREFIX}STOCK_LINEAR=1]",
     )
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
     serve.add_argument(

@@ -48,7 +48,7 @@ class ServeConfig:
     # Decode steps go through torch.compile before graph capture (fused kernels); compiled at startup.
     compile_decode: bool = False
     # float32 linear layers on the CPU keep torch's default kernel (MKL) instead of packed oneDNN
-    # (server/cpu_linear.py): the weights held once, not twice, at ~1.4x the decode step time.
+    # (server/cpu_linear.py), at ~1.4x the decode step time; a tied lm_head is then held once, not twice.
     stock_linear: bool = False
     allow_unverified_architecture: bool = False  # serve a model type not in server/architectures.py, with a warning
     cors_allow_origins: str | None = None  # comma-separated origins allowed cross-site; None = CORS off

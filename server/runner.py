@@ -56,10 +56,12 @@ class ModelRunner:
         self.model = model
         # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
         use_gqa_attention(model)
-        if onednn_linear:  # the runner picks the kernels it serves with; the loader leaves the model as shipped
-            use_onednn_linear(model)  # float32 on the CPU: packed oneDNN linear layers (server/cpu_linear.py)
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device  # read before linear weights may become placeholders
         self.dtype = next(model.parameters()).dtype
+        if onednn_linear:  # the runner picks the kernels it serves with; the loader leaves the model as shipped
+            # float32 on the CPU: packed oneDNN linear layers, held once (server/cpu_linear.py). A compiled step
+            # traces through F.linear on the dense weights, so those stay.
+            use_onednn_linear(model, free_dense=not compile_decode)
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads

@@ -103,10 +103,10 @@ class Seq2SeqRunner:
         onednn_linear: bool = True,
     ) -> None:
         self.model = model
-        if onednn_linear:
-            use_onednn_linear(model)  # float32 on the CPU: packed oneDNN linear layers (server/cpu_linear.py)
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device  # read before linear weights may become placeholders
         self.dtype = next(model.parameters()).dtype
+        if onednn_linear:  # float32 on the CPU: packed oneDNN linear layers, held once (server/cpu_linear.py)
+            use_onednn_linear(model, free_dense=True)
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
         self.kv_shape = (num_layers, num_kv_heads, head_dim)  # the decoder's self-attention
         config = model.config

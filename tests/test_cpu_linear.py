@@ -7,10 +7,17 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from server.cpu_linear import onednn_available, restore_linear, stock_linear, use_onednn_linear
-from tests.tiny_models import onednn_switched, tiny_llama
+from server.cpu_linear import (
+    freed_dense_layers,
+    onednn_available,
+    restore_linear,
+    stock_linear,
+    use_onednn_linear,
+)
+from tests.tiny_models import onednn_switched, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -140,7 +147,8 @@ def test_the_default_model_generates_the_same_tokens_on_either_kernel(default_mo
     assert fast == stock
 
 
-def test_a_failed_packing_switches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("free_dense", [False, True])
+def test_a_failed_packing_switches_nothing(monkeypatch: pytest.MonkeyPatch, free_dense: bool) -> None:
     from server import cpu_linear
 
     packed = cpu_linear.PackedWeight.current
@@ -154,6 +162,91 @@ def test_a_failed_packing_switches_nothing(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(cpu_linear.PackedWeight, "current", fail_third)
     model = tiny_llama(seed=8)
-    assert use_onednn_linear(model) == 0
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert use_onednn_linear(model, free_dense=free_dense) == 0
     assert onednn_switched(model) == [] and cpu_linear.switched_layers(model) == []
+    assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())  # the freed ones are back
     restore_linear(model)  # nothing to undo, and no error
+
+
+def _held_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters that have storage (meta placeholders have none)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+def test_freeing_the_dense_weights_leaves_the_packed_ones_the_only_copy() -> None:
+    model, twin = tiny_llama(seed=4), tiny_llama(seed=4)
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(3, 256, (2, 9))
+    use_onednn_linear(twin)
+    held = _held_bytes(model)
+    assert use_onednn_linear(model, free_dense=True) == 15
+    assert freed_dense_layers(model) == _linears(model)  # nothing ties this model's lm_head
+    assert all(
+        m.weight.device.type == "meta" and m.weight.shape == (m.out_features, m.in_features) for m in _linears(model)
+    )
+    assert held - _held_bytes(model) == sum(m.weight.numel() * 4 for m in _linears(model))
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, twin(input_ids=ids).logits)
+    restore_linear(model)  # the dense weights come back bit for bit
+    assert onednn_switched(model) == [] and all(torch.equal(p, dense[n]) for n, p in model.named_parameters())
+
+
+def test_a_tied_weight_keeps_its_dense_form() -> None:
+    model = tiny_gpt2(seed=1)  # its lm_head shares the token embedding's weight, which the embedding reads
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert use_onednn_linear(model, free_dense=True) == 1
+    assert freed_dense_layers(model) == [] and model.lm_head.weight.device.type == "cpu"
+    ids = torch.randint(3, 256, (1, 6))
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    restore_linear(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, got, rtol=1e-5, atol=1e-5)
+
+
+def test_a_deep_copy_of_a_freed_model_packs_its_own_only_copies() -> None:
+    model = tiny_llama(seed=5)
+    use_onednn_linear(model, free_dense=True)
+    twin = copy.deepcopy(model)  # PEFT oracles in the tests wrap copies of the served model
+    assert len(freed_dense_layers(twin)) == 15
+    ids = torch.randint(3, 256, (1, 7))
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+        assert torch.equal(twin(input_ids=ids).logits, logits)
+    restore_linear(twin)
+    with torch.no_grad():
+        twin.lm_head.weight.add_(0.5)  # the copy's weights are its own
+    with torch.inference_mode():
+        assert not torch.allclose(twin(input_ids=ids).logits, logits)
+        assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_a_call_the_packed_kernel_cannot_serve_gets_the_dense_weight_back() -> None:
+    layer = nn.Linear(32, 16)
+    want_weight = layer.weight.detach().clone()
+    use_onednn_linear(layer, free_dense=True)
+    assert freed_dense_layers(layer) == [layer]
+    x = torch.randn(3, 32, requires_grad=True)  # autograd: F.linear on the dense weight
+    layer(x).sum().backward()
+    assert freed_dense_layers(layer) == [] and torch.equal(layer.weight, want_weight)
+    torch.testing.assert_close(x.grad, want_weight.sum(0).expand(3, 32))
+    with torch.inference_mode():  # still switched, on the dense weight it now keeps
+        torch.testing.assert_close(layer(x.detach()), F.linear(x.detach(), want_weight, layer.bias))
+
+
+def test_stock_linear_frees_again_afterwards() -> None:
+    model = tiny_llama(seed=6)
+    use_onednn_linear(model, free_dense=True)
+    with stock_linear(model):
+        assert onednn_switched(model) == [] and all(m.weight.device.type == "cpu" for m in _linears(model))
+    assert freed_dense_layers(model) == _linears(model)
+
+
+def test_a_runner_frees_the_dense_weights() -> None:
+    from server.runner import ModelRunner
+
+    model = tiny_llama(seed=2)
+    runner = ModelRunner(model, 2, 2, 16)
+    assert freed_dense_layers(model) == _linears(model)
+    assert (runner.device.type, runner.dtype) == ("cpu", torch.float32)
