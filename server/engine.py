@@ -454,8 +454,9 @@ class Engine:
         chunks: list[tuple[_Prefilling, int]] = []
         for entry in sorted(self._prefilling, key=lambda e: rows_of.get(e.tracked.request.tenant, 0)):
             overhead = chunk_overhead(entry) if decoding else 0
+            room = budget - overhead
             # The first chunk of a step always goes in, however small the budget: prompts make progress.
-            n = min(entry.remaining, budget - overhead if chunks else max(1, budget - overhead))
+            n = min(entry.remaining, room if chunks else max(1, room))
             if n <= 0:
                 break
             chunks.append((entry, n))
