@@ -16,7 +16,8 @@ shares (a tied lm_head shares the embedding's, which the embedding reads) by a p
 of the same shape and dtype. The packed copy is then the only one: ~405 MiB less for the default model, ~4 GiB
 for a 1B-parameter one. ``to_dense()`` of a packed weight gives the dense weight back bit for bit, so whatever
 needs it gets it back: a call the packed kernel cannot serve (the weight stays dense from then on), a deep copy,
-``restore_linear``. A state dict of such a model holds meta tensors: call ``restore_linear`` first.
+``restore_linear``, a state dict (a transient dense copy), and ``load_state_dict`` (into the dense weight, which
+is then packed again on its next call).
 """
 
 from __future__ import annotations
@@ -164,11 +165,33 @@ def _shared_storages(model: nn.Module) -> set[int]:
     return shared
 
 
+# The attribute marking a layer whose state-dict hooks are registered (once: switching again must not add more).
+_HOOKED = "_prefix_serve_state_dict_hooks"
+
+
 def _free_dense(layer: nn.Linear, packed: PackedWeight) -> None:
     """Leave ``packed`` the only copy of the layer's weight: the Parameter becomes a meta placeholder [N, K]."""
     weight = layer.weight
     layer.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=weight.requires_grad)
     packed.only_copy = True
+    if not getattr(layer, _HOOKED, False):
+        layer.register_state_dict_post_hook(_dense_in_state_dict)
+        layer.register_load_state_dict_pre_hook(_dense_before_load)
+        setattr(layer, _HOOKED, True)
+
+
+def _dense_in_state_dict(layer: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, _: object) -> None:
+    """A state dict holds the dense weight [N, K] of a layer whose packed copy is the only one, not the meta
+    placeholder."""
+    packed = getattr(layer, _PACKED, None)
+    if packed is not None and packed.only_copy:
+        state_dict[prefix + "weight"] = packed.dense()
+
+
+def _dense_before_load(layer: nn.Module, *_: object) -> None:
+    """``load_state_dict`` copies into the Parameter: make it dense first (a meta one would take nothing)."""
+    if getattr(layer, _PACKED, None) is not None:
+        _dense_weight(layer)
 
 
 def _dense_weight(layer: nn.Linear) -> torch.Tensor:

@@ -250,3 +250,18 @@ def test_a_runner_frees_the_dense_weights() -> None:
     runner = ModelRunner(model, 2, 2, 16)
     assert freed_dense_layers(model) == _linears(model)
     assert (runner.device.type, runner.dtype) == ("cpu", torch.float32)
+
+
+def test_a_freed_model_saves_and_loads_its_dense_weights() -> None:
+    model, other = tiny_llama(seed=7), tiny_llama(seed=8)
+    dense = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    ids = torch.randint(3, 256, (1, 7))
+    use_onednn_linear(model, free_dense=True)
+    saved = model.state_dict()
+    assert saved.keys() == dense.keys() and all(torch.equal(saved[k], dense[k]) for k in dense)
+    with stock_linear(model):  # freed again afterwards, without a second set of hooks
+        pass
+    assert len(freed_dense_layers(model)) == 15 and len(model.lm_head._state_dict_hooks) == 1
+    model.load_state_dict(other.state_dict())  # into dense weights, packed again on their next call
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, other(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
