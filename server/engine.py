@@ -48,6 +48,11 @@ class GenerationRequest:
     prefix_id: str | None = None  # identifies tenant, task and version; rows with equal ids share a prefix
     tenant: str = "default"  # whose request: admission is round-robin across tenants
 
+    @property
+    def prefix_len(self) -> int:
+        """P, the prefix's virtual tokens (0 without a prefix)."""
+        return 0 if self.prefix_kv is None else self.prefix_kv.shape[3]
+
 
 @dataclass(frozen=True)
 class GenerationEvent:
@@ -107,9 +112,7 @@ def chunk_overhead(entry: _Prefilling) -> int:
     """The step time a chunk of ``entry``'s prompt costs beyond its tokens, in tokens."""
     if entry.pending is not None:
         return CHUNK_OVERHEAD_TOKENS
-    prefix = entry.tracked.request.prefix_kv
-    prefix_len = 0 if prefix is None else prefix.shape[3]  # [L, 2, H_kv, P, d]
-    return CHUNK_OVERHEAD_TOKENS + ROW_START_TOKENS + prefix_len // PREFIX_COLUMNS_PER_TOKEN
+    return CHUNK_OVERHEAD_TOKENS + ROW_START_TOKENS + entry.tracked.request.prefix_len // PREFIX_COLUMNS_PER_TOKEN
 
 
 @dataclass
@@ -254,7 +257,7 @@ class Engine:
                 self.abort(tracked.request_id)
 
     def _submit(self, request: GenerationRequest) -> _Tracked:
-        prefix_len = 0 if request.prefix_kv is None else request.prefix_kv.shape[3]
+        prefix_len = request.prefix_len
         used = prefix_len + len(request.prompt_ids)
         if not request.prompt_ids:
             raise InvalidInput("the prompt is empty")

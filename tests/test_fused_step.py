@@ -256,8 +256,7 @@ async def test_a_burst_admitted_at_once_gets_its_rows_as_its_chunks_go_in() -> N
 
 def _entry(tenant: str, remaining: int, prefix_len: int = 0, started: bool = False) -> SimpleNamespace:
     """What ``Engine._next_chunks`` reads of a prefilling request: its row exists once ``started``."""
-    prefix = torch.zeros(1, 2, 1, prefix_len, 1) if prefix_len else None  # [L, 2, H_kv, P, d]
-    request = SimpleNamespace(tenant=tenant, prefix_kv=prefix)
+    request = SimpleNamespace(tenant=tenant, prefix_len=prefix_len)
     pending = SimpleNamespace() if started else None
     tracked = SimpleNamespace(request=request)
     return SimpleNamespace(tracked=tracked, remaining=remaining, tenant=tenant, pending=pending)
