@@ -32,6 +32,7 @@ import torch
 
 from prefix_store.backends import DiskBackend, PrefixBackend, RedisBackend
 from prefix_store.fingerprint import ModelFingerprint
+from prefix_store.piecewise import DEFAULT_PIECE_BYTES
 from prefix_store.registry import PrefixRegistry
 
 FP = ModelFingerprint("llama", 30, 3, 64, 49152)  # the default model's cache shape
@@ -73,20 +74,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def cold_load_ms(backend: PrefixBackend, p: int, tasks: int, samples: int) -> list[float]:
-    """Latencies (ms) of `samples` cold resolves spread over `tasks` stored prefixes of P=`p`."""
+def cold_load_ms(
+    backend: PrefixBackend, p: int, tasks: int, samples: int, piece_sizes: list[int]
+) -> dict[int, list[float]]:
+    """Latencies (ms) of `samples` cold resolves spread over `tasks` stored prefixes of P=`p`, per load piece size
+    (`PrefixRegistry(load_piece_bytes=...)`; 0 reads blobs whole), the sizes alternating sample by sample."""
     writer = PrefixRegistry(backend, FP, host_cache_bytes=0)
     for i in range(tasks):
         writer.upload(TENANT, f"p{p}-{i}", make_kv(p, seed=i))
     # No host cache and no reuse of the latest-version answer: every resolve goes to the backend.
-    cold = PrefixRegistry(backend, FP, host_cache_bytes=0, latest_ttl=0.0)
-    cold.resolve(TENANT, f"p{p}-0")  # warm-up (imports, connection)
-    out = []
+    readers = {
+        size: PrefixRegistry(backend, FP, host_cache_bytes=0, latest_ttl=0.0, load_piece_bytes=size)
+        for size in piece_sizes
+    }
+    out: dict[int, list[float]] = {size: [] for size in piece_sizes}
+    for reader in readers.values():
+        reader.resolve(TENANT, f"p{p}-0")  # warm-up (imports, connection)
     for i in range(samples):
-        started = time.perf_counter()
-        art = cold.resolve(TENANT, f"p{p}-{i % tasks}")
-        out.append((time.perf_counter() - started) * 1e3)
-        assert art.key_values.shape[3] == p
+        for size, reader in readers.items():
+            started = time.perf_counter()
+            art = reader.resolve(TENANT, f"p{p}-{i % tasks}")
+            out[size].append((time.perf_counter() - started) * 1e3)
+            assert art.key_values.shape[3] == p
     return out
 
 
@@ -110,6 +119,9 @@ def main() -> None:
     parser.add_argument("--many", type=int, default=10_000, help="prefixes registered in one Redis")
     parser.add_argument("--resident", type=int, default=2000, help="prefixes made host-resident for the memory figure")
     parser.add_argument("--redis-url", default=None)
+    parser.add_argument(
+        "--piece-bytes", default=f"{DEFAULT_PIECE_BYTES},0", help="load piece sizes to compare (0 = whole blobs)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
@@ -125,11 +137,13 @@ def main() -> None:
         for p in (10, 200):
             nbytes = make_kv(p, 0).numel() * 4
             for name, b in (("redis", backend), ("disk", disk)):
-                ms = cold_load_ms(b, p, args.tasks, args.samples)
-                print(
-                    f"  {name:5s} P={p:<3d} ({nbytes / 2**20:5.2f} MiB): "
-                    f"p50 {statistics.median(ms):7.2f}  p99 {percentile(ms, 0.99):7.2f}  max {max(ms):7.2f}"
-                )
+                piece_sizes = [int(x) for x in args.piece_bytes.split(",")]
+                for size, ms in cold_load_ms(b, p, args.tasks, args.samples, piece_sizes).items():
+                    pieces = f"pieces of {size / 2**20:g} MiB" if size else "whole"
+                    print(
+                        f"  {name:5s} P={p:<3d} ({nbytes / 2**20:5.2f} MiB, {pieces}): "
+                        f"p50 {statistics.median(ms):7.2f}  p99 {percentile(ms, 0.99):7.2f}  max {max(ms):7.2f}"
+                    )
         shutil.rmtree(disk_root, ignore_errors=True)
 
         redis.Redis.from_url(url).flushdb()

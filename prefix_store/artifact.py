@@ -172,7 +172,7 @@ def encode_artifact(
     return save(tensors, metadata=metadata)
 
 
-def _layer_entries(header: Header) -> list[tuple[TensorEntry, TensorEntry]]:
+def layer_entries(header: Header) -> list[tuple[TensorEntry, TensorEntry]]:
     """The (key, value) entries per layer, checking names and shapes are consistent."""
     names = set(header.tensors)
     num_layers = len(names) // 2
@@ -239,7 +239,7 @@ def _check_format(meta: dict[str, str], *, required: bool) -> None:
             raise InvalidPrefix(f"unsupported format_version {version} (this server reads {FORMAT_VERSION})")
 
 
-def _metadata_from_header(header: Header, pairs: list[tuple[TensorEntry, TensorEntry]]) -> PrefixMetadata:
+def metadata_from_header(header: Header, pairs: list[tuple[TensorEntry, TensorEntry]]) -> PrefixMetadata:
     meta = header.metadata
     _check_format(meta, required=True)
     H, P, d = pairs[0][0].shape
@@ -284,7 +284,7 @@ def read_metadata(blob: bytes) -> PrefixMetadata:
     `blob` may be the whole artifact or just its first 8 + header-length bytes.
     """
     header = read_header(blob, allow_truncated_data=True)
-    return _metadata_from_header(header, _layer_entries(header))
+    return metadata_from_header(header, layer_entries(header))
 
 
 def decode_artifact(blob: bytes) -> PrefixArtifact:
@@ -294,8 +294,8 @@ def decode_artifact(blob: bytes) -> PrefixArtifact:
     InvalidPrefix for anything malformed. Never raises anything else.
     """
     header = read_header(blob)
-    pairs = _layer_entries(header)
-    metadata = _metadata_from_header(header, pairs)
+    pairs = layer_entries(header)
+    metadata = metadata_from_header(header, pairs)
     actual = _blob_sha256(blob, pairs)
     if actual != metadata.sha256:
         raise CorruptPrefix(
@@ -313,7 +313,7 @@ def parse_uploaded_native(blob: bytes) -> torch.Tensor:
     A bare safetensors file with just the `layers.{l}.{key,value}` tensors is accepted.
     """
     header = read_header(blob)
-    pairs = _layer_entries(header)
+    pairs = layer_entries(header)
     _check_format(header.metadata, required=False)
     sha = header.metadata.get("sha256")
     if sha is not None and sha != _blob_sha256(blob, pairs):

@@ -30,7 +30,6 @@ import torch
 from prefix_store.artifact import (
     PrefixArtifact,
     PrefixMetadata,
-    decode_artifact,
     encode_artifact,
     read_metadata,
     utc_now_iso,
@@ -41,6 +40,7 @@ from prefix_store.errors import CorruptPrefix, InvalidPrefix, PrefixNotFound, Pr
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.ids import validate_task_id, validate_tenant
 from prefix_store.lru import ByteLRU
+from prefix_store.piecewise import DEFAULT_PIECE_BYTES, FIRST_READ_BYTES, read_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ DEFAULT_LATEST_TTL = 0.5
 # for this long, so a hung (not refusing) store does not add its timeout to each request.
 _STORE_DOWN_HOLD = 1.0
 _STORE_DOWN_MESSAGE = "the prefix store failed moments ago; retry shortly"
-# Backend loads at once. A load is CPU work (read, sha256, copy: ~15 ms for 9 MB here) on the cores that
+# Backend loads at once. A load is CPU work (read, sha256, copy: ~20 ms for 9 MB here) on the cores that
 # decode; run together, a burst of them stalls the running streams' steps at once, run one after another
 # they spread over many steps. 0 = no limit.
 DEFAULT_MAX_CONCURRENT_LOADS = 1
@@ -87,13 +87,16 @@ class PrefixRegistry:
         max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
         cpu_section: Callable[[], AbstractContextManager[object]] | None = None,
         cpu_section_min_bytes: int = DEFAULT_CPU_SECTION_MIN_BYTES,
+        load_piece_bytes: int = DEFAULT_PIECE_BYTES,
     ) -> None:
         """`on_load`, if given, is called with the seconds each successful backend load took (metrics),
         not counting the wait for one of the `max_concurrent_loads` slots.
 
-        `cpu_section`, if given, wraps the CPU-bound part of a load (verifying and unpacking a fetched blob,
-        never the fetch itself) for blobs of at least `cpu_section_min_bytes`: the server passes the engine's
-        `StepGaps.between_steps` on a CPU device.
+        A blob larger than `load_piece_bytes` is read in pieces of that many tensor bytes (see
+        prefix_store.piecewise); 0 reads every blob whole. `cpu_section`, if given, wraps the CPU-bound part of
+        each piece (verifying and unpacking, never the fetch itself) for blobs of at least
+        `cpu_section_min_bytes`: the server passes the engine's `StepGaps.between_steps` on a CPU device, so a
+        large load takes one piece per engine step.
 
         Subscribes to the backend's change notifications; `backend.close()` ends that.
         """
@@ -116,6 +119,7 @@ class PrefixRegistry:
         self._store_down_until = 0.0
         self._cpu_section = cpu_section or contextlib.nullcontext
         self._cpu_section_min_bytes = cpu_section_min_bytes
+        self._load_piece_bytes = load_piece_bytes
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads) if max_concurrent_loads > 0 else None
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
@@ -331,14 +335,16 @@ class PrefixRegistry:
 
     def _load(self, key: CacheKey) -> PrefixArtifact:
         tenant, task_id, version = key
-        blob = self.backend.get(tenant, task_id, version)
+        reader = self.backend.open_blob(tenant, task_id, version, FIRST_READ_BYTES)
         try:
-            big = len(blob) >= self._cpu_section_min_bytes
-            with self._cpu_section() if big else contextlib.nullcontext():
-                artifact = decode_artifact(blob)
+            big = reader.size >= self._cpu_section_min_bytes
+            section = self._cpu_section if big else contextlib.nullcontext
+            artifact = read_artifact(reader, piece_bytes=self._load_piece_bytes, section=section)
         except InvalidPrefix as e:
             # We wrote it, so an unreadable stored blob is damage, not bad input.
             raise CorruptPrefix(f"stored prefix {task_id!r} v{version} is unreadable: {e}") from e
+        finally:
+            reader.close()
         meta = artifact.metadata
         if (meta.tenant, meta.task_id, meta.version) != key:
             raise CorruptPrefix(

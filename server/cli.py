@@ -46,6 +46,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "max_virtual_tokens": (int, "longest prefix P (default 512)"),
     "host_cache_bytes": (int, "host prefix cache budget (default 512 MiB)"),
     "max_concurrent_loads": (int, "prefix loads from the store at once (default 1; 0 = no limit)"),
+    "load_piece_bytes": (
+        int,
+        "read larger prefixes from the store in pieces of this many bytes, one per step on CPU "
+        "(default 2 MiB; 0 = whole)",
+    ),
     "device_cache_bytes": (int, "accelerator prefix cache budget (default 1 GiB; unused on CPU)"),
     "max_stop_strings": (int, "most stop strings per request (default 16)"),
     "max_request_bytes": (int, "largest JSON request body (default 4 MiB)"),

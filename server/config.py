@@ -38,6 +38,9 @@ class ServeConfig:
     host_cache_bytes: int = 512 * 2**20
     # Prefix loads from the store at once (0 = no limit): one at a time spreads a burst's CPU over many steps.
     max_concurrent_loads: int = 1
+    # Prefixes larger than this are read from the store in pieces of this many tensor bytes, one piece per
+    # engine step on a CPU (prefix_store/piecewise.py); 0 = read each prefix whole.
+    load_piece_bytes: int = 2 * 2**20
     device_cache_bytes: int = 2**30  # prefixes kept on the accelerator (unused on CPU, where host memory is used)
     request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit

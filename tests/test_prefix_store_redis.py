@@ -117,6 +117,9 @@ def test_versions_pruning_and_delete(backend: RedisBackend, server: RedisServer)
         with pytest.raises(PrefixNotFound):
             backend.get("acme", "sum", pruned)
     assert backend.list_tasks("acme") == ["sum"] and backend.list_tasks("other") == []
+    # Each version's blob is a string key of its own; pruning removed those of v1 and v2.
+    blob_keys = sorted(k.decode() for k in server.client().scan_iter("ps:{acme/sum}:v:*"))
+    assert blob_keys == [f"ps:{{acme/sum}}:v:{v}" for v in range(3, 8)]
     assert backend.delete("acme", "sum") is True
     assert backend.delete("acme", "sum") is False
     assert backend.latest_version("acme", "sum") is None and backend.list_tasks("acme") == []
@@ -126,7 +129,7 @@ def test_versions_pruning_and_delete(backend: RedisBackend, server: RedisServer)
     assert backend.put("acme", "sum", blob) == 8
     # Every key of the task carries the {tenant/task} hash tag (one Cluster slot); the index is per tenant.
     keys = sorted(k.decode() for k in server.client().scan_iter())
-    assert keys == [f"ps:{{acme/sum}}:{s}" for s in ("blob", "head", "latest", "seq")] + ["ps:{acme}:tasks"]
+    assert keys == [f"ps:{{acme/sum}}:{s}" for s in ("head", "latest", "seq", "v:8")] + ["ps:{acme}:tasks"]
 
 
 def test_reader_never_sees_a_pointer_without_its_blob(backend: RedisBackend) -> None:
@@ -196,9 +199,9 @@ def test_listing_reads_headers_not_blobs(backend: RedisBackend, server: RedisSer
 def test_corrupt_blob_is_never_served(backend: RedisBackend, server: RedisServer, offset: int) -> None:
     PrefixRegistry(backend, FP, max_virtual_tokens=16).upload("acme", "sum", make_kv())
     client = server.client()
-    data = bytearray(client.hget("ps:{acme/sum}:blob", "1"))  # type: ignore[arg-type]
+    data = bytearray(client.get("ps:{acme/sum}:v:1"))  # type: ignore[arg-type]
     data[offset] ^= 0x5A
-    client.hset("ps:{acme/sum}:blob", "1", bytes(data))
+    client.set("ps:{acme/sum}:v:1", bytes(data))
     cold = PrefixRegistry(backend, FP)
     for _ in range(2):  # and not cached after the first failure
         with pytest.raises(CorruptPrefix):
@@ -209,7 +212,7 @@ def test_single_flight_with_redis(backend: RedisBackend, server: RedisServer) ->
     PrefixRegistry(backend, FP, max_virtual_tokens=16).upload("acme", "sum", make_kv(p=16))
     cold = PrefixRegistry(RedisBackend(server.url), FP)
     client = server.client()
-    hget_before = _commandstats(client).get("hget", 0)
+    opens_before = _commandstats(client).get("strlen", 0)
     barrier = threading.Barrier(8)
     results: list[torch.Tensor] = []
 
@@ -223,7 +226,7 @@ def test_single_flight_with_redis(backend: RedisBackend, server: RedisServer) ->
     for t in threads:
         t.join()
     assert len(results) == 8 and all(r is results[0] for r in results)
-    assert _commandstats(client)["hget"] - hget_before == 1  # one blob read for eight requests
+    assert _commandstats(client)["strlen"] - opens_before == 1  # one blob read for eight requests
     cold.backend.close()
 
 

@@ -7,7 +7,7 @@ and version numbers and never look inside.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -22,6 +22,38 @@ class Invalidation:
     tenant: str | None
     task_id: str | None
     version: int | None
+
+
+class BlobReader(ABC):
+    """One stored version's blob, read in byte ranges (the registry reads large blobs in pieces).
+
+    ``size`` is the blob's length and ``first`` its first bytes, both fetched when the reader is opened. A stored
+    version never changes, so the pieces of one blob always fit together; if the version is deleted or pruned
+    between two reads, ``read`` raises PrefixNotFound (or, for stores that keep an open file, goes on reading it).
+    """
+
+    size: int
+    first: bytes
+
+    @abstractmethod
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``[start, end)`` range, in one round trip where the store allows it."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the reader holds (an open file)."""
+
+
+class WholeBlobReader(BlobReader):
+    """A reader over a blob already in memory: the fallback for stores that can only read whole blobs."""
+
+    def __init__(self, blob: bytes, first_bytes: int) -> None:
+        self._blob = blob
+        self.size = len(blob)
+        self.first = blob[:first_bytes]
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        view = memoryview(self._blob)
+        return [bytes(view[start:end]) for start, end in ranges]
 
 
 class PrefixBackend(ABC):
@@ -46,6 +78,14 @@ class PrefixBackend(ABC):
         By default the whole blob; backends that can read less should.
         """
         return self.get(tenant, task_id, version)
+
+    def open_blob(self, tenant: str, task_id: str, version: int, first_bytes: int) -> BlobReader:
+        """A reader of one version's blob, with its size and first ``first_bytes`` bytes (fewer if it is shorter)
+        already read; PrefixNotFound if absent.
+
+        By default the whole blob is read at once; backends that can read ranges should.
+        """
+        return WholeBlobReader(self.get(tenant, task_id, version), first_bytes)
 
     @abstractmethod
     def latest_version(self, tenant: str, task_id: str) -> int | None:

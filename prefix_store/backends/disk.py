@@ -15,10 +15,10 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from prefix_store.backends.base import PrefixBackend
+from prefix_store.backends.base import BlobReader, PrefixBackend
 from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
 
@@ -140,6 +140,20 @@ class DiskBackend(PrefixBackend):
         which = f"version {version}" if version is not None else "any version"
         raise PrefixNotFound(f"prefix {task_id!r} not found ({which})")
 
+    def open_blob(self, tenant: str, task_id: str, version: int, first_bytes: int) -> BlobReader:
+        path = self._task_dir(tenant, task_id) / version_filename(version)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise PrefixNotFound(f"prefix {task_id!r} not found (version {version})") from None
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read {path}: {e}") from e
+        try:
+            return _FileReader(fd, path, first_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+
     def list_tasks(self, tenant: str) -> list[str]:
         tenant_dir = self.root / validate_tenant(tenant)
         try:
@@ -164,6 +178,34 @@ class DiskBackend(PrefixBackend):
             raise StoreUnavailable(f"cannot delete {task_dir}: {e}") from e
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+
+class _FileReader(BlobReader):
+    """Ranges of one version's file, read from a descriptor opened once: a version file never changes, and a
+    prune or delete that unlinks it meanwhile leaves the open file readable to the end."""
+
+    def __init__(self, fd: int, path: Path, first_bytes: int) -> None:
+        self._fd, self._path = fd, path
+        try:
+            self.size = os.fstat(fd).st_size
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read {path}: {e}") from e
+        self.first = self._pread(0, min(first_bytes, self.size))
+
+    def _pread(self, start: int, end: int) -> bytes:
+        try:
+            data = os.pread(self._fd, end - start, start)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read {self._path}: {e}") from e
+        if len(data) != end - start:
+            raise StoreUnavailable(f"cannot read {self._path}: it ended at {start + len(data)}, not {end}")
+        return data
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [self._pread(start, end) for start, end in ranges]
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _unlink_quietly(path: Path) -> None:

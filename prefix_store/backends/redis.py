@@ -8,16 +8,23 @@ Redis Cluster slot, so a version write is a single-slot Lua script:
                              version number is never reused and a replica's
                              cached vN can never be mistaken for a newer upload
     ps:{T/K}:latest  STRING  newest stored version (the latest pointer)
-    ps:{T/K}:blob    HASH    version -> artifact bytes
+    ps:{T/K}:v:N     STRING  the artifact bytes of version N (a string, not a hash
+                             field, so large blobs can be read in ranges: GETRANGE)
     ps:{T/K}:head    HASH    version -> the artifact's safetensors header
-                             (listing and info read it, not the tensors)
+                             (listing and info read it, not the tensors); its
+                             fields are also the task's stored versions
     ps:{T}:tasks     SET     the tenant's task ids (the listing index)
 
+Stores written before blobs were strings hold them in `ps:{T/K}:blob`, a HASH
+version -> bytes: reads fall back to it, and deletes and pruning clear it.
+
 The blob, its header and the latest pointer change together inside one
-script, as does pruning to the newest `keep_versions`. The tenant index lives
-in another slot, so it is updated separately and idempotently: an entry may
-outlive its task (listing skips tasks with no latest pointer), but a stored
-version always has an entry (see `put` and `delete`).
+script, as does pruning to the newest `keep_versions`. The scripts name the
+version keys they prune or delete from the task's key prefix: those keys share
+the task's hash tag, so they are in the slot of the keys the script declares.
+The tenant index lives in another slot, so it is updated separately and
+idempotently: an entry may outlive its task (listing skips tasks with no latest
+pointer), but a stored version always has an entry (see `put` and `delete`).
 
 Writes publish `{"tenant", "task_id", "version"}` (version null for a delete)
 on `ps:invalidate:<db>` from inside the same script, so a notification is
@@ -33,7 +40,7 @@ import json
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,7 +48,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from prefix_store.backends.base import Invalidation, PrefixBackend
+from prefix_store.backends.base import BlobReader, Invalidation, PrefixBackend, WholeBlobReader
 from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
 
@@ -54,12 +61,13 @@ DEFAULT_SOCKET_TIMEOUT = 1.0
 # Subscriber reconnect backoff: doubles from the first value up to the cap.
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 1.0
 
-# KEYS: latest, blob, head. ARGV: version, blob, head, keep, channel, message.
+# KEYS: latest, head, the version's blob, the legacy blob hash.
+# ARGV: version, blob, header, keep, channel, message, the prefix of version keys ("ps:{T/K}:v:").
 # Returns the latest version after the write.
 _PUT_SCRIPT = """
 local v = tonumber(ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if v > latest then
   redis.call('SET', KEYS[1], ARGV[1])
@@ -72,26 +80,35 @@ if #stored > keep then
   for i, s in ipairs(stored) do versions[i] = tonumber(s) end
   table.sort(versions)
   for i = 1, #versions - keep do
+    redis.call('DEL', ARGV[7] .. versions[i])
     redis.call('HDEL', KEYS[2], versions[i])
-    redis.call('HDEL', KEYS[3], versions[i])
+    redis.call('HDEL', KEYS[4], versions[i])
   end
 end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return latest
 """
 
-# KEYS: latest, a version -> bytes hash. Returns {version, bytes} of the latest, or nil.
+# KEYS: latest, a version -> bytes hash. ARGV: the prefix of version keys, or "" to read the hash alone.
+# Returns {version, bytes} of the latest (its string key first, then the hash's field), or nil.
 _GET_LATEST_SCRIPT = """
 local v = redis.call('GET', KEYS[1])
 if not v then return nil end
-local data = redis.call('HGET', KEYS[2], v)
+local data = false
+if ARGV[1] ~= '' then data = redis.call('GET', ARGV[1] .. v) end
+if not data then data = redis.call('HGET', KEYS[2], v) end
 if not data then return nil end
 return {v, data}
 """
 
-# KEYS: latest, blob, head. ARGV: channel, message. Returns the number of keys removed.
+# KEYS: latest, head, the legacy blob hash. ARGV: channel, message, the prefix of version keys.
+# Returns the number of keys removed.
 _DELETE_SCRIPT = """
-local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+local n = 0
+for _, v in ipairs(redis.call('HKEYS', KEYS[2])) do
+  n = n + redis.call('DEL', ARGV[3] .. v)
+end
+n = n + redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 if n > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return n
 """
@@ -174,9 +191,13 @@ class RedisBackend(PrefixBackend):
         return f"ps:{{{tenant}/{task_id}}}"
 
     def _task_keys(self, tenant: str, task_id: str) -> tuple[str, str, str, str]:
-        """(seq, latest, blob, head) keys, all in one slot. Ids are validated: no braces get in."""
+        """(seq, latest, head, legacy blob hash) keys, all in one slot. Ids are validated: no braces get in."""
         tag = self._tag(validate_tenant(tenant), validate_task_id(task_id))
-        return f"{tag}:seq", f"{tag}:latest", f"{tag}:blob", f"{tag}:head"
+        return f"{tag}:seq", f"{tag}:latest", f"{tag}:head", f"{tag}:blob"
+
+    def _version_prefix(self, tenant: str, task_id: str) -> str:
+        """The prefix of the task's version keys: version N's blob is at this + "N"."""
+        return f"{self._tag(validate_tenant(tenant), validate_task_id(task_id))}:v:"
 
     @staticmethod
     def _index_key(tenant: str) -> str:
@@ -200,7 +221,8 @@ class RedisBackend(PrefixBackend):
     # -- writes ---------------------------------------------------------------
 
     def put(self, tenant: str, task_id: str, encode: Callable[[int], bytes]) -> int:
-        seq, latest, blob_key, head_key = self._task_keys(tenant, task_id)
+        seq, latest, head_key, legacy_key = self._task_keys(tenant, task_id)
+        prefix = self._version_prefix(tenant, task_id)
         index = self._index_key(tenant)
 
         def allocate() -> int:
@@ -219,7 +241,7 @@ class RedisBackend(PrefixBackend):
         self._call(
             "writing a version",
             lambda: self._put_script(
-                keys=[latest, blob_key, head_key],
+                keys=[latest, head_key, f"{prefix}{version}", legacy_key],
                 args=[
                     version,
                     blob,
@@ -227,6 +249,7 @@ class RedisBackend(PrefixBackend):
                     self.keep_versions,
                     self.channel,
                     self._message(tenant, task_id, version),
+                    prefix,
                 ],
             ),
         )
@@ -236,12 +259,14 @@ class RedisBackend(PrefixBackend):
         return version
 
     def delete(self, tenant: str, task_id: str) -> bool:
-        _, latest, blob_key, head_key = self._task_keys(tenant, task_id)
+        _, latest, head_key, legacy_key = self._task_keys(tenant, task_id)
+        prefix = self._version_prefix(tenant, task_id)
         index = self._index_key(tenant)
         removed = self._call(
             "deleting a task",
             lambda: self._delete_script(
-                keys=[latest, blob_key, head_key], args=[self.channel, self._message(tenant, task_id, None)]
+                keys=[latest, head_key, legacy_key],
+                args=[self.channel, self._message(tenant, task_id, None), prefix],
             ),
         )
 
@@ -263,14 +288,21 @@ class RedisBackend(PrefixBackend):
         return int(raw) if raw is not None else None
 
     def _read(self, tenant: str, task_id: str, version: int | None, head: bool) -> bytes:
-        _, latest, blob_key, head_key = self._task_keys(tenant, task_id)
-        key = head_key if head else blob_key
+        _, latest, head_key, legacy_key = self._task_keys(tenant, task_id)
+        prefix = "" if head else self._version_prefix(tenant, task_id)
+        fields = head_key if head else legacy_key
         if version is None:
             # Pointer and bytes in one script: never a pointer without its blob.
-            found = self._call("reading a prefix", lambda: self._get_latest_script(keys=[latest, key], args=[]))
+            found = self._call(
+                "reading a prefix", lambda: self._get_latest_script(keys=[latest, fields], args=[prefix])
+            )
             data = found[1] if found else None
+        elif head:
+            data = self._call("reading a prefix", lambda: self._client.hget(head_key, str(version)))
         else:
-            data = self._call("reading a prefix", lambda: self._client.hget(key, str(version)))
+            data = self._call("reading a prefix", lambda: self._client.get(f"{prefix}{version}"))
+            if data is None:  # stored before blobs were strings
+                data = self._call("reading a prefix", lambda: self._client.hget(legacy_key, str(version)))
         if data is None:
             which = f"version {version}" if version is not None else "any version"
             raise PrefixNotFound(f"prefix {task_id!r} not found ({which})")
@@ -281,6 +313,21 @@ class RedisBackend(PrefixBackend):
 
     def get_header(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
         return self._read(tenant, task_id, version, head=True)
+
+    def open_blob(self, tenant: str, task_id: str, version: int, first_bytes: int) -> BlobReader:
+        key = f"{self._version_prefix(tenant, task_id)}{version}"
+
+        def open_() -> tuple[int, bytes]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.strlen(key)
+            pipe.getrange(key, 0, first_bytes - 1)
+            size, first = pipe.execute()
+            return int(size), bytes(first)
+
+        size, first = self._call("reading a prefix", open_)
+        if size == 0:  # absent (no stored blob is empty), or stored before blobs were strings
+            return WholeBlobReader(self.get(tenant, task_id, version), first_bytes)
+        return _RangeReader(self, key, size, first, f"prefix {task_id!r} version {version}")
 
     def list_tasks(self, tenant: str) -> list[str]:
         index = self._index_key(tenant)
@@ -370,6 +417,28 @@ class RedisBackend(PrefixBackend):
         if subscriber is not None:
             subscriber.join(timeout=2.0)
         self._client.close()
+
+
+class _RangeReader(BlobReader):
+    """Ranges of one version's blob, by GETRANGE (all of one read in one pipeline)."""
+
+    def __init__(self, backend: RedisBackend, key: str, size: int, first: bytes, what: str) -> None:
+        self._backend, self._key, self._what = backend, key, what
+        self.size, self.first = size, first
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        def fetch() -> list[bytes]:
+            pipe = self._backend._client.pipeline(transaction=False)
+            for start, end in ranges:
+                pipe.getrange(self._key, start, end - 1)
+            return [bytes(part) for part in pipe.execute()]
+
+        parts = self._backend._call("reading a prefix", fetch)
+        for (start, end), part in zip(ranges, parts, strict=True):
+            # A version never changes, so a short piece means it was deleted (or pruned) since we opened it.
+            if len(part) != end - start:
+                raise PrefixNotFound(f"{self._what} was deleted while it was being read")
+        return parts
 
 
 def _parse_message(data: bytes | str) -> Invalidation | None:

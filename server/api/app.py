@@ -59,6 +59,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         max_virtual_tokens=config.max_virtual_tokens,
         max_upload_bytes=config.max_upload_bytes,
         max_concurrent_loads=config.max_concurrent_loads,
+        load_piece_bytes=config.load_piece_bytes,
         cpu_section=None if step_gaps is None else step_gaps.between_steps,
         on_load=on_load,
     )
