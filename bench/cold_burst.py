@@ -167,6 +167,11 @@ async def run(urls: dict[str, str], args: argparse.Namespace) -> dict[str, objec
     results = {name: {"none": [], "cold": [], "warm": [], "hot": []} for name in urls}
     loads: dict[str, list[float]] = {name: [] for name in urls}
     per_round: dict[str, list[dict[str, object]]] = {name: [] for name in urls}
+    for url in urls.values():
+        # Warm-up, not counted: in a fresh server's first round one decode step took ~290 ms against ~60-90
+        # (traced; once per server, in no later round), and that step alone set the round's no-burst p99.
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+            await one_round(client, args.streams, [], args.new_tokens)
     for r in range(args.rounds):
         for v, (name, url) in enumerate(urls.items()):
             async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:

@@ -3,8 +3,8 @@
 A P = 200 prefix of the default model is 9.2 MB. Fetched, hashed and unpacked at once, it costs ~20 ms of CPU
 on the cores that also run the decode steps (the store's side of the fetch too, when Redis is local), and the
 step it lands on shows it in every stream's inter-token latency. Read in pieces of ~2 MiB, each piece is
-fetched while a step runs, then hashed and copied into place between two steps (the ``section``): each step
-carries a fifth of the cost.
+fetched while a step runs, then hashed and copied into place between two steps (by ``run_cpu``, which the
+server points at the engine's step gaps): each step carries a fifth of the cost.
 
 The tensors are fetched in the order the checksum covers them (layer 0 key, layer 0 value, layer 1 key, ...),
 which is also the order of the unpacked ``[L, 2, H_kv, P, d]`` tensor, so the sha256 is computed as the pieces
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,18 @@ DEFAULT_PIECE_BYTES = 2 * 2**20
 
 # A range of the blob and where its bytes go in the unpacked tensor's bytes: (start, end, offset).
 Segment = tuple[int, int, int]
+T = TypeVar("T")
+
+
+class CpuRunner(Protocol):
+    """Runs a bite of CPU work somewhere (``StepGaps.run``: between two engine steps) and returns its result."""
+
+    def __call__(self, fn: Callable[[], T], /) -> T: ...
+
+
+def run_here(fn: Callable[[], T]) -> T:
+    """The plain CpuRunner: at once, on the calling thread."""
+    return fn()
 
 
 def plan_pieces(segments: list[Segment], piece_bytes: int) -> list[list[Segment]]:
@@ -60,11 +72,11 @@ def read_artifact(
     reader: BlobReader,
     *,
     piece_bytes: int = DEFAULT_PIECE_BYTES,
-    section: Callable[[], AbstractContextManager[object]],
+    run_cpu: CpuRunner = run_here,
 ) -> PrefixArtifact:
     """Decode and verify the artifact ``reader`` reads, in pieces of at most ``piece_bytes`` of tensor data.
 
-    ``section()`` wraps each bite of CPU work (hashing, unpacking); fetches run outside it. A blob of at
+    Each bite of CPU work (hashing, unpacking a piece) goes through ``run_cpu``; fetches never do. A blob of at
     most ``piece_bytes`` is read whole and decoded at once, and ``piece_bytes <= 0`` reads every blob whole.
     Raises what ``decode_artifact`` raises (CorruptPrefix, InvalidPrefix), and the reader's errors.
     """
@@ -72,8 +84,8 @@ def read_artifact(
     if len(first) < reader.size and (piece_bytes <= 0 or reader.size <= piece_bytes):
         first += reader.read([(len(first), reader.size)])[0]
     if len(first) >= reader.size:
-        with section():
-            return decode_artifact(first)
+        whole = first
+        return run_cpu(lambda: decode_artifact(whole))
 
     header_end = 8 + int.from_bytes(first[:8], "little") if len(first) >= 8 else 0
     if len(first) < header_end <= min(8 + MAX_HEADER_BYTES, reader.size):
@@ -91,12 +103,15 @@ def read_artifact(
     entry_bytes = entries[0].end - entries[0].start
     segments = [(entry.start, entry.end, i * entry_bytes) for i, entry in enumerate(entries)]
     digest = hashlib.sha256()
+
+    def take(piece: list[Segment], parts: list[bytes]) -> None:
+        for (_, _, offset), part in zip(piece, parts, strict=True):
+            digest.update(part)
+            out_bytes[offset : offset + len(part)] = np.frombuffer(part, dtype=np.uint8)
+
     for piece in plan_pieces(segments, piece_bytes):
-        parts = reader.read([(start, end) for start, end, _ in piece])  # network or disk: outside the section
-        with section():
-            for (_, _, offset), part in zip(piece, parts, strict=True):
-                digest.update(part)
-                out_bytes[offset : offset + len(part)] = np.frombuffer(part, dtype=np.uint8)
+        parts = reader.read([(start, end) for start, end, _ in piece])  # network or disk: never in run_cpu
+        run_cpu(lambda piece=piece, parts=parts: take(piece, parts))
     actual = digest.hexdigest()
     if actual != metadata.sha256:
         raise CorruptPrefix(

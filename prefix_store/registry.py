@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
 
 import torch
 
@@ -40,7 +39,7 @@ from prefix_store.errors import CorruptPrefix, InvalidPrefix, PrefixNotFound, Pr
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.ids import validate_task_id, validate_tenant
 from prefix_store.lru import ByteLRU
-from prefix_store.piecewise import DEFAULT_PIECE_BYTES, FIRST_READ_BYTES, read_artifact
+from prefix_store.piecewise import DEFAULT_PIECE_BYTES, FIRST_READ_BYTES, CpuRunner, read_artifact, run_here
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ _STORE_DOWN_MESSAGE = "the prefix store failed moments ago; retry shortly"
 DEFAULT_MAX_CONCURRENT_LOADS = 1
 # Smaller blobs unpack in well under a millisecond (~0.3 ms for a 10-token prefix of the default model): not
 # worth waiting up to a step for a gap, which would cap loads at one per step.
-DEFAULT_CPU_SECTION_MIN_BYTES = 2**20
+DEFAULT_CPU_WORK_MIN_BYTES = 2**20
 # Expired latest-version answers are swept once there are this many.
 _LATEST_SWEEP_AT = 4096
 
@@ -85,18 +84,18 @@ class PrefixRegistry:
         on_load: Callable[[float], None] | None = None,
         latest_ttl: float = DEFAULT_LATEST_TTL,
         max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
-        cpu_section: Callable[[], AbstractContextManager[object]] | None = None,
-        cpu_section_min_bytes: int = DEFAULT_CPU_SECTION_MIN_BYTES,
+        run_cpu_work: CpuRunner | None = None,
+        cpu_work_min_bytes: int = DEFAULT_CPU_WORK_MIN_BYTES,
         load_piece_bytes: int = DEFAULT_PIECE_BYTES,
     ) -> None:
         """`on_load`, if given, is called with the seconds each successful backend load took (metrics),
         not counting the wait for one of the `max_concurrent_loads` slots.
 
         A blob larger than `load_piece_bytes` is read in pieces of that many tensor bytes (see
-        prefix_store.piecewise); 0 reads every blob whole. `cpu_section`, if given, wraps the CPU-bound part of
-        each piece (verifying and unpacking, never the fetch itself) for blobs of at least
-        `cpu_section_min_bytes`: the server passes the engine's `StepGaps.between_steps` on a CPU device, so a
-        large load takes one piece per engine step.
+        prefix_store.piecewise); 0 reads every blob whole. `run_cpu_work`, if given, runs the CPU-bound part of
+        each piece (verifying and unpacking, never the fetch itself) for blobs of at least `cpu_work_min_bytes`:
+        the server passes the engine's `StepGaps.run` on a CPU device, so a large load takes one piece per
+        engine step.
 
         Subscribes to the backend's change notifications; `backend.close()` ends that.
         """
@@ -117,8 +116,8 @@ class PrefixRegistry:
         # Bumped by every change we hear of; a latest-version answer read across one is not kept.
         self._epoch = 0
         self._store_down_until = 0.0
-        self._cpu_section = cpu_section or contextlib.nullcontext
-        self._cpu_section_min_bytes = cpu_section_min_bytes
+        self._run_cpu_work = run_cpu_work or run_here
+        self._cpu_work_min_bytes = cpu_work_min_bytes
         self._load_piece_bytes = load_piece_bytes
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads) if max_concurrent_loads > 0 else None
         self.hits = 0
@@ -337,9 +336,9 @@ class PrefixRegistry:
         tenant, task_id, version = key
         reader = self.backend.open_blob(tenant, task_id, version, FIRST_READ_BYTES)
         try:
-            big = reader.size >= self._cpu_section_min_bytes
-            section = self._cpu_section if big else contextlib.nullcontext
-            artifact = read_artifact(reader, piece_bytes=self._load_piece_bytes, section=section)
+            big = reader.size >= self._cpu_work_min_bytes
+            run_cpu = self._run_cpu_work if big else run_here
+            artifact = read_artifact(reader, piece_bytes=self._load_piece_bytes, run_cpu=run_cpu)
         except InvalidPrefix as e:
             # We wrote it, so an unreadable stored blob is damage, not bad input.
             raise CorruptPrefix(f"stored prefix {task_id!r} v{version} is unreadable: {e}") from e

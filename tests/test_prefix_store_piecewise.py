@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -19,6 +19,8 @@ from prefix_store.piecewise import FIRST_READ_BYTES, plan_pieces, read_artifact
 from prefix_store.registry import PrefixRegistry
 from prefix_store.safetensors_io import read_header
 from tests.redis_server import RedisServer
+
+T = TypeVar("T")
 
 # 12 layers: safetensors stores them in name order (0, 1, 10, 11, 2, ...), not in the checksum's layer order.
 FP = ModelFingerprint("llama", num_layers=12, num_kv_heads=2, head_dim=8, vocab_size=128)
@@ -48,16 +50,15 @@ class CountingReader(WholeBlobReader):
         return super().read(ranges)
 
 
-class Sections:
-    """A section that counts its uses."""
+class CountingRunner:
+    """A CpuRunner that runs work at once and counts the bites."""
 
     def __init__(self) -> None:
-        self.entered = 0
+        self.runs = 0
 
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        self.entered += 1
-        yield
+    def __call__(self, fn: Callable[[], T]) -> T:
+        self.runs += 1
+        return fn()
 
 
 def test_pieces_cover_every_segment_in_order_within_the_budget() -> None:
@@ -86,8 +87,8 @@ def test_pieces_cover_every_segment_in_order_within_the_budget() -> None:
 @pytest.mark.parametrize("piece_bytes", [1000, ENTRY_BYTES, 3 * ENTRY_BYTES + 17, 10**6, 0])
 def test_read_in_pieces_equals_decoding_the_whole_blob(dtype: torch.dtype, piece_bytes: int) -> None:
     blob = make_blob(dtype=dtype)
-    reader, sections = CountingReader(blob), Sections()
-    artifact = read_artifact(reader, piece_bytes=piece_bytes, section=sections)
+    reader, runner = CountingReader(blob), CountingRunner()
+    artifact = read_artifact(reader, piece_bytes=piece_bytes, run_cpu=runner)
     whole = decode_artifact(blob)
     assert artifact.metadata == whole.metadata
     assert artifact.key_values.dtype == dtype and torch.equal(artifact.key_values, make_kv(dtype=dtype))
@@ -95,17 +96,17 @@ def test_read_in_pieces_equals_decoding_the_whole_blob(dtype: torch.dtype, piece
     if 0 < piece_bytes < tensor_bytes:
         # The header came with the first read; then one read per piece, none over the budget, one section each.
         pieces = -(-tensor_bytes // piece_bytes)
-        assert len(reader.reads) == pieces and sections.entered == pieces
+        assert len(reader.reads) == pieces and runner.runs == pieces
         assert all(sum(end - start for start, end in ranges) <= piece_bytes for ranges in reader.reads)
     else:
-        assert len(reader.reads) == 1 and sections.entered == 1  # the rest of the blob in one read
+        assert len(reader.reads) == 1 and runner.runs == 1  # the rest of the blob in one read
 
 
 def test_pieces_follow_the_checksum_order_not_the_file_order() -> None:
     blob = make_blob()
     header = read_header(blob)
     reader = CountingReader(blob)
-    read_artifact(reader, piece_bytes=ENTRY_BYTES, section=Sections())
+    read_artifact(reader, piece_bytes=ENTRY_BYTES, run_cpu=CountingRunner())
     # One tensor per piece: layer 0 key, layer 0 value, layer 1 key, ... wherever the file keeps them.
     expected = [
         [(header.tensors[f"layers.{i}.{kv}"].start, header.tensors[f"layers.{i}.{kv}"].end)]
@@ -127,14 +128,14 @@ def test_a_corrupt_tensor_byte_fails_the_checksum(where: str) -> None:
     }[where]
     blob[offset] ^= 0x01
     with pytest.raises(CorruptPrefix, match="failed its checksum"):
-        read_artifact(WholeBlobReader(bytes(blob), FIRST_READ_BYTES), piece_bytes=5000, section=Sections())
+        read_artifact(WholeBlobReader(bytes(blob), FIRST_READ_BYTES), piece_bytes=5000, run_cpu=CountingRunner())
 
 
 def test_a_truncated_blob_is_invalid_not_a_crash() -> None:
     blob = make_blob()
     for cut in (4, 200, len(blob) - 1):
         with pytest.raises(InvalidPrefix):
-            read_artifact(WholeBlobReader(blob[:cut], FIRST_READ_BYTES), piece_bytes=5000, section=Sections())
+            read_artifact(WholeBlobReader(blob[:cut], FIRST_READ_BYTES), piece_bytes=5000, run_cpu=CountingRunner())
 
 
 def _upload(backend: PrefixBackend, **registry_kwargs: object) -> PrefixRegistry:
@@ -151,13 +152,13 @@ def _cold_resolve(backend: PrefixBackend, **registry_kwargs: object) -> torch.Te
 def test_disk_store_reads_in_pieces_and_survives_a_delete_mid_read(tmp_path: Path) -> None:
     backend = DiskBackend(tmp_path)
     _upload(backend)
-    sections = Sections()
-    kv = _cold_resolve(backend, load_piece_bytes=ENTRY_BYTES, cpu_section=sections, cpu_section_min_bytes=1)
-    assert torch.equal(kv, make_kv()) and sections.entered == 2 * FP.num_layers
+    runner = CountingRunner()
+    kv = _cold_resolve(backend, load_piece_bytes=ENTRY_BYTES, run_cpu_work=runner, cpu_work_min_bytes=1)
+    assert torch.equal(kv, make_kv()) and runner.runs == 2 * FP.num_layers
     # The reader keeps the version's file open: deleting the task mid-read does not tear the load.
     reader = backend.open_blob("acme", "sum", 1, FIRST_READ_BYTES)
     backend.delete("acme", "sum")
-    artifact = read_artifact(reader, piece_bytes=ENTRY_BYTES, section=Sections())
+    artifact = read_artifact(reader, piece_bytes=ENTRY_BYTES, run_cpu=CountingRunner())
     reader.close()
     assert torch.equal(artifact.key_values, make_kv())
     with pytest.raises(PrefixNotFound):
@@ -188,11 +189,11 @@ def _calls(server: RedisServer, command: str) -> int:
 @needs_redis
 def test_redis_reads_a_large_prefix_in_pieces(redis_backend: RedisBackend, redis_server: RedisServer) -> None:
     _upload(redis_backend)
-    sections = Sections()
+    runner = CountingRunner()
     ranges_before = _calls(redis_server, "getrange")
-    kv = _cold_resolve(redis_backend, load_piece_bytes=3 * ENTRY_BYTES, cpu_section=sections, cpu_section_min_bytes=1)
+    kv = _cold_resolve(redis_backend, load_piece_bytes=3 * ENTRY_BYTES, run_cpu_work=runner, cpu_work_min_bytes=1)
     assert torch.equal(kv, make_kv())
-    assert sections.entered == 8  # 24 tensors, 3 a piece
+    assert runner.runs == 8  # 24 tensors, 3 a piece
     # The file keeps layers in name order: 0, 1, 10, 11, 2, 3, ..., 9. Pieces go in layer order, so
     # [1.value, 2.key, 2.value] and [9.key, 9.value, 10.key] are two ranges each, the other six pieces one.
     assert _calls(redis_server, "getrange") - ranges_before == 1 + 10  # the first read, then the pieces' ranges
@@ -221,25 +222,25 @@ def test_redis_version_deleted_mid_read_is_not_found(redis_backend: RedisBackend
     reader = redis_backend.open_blob("acme", "sum", 1, FIRST_READ_BYTES)
     redis_backend.delete("acme", "sum")
     with pytest.raises(PrefixNotFound, match="deleted while it was being read"):
-        read_artifact(reader, piece_bytes=ENTRY_BYTES, section=Sections())
+        read_artifact(reader, piece_bytes=ENTRY_BYTES, run_cpu=CountingRunner())
 
 
 @needs_redis
 def test_redis_down_mid_read_is_store_unavailable(redis_backend: RedisBackend, redis_server: RedisServer) -> None:
     _upload(redis_backend)
 
-    @contextlib.contextmanager
-    def stop_redis_after_the_first_piece() -> Iterator[None]:
-        yield
+    def stop_redis_after_the_first_piece(fn: Callable[[], T]) -> T:
+        result = fn()
         redis_server.stop()  # a no-op once it is stopped
+        return result
 
     registry = PrefixRegistry(
         redis_backend,
         FP,
         max_virtual_tokens=P,
         load_piece_bytes=ENTRY_BYTES,
-        cpu_section=stop_redis_after_the_first_piece,
-        cpu_section_min_bytes=1,
+        run_cpu_work=stop_redis_after_the_first_piece,
+        cpu_work_min_bytes=1,
     )
     with pytest.raises(StoreUnavailable):
         registry.resolve("acme", "sum")
@@ -285,10 +286,10 @@ def test_stores_open_ranges_not_whole_blobs(redis_backend: RedisBackend, tmp_pat
             backend.open_blob("acme", "sum", 2, FIRST_READ_BYTES)
 
 
-def test_section_is_applied_only_to_large_blobs(tmp_path: Path) -> None:
+def test_small_blobs_are_not_handed_to_the_runner(tmp_path: Path) -> None:
     backend = DiskBackend(tmp_path)
     _upload(backend)
-    sections = Sections()
-    small_enough = 10**9  # no blob reaches it: no section
-    _cold_resolve(backend, load_piece_bytes=ENTRY_BYTES, cpu_section=sections, cpu_section_min_bytes=small_enough)
-    assert sections.entered == 0
+    runner = CountingRunner()
+    small_enough = 10**9  # no blob reaches it: nothing goes through the runner
+    _cold_resolve(backend, load_piece_bytes=ENTRY_BYTES, run_cpu_work=runner, cpu_work_min_bytes=small_enough)
+    assert runner.runs == 0

@@ -79,25 +79,115 @@ def test_work_runs_at_once_while_the_engine_is_idle() -> None:
     assert gaps.gaps_given == 0
 
 
-def test_the_registry_unpacks_large_loaded_prefixes_in_its_cpu_section(tmp_path) -> None:
+def test_the_registry_unpacks_large_loaded_prefixes_between_steps(tmp_path) -> None:
     disk = DiskBackend(tmp_path)
     PrefixRegistry(disk, FP).upload("acme", "sum", make_kv())
     PrefixRegistry(disk, FP).upload("acme", "small", make_kv())
-    entered: list[int] = []
+    handed: list[int] = []
     gaps = StepGaps()
-    real = gaps.between_steps
 
-    def section():  # counts the registry's entries into the real section
-        entered.append(1)
-        return real()
+    def run(fn):  # counts what the registry hands to the real step gaps
+        handed.append(1)
+        return gaps.run(fn)
 
-    registry = PrefixRegistry(disk, FP, cpu_section=section, cpu_section_min_bytes=1)
-    registry.resolve("acme", "sum")  # cold: read, then unpacked in the section
+    registry = PrefixRegistry(disk, FP, run_cpu_work=run, cpu_work_min_bytes=1)
+    registry.resolve("acme", "sum")  # cold: read, then unpacked between steps
     registry.resolve("acme", "sum")  # resident: nothing to unpack
-    assert len(entered) == 1
+    assert len(handed) == 1
     # With the default threshold (1 MiB) a small prefix unpacks at once, without waiting for a gap.
-    PrefixRegistry(disk, FP, cpu_section=section).resolve("acme", "small")
-    assert len(entered) == 1
+    PrefixRegistry(disk, FP, run_cpu_work=run).resolve("acme", "small")
+    assert len(handed) == 1
+
+
+def test_run_hands_work_to_the_engine_thread_when_the_step_ends() -> None:
+    gaps = StepGaps()
+    in_step, end_step = threading.Event(), threading.Event()
+    order: list[str] = []
+    results: list[object] = []
+
+    def engine() -> None:
+        with gaps.step():
+            order.append("step 1")
+            in_step.set()
+            end_step.wait(5)
+            order.append("step 1 ends")
+        with gaps.step():
+            order.append("step 2")
+
+    def work() -> str:
+        order.append("work")
+        return threading.current_thread().name
+
+    engine_thread = threading.Thread(target=engine, name="engine")
+    engine_thread.start()
+    in_step.wait(5)
+    worker = threading.Thread(target=lambda: results.append(gaps.run(work)), name="worker")
+    worker.start()
+    assert not worker.join(0.2) and order == ["step 1"], "the work ran during a step"
+    end_step.set()
+    worker.join(5)
+    engine_thread.join(5)
+    # The engine thread ran it, after the step and before the next; the worker got its result.
+    assert order == ["step 1", "step 1 ends", "work", "step 2"]
+    assert results == ["engine"] and gaps.jobs_run_by_engine == 1
+
+
+def test_work_handed_over_during_a_gap_waits_for_the_next_step_and_errors_come_back() -> None:
+    gaps = StepGaps()
+    order: list[str] = []
+    in_step, end_step, spin = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    handing: list[threading.Thread] = []
+
+    def engine() -> None:
+        with gaps.step():
+            order.append("step 1")
+            in_step.set()
+            end_step.wait(5)
+        with gaps.step():
+            order.append("step 2")
+
+    def b() -> None:
+        order.append("b")
+        raise ValueError("bad piece")
+
+    def hand_over_b() -> None:
+        try:
+            gaps.run(b)
+        except ValueError as e:
+            errors.append(e)
+
+    def a() -> None:  # runs in step 1's gap and hands more work over meanwhile
+        order.append("a")
+        handing.append(threading.Thread(target=hand_over_b))
+        handing[0].start()
+        while not gaps._jobs:  # until b is queued behind us
+            spin.wait(0.001)
+
+    engine_thread = threading.Thread(target=engine)
+    engine_thread.start()
+    in_step.wait(5)
+    worker = threading.Thread(target=lambda: gaps.run(a))
+    worker.start()
+    end_step.set()
+    worker.join(5)
+    engine_thread.join(5)
+    handing[0].join(5)
+    # b came while a's gap was running: it waited for step 2's end, and its error reached its caller.
+    assert order == ["step 1", "a", "step 2", "b"]
+    assert [str(e) for e in errors] == ["bad piece"] and gaps.jobs_run_by_engine == 2
+
+
+def test_run_runs_at_once_while_idle_and_takes_work_back_from_a_stuck_step() -> None:
+    gaps = StepGaps(max_wait_s=0.2)
+    assert gaps.run(lambda: threading.current_thread().name) == threading.current_thread().name
+    with gaps.step():  # a step that never ends while the work waits: after max_wait_s the worker runs it
+        result: list[str] = []
+        worker = threading.Thread(target=lambda: result.append(gaps.run(lambda: "done")))
+        worker.start()
+        worker.join(5)
+        assert result == ["done"]
+    assert gaps.jobs_run_by_engine == 0
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")

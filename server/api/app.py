@@ -60,7 +60,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         max_upload_bytes=config.max_upload_bytes,
         max_concurrent_loads=config.max_concurrent_loads,
         load_piece_bytes=config.load_piece_bytes,
-        cpu_section=None if step_gaps is None else step_gaps.between_steps,
+        run_cpu_work=None if step_gaps is None else step_gaps.run,
         on_load=on_load,
     )
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
