@@ -21,7 +21,7 @@ independent in attention; padding is masked).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +181,48 @@ class Batch:
             keys=keys,
             values=values,
             attention_mask=mask,
+            next_positions=self.next_positions[index],
+            next_input_ids=self.next_input_ids[index],
+            sampling=self.sampling.filter(index),
+        )
+
+    def drop(self, leaving_request_ids: Collection[str]) -> Batch | None:
+        """The batch without the given requests' rows: the last rows move into their slots, in the same buffers.
+
+        On a CPU, ``filter`` copies every kept row into new buffers, and new memory is page-faulted in: dropping
+        one row of 16 took 17-26 ms that way (6-9 ms once the allocator reuses freed blocks), against ~0.6 ms
+        moving one row here. The row order changes, and the buffers keep the dropped rows' memory until they are
+        next reallocated (grown, joined or filtered).
+        Where columns become padding in every kept row, or on an accelerator (where a copy is cheap and a step
+        may still be reading these buffers), this is ``filter``.
+        """
+        leaving = set(self.indices_of(leaving_request_ids))
+        n, kept = len(self.rows), len(self.rows) - len(leaving)
+        if not leaving:
+            return self
+        in_order = [i for i in range(n) if i not in leaving]
+        if kept == 0 or self.attention_mask.device.type != "cpu":
+            return self.filter([self.rows[i].request_id for i in in_order])
+        if not bool(self.attention_mask[in_order].any(dim=0).all()):
+            return self.filter([self.rows[i].request_id for i in in_order])
+        # Each slot a leaving row frees below `kept` takes a kept row from beyond it.
+        holes = sorted(i for i in leaving if i < kept)
+        movers = [i for i in in_order if i >= kept]
+        order = list(range(kept))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:  # [B, H_kv, C, d]
+                for hole, mover in zip(holes, movers, strict=True):
+                    buffer[hole].copy_(buffer[mover])
+        index = torch.tensor(order, dtype=torch.int64)
+        keys, values = [k[:kept] for k in self.keys], [v[:kept] for v in self.values]
+        self.keys, self.values = [], []
+        return Batch(
+            rows=[self.rows[i] for i in order],
+            keys=keys,
+            values=values,
+            attention_mask=self.attention_mask[index],
             next_positions=self.next_positions[index],
             next_input_ids=self.next_input_ids[index],
             sampling=self.sampling.filter(index),

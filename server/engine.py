@@ -378,7 +378,7 @@ class Engine:
         """Hand out a decode step's tokens; the running groups lose the rows that ended."""
         left = self._hand_out(launched, observe=True)
         if left:
-            groups = [g.filter([r for r in g.request_ids if r not in left]) for g in self._groups]
+            groups = [g.drop(left) for g in self._groups]
             self._groups = [g for g in groups if g is not None]
 
     def _settle_ahead(self) -> None:

@@ -17,7 +17,7 @@ computed once at prefill:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +61,11 @@ class Seq2SeqBatch:
     @property
     def sampling(self) -> SamplingBatch:
         return self.decoder.sampling
+
+    def drop(self, leaving_request_ids: Collection[str]) -> Seq2SeqBatch | None:
+        """The batch without the given requests' rows (``filter``: cross-attention KV has no in-place path)."""
+        leaving = set(leaving_request_ids)
+        return self.filter([r for r in self.request_ids if r not in leaving])
 
     def filter(self, keep_request_ids: Sequence[str]) -> Seq2SeqBatch | None:
         """Keep the given requests; drop encoder columns that are padding in every kept row."""

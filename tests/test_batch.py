@@ -95,6 +95,40 @@ def test_filter_then_concatenate_round_trip() -> None:
     assert_same_rows(before, kept)
 
 
+def _by_request(batch: Batch) -> dict[str, tuple[int, int, int]]:
+    """Each row's position, input id and seed, by request: what must follow a row wherever it moves."""
+    return {
+        r.request_id: (int(p), int(t), int(s))
+        for r, p, t, s in zip(batch.rows, batch.next_positions, batch.next_input_ids, batch.sampling.seed, strict=True)
+    }
+
+
+def test_drop_moves_the_last_rows_into_the_freed_slots_in_place() -> None:
+    batch = make_batch("d", [4, 3, 4, 2, 4, 3], width=4)
+    before, before_rows = real_kv(batch), _by_request(batch)
+    buffer = batch.keys[0].data_ptr()
+    kept = batch.drop({"d1", "d4"})
+    assert kept is not None
+    kept.check()
+    # d1's slot takes d5, the last row; d4 was beyond the kept rows' slots: nothing to fill.
+    assert kept.request_ids == ["d0", "d5", "d2", "d3"]
+    assert kept.keys[0].data_ptr() == buffer and kept.keys[0].shape[0] == 4  # the same memory, no copy
+    assert_same_rows(before, kept)
+    assert _by_request(kept) == {r: before_rows[r] for r in kept.request_ids}
+    assert kept.drop(set()) is kept and kept.drop({"nobody"}) is kept
+
+
+def test_drop_filters_where_columns_could_be_trimmed_or_nothing_is_left() -> None:
+    batch = make_batch("e", [2, 9, 3, 4], width=9)
+    before = real_kv(batch)
+    kept = batch.drop({"e1"})  # the long row: its columns are padding in every kept row
+    assert kept is not None
+    kept.check()
+    assert kept.request_ids == ["e0", "e2", "e3"] and kept.width == 4  # what filter gives
+    assert_same_rows(before, kept)
+    assert kept.drop({"e0", "e2", "e3"}) is None
+
+
 def test_check_catches_inconsistency() -> None:
     batch = make_batch("c", [2, 3], width=4)
     batch.next_positions = torch.tensor([2, 4])

@@ -139,6 +139,25 @@ async def test_prefill_budget_spreads_admission_and_changes_no_token(base, prefi
         engine.shutdown()
 
 
+async def test_rows_leaving_one_by_one_change_nobody(base, prefixes, mode) -> None:
+    """Rows that end early leave their slots to the last rows (Batch.drop moves them within the buffers): every
+    request still decodes exactly what it decodes alone. Same prompt and prefix lengths, so no column is ever
+    padding in every kept row and the in-place path is the one taken."""
+    engine = make_engine(base, **mode)
+    try:
+        lengths = [3, 14, 5, 20, 9, 2, 11]
+        requests = [
+            GenerationRequest(prompt(80 + i, 5), SamplingParams(max_new_tokens=n), prefixes[1][0], "p1")
+            for i, n in enumerate(lengths)
+        ]
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests))
+        assert [tokens_of(e) for e in together] == alone
+        assert [len(t) for t in alone] == lengths
+    finally:
+        engine.shutdown()
+
+
 async def test_requests_joining_mid_decode_change_nobody(base, prefixes, mode) -> None:
     engine = make_engine(base, **mode)
     try:
