@@ -201,9 +201,8 @@ class Batch:
         if not leaving:
             return self
         in_order = [i for i in range(n) if i not in leaving]
-        if kept == 0 or self.attention_mask.device.type != "cpu":
-            return self.filter([self.rows[i].request_id for i in in_order])
-        if not bool(self.attention_mask[in_order].any(dim=0).all()):
+        on_cpu = self.attention_mask.device.type == "cpu"
+        if kept == 0 or not on_cpu or not bool(self.attention_mask[in_order].any(dim=0).all()):
             return self.filter([self.rows[i].request_id for i in in_order])
         # Each slot a leaving row frees below `kept` takes a kept row from beyond it.
         holes = sorted(i for i in leaving if i < kept)
