@@ -175,16 +175,7 @@ class Batch:
                 k, v = k.index_select(2, columns), v.index_select(2, columns)
             keys.append(k)
             values.append(v)
-        self.keys, self.values = [], []
-        return Batch(
-            rows=[self.rows[i] for i in keep],
-            keys=keys,
-            values=values,
-            attention_mask=mask,
-            next_positions=self.next_positions[index],
-            next_input_ids=self.next_input_ids[index],
-            sampling=self.sampling.filter(index),
-        )
+        return self._rows_at(keep, index, keys, values, mask)
 
     def drop(self, leaving_request_ids: Collection[str]) -> Batch | None:
         """The batch without the given requests' rows: the last rows move into their slots, in the same buffers.
@@ -216,12 +207,24 @@ class Batch:
                     buffer[hole].copy_(buffer[mover])
         index = torch.tensor(order, dtype=torch.int64)
         keys, values = [k[:kept] for k in self.keys], [v[:kept] for v in self.values]
+        return self._rows_at(order, index, keys, values, self.attention_mask[index])
+
+    def _rows_at(
+        self,
+        order: list[int],
+        index: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        attention_mask: torch.Tensor,
+    ) -> Batch:
+        """A batch of this one's rows at ``order`` (``index``: the same, as a tensor on the batch's device), with
+        their KV and mask already taken. This batch gives its buffers up."""
         self.keys, self.values = [], []
         return Batch(
             rows=[self.rows[i] for i in order],
             keys=keys,
             values=values,
-            attention_mask=self.attention_mask[index],
+            attention_mask=attention_mask,
             next_positions=self.next_positions[index],
             next_input_ids=self.next_input_ids[index],
             sampling=self.sampling.filter(index),
