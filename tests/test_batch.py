@@ -118,15 +118,41 @@ def test_drop_moves_the_last_rows_into_the_freed_slots_in_place() -> None:
     assert kept.drop(set()) is kept and kept.drop({"nobody"}) is kept
 
 
-def test_drop_filters_where_columns_could_be_trimmed_or_nothing_is_left() -> None:
+def test_drop_cuts_columns_padded_in_every_kept_row_off_the_front_without_a_copy() -> None:
     batch = make_batch("e", [2, 9, 3, 4], width=9)
-    before = real_kv(batch)
-    kept = batch.drop({"e1"})  # the long row: its columns are padding in every kept row
+    before, before_rows = real_kv(batch), _by_request(batch)
+    storage = batch.keys[0].untyped_storage().data_ptr()
+    kept = batch.drop({"e1"})  # the long row: its first five columns are padding in every kept row
     assert kept is not None
     kept.check()
-    assert kept.request_ids == ["e0", "e2", "e3"] and kept.width == 4  # what filter gives
+    assert kept.request_ids == ["e0", "e3", "e2"] and kept.width == 4  # the width filter gives, rows moved
+    assert kept.keys[0].untyped_storage().data_ptr() == storage  # a view of the same buffer
+    assert kept.keys[0].shape == (3, HEADS, 4, DIM)
     assert_same_rows(before, kept)
-    assert kept.drop({"e0", "e2", "e3"}) is None
+    assert _by_request(kept) == {r: before_rows[r] for r in kept.request_ids}
+    # The view grows and takes further drops like any buffer.
+    kept.make_room_for_step()
+    assert kept.keys[0].shape[2] > kept.width
+    again = kept.drop({"e3"})
+    assert again is not None
+    again.check()
+    assert again.request_ids == ["e0", "e2"] and again.width == 3
+    assert_same_rows(before, again)
+
+
+def test_drop_filters_where_padding_would_stay_between_real_columns_or_nothing_is_left() -> None:
+    batch = make_batch("g", [5, 4, 2], width=6)
+    # g0 holds two real columns, a padding column, then two more: [0, 1, 1, 0, 1, 1]; g2 only the last two.
+    batch.attention_mask[0, 3] = 0
+    batch.next_positions[0] = 4
+    batch.check()
+    before = real_kv(batch)
+    kept = batch.drop({"g1"})  # column 3 is then padding in every kept row, between real ones
+    assert kept is not None
+    kept.check()
+    assert kept.request_ids == ["g0", "g2"] and kept.width == 4  # filter's order and trim: column 3 is gone
+    assert_same_rows(before, kept)
+    assert kept.drop({"g0", "g2"}) is None
 
 
 def test_check_catches_inconsistency() -> None:

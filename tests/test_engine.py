@@ -158,6 +158,26 @@ async def test_rows_leaving_one_by_one_change_nobody(base, prefixes, mode) -> No
         engine.shutdown()
 
 
+async def test_longest_rows_leaving_first_change_nobody(base, prefixes, mode) -> None:
+    """The rows with the longest prompts end first. Where rows joined one by one (prompt chunks), the columns
+    before the others' real ones then become padding in every kept row, and Batch.drop cuts them off as views of
+    the same buffers (with separate prefills the padding sits between prefix and prompt: filter). Every request
+    still decodes what it decodes alone; with the moves skipped, the chunked modes fail."""
+    engine = make_engine(base, **mode)
+    try:
+        prompt_lengths, new_tokens = [11, 9, 7, 5, 3, 2], [2, 4, 6, 9, 12, 15]
+        requests = [
+            GenerationRequest(prompt(60 + i, n), SamplingParams(max_new_tokens=m), prefixes[1][0], "p1")
+            for i, (n, m) in enumerate(zip(prompt_lengths, new_tokens, strict=True))
+        ]
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests))
+        assert [tokens_of(e) for e in together] == alone
+        assert [len(t) for t in alone] == new_tokens
+    finally:
+        engine.shutdown()
+
+
 async def test_requests_joining_mid_decode_change_nobody(base, prefixes, mode) -> None:
     engine = make_engine(base, **mode)
     try:
