@@ -7,26 +7,29 @@ block is freed), they all come from the heap, and the freed holes between cached
 Measured with the default model's 460,800-byte prefixes: 4,000 uploads raised the server's RSS by 2,565 MiB for
 1,758 MiB of cached tensors, and in process ``malloc_trim(0)`` brought the excess from ~46% to 2%.
 
-``malloc_trim`` walks every arena under its lock and madvises the free pages away: 91 ms for a 2.6 GB heap with
-870 MB free, 4 ms when little is free. So the server asks for a trim after each prefix write or load, and one
-thread trims at most once per ``min_interval_s``, between engine steps (the engine's own allocations wait on the
-arena locks, and the walk is CPU work on the engine's cores). A fixed mmap threshold would avoid the holes
-instead, but every large activation would then be mapped and faulted in afresh: prefills took 1.5-1.7x as long.
+``malloc_trim`` walks every arena under its lock and madvises the free pages away: 91 ms for a 2.6 GB heap with 870
+MB free, 4 ms when little is free. So the server asks for a trim after each prefix write or load, and one thread
+trims at most once per ``min_interval_s``, between engine steps (the engine's own allocations wait on the arena
+locks, and the walk is CPU work on the engine's cores). While rows are decoding, a trim also waits for the engine to
+go idle, up to ``max_delay_s``: traced in a burst of cold loads, trims of 4-11 ms held the steps after them in 4 of
+the 6 slowest inter-token gaps. A fixed mmap threshold would avoid the holes instead, but every large activation
+would then be mapped and faulted in afresh: prefills took 1.5-1.7x as long.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import logging
 import threading
+import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL_S = 1.0
+MAX_DELAY_S = 10.0  # the longest a wanted trim waits for the engine to go idle
+_IDLE_POLL_S = 0.05
 
 
 def malloc_trim() -> Callable[[], object] | None:
@@ -41,25 +44,36 @@ def malloc_trim() -> Callable[[], object] | None:
     return lambda: function(0)
 
 
+def _run_here(fn: Callable[[], object]) -> object:
+    return fn()
+
+
 class HeapTrimmer:
-    """Coalesces trim requests: after a request, one trim within ``min_interval_s``, however many requests came."""
+    """Coalesces trim requests: after a request, one trim within ``min_interval_s``, however many requests came
+    (later while the engine is busy, up to ``max_delay_s``)."""
 
     def __init__(
         self,
         trim: Callable[[], object] | None,
         *,
         min_interval_s: float = MIN_INTERVAL_S,
-        section: Callable[[], AbstractContextManager[object]] | None = None,
+        run: Callable[[Callable[[], object]], object] | None = None,
+        busy: Callable[[], bool] | None = None,
+        max_delay_s: float = MAX_DELAY_S,
     ) -> None:
-        """``trim`` None: requests do nothing. ``section`` wraps each trim (the engine's ``between_steps``)."""
+        """``trim`` None: requests do nothing. ``run`` runs each trim (the engine's ``StepGaps.run``: between two
+        steps); ``busy`` says whether rows are decoding (the trim then waits, at most ``max_delay_s``)."""
         self._trim = trim
         self.min_interval_s = min_interval_s
-        self._section = section or contextlib.nullcontext
+        self.max_delay_s = max_delay_s
+        self._run_trim = run or _run_here
+        self._busy = busy or (lambda: False)
         self._wanted = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.trims = 0  # trims done (tests and logs read it)
+        self.trims_delayed = 0  # trims that waited for the engine to go idle (tests read it)
 
     @property
     def enabled(self) -> bool:
@@ -88,12 +102,24 @@ class HeapTrimmer:
             self._wanted.wait()
             if self._stopping.is_set():
                 return
+            if self._wait_for_idle():
+                return
             self._wanted.clear()  # requests from now on ask for the next trim
             try:
-                with self._section():
-                    self._trim()
+                self._run_trim(self._trim)
                 self.trims += 1
             except Exception:  # a trim is an optimisation: never let it end the thread
                 log.exception("malloc_trim failed")
             if self._stopping.wait(self.min_interval_s):
                 return
+
+    def _wait_for_idle(self) -> bool:
+        """Wait while the engine is busy, at most ``max_delay_s``; True when stopping."""
+        if not self._busy():
+            return False
+        self.trims_delayed += 1
+        deadline = time.monotonic() + self.max_delay_s
+        while self._busy() and time.monotonic() < deadline:
+            if self._stopping.wait(_IDLE_POLL_S):
+                return True
+        return False

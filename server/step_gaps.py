@@ -12,10 +12,9 @@ if none is, the worker runs it at once and the next step waits for it. The engin
 two thread wake-ups, each of which also waits for the GIL while the event loop is busy sending the step's
 tokens: measured in a cold burst, a 3 ms piece of a prefix load held the next step 5-10 ms when a worker ran it.
 
-``between_steps()`` is the same for a block that must run on the worker's own thread: it waits while a step
-runs, and when the step ends, the workers then waiting are owed the gap: the next step starts once they are
-done. Once the engine asks for its next step, no other worker starts, so a worker that keeps coming back cannot
-starve it. Network waits must stay outside both: the engine would idle through them.
+Once the engine asks for its next step, no worker starts its work itself any more (it hands it over), so a
+worker that keeps coming back cannot starve the engine. Network waits must stay outside ``run``: the engine
+would idle through them.
 """
 
 from __future__ import annotations
@@ -61,29 +60,25 @@ class StepGaps:
         self.max_wait_s = max_wait_s
         self._cond = threading.Condition()
         self._stepping = False
-        self._waiting = 0  # workers waiting for the running step to end
-        self._owed = 0  # workers that were waiting when the last step ended and have not started yet
-        self._inside = 0  # workers running between steps
-        self.gaps_given = 0  # steps that waited for workers (tests read it)
+        self._inside = 0  # workers running their work themselves (no step was running)
+        self.gaps_given = 0  # steps that waited for such work (tests read it)
         self._jobs: list[_Job[object]] = []  # handed over during the running step, run when it ends
         self.jobs_run_by_engine = 0  # (tests read it)
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        """The engine's side: one step, started once the workers owed a gap and those inside are done."""
+        """The engine's side: one step, started once work that workers run themselves is done."""
         with self._cond:
-            self._stepping = True  # from now on only workers owed a gap may start
-            if self._owed or self._inside:
+            self._stepping = True  # from now on work is handed over, not started by workers
+            if self._inside:
                 self.gaps_given += 1
-                self._cond.wait_for(lambda: self._owed == 0 and self._inside == 0)
+                self._cond.wait_for(lambda: self._inside == 0)
         try:
             yield
         finally:
             self._run_jobs()
             with self._cond:
                 self._stepping = False
-                self._owed = self._waiting
-                self._cond.notify_all()
 
     def _run_jobs(self) -> None:
         """The engine's side of ``run``: the work handed over during the step that just ended. Work handed over
@@ -97,7 +92,7 @@ class StepGaps:
     def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` between two steps: on the engine thread when the running step ends, or here at once while no
         step runs (the next one then waits for it). Waits at most ``max_wait_s`` for a step to end, then runs it
-        here during the step, as ``between_steps`` does. Returns what ``fn`` returns and raises what it raises."""
+        here during the step. Returns what ``fn`` returns and raises what it raises."""
         with self._cond:
             if not self._stepping:
                 self._inside += 1
@@ -121,20 +116,3 @@ class StepGaps:
                 return fn()
             job.done.wait()
         return job.outcome()
-
-    @contextmanager
-    def between_steps(self) -> Iterator[None]:
-        """A worker's side: run the block while no step runs (waits for the running step to end, at most
-        ``max_wait_s``)."""
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._stepping or self._owed > 0, timeout=self.max_wait_s)
-            self._waiting -= 1
-            self._owed = max(0, self._owed - 1)
-            self._inside += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._inside -= 1
-                self._cond.notify_all()

@@ -45,16 +45,40 @@ def test_requests_coalesce_into_one_trim_per_interval() -> None:
 def test_a_trim_waits_for_the_running_engine_step() -> None:
     gaps = StepGaps()
     order: list[str] = []
-    trimmer = HeapTrimmer(lambda: order.append("trim"), section=gaps.between_steps)
+    trimmer = HeapTrimmer(lambda: order.append(f"trim on {threading.current_thread().name}"), run=gaps.run)
     try:
         with gaps.step():
             trimmer.request()
-            time.sleep(0.2)  # the trimmer is waiting for the step to end
+            time.sleep(0.2)  # the trimmer has handed the trim over and waits for the step to end
             order.append("step ends")
-        wait_for(lambda: "trim" in order)
+        wait_for(lambda: len(order) == 2)
     finally:
         trimmer.close()
-    assert order == ["step ends", "trim"]
+    # The thread that ran the step (the engine's, in a server) ran the trim as the step ended.
+    assert order == ["step ends", f"trim on {threading.current_thread().name}"]
+
+
+def test_a_trim_waits_for_the_engine_to_go_idle_at_most_max_delay_s() -> None:
+    busy = threading.Event()
+    trimmed_at: list[float] = []
+    trimmer = HeapTrimmer(lambda: trimmed_at.append(time.monotonic()), busy=busy.is_set, max_delay_s=0.6)
+    try:
+        busy.set()
+        trimmer.request()
+        time.sleep(0.3)
+        assert trimmed_at == [] and trimmer.trims_delayed == 1  # rows are decoding: no trim yet
+        idle_at = time.monotonic()
+        busy.clear()
+        wait_for(lambda: len(trimmed_at) == 1)
+        assert trimmed_at[0] - idle_at < 0.3  # soon after the engine went idle
+        time.sleep(1.1)  # past min_interval_s
+        busy.set()  # busy from now on: the trim comes after max_delay_s all the same
+        asked_at = time.monotonic()
+        trimmer.request()
+        wait_for(lambda: len(trimmed_at) == 2)
+        assert trimmed_at[1] - asked_at >= 0.6 and trimmer.trims_delayed == 2
+    finally:
+        trimmer.close()
 
 
 def test_a_failing_trim_does_not_end_the_thread() -> None:

@@ -16,67 +16,33 @@ from tests.test_prefix_store_registry import FP, make_kv
 from tests.tiny_models import oracle_greedy
 
 
-def test_work_waits_for_the_running_step_and_the_next_step_waits_for_the_work() -> None:
+def test_work_run_while_idle_holds_the_next_step_until_it_is_done() -> None:
     gaps = StepGaps()
     order: list[str] = []
-    in_step, end_step, in_work, end_work = (threading.Event() for _ in range(4))
+    in_work, end_work = threading.Event(), threading.Event()
+
+    def work() -> None:
+        order.append("work")
+        in_work.set()
+        end_work.wait(5)
+        order.append("work done")
+
+    worker = threading.Thread(target=lambda: gaps.run(work))
+    worker.start()
+    assert in_work.wait(5)  # no step running: the worker runs it at once, itself
 
     def engine() -> None:
         with gaps.step():
-            order.append("step 1")
-            in_step.set()
-            end_step.wait(5)
-        with gaps.step():  # the worker that waited during step 1 runs first
-            order.append("step 2")
-
-    def worker() -> None:
-        with gaps.between_steps():
-            order.append("work")
-            in_work.set()
-            end_work.wait(5)
-        order.append("work done")
+            order.append("step")
 
     engine_thread = threading.Thread(target=engine)
     engine_thread.start()
-    in_step.wait(5)
-    worker_thread = threading.Thread(target=worker)
-    worker_thread.start()
-    assert not in_work.wait(0.2), "the work started during a step"
-    end_step.set()
-    assert in_work.wait(5)
-    assert not engine_thread.join(0.2) and order == ["step 1", "work"], "step 2 started during the work"
+    assert not engine_thread.join(0.2) and order == ["work"], "the step started during the work"
     end_work.set()
+    worker.join(5)
     engine_thread.join(5)
-    worker_thread.join(5)
-    assert order == ["step 1", "work", "work done", "step 2"]
-    assert gaps.gaps_given == 1
-
-
-def test_work_waits_at_most_max_wait_s_for_a_step_to_end() -> None:
-    """A step that never ends (here: one waiting for the work itself) delays the work by max_wait_s only."""
-    gaps = StepGaps(max_wait_s=0.2)
-    work_done = threading.Event()
-
-    def worker() -> None:
-        with gaps.between_steps():
-            work_done.set()
-
-    with gaps.step():
-        threading.Thread(target=worker).start()
-        assert work_done.wait(5), "the work waited for a step that waits for it"
-
-
-def test_work_runs_at_once_while_the_engine_is_idle() -> None:
-    gaps = StepGaps()
-    done = threading.Event()
-
-    def worker() -> None:
-        with gaps.between_steps():
-            done.set()
-
-    threading.Thread(target=worker).start()
-    assert done.wait(5)
-    assert gaps.gaps_given == 0
+    assert order == ["work", "work done", "step"]
+    assert gaps.gaps_given == 1 and gaps.jobs_run_by_engine == 0
 
 
 def test_the_registry_unpacks_large_loaded_prefixes_between_steps(tmp_path) -> None:
@@ -213,14 +179,16 @@ async def test_an_engine_with_step_gaps_never_steps_while_work_runs(tmp_path) ->
     stop = threading.Event()
     entries = 0
 
-    def worker() -> None:
+    def work() -> None:
         nonlocal entries
+        entries += 1
+        if in_forward.is_set():
+            violations.append("a forward ran during the work")
+
+    def worker() -> None:
         while not stop.is_set():
-            with gaps.between_steps():
-                entries += 1
-                if in_forward.is_set():
-                    violations.append("a forward ran during the work")
-                stop.wait(0.002)
+            gaps.run(work)
+            stop.wait(0.002)
 
     thread = threading.Thread(target=worker)
     thread.start()
@@ -233,4 +201,4 @@ async def test_an_engine_with_step_gaps_never_steps_while_work_runs(tmp_path) ->
         thread.join(5)
         engine.shutdown()
     assert not violations
-    assert entries > 0 and gaps.gaps_given > 0  # the worker got gaps while the engine was busy
+    assert entries > 0 and gaps.jobs_run_by_engine > 0  # the engine ran work between its steps

@@ -44,25 +44,6 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     source = store_url.partition("://")[0].lower() if "://" in store_url else "disk"  # a bare path is a disk store
     # On a CPU the engine's threads take every core: prefix loads unpack between its steps (server/step_gaps.py).
     step_gaps = StepGaps() if model.device.type == "cpu" else None
-    heap_trimmer = HeapTrimmer(malloc_trim(), section=None if step_gaps is None else step_gaps.between_steps)
-    observe_load = None if metrics is None else metrics.load_observer(source)
-
-    def on_load(seconds: float) -> None:
-        if observe_load is not None:
-            observe_load(seconds)
-        heap_trimmer.request()  # the load freed its blob, and may have evicted others
-
-    registry = PrefixRegistry(
-        backend,
-        model.fingerprint,
-        host_cache_bytes=config.host_cache_bytes,
-        max_virtual_tokens=config.max_virtual_tokens,
-        max_upload_bytes=config.max_upload_bytes,
-        max_concurrent_loads=config.max_concurrent_loads,
-        load_piece_bytes=config.load_piece_bytes,
-        run_cpu_work=None if step_gaps is None else step_gaps.run,
-        on_load=on_load,
-    )
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
     # Decoder-only runners replay fixed-shape decode steps from CUDA graphs on a GPU unless told not to.
     steps = (
@@ -95,6 +76,28 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         ),
         metrics=None if metrics is None else metrics.engine,
         step_gaps=step_gaps,
+    )
+    # Trims run between steps, and wait for the engine to go idle while rows decode (server/heap_trim.py).
+    heap_trimmer = HeapTrimmer(
+        malloc_trim(), run=None if step_gaps is None else step_gaps.run, busy=lambda: engine.num_running > 0
+    )
+    observe_load = None if metrics is None else metrics.load_observer(source)
+
+    def on_load(seconds: float) -> None:
+        if observe_load is not None:
+            observe_load(seconds)
+        heap_trimmer.request()  # the load freed its blob, and may have evicted others
+
+    registry = PrefixRegistry(
+        backend,
+        model.fingerprint,
+        host_cache_bytes=config.host_cache_bytes,
+        max_virtual_tokens=config.max_virtual_tokens,
+        max_upload_bytes=config.max_upload_bytes,
+        max_concurrent_loads=config.max_concurrent_loads,
+        load_piece_bytes=config.load_piece_bytes,
+        run_cpu_work=None if step_gaps is None else step_gaps.run,
+        on_load=on_load,
     )
     if config.compile_decode and isinstance(runner, ModelRunner):
         runner.compile_decode_steps(engine.max_groups)  # before traffic: each compile takes a while
