@@ -166,12 +166,8 @@ def test_disk_store_reads_in_pieces_and_survives_a_delete_mid_read(tmp_path: Pat
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.workdir.mkdir()
-    server.start()
-    yield server
-    server.stop()
+def redis_server(make_redis_server: Callable[..., RedisServer]) -> RedisServer:
+    return make_redis_server()
 
 
 @pytest.fixture

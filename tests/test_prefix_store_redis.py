@@ -14,7 +14,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -39,24 +38,8 @@ def make_kv(p: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    servers: list[RedisServer] = []
-
-    def make(**kwargs: object) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(servers)}", **kwargs)  # type: ignore[arg-type]
-        server.workdir.mkdir()
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def server(make_server: Callable[..., RedisServer]) -> RedisServer:
-    return make_server()
+def server(make_redis_server: Callable[..., RedisServer]) -> RedisServer:
+    return make_redis_server()
 
 
 @pytest.fixture
@@ -230,8 +213,8 @@ def test_single_flight_with_redis(backend: RedisBackend, server: RedisServer) ->
     cold.backend.close()
 
 
-def test_store_url_and_password_never_shown(make_server: Callable[..., RedisServer]) -> None:
-    server = make_server(password=PASSWORD)
+def test_store_url_and_password_never_shown(make_redis_server: Callable[..., RedisServer]) -> None:
+    server = make_redis_server(password=PASSWORD)
     backend = open_backend(server.url)
     assert isinstance(backend, RedisBackend) and PASSWORD not in backend.describe()
     assert backend.put("acme", "sum", lambda v: b"x") == 1
@@ -299,9 +282,9 @@ def test_missed_messages_are_caught_by_the_version_check(
 
 
 def test_redis_down_and_back(
-    make_server: Callable[..., RedisServer], open_registry: Callable[..., PrefixRegistry]
+    make_redis_server: Callable[..., RedisServer], open_registry: Callable[..., PrefixRegistry]
 ) -> None:
-    server = make_server(persistent=True, password=PASSWORD)
+    server = make_redis_server(persistent=True, password=PASSWORD)
     a = open_registry(server.url)
     b = open_registry(server.url, latest_ttl=0.05)
     events: list[Invalidation] = []
@@ -342,8 +325,8 @@ def test_redis_down_and_back(
     eventually(lambda: Invalidation("acme", "hot", 2) in events, within=1.0)
 
 
-def test_write_interrupted_by_a_crash_leaves_nothing_partial(make_server: Callable[..., RedisServer]) -> None:
-    server = make_server(persistent=True)
+def test_write_interrupted_by_a_crash_leaves_nothing_partial(make_redis_server: Callable[..., RedisServer]) -> None:
+    server = make_redis_server(persistent=True)
     backend = RedisBackend(server.url)
     backend.put("acme", "sum", lambda v: b"v1")
 

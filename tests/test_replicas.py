@@ -48,12 +48,8 @@ def eventually(check: Callable[[], bool], within: float) -> float:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", persistent=True)  # AOF: a restart keeps what was written
-    server.workdir.mkdir()
-    server.start()
-    yield server
-    server.stop()
+def redis_server(make_redis_server: Callable[..., RedisServer]) -> RedisServer:
+    return make_redis_server(persistent=True)  # AOF: a restart keeps what was written
 
 
 @pytest.fixture
