@@ -252,6 +252,10 @@ def test_redis_reads_and_deletes_blobs_stored_in_the_old_layout(
     blob = client.get("ps:{acme/sum}:v:1")
     client.delete("ps:{acme/sum}:v:1")
     client.hset("ps:{acme/sum}:blob", "1", blob)  # type: ignore[arg-type]
+    gets, hgets = _calls(redis_server, "get"), _calls(redis_server, "hget")
+    reader = redis_backend.open_blob("acme", "sum", 1, FIRST_READ_BYTES)
+    assert reader.size == len(blob)  # found in the old hash in the opening round trip: no GET, one HGET
+    assert (_calls(redis_server, "get"), _calls(redis_server, "hget")) == (gets, hgets + 1)
     for piece_bytes in (ENTRY_BYTES, 0):
         assert torch.equal(_cold_resolve(redis_backend, load_piece_bytes=piece_bytes), make_kv())
     assert redis_backend.get("acme", "sum") == blob and redis_backend.get("acme", "sum", 1) == blob

@@ -316,18 +316,22 @@ class RedisBackend(PrefixBackend):
 
     def open_blob(self, tenant: str, task_id: str, version: int, first_bytes: int) -> BlobReader:
         key = f"{self._version_prefix(tenant, task_id)}{version}"
+        legacy_key = self._task_keys(tenant, task_id)[3]
 
-        def open_() -> tuple[int, bytes]:
+        def open_() -> tuple[int, bytes, bytes | None]:
             pipe = self._client.pipeline(transaction=False)
             pipe.strlen(key)
             pipe.getrange(key, 0, first_bytes - 1)
-            size, first = pipe.execute()
-            return int(size), bytes(first)
+            pipe.hget(legacy_key, str(version))  # nil unless stored before blobs were strings
+            size, first, legacy = pipe.execute()
+            return int(size), bytes(first), legacy
 
-        size, first = self._call("reading a prefix", open_)
-        if size == 0:  # absent (no stored blob is empty), or stored before blobs were strings
-            return WholeBlobReader(self.get(tenant, task_id, version), first_bytes)
-        return _RangeReader(self, key, size, first, f"prefix {task_id!r} version {version}")
+        size, first, legacy = self._call("reading a prefix", open_)
+        if size:
+            return _RangeReader(self, key, size, first, f"prefix {task_id!r} version {version}")
+        if legacy is None:  # no stored blob is empty: absent
+            raise PrefixNotFound(f"prefix {task_id!r} not found (version {version})")
+        return WholeBlobReader(bytes(legacy), first_bytes)
 
     def list_tasks(self, tenant: str) -> list[str]:
         index = self._index_key(tenant)
