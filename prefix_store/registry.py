@@ -397,12 +397,21 @@ class PrefixRegistry:
         Tasks deleted meanwhile are skipped; so are unreadable ones (logged).
         """
         validate_tenant(tenant)
+        try:
+            task_ids = self.backend.list_tasks(tenant)
+            headers = self.backend.latest_headers(tenant, task_ids)  # batched where the store allows
+        except StoreUnavailable:
+            self._open_circuit()
+            raise
+        with self._lock:
+            self._store_down_until = 0.0  # the store answered: cold loads may try it again
         out: builtins.list[PrefixMetadata] = []
-        for task_id in self.backend.list_tasks(tenant):
-            try:
-                out.append(self.info(tenant, task_id))
-            except PrefixNotFound:
+        for task_id in task_ids:
+            header = headers.get(task_id)
+            if header is None:  # deleted since it was listed
                 continue
-            except CorruptPrefix as e:
-                logger.warning("skipping %s/%s in listing: %s", tenant, task_id, e)
+            try:
+                out.append(read_metadata(header))
+            except InvalidPrefix as e:
+                logger.warning("skipping %s/%s in listing: stored prefix is unreadable: %s", tenant, task_id, e)
         return out

@@ -21,6 +21,7 @@ import torch
 
 from prefix_store.artifact import decode_artifact
 from prefix_store.backends import Invalidation, RedisBackend, open_backend
+from prefix_store.backends import redis as redis_backend_module
 from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.registry import PrefixRegistry
@@ -163,6 +164,32 @@ def test_listing_uses_the_index_not_keys(backend: RedisBackend, server: RedisSer
     assert [(m.task_id, m.version) for m in cold.list("acme")] == [("a", 1), ("b", 1), ("c", 1)]
     stats = _commandstats(client)
     assert "keys" not in stats and "scan" not in stats and "sscan" in stats
+    cold.backend.close()
+
+
+def test_listing_reads_the_latest_headers_in_batched_round_trips(
+    backend: RedisBackend, server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = PrefixRegistry(backend, FP, max_virtual_tokens=16)
+    tasks = [f"t{i}" for i in range(10)]
+    for task in tasks:
+        registry.upload("acme", task, make_kv())
+    registry.upload("acme", "t3", make_kv(seed=1))  # a second version: the latest is listed
+    server.client().hset("ps:{acme/t7}:head", "1", b"not a header")  # unreadable: skipped, with a warning
+    batches: list[int] = []
+    real_execute = redis.client.Pipeline.execute
+
+    def counting_execute(self: redis.client.Pipeline, *args: object, **kwargs: object) -> object:
+        batches.append(len(self.command_stack))
+        return real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis_backend_module, "_LIST_BATCH", 4)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting_execute)
+    headers = backend.latest_headers("acme", [*tasks, "ghost"])  # "ghost" has no version (deleted meanwhile)
+    assert batches == [4, 4, 3] and sorted(headers) == sorted(tasks)
+    cold = PrefixRegistry(RedisBackend(server.url), FP)
+    listed = cold.list("acme")
+    assert [(m.task_id, m.version) for m in listed] == [(t, 2 if t == "t3" else 1) for t in tasks if t != "t7"]
     cold.backend.close()
 
 

@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from prefix_store.errors import PrefixNotFound
+
 
 @dataclass(frozen=True)
 class Invalidation:
@@ -78,6 +80,20 @@ class PrefixBackend(ABC):
         By default the whole blob; backends that can read less should.
         """
         return self.get(tenant, task_id, version)
+
+    def latest_headers(self, tenant: str, task_ids: Sequence[str]) -> dict[str, bytes]:
+        """``get_header`` of each task's latest version, by task id; tasks with no version are left out.
+
+        By default one ``get_header`` per task; backends that can batch the reads (listing a tenant's 10,000
+        prefixes) should.
+        """
+        out: dict[str, bytes] = {}
+        for task_id in task_ids:
+            try:
+                out[task_id] = self.get_header(tenant, task_id)
+            except PrefixNotFound:
+                continue
+        return out
 
     def open_blob(self, tenant: str, task_id: str, version: int, first_bytes: int) -> BlobReader:
         """A reader of one version's blob, with its size and first ``first_bytes`` bytes (fewer if it is shorter)

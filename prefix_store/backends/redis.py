@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 # under 2 s instead of hanging; `?socket_timeout=...` in the URL overrides them.
 DEFAULT_CONNECT_TIMEOUT = 0.5
 DEFAULT_SOCKET_TIMEOUT = 1.0
+# Tasks whose headers one listing round trip reads (a few KiB each).
+_LIST_BATCH = 500
 # Subscriber reconnect backoff: doubles from the first value up to the cap.
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 1.0
 
@@ -313,6 +315,24 @@ class RedisBackend(PrefixBackend):
 
     def get_header(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
         return self._read(tenant, task_id, version, head=True)
+
+    def latest_headers(self, tenant: str, task_ids: Sequence[str]) -> dict[str, bytes]:
+        # One pipeline of the get-latest script per batch of tasks: 10,000 one-at-a-time reads took 7.6 s here.
+        out: dict[str, bytes] = {}
+        for start in range(0, len(task_ids), _LIST_BATCH):
+            batch = task_ids[start : start + _LIST_BATCH]
+
+            def fetch(batch: Sequence[str] = batch) -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for task_id in batch:
+                    _, latest, head_key, _ = self._task_keys(tenant, task_id)
+                    self._get_latest_script(keys=[latest, head_key], args=[""], client=pipe)
+                return pipe.execute()
+
+            for task_id, found in zip(batch, self._call("listing prefixes", fetch), strict=True):
+                if found:  # nil: deleted since it was listed
+                    out[task_id] = bytes(found[1])
+        return out
 
     def open_blob(self, tenant: str, task_id: str, version: int, first_bytes: int) -> BlobReader:
         key = f"{self._version_prefix(tenant, task_id)}{version}"
