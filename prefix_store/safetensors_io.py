@@ -53,15 +53,13 @@ def _parse_entry(name: str, raw: object, data_len: int, data_start: int) -> Tens
     if dtype_name not in DTYPES:
         raise InvalidPrefix(f"tensor {name!r}: unsupported dtype {dtype_name!r} (want one of {list(DTYPES)})")
     dtype = DTYPES[str(dtype_name)]
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+    # `type(x) is int`, not isinstance: JSON gives exact ints, and a bool (an int subclass) is refused with it.
+    # This runs for every tensor of every header a listing reads (60 per prefix of the default model).
+    if type(shape) is not list or not all(type(s) is int for s in shape):
         raise InvalidPrefix(f"tensor {name!r}: shape must be a list of integers")
-    if any(s < 0 for s in shape):
+    if shape and min(shape) < 0:
         raise InvalidPrefix(f"tensor {name!r}: negative dimension in shape {shape}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-    ):
+    if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
         raise InvalidPrefix(f"tensor {name!r}: data_offsets must be two integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:

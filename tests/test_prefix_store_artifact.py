@@ -169,6 +169,10 @@ def _tamper(mutate) -> bytes:  # type: ignore[no-untyped-def]
         (lambda h: h["layers.1.key"].update(shape=[2, 8, 4]), "expected"),
         (lambda h: h["layers.1.key"].update(data_offsets=[0, 10**9]), "outside the data"),
         (lambda h: h["layers.1.key"].update(data_offsets=[0]), "data_offsets"),
+        (lambda h: h["layers.1.key"].update(data_offsets=[0, True]), "data_offsets must be two integers"),
+        (lambda h: h["layers.1.key"].update(shape=[2, True, 4]), "shape must be a list of integers"),
+        (lambda h: h["layers.1.key"].update(shape=[2, 8.0, 4]), "shape must be a list of integers"),
+        (lambda h: h["layers.1.key"].update(shape="2x8x4"), "shape must be a list of integers"),
     ],
 )
 def test_malformed_artifacts_are_invalid(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
