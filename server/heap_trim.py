@@ -11,9 +11,9 @@ Measured with the default model's 460,800-byte prefixes: 4,000 uploads raised th
 MB free, 4 ms when little is free. So the server asks for a trim after each prefix write or load, and one thread
 trims at most once per ``min_interval_s``, between engine steps (the engine's own allocations wait on the arena
 locks, and the walk is CPU work on the engine's cores). While rows are decoding, a trim also waits for the engine to
-go idle, up to ``max_delay_s``: traced in a burst of cold loads, trims of 4-11 ms held the steps after them in 4 of
-the 6 slowest inter-token gaps. A fixed mmap threshold would avoid the holes instead, but every large activation
-would then be mapped and faulted in afresh: prefills took 1.5-1.7x as long.
+go idle, up to ``max_delay_s``: traced in bursts of cold loads, trims of 3-12 ms came right before the step in 5 of
+the 8 slowest inter-token gaps (the two slowest of four rounds). A fixed mmap threshold would avoid the holes
+instead, but every large activation would then be mapped and faulted in afresh: prefills took 1.5-1.7x as long.
 """
 
 from __future__ import annotations
