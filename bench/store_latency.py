@@ -165,7 +165,7 @@ def main() -> None:
         t_list = time.perf_counter() - started
         assert len(names) == len(listing) == args.many
         print(f"  listing task ids: {t_ids * 1e3:.0f} ms (backend.list_tasks: SSCAN + pipelined EXISTS)")
-        print(f"  listing with metadata: {t_list * 1e3:.0f} ms (registry.list, cold: latest version + header per task)")
+        print(f"  listing with metadata: {t_list * 1e3:.0f} ms (registry.list, cold: the latest headers, batched)")
 
         # Host memory of resident prefixes: RSS growth while the registry's host cache fills.
         n = args.resident
