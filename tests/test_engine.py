@@ -139,35 +139,24 @@ async def test_prefill_budget_spreads_admission_and_changes_no_token(base, prefi
         engine.shutdown()
 
 
-async def test_rows_leaving_one_by_one_change_nobody(base, prefixes, mode) -> None:
+@pytest.mark.parametrize(
+    ("prompt_lengths", "new_tokens"),
+    [([5] * 7, [3, 14, 5, 20, 9, 2, 11]), ([11, 9, 7, 5, 3, 2], [2, 4, 6, 9, 12, 15])],
+    ids=["same-lengths", "longest-first"],
+)
+async def test_rows_leaving_early_change_nobody(base, prefixes, mode, prompt_lengths, new_tokens) -> None:
     """Rows that end early leave their slots to the last rows (Batch.drop moves them within the buffers): every
-    request still decodes exactly what it decodes alone. Same prompt and prefix lengths, so no column is ever
-    padding in every kept row and the in-place path is the one taken."""
+    request still decodes exactly what it decodes alone.
+
+    same-lengths: no column is ever padding in every kept row, so rows only move. longest-first: the longest
+    prompts end first; where rows joined one by one (prompt chunks), the columns before the others' real ones
+    then become padding in every kept row, and drop also cuts them off as views of the same buffers (with
+    separate prefills the padding sits between prefix and prompt: filter). With the moves skipped, the first case
+    fails in every mode and the second in the chunked ones."""
     engine = make_engine(base, **mode)
     try:
-        lengths = [3, 14, 5, 20, 9, 2, 11]
         requests = [
-            GenerationRequest(prompt(80 + i, 5), SamplingParams(max_new_tokens=n), prefixes[1][0], "p1")
-            for i, n in enumerate(lengths)
-        ]
-        alone = [tokens_of(await collect(engine, r)) for r in requests]
-        together = await asyncio.gather(*(collect(engine, r) for r in requests))
-        assert [tokens_of(e) for e in together] == alone
-        assert [len(t) for t in alone] == lengths
-    finally:
-        engine.shutdown()
-
-
-async def test_longest_rows_leaving_first_change_nobody(base, prefixes, mode) -> None:
-    """The rows with the longest prompts end first. Where rows joined one by one (prompt chunks), the columns
-    before the others' real ones then become padding in every kept row, and Batch.drop cuts them off as views of
-    the same buffers (with separate prefills the padding sits between prefix and prompt: filter). Every request
-    still decodes what it decodes alone; with the moves skipped, the chunked modes fail."""
-    engine = make_engine(base, **mode)
-    try:
-        prompt_lengths, new_tokens = [11, 9, 7, 5, 3, 2], [2, 4, 6, 9, 12, 15]
-        requests = [
-            GenerationRequest(prompt(60 + i, n), SamplingParams(max_new_tokens=m), prefixes[1][0], "p1")
+            GenerationRequest(prompt(80 + i, n), SamplingParams(max_new_tokens=m), prefixes[1][0], "p1")
             for i, (n, m) in enumerate(zip(prompt_lengths, new_tokens, strict=True))
         ]
         alone = [tokens_of(await collect(engine, r)) for r in requests]
