@@ -44,10 +44,6 @@ def malloc_trim() -> Callable[[], object] | None:
     return lambda: function(0)
 
 
-def _run_here(fn: Callable[[], object]) -> object:
-    return fn()
-
-
 class HeapTrimmer:
     """Coalesces trim requests: after a request, one trim within ``min_interval_s``, however many requests came
     (later while the engine is busy, up to ``max_delay_s``)."""
@@ -66,7 +62,7 @@ class HeapTrimmer:
         self._trim = trim
         self.min_interval_s = min_interval_s
         self.max_delay_s = max_delay_s
-        self._run_trim = run or _run_here
+        self._run_trim = run or (lambda fn: fn())
         self._busy = busy or (lambda: False)
         self._wanted = threading.Event()
         self._stopping = threading.Event()
