@@ -219,8 +219,8 @@ class PrefixRegistry:
         except StoreUnavailable:
             self._open_circuit()
             raise
+        self._close_circuit()
         with self._lock:
-            self._store_down_until = 0.0
             if epoch == self._epoch:  # no change was heard of while we asked
                 if len(self._latest) >= _LATEST_SWEEP_AT:
                     self._latest = {t: a for t, a in self._latest.items() if asked - a[1] < self.latest_ttl}
@@ -311,6 +311,11 @@ class PrefixRegistry:
         """The store just failed: for ``_STORE_DOWN_HOLD`` seconds, serve what is resident and fail cold loads."""
         with self._lock:
             self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+
+    def _close_circuit(self) -> None:
+        """The store answered: cold loads may try it again."""
+        with self._lock:
+            self._store_down_until = 0.0
 
     def _circuit_open(self) -> bool:
         with self._lock:
@@ -403,8 +408,7 @@ class PrefixRegistry:
         except StoreUnavailable:
             self._open_circuit()
             raise
-        with self._lock:
-            self._store_down_until = 0.0  # the store answered: cold loads may try it again
+        self._close_circuit()
         out: builtins.list[PrefixMetadata] = []
         for task_id in task_ids:
             header = headers.get(task_id)
