@@ -8,10 +8,16 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from server.api.app import build_state
+from server.config import ServeConfig
+from server.engine import GenerationRequest
 from server.heap_trim import HeapTrimmer, malloc_trim
+from server.model_loading import load_model
+from server.sampling import SamplingParams
 from server.step_gaps import StepGaps
 
 
@@ -78,6 +84,30 @@ def test_a_trim_waits_for_the_engine_to_go_idle_at_most_max_delay_s() -> None:
         wait_for(lambda: len(trimmed_at) == 2)
         assert trimmed_at[1] - asked_at >= 0.6 and trimmer.trims_delayed == 2
     finally:
+        trimmer.close()
+
+
+async def test_a_servers_trimmer_waits_for_its_engine_to_finish_decoding(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``build_state`` wires the trimmer to the engine: a trim asked for while a request decodes comes after it."""
+    state = build_state(ServeConfig(store=f"disk://{tmp_path}"), load_model(str(tiny_model_dir)))
+    trimmer = state.heap_trimmer
+    try:
+        if not trimmer.enabled:
+            pytest.skip("no malloc_trim in this C library")
+        request = GenerationRequest([5, 6, 7, 8], SamplingParams(max_new_tokens=500, ignore_eos=True))
+        tokens = 0
+        async for event in state.engine.generate(request):
+            tokens += event.token_id is not None
+            if tokens == 1 and trimmer.trims_delayed == 0:
+                trimmer.request()
+                # Blocking here is fine: the engine decodes on its own thread, and its events wait in the queue.
+                wait_for(lambda: trimmer.trims_delayed + trimmer.trims > 0)
+                assert (trimmer.trims_delayed, trimmer.trims) == (1, 0)  # rows are decoding: the trim waits
+        assert tokens == 500
+        wait_for(lambda: trimmer.trims == 1)  # the engine is idle now
+    finally:
+        state.engine.shutdown()
+        state.registry.backend.close()
         trimmer.close()
 
 
