@@ -25,6 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from prefix_store.piecewise import CpuRunner, run_here
+
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL_S = 1.0
@@ -53,7 +55,7 @@ class HeapTrimmer:
         trim: Callable[[], object] | None,
         *,
         min_interval_s: float = MIN_INTERVAL_S,
-        run: Callable[[Callable[[], object]], object] | None = None,
+        run: CpuRunner = run_here,
         busy: Callable[[], bool] | None = None,
         max_delay_s: float = MAX_DELAY_S,
     ) -> None:
@@ -62,7 +64,7 @@ class HeapTrimmer:
         self._trim = trim
         self.min_interval_s = min_interval_s
         self.max_delay_s = max_delay_s
-        self._run_trim = run or (lambda fn: fn())
+        self._run_trim = run
         self._busy = busy or (lambda: False)
         self._wanted = threading.Event()
         self._stopping = threading.Event()

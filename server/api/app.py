@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_store.backends import default_store_url, open_backend
+from prefix_store.piecewise import run_here
 from prefix_store.registry import PrefixRegistry
 from server.api import generate, openai_compat, prefixes
 from server.api.auth import KeyRing
@@ -44,6 +45,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     source = store_url.partition("://")[0].lower() if "://" in store_url else "disk"  # a bare path is a disk store
     # On a CPU the engine's threads take every core: prefix loads unpack between its steps (server/step_gaps.py).
     step_gaps = StepGaps() if model.device.type == "cpu" else None
+    run_between_steps = run_here if step_gaps is None else step_gaps.run
     runner_class = Seq2SeqRunner if model.is_encoder_decoder else ModelRunner
     # Decoder-only runners replay fixed-shape decode steps from CUDA graphs on a GPU unless told not to.
     steps = (
@@ -78,9 +80,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         step_gaps=step_gaps,
     )
     # Trims run between steps, and wait for the engine to go idle while rows decode (server/heap_trim.py).
-    heap_trimmer = HeapTrimmer(
-        malloc_trim(), run=None if step_gaps is None else step_gaps.run, busy=lambda: engine.num_running > 0
-    )
+    heap_trimmer = HeapTrimmer(malloc_trim(), run=run_between_steps, busy=lambda: engine.num_running > 0)
     observe_load = None if metrics is None else metrics.load_observer(source)
 
     def on_load(seconds: float) -> None:
@@ -96,7 +96,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         max_upload_bytes=config.max_upload_bytes,
         max_concurrent_loads=config.max_concurrent_loads,
         load_piece_bytes=config.load_piece_bytes,
-        run_cpu_work=None if step_gaps is None else step_gaps.run,
+        run_cpu_work=run_between_steps,
         on_load=on_load,
     )
     if config.compile_decode and isinstance(runner, ModelRunner):
