@@ -38,6 +38,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         "prompt tokens prefilled inside each decode step, in chunks, each chunk's overhead counted "
         "(default 64; 0 = separate prefill steps)",
     ),
+    "prefill_deadline_s": (
+        float,
+        "while prompts can finish prefilling within this many seconds, steps carry fewer of their tokens, down to "
+        "a quarter of --prefill-chunk-tokens (default 1.0 on cpu, 0 = off on cuda)",
+    ),
     "kv_groups": (int, "padded groups of similar lengths the running rows are kept in, with fused steps (default 4)"),
     "reserved_rows": (int, "rows beyond --max-batch-size for tenants other than the one holding the most (default 1)"),
     "max_new_tokens": (int, "largest max_new_tokens a request may ask (default 2048)"),
@@ -176,6 +181,9 @@ def serve(args: argparse.Namespace) -> int:
             "error: --max-prefill-tokens, --prefill-chunk-tokens and --reserved-rows must be 0 (off) or positive",
             file=sys.stderr,
         )
+        return 2
+    if config.prefill_deadline_s is not None and not config.prefill_deadline_s >= 0:
+        print("error: --prefill-deadline-s must be 0 (off) or positive", file=sys.stderr)
         return 2
     if config.metrics_task_labels < 0:
         print("error: --metrics-task-labels must be 0 (off) or a positive number of tasks", file=sys.stderr)

@@ -24,6 +24,11 @@ class ServeConfig:
     # 0 = a separate prefill forward per admission. Bounds the stall newcomers cause running streams; while
     # rows decode, each chunk's fixed cost counts against it too (server/engine.py, chunk_overhead).
     prefill_chunk_tokens: int = 64
+    # While prefilling prompts can still finish within this many seconds of submission, steps carry fewer prompt
+    # tokens than the chunk budget, down to a quarter of it (server/prefill_pacing.py): a burst with time to
+    # spare is spread, sparing running streams' inter-token latency. None = 1.0 on a CPU, where a prompt token
+    # costs a step ~2% of its time, and off (0) on CUDA, where a 64-token chunk costs a decode step little.
+    prefill_deadline_s: float | None = None
     # Padded groups of similar lengths the running rows are kept in (fused steps only): less of the KV is padding.
     kv_groups: int = 4
     # Rows beyond max_batch_size for tenants other than the one holding the most rows: another tenant's request

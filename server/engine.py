@@ -26,6 +26,7 @@ import torch
 from server import kv_groups
 from server.batch import Batch, RowInfo
 from server.errors import InvalidInput, Overloaded, Unavailable
+from server.prefill_pacing import StepClock, paced_budget
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
@@ -106,6 +107,9 @@ class _Prefilling:
 CHUNK_OVERHEAD_TOKENS = 2
 ROW_START_TOKENS = 1
 PREFIX_COLUMNS_PER_TOKEN = 100
+# With prefill pacing, a step carries at least this fraction of the chunk budget: 16 of the default 64, the budget
+# with which a burst of 16 newcomers kept 16 streams' inter-token latency p99 within 1.2x (RESULTS.md, S5).
+PACING_FLOOR_DIVISOR = 4
 
 
 def chunk_overhead(entry: _Prefilling) -> int:
@@ -192,6 +196,9 @@ class Engine:
         # Fused chunked prefill (runner permitting): admitted rows whose prompts are still going in, in order.
         self._chunk_tokens = self.scheduler.config.prefill_chunk_tokens if runner.fuses_prefill else 0
         self._max_groups = max(1, self.scheduler.config.kv_groups) if self._chunk_tokens else 1
+        # Prefill pacing (server/prefill_pacing.py): chunks smaller than the budget while prompts have time.
+        self._deadline_s = self.scheduler.config.prefill_deadline_s if self._chunk_tokens else 0.0
+        self._step_clock = StepClock()
         self._prefilling: list[_Prefilling] = []
         self._ids = itertools.count()
         # Events of the current step, per event loop, sent together when the step ends (_flush_outbox): one
@@ -315,7 +322,9 @@ class Engine:
                 if not self._running:
                     return
                 self.runner.on_idle()
+                self._step_clock.idle()
                 self._wakeup.get()  # idle: block until something arrives
+            self._step_clock.tick(time.perf_counter())
             try:
                 # Inference mode for all of it, not only the forwards: tensors the engine makes between them (rows
                 # filtered, groups joined) are then inference tensors too, like those a compiled step was built on.
@@ -436,12 +445,14 @@ class Engine:
         return started
 
     def _next_chunks(self, rows_of: dict[str, int]) -> list[tuple[_Prefilling, int]]:
-        """This step's prompt chunks: ``prefill_chunk_tokens`` tokens in all, so that running rows' inter-token
-        latency stays low. While fewer rows decode than prompts wait (a burst), the budget grows in proportion,
-        up to what admission allows at once (``max_prefill_tokens``, 0: no limit), which is also the budget when
-        no row decodes (nobody's latency to protect). Fed 64 tokens a step, a burst of 32 prompts joined over 11
-        steps and its last rows decoded in a dwindling batch: 32 concurrent requests ran at 130 tok/s that way
-        against 165 with separate prefill.
+        """This step's prompt chunks: up to ``prefill_chunk_tokens`` tokens in all, so that running rows' inter-token
+        latency stays low. With ``prefill_deadline_s``, fewer while every prompt can still finish within that
+        long of its submission at the rate chosen (server/prefill_pacing.py): a burst with time to spare is spread
+        over more, shorter steps. While fewer rows decode than prompts wait (a burst outnumbering them), the budget
+        grows in proportion, up to what admission allows at once (``max_prefill_tokens``, 0: no limit), which is
+        also the budget when no row decodes (nobody's latency to protect). Fed 64 tokens a step, a burst of 32
+        prompts joined over 11 steps and its last rows decoded in a dwindling batch: 32 concurrent requests ran at
+        130 tok/s that way against 165 with separate prefill.
 
         Prompts of tenants holding the fewest rows go first, as in admission (oldest first among equals): a
         tenant flooding the server cannot keep another's admitted prompt waiting behind its own.
@@ -454,6 +465,16 @@ class Engine:
         if decoding < waiting:
             limit = self.scheduler.config.max_prefill_tokens or sum(p.remaining for p in self._prefilling)
             budget = max(budget, limit if decoding == 0 else min(limit, budget * waiting // decoding))
+        elif self._deadline_s and self._step_clock.step_s is not None:
+            costs = [(p.tracked.submitted_at, p.remaining + chunk_overhead(p)) for p in self._prefilling]
+            budget = paced_budget(
+                costs,
+                now=time.perf_counter(),
+                step_s=self._step_clock.step_s,
+                deadline_s=self._deadline_s,
+                floor=max(1, budget // PACING_FLOOR_DIVISOR),
+                ceiling=budget,
+            )
         chunks: list[tuple[_Prefilling, int]] = []
         for entry in sorted(self._prefilling, key=lambda e: rows_of.get(e.tracked.request.tenant, 0)):
             overhead = chunk_overhead(entry) if decoding else 0

@@ -34,6 +34,9 @@ class SchedulerConfig:
     # the batch chunk by chunk inside decode steps instead of in a prefill forward of their own. 0 = off.
     # Only for runners that can (``ModelRunner.fuses_prefill``); others always prefill separately.
     prefill_chunk_tokens: int = 0
+    # With chunks: while every prefilling prompt can still finish within this many seconds of its submission,
+    # steps carry fewer prompt tokens than ``prefill_chunk_tokens`` (server/prefill_pacing.py). 0 = off.
+    prefill_deadline_s: float = 0.0
     # With fused steps, the running rows are kept in up to this many padded groups of similar lengths, so that
     # less of their KV is padding (server/kv_groups.py). Without fused steps there is always one.
     kv_groups: int = 1

@@ -39,9 +39,18 @@ def test_refuses_public_bind_without_keys(capsys: pytest.CaptureFixture[str]) ->
     assert "--api-keys" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--max-prefill-tokens", "--reserved-rows", "--prefill-chunk-tokens"])
-def test_negative_admission_budget_is_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", flag, "-1"]) == 2
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-prefill-tokens", "-1"),
+        ("--reserved-rows", "-1"),
+        ("--prefill-chunk-tokens", "-1"),
+        ("--prefill-deadline-s", "-1"),
+        ("--prefill-deadline-s", "nan"),
+    ],
+)
+def test_negative_admission_budget_is_refused(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", flag, value]) == 2
     assert flag in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ share steps; finished rows leave. Logits of every step must match PEFT's uncache
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from server import fused_step, kv_groups
 from server.batch import Batch
-from server.engine import CHUNK_OVERHEAD_TOKENS, ROW_START_TOKENS, GenerationRequest
+from server.engine import CHUNK_OVERHEAD_TOKENS, ROW_START_TOKENS, Engine, GenerationRequest
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from tests.test_architectures import (
@@ -161,6 +162,27 @@ def test_chunk_must_fit_the_prompt() -> None:
         runner._fused_forward([], [(pending, 4)])
 
 
+async def decoding_streams(engine: Engine, case: Case, n: int) -> list[asyncio.Task[list[int]]]:
+    """Start ``n`` requests for ``case`` and return once each has its first two tokens; each task's result is its
+    tokens."""
+    decoding = asyncio.Semaphore(0)
+
+    async def stream() -> list[int]:
+        tokens: list[int] = []
+        request = GenerationRequest(case.prompt, SamplingParams(max_new_tokens=LONG_STEPS), case.prefix_kv, "t")
+        async for event in engine.generate(request):
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+            if len(tokens) == 2:
+                decoding.release()
+        return tokens
+
+    streams = [asyncio.create_task(stream()) for _ in range(n)]
+    for _ in streams:
+        await decoding.acquire()
+    return streams
+
+
 async def test_engine_feeds_prompts_in_budgeted_chunks_while_streams_decode() -> None:
     """Budget 8: a 30-token prompt takes 6 steps, every one of which also decodes the running request. Each
     chunk pays its overhead out of the budget: 2 tokens, 3 for the one that makes the row (no prefix)."""
@@ -224,21 +246,7 @@ async def test_a_burst_admitted_at_once_gets_its_rows_as_its_chunks_go_in() -> N
     engine.runner.fused_step = recording_step  # type: ignore[method-assign]
     try:
         case = s.long
-        decoding = asyncio.Semaphore(0)
-
-        async def stream() -> list[int]:
-            tokens: list[int] = []
-            request = GenerationRequest(case.prompt, SamplingParams(max_new_tokens=LONG_STEPS), case.prefix_kv, "t")
-            async for event in engine.generate(request):
-                if event.token_id is not None:
-                    tokens.append(event.token_id)
-                if len(tokens) == 2:
-                    decoding.release()
-            return tokens
-
-        streams = [asyncio.create_task(stream()) for _ in range(4)]
-        for _ in streams:
-            await decoding.acquire()
+        streams = await decoding_streams(engine, case, 4)
         events.clear()  # as many rows decode as the burst has prompts: the chunk budget stays at 3
         prompts = [[7 + i, 8 + i, 9 + i] for i in range(4)]
         burst = await asyncio.gather(
@@ -254,11 +262,13 @@ async def test_a_burst_admitted_at_once_gets_its_rows_as_its_chunks_go_in() -> N
         engine.shutdown()
 
 
-def _entry(tenant: str, remaining: int, prefix_len: int = 0, started: bool = False) -> SimpleNamespace:
+def _entry(
+    tenant: str, remaining: int, prefix_len: int = 0, started: bool = False, submitted_at: float = 0.0
+) -> SimpleNamespace:
     """What ``Engine._next_chunks`` reads of a prefilling request: its row exists once ``started``."""
     request = SimpleNamespace(tenant=tenant, prefix_len=prefix_len)
     pending = SimpleNamespace() if started else None
-    tracked = SimpleNamespace(request=request)
+    tracked = SimpleNamespace(request=request, submitted_at=submitted_at)
     return SimpleNamespace(tracked=tracked, remaining=remaining, tenant=tenant, pending=pending)
 
 
@@ -326,4 +336,63 @@ def test_a_burst_outnumbering_the_decoding_rows_gets_a_bigger_budget(
         assert [n for _, n in engine._next_chunks({})] == [4]
     finally:
         engine._groups, engine._prefilling = [], []
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("deadline_s", "submitted_ago_s", "fed"),
+    [
+        (0.0, 0.0, [62]),  # no pacing: the whole budget, less the chunk's overhead of 2
+        (60.0, 0.0, [14]),  # plenty of time: the floor, a quarter of the budget
+        (5.0, 0.0, [17]),  # 99 steps of 0.05 s left for 3 x (598 + 2) = 1800 tokens: 19 a step
+        (5.0, 4.97, [62]),  # the deadline is too close: the whole budget again
+    ],
+)
+def test_paced_chunks_are_the_least_that_meets_the_deadline(
+    deadline_s: float, submitted_ago_s: float, fed: list[int]
+) -> None:
+    """With ``prefill_deadline_s``, steps carry no more prompt tokens than every prompt needs to finish in time
+    (counting each chunk's overhead), at least a quarter of the budget, at most all of it."""
+    engine = make_engine(setup("llama").base, prefill_chunk_tokens=64, prefill_deadline_s=deadline_s)
+    try:
+        engine._groups = [range(12)]  # type: ignore[list-item]  # more rows decode than prompts wait
+        submitted = time.perf_counter() - submitted_ago_s
+        engine._prefilling = [_entry(f"t{i}", 598, started=True, submitted_at=submitted) for i in range(3)]  # type: ignore[list-item]
+        engine._step_clock.step_s = 0.05
+        assert [n for _, n in engine._next_chunks({})] == fed
+    finally:
+        engine._groups, engine._prefilling = [], []
+        engine.shutdown()
+
+
+async def test_a_paced_burst_joins_one_prompt_a_step_and_decodes_as_alone() -> None:
+    """Budget 40, floor 10, deadline far away: while four streams decode, each 5-token prompt of a burst costs
+    8 of the budget with its new row's overhead, so one joins per step (unpaced, all four fit in one step).
+    Streams and newcomers decode what they decode alone."""
+    s = setup("llama")
+    engine = make_engine(s.base, prefill_chunk_tokens=40, prefill_deadline_s=60.0)
+    chunk_steps: list[list[int]] = []
+    fused_step = engine.runner.fused_step
+
+    def recording(groups, chunks):
+        if chunks:
+            chunk_steps.append([n for _, n in chunks])
+        return fused_step(groups, chunks)
+
+    engine.runner.fused_step = recording  # type: ignore[method-assign]
+    try:
+        case = s.long
+        streams = await decoding_streams(engine, case, 4)
+        assert engine._step_clock.step_s is not None  # steps ran back to back: the clock has a step time
+        chunk_steps.clear()
+        prompts = [[7 + i, 8 + i, 9 + i, 10 + i, 11 + i] for i in range(4)]
+        burst = await asyncio.gather(
+            *(collect(engine, GenerationRequest(p, SamplingParams(max_new_tokens=2))) for p in prompts)
+        )
+        assert chunk_steps == [[5]] * 4
+        for tokens in await asyncio.gather(*streams):
+            assert tokens == case.tokens
+        for prompt, result in zip(prompts, burst, strict=True):
+            assert tokens_of(result) == oracle_greedy(s.base, prompt, 2)[0]
+    finally:
         engine.shutdown()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +29,7 @@ from server.heap_trim import HeapTrimmer, malloc_trim
 from server.metrics import MetricsMiddleware, ServerMetrics
 from server.metrics import router as metrics_router
 from server.model_loading import LoadedModel, load_model
+from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
 from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
@@ -35,7 +37,17 @@ from server.seq2seq_runner import Seq2SeqRunner
 from server.step_gaps import StepGaps
 from server.threads import io_executor
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+
+
+def _prefill_deadline_s(config: ServeConfig, device: torch.device) -> float:
+    """Prefill pacing's deadline: the flag, else on by default where prompt tokens are costly (a CPU)."""
+    if config.prefill_deadline_s is not None:
+        return config.prefill_deadline_s
+    return DEFAULT_CPU_DEADLINE_S if device.type == "cpu" else 0.0
 
 
 def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics | None = None) -> ServerState:
@@ -74,6 +86,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
             max_prefill_tokens=config.max_prefill_tokens,
             reserved_rows=config.reserved_rows,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
+            prefill_deadline_s=_prefill_deadline_s(config, model.device),
             kv_groups=config.kv_groups,
         ),
         metrics=None if metrics is None else metrics.engine,
