@@ -156,7 +156,6 @@ def serve(args: argparse.Namespace) -> int:
     from prefix_store.backends import default_store_url
     from server.api.app import create_app
     from server.model_loading import ModelLoadError, load_model
-    from server.threads import shorten_gil_switch_interval
 
     config = config_from_args(args)
     insecure = args.insecure_no_auth or os.environ.get(ENV_PREFIX + "INSECURE_NO_AUTH") == "1"
@@ -228,7 +227,6 @@ def serve(args: argparse.Namespace) -> int:
         # server is closing, and gets a connection error with no response (seen by the cold-burst benchmark).
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    shorten_gil_switch_interval()  # the engine thread shares the GIL with the event loop (server/threads.py)
     _draining_server(server_config, app).run()
     return 0
 

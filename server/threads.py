@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -70,17 +69,3 @@ def release_openmp_pool() -> None:
         if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")):
             with contextlib.suppress(OSError, AttributeError):  # AttributeError: older than OpenMP 5.0
                 ctypes.CDLL(path).omp_pause_resource_all(1)  # omp_pause_soft
-
-
-# The GIL's switch interval while serving: 0.5 ms, not Python's 5 ms. The engine thread lets the GIL go around
-# every torch op. When another thread takes it meanwhile (the event loop sending a step's tokens to every stream,
-# a prefix load's thread), the engine waits for it back until that thread blocks or is asked to drop it: up to one
-# interval, with every running stream waiting too. Side by side (bench/RESULTS.md, thirteenth session): S5's
-# cold-burst ITL p99 ratio 1.52 and 1.52 against 1.83 and 1.67, S3 at 3 req/s ITL p99 148-197 ms against 216-254,
-# throughput at 32 concurrent requests unchanged (424 against 419 tok/s).
-SERVING_SWITCH_INTERVAL_S = 0.0005
-
-
-def shorten_gil_switch_interval() -> None:
-    """Set the serving process's GIL switch interval (``SERVING_SWITCH_INTERVAL_S``)."""
-    sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)

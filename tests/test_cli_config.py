@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 
-from server import cli
 from server.cli import _SERVE_FLAGS, config_from_args, main
 from server.config import ServeConfig
-from server.threads import SERVING_SWITCH_INTERVAL_S
 
 
 def args(**given: object) -> argparse.Namespace:
@@ -77,23 +73,3 @@ def test_stock_linear_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config_from_args(args(stock_linear=True)).stock_linear is True
     monkeypatch.setenv("PREFIX_SERVE_STOCK_LINEAR", "1")
     assert config_from_args(args()).stock_linear is True
-
-
-def test_serve_shortens_the_gil_switch_interval_before_serving(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The engine thread shares the GIL with the event loop: a served process hands it over every 0.5 ms."""
-    seen: list[float] = []
-
-    class NotServing:
-        def run(self) -> None:
-            seen.append(sys.getswitchinterval())
-
-    monkeypatch.setattr(cli, "_draining_server", lambda config, app: NotServing())
-    before = sys.getswitchinterval()
-    try:
-        assert main(["serve", "--model", str(tiny_model_dir), "--store", f"disk://{tmp_path}"]) == 0
-    finally:
-        sys.setswitchinterval(before)
-    assert before == pytest.approx(0.005)  # Python's default, which the test must see changed
-    assert seen == [pytest.approx(SERVING_SWITCH_INTERVAL_S)]
