@@ -408,6 +408,8 @@ class Engine:
             return
         self._settle_ahead()
         chunks = [(entry.pending, n) for entry, n in scheduled]
+        if self._groups and self.metrics is not None:  # the prompt tokens running rows wait for this step
+            self.metrics.step_prompt_tokens.observe(sum(n for _, n in chunks))
         group_tokens, firsts = self.runner.fused_step(self._groups, chunks)
         # The chunks' rows count in the forward's batch metrics too: each is a one-row KV with no padding.
         chunk_rows = [pending.batch.rows[0] for pending, _ in chunks]

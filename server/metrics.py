@@ -55,6 +55,7 @@ UNMATCHED_ENDPOINT = "unmatched"
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 DISTINCT_PREFIX_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 PADDING_RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+STEP_PROMPT_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -137,6 +138,13 @@ class EngineMetrics:
             "prefix_serve_batch_padding_ratio",
             "Share of the batch's KV slots that are padding in a forward pass.",
             buckets=PADDING_RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.step_prompt_tokens = Histogram(
+            "prefix_serve_step_prompt_tokens",
+            "Prompt tokens fed into one decode step beside running rows (chunked prefill), chunk overheads not "
+            "counted; fewer while prompts are paced.",
+            buckets=STEP_PROMPT_TOKEN_BUCKETS,
             registry=registry,
         )
         self.time_to_first_token = Histogram(

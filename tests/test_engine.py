@@ -11,6 +11,7 @@ import torch
 from server import kv_groups
 from server.engine import Engine, GenerationEvent, GenerationRequest
 from server.errors import Overloaded
+from server.metrics import EngineMetrics
 from server.model_loading import probe_kv_shape
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
@@ -66,6 +67,7 @@ def make_engine(
     static_decode: bool | None = None,
     step_gaps: StepGaps | None = None,
     overlap_steps: bool | None = None,
+    metrics: EngineMetrics | None = None,
     **config,
 ) -> Engine:
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
@@ -75,6 +77,7 @@ def make_engine(
         eos_token_ids=[],
         max_context=512,
         config=SchedulerConfig(**config),
+        metrics=metrics,
         step_gaps=step_gaps,
         overlap_steps=overlap_steps,
     )

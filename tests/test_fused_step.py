@@ -16,6 +16,7 @@ import torch
 from server import fused_step, kv_groups
 from server.batch import Batch
 from server.engine import CHUNK_OVERHEAD_TOKENS, ROW_START_TOKENS, Engine, GenerationRequest
+from server.metrics import ServerMetrics
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from tests.test_architectures import (
@@ -370,7 +371,8 @@ async def test_a_paced_burst_joins_one_prompt_a_step_and_decodes_as_alone() -> N
     8 of the budget with its new row's overhead, so one joins per step (unpaced, all four fit in one step).
     Streams and newcomers decode what they decode alone."""
     s = setup("llama")
-    engine = make_engine(s.base, prefill_chunk_tokens=40, prefill_deadline_s=60.0)
+    metrics = ServerMetrics()
+    engine = make_engine(s.base, prefill_chunk_tokens=40, prefill_deadline_s=60.0, metrics=metrics.engine)
     chunk_steps: list[list[int]] = []
     fused_step = engine.runner.fused_step
 
@@ -385,11 +387,17 @@ async def test_a_paced_burst_joins_one_prompt_a_step_and_decodes_as_alone() -> N
         streams = await decoding_streams(engine, case, 4)
         assert engine._step_clock.step_s is not None  # steps ran back to back: the clock has a step time
         chunk_steps.clear()
+        fed_beside_rows = metrics.registry.get_sample_value("prefix_serve_step_prompt_tokens_sum")
+        steps_beside_rows = metrics.registry.get_sample_value("prefix_serve_step_prompt_tokens_count")
         prompts = [[7 + i, 8 + i, 9 + i, 10 + i, 11 + i] for i in range(4)]
         burst = await asyncio.gather(
             *(collect(engine, GenerationRequest(p, SamplingParams(max_new_tokens=2))) for p in prompts)
         )
         assert chunk_steps == [[5]] * 4
+        # The metric shows it: four steps beside the decoding streams, 5 prompt tokens each (overheads not counted).
+        get = metrics.registry.get_sample_value
+        assert get("prefix_serve_step_prompt_tokens_count") - steps_beside_rows == 4
+        assert get("prefix_serve_step_prompt_tokens_sum") - fed_beside_rows == 20
         for tokens in await asyncio.gather(*streams):
             assert tokens == case.tokens
         for prompt, result in zip(prompts, burst, strict=True):
