@@ -38,6 +38,7 @@ from prefix_store.backends.base import Invalidation, PrefixBackend
 from prefix_store.errors import CorruptPrefix, InvalidPrefix, PrefixNotFound, PrefixTooLarge, StoreUnavailable
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.ids import validate_task_id, validate_tenant
+from prefix_store.listing_cache import ListingCache
 from prefix_store.lru import ByteLRU
 from prefix_store.piecewise import DEFAULT_PIECE_BYTES, FIRST_READ_BYTES, CpuRunner, read_artifact, run_here
 
@@ -123,6 +124,7 @@ class PrefixRegistry:
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
         self.store_fallbacks = 0  # resolves served from the host cache because the backend was unavailable
+        self._listing = ListingCache()  # headers parsed by earlier listings
         backend.subscribe(self._on_invalidation)
 
     # -- writes ---------------------------------------------------------------
@@ -415,7 +417,7 @@ class PrefixRegistry:
             if header is None:  # deleted since it was listed
                 continue
             try:
-                out.append(read_metadata(header))
+                out.append(self._listing.metadata(header))
             except InvalidPrefix as e:
                 logger.warning("skipping %s/%s in listing: stored prefix is unreadable: %s", tenant, task_id, e)
         return out

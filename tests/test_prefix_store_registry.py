@@ -101,6 +101,19 @@ def test_upload_resolve_info_list_delete(registry: PrefixRegistry) -> None:
             call("acme", "sum")
 
 
+def test_a_repeated_listing_parses_only_what_changed(registry: PrefixRegistry) -> None:
+    """Listing parses each task's latest header once; the next listing reuses the parse, except for a task with
+    a new version, and shows that version."""
+    for task in ("a", "b", "c"):
+        registry.upload("acme", task, make_kv(seed=ord(task)))
+    first = registry.list("acme")
+    assert registry._listing.parses == 3
+    assert registry.list("acme") == first and registry._listing.parses == 3
+    registry.upload("acme", "b", make_kv(seed=9))
+    assert [(m.task_id, m.version) for m in registry.list("acme")] == [("a", 1), ("b", 2), ("c", 1)]
+    assert registry._listing.parses == 4
+
+
 def test_tenants_do_not_see_each_other(registry: PrefixRegistry) -> None:
     registry.upload("acme", "sum", make_kv())
     with pytest.raises(PrefixNotFound):
