@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 
 from prefix_store.artifact import PrefixMetadata, read_metadata
+from prefix_store.lru import ByteLRU
 
 DEFAULT_MAX_ENTRIES = 16_384
 
 
 class ListingCache:
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
-        self.max_entries = max_entries
         self._lock = threading.Lock()  # listings run on several I/O threads at once
-        self._parsed: OrderedDict[bytes, PrefixMetadata] = OrderedDict()
+        # Each entry counts 1 against the bound: an LRU bounded in entries.
+        self._parsed: ByteLRU[bytes, PrefixMetadata] = ByteLRU(max_entries, lambda _: 1)
         self.parses = 0  # headers parsed, not found here (tests read it)
 
     def metadata(self, header: bytes) -> PrefixMetadata:
@@ -31,13 +31,10 @@ class ListingCache:
         key = hashlib.blake2b(header, digest_size=16).digest()
         with self._lock:
             found = self._parsed.get(key)
-            if found is not None:
-                self._parsed.move_to_end(key)
-                return found
+        if found is not None:
+            return found
         metadata = read_metadata(header)
         with self._lock:
             self.parses += 1
-            self._parsed[key] = metadata
-            if len(self._parsed) > self.max_entries:
-                self._parsed.popitem(last=False)
+            self._parsed.put(key, metadata)
         return metadata
