@@ -6,13 +6,14 @@ graphs) give the eager step's greedy tokens. Then, for each batch size, it print
 
 * engine tokens/s with all-distinct prefixes ("mixed") and with one shared prefix ("single"), and their ratio;
 * engine tokens/s without prefixes vs the bare transformers loop (``DynamicCache``, left padding, mask) on
-  identical work, and their ratio, for five engines side by side: the default (graph-replayed decode steps,
-  each launched before the last one's tokens are handed out), the same with steps in turn (no overlap), the
-  default with the step compiled first (``--compile-decode``: Inductor's fused kernels in the graph), the
-  eager transformers decode step, and the server's fused defaults (prompt chunks, KV groups);
+  identical work, and their ratio, for the engines of ``ENGINES`` side by side (``--engines`` picks some): the
+  default (graph-replayed decode steps, each launched before the last one's tokens are handed out, q/k/v and
+  gate/up fused), the same on the stock layers, the default with steps in turn (no overlap), the step compiled
+  first (``--compile-decode``: Inductor's fused kernels in the graph) on fused and stock layers, the eager
+  transformers decode step, and the server's fused defaults (prompt chunks, KV groups);
 * the decode step time (engines and bare loop, prefill excluded) against the memory-bandwidth floor:
   (bytes of weights + bytes of KV read per step) / measured device copy bandwidth; and the runner's step alone
-  in steady state (no joins, growth or captures): graphs, compiled graphs and eager.
+  in steady state (no joins, growth or captures): graphs, compiled graphs (fused and stock layers) and eager.
 
 With --profile DIR, torch.profiler tables of a few steps per batch size (the compiled engine, the bare loop).
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from bench.inproc import (
 )
 from server.config import ServeConfig
 from server.engine import Engine
+from server.fused_projections import is_fused
 
 LLAMA_1B = {
     "hidden_size": 2048,
@@ -72,6 +76,57 @@ TINY = {
     "vocab_size": 1024,
     "max_position_embeddings": 1024,
     "tie_word_embeddings": True,
+}
+
+
+@dataclass
+class Models:
+    """Two copies of the same random weights: one the runners fuse (q/k/v and gate/up in one matmul each,
+    server/fused_projections.py, the default on CUDA), one left as transformers builds it (the bare loop's, and
+    the engines that show what fusing gains)."""
+
+    fused: LlamaForCausalLM
+    stock: LlamaForCausalLM
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        cfg = self.stock.config
+        return cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+
+    @property
+    def context(self) -> int:
+        return self.stock.config.max_position_embeddings
+
+
+# Runner options for each copy. oneDNN linear layers off: they matter on a CPU only, and they would free the
+# dense weights that fusing stacks (a CPU smoke run then fuses as a GPU run does).
+FUSED: dict[str, Any] = {"fuse_projections": True, "onednn_linear": False}
+STOCK: dict[str, Any] = {"fuse_projections": False, "onednn_linear": False}
+
+# The engines a batch size is timed with, by name (--engines picks some). MAIN also runs mixed/single prefixes.
+MAIN = "engine"
+ENGINES: dict[str, Callable[[Models, int], Engine]] = {
+    # The default runner: fixed-shape decode steps (replayed from CUDA graphs on a GPU), fused projections.
+    "engine": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, **FUSED),
+    # The same on the stock layers (the default before fused projections).
+    "engine_stock": lambda m, b: make_engine(m.stock, *m.shape, m.context, b, **STOCK),
+    # The default with each step's tokens handed out before the next step is launched (no overlap).
+    "in_turn": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, overlap_steps=False, **FUSED),
+    # The default, the step compiled first (Inductor's fused kernels, then replayed from graphs).
+    "compiled": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, compile_decode=True, **FUSED),
+    "compiled_stock": lambda m, b: make_engine(m.stock, *m.shape, m.context, b, compile_decode=True, **STOCK),
+    # The eager transformers decode step on the stock layers (the engine before graphs).
+    "eager": lambda m, b: make_engine(m.stock, *m.shape, m.context, b, static_decode=False, **STOCK),
+    # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
+    "fused": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, **FUSED_SCHEDULER, **FUSED),
+}
+# The runner's step alone, in steady state: (model copy, static_decode, compile_decode) by name.
+RUNNER_STEPS: dict[str, tuple[str, bool | None, bool]] = {
+    "graphs": ("fused", None, False),
+    "graphs_stock": ("stock", None, False),
+    "compiled": ("fused", None, True),
+    "compiled_stock": ("stock", None, True),
+    "eager": ("stock", False, False),
 }
 
 
@@ -113,7 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="also write the results JSON here (after each batch)")
     p.add_argument("--profile", type=Path, default=None, help="a folder for torch.profiler tables of a few steps")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument(
+        "--runner-steps", default=",".join(RUNNER_STEPS), help=f"comma-separated, of {', '.join(RUNNER_STEPS)}"
+    )
     args = p.parse_args(argv)
+    args.engines = _names(args.engines, ENGINES, p, "--engines", required=MAIN)
+    args.runner_steps = _names(args.runner_steps, RUNNER_STEPS, p, "--runner-steps")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     batches = [int(b) for b in (args.batches or ("4,8" if args.tiny else "64,128")).split(",")]
@@ -123,11 +184,11 @@ def main(argv: list[str] | None = None) -> None:
 
     check = check_static_decode(device)
     print(f"check: {check}", flush=True)
-    model = build_model(args.tiny, device, dtype)
-    cfg = model.config
-    layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    models = Models(build_model(args.tiny, device, dtype), build_model(args.tiny, device, dtype))
+    layers, kv_heads, head_dim = models.shape
     elem = torch.tensor([], dtype=dtype).element_size()
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())  # tied embedding counted once
+    # Tied embedding counted once (parameters() yields a shared tensor once).
+    weight_bytes = sum(t.numel() * t.element_size() for t in models.stock.parameters())
     bandwidth = copy_bandwidth(device, 256 * 2**20 if device.type == "cuda" else 64 * 2**20)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, dtype {dtype}, torch {torch.__version__}", flush=True)
@@ -136,109 +197,111 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "device": name,
         "dtype": str(dtype),
+        "torch": torch.__version__,
         "config": TINY if args.tiny else LLAMA_1B,
         "weight_bytes": weight_bytes,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "prefix_len": args.prefix_len,
+        "engines": args.engines,
         "static_decode_check": check,
         "batches": {},
     }
     g = torch.Generator().manual_seed(1)
     for batch in batches:
-        prompts = random_prompts(batch, prompt_len, cfg.vocab_size)
+        prompts = random_prompts(batch, prompt_len, models.stock.config.vocab_size)
         prefixes = [
             (torch.randn(layers, 2, kv_heads, args.prefix_len, head_dim, generator=g) * 0.5).to(dtype)
             for _ in range(batch)
         ]
-        runs, graphs, agree = measure_batch(model, batch, prompts, prefixes, new_tokens, short_tokens, args)
+        runs, graphs, agree = measure_batch(models, batch, prompts, prefixes, new_tokens, short_tokens, args)
         # The runner's step alone, in steady state (no joins, no growth, no capture): what the replay costs.
-        # static_decode: the default (graphs on CUDA), or off; and whether the step is compiled first.
-        variants = (("graphs", None, False), ("compiled", None, True), ("eager", False, False))
-        runner_step = {name: runner_step_s(model, prompts, static, comp) for name, static, comp in variants}
-
+        runner_step = {
+            key: runner_step_s(getattr(models, copy), prompts, static, compiled, fuse=copy == "fused")
+            for key, (copy, static, compiled) in RUNNER_STEPS.items()
+            if key in args.runner_steps
+        }
         fastest = {key: min(timings, key=lambda t: t.seconds) for key, timings in runs.items()}
-        # Decode step time without prefill, from the difference of two run lengths.
-        engine_step, in_turn_step, compiled_step, eager_step, fused_step = (
-            (fastest[name].seconds - fastest[f"{name}_short"].seconds) / (new_tokens - short_tokens)
-            for name in ("engine", "in_turn", "compiled", "eager", "fused")
-        )
         b = fastest["bare"]
         bare_step = (b.seconds - (b.prefill_s or 0.0)) / (new_tokens - 1)
         mean_context = prompt_len + new_tokens / 2
         kv_bytes = layers * 2 * kv_heads * head_dim * mean_context * batch * elem
         floor = (weight_bytes + kv_bytes) / bandwidth
-        row = {
+        row: dict[str, Any] = {
             "mixed_tokens_per_s": fastest["mixed"].tokens_per_s,
             "single_tokens_per_s": fastest["single"].tokens_per_s,
             "mixed_over_single": fastest["mixed"].tokens_per_s / fastest["single"].tokens_per_s,
-            "engine_tokens_per_s": fastest["engine"].tokens_per_s,
             "bare_tokens_per_s": b.tokens_per_s,
-            "engine_over_bare": fastest["engine"].tokens_per_s / b.tokens_per_s,
-            "in_turn_tokens_per_s": fastest["in_turn"].tokens_per_s,
-            "compiled_tokens_per_s": fastest["compiled"].tokens_per_s,
-            "compiled_over_bare": fastest["compiled"].tokens_per_s / b.tokens_per_s,
-            "eager_tokens_per_s": fastest["eager"].tokens_per_s,
-            "eager_over_bare": fastest["eager"].tokens_per_s / b.tokens_per_s,
-            "fused_tokens_per_s": fastest["fused"].tokens_per_s,
-            "fused_over_bare": fastest["fused"].tokens_per_s / b.tokens_per_s,
-            "engine_step_s": engine_step,
-            "in_turn_step_s": in_turn_step,
-            "compiled_step_s": compiled_step,
-            "eager_step_s": eager_step,
-            "fused_step_s": fused_step,
             "bare_step_s": bare_step,
             "floor_step_s": floor,
             "kv_bytes_per_step_at_mean_context": kv_bytes,
-            "engine_step_over_floor": engine_step / floor,
-            "compiled_step_over_floor": compiled_step / floor,
             "bare_step_over_floor": bare_step / floor,
+            "engines": {},
             "graphs": graphs,
             "runner_step_s": runner_step,
-            "runner_graph_step_over_floor": runner_step["graphs"] / floor,
-            "runner_compiled_step_over_floor": runner_step["compiled"] / floor,
-            "rows_agreeing_graph_vs_eager_32_tokens": f"{sum(agree)}/{len(agree)}",
+            "runner_step_over_floor": {key: value / floor for key, value in runner_step.items()},
+            "rows_agreeing_default_vs_stock_eager_32_tokens": f"{sum(agree)}/{len(agree)}",
             "runs_s": {key: [round(t.seconds, 4) for t in timings] for key, timings in runs.items()},
         }
-        results["batches"][str(batch)] = row
-        print(
+        lines = [
             f"batch {batch}: mixed {row['mixed_tokens_per_s']:.0f} tok/s, single {row['single_tokens_per_s']:.0f}, "
-            f"mixed/single {row['mixed_over_single']:.3f}; engine {row['engine_tokens_per_s']:.0f} vs bare "
-            f"{row['bare_tokens_per_s']:.0f} tok/s = {row['engine_over_bare']:.2f}x (compiled "
-            f"{row['compiled_over_bare']:.2f}x, eager steps "
-            f"{row['eager_over_bare']:.2f}x, fused steps {row['fused_over_bare']:.2f}x); decode step engine "
-            f"{engine_step * 1e3:.2f} ms, in turn {in_turn_step * 1e3:.2f}, compiled {compiled_step * 1e3:.2f} "
-            f"({row['compiled_step_over_floor']:.2f}x "
-            f"floor), eager {eager_step * 1e3:.2f}, fused {fused_step * 1e3:.2f} ms, bare "
-            f"{bare_step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms (engine {row['engine_step_over_floor']:.2f}x "
-            f"floor); runner step in steady state: graphs {runner_step['graphs'] * 1e3:.2f} ms "
-            f"({row['runner_graph_step_over_floor']:.2f}x floor), compiled {runner_step['compiled'] * 1e3:.2f} ms "
-            f"({row['runner_compiled_step_over_floor']:.2f}x floor), eager {runner_step['eager'] * 1e3:.2f} ms; "
-            f"graphs {graphs}; rows agreeing {row['rows_agreeing_graph_vs_eager_32_tokens']}; "
-            f"runs {row['runs_s']}",
-            flush=True,
-        )
+            f"mixed/single {row['mixed_over_single']:.3f}; bare loop {b.tokens_per_s:.0f} tok/s, step "
+            f"{bare_step * 1e3:.2f} ms ({bare_step / floor:.2f}x floor); floor {floor * 1e3:.3f} ms"
+        ]
+        for key in args.engines:
+            # Decode step time without prefill, from the difference of two run lengths.
+            step = (fastest[key].seconds - fastest[f"{key}_short"].seconds) / (new_tokens - short_tokens)
+            row["engines"][key] = entry = {
+                "tokens_per_s": fastest[key].tokens_per_s,
+                "over_bare": fastest[key].tokens_per_s / b.tokens_per_s,
+                "step_s": step,
+                "step_over_floor": step / floor,
+            }
+            lines.append(
+                f"  {key:16} {entry['tokens_per_s']:8.0f} tok/s = {entry['over_bare']:5.2f}x bare; "
+                f"step {step * 1e3:6.3f} ms = {entry['step_over_floor']:5.2f}x floor"
+            )
+        for key, value in runner_step.items():
+            lines.append(f"  runner step {key:16} {value * 1e3:6.3f} ms = {value / floor:5.2f}x floor")
+        lines.append(f"  graphs {graphs}; rows agreeing {row['rows_agreeing_default_vs_stock_eager_32_tokens']}")
+        lines.append(f"  runs {row['runs_s']}")
+        print("\n".join(lines), flush=True)
+        results["batches"][str(batch)] = row
         if args.out is not None:  # after every batch, so a run cut short still leaves what it measured
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
+def _names(
+    text: str, known: dict[str, Any], parser: argparse.ArgumentParser, flag: str, required: str | None = None
+) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    if required is not None and required not in names:
+        parser.error(f"{flag} must include {required} (mixed and single prefixes run on it)")
+    return names
+
+
 def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]:
     """Correctness on this device before any timing: on the tiny config in float32, the default runner's decode
-    (fixed-shape steps, from CUDA graphs once settled) gives the same greedy tokens as the eager transformers
-    step, step for step, for rows with prefixes of different lengths, through buffer growth and a row leaving.
+    (fixed-shape steps, from CUDA graphs once settled, fused projections) gives the same greedy tokens as the
+    eager transformers step on the stock layers, step for step, for rows with prefixes of different lengths,
+    through buffer growth and a row leaving.
     (The bf16 benchmark model cannot show this: its random logits are nearly flat, so rounding flips argmaxes.)
     """
     from server.batch import NewRequest
     from server.runner import ModelRunner
     from server.sampling import SamplingParams
 
-    model = build_model(True, device, torch.float32)
+    model, stock = build_model(True, device, torch.float32), build_model(True, device, torch.float32)
     cfg = model.config
     shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    default, eager = ModelRunner(model, *shape), ModelRunner(model, *shape, static_decode=False)
-    compiled = ModelRunner(model, *shape, compile_decode=True)
+    # The default runner and the compiled one on fused layers, against the stock layers' eager step.
+    default, eager = ModelRunner(model, *shape, **FUSED), ModelRunner(stock, *shape, static_decode=False, **STOCK)
+    compiled = ModelRunner(model, *shape, compile_decode=True, **FUSED)
     g = torch.Generator().manual_seed(2)
     requests = []
     for i, (p, n) in enumerate([(3, 5), (0, 7), (6, 2), (1, 9)]):
@@ -270,6 +333,7 @@ def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]
         "graph_captures": 0 if decoder is None else decoder.captures,
         "graph_replays": 0 if decoder is None else decoder.replays,
         "compiled_still_on": compiled.static_decoder is not None and compiled.static_decoder.compiled,
+        "projections_fused": is_fused(model.model.layers[0].self_attn) and is_fused(model.model.layers[0].mlp),
     }
 
 
@@ -278,6 +342,8 @@ def runner_step_s(
     prompts: list[list[int]],
     static_decode: bool | None,
     compile_decode: bool = False,
+    *,
+    fuse: bool,
     warm: int = 8,
     steps: int = 48,
 ) -> float:
@@ -296,6 +362,7 @@ def runner_step_s(
         cfg.head_dim,
         static_decode=static_decode,
         compile_decode=compile_decode,
+        **(FUSED if fuse else STOCK),
     )
     params = SamplingParams(max_new_tokens=warm + steps + 1)
     batch, _ = runner.prefill([NewRequest(f"r{i}", p, params) for i, p in enumerate(prompts)])
@@ -311,7 +378,7 @@ def runner_step_s(
 
 
 def measure_batch(
-    model: LlamaForCausalLM,
+    models: Models,
     batch: int,
     prompts: list[list[int]],
     prefixes: list[torch.Tensor],
@@ -320,52 +387,48 @@ def measure_batch(
     args: argparse.Namespace,
 ) -> tuple[dict[str, list[Timing]], dict[str, dict[str, Any]], list[bool]]:
     """Every variant's timings (in alternating order), the graph counters, and graph-vs-eager token agreement."""
-    cfg = model.config
-    layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    context = cfg.max_position_embeddings
-    engines = {
-        # The default runner: fixed-shape decode steps, replayed from CUDA graphs on a GPU.
-        "engine": make_engine(model, layers, kv_heads, head_dim, context, batch),
-        # The same with each step's tokens handed out before the next step is launched (no overlap).
-        "in_turn": make_engine(model, layers, kv_heads, head_dim, context, batch, overlap_steps=False),
-        # The default, the step compiled first (Inductor's fused kernels, then replayed from graphs).
-        "compiled": make_engine(model, layers, kv_heads, head_dim, context, batch, compile_decode=True),
-        # The eager transformers decode step the engine used before graphs.
-        "eager": make_engine(model, layers, kv_heads, head_dim, context, batch, static_decode=False),
-        # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
-        "fused": make_engine(model, layers, kv_heads, head_dim, context, batch, **FUSED_SCHEDULER),
-    }
+    engines = {name: ENGINES[name](models, batch) for name in args.engines}
     # As the server does at startup (--compile-decode): the compiles happen now, not in a timed run.
-    engines["compiled"].runner.compile_decode_steps(1)
+    for engine in engines.values():
+        engine.runner.compile_decode_steps(1)  # a no-op where the step is not compiled
     for engine in engines.values():
         engine.start()
     work = {
-        "mixed": lambda: engine_run(engines["engine"], engine_requests(prompts, new_tokens, prefixes)),
-        "single": lambda: engine_run(engines["engine"], engine_requests(prompts, new_tokens, prefixes[:1])),
+        "mixed": lambda: engine_run(engines[MAIN], engine_requests(prompts, new_tokens, prefixes)),
+        "single": lambda: engine_run(engines[MAIN], engine_requests(prompts, new_tokens, prefixes[:1])),
         **{
             f"{name}{suffix}": partial(engine_run, engine, engine_requests(prompts, tokens))
             for name, engine in engines.items()
             for suffix, tokens in (("", new_tokens), ("_short", short_tokens))
         },
-        "bare": lambda: bare_loop(model, prompts, new_tokens),
+        "bare": lambda: bare_loop(models.stock, prompts, new_tokens),
     }
     runs: dict[str, list[Timing]] = {key: [] for key in work}
     try:
         for engine in engines.values():  # warm-up
             engine_run(engine, engine_requests(prompts, 2, prefixes))
-        bare_loop(model, prompts, 2)
-        # Graph replay against the eager step: do greedy tokens agree (bf16 sums may round differently)?
+        bare_loop(models.stock, prompts, 2)
+        # The default engine against the stock layers' eager step: do greedy tokens agree (bf16 sums may round
+        # differently)?
         check = engine_requests(prompts, 32)
-        graphed, eager = (engine_tokens(engines[k], check) for k in ("engine", "eager"))
-        agree = [a == b for a, b in zip(graphed, eager, strict=True)]
+        eager = make_engine(models.stock, *models.shape, models.context, batch, static_decode=False, **STOCK)
+        eager.start()
+        try:
+            graphed, reference = engine_tokens(engines[MAIN], check), engine_tokens(eager, check)
+        finally:
+            eager.shutdown()
+        agree = [a == b for a, b in zip(graphed, reference, strict=True)]
         for r in range(args.repeats):
             for key in list(work) if r % 2 == 0 else reversed(work):  # alternate the order between repeats
                 runs[key].append(work[key]())
         if args.profile is not None:
-            profile_steps(args.profile / f"profile_{batch}.txt", engines["compiled"], model, prompts, prefixes)
+            for name in ("engine", "compiled", "compiled_stock"):
+                if name in engines:
+                    path = args.profile / f"profile_{name}_{batch}.txt"
+                    profile_steps(path, engines[name], models.stock, prompts, prefixes)
         graphs: dict[str, dict[str, Any]] = {}
-        for name in ("engine", "compiled"):
-            decoder = engines[name].runner.static_decoder
+        for name, engine in engines.items():
+            decoder = engine.runner.static_decoder
             if decoder is not None:
                 graphs[name] = {"captures": decoder.captures, "replays": decoder.replays, "compiled": decoder.compiled}
     finally:

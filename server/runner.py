@@ -13,6 +13,7 @@ from server.attention import ATTENTION_NAME, use_gqa_attention
 from server.batch import Batch, NewRequest, PrefillInputs
 from server.cpu_linear import use_onednn_linear
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
+from server.fused_projections import fuse_projections as fuse_layer_projections
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
 from server.kv_cache import build_cache, read_cache
 from server.sampling import SamplingParams, sample
@@ -52,6 +53,7 @@ class ModelRunner:
         static_decode: bool | None = None,
         compile_decode: bool = False,
         onednn_linear: bool = True,
+        fuse_projections: bool | None = None,
     ) -> None:
         self.model = model
         # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
@@ -62,6 +64,12 @@ class ModelRunner:
             # float32 on the CPU: packed oneDNN linear layers, held once (server/cpu_linear.py). A compiled step
             # traces through F.linear on the dense weights, so those stay.
             use_onednn_linear(model, free_dense=not compile_decode)
+        # One matmul for q/k/v and one for gate/up (server/fused_projections.py): by default on CUDA, where a
+        # decode step's small matmuls are bound by latency, not bytes. On the CPU the oneDNN layers serve.
+        if fuse_projections is None:
+            fuse_projections = self.device.type == "cuda"
+        if fuse_projections:
+            fuse_layer_projections(model)
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from server.fused_projections import is_fused
 from server.kv_cache import HEADROOM_COLUMNS
 from server.model_loading import probe_kv_shape
 from server.runner import ModelRunner, NewRequest
@@ -109,16 +110,20 @@ def test_static_decode_of_groups_equals_the_fused_step() -> None:
             torch.testing.assert_close(k_s[:, :, :width], k_e[:, :, :width])
 
 
-def test_compiled_static_decode_equals_eager_decode() -> None:
+@pytest.mark.parametrize("fuse_projections", [False, True], ids=["stock-layers", "fused-projections"])
+def test_compiled_static_decode_equals_eager_decode(fuse_projections: bool) -> None:
     """``compile_decode``: the fixed-shape step through torch.compile (Inductor, dynamic shapes) gives the eager
     step's greedy tokens, through growth and a row leaving, and for rows in three groups. The server's startup
-    compiles (one per number of groups) cover them all: nothing compiles under traffic."""
+    compiles (one per number of groups) cover them all: nothing compiles under traffic. With fused projections
+    (the default on CUDA) the compiled step of the fused layers gives the stock layers' eager tokens."""
     from torch._dynamo.utils import counters
 
     base = tiny_llama(seed=5)
     shape = probe_kv_shape(base)
+    served = copy.deepcopy(base) if fuse_projections else base
     eager = ModelRunner(base, *shape, static_decode=False)
-    compiled = ModelRunner(base, *shape, static_decode=True, compile_decode=True)
+    compiled = ModelRunner(served, *shape, static_decode=True, compile_decode=True, fuse_projections=fuse_projections)
+    assert is_fused(served.model.layers[0].mlp) == fuse_projections
     assert compiled.static_decoder is not None and compiled.static_decoder.compiled
     compiled.compile_decode_steps(3)  # what the server does at startup: dummy rows, then the step is let go
     assert compiled.static_decoder._step is None

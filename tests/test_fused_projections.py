@@ -1,0 +1,122 @@
+"""One matmul for q/k/v and one for gate/up (server/fused_projections.py): same function, no extra memory."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from server.fused_projections import fuse_projections, is_fused
+from server.model_loading import probe_kv_shape
+from server.runner import ModelRunner, NewRequest
+from server.sampling import SamplingParams
+from tests.tiny_models import oracle_greedy, peft_prefix_model, prefix_kv_of, tiny_llama
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_fused_llama_computes_the_same_logits_with_its_weights_held_once() -> None:
+    model = tiny_llama(seed=3)
+    stock = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fuse_projections(model) == 2 * model.config.num_hidden_layers  # attention and MLP of each layer
+    assert fuse_projections(model) == 0  # idempotent
+    layer = model.model.layers[0]
+    assert is_fused(layer.self_attn) and is_fused(layer.mlp)
+    # Each original weight is a view of the stacked one: one copy in memory.
+    stacked = layer.self_attn._prefix_serve_fused_weight
+    for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        assert lin.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    # The state dict is the model's own: same keys, same values (what PEFT and checkpoints see).
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    ids = torch.randint(3, 250, (3, 11), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-5, atol=1e-5)
+    # A weight changed in place through the original layer is what the fused matmul reads.
+    with torch.no_grad():
+        layer.mlp.up_proj.weight.mul_(0.5)
+        stock.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+    torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qwen2_keeps_its_q_k_v_biases() -> None:
+    torch.manual_seed(4)
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # random biases: zeros would hide a bias that went missing
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_()
+    stock = copy.deepcopy(model)
+    # Qwen2's attention has its own forward (sliding windows): only the MLPs are fused there.
+    assert fuse_projections(model) == config.num_hidden_layers
+    assert not is_fused(model.model.layers[0].self_attn) and is_fused(model.model.layers[0].mlp)
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_subclass_with_its_own_forward_is_left_alone() -> None:
+    class HalvedMLP(LlamaMLP):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 0.5
+
+    model = tiny_llama(seed=3)
+    model.model.layers[1].mlp = HalvedMLP(model.config)
+    fuse_projections(model)
+    assert is_fused(model.model.layers[0].mlp) and not is_fused(model.model.layers[1].mlp)
+
+
+def test_a_llama_with_attention_bias_fuses_the_biases() -> None:
+    base = tiny_llama(seed=6)
+    config = copy.deepcopy(base.config)
+    config.attention_bias = True
+    torch.manual_seed(6)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_()
+    stock = copy.deepcopy(model)
+    assert fuse_projections(model) == 2 * config.num_hidden_layers
+    assert model.model.layers[0].self_attn._prefix_serve_fused_bias is not None
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_runner_with_fused_projections_decodes_prefixed_rows_as_the_oracle() -> None:
+    """Prefill, fixed-shape decode steps and prefixes through the fused layers: PEFT's forward is the oracle."""
+    base = tiny_llama(seed=5)
+    served = copy.deepcopy(base)
+    runner = ModelRunner(
+        served, *probe_kv_shape(served), static_decode=True, onednn_linear=False, fuse_projections=True
+    )
+    assert is_fused(served.model.layers[0].self_attn)
+    gen = torch.Generator().manual_seed(9)
+    steps = 12
+    oracles, requests = [], []
+    for i, p in enumerate((4, 0, 2)):  # rows of unequal prefixes and prompts: padding and masks in play
+        prompt = torch.randint(3, 250, (3 + 2 * i,), generator=gen).tolist()
+        peft = peft_prefix_model(copy.deepcopy(base), p, seed=40 + i) if p else None
+        kv = prefix_kv_of(peft) if peft is not None else None
+        oracles.append(oracle_greedy(peft if peft is not None else base, prompt, steps)[0])
+        requests.append(NewRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=steps), kv, f"t{i}" if p else None))
+    batch, first = runner.prefill(requests)
+    tokens = [[t] for t in first.tolist()]
+    for _ in range(steps - 1):
+        for row, token in zip(tokens, runner.decode(batch).tolist(), strict=True):
+            row.append(token)
+    assert tokens == oracles
