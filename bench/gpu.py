@@ -112,21 +112,28 @@ ENGINES: dict[str, Callable[[Models, int], Engine]] = {
     "engine_stock": lambda m, b: make_engine(m.stock, *m.shape, m.context, b, **STOCK),
     # The default with each step's tokens handed out before the next step is launched (no overlap).
     "in_turn": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, overlap_steps=False, **FUSED),
+    # The default with SDPA over every KV column instead of server/decode_attention.py's kernel.
+    "engine_sdpa": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, decode_kernel=False, **FUSED),
     # The default, the step compiled first (Inductor's fused kernels, then replayed from graphs).
     "compiled": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, compile_decode=True, **FUSED),
+    "compiled_sdpa": lambda m, b: make_engine(
+        m.fused, *m.shape, m.context, b, compile_decode=True, decode_kernel=False, **FUSED
+    ),
     "compiled_stock": lambda m, b: make_engine(m.stock, *m.shape, m.context, b, compile_decode=True, **STOCK),
     # The eager transformers decode step on the stock layers (the engine before graphs).
     "eager": lambda m, b: make_engine(m.stock, *m.shape, m.context, b, static_decode=False, **STOCK),
     # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
     "fused": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, **FUSED_SCHEDULER, **FUSED),
 }
-# The runner's step alone, in steady state: (model copy, static_decode, compile_decode) by name.
-RUNNER_STEPS: dict[str, tuple[str, bool | None, bool]] = {
-    "graphs": ("fused", None, False),
-    "graphs_stock": ("stock", None, False),
-    "compiled": ("fused", None, True),
-    "compiled_stock": ("stock", None, True),
-    "eager": ("stock", False, False),
+# The runner's step alone, in steady state: (model copy, static_decode, compile_decode, decode_kernel) by name.
+RUNNER_STEPS: dict[str, tuple[str, bool | None, bool, bool]] = {
+    "graphs": ("fused", None, False, True),
+    "graphs_sdpa": ("fused", None, False, False),
+    "graphs_stock": ("stock", None, False, False),
+    "compiled": ("fused", None, True, True),
+    "compiled_sdpa": ("fused", None, True, False),
+    "compiled_stock": ("stock", None, True, False),
+    "eager": ("stock", False, False, False),
 }
 
 
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
 
     check = check_static_decode(device)
     print(f"check: {check}", flush=True)
+    kernel_check = check_decode_kernel(device, dtype)
+    print(f"decode attention kernel: {kernel_check}", flush=True)
     models = Models(build_model(args.tiny, device, dtype), build_model(args.tiny, device, dtype))
     layers, kv_heads, head_dim = models.shape
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "prefix_len": args.prefix_len,
         "engines": args.engines,
         "static_decode_check": check,
+        "decode_kernel_check": kernel_check,
         "batches": {},
     }
     g = torch.Generator().manual_seed(1)
@@ -218,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         runs, graphs, agree = measure_batch(models, batch, prompts, prefixes, new_tokens, short_tokens, args)
         # The runner's step alone, in steady state (no joins, no growth, no capture): what the replay costs.
         runner_step = {
-            key: runner_step_s(getattr(models, copy), prompts, static, compiled, fuse=copy == "fused")
-            for key, (copy, static, compiled) in RUNNER_STEPS.items()
+            key: runner_step_s(getattr(models, copy), prompts, static, compiled, fuse=copy == "fused", kernel=kernel)
+            for key, (copy, static, compiled, kernel) in RUNNER_STEPS.items()
             if key in args.runner_steps
         }
         fastest = {key: min(timings, key=lambda t: t.seconds) for key, timings in runs.items()}
@@ -285,6 +295,64 @@ def _names(
     return names
 
 
+def check_decode_kernel(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """server/decode_attention.py's kernel on this device: its largest difference from SDPA under the same mask
+    (fresh random inputs, left padding, NaN in the columns it must not read), and its time against SDPA over all
+    C columns (what the step did before) at the 1B model's heads, batch 64, 400 of 600 columns in use."""
+    from server.decode_attention import decode_attention, supported
+    from server.fused_step import decode_rows_attention
+
+    if not supported(device, 32, 8, 64):
+        return {"supported": False}
+    errors = {}
+    g = torch.Generator().manual_seed(3)
+    for check_dtype in (torch.float32, dtype):
+        for rows, heads, kv_heads, head_dim, capacity, column in ((5, 32, 8, 64, 300, 200), (3, 9, 3, 64, 130, 64)):
+            q = torch.randn(rows, heads, head_dim, generator=g).to(device, check_dtype)
+            k = torch.randn(rows, kv_heads, capacity, head_dim, generator=g).to(device, check_dtype)
+            v = torch.randn(rows, kv_heads, capacity, head_dim, generator=g).to(device, check_dtype)
+            k[:, :, column + 1 :] = float("nan")
+            v[:, :, column + 1 :] = float("nan")
+            mask = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+            for r in range(rows):
+                mask[r, (r * 13) % column : column + 1] = True
+            got = decode_attention(q, k, v, mask, torch.tensor([column], device=device), head_dim**-0.5)
+            end = column + 1
+            want = decode_rows_attention(
+                q.float(), k[:, :, :end].float(), v[:, :, :end].float(), mask[:, None, None, :end], head_dim**-0.5
+            )
+            key = f"{str(check_dtype).removeprefix('torch.')}_{rows}x{heads}/{kv_heads}x{head_dim}_c{column}"
+            errors[key] = float((got.float() - want).abs().max())
+    rows, heads, kv_heads, head_dim, capacity, column = 64, 32, 8, 64, 600, 399
+    q = torch.randn(rows, heads, head_dim, device=device, dtype=dtype)
+    k = torch.randn(rows, kv_heads, capacity, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    mask = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+    mask[:, : column + 1] = True
+    col = torch.tensor([column], device=device)
+    scale = head_dim**-0.5
+    timings = {
+        "kernel_us": _time_us(lambda: decode_attention(q, k, v, mask, col, scale)),
+        "sdpa_all_columns_us": _time_us(lambda: decode_rows_attention(q, k, v, mask[:, None, None], scale)),
+    }
+    kv_bytes = 2 * rows * kv_heads * (column + 1) * head_dim * k.element_size()
+    timings["kernel_bytes_floor_us"] = kv_bytes / copy_bandwidth(device, 256 * 2**20) * 1e6
+    return {"supported": True, "max_abs_error_vs_sdpa": errors, **timings}
+
+
+def _time_us(work: Callable[[], Any], iters: int = 200) -> float:
+    """Mean µs of ``work`` on the current CUDA stream, after a warm-up (CUDA events)."""
+    for _ in range(10):
+        work()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
 def check_static_decode(device: torch.device, steps: int = 80) -> dict[str, Any]:
     """Correctness on this device before any timing: on the tiny config in float32, the default runner's decode
     (fixed-shape steps, from CUDA graphs once settled, fused projections) gives the same greedy tokens as the
@@ -344,6 +412,7 @@ def runner_step_s(
     compile_decode: bool = False,
     *,
     fuse: bool,
+    kernel: bool,
     warm: int = 8,
     steps: int = 48,
 ) -> float:
@@ -362,6 +431,7 @@ def runner_step_s(
         cfg.head_dim,
         static_decode=static_decode,
         compile_decode=compile_decode,
+        decode_kernel=kernel,
         **(FUSED if fuse else STOCK),
     )
     params = SamplingParams(max_new_tokens=warm + steps + 1)
@@ -422,7 +492,7 @@ def measure_batch(
             for key in list(work) if r % 2 == 0 else reversed(work):  # alternate the order between repeats
                 runs[key].append(work[key]())
         if args.profile is not None:
-            for name in ("engine", "compiled", "compiled_stock"):
+            for name in ("engine", "compiled", "compiled_sdpa", "compiled_stock"):
                 if name in engines:
                     path = args.profile / f"profile_{name}_{batch}.txt"
                     profile_steps(path, engines[name], models.stock, prompts, prefixes)

@@ -104,6 +104,7 @@ def make_engine(
     overlap_steps: bool | None = None,
     onednn_linear: bool = True,
     fuse_projections: bool | None = None,
+    decode_kernel: bool = True,
     **scheduler: int,
 ) -> Engine:
     """An engine for ``batch`` rows; ``scheduler`` overrides SchedulerConfig fields (e.g. prefill_chunk_tokens).
@@ -111,7 +112,8 @@ def make_engine(
     ``compile_decode``: that step through torch.compile first. ``overlap_steps``: the engine's; None, its default
     (on CUDA: each step launched before the last one's tokens are handed out). ``onednn_linear``: the runner's
     (server/cpu_linear.py); False leaves the model's linear layers as they are. ``fuse_projections``: the
-    runner's (server/fused_projections.py); None, its default (on CUDA)."""
+    runner's (server/fused_projections.py); None, its default (on CUDA). ``decode_kernel``: the runner's
+    (server/decode_attention.py, where supported)."""
     runner = ModelRunner(
         model,
         num_layers,
@@ -121,6 +123,7 @@ def make_engine(
         compile_decode=compile_decode,
         onednn_linear=onednn_linear,
         fuse_projections=fuse_projections,
+        decode_kernel=decode_kernel,
     )
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
     return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config, overlap_steps=overlap_steps)

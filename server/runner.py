@@ -12,6 +12,7 @@ from server.architectures import mask_builder, sliding_window_of
 from server.attention import ATTENTION_NAME, use_gqa_attention
 from server.batch import Batch, NewRequest, PrefillInputs
 from server.cpu_linear import use_onednn_linear
+from server.decode_attention import supported as decode_attention_supported
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.fused_projections import fuse_projections as fuse_layer_projections
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
@@ -54,6 +55,7 @@ class ModelRunner:
         compile_decode: bool = False,
         onednn_linear: bool = True,
         fuse_projections: bool | None = None,
+        decode_kernel: bool = True,
     ) -> None:
         self.model = model
         # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
@@ -90,8 +92,16 @@ class ModelRunner:
             # step's KV grows by a column every step: on an H200, eager steps that hit it took 60-80 ms instead
             # of ~15 (bench/RESULTS.md, "GPU"). Flash / memory-efficient attention need no plans. Process-wide.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        # Their attention by a Triton kernel that reads each row's KV only up to the step's column
+        # (server/decode_attention.py), where it serves the shapes (CUDA); else SDPA over every column.
+        heads = getattr(model.config, "num_attention_heads", None)
+        kernel = (
+            decode_kernel
+            and heads is not None
+            and decode_attention_supported(self.device, heads, num_kv_heads, head_dim)
+        )
         self.static_decoder = (
-            StaticDecoder(model, use_graphs=self.device.type == "cuda", compile_forward=compile_decode)
+            StaticDecoder(model, self.device.type == "cuda", compile_forward=compile_decode, kernel=kernel)
             if static_decode and self.fuses_prefill
             else None
         )

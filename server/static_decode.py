@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from server.batch import Batch
+from server.decode_attention import decode_attention
 from server.fused_step import LAYOUT_KWARG, decode_rows_attention, placeholder_mask
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class StaticDecodeLayout:
     """A fixed-shape decode step (passed to attention as ``LAYOUT_KWARG``): the groups' rows, in order."""
 
     groups: list[StaticGroup]
+    # Attention by server/decode_attention.py's kernel (reads each row's KV up to the step's column) rather than
+    # SDPA over all C columns under the mask.
+    kernel: bool = False
 
 
 def static_decode_attention(
@@ -79,8 +83,12 @@ def static_decode_attention(
         span = slice(offset, offset + keys.shape[0])
         keys.index_copy_(2, group.column, key[0, :, span].transpose(0, 1)[:, :, None])  # [B_g, H_kv, 1, d]
         values.index_copy_(2, group.column, value[0, :, span].transpose(0, 1)[:, :, None])
-        # All C_g columns under the mask: the shapes stay the same from step to step.
-        parts.append(decode_rows_attention(query[0, :, span].transpose(0, 1), keys, values, group.mask, scaling))
+        rows = query[0, :, span].transpose(0, 1)  # [B_g, H_q, d]
+        if layout.kernel:  # the shapes stay the same; the kernel reads up to ``column``, the rest stays unread
+            scale = rows.shape[-1] ** -0.5 if scaling is None else scaling
+            parts.append(decode_attention(rows, keys, values, group.mask[:, 0, 0], group.column, scale))
+        else:  # all C_g columns under the mask: the shapes stay the same from step to step
+            parts.append(decode_rows_attention(rows, keys, values, group.mask, scaling))
         offset = span.stop
     return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
 
@@ -88,7 +96,7 @@ def static_decode_attention(
 class _Step:
     """The static inputs and outputs of one set of groups' step, and its graph once captured."""
 
-    def __init__(self, groups: Sequence[Batch], forward: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, groups: Sequence[Batch], forward: Callable[..., torch.Tensor], kernel: bool) -> None:
         rows = sum(len(batch) for batch in groups)
         device = groups[0].keys[0].device
         self.buffers = _addresses(groups)
@@ -103,7 +111,8 @@ class _Step:
                     torch.zeros(len(batch), 1, 1, batch.keys[0].shape[2], dtype=torch.bool, device=device),
                 )
                 for batch in groups
-            ]
+            ],
+            kernel,
         )
         self.no_mask = placeholder_mask(device)
         self.forward = forward  # compiled or not
@@ -158,9 +167,12 @@ def _addresses(groups: Sequence[Batch]) -> tuple[int, ...]:
 class StaticDecoder:
     """Runs a batch's decode forward at fixed shapes; on CUDA, from a graph once the batch has settled."""
 
-    def __init__(self, model: torch.nn.Module, use_graphs: bool, compile_forward: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, use_graphs: bool, compile_forward: bool = False, kernel: bool = False
+    ) -> None:
         self.model = model
         self.use_graphs = use_graphs
+        self.kernel = kernel  # attention by server/decode_attention.py's kernel (the caller checked ``supported``)
         self.compiled = compile_forward
         # dynamic=True: rows and KV columns are symbolic from the first compile, so growth never recompiles.
         self._step_forward = torch.compile(self._forward, dynamic=True) if compile_forward else self._forward
@@ -181,7 +193,7 @@ class StaticDecoder:
         if step is None or step.buffers != _addresses(groups):
             compiled = self.compiled and all(len(batch) > 1 for batch in groups)
             # The old graph (if any) goes with the old step.
-            step = self._step = _Step(groups, self._step_forward if compiled else self._forward)
+            step = self._step = _Step(groups, self._step_forward if compiled else self._forward, self.kernel)
         step.load(groups)
         step.steps += 1
         if self.use_graphs and step.graph is None and step.steps > CAPTURE_AFTER:

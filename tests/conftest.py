@@ -7,11 +7,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch
+
+# Without a GPU, Triton kernels (server/decode_attention.py's) run in Triton's interpreter. Set before anything
+# imports triton (torch.compile may): its own jit'd helpers are made for the mode in force at their import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.redis_server import RedisServer
 
