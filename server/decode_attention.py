@@ -29,11 +29,11 @@ import torch
 
 def supported(device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel serves these shapes on this device: CUDA, Triton importable, a power-of-two head size
-    (tl.arange needs one) of at most 128, and H_q a multiple of H_kv, at most 8 query heads per KV head (a tile's
-    products [G, columns, d] stay in registers)."""
-    if device.type != "cuda" or head_dim & (head_dim - 1) or head_dim > 128 or heads % kv_heads:
+    (tl.arange needs one) from 16 to 128 (tl.dot's inner size), and H_q a multiple of H_kv, at most 16 query
+    heads per KV head (the padded rows of a dot)."""
+    if device.type != "cuda" or head_dim & (head_dim - 1) or not 16 <= head_dim <= 128 or heads % kv_heads:
         return False
-    if heads // kv_heads > 8:
+    if heads // kv_heads > 16:
         return False
     return _triton_available()
 
@@ -64,7 +64,7 @@ def decode_attention(
     out = torch.empty(rows, heads, head_dim, dtype=query.dtype, device=query.device)
     if rows == 0:
         return out
-    kernel, config = _kernel()
+    kernel, config, interpreted = _kernel()
     kernel[(rows, kv_heads)](
         query,
         keys,
@@ -79,8 +79,9 @@ def decode_attention(
         *out.stride()[:2],
         scale,
         GROUP=group,
-        GROUP_PAD=1 << (group - 1).bit_length(),  # tl.arange needs a power of two
+        GROUP_PAD=max(16, 1 << (group - 1).bit_length()),  # tl.dot needs 16 rows, tl.arange a power of two
         HEAD_DIM=head_dim,
+        DOT_FP32=interpreted or query.dtype == torch.float32,
         **config,
     )
     return out
@@ -99,11 +100,12 @@ def _(
 
 
 @functools.cache
-def _kernel() -> tuple[Any, dict[str, int]]:
-    """The Triton kernel and the launch options it needs, imported on first use (``triton.jit`` reads
-    TRITON_INTERPRET when it decorates): autotuned on a GPU, one fixed config in Triton's interpreter."""
+def _kernel() -> tuple[Any, dict[str, int], bool]:
+    """The Triton kernel, the launch options it needs, and whether it is interpreted; imported on first use
+    (``triton.jit`` reads TRITON_INTERPRET when it decorates): autotuned on a GPU, one fixed config in Triton's
+    interpreter."""
     from server import decode_attention_kernel as module
 
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return module.decode_attention_kernel, module.INTERPRETER_CONFIG
-    return module.tuned_decode_attention_kernel, {}
+        return module.decode_attention_kernel, module.INTERPRETER_CONFIG, True
+    return module.tuned_decode_attention_kernel, {}, False
