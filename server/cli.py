@@ -20,6 +20,16 @@ from server.request_log import LOG_FORMATS, configure_logging
 ENV_PREFIX = "PREFIX_SERVE_"
 KEEP_ALIVE_S = 75  # seconds an idle HTTP connection stays open (nginx's default)
 
+# On/off flags of `serve` (store_true), each also on with PREFIX_SERVE_<FLAG>=1.
+SERVE_SWITCHES = (
+    "disable_docs",
+    "enforce_eager",
+    "compile_decode",
+    "stock_linear",
+    "stock_projections",
+    "stock_decode_attention",
+)
+
 # flag -> (type, help). Every flag can also come from PREFIX_SERVE_<FLAG> (dashes as underscores).
 _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "model": (str, "model directory, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)"),
@@ -105,6 +115,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="float32 linear layers on the CPU use torch's default kernel, not oneDNN with packed weights: "
         f"slower steps, no packed copy of a tied lm_head [env {ENV_PREFIX}STOCK_LINEAR=1]",
     )
+    serve.add_argument(
+        "--stock-projections",
+        action="store_true",
+        help="on CUDA, keep q/k/v and gate/up as separate matmuls instead of one each "
+        f"[env {ENV_PREFIX}STOCK_PROJECTIONS=1]",
+    )
+    serve.add_argument(
+        "--stock-decode-attention",
+        action="store_true",
+        help="on CUDA, fixed-shape decode steps attend with SDPA over every KV column instead of the Triton "
+        f"kernel that reads each row's columns only [env {ENV_PREFIX}STOCK_DECODE_ATTENTION=1]",
+    )
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
     serve.add_argument(
         "--log-format",
@@ -130,14 +152,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                 ) from exc
         if value is not None:
             values[field.name] = value
-    if getattr(args, "disable_docs", False) or os.environ.get(ENV_PREFIX + "DISABLE_DOCS") == "1":
-        values["disable_docs"] = True
-    if getattr(args, "enforce_eager", False) or os.environ.get(ENV_PREFIX + "ENFORCE_EAGER") == "1":
-        values["enforce_eager"] = True
-    if getattr(args, "compile_decode", False) or os.environ.get(ENV_PREFIX + "COMPILE_DECODE") == "1":
-        values["compile_decode"] = True
-    if getattr(args, "stock_linear", False) or os.environ.get(ENV_PREFIX + "STOCK_LINEAR") == "1":
-        values["stock_linear"] = True
+    for switch in SERVE_SWITCHES:  # on by its flag or by its variable set to 1
+        if getattr(args, switch, False) or os.environ.get(ENV_PREFIX + switch.upper()) == "1":
+            values[switch] = True
     return ServeConfig(**values)
 
 

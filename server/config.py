@@ -58,6 +58,12 @@ class ServeConfig:
     # float32 linear layers on the CPU keep torch's default kernel (MKL) instead of packed oneDNN
     # (server/cpu_linear.py), at ~1.4x the decode step time; a tied lm_head is then held once, not twice.
     stock_linear: bool = False
+    # On CUDA the runner fuses q/k/v and gate/up into one matmul each (server/fused_projections.py); True keeps
+    # the model's separate layers.
+    stock_projections: bool = False
+    # On CUDA fixed-shape decode steps attend with a Triton kernel reading each row's KV columns only
+    # (server/decode_attention.py); True keeps SDPA over every column under a mask.
+    stock_decode_attention: bool = False
     allow_unverified_architecture: bool = False  # serve a model type not in server/architectures.py, with a warning
     cors_allow_origins: str | None = None  # comma-separated origins allowed cross-site; None = CORS off
     # Per-tenant quota defaults (0 = unlimited); the key file's "quotas" object overrides them per tenant.

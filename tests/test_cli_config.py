@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from server.cli import _SERVE_FLAGS, config_from_args, main
+from server.cli import _SERVE_FLAGS, SERVE_SWITCHES, _add_serve_parser, config_from_args, main
 from server.config import ServeConfig
 
 
@@ -54,22 +54,20 @@ def test_negative_admission_budget_is_refused(flag: str, value: str, capsys: pyt
     assert flag in capsys.readouterr().err
 
 
-def test_enforce_eager_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert config_from_args(args()).enforce_eager is False
-    assert config_from_args(args(enforce_eager=True)).enforce_eager is True
-    monkeypatch.setenv("PREFIX_SERVE_ENFORCE_EAGER", "1")
-    assert config_from_args(args()).enforce_eager is True
+@pytest.mark.parametrize("switch", SERVE_SWITCHES)
+def test_switches_from_flag_or_env(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert getattr(ServeConfig(), switch) is False  # every switch is off by default
+    assert getattr(config_from_args(args()), switch) is False
+    assert getattr(config_from_args(args(**{switch: True})), switch) is True
+    monkeypatch.setenv("PREFIX_SERVE_" + switch.upper(), "0")
+    assert getattr(config_from_args(args()), switch) is False
+    monkeypatch.setenv("PREFIX_SERVE_" + switch.upper(), "1")
+    assert getattr(config_from_args(args()), switch) is True
 
 
-def test_compile_decode_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert config_from_args(args()).compile_decode is False
-    assert config_from_args(args(compile_decode=True)).compile_decode is True
-    monkeypatch.setenv("PREFIX_SERVE_COMPILE_DECODE", "1")
-    assert config_from_args(args()).compile_decode is True
-
-
-def test_stock_linear_from_flag_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert config_from_args(args()).stock_linear is False
-    assert config_from_args(args(stock_linear=True)).stock_linear is True
-    monkeypatch.setenv("PREFIX_SERVE_STOCK_LINEAR", "1")
-    assert config_from_args(args()).stock_linear is True
+def test_every_switch_is_a_serve_flag() -> None:
+    parser = argparse.ArgumentParser()
+    _add_serve_parser(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(["serve", *("--" + switch.replace("_", "-") for switch in SERVE_SWITCHES)])
+    assert all(getattr(parsed, switch) is True for switch in SERVE_SWITCHES)
+    assert all(getattr(parser.parse_args(["serve"]), switch) is False for switch in SERVE_SWITCHES)

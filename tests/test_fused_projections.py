@@ -120,3 +120,11 @@ def test_a_runner_with_fused_projections_decodes_prefixed_rows_as_the_oracle() -
         for row, token in zip(tokens, runner.decode(batch).tolist(), strict=True):
             row.append(token)
     assert tokens == oracles
+
+
+def test_a_cpu_runner_keeps_the_stock_layers_and_attention_by_default() -> None:
+    """Fused projections and the Triton decode attention are CUDA defaults: a CPU runner serves as before."""
+    model = tiny_llama(seed=2)
+    runner = ModelRunner(model, *probe_kv_shape(model), static_decode=True)
+    assert not any(is_fused(module) for module in model.modules())
+    assert runner.static_decoder is not None and not runner.static_decoder.kernel

@@ -63,7 +63,12 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     steps = (
         {}
         if model.is_encoder_decoder
-        else {"static_decode": False if config.enforce_eager else None, "compile_decode": config.compile_decode}
+        else {
+            "static_decode": False if config.enforce_eager else None,
+            "compile_decode": config.compile_decode,
+            "fuse_projections": False if config.stock_projections else None,
+            "decode_kernel": not config.stock_decode_attention,
+        }
     )
     runner = runner_class(
         model.model,
