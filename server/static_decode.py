@@ -8,9 +8,11 @@ with none that change from one step to the next:
 * the tokens go in flat, as a [1, B] sequence with positions [1, B] (static tensors the step copies into);
 * each layer's new K/V column is written with ``index_copy_`` at a column held in a device tensor, not at a
   Python int;
-* attention reads all C columns of the [B, H_kv, C, d] buffers under a [B, 1, 1, C] mask (also a static
+* attention takes all C columns of the [B, H_kv, C, d] buffers under a [B, 1, 1, C] mask (also a static
   tensor): columns past the row's new one are masked out like padding. Masked columns add exact zeros, so
-  the result is the eager step's, up to the order of float sums.
+  the result is the eager step's, up to the order of float sums. On CUDA a Triton kernel
+  (server/decode_attention.py) reads the column from the device and stops there, so the free columns are never
+  read; elsewhere SDPA reads them all.
 
 With several padded groups (server/kv_groups.py) the rows come group after group and each group attends to
 its own buffers, as in a fused step. A graph belongs to one set of KV buffers. Joins, leaves and growth replace
