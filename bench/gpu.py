@@ -226,9 +226,14 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(batch)
         ]
         runs, graphs, agree = measure_batch(models, batch, prompts, prefixes, new_tokens, short_tokens, args)
-        # The runner's step alone, in steady state (no joins, no growth, no capture): what the replay costs.
+        # The runner's step alone, in steady state (no joins, no growth, no capture): what the replay costs. Its
+        # prompts are as long as the engine runs' mean context (prompt + half the new tokens), so that the two
+        # steps read as much KV and their difference is the engine's (growth, captures, host work).
+        mean_prompts = random_prompts(batch, prompt_len + new_tokens // 2, models.stock.config.vocab_size, seed=2)
         runner_step = {
-            key: runner_step_s(getattr(models, copy), prompts, static, compiled, fuse=copy == "fused", kernel=kernel)
+            key: runner_step_s(
+                getattr(models, copy), mean_prompts, static, compiled, fuse=copy == "fused", kernel=kernel
+            )
             for key, (copy, static, compiled, kernel) in RUNNER_STEPS.items()
             if key in args.runner_steps
         }
