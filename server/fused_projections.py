@@ -34,13 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 # (module, class) of attention layers with Llama's forward: q/k/v/o projections, rotary, the attention interface.
-_ATTENTION_CLASSES = (("transformers.models.llama.modeling_llama", "LlamaAttention"),)
+_ATTENTION_CLASSES = (
+    ("transformers.models.llama.modeling_llama", "LlamaAttention"),
+    ("transformers.models.gemma.modeling_gemma", "GemmaAttention"),
+)
 # (module, class) of MLPs computing down(act(gate(x)) · up(x)).
 _MLP_CLASSES = (
     ("transformers.models.llama.modeling_llama", "LlamaMLP"),
     ("transformers.models.mistral.modeling_mistral", "MistralMLP"),
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2MLP"),
     ("transformers.models.qwen3.modeling_qwen3", "Qwen3MLP"),
+    ("transformers.models.gemma.modeling_gemma", "GemmaMLP"),
 )
 
 # Instance attributes holding a fused layer's stacked weight [N, h], its bias [N] or None, and the split sizes.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from server.fused_projections import fuse_projections, is_fused
 from server.model_loading import probe_kv_shape
@@ -128,3 +129,18 @@ def test_a_cpu_runner_keeps_the_stock_layers_and_attention_by_default() -> None:
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=True)
     assert not any(is_fused(module) for module in model.modules())
     assert runner.static_decoder is not None and not runner.static_decoder.kernel
+
+
+def test_every_listed_class_has_the_forward_the_fused_one_repeats() -> None:
+    """The fused forwards repeat Llama's attention and MLP with one matmul: a listed class whose forward differs
+    (a transformers release that changed it) would be served wrongly, so each must read as Llama's."""
+    from server import fused_projections
+
+    for names, reference in (
+        (fused_projections._ATTENTION_CLASSES, LlamaAttention),
+        (fused_projections._MLP_CLASSES, LlamaMLP),
+    ):
+        classes = fused_projections._classes(names)
+        assert len(classes) == len(names)  # all importable with the pinned transformers
+        for kind in classes:
+            assert inspect.getsource(kind.forward) == inspect.getsource(reference.forward), kind.__name__

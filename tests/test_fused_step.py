@@ -7,6 +7,7 @@ share steps; finished rows leave. Logits of every step must match PEFT's uncache
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from types import SimpleNamespace
 
@@ -16,7 +17,9 @@ import torch
 from server import fused_step, kv_groups
 from server.batch import Batch
 from server.engine import CHUNK_OVERHEAD_TOKENS, ROW_START_TOKENS, Engine, GenerationRequest
+from server.fused_projections import is_fused
 from server.metrics import ServerMetrics
+from server.model_loading import probe_kv_shape
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams
 from tests.test_architectures import (
@@ -131,6 +134,21 @@ def test_sdpa_decode_attention_matches_peft_forward(name: str, monkeypatch: pyte
     assert s.peft_cases is not None
     cases = s.peft_cases + s.peft_cases[:2]
     assert_matches(cases, *run_fused(runner_for(s.base), cases, 3, admit_per_step=1))
+
+
+@pytest.mark.parametrize("name", sorted(FUSING))
+def test_fused_steps_on_fused_projections_match_peft_forward(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a GPU serves by default: q/k/v and gate/up fused (server/fused_projections.py), prompt chunks in decode
+    steps, rows in several groups, SDPA decode attention. Every row still equals PEFT's forward."""
+    monkeypatch.setattr(fused_step, "matmul_decode_attention", lambda query: False)
+    monkeypatch.setattr(kv_groups, "SLACK_COLUMNS", 0)
+    s = setup(name)
+    assert s.peft_cases is not None
+    served = copy.deepcopy(s.base)  # the shared base stays as built
+    runner = ModelRunner(served, *probe_kv_shape(served), onednn_linear=False, fuse_projections=True)
+    assert any(is_fused(module) for module in served.modules())
+    cases = s.peft_cases + s.peft_cases[:2]
+    assert_matches(cases, *run_fused(runner, cases, 3, admit_per_step=2, max_groups=3))
 
 
 def test_matmul_decode_attention_equals_sdpa_and_ignores_hidden_columns() -> None:
