@@ -1,24 +1,27 @@
 """GPU benchmark: a random-initialised Llama-3.2-1B-shaped model, the engine vs the bare transformers loop.
 
 No download and no network: the model is built from a ``LlamaConfig`` with random weights (bf16 on CUDA).
-First, on the device, a float32 check on a tiny config: the default runner's fixed-shape decode steps (CUDA
-graphs) give the eager step's greedy tokens. Then, for each batch size, it prints:
+First, on the device, two checks: on a tiny config in float32, the default runner's fixed-shape decode steps
+(CUDA graphs, fused projections, the decode-attention kernel), plain and compiled, give the stock layers' eager
+greedy tokens; and the decode-attention kernel against SDPA under the same mask, with its time inside a CUDA
+graph. Then, for each batch size, it prints:
 
 * engine tokens/s with all-distinct prefixes ("mixed") and with one shared prefix ("single"), and their ratio;
 * engine tokens/s without prefixes vs the bare transformers loop (``DynamicCache``, left padding, mask) on
-  identical work, and their ratio, for the engines of ``ENGINES`` side by side (``--engines`` picks some): the
-  default (graph-replayed decode steps, each launched before the last one's tokens are handed out, q/k/v and
-  gate/up fused), the same on the stock layers, the default with steps in turn (no overlap), the step compiled
-  first (``--compile-decode``: Inductor's fused kernels in the graph) on fused and stock layers, the eager
-  transformers decode step, and the server's fused defaults (prompt chunks, KV groups);
+  identical work, and their ratio, for engines of ``ENGINES`` side by side. By default (``DEFAULT_ENGINES``): the
+  default engine (graph-replayed decode steps, each launched before the last one's tokens are handed out),
+  the same with the step compiled first (``--compile-decode``), and the server's fused defaults (prompt chunks,
+  KV groups). ``--engines`` adds others: on the stock layers, with SDPA decode attention, steps in turn, the
+  eager transformers step;
 * the decode step time (engines and bare loop, prefill excluded) against the memory-bandwidth floor:
   (bytes of weights + bytes of KV read per step) / measured device copy bandwidth; and the runner's step alone
-  in steady state (no joins, growth or captures): graphs, compiled graphs (fused and stock layers) and eager.
+  in steady state at the engine runs' mean context (no joins, growth or captures; ``--runner-steps``).
 
-With --profile DIR, torch.profiler tables of a few steps per batch size (the compiled engine, the bare loop).
+With --profile DIR, torch.profiler tables of a few steps per batch size (engines and the bare loop).
 
-    bench/gpu.sh                      # H100: batch 64 and 128, bf16
+    bench/gpu.sh                      # H100: batch 64 and 128, bf16 (about 5 minutes)
     bench/gpu.sh --device cpu --tiny  # a CPU smoke run on a tiny config
+    bench/gpu.sh --engines engine,engine_stock,compiled,compiled_stock   # what fusing q/k/v and gate/up gains
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ ENGINES: dict[str, Callable[[Models, int], Engine]] = {
     # The server's defaults: prompts enter in chunks fused into decode steps, rows in padded groups.
     "fused": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, **FUSED_SCHEDULER, **FUSED),
 }
+DEFAULT_ENGINES = "engine,compiled,fused"
 # The runner's step alone, in steady state: (model copy, static_decode, compile_decode, decode_kernel) by name.
 RUNNER_STEPS: dict[str, tuple[str, bool | None, bool, bool]] = {
     "graphs": ("fused", None, False, True),
@@ -135,6 +139,7 @@ RUNNER_STEPS: dict[str, tuple[str, bool | None, bool, bool]] = {
     "compiled_stock": ("stock", None, True, False),
     "eager": ("stock", False, False, False),
 }
+DEFAULT_RUNNER_STEPS = "graphs,compiled"
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -175,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="also write the results JSON here (after each batch)")
     p.add_argument("--profile", type=Path, default=None, help="a folder for torch.profiler tables of a few steps")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma-separated, of {', '.join(ENGINES)}")
     p.add_argument(
-        "--runner-steps", default=",".join(RUNNER_STEPS), help=f"comma-separated, of {', '.join(RUNNER_STEPS)}"
+        "--runner-steps", default=DEFAULT_RUNNER_STEPS, help=f"comma-separated, of {', '.join(RUNNER_STEPS)}"
     )
     args = p.parse_args(argv)
     args.engines = _names(args.engines, ENGINES, p, "--engines", required=MAIN)
