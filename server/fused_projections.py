@@ -17,8 +17,10 @@ a state dict, PEFT) reads the same memory. Replacing a parameter afterwards (``m
 ``nn.Parameter``) would cut that tie; the runner does this once, after the model is on its device, and the
 engine never does either.
 
-Only instances of exactly transformers' Llama attention and Llama-style MLP classes are touched (a subclass may
-change the forward); the per-instance forwards below repeat theirs with the fused matmul.
+Only instances of exactly the listed classes are touched (a subclass may change the forward): attention classes
+whose forward is Llama's and MLPs whose forward is Llama's MLP's (tests/test_fused_projections.py compares the
+sources); the per-instance forwards below repeat those with the fused matmul. Weights that are placeholders (the
+CPU's oneDNN layers freed their dense copies, server/cpu_linear.py) are left as they are.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class ModelRunner:
             and decode_attention_supported(self.device, heads, num_kv_heads, head_dim)
         )
         self.static_decoder = (
-            StaticDecoder(model, self.device.type == "cuda", compile_forward=compile_decode, kernel=kernel)
+            StaticDecoder(model, use_graphs=self.device.type == "cuda", compile_forward=compile_decode, kernel=kernel)
             if static_decode and self.fuses_prefill
             else None
         )

@@ -6,13 +6,13 @@ import copy
 import inspect
 
 import torch
-from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from server.fused_projections import fuse_projections, is_fused
 from server.model_loading import probe_kv_shape
 from server.runner import ModelRunner, NewRequest
 from server.sampling import SamplingParams
+from tests.test_architectures import make_model
 from tests.tiny_models import oracle_greedy, peft_prefix_model, prefix_kv_of, tiny_llama
 
 
@@ -46,18 +46,9 @@ def test_fused_llama_computes_the_same_logits_with_its_weights_held_once() -> No
     torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_qwen2_keeps_its_q_k_v_biases() -> None:
-    torch.manual_seed(4)
-    config = Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = Qwen2ForCausalLM(config).eval()
+def test_qwen2_fuses_its_mlps_and_leaves_its_biased_attention_alone() -> None:
+    model = make_model("qwen2-window")
+    config = model.config
     with torch.no_grad():  # random biases: zeros would hide a bias that went missing
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -82,17 +73,13 @@ def test_a_subclass_with_its_own_forward_is_left_alone() -> None:
 
 
 def test_a_llama_with_attention_bias_fuses_the_biases() -> None:
-    base = tiny_llama(seed=6)
-    config = copy.deepcopy(base.config)
-    config.attention_bias = True
-    torch.manual_seed(6)
-    model = LlamaForCausalLM(config).eval()
+    model = make_model("llama", attention_bias=True)
     with torch.no_grad():
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 lin.bias.normal_()
     stock = copy.deepcopy(model)
-    assert fuse_projections(model) == 2 * config.num_hidden_layers
+    assert fuse_projections(model) == 2 * model.config.num_hidden_layers
     assert model.model.layers[0].self_attn._prefix_serve_fused_bias is not None
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-5, atol=1e-5)
