@@ -110,13 +110,21 @@ def test_static_decode_of_groups_equals_the_fused_step() -> None:
             torch.testing.assert_close(k_s[:, :, :width], k_e[:, :, :width])
 
 
-@pytest.mark.parametrize("fuse_projections", [False, True], ids=["stock-layers", "fused-projections"])
-def test_compiled_static_decode_equals_eager_decode(fuse_projections: bool) -> None:
+@pytest.mark.parametrize(
+    ("fuse_projections", "kernel"),
+    [(False, False), (True, False), (True, True)],
+    ids=["stock-layers", "fused-projections", "fused-projections-decode-kernel"],
+)
+def test_compiled_static_decode_equals_eager_decode(fuse_projections: bool, kernel: bool) -> None:
     """``compile_decode``: the fixed-shape step through torch.compile (Inductor, dynamic shapes) gives the eager
     step's greedy tokens, through growth and a row leaving, and for rows in three groups. The server's startup
     compiles (one per number of groups) cover them all: nothing compiles under traffic. With fused projections
-    (the default on CUDA) the compiled step of the fused layers gives the stock layers' eager tokens."""
+    and the decode-attention kernel (the defaults on CUDA; here the kernel runs in Triton's interpreter, a custom
+    op inside the compiled step) the compiled step gives the stock layers' eager tokens."""
     from torch._dynamo.utils import counters
+
+    if kernel:
+        pytest.importorskip("triton")
 
     base = tiny_llama(seed=5)
     shape = probe_kv_shape(base)
@@ -125,6 +133,7 @@ def test_compiled_static_decode_equals_eager_decode(fuse_projections: bool) -> N
     compiled = ModelRunner(served, *shape, static_decode=True, compile_decode=True, fuse_projections=fuse_projections)
     assert is_fused(served.model.layers[0].mlp) == fuse_projections
     assert compiled.static_decoder is not None and compiled.static_decoder.compiled
+    compiled.static_decoder.kernel = kernel  # what decode_attention.supported() turns on with CUDA
     compiled.compile_decode_steps(3)  # what the server does at startup: dummy rows, then the step is let go
     assert compiled.static_decoder._step is None
     graphs = counters["stats"]["unique_graphs"]
@@ -135,6 +144,7 @@ def test_compiled_static_decode_equals_eager_decode(fuse_projections: bool) -> N
             if step == STEPS // 2:
                 batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
             assert torch.equal(compiled.decode(batches[1]), eager.decode(batches[0])), f"step {step}"
+        assert compiled.static_decoder._step.layout.kernel is kernel  # the attention the steps ran with
         parts = (requests[:2], requests[2:3], requests[3:])  # a group of one row runs uncompiled
         parts_of_two = (requests[:2], requests[2:])
         for grouping in (parts, parts_of_two):
