@@ -26,7 +26,7 @@ from server.model_loading import LoadedModel
 from server.sampling import SamplingBatch, SamplingParams
 
 
-def _batch(lengths: Sequence[int], model: LoadedModel, tag: str) -> Batch:
+def random_batch(lengths: Sequence[int], model: LoadedModel, tag: str) -> Batch:
     """Rows of the given real lengths, left-padded, with random K/V."""
 
     n, width = len(lengths), max(lengths)
@@ -46,7 +46,7 @@ def _batch(lengths: Sequence[int], model: LoadedModel, tag: str) -> Batch:
     )
 
 
-def _interleaved_ms(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved_ms(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median ms per step of each variant, the variants taking turns step by step (the machine is noisy)."""
     for step in steps.values():
         step()  # warm-up
@@ -86,15 +86,15 @@ def main() -> None:
     rng = random.Random(0)
     lengths = [10 + log_uniform_int(rng, 8, 500) + rng.randint(0, 128) for _ in range(b)]
     real = sum(lengths)
-    one = _batch(lengths, model, "o")
+    one = random_batch(lengths, model, "o")
     steps: dict[str, Callable[[], object]] = {"one padded batch": lambda: runner.decode(one)}
     shares = {"one padded batch": 1 - real / (b * max(lengths))}
     for count in (1, 2, 4, 8):
-        groups = [_batch(g, model, f"g{count}-{i}-") for i, g in enumerate(_groups(lengths, count))]
+        groups = [random_batch(g, model, f"g{count}-{i}-") for i, g in enumerate(_groups(lengths, count))]
         name = f"{count} group(s), fused forward"
         steps[name] = lambda groups=groups: runner.fused_step(groups, [])
         shares[name] = 1 - real / sum(len(g) * g.width for g in groups)
-    ms = _interleaved_ms(steps, args.rounds)
+    ms = interleaved_ms(steps, args.rounds)
     base = ms["one padded batch"]
     log(f"batch {b} of S3-like lengths ({min(lengths)}-{max(lengths)} columns), step ms and speed-up:")
     for name, value in ms.items():

@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from server.cpu_linear import stock_linear
 from server.engine import Engine, GenerationRequest
+from server.fused_projections import unfused
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
@@ -46,12 +47,13 @@ def synchronize(device: torch.device) -> None:
 
 @contextmanager
 def stock_model(model: PreTrainedModel) -> Iterator[None]:
-    """Run the model as transformers ships it: its own SDPA attention and torch's default linear kernel,
-    whatever the server switched on it (server/attention.py, server/cpu_linear.py)."""
+    """Run the model as transformers ships it: its own SDPA attention, its own layers' forwards and torch's default
+    linear kernel, whatever the server switched on it (server/attention.py, server/fused_projections.py,
+    server/cpu_linear.py)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     try:
-        with stock_linear(model):
+        with unfused(model), stock_linear(model):
             yield
     finally:
         model.set_attn_implementation(previous)

@@ -118,8 +118,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--stock-projections",
         action="store_true",
-        help="on CUDA, keep q/k/v and gate/up as separate matmuls instead of one each "
-        f"[env {ENV_PREFIX}STOCK_PROJECTIONS=1]",
+        help="keep q/k/v and gate/up as separate matmuls instead of one each (fused by default on CUDA, and on "
+        f"the CPU with oneDNN linear layers) [env {ENV_PREFIX}STOCK_PROJECTIONS=1]",
     )
     serve.add_argument(
         "--stock-decode-attention",

@@ -58,8 +58,8 @@ class ServeConfig:
     # float32 linear layers on the CPU keep torch's default kernel (MKL) instead of packed oneDNN
     # (server/cpu_linear.py), at ~1.4x the decode step time; a tied lm_head is then held once, not twice.
     stock_linear: bool = False
-    # On CUDA the runner fuses q/k/v and gate/up into one matmul each (server/fused_projections.py); True keeps
-    # the model's separate layers.
+    # The runner fuses q/k/v and gate/up into one matmul each (server/fused_projections.py) on CUDA, and on the
+    # CPU where linear layers run on oneDNN; True keeps the model's separate layers.
     stock_projections: bool = False
     # On CUDA fixed-shape decode steps attend with a Triton kernel reading each row's KV columns only
     # (server/decode_attention.py); True keeps SDPA over every column under a mask.

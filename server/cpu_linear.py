@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 # The attribute of a switched layer holding its ``PackedWeight``.
 _PACKED = "_prefix_serve_onednn_weight"
+# The mark of a layer whose weight is rows of a stacked projection (server/fused_projections.py): the stacked
+# layer is what runs, so the member is never switched (its packed copy would only hold the weights twice).
+FUSED_MEMBER = "_prefix_serve_fused_member"
 
 
 class PackedWeight:
@@ -194,6 +197,17 @@ def _dense_before_load(layer: nn.Module, *_: object) -> None:
         _dense_weight(layer)
 
 
+def dense_copy(layer: nn.Linear) -> torch.Tensor:
+    """The layer's dense weight [N, K]: its own, or a transient copy rebuilt from the packed one if freed."""
+    packed: PackedWeight | None = getattr(layer, _PACKED, None)
+    return packed.dense() if packed is not None and packed.only_copy else layer.weight
+
+
+def dense_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's dense weight, rebuilt from its packed copy if freed and kept from then on."""
+    return _dense_weight(layer) if hasattr(layer, _PACKED) else layer.weight
+
+
 def _dense_weight(layer: nn.Linear) -> torch.Tensor:
     """The layer's dense weight, rebuilt from the packed copy if it was freed (and kept from then on)."""
     packed: PackedWeight = getattr(layer, _PACKED)
@@ -206,7 +220,12 @@ def _dense_weight(layer: nn.Linear) -> torch.Tensor:
 
 def _eligible(module: nn.Module) -> bool:
     # Exactly nn.Linear: subclasses (quantised, LoRA-wrapped, ...) have forwards of their own.
-    return type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+    return (
+        type(module) is nn.Linear
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+        and not getattr(module, FUSED_MEMBER, False)
+    )
 
 
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -8,32 +8,40 @@ same input turns seven matmuls a layer into four:
     [W_q; W_k; W_v]    [(H_q + 2·H_kv)·d, h]   -> q, k, v by splitting the output's last axis (views, no copy)
     [W_gate; W_up]     [2·I, h]                -> gate, up likewise; down(act(gate) · up) as before
 
+On an H100 that took 26% off a compiled decode step; on the CPU, with the stacked layers on packed oneDNN
+weights, 2-9% off the default model's (bench/RESULTS.md, fourteenth session).
+
 Each output column is the same dot product as before, summed in the library's order for the new shape, so
 results match the separate matmuls up to float rounding (exactly in spirit, not bit for bit).
 
-The stacked weight is the only copy: each original ``nn.Linear`` keeps a weight that is a view of its rows (rows
-of a row-major matrix are contiguous), so anything that calls the layers one by one (prefill through stock code,
-a state dict, PEFT) reads the same memory. Replacing a parameter afterwards (``model.to(dtype)``, a new
-``nn.Parameter``) would cut that tie; the runner does this once, after the model is on its device, and the
-engine never does either.
+The stacked projection is an ``nn.Linear`` held by the attention or MLP module outside its module tree, so the
+model's parameters and state dict stay its own: each member layer (q_proj, ...) keeps a weight that is a view of
+its rows of the stacked weight (rows of a row-major matrix are contiguous). On a CPU the stacked layers run on
+packed oneDNN weights (server/cpu_linear.py); when the packed copy becomes the only one, the members' weights
+become placeholders too, and the module gives state dicts the members' dense rows (rebuilt from the packed copy)
+and takes loaded weights back. Replacing a parameter afterwards (``model.to(dtype)``, a new ``nn.Parameter``)
+would cut the tie; the runner fuses once, after the model is on its device, and the engine never does either.
 
 Only instances of exactly the listed classes are touched (a subclass may change the forward): attention classes
 whose forward is Llama's and MLPs whose forward is Llama's MLP's (tests/test_fused_projections.py compares the
-sources); the per-instance forwards below repeat those with the fused matmul. Weights that are placeholders (the
-CPU's oneDNN layers freed their dense copies, server/cpu_linear.py) are left as they are.
+sources); the per-instance forwards below repeat those with the fused matmul. Weights that are already
+placeholders (oneDNN freed their dense copies before any fusing) are left as they are. ``unfused`` runs the
+stock forwards for a while (a benchmark's baseline).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import MethodType, ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from server.cpu_linear import FUSED_MEMBER, dense_copy, dense_weight, freed_dense_layers, use_onednn_linear
 
 # (module, class) of attention layers with Llama's forward: q/k/v/o projections, rotary, the attention interface.
 _ATTENTION_CLASSES = (
@@ -49,8 +57,12 @@ _MLP_CLASSES = (
     ("transformers.models.gemma.modeling_gemma", "GemmaMLP"),
 )
 
-# Instance attributes holding a fused layer's stacked weight [N, h], its bias [N] or None, and the split sizes.
-_WEIGHT, _BIAS, _SPLIT = "_prefix_serve_fused_weight", "_prefix_serve_fused_bias", "_prefix_serve_fused_split"
+# Instance attributes of a fused module: its stacked projection (an ``nn.Linear`` [h -> sum N_i] kept out of the
+# module tree, so that parameters and state dicts stay the model's own), the split sizes, and the names of the
+# layers it stands for. A member layer is marked too (the CPU's oneDNN switch leaves members alone).
+_LINEAR, _SPLIT, _MEMBERS = "_prefix_serve_fused_linear", "_prefix_serve_fused_split", "_prefix_serve_fused_members"
+# Set on a fused module whose members' weights are placeholders behind the stacked layer's packed copy.
+_RELEASED = "_prefix_serve_fused_released"
 
 
 def _classes(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
@@ -63,32 +75,48 @@ def _classes(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
     return tuple(found)
 
 
-def _stack(module: nn.Module, linears: list[nn.Linear]) -> bool:
-    """Stack ``linears``' weights (and biases) into one tensor held by ``module``; each layer keeps a view."""
+def _stack(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Stack the named layers' weights (and biases) into one ``nn.Linear`` held by ``module``; each layer keeps
+    views of its rows."""
+    linears: list[nn.Linear] = [getattr(module, name) for name in names]
     if len({lin.bias is None for lin in linears}) != 1:
         return False
     weights = [lin.weight for lin in linears]
     if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or any(w.is_meta for w in weights):
         return False
+    requires_grad = weights[0].requires_grad
     with torch.no_grad():
         weight = torch.cat([w.detach() for w in weights])  # [sum N_i, h]
         bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    stacked.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        stacked.bias = nn.Parameter(bias, requires_grad=requires_grad)
     sizes = [w.shape[0] for w in weights]
-    start = 0
-    for lin, size in zip(linears, sizes, strict=True):
-        requires_grad = lin.weight.requires_grad
-        lin.weight = nn.Parameter(weight[start : start + size], requires_grad=requires_grad)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[start : start + size], requires_grad=requires_grad)
-        start += size
-    setattr(module, _WEIGHT, weight)
-    setattr(module, _BIAS, bias)
+    _point_members_at(linears, stacked.weight, stacked.bias, sizes)
+    for lin in linears:
+        setattr(lin, FUSED_MEMBER, True)
+    object.__setattr__(module, _LINEAR, stacked)  # not a submodule: invisible to modules() and state_dict()
     setattr(module, _SPLIT, sizes)
+    setattr(module, _MEMBERS, names)
     return True
 
 
+def _point_members_at(
+    linears: list[nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]
+) -> None:
+    """Give each member layer views of its rows of the stacked ``weight`` [sum N_i, h] and ``bias``."""
+    start = 0
+    for lin, size in zip(linears, sizes, strict=True):
+        requires_grad = lin.weight.requires_grad
+        lin.weight = nn.Parameter(weight.detach()[start : start + size], requires_grad=requires_grad)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach()[start : start + size], requires_grad=requires_grad)
+        start += size
+
+
 def _fused(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    out = F.linear(x, getattr(module, _WEIGHT), getattr(module, _BIAS))  # [..., sum N_i]
+    out = getattr(module, _LINEAR)(x)  # [..., sum N_i]: nn.Linear, or packed oneDNN on a CPU (cpu_linear.py)
     return out.split(getattr(module, _SPLIT), dim=-1)
 
 
@@ -150,17 +178,91 @@ def fuse_projections(model: nn.Module) -> int:
     attention_classes, mlp_classes = _classes(_ATTENTION_CLASSES), _classes(_MLP_CLASSES)
     fused = 0
     for module in model.modules():
-        if hasattr(module, _WEIGHT):
+        if is_fused(module):
             continue
         kind = type(module)  # exactly these classes: a subclass may change the forward
-        if kind in attention_classes and _stack(module, [module.q_proj, module.k_proj, module.v_proj]):
+        if kind in attention_classes and _stack(module, ("q_proj", "k_proj", "v_proj")):
             module.forward = MethodType(_attention_forward_of(sys.modules[kind.__module__]), module)
             fused += 1
-        elif kind in mlp_classes and _stack(module, [module.gate_proj, module.up_proj]):
+        elif kind in mlp_classes and _stack(module, ("gate_proj", "up_proj")):
             module.forward = MethodType(_mlp_forward, module)
             fused += 1
     return fused
 
 
 def is_fused(module: nn.Module) -> bool:
-    return hasattr(module, _WEIGHT)
+    return hasattr(module, _LINEAR)
+
+
+def fused_modules(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if is_fused(module)]
+
+
+def stacked_linear(module: nn.Module) -> nn.Linear:
+    """A fused module's stacked projection [h -> sum N_i]."""
+    return getattr(module, _LINEAR)
+
+
+def use_onednn_for_fused(model: nn.Module, *, free_dense: bool) -> None:
+    """On a CPU, the stacked projections on packed oneDNN weights (server/cpu_linear.py). With ``free_dense`` the
+    packed copy becomes the only one: the members' weights turn into placeholders too (their views would keep
+    the dense rows alive), and the fused module gives state dicts its members' dense weights from the packed
+    copy and takes loaded ones back (hooks registered once)."""
+    for module in fused_modules(model):
+        stacked = stacked_linear(module)
+        use_onednn_linear(stacked, free_dense=free_dense)
+        if not free_dense or not freed_dense_layers(stacked) or getattr(module, _RELEASED, False):
+            continue
+        for name in getattr(module, _MEMBERS):
+            member = getattr(module, name)
+            member.weight = nn.Parameter(torch.empty_like(member.weight, device="meta"), requires_grad=False)
+        if not hasattr(module, _HOOKED):
+            module.register_state_dict_post_hook(_members_in_state_dict)
+            module.register_load_state_dict_pre_hook(_members_before_load)
+            setattr(module, _HOOKED, True)
+        setattr(module, _RELEASED, True)
+
+
+_HOOKED = "_prefix_serve_fused_hooks"
+
+
+def _members_in_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, _: object) -> None:
+    """Members whose weights are placeholders: their dense rows, sliced from the packed copy (a transient)."""
+    if not getattr(module, _RELEASED, False):
+        return
+    dense = dense_copy(stacked_linear(module))  # [sum N_i, h]
+    start = 0
+    for name, size in zip(getattr(module, _MEMBERS), getattr(module, _SPLIT), strict=True):
+        state_dict[f"{prefix}{name}.weight"] = dense[start : start + size]
+        start += size
+
+
+def _members_before_load(module: nn.Module, *_: object) -> None:
+    """Before ``load_state_dict`` copies into the members: dense again, as views of the stacked weight (which is
+    then dense for good), so what is loaded is what the fused matmul reads."""
+    restore_members(module)
+
+
+def restore_members(module: nn.Module) -> None:
+    """Members' weights as views of the stacked layer's dense weight (rebuilt from its packed copy if freed)."""
+    if not getattr(module, _RELEASED, False):
+        return
+    stacked = stacked_linear(module)
+    weight = dense_weight(stacked)
+    members = [getattr(module, name) for name in getattr(module, _MEMBERS)]
+    _point_members_at(members, weight, None, getattr(module, _SPLIT))
+    setattr(module, _RELEASED, False)
+
+
+@contextmanager
+def unfused(model: nn.Module) -> Iterator[None]:
+    """Run the model's stock forwards for a while (a baseline), reading the member layers; then fused again."""
+    modules = fused_modules(model)
+    forwards = [module.__dict__.pop("forward") for module in modules]  # the class's own forward again
+    for module in modules:
+        restore_members(module)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, forwards, strict=True):
+            module.forward = forward

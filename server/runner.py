@@ -11,10 +11,11 @@ from transformers import PreTrainedModel
 from server.architectures import mask_builder, sliding_window_of
 from server.attention import ATTENTION_NAME, use_gqa_attention
 from server.batch import Batch, NewRequest, PrefillInputs
-from server.cpu_linear import use_onednn_linear
+from server.cpu_linear import onednn_available, use_onednn_linear
 from server.decode_attention import supported as decode_attention_supported
 from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.fused_projections import fuse_projections as fuse_layer_projections
+from server.fused_projections import use_onednn_for_fused
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
 from server.kv_cache import build_cache, read_cache
 from server.sampling import SamplingParams, sample
@@ -62,16 +63,21 @@ class ModelRunner:
         use_gqa_attention(model)
         self.device = next(model.parameters()).device  # read before linear weights may become placeholders
         self.dtype = next(model.parameters()).dtype
+        # One matmul for q/k/v and one for gate/up (server/fused_projections.py), first, while the weights are
+        # dense: on CUDA, where a decode step's small matmuls are bound by latency, not bytes; on the CPU where
+        # the matmuls run on oneDNN (stacked, they take 0.62-0.84x the time: bench/RESULTS.md). torch's default
+        # CPU kernel gains nothing from it.
+        if fuse_projections is None:
+            fuse_projections = self.device.type == "cuda" or (
+                onednn_linear and onednn_available() and self.device.type == "cpu" and self.dtype == torch.float32
+            )
+        if fuse_projections:
+            fuse_layer_projections(model)
         if onednn_linear:  # the runner picks the kernels it serves with; the loader leaves the model as shipped
             # float32 on the CPU: packed oneDNN linear layers, held once (server/cpu_linear.py). A compiled step
             # traces through F.linear on the dense weights, so those stay.
             use_onednn_linear(model, free_dense=not compile_decode)
-        # One matmul for q/k/v and one for gate/up (server/fused_projections.py): by default on CUDA, where a
-        # decode step's small matmuls are bound by latency, not bytes. On the CPU the oneDNN layers serve.
-        if fuse_projections is None:
-            fuse_projections = self.device.type == "cuda"
-        if fuse_projections:
-            fuse_layer_projections(model)
+            use_onednn_for_fused(model, free_dense=not compile_decode)
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads

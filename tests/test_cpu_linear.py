@@ -17,7 +17,8 @@ from server.cpu_linear import (
     stock_linear,
     use_onednn_linear,
 )
-from tests.tiny_models import onednn_switched, tiny_gpt2, tiny_llama
+from server.fused_projections import fused_modules, stacked_linear
+from tests.tiny_models import onednn_switched, running_linears, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -53,7 +54,9 @@ def test_a_runner_switches_its_model_unless_told_not_to() -> None:
     stock, fast = tiny_llama(seed=2), tiny_llama(seed=2)
     ModelRunner(stock, 2, 2, 16, onednn_linear=False)
     ModelRunner(fast, 2, 2, 16)
-    assert onednn_switched(stock) == [] and onednn_switched(fast) == _linears(fast)
+    assert onednn_switched(stock) == [] and _linears(stock) == running_linears(stock)
+    # q/k/v and gate/up run as stacked projections there (server/fused_projections.py): those are switched.
+    assert onednn_switched(fast) == running_linears(fast) and len(running_linears(fast)) == 9
 
 
 def test_a_row_gets_the_same_bits_alone_as_in_a_batch() -> None:
@@ -248,7 +251,8 @@ def test_a_runner_frees_the_dense_weights() -> None:
 
     model = tiny_llama(seed=2)
     runner = ModelRunner(model, 2, 2, 16)
-    assert freed_dense_layers(model) == _linears(model)
+    stacked = [stacked_linear(m) for m in fused_modules(model)]
+    assert freed_dense_layers(model) + [s for s in stacked if freed_dense_layers(s)] == running_linears(model)
     assert (runner.device.type, runner.dtype) == ("cpu", torch.float32)
 
 

@@ -8,7 +8,8 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
-from server.fused_projections import fuse_projections, is_fused
+from server.cpu_linear import freed_dense_layers
+from server.fused_projections import fuse_projections, is_fused, stacked_linear, unfused, use_onednn_for_fused
 from server.model_loading import probe_kv_shape
 from server.runner import ModelRunner, NewRequest
 from server.sampling import SamplingParams
@@ -30,7 +31,7 @@ def test_fused_llama_computes_the_same_logits_with_its_weights_held_once() -> No
     layer = model.model.layers[0]
     assert is_fused(layer.self_attn) and is_fused(layer.mlp)
     # Each original weight is a view of the stacked one: one copy in memory.
-    stacked = layer.self_attn._prefix_serve_fused_weight
+    stacked = stacked_linear(layer.self_attn).weight
     for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
         assert lin.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
     # The state dict is the model's own: same keys, same values (what PEFT and checkpoints see).
@@ -80,7 +81,7 @@ def test_a_llama_with_attention_bias_fuses_the_biases() -> None:
                 lin.bias.normal_()
     stock = copy.deepcopy(model)
     assert fuse_projections(model) == 2 * model.config.num_hidden_layers
-    assert model.model.layers[0].self_attn._prefix_serve_fused_bias is not None
+    assert stacked_linear(model.model.layers[0].self_attn).bias is not None
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-5, atol=1e-5)
 
@@ -110,12 +111,51 @@ def test_a_runner_with_fused_projections_decodes_prefixed_rows_as_the_oracle() -
     assert tokens == oracles
 
 
-def test_a_cpu_runner_keeps_the_stock_layers_and_attention_by_default() -> None:
-    """Fused projections and the Triton decode attention are CUDA defaults: a CPU runner serves as before."""
+def test_a_cpu_runner_fuses_on_onednn_and_holds_each_weight_once() -> None:
+    """On a CPU the runner fuses q/k/v and gate/up where its linear layers run on oneDNN (float32): the stacked
+    projections are packed, their packed copies the only ones (the members' weights placeholders), the logits
+    those of the stock model, and the state dict the stock model's own. The Triton kernel stays a CUDA default."""
     model = tiny_llama(seed=2)
+    stock = copy.deepcopy(model)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=True)
-    assert not any(is_fused(module) for module in model.modules())
     assert runner.static_decoder is not None and not runner.static_decoder.kernel
+    fused = [m for m in model.modules() if is_fused(m)]
+    assert len(fused) == 2 * model.config.num_hidden_layers
+    for module in fused:
+        assert freed_dense_layers(stacked_linear(module))  # the packed copy is the only one
+        members = ("q_proj", "k_proj", "v_proj") if hasattr(module, "q_proj") else ("gate_proj", "up_proj")
+        assert all(getattr(module, name).weight.is_meta for name in members)
+    assert not any(is_fused(m) for m in stock.modules())
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-4, atol=1e-5)
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    # A deep copy serves the same; a state dict loaded back is what the fused matmuls read.
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(_logits(twin, ids), _logits(model, ids), rtol=0, atol=0)
+    halved = {k: v * 0.5 if k.endswith("up_proj.weight") else v for k, v in expected.items()}
+    model.load_state_dict(halved)
+    stock.load_state_dict(halved)
+    torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_unfused_runs_the_stock_forwards_then_fuses_again() -> None:
+    """The bench's baseline (bench/inproc.stock_model): the model's own forwards on the member layers."""
+    model = tiny_llama(seed=2)
+    stock = copy.deepcopy(model)
+    fuse_projections(model)
+    use_onednn_for_fused(model, free_dense=True)
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(5))
+    want = _logits(stock, ids)
+    attention = model.model.layers[0].self_attn
+    with unfused(model):
+        assert "forward" not in attention.__dict__
+        assert not attention.q_proj.weight.is_meta  # dense again, for the stock forward to read
+        torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-6)
+    assert "forward" in attention.__dict__
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-4, atol=1e-5)
 
 
 def test_every_listed_class_has_the_forward_the_fused_one_repeats() -> None:

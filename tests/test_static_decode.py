@@ -129,7 +129,7 @@ def test_compiled_static_decode_equals_eager_decode(fuse_projections: bool, kern
     base = tiny_llama(seed=5)
     shape = probe_kv_shape(base)
     served = copy.deepcopy(base) if fuse_projections else base
-    eager = ModelRunner(base, *shape, static_decode=False)
+    eager = ModelRunner(base, *shape, static_decode=False, fuse_projections=False)  # the stock layers
     compiled = ModelRunner(served, *shape, static_decode=True, compile_decode=True, fuse_projections=fuse_projections)
     assert is_fused(served.model.layers[0].mlp) == fuse_projections
     assert compiled.static_decoder is not None and compiled.static_decoder.compiled

@@ -74,6 +74,21 @@ def oracle_greedy(model: PreTrainedModel, prompt: list[int], steps: int) -> tupl
     return tokens, logits
 
 
+def running_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The linear layers a forward runs: the model's own, except those fused into stacked projections
+    (server/fused_projections.py), whose stacked layers run instead (after the model's own, in module order)."""
+    from server.cpu_linear import FUSED_MEMBER
+    from server.fused_projections import fused_modules, stacked_linear
+
+    own = [m for m in model.modules() if type(m) is torch.nn.Linear and not getattr(m, FUSED_MEMBER, False)]
+    return own + [stacked_linear(m) for m in fused_modules(model)]
+
+
 def onednn_switched(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Layers whose forward server/cpu_linear.py replaced, read off the modules, not off its own bookkeeping."""
-    return [m for m in model.modules() if "forward" in m.__dict__]
+    """Linear layers whose forward server/cpu_linear.py replaced, read off the layers (fused members and stacked
+    projections included), not off its own bookkeeping."""
+    from server.fused_projections import fused_modules, stacked_linear
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    layers += [stacked_linear(m) for m in fused_modules(model)]
+    return [m for m in layers if "forward" in m.__dict__]
