@@ -61,8 +61,9 @@ _MLP_CLASSES = (
 # module tree, so that parameters and state dicts stay the model's own), the split sizes, and the names of the
 # layers it stands for. A member layer is marked too (the CPU's oneDNN switch leaves members alone).
 _LINEAR, _SPLIT, _MEMBERS = "_prefix_serve_fused_linear", "_prefix_serve_fused_split", "_prefix_serve_fused_members"
-# Set on a fused module whose members' weights are placeholders behind the stacked layer's packed copy.
-_RELEASED = "_prefix_serve_fused_released"
+# Set on a fused module whose members' weights are placeholders behind the stacked layer's packed copy, and on
+# one whose state-dict hooks are registered (once).
+_RELEASED, _HOOKED = "_prefix_serve_fused_released", "_prefix_serve_fused_hooks"
 
 
 def _classes(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
@@ -215,15 +216,13 @@ def use_onednn_for_fused(model: nn.Module, *, free_dense: bool) -> None:
             continue
         for name in getattr(module, _MEMBERS):
             member = getattr(module, name)
-            member.weight = nn.Parameter(torch.empty_like(member.weight, device="meta"), requires_grad=False)
+            placeholder = torch.empty_like(member.weight, device="meta")
+            member.weight = nn.Parameter(placeholder, requires_grad=member.weight.requires_grad)
         if not hasattr(module, _HOOKED):
             module.register_state_dict_post_hook(_members_in_state_dict)
             module.register_load_state_dict_pre_hook(_members_before_load)
             setattr(module, _HOOKED, True)
         setattr(module, _RELEASED, True)
-
-
-_HOOKED = "_prefix_serve_fused_hooks"
 
 
 def _members_in_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, _: object) -> None:
@@ -256,7 +255,8 @@ def restore_members(module: nn.Module) -> None:
 
 @contextmanager
 def unfused(model: nn.Module) -> Iterator[None]:
-    """Run the model's stock forwards for a while (a baseline), reading the member layers; then fused again."""
+    """Run the model's stock forwards for a while (a baseline), reading the member layers; then fused again. The
+    members' dense weights stay afterwards (beside a packed copy on a CPU): for benchmarks, not for serving."""
     modules = fused_modules(model)
     forwards = [module.__dict__.pop("forward") for module in modules]  # the class's own forward again
     for module in modules:
