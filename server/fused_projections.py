@@ -209,10 +209,11 @@ def use_onednn_for_fused(model: nn.Module, *, free_dense: bool) -> None:
     packed copy becomes the only one: the members' weights turn into placeholders too (their views would keep
     the dense rows alive), and the fused module gives state dicts its members' dense weights from the packed
     copy and takes loaded ones back (hooks registered once)."""
-    for module in fused_modules(model):
-        stacked = stacked_linear(module)
-        use_onednn_linear(stacked, free_dense=free_dense)
-        if not free_dense or not freed_dense_layers(stacked) or getattr(module, _RELEASED, False):
+    modules = fused_modules(model)
+    # One call for all: one pass, one trim of the heap afterwards (a call per layer took 0.3 s more at startup).
+    use_onednn_linear(nn.ModuleList([stacked_linear(module) for module in modules]), free_dense=free_dense)
+    for module in modules:
+        if not free_dense or not freed_dense_layers(stacked_linear(module)) or getattr(module, _RELEASED, False):
             continue
         for name in getattr(module, _MEMBERS):
             member = getattr(module, name)
