@@ -123,6 +123,7 @@ def s2_long_context(args: argparse.Namespace, report: Report) -> None:
     """The engine vs the bare transformers loop on identical work, in-process, on the default model."""
     from bench.inproc import Timing, bare_loop, engine_requests, engine_run, make_engine, random_prompts
     from server.cpu_linear import stock_linear
+    from server.fused_projections import unfused
     from server.model_loading import load_model
 
     model = load_model(None)
@@ -162,7 +163,8 @@ def s2_long_context(args: argparse.Namespace, report: Report) -> None:
         rates["bare"].append(b.tokens_per_s)
         log(f"S2 bare #{r}: {b.tokens} tok, {b.seconds:.2f} s = {b.tokens_per_s:.1f} (prefill {b.prefill_s:.2f})")
         if args.s2_stock_linear:
-            with stock_linear(model.model):  # the engine's own changes alone, on the bare loop's matmul kernel
+            # The engine's own changes alone, on the bare loop's layers and matmul kernel.
+            with unfused(model.model), stock_linear(model.model):
                 s = run_engine(new_tokens, onednn_linear=False)
             rates["engine_stock_linear"].append(s.tokens_per_s)
             log(f"S2 engine, stock linear #{r}: {s.tokens} tok in {s.seconds:.2f} s = {s.tokens_per_s:.1f}")
