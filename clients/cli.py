@@ -50,6 +50,13 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    generate.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --json: each token's log-probability and K alternatives'",
+    )
     generate.set_defaults(client_command=_generate)
 
     listing = sub.add_parser("list", parents=[common], help="list your prefixes")
@@ -109,6 +116,7 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "logprobs": args.logprobs,
     }
     if args.chat:
         request["messages"] = [{"role": "user", "content": prompt}]

@@ -292,8 +292,10 @@ class Client(_Base):
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        logprobs: int | None = None,
     ) -> GenerateResponse:
-        """One completion; ``task_id`` None means the base model. Unset parameters take the server's defaults."""
+        """One completion; ``task_id`` None means the base model. Unset parameters take the server's defaults.
+        ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``)."""
         body = _generate_body(
             prompt,
             task_id=task_id,
@@ -305,6 +307,7 @@ class Client(_Base):
             top_k=top_k,
             seed=seed,
             stop=stop,
+            logprobs=logprobs,
         )
         return GenerateResponse.model_validate_json(self._send(_Call("POST", "/v1/generate", json=body)).content)
 
@@ -320,6 +323,7 @@ class Client(_Base):
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[StreamEvent]:
         """Events as tokens are generated; their ``text`` concatenates to what ``generate`` returns.
 
@@ -336,6 +340,7 @@ class Client(_Base):
             top_k=top_k,
             seed=seed,
             stop=stop,
+            logprobs=logprobs,
         )
         response = self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:
@@ -443,6 +448,7 @@ class AsyncClient(_Base):
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        logprobs: int | None = None,
     ) -> GenerateResponse:
         body = _generate_body(
             prompt,
@@ -455,6 +461,7 @@ class AsyncClient(_Base):
             top_k=top_k,
             seed=seed,
             stop=stop,
+            logprobs=logprobs,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body))
         return GenerateResponse.model_validate_json(response.content)
@@ -471,6 +478,7 @@ class AsyncClient(_Base):
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        logprobs: int | None = None,
     ) -> AsyncIterator[StreamEvent]:
         body = _generate_body(
             prompt,
@@ -483,6 +491,7 @@ class AsyncClient(_Base):
             top_k=top_k,
             seed=seed,
             stop=stop,
+            logprobs=logprobs,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:

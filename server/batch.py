@@ -237,7 +237,7 @@ class Batch:
             attention_mask=attention_mask,
             next_positions=self.next_positions[index],
             next_input_ids=self.next_input_ids[index],
-            sampling=self.sampling.filter(index),
+            sampling=self.sampling.filter(index, order),
         )
 
     @classmethod

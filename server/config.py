@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The most log-probability alternatives a request may ask for per token (OpenAI's chat API and vLLM allow 20).
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class ServeConfig:

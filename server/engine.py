@@ -25,10 +25,11 @@ import torch
 
 from server import kv_groups
 from server.batch import Batch, RowInfo
+from server.config import MAX_LOGPROBS
 from server.errors import InvalidInput, Overloaded, Unavailable
 from server.prefill_pacing import StepClock, paced_budget
 from server.runner import ModelRunner, NewRequest, PendingPrefill
-from server.sampling import SamplingParams
+from server.sampling import SamplingParams, StepLogprobs, TokenLogprob
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
 from server.step_gaps import StepGaps
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
@@ -65,6 +66,7 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprob: TokenLogprob | None = None  # when the request asked for log-probabilities
 
 
 @dataclass
@@ -130,6 +132,7 @@ class _Launched:
     ready: torch.cuda.Event | None  # recorded after the copy (CUDA); None when ``host`` is already filled
     chunk_rows: Sequence[RowInfo] = ()  # prompt chunks in the same forward (batch metrics only)
     chunk_slots: int = 0  # their KV columns, none of them padding
+    logprobs: Sequence[StepLogprobs | None] = ()  # per group, when some row of it asked for log-probabilities
 
     @classmethod
     def of(
@@ -143,13 +146,15 @@ class _Launched:
         packed = torch.cat([torch.stack((t, g.next_positions)) for g, t in zip(groups, tokens, strict=True)], dim=1)
         rows = [list(g.rows) for g in groups]
         slots = sum(len(g) * g.width for g in groups)
+        # Each group's sampling call of this step set them (the next step's call replaces them: taken now).
+        logprobs = [g.sampling.last_logprobs for g in groups]
         if packed.device.type != "cuda":
-            return cls(rows, slots, packed, None, chunk_rows, chunk_slots)
+            return cls(rows, slots, packed, None, chunk_rows, chunk_slots, logprobs)
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(rows, slots, host, ready, chunk_rows, chunk_slots)
+        return cls(rows, slots, host, ready, chunk_rows, chunk_slots, logprobs)
 
     def values(self) -> tuple[list[int], list[int]]:
         """Tokens and next positions (waits for this step's copy only, not for any step launched after it)."""
@@ -157,6 +162,14 @@ class _Launched:
             self.ready.synchronize()
         tokens, positions = self.host.tolist()
         return tokens, positions
+
+    def row_logprobs(self) -> list[tuple[float, list[int], list[float]] | None]:
+        """Per row (groups' rows in order): (sampled token's log-probability, top ids, top log-probabilities),
+        or None where the row's group computed none. Call after ``values``: the step has finished."""
+        out: list[tuple[float, list[int], list[float]] | None] = []
+        for group_rows, step in zip(self.rows, self.logprobs or [None] * len(self.rows), strict=True):
+            out += [None] * len(group_rows) if step is None else step.rows()
+        return out
 
 
 class Engine:
@@ -268,6 +281,9 @@ class Engine:
         used = prefix_len + len(request.prompt_ids)
         if not request.prompt_ids:
             raise InvalidInput("the prompt is empty")
+        asked = request.params.logprobs
+        if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
+            raise InvalidInput(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {asked}")
         if used >= self.max_context:
             raise InvalidInput(
                 f"prompt too long: {len(request.prompt_ids)} tokens + {prefix_len} prefix tokens "
@@ -510,9 +526,10 @@ class Engine:
             # By the batch invariant each row's real KV slots equal its next position: no mask reduction needed.
             slots, real = launched.slots + launched.chunk_slots, sum(positions) + launched.chunk_slots
             metrics.forward_pass([*rows, *launched.chunk_rows], slots, real)
+        logprobs = launched.row_logprobs() if any(launched.logprobs) else [None] * len(rows)
         left: set[str] = set()
-        live: list[tuple[RowInfo, _Tracked, int, int]] = []  # rows that get their token this step
-        for row, token, position in zip(rows, tokens, positions, strict=True):
+        live: list[tuple[RowInfo, _Tracked, int, int, TokenLogprob | None]] = []  # rows that get their token now
+        for row, token, position, row_logprobs in zip(rows, tokens, positions, logprobs, strict=True):
             tracked = self._tracked.get(row.request_id)
             if tracked is None or tracked.done:  # ended in the step before this one (overlap): token dropped
                 left.add(row.request_id)
@@ -520,17 +537,22 @@ class Engine:
                 self._finish(tracked, GenerationEvent(None, "", "cancelled"))
                 left.add(row.request_id)
             else:
-                live.append((row, tracked, token, position))
+                asked = tracked.request.params.logprobs
+                logprob = None
+                if asked is not None and row_logprobs is not None:
+                    chosen, top_ids, top_values = row_logprobs
+                    logprob = TokenLogprob(chosen, tuple(zip(top_ids[:asked], top_values[:asked], strict=True)))
+                live.append((row, tracked, token, position, logprob))
         if metrics is not None:
             # Once per step (per task label), not per row; and before any event goes out, so a client that has
             # received its last token (and then scrapes /metrics) finds that token counted.
             metrics.generated([row for row, *_ in live])
-        for row, tracked, token, position in live:
-            if self._emit(tracked, token, position, now):
+        for row, tracked, token, position, logprob in live:
+            if self._emit(tracked, token, position, now, logprob):
                 left.add(row.request_id)
         return left
 
-    def _emit(self, tracked: _Tracked, token: int, position: int, now: float) -> bool:
+    def _emit(self, tracked: _Tracked, token: int, position: int, now: float, logprob: TokenLogprob | None) -> bool:
         """Record one token sampled at ``now`` (perf_counter); returns True when the request finished."""
         if self.metrics is not None:
             if tracked.generated:
@@ -566,6 +588,7 @@ class Engine:
             finish_reason=finish,
             prompt_tokens=len(tracked.request.prompt_ids),
             completion_tokens=len(tracked.generated),
+            logprob=logprob,
         )
         if finish is None:
             self._send(tracked, event)

@@ -14,6 +14,11 @@ its own parameters as tensors that filter and concatenate with the batch:
 Step 4 makes a seeded request reproducible whatever its batch-mates: a row's
 random number depends only on (seed, step), never on the batch, the device or
 a shared generator's state.
+
+Rows may also ask for log-probabilities (OpenAI's ``logprobs``): the sampled
+token's and the k most likely tokens', under the model's own distribution
+(log-softmax of the raw logits, before temperature, top-k or top-p: vLLM's
+default), so they do not depend on how the token was picked.
 """
 
 from __future__ import annotations
@@ -37,6 +42,29 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # vLLM's name: EOS does not end the request (fixed-length runs)
+    # None: no log-probabilities; k (0..config.MAX_LOGPROBS): the sampled token's and the k most likely tokens'.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives', as a row asked for them."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+@dataclass(frozen=True)
+class StepLogprobs:
+    """Log-probabilities of one sampling call, on the logits' device (read on the host once the step is done)."""
+
+    chosen: torch.Tensor  # [B] float32: each row's sampled token
+    top_ids: torch.Tensor  # [B, K] int64: the K most likely tokens, K = the most any row asked for
+    top_values: torch.Tensor  # [B, K] float32
+
+    def rows(self) -> list[tuple[float, list[int], list[float]]]:
+        """Per row: (chosen, top ids, top log-probabilities), all K of them."""
+        return list(zip(self.chosen.tolist(), self.top_ids.tolist(), self.top_values.tolist(), strict=True))
 
 
 @dataclass
@@ -51,6 +79,10 @@ class SamplingBatch:
     # Known on the host: False when every row is greedy, so ``sample`` needs no host sync to find out. True may
     # also mean "not known" (rows filtered out since): ``sample`` then checks on the device.
     may_sample: bool = True
+    # On the host, per row: the alternatives it asks for, -1 = no log-probabilities.
+    logprobs_asked: tuple[int, ...] = ()
+    # Set by every ``sample`` call: that call's log-probabilities, or None when no row asked for them.
+    last_logprobs: StepLogprobs | None = None
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], device: torch.device) -> SamplingBatch:
@@ -61,15 +93,30 @@ class SamplingBatch:
             seed=torch.tensor([p.seed & ((1 << 63) - 1) for p in params], dtype=torch.int64, device=device),
             step=torch.zeros(len(params), dtype=torch.int64, device=device),
             may_sample=any(p.temperature > 0 for p in params),
+            logprobs_asked=tuple(-1 if p.logprobs is None else p.logprobs for p in params),
         )
 
-    def filter(self, keep: torch.Tensor) -> SamplingBatch:
-        return SamplingBatch(*(t[keep] for t in self._fields()), may_sample=self.may_sample)
+    def filter(self, keep: torch.Tensor, kept_rows: Sequence[int]) -> SamplingBatch:
+        """The rows ``kept_rows`` (on the host), ``keep`` being the same as a tensor on the batch's device."""
+        return SamplingBatch(
+            *(t[keep] for t in self._fields()),
+            may_sample=self.may_sample,
+            logprobs_asked=tuple(self.logprobs_asked[i] for i in kept_rows),
+        )
 
     @classmethod
     def concatenate(cls, batches: Sequence[SamplingBatch]) -> SamplingBatch:
         columns = zip(*(b._fields() for b in batches), strict=True)
-        return cls(*(torch.cat(list(c)) for c in columns), may_sample=any(b.may_sample for b in batches))
+        return cls(
+            *(torch.cat(list(c)) for c in columns),
+            may_sample=any(b.may_sample for b in batches),
+            logprobs_asked=tuple(asked for b in batches for asked in b.logprobs_asked),
+        )
+
+    @property
+    def max_logprobs(self) -> int:
+        """The most alternatives any row asks for; -1 when no row asks for log-probabilities."""
+        return max(self.logprobs_asked, default=-1)
 
     def _fields(self) -> tuple[torch.Tensor, ...]:
         return (self.temperature, self.top_k, self.top_p, self.seed, self.step)
@@ -105,8 +152,23 @@ def row_uniforms(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
-    """Next token per row. logits: [B, V] -> tokens: [B] int64. Advances ``params.step``."""
+    """Next token per row. logits: [B, V] -> tokens: [B] int64. Advances ``params.step`` and sets
+    ``params.last_logprobs``."""
     logits = logits.float()
+    tokens = _pick(logits, params)
+    k = params.max_logprobs
+    params.last_logprobs = None if k < 0 else step_logprobs(logits, tokens, k)
+    return tokens
+
+
+def step_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> StepLogprobs:
+    """The sampled tokens' log-probabilities and the k most likely tokens' per row. logits: [B, V] float32."""
+    log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)  # sorted, most likely first
+    return StepLogprobs(log_probs.gather(1, tokens[:, None]).squeeze(1), top.indices, top.values)
+
+
+def _pick(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     greedy_tokens = logits.argmax(dim=-1)
     sampling_rows = params.temperature > 0
     # All greedy: known on the host without a sync when ``may_sample`` is False (on a GPU the host runs on ahead).

@@ -101,6 +101,14 @@ def test_stream_concatenates_to_generate(client: Client) -> None:
     )
 
 
+def test_logprobs_through_the_client(client: Client) -> None:
+    full = client.generate("Tell me a story", max_new_tokens=6, temperature=0, logprobs=1)
+    assert full.logprobs is not None and [e.token_id for e in full.logprobs] == full.token_ids
+    events = list(client.stream("Tell me a story", max_new_tokens=6, temperature=0, logprobs=1))
+    assert [e.logprob for e in events] == full.logprobs
+    assert client.generate("Tell me a story", max_new_tokens=6, temperature=0).logprobs is None
+
+
 async def test_async_client(server_url: str, checkpoint) -> None:
     peft_dir, _, _ = checkpoint
     async with AsyncClient(server_url, KEY) as client:
@@ -283,6 +291,10 @@ def test_cli_round_trip(server_url: str, checkpoint, capsys: pytest.CaptureFixtu
     code, out, _ = run_cli(capsys, *gen, "--stream", "--json")
     events = [json.loads(line) for line in out.splitlines()]
     assert "".join(e["text"] for e in events) == result["text"] and events[-1]["finish_reason"]
+    code, out, _ = run_cli(capsys, *gen, "--json", "--logprobs", "2", "--temperature", "0")
+    with_logprobs = json.loads(out)
+    assert code == 0 and [e["token_id"] for e in with_logprobs["logprobs"]] == with_logprobs["token_ids"]
+    assert all(len(e["top_logprobs"]) == 2 for e in with_logprobs["logprobs"])
     code, out, _ = run_cli(capsys, "generate", "-", "Once upon a time", "--max-new-tokens", "12", *auth, "--json")
     assert code == 0 and json.loads(out)["task_id"] is None and json.loads(out)["text"] != result["text"]
 

@@ -119,6 +119,40 @@ async def test_mixed_batch_equals_peft_oracle_and_running_alone(base, prefixes, 
         engine.shutdown()
 
 
+async def test_logprobs_equal_the_peft_oracle_batched(base, prefixes, mode) -> None:
+    """Each token's log-probability and top alternatives, in a mixed batch, are log-softmax of PEFT's uncached
+    forward logits; a request that asks for none gets none (its batch-mates compute them)."""
+    engine = make_engine(base, **mode)
+    try:
+        asks = [2, None, 0, 4]
+        requests = [
+            GenerationRequest(
+                prompt(30 + i, 3 + 2 * i),
+                SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=asked),
+                prefixes[i][0],
+                f"p{i}",
+            )
+            for i, asked in enumerate(asks)
+        ]
+        results = await asyncio.gather(*(collect(engine, r) for r in requests))
+        for i, (events, asked) in enumerate(zip(results, asks, strict=True)):
+            want_tokens, want_logits = oracle_greedy(prefixes[i][1], list(requests[i].prompt_ids), NEW_TOKENS)
+            events = [e for e in events if e.token_id is not None]
+            assert [e.token_id for e in events] == want_tokens, f"request {i}"
+            if asked is None:
+                assert all(e.logprob is None for e in events)
+                continue
+            for step, (event, logits) in enumerate(zip(events, want_logits, strict=True)):
+                want = torch.log_softmax(logits, dim=-1)
+                assert event.logprob is not None and len(event.logprob.top) == asked
+                assert event.logprob.logprob == pytest.approx(want[event.token_id].item(), abs=1e-4), (i, step)
+                top_ids = [token for token, _ in event.logprob.top]
+                assert top_ids == want.argsort(descending=True)[:asked].tolist(), (i, step)
+                assert [v for _, v in event.logprob.top] == pytest.approx(want[top_ids].tolist(), abs=1e-4)
+    finally:
+        engine.shutdown()
+
+
 async def test_prefill_budget_spreads_admission_and_changes_no_token(base, prefixes) -> None:
     """A budget below any two prompts admits one request per step: the burst joins over many steps."""
     engine = make_engine(base, max_prefill_tokens=4)  # prefill forwards of their own, which the test counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,64 @@ def test_stop_and_seed(oai: openai.OpenAI) -> None:
     assert oai.completions.create(**sampled).choices[0].text == oai.completions.create(**sampled).choices[0].text
 
 
+def test_native_logprobs_streamed_and_not(server_url: str) -> None:
+    body = {"task_id": TASK, "prompt": "The sea is", "max_new_tokens": 8, "temperature": 0, "logprobs": 3}
+    full = native_generate(server_url, **body)
+    entries = full["logprobs"]
+    assert [e["token_id"] for e in entries] == full["token_ids"] and len(entries) == 8
+    for e in entries:
+        top = e["top_logprobs"]
+        assert len(top) == 3 and top[0]["token_id"] == e["token_id"]  # greedy: the sampled token is the likeliest
+        assert e["logprob"] == top[0]["logprob"] <= 0 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+    assert native_generate(server_url, **{**body, "logprobs": None})["logprobs"] is None
+    with httpx.stream(
+        "POST", f"{server_url}/v1/generate", json={**body, "stream": True}, headers={"authorization": f"Bearer {KEY_A}"}
+    ) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["logprob"] for e in events] == entries
+    r = httpx.post(
+        f"{server_url}/v1/generate", json={**body, "logprobs": 21}, headers={"authorization": f"Bearer {KEY_A}"}
+    )
+    assert r.status_code == 422, r.text
+
+
+def test_completion_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url: str) -> None:
+    prompt = "The quick brown fox"
+    native = native_generate(server_url, task_id=TASK, prompt=prompt, max_new_tokens=10, temperature=0, logprobs=2)
+    request: dict[str, Any] = {"model": TASK, "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 2}
+    got = oai.completions.create(**request).choices[0].logprobs
+    assert got is not None and got.token_logprobs == [e["logprob"] for e in native["logprobs"]]
+    assert got.tokens == [e["token"] for e in native["logprobs"]]
+    first_wins = [{t["token"]: t["logprob"] for t in reversed(e["top_logprobs"])} for e in native["logprobs"]]
+    assert got.top_logprobs == first_wins
+    assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+    streamed = [c.choices[0].logprobs for c in oai.completions.create(**request, stream=True) if c.choices]
+    assert [lp for chunk in streamed if chunk for lp in chunk.token_logprobs] == got.token_logprobs
+    assert [o for chunk in streamed if chunk for o in chunk.text_offset] == got.text_offset
+    assert oai.completions.create(**{**request, "logprobs": None}).choices[0].logprobs is None
+
+
+def test_chat_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url: str) -> None:
+    messages = [{"role": "user", "content": "What is a fox?"}]
+    native = native_generate(server_url, task_id=TASK, messages=messages, max_new_tokens=8, temperature=0, logprobs=2)
+    request: dict[str, Any] = {"model": TASK, "messages": messages, "max_tokens": 8, "temperature": 0}
+    got = oai.chat.completions.create(**request, logprobs=True, top_logprobs=2).choices[0].logprobs
+    assert got is not None and got.content is not None
+    assert [(c.token, c.logprob) for c in got.content] == [(e["token"], e["logprob"]) for e in native["logprobs"]]
+    for c, e in zip(got.content, native["logprobs"], strict=True):
+        assert c.bytes == list(c.token.encode("utf-8"))
+        assert [(t.token, t.logprob) for t in c.top_logprobs] == [(t["token"], t["logprob"]) for t in e["top_logprobs"]]
+    chunks = oai.chat.completions.create(**request, logprobs=True, stream=True)
+    streamed = [
+        c
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for c in chunk.choices[0].logprobs.content or []
+    ]
+    assert [(c.token, c.logprob, c.top_logprobs) for c in streamed] == [(c.token, c.logprob, []) for c in got.content]
+    assert oai.chat.completions.create(**request).choices[0].logprobs is None
+
+
 def _error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     body = exc.response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -180,7 +239,7 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
     [
         ("completions", {"n": 2}, "n"),
         ("completions", {"best_of": 3}, "best_of"),
-        ("completions", {"logprobs": 2}, "logprobs"),
+        ("completions", {"logprobs": 21}, "logprobs"),
         ("completions", {"echo": True}, "echo"),
         ("completions", {"suffix": "end"}, "suffix"),
         ("completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
@@ -188,7 +247,8 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("completions", {"max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
         ("completions", {"temperature": 2.5}, "temperature"),
         ("chat", {"n": 2}, "n"),
-        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ],

@@ -79,19 +79,59 @@ def test_filter_and_concatenate_keep_per_row_parameters() -> None:
     b = batch_of(SamplingParams(top_p=0.5, seed=3))
     merged = SamplingBatch.concatenate([a, b])
     assert merged.seed.tolist() == [1, 2, 3] and len(merged) == 3
-    kept = merged.filter(torch.tensor([0, 2]))
+    kept = merged.filter(torch.tensor([0, 2]), [0, 2])
     assert kept.seed.tolist() == [1, 3] and kept.top_p.tolist() == [1.0, 0.5]
 
 
 def test_a_batch_knows_on_the_host_whether_any_row_samples() -> None:
     """All-greedy batches skip the device check (no host sync); a merge with a sampling row must not."""
     greedy = batch_of(SamplingParams(), SamplingParams())
-    assert not greedy.may_sample and not greedy.filter(torch.tensor([1])).may_sample
+    assert not greedy.may_sample and not greedy.filter(torch.tensor([1]), [1]).may_sample
     hot = batch_of(SamplingParams(temperature=1.0, seed=4))
     merged = SamplingBatch.concatenate([greedy, hot])
-    assert merged.may_sample and merged.filter(torch.tensor([0, 2])).may_sample
+    assert merged.may_sample and merged.filter(torch.tensor([0, 2]), [0, 2]).may_sample
     logits = torch.zeros(3, 50)
     logits[:, 7] = 0.5  # every row's argmax is 7; the sampling row draws from a nearly flat distribution
     alone = sample(logits[2:], batch_of(SamplingParams(temperature=1.0, seed=4)))
     assert alone.item() != 7  # seed 4 draws another token, so the merged row below cannot pass as greedy
     assert sample(logits, merged).tolist() == [7, 7, alone.item()]
+
+
+def test_logprobs_are_the_raw_distributions_whatever_the_pick() -> None:
+    """The sampled token's log-probability and the top k, under log-softmax of the raw logits: temperature and
+    top-k change the pick, never the reported distribution."""
+    logits = torch.randn(3, 80, generator=torch.Generator().manual_seed(5)) * 3
+    logits[1] = 0.0
+    logits[1, 7] = 0.5  # a nearly flat row: its draw is almost surely not its argmax
+    params = batch_of(
+        SamplingParams(logprobs=3),
+        SamplingParams(temperature=1.5, top_k=40, seed=9, logprobs=0),
+        SamplingParams(),  # asks for none: computed with its batch-mates, and ignored downstream
+    )
+    tokens = sample(logits, params)
+    got = params.last_logprobs
+    assert got is not None and got.top_ids.shape == (3, 3)  # K = the most any row asked for
+    want = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(got.chosen, want.gather(1, tokens[:, None]).squeeze(1))
+    for row in range(3):  # the three largest, best first (ids of tied values in any order)
+        assert torch.allclose(got.top_values[row], want[row].sort(descending=True).values[:3])
+        assert torch.equal(want[row, got.top_ids[row]], got.top_values[row])
+    assert tokens[1] != 7 and got.chosen[1] < got.top_values[1, 0]  # seed 9 drew another token
+
+
+def test_no_logprobs_unless_a_row_asks_and_the_ask_survives_merges() -> None:
+    plain = batch_of(SamplingParams(), SamplingParams(temperature=1.0, seed=2))
+    sample(torch.randn(2, 30), plain)
+    assert plain.max_logprobs == -1 and plain.last_logprobs is None
+    asking = batch_of(SamplingParams(logprobs=5))
+    merged = SamplingBatch.concatenate([plain, asking])
+    assert merged.logprobs_asked == (-1, -1, 5) and merged.max_logprobs == 5
+    kept = merged.filter(torch.tensor([2]), [2])
+    assert kept.logprobs_asked == (5,) and kept.max_logprobs == 5
+    sample(torch.randn(1, 30), kept)
+    assert kept.last_logprobs is not None and kept.last_logprobs.top_ids.shape == (1, 5)
+    rest = merged.filter(torch.tensor([0, 1]), [0, 1])  # the asking row left: no more log-probabilities
+    sample(torch.randn(2, 30), rest)
+    assert rest.max_logprobs == -1 and rest.last_logprobs is None
+    sample(torch.randn(2, 30), plain)  # a later call sets its own (none), never keeps an older one
+    assert plain.last_logprobs is None

@@ -12,7 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from prefix_store.errors import PrefixStoreError
+from server.api import logprobs as token_logprobs
 from server.api.auth import Principal
+from server.api.logprobs import TokenLogprobOut
 from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, Usage
 from server.api.state import Caller, ServerState, State
 from server.engine import GenerationEvent, GenerationRequest
@@ -141,6 +143,7 @@ async def generate(
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(body.stop),
         ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
     )
     prepared = await prepare_generation(
         state,
@@ -151,20 +154,24 @@ async def generate(
         params=params,
         response_id="gen-" + secrets.token_hex(8),
     )
+    texts = token_logprobs.TokenTexts(state.model.tokenizer)
     if body.stream:
         # StreamingResponse cancels the body iterator when the client goes away, which aborts the request.
         stream = start_events(state, prepared, stream=True)
         first = await anext(stream)  # errors before the first token still get a proper status code
         check_event(first)
-        return StreamingResponse(_sse(prepared, first, stream), media_type="text/event-stream")
+        return StreamingResponse(_sse(prepared, first, stream, texts), media_type="text/event-stream")
     events = events_until_disconnect(request, start_events(state, prepared, stream=False))
     text, token_ids = [], []
+    logprobs: list[TokenLogprobOut] | None = None if body.logprobs is None else []
     last: GenerationEvent | None = None
     async for event in events:
         check_event(event)
         text.append(event.text)
         if event.token_id is not None:
             token_ids.append(event.token_id)
+            if logprobs is not None and event.logprob is not None:
+                logprobs.append(token_logprobs.native(event.token_id, event.logprob, texts))
         last = event
     if last is None or last.finish_reason not in ("length", "stop", "eos"):
         raise GenerationFailed("the request ended without a result")
@@ -176,14 +183,18 @@ async def generate(
         finish_reason=last.finish_reason,
         usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
         prefix_version=prepared.prefix_version,
+        logprobs=logprobs,
     )
 
 
 async def _sse(
-    prepared: PreparedGeneration, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]
+    prepared: PreparedGeneration,
+    first: GenerationEvent,
+    rest: AsyncIterator[GenerationEvent],
+    texts: token_logprobs.TokenTexts,
 ) -> AsyncIterator[str]:
     try:
-        async for chunk in _sse_chunks(prepared, first, rest):
+        async for chunk in _sse_chunks(prepared, first, rest, texts):
             yield chunk
     except ApiError as exc:  # ended by the server mid-stream (timed out): say why in the last event
         yield f"data: {json.dumps(exc.body())}\n\n"
@@ -192,7 +203,10 @@ async def _sse(
 
 
 async def _sse_chunks(
-    prepared: PreparedGeneration, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]
+    prepared: PreparedGeneration,
+    first: GenerationEvent,
+    rest: AsyncIterator[GenerationEvent],
+    texts: token_logprobs.TokenTexts,
 ) -> AsyncIterator[str]:
     event: GenerationEvent | None = first
     while event is not None:
@@ -211,6 +225,9 @@ async def _sse_chunks(
             if finished
             else None,
             prefix_version=prepared.prefix_version,
+            logprob=None
+            if event.logprob is None or event.token_id is None
+            else token_logprobs.native(event.token_id, event.logprob, texts),
         )
         yield f"data: {payload.model_dump_json()}\n\n"
         event = None if finished else await anext(rest, None)

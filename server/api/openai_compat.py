@@ -4,7 +4,9 @@
 model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
 native routes keep theirs. Parameters the server cannot honour (n > 1, tools,
-logprobs, ...) are refused with a 400 instead of being ignored.
+echo, penalties, ...) are refused with a 400 instead of being ignored. Log-probabilities
+(``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
+before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefix_store.errors import InvalidTaskId, PrefixNotFound, PrefixStoreError
 from prefix_store.ids import validate_task_id
+from server.api import logprobs as token_logprobs
 from server.api.auth import Principal
 from server.api.generate import (
     PreparedGeneration,
@@ -34,9 +37,10 @@ from server.api.generate import (
     start_events,
 )
 from server.api.state import Caller, ServerState, State
+from server.config import MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
-from server.sampling import SamplingParams
+from server.sampling import SamplingParams, TokenLogprob
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI lets chat run to the context; we stop here (capped by the server limit)
@@ -191,15 +195,18 @@ def _reject_unsupported(body: OpenAIBody) -> None:
     if isinstance(body, CompletionRequest):
         if body.best_of not in (None, 1):
             raise UnsupportedParameter("best_of", "best_of > 1 is not supported")
-        if body.logprobs is not None:
-            raise UnsupportedParameter("logprobs", "logprobs are not supported")
+        if body.logprobs is not None and body.logprobs > MAX_LOGPROBS:
+            raise ParameterError("logprobs", f"logprobs must be at most {MAX_LOGPROBS}")
         if body.echo:
             raise UnsupportedParameter("echo", "echo is not supported")
         if body.suffix:
             raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
         return
-    if body.logprobs or body.top_logprobs is not None:
-        raise UnsupportedParameter("logprobs", "logprobs are not supported")
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise ParameterError("top_logprobs", f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
     for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
         if getattr(body, name) is not None:
             raise UnsupportedParameter(name, f"{name}: tool and function calling are not supported")
@@ -250,6 +257,7 @@ async def _prepare(
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(s for s in stop if s),
+        logprobs=_logprobs_asked(body),
     )
     try:
         return await prepare_generation(
@@ -257,6 +265,13 @@ async def _prepare(
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc
+
+
+def _logprobs_asked(body: OpenAIBody) -> int | None:
+    """How many alternatives the engine reports per token: None for no log-probabilities at all."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def _finish_reason(event: GenerationEvent) -> str:
@@ -274,8 +289,11 @@ def _usage(event: GenerationEvent) -> dict[str, int]:
 class _Shape:
     """How one endpoint words its responses and stream chunks."""
 
-    def __init__(self, chat: bool, prepared: PreparedGeneration, body: OpenAIBody) -> None:
+    def __init__(self, chat: bool, prepared: PreparedGeneration, body: OpenAIBody, tokenizer: Any) -> None:
         self.chat = chat
+        self.with_logprobs = _logprobs_asked(body) is not None
+        self.texts = token_logprobs.TokenTexts(tokenizer)
+        self.text_offset = 0  # completions: where the next streamed token's text starts in the completion
         # With stream_options.include_usage every chunk has "usage": null and one last chunk carries it.
         self.include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         self.head = {
@@ -285,8 +303,18 @@ class _Shape:
             "system_fingerprint": None,
         }
 
-    def response(self, text: str, last: GenerationEvent) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish_reason(last)}
+    def logprobs(self, tokens: list[tuple[int, TokenLogprob]]) -> dict[str, Any] | None:
+        """The ``logprobs`` of a response or chunk carrying these tokens (None when not asked for)."""
+        if not self.with_logprobs:
+            return None
+        if self.chat:
+            return token_logprobs.chat(tokens, self.texts)
+        out = token_logprobs.completion(tokens, self.texts, self.text_offset)
+        self.text_offset += sum(len(t) for t in out["tokens"])
+        return out
+
+    def response(self, text: str, last: GenerationEvent, tokens: list[tuple[int, TokenLogprob]]) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": self.logprobs(tokens), "finish_reason": _finish_reason(last)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -294,10 +322,17 @@ class _Shape:
         kind = "chat.completion" if self.chat else "text_completion"
         return {**self.head, "object": kind, "choices": [choice], "usage": _usage(last)}
 
-    def chunk(self, text: str | None, finish_reason: str | None, usage: dict[str, int] | None = None) -> str:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        usage: dict[str, int] | None = None,
+        tokens: list[tuple[int, TokenLogprob]] | None = None,
+    ) -> str:
         choices: list[dict[str, Any]] = []
         if text is not None:
-            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+            logprobs = self.logprobs(tokens or [])
+            choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
             if self.chat:
                 choice["delta"] = {"content": text} if text or finish_reason is None else {}
             else:
@@ -338,14 +373,21 @@ async def _respond(
         check_event(first)
         return StreamingResponse(_sse(shape, first, events), media_type="text/event-stream")
     text: list[str] = []
+    tokens: list[tuple[int, TokenLogprob]] = []
     last: GenerationEvent | None = None
     async for event in events_until_disconnect(request, start_events(state, prepared, stream=False)):
         check_event(event)
         text.append(event.text)
+        _collect_logprob(event, tokens)
         last = event
     if last is None or last.finish_reason not in _FINISHED:
         raise GenerationFailed("the request ended without a result")
-    return JSONResponse(shape.response("".join(text), last))
+    return JSONResponse(shape.response("".join(text), last, tokens))
+
+
+def _collect_logprob(event: GenerationEvent, tokens: list[tuple[int, TokenLogprob]]) -> None:
+    if event.token_id is not None and event.logprob is not None:
+        tokens.append((event.token_id, event.logprob))
 
 
 async def _sse(shape: _Shape, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[str]:
@@ -354,19 +396,22 @@ async def _sse(shape: _Shape, first: GenerationEvent, rest: AsyncIterator[Genera
         if opening is not None:
             yield opening
         event: GenerationEvent | None = first
+        tokens: list[tuple[int, TokenLogprob]] = []  # tokens not yet in a chunk, with their log-probabilities
         while event is not None:
             if event.finish_reason == "error":
                 error = openai_error_body(500, event.error or "generation failed", None, GenerationFailed.error_type)
                 yield f"data: {json.dumps(error)}\n\n"
                 return
+            _collect_logprob(event, tokens)
             if event.finish_reason in _FINISHED:
-                yield shape.chunk(event.text, _finish_reason(event))
+                yield shape.chunk(event.text, _finish_reason(event), tokens=tokens)
                 if shape.include_usage:
                     yield shape.chunk(None, None, _usage(event))
                 yield "data: [DONE]\n\n"
                 return
             if event.text:  # a piece held back (inside a character or a possible stop string) comes later
-                yield shape.chunk(event.text, None)
+                yield shape.chunk(event.text, None, tokens=tokens)
+                tokens = []
             event = await anext(rest, None)
     except ApiError as exc:  # ended by the server mid-stream (timed out): say why in the last chunk
         yield f"data: {json.dumps(openai_error_body(exc.status_code, exc.message, None, exc.error_type))}\n\n"
@@ -398,7 +443,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
         max_tokens=max_tokens,
         response_id="cmpl-" + secrets.token_hex(12),
     )
-    return await _respond(request, state, prepared, body, _Shape(False, prepared, body))
+    return await _respond(request, state, prepared, body, _Shape(False, prepared, body, state.model.tokenizer))
 
 
 @router.post("/v1/chat/completions", responses=_STREAMED)
@@ -418,7 +463,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         max_tokens=max_tokens,
         response_id="chatcmpl-" + secrets.token_hex(12),
     )
-    return await _respond(request, state, prepared, body, _Shape(True, prepared, body))
+    return await _respond(request, state, prepared, body, _Shape(True, prepared, body, state.model.tokenizer))
 
 
 def _model_card(model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.api.logprobs import TokenLogprobOut
+from server.config import MAX_LOGPROBS
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -26,6 +29,13 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = Field(False, description="EOS does not end the request (vLLM's name; for fixed-length runs)")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="each token's log-probability and this many most likely alternatives' (the model's own "
+        "distribution, before temperature, top-k and top-p); null = none",
+    )
     stream: bool = False
 
     @model_validator(mode="after")
@@ -51,6 +61,7 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     prefix_version: int | None
+    logprobs: list[TokenLogprobOut] | None = None  # one per token of token_ids, when asked for
 
 
 class StreamEvent(BaseModel):
@@ -63,6 +74,7 @@ class StreamEvent(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     prefix_version: int | None = None
+    logprob: TokenLogprobOut | None = None  # this event's token's, when asked for
 
 
 class PrefixInfo(BaseModel):

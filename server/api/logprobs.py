@@ -1,0 +1,90 @@
+"""Log-probabilities in each API's words: native, OpenAI completions (legacy) and OpenAI chat.
+
+The engine hands out a ``TokenLogprob`` per token for requests that asked (server/sampling.py: the model's own
+distribution, before temperature, top-k and top-p). A token's text is what the tokenizer decodes for it alone,
+as vLLM reports it; a token that is part of a multi-byte character decodes to U+FFFD on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:  # the client imports the response models here, and must not import torch
+    from server.sampling import TokenLogprob
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprobOut(BaseModel):
+    """A generated token's log-probability and the most likely alternatives' (native API)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
+class TokenTexts:
+    """Each token's text alone, decoded once per token id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = "" if self._tokenizer is None else self._tokenizer.decode([token_id])
+            self._cache[token_id] = text
+        return text
+
+
+def native(token_id: int, logprob: TokenLogprob, texts: TokenTexts) -> TokenLogprobOut:
+    return TokenLogprobOut(
+        token_id=token_id,
+        token=texts(token_id),
+        logprob=logprob.logprob,
+        top_logprobs=[TopLogprob(token_id=i, token=texts(i), logprob=lp) for i, lp in logprob.top],
+    )
+
+
+def completion(tokens: Sequence[tuple[int, TokenLogprob]], texts: TokenTexts, text_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object of some tokens; ``text_offset`` is where the first one's text
+    starts in the completion. Alternatives that decode to the same text keep the likelier one (a dict by text)."""
+    strings, offsets, top = [], [], []
+    for token_id, logprob in tokens:
+        string = texts(token_id)
+        strings.append(string)
+        offsets.append(text_offset)
+        text_offset += len(string)
+        alternatives: dict[str, float] = {}
+        for i, lp in logprob.top:
+            alternatives.setdefault(texts(i), lp)
+        top.append(alternatives)
+    return {
+        "tokens": strings,
+        "token_logprobs": [logprob.logprob for _, logprob in tokens],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def chat(tokens: Sequence[tuple[int, TokenLogprob]], texts: TokenTexts) -> dict[str, Any]:
+    """The chat completions ``logprobs`` object of some tokens."""
+
+    def entry(token_id: int, value: float) -> dict[str, Any]:
+        string = texts(token_id)
+        return {"token": string, "logprob": value, "bytes": list(string.encode("utf-8"))}
+
+    content = [
+        {**entry(token_id, logprob.logprob), "top_logprobs": [entry(i, lp) for i, lp in logprob.top]}
+        for token_id, logprob in tokens
+    ]
+    return {"content": content, "refusal": None}
