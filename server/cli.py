@@ -28,6 +28,7 @@ SERVE_SWITCHES = (
     "stock_linear",
     "stock_projections",
     "stock_decode_attention",
+    "no_gc_freeze",
 )
 
 # flag -> (type, help). Every flag can also come from PREFIX_SERVE_<FLAG> (dashes as underscores).
@@ -126,6 +127,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="on CUDA, fixed-shape decode steps attend with SDPA over every KV column instead of the Triton "
         f"kernel that reads each row's columns only [env {ENV_PREFIX}STOCK_DECODE_ATTENTION=1]",
+    )
+    serve.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave the objects alive after start-up in the garbage collector's full walks (~300 ms pauses of "
+        f"every stream when one runs) instead of freezing them [env {ENV_PREFIX}NO_GC_FREEZE=1]",
     )
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
     serve.add_argument(

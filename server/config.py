@@ -67,6 +67,9 @@ class ServeConfig:
     # On CUDA fixed-shape decode steps attend with a Triton kernel reading each row's KV columns only
     # (server/decode_attention.py); True keeps SDPA over every column under a mask.
     stock_decode_attention: bool = False
+    # The objects alive after start-up are frozen out of the garbage collector's full walks (server/gc_freeze.py):
+    # ~300 ms pauses of every stream otherwise. True leaves the collector as Python sets it up.
+    no_gc_freeze: bool = False
     allow_unverified_architecture: bool = False  # serve a model type not in server/architectures.py, with a warning
     cors_allow_origins: str | None = None  # comma-separated origins allowed cross-site; None = CORS off
     # Per-tenant quota defaults (0 = unlimited); the key file's "quotas" object overrides them per tenant.

@@ -25,6 +25,7 @@ from server.api.state import ServerState
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import ApiError, BadRequest, InvalidInput, NotFound
+from server.gc_freeze import freeze_startup_heap, thaw_heap
 from server.heap_trim import HeapTrimmer, malloc_trim
 from server.metrics import MetricsMiddleware, ServerMetrics
 from server.metrics import router as metrics_router
@@ -148,6 +149,8 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
         # From now on blocking work (prefix loads and uploads) runs torch single-threaded, off the engine's cores.
         asyncio.get_running_loop().set_default_executor(io_executor())
         app.state.server = state
+        if not config.no_gc_freeze:
+            freeze_startup_heap()  # last: everything start-up made is in the heap now
         try:
             yield
         finally:
@@ -155,6 +158,8 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
             await asyncio.to_thread(state.engine.shutdown)
             state.registry.backend.close()
             state.heap_trimmer.close()
+            if not config.no_gc_freeze:
+                thaw_heap()
 
     # One registry per app: tests build several apps in one process.
     metrics = ServerMetrics(task_labels=config.metrics_task_labels)
