@@ -164,6 +164,35 @@ async def test_engine_serves_seq2seq_requests_joining_mid_decode(family: Family)
     ]
 
 
+async def test_engine_seq2seq_logprobs_equal_the_oracle(family: Family) -> None:
+    """Log-probabilities take the decoder-only path (the batch's sampling call): here against log-softmax of the
+    uncached PEFT forward's logits, next to a row that asks for none."""
+    eos = int(family.base.config.eos_token_id)
+    engine = Engine(family.runner, None, eos_token_ids=[], max_context=256)
+    engine.start()
+    asking, plain = prompt(30, 5, eos), prompt(31, 8, eos)
+    try:
+
+        async def run(row: int | None, p: list[int], logprobs: int | None) -> list:
+            request = GenerationRequest(
+                p, SamplingParams(max_new_tokens=STEPS, logprobs=logprobs), *_prefix(family, row)
+            )
+            return [e async for e in engine.generate(request) if e.token_id is not None]
+
+        got, others = await asyncio.gather(run(1, asking, 2), run(None, plain, None))
+    finally:
+        engine.shutdown()
+    want_tokens, want_logits = family.oracle(1, asking)
+    assert [e.token_id for e in got] == want_tokens and all(e.logprob is None for e in others)
+    for event, logits in zip(got, want_logits, strict=True):
+        want = torch.log_softmax(logits.float(), dim=-1)
+        tolerance = 5e-5 * float(logits.abs().max())  # T5's logits are large, and so is their rounding noise
+        assert event.logprob is not None and event.logprob.logprob == pytest.approx(
+            want[event.token_id].item(), abs=tolerance
+        )
+        assert [token for token, _ in event.logprob.top] == want.topk(2).indices.tolist()
+
+
 def _prefix(family: Family, row: int | None) -> tuple[torch.Tensor | None, str | None]:
     return (None, None) if row is None else (family.kv[row], f"p{row}")
 
