@@ -304,7 +304,8 @@ class _Shape:
         }
 
     def logprobs(self, tokens: list[tuple[int, TokenLogprob]]) -> dict[str, Any] | None:
-        """The ``logprobs`` of a response or chunk carrying these tokens (None when not asked for)."""
+        """The ``logprobs`` of a response or chunk carrying these tokens (None when not asked for). For
+        completions it also moves ``text_offset`` past them: call it once per chunk, in order."""
         if not self.with_logprobs:
             return None
         if self.chat:
