@@ -36,16 +36,12 @@ def freeze_startup_heap() -> int:
     return frozen
 
 
-def thaw_heap() -> None:
-    """Give the frozen objects back to the collector (at shutdown)."""
-    gc.unfreeze()
-
-
 @contextmanager
 def frozen_heap() -> Iterator[int]:
-    """The heap frozen for the duration (benchmark clients timing latencies); yields the frozen count."""
+    """The heap frozen for the duration (the server while it serves, benchmark clients while they time); yields
+    the frozen count."""
     frozen = freeze_startup_heap()
     try:
         yield frozen
     finally:
-        thaw_heap()
+        gc.unfreeze()  # the frozen objects go back to the collector

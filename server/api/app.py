@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -25,7 +25,7 @@ from server.api.state import ServerState
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import ApiError, BadRequest, InvalidInput, NotFound
-from server.gc_freeze import freeze_startup_heap, thaw_heap
+from server.gc_freeze import frozen_heap
 from server.heap_trim import HeapTrimmer, malloc_trim
 from server.metrics import MetricsMiddleware, ServerMetrics
 from server.metrics import router as metrics_router
@@ -149,17 +149,15 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
         # From now on blocking work (prefix loads and uploads) runs torch single-threaded, off the engine's cores.
         asyncio.get_running_loop().set_default_executor(io_executor())
         app.state.server = state
-        if not config.no_gc_freeze:
-            freeze_startup_heap()  # last: everything start-up made is in the heap now
-        try:
-            yield
-        finally:
-            state.ready = False
-            await asyncio.to_thread(state.engine.shutdown)
-            state.registry.backend.close()
-            state.heap_trimmer.close()
-            if not config.no_gc_freeze:
-                thaw_heap()
+        # Frozen last, when everything start-up made is in the heap; thawed after the shutdown below.
+        with nullcontext() if config.no_gc_freeze else frozen_heap():
+            try:
+                yield
+            finally:
+                state.ready = False
+                await asyncio.to_thread(state.engine.shutdown)
+                state.registry.backend.close()
+                state.heap_trimmer.close()
 
     # One registry per app: tests build several apps in one process.
     metrics = ServerMetrics(task_labels=config.metrics_task_labels)
