@@ -67,6 +67,9 @@ class GenerationEvent:
     completion_tokens: int = 0
     error: str | None = None
     logprob: TokenLogprob | None = None  # when the request asked for log-probabilities
+    # With the first token, when the request asked for prompt log-probabilities: one per prompt token, the
+    # first None (nothing before it predicts it).
+    prompt_logprobs: Sequence[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -81,6 +84,7 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer | None
     stop: StopMatcher
     generated: list[int] = field(default_factory=list)
+    prompt_logprobs: Sequence[TokenLogprob | None] | None = None  # once the prompt is in, when asked for
     cancelled: bool = False
     done: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)  # for time to first token
@@ -281,9 +285,12 @@ class Engine:
         used = prefix_len + len(request.prompt_ids)
         if not request.prompt_ids:
             raise InvalidInput("the prompt is empty")
-        asked = request.params.logprobs
-        if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
-            raise InvalidInput(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {asked}")
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(request.params, name)
+            if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
+                raise InvalidInput(f"{name} must be between 0 and {MAX_LOGPROBS}, got {asked}")
+        if request.params.prompt_logprobs is not None and not self.runner.scores_prompts:
+            raise InvalidInput("prompt log-probabilities need a decoder-only model (this one encodes the prompt)")
         if used >= self.max_context:
             raise InvalidInput(
                 f"prompt too long: {len(request.prompt_ids)} tokens + {prefix_len} prefix tokens "
@@ -379,6 +386,9 @@ class Engine:
             if new_batch is not None:
                 if self.metrics is not None:
                     self.metrics.prefilled([t.request for t in admitted])
+                for t in admitted:
+                    if t.request.params.prompt_logprobs is not None:  # decoder-only runners: checked at submit
+                        t.prompt_logprobs = self.runner.last_prompt_logprobs.get(t.request_id)
                 new_batch = self._consume(new_batch, tokens, observe=True)
                 if new_batch is not None:
                     self._groups = [type(new_batch).concatenate([*self._groups, new_batch])]
@@ -441,6 +451,8 @@ class Engine:
             self._prefilling.remove(entry)
             if self.metrics is not None:
                 self.metrics.prefilled([entry.tracked.request])
+            if entry.pending.prompt_logprobs_asked is not None:
+                entry.tracked.prompt_logprobs = entry.pending.prompt_logprobs
             row = self._consume(entry.pending.batch, first, observe=False)
             if row is not None:
                 joining.append(row)
@@ -589,6 +601,7 @@ class Engine:
             prompt_tokens=len(tracked.request.prompt_ids),
             completion_tokens=len(tracked.generated),
             logprob=logprob,
+            prompt_logprobs=tracked.prompt_logprobs if len(tracked.generated) == 1 else None,
         )
         if finish is None:
             self._send(tracked, event)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -18,7 +18,7 @@ from server.fused_projections import fuse_projections as fuse_layer_projections
 from server.fused_projections import use_onednn_for_fused
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
 from server.kv_cache import build_cache, read_cache
-from server.sampling import SamplingParams, sample
+from server.sampling import SamplingParams, TokenLogprob, prompt_token_logprobs, sample
 from server.static_decode import StaticDecoder
 
 __all__ = ["ModelRunner", "NewRequest", "PendingPrefill"]  # NewRequest lives with the batch; re-exported here
@@ -35,6 +35,10 @@ class PendingPrefill:
     batch: Batch  # one row: its prefix, then the prompt tokens prefilled so far (a single row needs no padding)
     inputs: PrefillInputs  # the whole prompt: input_ids, position_ids [1, N]; attention_mask [1, P + N]
     done: int = 0  # prompt tokens already in the KV
+    # The request's ``prompt_logprobs`` (None: not asked), and those of the prompt tokens so far: one per token
+    # in the KV, the first None (nothing before it predicts it).
+    prompt_logprobs_asked: int | None = None
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     @property
     def remaining(self) -> int:
@@ -43,6 +47,8 @@ class PendingPrefill:
 
 class ModelRunner:
     """Executes what the scheduler decided. Called from the engine thread only."""
+
+    scores_prompts = True  # prompt log-probabilities: the decoder reads the prompt, so its logits predict it
 
     def __init__(
         self,
@@ -79,6 +85,8 @@ class ModelRunner:
             use_onednn_linear(model, free_dense=not compile_decode)
             use_onednn_for_fused(model, free_dense=not compile_decode)
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
+        # The last separate prefill's prompt log-probabilities, by request id (only requests that asked).
+        self.last_prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -146,7 +154,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[NewRequest]) -> tuple[Batch, torch.Tensor]:
-        """Run new requests' prompts together, each after its own prefix. Returns the batch and first tokens [B]."""
+        """Run new requests' prompts together, each after its own prefix. Returns the batch and first tokens [B].
+        The prompt log-probabilities of the requests that asked are in ``last_prompt_logprobs`` afterwards."""
         batch, logits = self._prefill_forward(requests)
         tokens = sample(logits, batch.sampling)
         batch.next_input_ids = tokens
@@ -163,6 +172,7 @@ class ModelRunner:
         logits, batch.keys, batch.values = self._forward(
             batch.next_input_ids[:, None], mask, batch.next_positions[:, None], batch.keys, batch.values
         )
+        logits = logits[:, -1]
         batch.attention_mask = mask
         batch.next_positions = batch.next_positions + 1
         tokens = sample(logits, batch.sampling)
@@ -172,7 +182,8 @@ class ModelRunner:
     @torch.inference_mode()
     def begin_prefill(self, request: NewRequest) -> PendingPrefill:
         """A one-row batch holding the request's prefix; ``fused_step`` feeds it the prompt in chunks."""
-        return PendingPrefill(*self._new_rows([request]))
+        asked = request.params.prompt_logprobs
+        return PendingPrefill(*self._new_rows([request]), prompt_logprobs_asked=asked, prompt_logprobs=[None])
 
     @torch.inference_mode()
     def fused_step(
@@ -182,21 +193,30 @@ class ModelRunner:
 
         ``groups`` are the running rows as padded batches of their own (server/kv_groups.py). Returns each
         group's tokens [B_g] and, per chunk, the row's first token [1] when the chunk completes its prompt (None
-        otherwise). Requires ``fuses_prefill``.
+        otherwise). Requires ``fuses_prefill``. A chunk whose request asked for prompt log-probabilities adds
+        its tokens' to ``PendingPrefill.prompt_logprobs``.
         """
         if not chunks and self.static_decoder is not None:
             return self._static_decode(groups), []
         logits = self._fused_forward(groups, chunks)
         tokens = _sample_groups(groups, logits)
-        rows = sum(len(batch) for batch in groups)  # the completed prompts' rows follow the groups' rows
+        rows = sum(len(batch) for batch in groups)  # the chunks' rows follow the groups' rows (_kept_rows)
         firsts: list[torch.Tensor | None] = []
-        for pending, _ in chunks:
+        for pending, n in chunks:
+            kept = logits[rows : rows + _kept_rows(pending, n, finishes=not pending.remaining)]
+            rows += len(kept)
+            if pending.prompt_logprobs_asked is not None:
+                # Row i predicts the prompt token after the chunk's i-th; a finished prompt's last row predicts
+                # the first generated token instead, which sampling reports.
+                start = pending.done - n
+                scored = n if pending.remaining else n - 1
+                targets = pending.inputs.input_ids[0, start + 1 : start + 1 + scored]
+                pending.prompt_logprobs += prompt_token_logprobs(kept[:scored], targets, pending.prompt_logprobs_asked)
             if pending.remaining:
                 firsts.append(None)
                 continue
-            first = pending.batch.next_input_ids = sample(logits[rows : rows + 1], pending.batch.sampling)
+            first = pending.batch.next_input_ids = sample(kept[-1:], pending.batch.sampling)
             firsts.append(first)
-            rows += 1
         return tokens, firsts
 
     def _static_decode(self, groups: Sequence[Batch]) -> list[torch.Tensor]:
@@ -219,7 +239,8 @@ class ModelRunner:
             decodes.append(DecodeSlot(batch.keys, batch.values, width, mask))
             token_ids.append(batch.next_input_ids)
             positions.append(batch.next_positions)
-        # Flat indices whose logits are wanted: every decode token, and each finished prompt's last.
+        # Flat indices whose logits are wanted: every decode token, then per chunk ``_kept_rows`` of its tokens
+        # (the last ones): a finished prompt's last, or all of them where prompt log-probabilities are asked.
         keep = list(range(sum(len(batch) for batch in groups)))
         slots = []
         offset = len(keep)
@@ -231,8 +252,7 @@ class ModelRunner:
             positions.append(pending.inputs.position_ids[0, done : done + n])
             slots.append(ChunkSlot(pending.batch.keys, pending.batch.values, pending.batch.width, n))
             offset += n
-            if n == pending.remaining:
-                keep.append(offset - 1)
+            keep.extend(range(offset - _kept_rows(pending, n, finishes=n == pending.remaining), offset))
         out = self.model(
             input_ids=torch.cat(token_ids)[None],
             position_ids=torch.cat(positions)[None],
@@ -258,24 +278,39 @@ class ModelRunner:
         On a CPU, a prefill of many rows runs as several forwards of at most ``CPU_PREFILL_FORWARD_TOKENS`` prompt
         tokens, each on a slice of rows writing its slice of the batch's buffers. Rows never meet in a forward,
         so the result is the same; the smaller forwards' activations stay in cache.
+
+        A forward holding a request that asked for prompt log-probabilities keeps every position's logits, and
+        those requests' go to ``last_prompt_logprobs`` (by request id).
         """
         batch, inputs = self._new_rows(requests)
         rows, width = inputs.input_ids.shape
         step = rows if self.device.type != "cpu" else max(1, CPU_PREFILL_FORWARD_TOKENS // width)
         logits = []
+        self.last_prompt_logprobs = {}
         for start in range(0, rows, step):
             part = slice(start, start + step)
+            asking = [(i, r) for i, r in enumerate(requests[part]) if r.params.prompt_logprobs is not None]
             part_logits, keys, _ = self._forward(
                 inputs.input_ids[part],
                 inputs.attention_mask[part],
                 inputs.position_ids[part],
                 [k[part] for k in batch.keys],  # views: the forward writes into the batch's buffers
                 [v[part] for v in batch.values],
+                every_position=bool(asking),
             )
             # The buffers have room for the prompts (Batch.from_requests): no layer grew into a new tensor.
             if keys[0].data_ptr() != batch.keys[0][part].data_ptr():
                 raise RuntimeError("a prefill outgrew the KV buffers made for it")
-            logits.append(part_logits)
+            for i, request in asking:
+                # Prompts are left-padded: this one's N tokens are the last N columns, and the logits at its
+                # first N - 1 predict its tokens 2..N.
+                n = len(request.prompt_ids)
+                targets = torch.as_tensor(list(request.prompt_ids[1:]), dtype=torch.int64)
+                scored = prompt_token_logprobs(
+                    part_logits[i, width - n : width - 1], targets, request.params.prompt_logprobs
+                )
+                self.last_prompt_logprobs[request.request_id] = [None, *scored]
+            logits.append(part_logits[:, -1])
         batch.attention_mask = inputs.attention_mask
         batch.next_positions = inputs.position_ids[:, -1] + 1  # every row's last prompt token is in the last column
         return batch, logits[0] if len(logits) == 1 else torch.cat(logits)
@@ -297,8 +332,10 @@ class ModelRunner:
         position_ids: torch.Tensor,  # [B, q]
         keys: list[torch.Tensor],  # per layer [B, H_kv, C, d] buffers, the first T columns in use
         values: list[torch.Tensor],
+        every_position: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Logits of each row's last input [B, V] (float32) and the buffers, now holding T + q columns."""
+        """Logits (float32) of each row's last input [B, 1, V], or of all its inputs [B, q, V] with
+        ``every_position``; and the buffers, now holding T + q columns."""
         past_len = attention_mask.shape[1] - input_ids.shape[1]
         out = self.model(
             input_ids=input_ids,
@@ -306,10 +343,18 @@ class ModelRunner:
             position_ids=position_ids,
             cache=build_cache(keys, values, past_len),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
         )
         new_keys, new_values = read_cache(out.cache)
-        return out.logits[:, -1, :].float(), new_keys, new_values
+        return out.logits.float(), new_keys, new_values
+
+
+def _kept_rows(pending: PendingPrefill, n: int, *, finishes: bool) -> int:
+    """Logit rows a chunk of n tokens keeps in a fused step (its last ones): all n where the request asked for
+    prompt log-probabilities, else the last where the chunk finishes the prompt (its first token), else none."""
+    if pending.prompt_logprobs_asked is not None:
+        return n
+    return 1 if finishes else 0
 
 
 def _advance_past_decode(batch: Batch) -> None:

@@ -44,6 +44,9 @@ class SamplingParams:
     ignore_eos: bool = False  # vLLM's name: EOS does not end the request (fixed-length runs)
     # None: no log-probabilities; k (0..config.MAX_LOGPROBS): the sampled token's and the k most likely tokens'.
     logprobs: int | None = None
+    # The same for each prompt token after the first (vLLM's ``prompt_logprobs``): how likely the model found the
+    # prompt, given the prefix and the tokens before it. None: not computed.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,13 @@ def step_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> StepLog
     log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
     top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)  # sorted, most likely first
     return StepLogprobs(log_probs.gather(1, tokens[:, None]).squeeze(1), top.indices, top.values)
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Log-probabilities of prompt tokens: ``logits`` [n, V] at n prompt positions, ``targets`` [n] the token that
+    follows each (the prompt's next one). Each target's log-probability and the k most likely tokens' (host)."""
+    step = step_logprobs(logits.float(), targets.to(logits.device), k)
+    return [TokenLogprob(chosen, tuple(zip(ids, values, strict=True))) for chosen, ids, values in step.rows()]
 
 
 def _pick(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:

@@ -91,6 +91,7 @@ class Seq2SeqRunner:
     """Executes prefill and decode steps of an encoder-decoder model. Called from the engine thread only."""
 
     fuses_prefill = False  # prompts go to the encoder in a prefill of their own, never in chunks
+    scores_prompts = False  # the encoder reads the prompt: no logits predict its tokens
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ import torch
 
 from server import kv_groups
 from server.engine import Engine, GenerationEvent, GenerationRequest
-from server.errors import Overloaded
+from server.errors import InvalidInput, Overloaded
 from server.metrics import EngineMetrics
 from server.model_loading import probe_kv_shape
 from server.runner import ModelRunner
@@ -149,6 +149,61 @@ async def test_logprobs_equal_the_peft_oracle_batched(base, prefixes, mode) -> N
                 top_ids = [token for token, _ in event.logprob.top]
                 assert top_ids == want.argsort(descending=True)[:asked].tolist(), (i, step)
                 assert [v for _, v in event.logprob.top] == pytest.approx(want[top_ids].tolist(), abs=1e-4)
+    finally:
+        engine.shutdown()
+
+
+async def test_prompt_logprobs_equal_the_peft_oracle_batched(base, prefixes, mode) -> None:
+    """Each prompt token's log-probability after the first, and its top alternatives, in a mixed batch (prompts
+    longer than a chunk, so they enter over several fused steps), are log-softmax of PEFT's forward logits at
+    the position before it; the first token has none; requests that do not ask get none, and every request's
+    generated tokens are the oracle's."""
+    engine = make_engine(base, **mode)
+    try:
+        asks = [3, None, 0, 1, 2]
+        requests = [
+            GenerationRequest(
+                prompt(50 + i, 1 if i == 3 else 4 + 3 * i),  # request 3: a one-token prompt, nothing to score
+                SamplingParams(max_new_tokens=3, prompt_logprobs=asked, logprobs=1 if i == 4 else None),
+                None if i == 2 else prefixes[i][0],
+                None if i == 2 else f"p{i}",
+            )
+            for i, asked in enumerate(asks)
+        ]
+        results = await asyncio.gather(*(collect(engine, r) for r in requests))
+        for i, (events, asked) in enumerate(zip(results, asks, strict=True)):
+            peft = base if i == 2 else prefixes[i][1]
+            ids = list(requests[i].prompt_ids)
+            want_tokens, _ = oracle_greedy(peft, ids, 3)
+            tokens = [e for e in events if e.token_id is not None]
+            assert [e.token_id for e in tokens] == want_tokens, f"request {i}"
+            assert all(e.prompt_logprobs is None for e in tokens[1:]), "only the first token carries them"
+            got = tokens[0].prompt_logprobs
+            if asked is None:
+                assert got is None
+                continue
+            assert got is not None and len(got) == len(ids) and got[0] is None, f"request {i}"
+            with torch.no_grad():
+                logits = peft(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids))).logits[0]
+            want = torch.log_softmax(logits.float(), dim=-1)  # row j predicts prompt token j + 1
+            for j in range(1, len(ids)):
+                entry = got[j]
+                assert entry is not None and len(entry.top) == asked, (i, j)
+                assert entry.logprob == pytest.approx(want[j - 1, ids[j]].item(), abs=1e-4), (i, j)
+                top_ids = [token for token, _ in entry.top]
+                assert top_ids == want[j - 1].argsort(descending=True)[:asked].tolist(), (i, j)
+                assert [v for _, v in entry.top] == pytest.approx(want[j - 1, top_ids].tolist(), abs=1e-4)
+        assert results[4][0].logprob is not None, "generated tokens' log-probabilities still come"
+    finally:
+        engine.shutdown()
+
+
+async def test_prompt_logprobs_out_of_range_are_refused(base) -> None:
+    engine = make_engine(base)
+    try:
+        for bad in (-1, 21):
+            with pytest.raises(InvalidInput, match="prompt_logprobs"):
+                await collect(engine, GenerationRequest([5, 6], SamplingParams(prompt_logprobs=bad)))
     finally:
         engine.shutdown()
 
