@@ -57,6 +57,13 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="with --json: each token's log-probability and K alternatives'",
     )
+    generate.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --json: each prompt token's log-probability and K alternatives'",
+    )
     generate.set_defaults(client_command=_generate)
 
     listing = sub.add_parser("list", parents=[common], help="list your prefixes")
@@ -117,6 +124,7 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         "seed": args.seed,
         "stop": args.stop,
         "logprobs": args.logprobs,
+        "prompt_logprobs": args.prompt_logprobs,
     }
     if args.chat:
         request["messages"] = [{"role": "user", "content": prompt}]

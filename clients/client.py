@@ -293,9 +293,12 @@ class Client(_Base):
         seed: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> GenerateResponse:
         """One completion; ``task_id`` None means the base model. Unset parameters take the server's defaults.
-        ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``)."""
+        ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``);
+        ``prompt_logprobs=k``: the same for each prompt token after the first (``.prompt_logprobs``, aligned with
+        ``.prompt_token_ids``), as a text's log-likelihood under the task's prefix."""
         body = _generate_body(
             prompt,
             task_id=task_id,
@@ -308,6 +311,7 @@ class Client(_Base):
             seed=seed,
             stop=stop,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         return GenerateResponse.model_validate_json(self._send(_Call("POST", "/v1/generate", json=body)).content)
 
@@ -324,6 +328,7 @@ class Client(_Base):
         seed: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> Iterator[StreamEvent]:
         """Events as tokens are generated; their ``text`` concatenates to what ``generate`` returns.
 
@@ -341,6 +346,7 @@ class Client(_Base):
             seed=seed,
             stop=stop,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         response = self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:
@@ -449,6 +455,7 @@ class AsyncClient(_Base):
         seed: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> GenerateResponse:
         body = _generate_body(
             prompt,
@@ -462,6 +469,7 @@ class AsyncClient(_Base):
             seed=seed,
             stop=stop,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body))
         return GenerateResponse.model_validate_json(response.content)
@@ -479,6 +487,7 @@ class AsyncClient(_Base):
         seed: int | None = None,
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> AsyncIterator[StreamEvent]:
         body = _generate_body(
             prompt,
@@ -492,6 +501,7 @@ class AsyncClient(_Base):
             seed=seed,
             stop=stop,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:

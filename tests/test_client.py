@@ -108,6 +108,14 @@ def test_logprobs_through_the_client(client: Client) -> None:
     assert [e.logprob for e in events] == full.logprobs
     assert client.generate("Tell me a story", max_new_tokens=6, temperature=0).logprobs is None
 
+    scored = client.generate("Tell me a story", max_new_tokens=2, temperature=0, prompt_logprobs=2)
+    assert scored.prompt_token_ids is not None and scored.prompt_logprobs is not None
+    assert len(scored.prompt_logprobs) == len(scored.prompt_token_ids) == scored.usage.prompt_tokens
+    assert scored.prompt_logprobs[0] is None
+    assert [e.token_id for e in scored.prompt_logprobs[1:] if e] == scored.prompt_token_ids[1:]
+    first = next(iter(client.stream("Tell me a story", max_new_tokens=2, temperature=0, prompt_logprobs=2)))
+    assert first.prompt_logprobs == scored.prompt_logprobs
+
 
 async def test_async_client(server_url: str, checkpoint) -> None:
     peft_dir, _, _ = checkpoint
@@ -295,6 +303,10 @@ def test_cli_round_trip(server_url: str, checkpoint, capsys: pytest.CaptureFixtu
     with_logprobs = json.loads(out)
     assert code == 0 and [e["token_id"] for e in with_logprobs["logprobs"]] == with_logprobs["token_ids"]
     assert all(len(e["top_logprobs"]) == 2 for e in with_logprobs["logprobs"])
+    code, out, _ = run_cli(capsys, *gen, "--json", "--prompt-logprobs", "1", "--temperature", "0")
+    scored = json.loads(out)
+    assert code == 0 and len(scored["prompt_logprobs"]) == len(scored["prompt_token_ids"]) > 1
+    assert scored["prompt_logprobs"][0] is None and len(scored["prompt_logprobs"][1]["top_logprobs"]) == 1
     code, out, _ = run_cli(capsys, "generate", "-", "Once upon a time", "--max-new-tokens", "12", *auth, "--json")
     assert code == 0 and json.loads(out)["task_id"] is None and json.loads(out)["text"] != result["text"]
 

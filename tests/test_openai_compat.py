@@ -195,6 +195,86 @@ def test_completion_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url:
     assert oai.completions.create(**{**request, "logprobs": None}).choices[0].logprobs is None
 
 
+def test_native_prompt_logprobs_streamed_and_not(server_url: str, loaded: LoadedModel) -> None:
+    body = {"task_id": TASK, "prompt": "The sea is deep and", "max_new_tokens": 3, "temperature": 0}
+    full = native_generate(server_url, **body, prompt_logprobs=2)
+    ids = full["prompt_token_ids"]
+    assert ids == loaded.tokenizer("The sea is deep and").input_ids and len(ids) == full["usage"]["prompt_tokens"]
+    entries = full["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for token_id, e in zip(ids[1:], entries[1:], strict=True):
+        assert e["token_id"] == token_id and e["token"] == loaded.tokenizer.decode([token_id])
+        top = e["top_logprobs"]
+        assert len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"] and e["logprob"] <= top[0]["logprob"] <= 0
+    assert full["text"] == native_generate(server_url, **body)["text"]  # scoring the prompt changes nothing
+    plain = native_generate(server_url, **body)
+    assert plain["prompt_logprobs"] is None and plain["prompt_token_ids"] is None
+    with httpx.stream(
+        "POST",
+        f"{server_url}/v1/generate",
+        json={**body, "prompt_logprobs": 2, "stream": True},
+        headers={"authorization": f"Bearer {KEY_A}"},
+    ) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[0]["prompt_logprobs"] == entries and events[0]["prompt_token_ids"] == ids
+    assert all(e["prompt_logprobs"] is None for e in events[1:])
+
+
+def test_echo_scores_the_generated_tokens_as_they_were_generated(oai: openai.OpenAI, loaded: LoadedModel) -> None:
+    """lm-evaluation-harness's log-likelihood request: prompt token ids, echo, logprobs, max_tokens 0. Scoring a
+    prompt followed by what the model generated after it gives the generated tokens' own log-probabilities."""
+    prompt = "The quick brown fox"
+    generated = oai.completions.create(model=TASK, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    gen = generated.choices[0].logprobs
+    assert gen is not None
+    prompt_ids = loaded.tokenizer(prompt).input_ids
+    continuation = loaded.tokenizer(generated.choices[0].text, add_special_tokens=False).input_ids
+    scored = oai.completions.create(
+        model=TASK, prompt=prompt_ids + continuation, max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
+    choice = scored.choices[0]
+    assert choice.text == prompt + generated.choices[0].text and choice.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    assert scored.usage.prompt_tokens == len(prompt_ids) + len(continuation)
+    lp = choice.logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens == [loaded.tokenizer.decode([t]) for t in prompt_ids + continuation]
+    assert lp.token_logprobs[len(prompt_ids) :] == pytest.approx(gen.token_logprobs, abs=1e-4)
+    # Greedy: each generated token is the likeliest after what precedes it, as lm-eval's is_greedy checks.
+    for token, top in zip(lp.tokens[len(prompt_ids) :], lp.top_logprobs[len(prompt_ids) :], strict=True):
+        assert max(top, key=top.get) == token
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_echo_without_logprobs_and_streamed(oai: openai.OpenAI) -> None:
+    request: dict[str, Any] = {"model": TASK, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
+    plain = oai.completions.create(**request).choices[0].text
+    echoed = oai.completions.create(**request, echo=True).choices[0]
+    assert echoed.text == "Once upon a time" + plain and echoed.logprobs is None
+    chunks = [c.choices[0] for c in oai.completions.create(**request, echo=True, logprobs=1, stream=True)]
+    assert chunks[0].text == "Once upon a time" and chunks[0].logprobs is not None
+    assert chunks[0].logprobs.token_logprobs is not None and chunks[0].logprobs.token_logprobs[0] is None
+    assert "".join(c.text for c in chunks) == echoed.text
+    whole = oai.completions.create(**request, echo=True, logprobs=1).choices[0].logprobs
+    assert whole is not None
+    assert [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs or []] == whole.token_logprobs
+    only_prompt = list(oai.completions.create(**{**request, "max_tokens": 0}, echo=True, stream=True))
+    assert [c.choices[0].text for c in only_prompt] == ["Once upon a time"]
+    assert only_prompt[0].choices[0].finish_reason == "length"
+
+
+def test_token_id_prompts(oai: openai.OpenAI, loaded: LoadedModel) -> None:
+    ids = loaded.tokenizer("The quick brown fox").input_ids
+    by_text = oai.completions.create(model=TASK, prompt="The quick brown fox", max_tokens=5, temperature=0)
+    for prompt in (ids, [ids]):
+        by_ids = oai.completions.create(model=TASK, prompt=prompt, max_tokens=5, temperature=0)
+        assert by_ids.choices[0].text == by_text.choices[0].text
+    vocab = loaded.fingerprint.vocab_size
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        oai.completions.create(model=TASK, prompt=[5, vocab], max_tokens=2)
+
+
 def test_chat_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url: str) -> None:
     messages = [{"role": "user", "content": "What is a fox?"}]
     native = native_generate(server_url, task_id=TASK, messages=messages, max_new_tokens=8, temperature=0, logprobs=2)
@@ -240,7 +320,7 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("completions", {"n": 2}, "n"),
         ("completions", {"best_of": 3}, "best_of"),
         ("completions", {"logprobs": 21}, "logprobs"),
-        ("completions", {"echo": True}, "echo"),
+        ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ("completions", {"suffix": "end"}, "suffix"),
         ("completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
         ("completions", {"presence_penalty": 0.5}, "presence_penalty"),

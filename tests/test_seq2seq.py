@@ -239,6 +239,14 @@ def test_http_peft_seq2seq_upload_then_generate(bart_dir: Path, tmp_path: Path) 
         chat = client.post(
             "/v1/completions", json={"model": "summarize", "prompt": text, "max_tokens": STEPS, "temperature": 0}
         )
+        # The encoder reads the prompt: nothing predicts its tokens, so scoring it is refused, not faked.
+        scored = client.post("/v1/generate", json={**request, "prompt_logprobs": 1})
+        echoed = client.post(
+            "/v1/completions", json={"model": "summarize", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1}
+        )
+        echoed_text = client.post(
+            "/v1/completions", json={"model": "summarize", "prompt": text, "max_tokens": 2, "echo": True}
+        )
     want = oracle_greedy_seq2seq(peft, prompt_ids, loaded.model.config.decoder_start_token_id, STEPS)[0]
     want_base = oracle_greedy_seq2seq(loaded.model, prompt_ids, loaded.model.config.decoder_start_token_id, STEPS)[0]
     got = body["token_ids"]
@@ -250,3 +258,6 @@ def test_http_peft_seq2seq_upload_then_generate(bart_dir: Path, tmp_path: Path) 
     assert "".join(e["text"] for e in events) == body["text"]
     assert [e["token_id"] for e in events] == got
     assert chat.status_code == 200 and chat.json()["choices"][0]["text"] == body["text"]
+    assert scored.status_code == 422 and "decoder-only" in scored.json()["error"]["message"]
+    assert echoed.status_code == 400 and "decoder-only" in echoed.json()["error"]["message"]
+    assert echoed_text.status_code == 200 and echoed_text.json()["choices"][0]["text"].startswith(text)

@@ -43,14 +43,21 @@ async def prepare_generation(
     messages: list[dict[str, str]] | None,
     params: SamplingParams,
     response_id: str,
+    prompt_ids: list[int] | None = None,
 ) -> PreparedGeneration:
-    """Shared by the native and OpenAI routes: limits, tokenisation, prefix lookup."""
+    """Shared by the native and OpenAI routes: limits, tokenisation (unless ``prompt_ids`` come instead of a
+    prompt), prefix lookup."""
     config = state.config
     if params.max_new_tokens > config.max_new_tokens:
         raise InvalidInput(f"max_new_tokens must be at most {config.max_new_tokens}")
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
         raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters")
-    prompt_ids = tokenize(state, prompt, messages)
+    if prompt_ids is None:
+        prompt_ids = tokenize(state, prompt, messages)
+    else:
+        vocab = state.model.fingerprint.vocab_size
+        if any(not 0 <= token < vocab for token in prompt_ids):
+            raise InvalidInput(f"prompt token ids must be between 0 and {vocab - 1}")
     if len(prompt_ids) > config.max_prompt_tokens:
         raise InvalidInput(f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
     prefix_kv, prefix_id, version = None, None, None
@@ -144,6 +151,7 @@ async def generate(
         stop=tuple(body.stop),
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
+        prompt_logprobs=body.prompt_logprobs,
     )
     prepared = await prepare_generation(
         state,
@@ -164,10 +172,13 @@ async def generate(
     events = events_until_disconnect(request, start_events(state, prepared, stream=False))
     text, token_ids = [], []
     logprobs: list[TokenLogprobOut] | None = None if body.logprobs is None else []
+    prompt_logprobs: list[TokenLogprobOut | None] | None = None
     last: GenerationEvent | None = None
     async for event in events:
         check_event(event)
         text.append(event.text)
+        if event.prompt_logprobs is not None:
+            prompt_logprobs = token_logprobs.native_prompt(prepared.request.prompt_ids, event.prompt_logprobs, texts)
         if event.token_id is not None:
             token_ids.append(event.token_id)
             if logprobs is not None and event.logprob is not None:
@@ -184,6 +195,8 @@ async def generate(
         usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
         prefix_version=prepared.prefix_version,
         logprobs=logprobs,
+        prompt_token_ids=None if body.prompt_logprobs is None else list(prepared.request.prompt_ids),
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -229,5 +242,9 @@ async def _sse_chunks(
             if event.logprob is None or event.token_id is None
             else token_logprobs.native(event.token_id, event.logprob, texts),
         )
+        if event.prompt_logprobs is not None:  # the first token's event
+            prompt_ids = prepared.request.prompt_ids
+            payload.prompt_token_ids = list(prompt_ids)
+            payload.prompt_logprobs = token_logprobs.native_prompt(prompt_ids, event.prompt_logprobs, texts)
         yield f"data: {payload.model_dump_json()}\n\n"
         event = None if finished else await anext(rest, None)

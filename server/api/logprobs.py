@@ -55,25 +55,38 @@ def native(token_id: int, logprob: TokenLogprob, texts: TokenTexts) -> TokenLogp
     )
 
 
-def completion(tokens: Sequence[tuple[int, TokenLogprob]], texts: TokenTexts, text_offset: int = 0) -> dict[str, Any]:
+def native_prompt(
+    prompt_ids: Sequence[int], logprobs: Sequence[TokenLogprob | None], texts: TokenTexts
+) -> list[TokenLogprobOut | None]:
+    """A prompt's log-probabilities (native API): one per prompt token, None where the engine has none (the first)."""
+    return [
+        None if logprob is None else native(token_id, logprob, texts)
+        for token_id, logprob in zip(prompt_ids, logprobs, strict=True)
+    ]
+
+
+def completion(
+    tokens: Sequence[tuple[int, TokenLogprob | None]], texts: TokenTexts, text_offset: int = 0
+) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object of some tokens; ``text_offset`` is where the first one's text
-    starts in the completion. Alternatives that decode to the same text keep the likelier one (a dict by text)."""
-    strings, offsets, top = [], [], []
+    starts in the completion. Alternatives that decode to the same text keep the likelier one (a dict by text).
+    A token without a log-probability (an echoed prompt's first) gets null for its value and alternatives."""
+    strings, offsets, values, top = [], [], [], []
     for token_id, logprob in tokens:
         string = texts(token_id)
         strings.append(string)
         offsets.append(text_offset)
         text_offset += len(string)
+        if logprob is None:
+            values.append(None)
+            top.append(None)
+            continue
         alternatives: dict[str, float] = {}
         for i, lp in logprob.top:
             alternatives.setdefault(texts(i), lp)
+        values.append(logprob.logprob)
         top.append(alternatives)
-    return {
-        "tokens": strings,
-        "token_logprobs": [logprob.logprob for _, logprob in tokens],
-        "top_logprobs": top,
-        "text_offset": offsets,
-    }
+    return {"tokens": strings, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
 
 
 def chat(tokens: Sequence[tuple[int, TokenLogprob]], texts: TokenTexts) -> dict[str, Any]:

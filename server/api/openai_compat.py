@@ -4,9 +4,14 @@
 model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
 native routes keep theirs. Parameters the server cannot honour (n > 1, tools,
-echo, penalties, ...) are refused with a 400 instead of being ignored. Log-probabilities
+penalties, ...) are refused with a 400 instead of being ignored. Log-probabilities
 (``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
 before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
+
+Completions take ``echo``: the prompt comes back before the completion, and with ``logprobs`` its tokens'
+log-probabilities before the completion's (the first token's null). With ``echo``, ``max_tokens`` may be 0:
+the prompt scored and nothing generated, which is how evaluation harnesses (lm-evaluation-harness) ask for a
+text's log-likelihood. A prompt may also be token ids, as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -151,8 +156,8 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0)
     echo: bool | None = False
@@ -197,8 +202,8 @@ def _reject_unsupported(body: OpenAIBody) -> None:
             raise UnsupportedParameter("best_of", "best_of > 1 is not supported")
         if body.logprobs is not None and body.logprobs > MAX_LOGPROBS:
             raise ParameterError("logprobs", f"logprobs must be at most {MAX_LOGPROBS}")
-        if body.echo:
-            raise UnsupportedParameter("echo", "echo is not supported")
+        if body.max_tokens == 0 and not body.echo:
+            raise ParameterError("max_tokens", "max_tokens must be at least 1 (0 only with echo, to score the prompt)")
         if body.suffix:
             raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
         return
@@ -239,6 +244,7 @@ async def _prepare(
     messages: list[dict[str, str]] | None,
     max_tokens: int,
     response_id: str,
+    prompt_ids: list[int] | None = None,
 ) -> PreparedGeneration:
     if max_tokens > state.config.max_new_tokens:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
@@ -250,18 +256,28 @@ async def _prepare(
         except InvalidTaskId as exc:  # cannot name a task, so no such model
             raise ModelNotFound(body.model) from exc
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    echo = isinstance(body, CompletionRequest) and bool(body.echo)
     params = SamplingParams(
-        max_new_tokens=max_tokens,
+        # max_tokens 0 (echo): the prompt's forward samples a first token anyway; the response leaves it out.
+        max_new_tokens=max(1, max_tokens),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k or 0,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(s for s in stop if s),
         logprobs=_logprobs_asked(body),
+        prompt_logprobs=_logprobs_asked(body) if echo else None,
     )
     try:
         return await prepare_generation(
-            state, principal, task_id=task_id, prompt=prompt, messages=messages, params=params, response_id=response_id
+            state,
+            principal,
+            task_id=task_id,
+            prompt=prompt,
+            messages=messages,
+            params=params,
+            response_id=response_id,
+            prompt_ids=prompt_ids,
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc
@@ -278,20 +294,32 @@ def _finish_reason(event: GenerationEvent) -> str:
     return "length" if event.finish_reason == "length" else "stop"
 
 
-def _usage(event: GenerationEvent) -> dict[str, int]:
+def _usage(event: GenerationEvent, generated: bool = True) -> dict[str, int]:
+    completion_tokens = event.completion_tokens if generated else 0
     return {
         "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": event.completion_tokens,
-        "total_tokens": event.prompt_tokens + event.completion_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": event.prompt_tokens + completion_tokens,
     }
+
+
+# A token and its log-probability, None for a prompt's first token (echo).
+Scored = tuple[int, TokenLogprob | None]
 
 
 class _Shape:
     """How one endpoint words its responses and stream chunks."""
 
-    def __init__(self, chat: bool, prepared: PreparedGeneration, body: OpenAIBody, tokenizer: Any) -> None:
+    def __init__(
+        self, chat: bool, prepared: PreparedGeneration, body: OpenAIBody, tokenizer: Any, echo: str | None = None
+    ) -> None:
         self.chat = chat
         self.with_logprobs = _logprobs_asked(body) is not None
+        # Completions with echo: the prompt's text (and tokens) before the completion's; with max_tokens 0,
+        # nothing after it (the token the prompt's forward sampled is left out).
+        self.echo = echo
+        self.generated = not (isinstance(body, CompletionRequest) and body.max_tokens == 0)
+        self.prompt_ids = prepared.request.prompt_ids
         self.texts = token_logprobs.TokenTexts(tokenizer)
         self.text_offset = 0  # completions: where the next streamed token's text starts in the completion
         # With stream_options.include_usage every chunk has "usage": null and one last chunk carries it.
@@ -303,32 +331,45 @@ class _Shape:
             "system_fingerprint": None,
         }
 
-    def logprobs(self, tokens: list[tuple[int, TokenLogprob]]) -> dict[str, Any] | None:
+    def prompt_tokens(self, event: GenerationEvent) -> list[Scored]:
+        """The prompt's tokens and log-probabilities, from the event that carries them (echo with logprobs)."""
+        if event.prompt_logprobs is None:
+            return []
+        return list(zip(self.prompt_ids, event.prompt_logprobs, strict=True))
+
+    def logprobs(self, tokens: list[Scored]) -> dict[str, Any] | None:
         """The ``logprobs`` of a response or chunk carrying these tokens (None when not asked for). For
         completions it also moves ``text_offset`` past them: call it once per chunk, in order."""
         if not self.with_logprobs:
             return None
         if self.chat:
-            return token_logprobs.chat(tokens, self.texts)
+            return token_logprobs.chat(tokens, self.texts)  # chat never echoes: every token has its own
         out = token_logprobs.completion(tokens, self.texts, self.text_offset)
         self.text_offset += sum(len(t) for t in out["tokens"])
         return out
 
-    def response(self, text: str, last: GenerationEvent, tokens: list[tuple[int, TokenLogprob]]) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": self.logprobs(tokens), "finish_reason": _finish_reason(last)}
+    def response(
+        self, text: str, last: GenerationEvent, tokens: list[Scored], prompt_tokens: list[Scored]
+    ) -> dict[str, Any]:
+        finish_reason = _finish_reason(last)
+        if not self.generated:
+            text, tokens, finish_reason = "", [], "length"
+        if self.echo is not None:
+            text, tokens = self.echo + text, prompt_tokens + tokens
+        choice: dict[str, Any] = {"index": 0, "logprobs": self.logprobs(tokens), "finish_reason": finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.head, "object": kind, "choices": [choice], "usage": _usage(last)}
+        return {**self.head, "object": kind, "choices": [choice], "usage": _usage(last, self.generated)}
 
     def chunk(
         self,
         text: str | None,
         finish_reason: str | None,
         usage: dict[str, int] | None = None,
-        tokens: list[tuple[int, TokenLogprob]] | None = None,
+        tokens: list[Scored] | None = None,
     ) -> str:
         choices: list[dict[str, Any]] = []
         if text is not None:
@@ -374,19 +415,21 @@ async def _respond(
         check_event(first)
         return StreamingResponse(_sse(shape, first, events), media_type="text/event-stream")
     text: list[str] = []
-    tokens: list[tuple[int, TokenLogprob]] = []
+    tokens: list[Scored] = []
+    prompt_tokens: list[Scored] = []
     last: GenerationEvent | None = None
     async for event in events_until_disconnect(request, start_events(state, prepared, stream=False)):
         check_event(event)
         text.append(event.text)
         _collect_logprob(event, tokens)
+        prompt_tokens = prompt_tokens or shape.prompt_tokens(event)
         last = event
     if last is None or last.finish_reason not in _FINISHED:
         raise GenerationFailed("the request ended without a result")
-    return JSONResponse(shape.response("".join(text), last, tokens))
+    return JSONResponse(shape.response("".join(text), last, tokens, prompt_tokens))
 
 
-def _collect_logprob(event: GenerationEvent, tokens: list[tuple[int, TokenLogprob]]) -> None:
+def _collect_logprob(event: GenerationEvent, tokens: list[Scored]) -> None:
     if event.token_id is not None and event.logprob is not None:
         tokens.append((event.token_id, event.logprob))
 
@@ -396,8 +439,16 @@ async def _sse(shape: _Shape, first: GenerationEvent, rest: AsyncIterator[Genera
         opening = shape.opening()
         if opening is not None:
             yield opening
+        if shape.echo is not None:  # the prompt first, in a chunk of its own
+            finish_reason = None if shape.generated else "length"
+            yield shape.chunk(shape.echo, finish_reason, tokens=shape.prompt_tokens(first))
+            if not shape.generated:
+                if shape.include_usage:
+                    yield shape.chunk(None, None, _usage(first, generated=False))
+                yield "data: [DONE]\n\n"
+                return
         event: GenerationEvent | None = first
-        tokens: list[tuple[int, TokenLogprob]] = []  # tokens not yet in a chunk, with their log-probabilities
+        tokens: list[Scored] = []  # tokens not yet in a chunk, with their log-probabilities
         while event is not None:
             if event.finish_reason == "error":
                 error = openai_error_body(500, event.error or "generation failed", None, GenerationFailed.error_type)
@@ -429,12 +480,10 @@ _STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, o
 @router.post("/v1/completions", responses=_STREAMED)
 async def completions(body: CompletionRequest, request: Request, state: State, principal: Caller) -> Response:
     _reject_unsupported(body)
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise UnsupportedParameter("prompt", "send one prompt per request (a list of several is not supported)")
-        prompt = prompt[0]
-    max_tokens = body.max_tokens or min(COMPLETION_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
+    prompt, prompt_ids = _one_prompt(body.prompt)
+    max_tokens = body.max_tokens
+    if max_tokens is None:
+        max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
     prepared = await _prepare(
         state,
         principal,
@@ -443,8 +492,25 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
         messages=None,
         max_tokens=max_tokens,
         response_id="cmpl-" + secrets.token_hex(12),
+        prompt_ids=prompt_ids,
     )
-    return await _respond(request, state, prepared, body, _Shape(False, prepared, body, state.model.tokenizer))
+    tokenizer = state.model.tokenizer
+    echo = None
+    if body.echo:  # the prompt as sent; token ids as the tokenizer reads them
+        echo = prompt if prompt is not None else tokenizer.decode(prepared.request.prompt_ids)
+    return await _respond(request, state, prepared, body, _Shape(False, prepared, body, tokenizer, echo))
+
+
+def _one_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[str | None, list[int] | None]:
+    """A completion's one prompt: text, or token ids (OpenAI accepts both, and lists of either)."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if prompt and isinstance(prompt[0], int):
+        return None, list(prompt)  # type: ignore[arg-type]  # pydantic made it a list of ints
+    if len(prompt) != 1:
+        raise UnsupportedParameter("prompt", "send one prompt per request (a list of several is not supported)")
+    (one,) = prompt
+    return (one, None) if isinstance(one, str) else (None, list(one))
 
 
 @router.post("/v1/chat/completions", responses=_STREAMED)

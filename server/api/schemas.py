@@ -36,6 +36,13 @@ class GenerateRequest(BaseModel):
         description="each token's log-probability and this many most likely alternatives' (the model's own "
         "distribution, before temperature, top-k and top-p); null = none",
     )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="each prompt token's log-probability after the first, given the prefix and the tokens before "
+        "it, and this many most likely alternatives' (vLLM's name); null = none",
+    )
     stream: bool = False
 
     @model_validator(mode="after")
@@ -62,6 +69,9 @@ class GenerateResponse(BaseModel):
     usage: Usage
     prefix_version: int | None
     logprobs: list[TokenLogprobOut] | None = None  # one per token of token_ids, when asked for
+    # When prompt_logprobs is asked for: the prompt's tokens, and one entry per token (the first null).
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprobOut | None] | None = None
 
 
 class StreamEvent(BaseModel):
@@ -75,6 +85,9 @@ class StreamEvent(BaseModel):
     usage: Usage | None = None
     prefix_version: int | None = None
     logprob: TokenLogprobOut | None = None  # this event's token's, when asked for
+    # The first event only, when prompt_logprobs is asked for (as in GenerateResponse).
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprobOut | None] | None = None
 
 
 class PrefixInfo(BaseModel):
