@@ -172,7 +172,6 @@ class ModelRunner:
         logits, batch.keys, batch.values = self._forward(
             batch.next_input_ids[:, None], mask, batch.next_positions[:, None], batch.keys, batch.values
         )
-        logits = logits[:, -1]
         batch.attention_mask = mask
         batch.next_positions = batch.next_positions + 1
         tokens = sample(logits, batch.sampling)
@@ -310,7 +309,7 @@ class ModelRunner:
                     part_logits[i, width - n : width - 1], targets, request.params.prompt_logprobs
                 )
                 self.last_prompt_logprobs[request.request_id] = [None, *scored]
-            logits.append(part_logits[:, -1])
+            logits.append(part_logits[:, -1] if asking else part_logits)
         batch.attention_mask = inputs.attention_mask
         batch.next_positions = inputs.position_ids[:, -1] + 1  # every row's last prompt token is in the last column
         return batch, logits[0] if len(logits) == 1 else torch.cat(logits)
@@ -334,7 +333,7 @@ class ModelRunner:
         values: list[torch.Tensor],
         every_position: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Logits (float32) of each row's last input [B, 1, V], or of all its inputs [B, q, V] with
+        """Logits (float32) of each row's last input [B, V], or of all its inputs [B, q, V] with
         ``every_position``; and the buffers, now holding T + q columns."""
         past_len = attention_mask.shape[1] - input_ids.shape[1]
         out = self.model(
@@ -346,7 +345,8 @@ class ModelRunner:
             logits_to_keep=0 if every_position else 1,
         )
         new_keys, new_values = read_cache(out.cache)
-        return out.logits.float(), new_keys, new_values
+        logits = out.logits if every_position else out.logits[:, -1, :]
+        return logits.float(), new_keys, new_values
 
 
 def _kept_rows(pending: PendingPrefill, n: int, *, finishes: bool) -> int:
