@@ -64,6 +64,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="with --json: each prompt token's log-probability and K alternatives'",
     )
+    generate.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
+    generate.add_argument("--frequency-penalty", type=float, default=None, help="-2..2, per repeat (0 = off)")
+    generate.add_argument("--presence-penalty", type=float, default=None, help="-2..2, once per token (0 = off)")
     generate.set_defaults(client_command=_generate)
 
     listing = sub.add_parser("list", parents=[common], help="list your prefixes")
@@ -125,6 +128,9 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         "stop": args.stop,
         "logprobs": args.logprobs,
         "prompt_logprobs": args.prompt_logprobs,
+        "repetition_penalty": args.repetition_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "presence_penalty": args.presence_penalty,
     }
     if args.chat:
         request["messages"] = [{"role": "user", "content": prompt}]

@@ -294,11 +294,16 @@ class Client(_Base):
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        repetition_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
     ) -> GenerateResponse:
         """One completion; ``task_id`` None means the base model. Unset parameters take the server's defaults.
         ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``);
         ``prompt_logprobs=k``: the same for each prompt token after the first (``.prompt_logprobs``, aligned with
-        ``.prompt_token_ids``), as a text's log-likelihood under the task's prefix."""
+        ``.prompt_token_ids``), as a text's log-likelihood under the task's prefix. The penalties discourage
+        tokens already seen: ``repetition_penalty`` (> 1) those of the prompt and output, ``frequency_penalty``
+        and ``presence_penalty`` (OpenAI's, -2..2) those of the output."""
         body = _generate_body(
             prompt,
             task_id=task_id,
@@ -312,6 +317,9 @@ class Client(_Base):
             stop=stop,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
         )
         return GenerateResponse.model_validate_json(self._send(_Call("POST", "/v1/generate", json=body)).content)
 
@@ -329,6 +337,9 @@ class Client(_Base):
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        repetition_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
     ) -> Iterator[StreamEvent]:
         """Events as tokens are generated; their ``text`` concatenates to what ``generate`` returns.
 
@@ -347,6 +358,9 @@ class Client(_Base):
             stop=stop,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
         )
         response = self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:
@@ -456,6 +470,9 @@ class AsyncClient(_Base):
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        repetition_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
     ) -> GenerateResponse:
         body = _generate_body(
             prompt,
@@ -470,6 +487,9 @@ class AsyncClient(_Base):
             stop=stop,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body))
         return GenerateResponse.model_validate_json(response.content)
@@ -488,6 +508,9 @@ class AsyncClient(_Base):
         stop: str | list[str] | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        repetition_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
         body = _generate_body(
             prompt,
@@ -502,6 +525,9 @@ class AsyncClient(_Base):
             stop=stop,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:

@@ -140,7 +140,7 @@ class Batch:
             attention_mask=mask[:, :p_max],
             next_positions=torch.tensor(prefix_lens, dtype=torch.int64, device=device),
             next_input_ids=torch.zeros(n_rows, dtype=torch.int64, device=device),
-            sampling=SamplingBatch.from_params([r.params for r in requests], device),
+            sampling=SamplingBatch.from_params([r.params for r in requests], device, [r.prompt_ids for r in requests]),
         )
         return batch, PrefillInputs(input_ids.to(device), positions.to(device), mask)
 

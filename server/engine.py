@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -289,6 +290,12 @@ class Engine:
             asked = getattr(request.params, name)
             if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
                 raise InvalidInput(f"{name} must be between 0 and {MAX_LOGPROBS}, got {asked}")
+        params = request.params
+        if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
+            raise InvalidInput(f"repetition_penalty must be a positive number, got {params.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(params, name) <= 2.0:
+                raise InvalidInput(f"{name} must be between -2 and 2, got {getattr(params, name)}")
         if request.params.prompt_logprobs is not None and not self.runner.scores_prompts:
             raise InvalidInput("prompt log-probabilities need a decoder-only model (this one encodes the prompt)")
         if used >= self.max_context:

@@ -115,6 +115,10 @@ def test_logprobs_through_the_client(client: Client) -> None:
     assert [e.token_id for e in scored.prompt_logprobs[1:] if e] == scored.prompt_token_ids[1:]
     first = next(iter(client.stream("Tell me a story", max_new_tokens=2, temperature=0, prompt_logprobs=2)))
     assert first.prompt_logprobs == scored.prompt_logprobs
+    # The penalties reach the server (their effect is tested in test_engine and test_openai_compat).
+    for name, bad in (("repetition_penalty", 0.0), ("frequency_penalty", 2.5), ("presence_penalty", -3.0)):
+        with pytest.raises(errors.InvalidRequest, match=name):
+            client.generate("Tell me a story", max_new_tokens=2, **{name: bad})
 
 
 async def test_async_client(server_url: str, checkpoint) -> None:
@@ -307,6 +311,9 @@ def test_cli_round_trip(server_url: str, checkpoint, capsys: pytest.CaptureFixtu
     scored = json.loads(out)
     assert code == 0 and len(scored["prompt_logprobs"]) == len(scored["prompt_token_ids"]) > 1
     assert scored["prompt_logprobs"][0] is None and len(scored["prompt_logprobs"][1]["top_logprobs"]) == 1
+    for flag in ("--repetition-penalty", "--frequency-penalty", "--presence-penalty"):
+        code, _, err = run_cli(capsys, *gen, flag, "-5")
+        assert code == 1 and flag[2:].replace("-", "_") in err
     code, out, _ = run_cli(capsys, "generate", "-", "Once upon a time", "--max-new-tokens", "12", *auth, "--json")
     assert code == 0 and json.loads(out)["task_id"] is None and json.loads(out)["text"] != result["text"]
 

@@ -198,6 +198,64 @@ async def test_prompt_logprobs_equal_the_peft_oracle_batched(base, prefixes, mod
         engine.shutdown()
 
 
+def oracle_penalized(model, ids: list[int], steps: int, params: SamplingParams) -> list[int]:
+    """Greedy tokens from PEFT's uncached forward with the penalties applied token by token, as vLLM documents
+    them: repetition on every token seen (prompt and generated), then frequency x count and presence on
+    generated ones."""
+    ids, generated = list(ids), []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids))).logits[0, -1]
+        logits = logits.float().clone()
+        r = params.repetition_penalty
+        for token in set(ids):
+            logits[token] = logits[token] / r if logits[token] > 0 else logits[token] * r
+        for token in set(generated):
+            logits[token] -= params.frequency_penalty * generated.count(token) + params.presence_penalty
+        token = int(logits.argmax())
+        generated.append(token)
+        ids.append(token)
+    return generated
+
+
+async def test_penalties_equal_the_oracle_in_a_mixed_batch(base, prefixes, mode) -> None:
+    """Rows with repetition, frequency and presence penalties next to rows without, joining and leaving one
+    another's batches: each row's greedy tokens are the penalised oracle's, and the same alone or together."""
+    steps = 12
+    penalties = [
+        SamplingParams(max_new_tokens=steps, repetition_penalty=1.8),
+        SamplingParams(max_new_tokens=steps),
+        SamplingParams(max_new_tokens=steps, frequency_penalty=1.5, presence_penalty=0.5),
+        SamplingParams(max_new_tokens=steps // 2, repetition_penalty=0.7, presence_penalty=-0.5),
+        SamplingParams(max_new_tokens=steps, frequency_penalty=2.0, logprobs=1),
+    ]
+    requests = [
+        GenerationRequest(prompt(70 + i, 3 + 2 * i), params, prefixes[i][0], f"p{i}")
+        for i, params in enumerate(penalties)
+    ]
+    engine = make_engine(base, **mode)
+    try:
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests))
+        staggered = []
+        for r in requests:  # each joins a batch already running the others
+            staggered.append(asyncio.ensure_future(collect(engine, r)))
+            await asyncio.sleep(0.01)
+        staggered = await asyncio.gather(*staggered)
+    finally:
+        engine.shutdown()
+    assert [tokens_of(e) for e in together] == alone == [tokens_of(e) for e in staggered]
+    changed = 0
+    for i, request in enumerate(requests):
+        params = request.params
+        want = oracle_penalized(prefixes[i][1], list(request.prompt_ids), params.max_new_tokens, params)
+        assert alone[i] == want, f"request {i}"
+        changed += want != oracle_greedy(prefixes[i][1], list(request.prompt_ids), params.max_new_tokens)[0]
+    assert changed >= 3, "the penalties must change what these rows generate"
+    # Log-probabilities stay the raw logits': the penalised row's chosen tokens need not be the likeliest.
+    assert all(e.logprob is not None for e in together[4] if e.token_id is not None)
+
+
 async def test_prompt_logprobs_out_of_range_are_refused(base) -> None:
     engine = make_engine(base)
     try:

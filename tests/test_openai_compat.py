@@ -195,6 +195,29 @@ def test_completion_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url:
     assert oai.completions.create(**{**request, "logprobs": None}).choices[0].logprobs is None
 
 
+def test_penalties_act_and_match_the_native_api(oai: openai.OpenAI, server_url: str) -> None:
+    body = {"task_id": TASK, "prompt": "Once upon a time", "max_new_tokens": 16, "temperature": 0}
+    plain = native_generate(server_url, **body)
+    penalties = {"presence_penalty": 2.0, "frequency_penalty": 1.0}
+    penalized = native_generate(server_url, **body, **penalties, repetition_penalty=1.5)
+    assert penalized["token_ids"] != plain["token_ids"]  # the tiny random model repeats itself without them
+    assert len(set(penalized["token_ids"])) > len(set(plain["token_ids"]))
+    got = oai.completions.create(
+        model=TASK,
+        prompt="Once upon a time",
+        max_tokens=16,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.5},  # vLLM's extension
+        **penalties,
+    ).choices[0]
+    assert got.text == penalized["text"]
+    chat = {"model": TASK, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
+    native_chat = native_generate(
+        server_url, task_id=TASK, messages=chat["messages"], max_new_tokens=8, temperature=0, presence_penalty=1.0
+    )
+    assert oai.chat.completions.create(**chat, presence_penalty=1.0).choices[0].message.content == native_chat["text"]
+
+
 def test_native_prompt_logprobs_streamed_and_not(server_url: str, loaded: LoadedModel) -> None:
     body = {"task_id": TASK, "prompt": "The sea is deep and", "max_new_tokens": 3, "temperature": 0}
     full = native_generate(server_url, **body, prompt_logprobs=2)
@@ -323,7 +346,8 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ("completions", {"suffix": "end"}, "suffix"),
         ("completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
-        ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("completions", {"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ("completions", {"max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
         ("completions", {"temperature": 2.5}, "temperature"),
         ("chat", {"n": 2}, "n"),

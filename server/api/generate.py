@@ -152,6 +152,9 @@ async def generate(
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
         prompt_logprobs=body.prompt_logprobs,
+        repetition_penalty=body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
     )
     prepared = await prepare_generation(
         state,

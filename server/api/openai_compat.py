@@ -4,7 +4,7 @@
 model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
 native routes keep theirs. Parameters the server cannot honour (n > 1, tools,
-penalties, ...) are refused with a 400 instead of being ignored. Log-probabilities
+logit_bias, ...) are refused with a 400 instead of being ignored. Log-probabilities
 (``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
 before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
 
@@ -152,6 +152,7 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension (as in vLLM); 1 = off")
     user: str | None = None  # accepted and not used, as OpenAI only logs it
 
 
@@ -192,9 +193,6 @@ def _reject_unsupported(body: OpenAIBody) -> None:
         raise UnsupportedParameter("n", "n > 1 is not supported: send one request per completion")
     if body.logit_bias:
         raise UnsupportedParameter("logit_bias", "logit_bias is not supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise UnsupportedParameter(name, f"{name} is not supported (send 0 or leave it out)")
     if body.stream_options is not None and not body.stream:
         raise ParameterError("stream_options", "stream_options is only allowed with stream=true")
     if isinstance(body, CompletionRequest):
@@ -266,6 +264,9 @@ async def _prepare(
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(s for s in stop if s),
         logprobs=_logprobs_asked(body),
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
         prompt_logprobs=_logprobs_asked(body) if echo else None,
     )
     try:

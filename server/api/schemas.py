@@ -43,6 +43,15 @@ class GenerateRequest(BaseModel):
         description="each prompt token's log-probability after the first, given the prefix and the tokens before "
         "it, and this many most likely alternatives' (vLLM's name); null = none",
     )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="> 1 discourages every token of the prompt or generated so far (HF, TGI)"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="subtracted from a token's logit once per time it was generated (OpenAI)"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every token generated so far (OpenAI)"
+    )
     stream: bool = False
 
     @model_validator(mode="after")
