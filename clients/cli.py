@@ -67,6 +67,14 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
     generate.add_argument("--frequency-penalty", type=float, default=None, help="-2..2, per repeat (0 = off)")
     generate.add_argument("--presence-penalty", type=float, default=None, help="-2..2, once per token (0 = off)")
+    generate.add_argument(
+        "--logit-bias",
+        action="append",
+        default=None,
+        metavar="TOKEN_ID=BIAS",
+        type=_logit_bias_entry,
+        help="add BIAS (-100..100) to a token's logit (repeatable)",
+    )
     generate.set_defaults(client_command=_generate)
 
     listing = sub.add_parser("list", parents=[common], help="list your prefixes")
@@ -83,6 +91,16 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     from clients.train import add_train_command  # torch, transformers and peft load only when train runs
 
     add_train_command(sub)
+
+
+def _logit_bias_entry(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
 
 
 def run_client_command(args: argparse.Namespace) -> int:
@@ -131,6 +149,7 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         "repetition_penalty": args.repetition_penalty,
         "frequency_penalty": args.frequency_penalty,
         "presence_penalty": args.presence_penalty,
+        "logit_bias": None if args.logit_bias is None else dict(args.logit_bias),
     }
     if args.chat:
         request["messages"] = [{"role": "user", "content": prompt}]

@@ -297,13 +297,15 @@ class Client(_Base):
         repetition_penalty: float | None = None,
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> GenerateResponse:
         """One completion; ``task_id`` None means the base model. Unset parameters take the server's defaults.
         ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``);
         ``prompt_logprobs=k``: the same for each prompt token after the first (``.prompt_logprobs``, aligned with
         ``.prompt_token_ids``), as a text's log-likelihood under the task's prefix. The penalties discourage
         tokens already seen: ``repetition_penalty`` (> 1) those of the prompt and output, ``frequency_penalty``
-        and ``presence_penalty`` (OpenAI's, -2..2) those of the output."""
+        and ``presence_penalty`` (OpenAI's, -2..2) those of the output; ``logit_bias`` adds to chosen tokens'
+        logits (token id -> -100..100)."""
         body = _generate_body(
             prompt,
             task_id=task_id,
@@ -320,6 +322,7 @@ class Client(_Base):
             repetition_penalty=repetition_penalty,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
         )
         return GenerateResponse.model_validate_json(self._send(_Call("POST", "/v1/generate", json=body)).content)
 
@@ -340,6 +343,7 @@ class Client(_Base):
         repetition_penalty: float | None = None,
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> Iterator[StreamEvent]:
         """Events as tokens are generated; their ``text`` concatenates to what ``generate`` returns.
 
@@ -361,6 +365,7 @@ class Client(_Base):
             repetition_penalty=repetition_penalty,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
         )
         response = self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:
@@ -473,6 +478,7 @@ class AsyncClient(_Base):
         repetition_penalty: float | None = None,
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> GenerateResponse:
         body = _generate_body(
             prompt,
@@ -490,6 +496,7 @@ class AsyncClient(_Base):
             repetition_penalty=repetition_penalty,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body))
         return GenerateResponse.model_validate_json(response.content)
@@ -511,6 +518,7 @@ class AsyncClient(_Base):
         repetition_penalty: float | None = None,
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> AsyncIterator[StreamEvent]:
         body = _generate_body(
             prompt,
@@ -528,6 +536,7 @@ class AsyncClient(_Base):
             repetition_penalty=repetition_penalty,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:

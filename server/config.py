@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 # The most log-probability alternatives a request may ask for per token (OpenAI's chat API and vLLM allow 20).
 MAX_LOGPROBS = 20
+# logit_bias: at most this many tokens per request, each biased by at most this much (OpenAI's limits' spirit:
+# its documented range is -100..100).
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)

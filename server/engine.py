@@ -26,7 +26,7 @@ import torch
 
 from server import kv_groups
 from server.batch import Batch, RowInfo
-from server.config import MAX_LOGPROBS
+from server.config import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
 from server.errors import InvalidInput, Overloaded, Unavailable
 from server.prefill_pacing import StepClock, paced_budget
 from server.runner import ModelRunner, NewRequest, PendingPrefill
@@ -296,6 +296,14 @@ class Engine:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2.0 <= getattr(params, name) <= 2.0:
                 raise InvalidInput(f"{name} must be between -2 and 2, got {getattr(params, name)}")
+        if len(params.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidInput(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        vocab = self.runner.vocab_size
+        for token, bias in params.logit_bias:
+            if not 0 <= token < vocab:
+                raise InvalidInput(f"logit_bias token ids must be between 0 and {vocab - 1}, got {token}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidInput(f"logit_bias values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
         if request.params.prompt_logprobs is not None and not self.runner.scores_prompts:
             raise InvalidInput("prompt log-probabilities need a decoder-only model (this one encodes the prompt)")
         if used >= self.max_context:

@@ -65,6 +65,7 @@ class ModelRunner:
         decode_kernel: bool = True,
     ) -> None:
         self.model = model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # V, the logits' width
         # Also here, not only at load: runners built on bare models (tests, benchmarks) serve like load_model's.
         use_gqa_attention(model)
         self.device = next(model.parameters()).device  # read before linear weights may become placeholders

@@ -104,6 +104,7 @@ class Seq2SeqRunner:
         onednn_linear: bool = True,
     ) -> None:
         self.model = model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # V, the logits' width
         self.device = next(model.parameters()).device  # read before linear weights may become placeholders
         self.dtype = next(model.parameters()).dtype
         if onednn_linear:  # float32 on the CPU: packed oneDNN linear layers, held once (server/cpu_linear.py)

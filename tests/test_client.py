@@ -119,6 +119,8 @@ def test_logprobs_through_the_client(client: Client) -> None:
     for name, bad in (("repetition_penalty", 0.0), ("frequency_penalty", 2.5), ("presence_penalty", -3.0)):
         with pytest.raises(errors.InvalidRequest, match=name):
             client.generate("Tell me a story", max_new_tokens=2, **{name: bad})
+    forced = client.generate("Tell me a story", max_new_tokens=3, temperature=0, logit_bias={1234: 100.0})
+    assert forced.token_ids == [1234] * 3
 
 
 async def test_async_client(server_url: str, checkpoint) -> None:
@@ -314,6 +316,8 @@ def test_cli_round_trip(server_url: str, checkpoint, capsys: pytest.CaptureFixtu
     for flag in ("--repetition-penalty", "--frequency-penalty", "--presence-penalty"):
         code, _, err = run_cli(capsys, *gen, flag, "-5")
         assert code == 1 and flag[2:].replace("-", "_") in err
+    code, out, _ = run_cli(capsys, *gen, "--json", "--logit-bias", "1234=100", "--logit-bias", "99=-1")
+    assert code == 0 and json.loads(out)["token_ids"] == [1234] * 12
     code, out, _ = run_cli(capsys, "generate", "-", "Once upon a time", "--max-new-tokens", "12", *auth, "--json")
     assert code == 0 and json.loads(out)["task_id"] is None and json.loads(out)["text"] != result["text"]
 

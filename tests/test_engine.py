@@ -212,6 +212,8 @@ def oracle_penalized(model, ids: list[int], steps: int, params: SamplingParams) 
             logits[token] = logits[token] / r if logits[token] > 0 else logits[token] * r
         for token in set(generated):
             logits[token] -= params.frequency_penalty * generated.count(token) + params.presence_penalty
+        for token, bias in params.logit_bias:
+            logits[token] += bias
         token = int(logits.argmax())
         generated.append(token)
         ids.append(token)
@@ -219,18 +221,20 @@ def oracle_penalized(model, ids: list[int], steps: int, params: SamplingParams) 
 
 
 async def test_penalties_equal_the_oracle_in_a_mixed_batch(base, prefixes, mode) -> None:
-    """Rows with repetition, frequency and presence penalties next to rows without, joining and leaving one
-    another's batches: each row's greedy tokens are the penalised oracle's, and the same alone or together."""
+    """Rows with repetition, frequency and presence penalties and logit biases next to rows without, joining and
+    leaving one another's batches: each row's greedy tokens are the adjusted oracle's, alone or together."""
     steps = 12
+    banned = oracle_greedy(prefixes[0][1], prompt(75, 13), 1)[0][0]  # what request 5 would take first
     penalties = [
         SamplingParams(max_new_tokens=steps, repetition_penalty=1.8),
         SamplingParams(max_new_tokens=steps),
         SamplingParams(max_new_tokens=steps, frequency_penalty=1.5, presence_penalty=0.5),
         SamplingParams(max_new_tokens=steps // 2, repetition_penalty=0.7, presence_penalty=-0.5),
         SamplingParams(max_new_tokens=steps, frequency_penalty=2.0, logprobs=1),
+        SamplingParams(max_new_tokens=steps, logit_bias=((banned, -100.0), (7, 0.5), (11, -0.25))),
     ]
     requests = [
-        GenerationRequest(prompt(70 + i, 3 + 2 * i), params, prefixes[i][0], f"p{i}")
+        GenerationRequest(prompt(70 + i, 3 + 2 * i), params, prefixes[i % 5][0], f"p{i % 5}")
         for i, params in enumerate(penalties)
     ]
     engine = make_engine(base, **mode)
@@ -248,10 +252,12 @@ async def test_penalties_equal_the_oracle_in_a_mixed_batch(base, prefixes, mode)
     changed = 0
     for i, request in enumerate(requests):
         params = request.params
-        want = oracle_penalized(prefixes[i][1], list(request.prompt_ids), params.max_new_tokens, params)
+        peft = prefixes[i % 5][1]
+        want = oracle_penalized(peft, list(request.prompt_ids), params.max_new_tokens, params)
         assert alone[i] == want, f"request {i}"
-        changed += want != oracle_greedy(prefixes[i][1], list(request.prompt_ids), params.max_new_tokens)[0]
-    assert changed >= 3, "the penalties must change what these rows generate"
+        changed += want != oracle_greedy(peft, list(request.prompt_ids), params.max_new_tokens)[0]
+    assert changed >= 4, "the adjustments must change what these rows generate"
+    assert banned not in alone[5]
     # Log-probabilities stay the raw logits': the penalised row's chosen tokens need not be the likeliest.
     assert all(e.logprob is not None for e in together[4] if e.token_id is not None)
 

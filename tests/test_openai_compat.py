@@ -218,6 +218,28 @@ def test_penalties_act_and_match_the_native_api(oai: openai.OpenAI, server_url: 
     assert oai.chat.completions.create(**chat, presence_penalty=1.0).choices[0].message.content == native_chat["text"]
 
 
+def test_logit_bias_forces_and_bans_tokens(oai: openai.OpenAI, server_url: str, loaded: LoadedModel) -> None:
+    body = {"task_id": TASK, "prompt": "Once upon a time", "max_new_tokens": 6, "temperature": 0}
+    plain = native_generate(server_url, **body)["token_ids"]
+    forced = native_generate(server_url, **body, logit_bias={"1234": 100})["token_ids"]
+    assert forced == [1234] * 6
+    banned = native_generate(server_url, **body, logit_bias={str(t): -100 for t in plain})["token_ids"]
+    assert not set(banned) & set(plain)
+    got = oai.completions.create(
+        model=TASK, prompt="Once upon a time", max_tokens=6, temperature=0, logit_bias={"1234": 100}
+    )
+    assert got.choices[0].text == loaded.tokenizer.decode([1234] * 6)
+    vocab = loaded.fingerprint.vocab_size
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        oai.completions.create(model=TASK, prompt="hi", max_tokens=2, logit_bias={str(vocab): 1})
+    r = httpx.post(
+        f"{server_url}/v1/generate",
+        json={**body, "logit_bias": {"5": 101}},
+        headers={"authorization": f"Bearer {KEY_A}"},
+    )
+    assert r.status_code == 422 and "logit_bias" in r.text
+
+
 def test_native_prompt_logprobs_streamed_and_not(server_url: str, loaded: LoadedModel) -> None:
     body = {"task_id": TASK, "prompt": "The sea is deep and", "max_new_tokens": 3, "temperature": 0}
     full = native_generate(server_url, **body, prompt_logprobs=2)
@@ -345,7 +367,7 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("completions", {"logprobs": 21}, "logprobs"),
         ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ("completions", {"suffix": "end"}, "suffix"),
-        ("completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+        ("completions", {"logit_bias": {"fifty": -100}}, "logit_bias"),
         ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
         ("completions", {"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ("completions", {"max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),

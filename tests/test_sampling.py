@@ -144,19 +144,19 @@ def test_penalties_follow_their_rows_through_joins_and_filters() -> None:
         [SamplingParams(repetition_penalty=4.0), SamplingParams(presence_penalty=3.0)], cpu, [[0], [2]]
     )
     plain = SamplingBatch.from_params([SamplingParams()], cpu, [[0]])
-    assert plain.penalties is None
+    assert plain.adjustments is None
     # Row 0 saw token 0 in its prompt: 2.0 / 4 = 0.5 loses to token 1. Row 1's presence penalty needs a
     # generated token first: it takes token 0.
     assert sample(logits[:2], penalized).tolist() == [1, 0]
     joined = SamplingBatch.concatenate([penalized, plain])
-    assert joined.penalties is not None and joined.penalties.rows == (0, 1)
+    assert joined.adjustments is not None and joined.adjustments.rows == (0, 1)
     # Row 0 now also generated token 1: 2.0 / 4 and 1.0 / 4 lose to token 3's 0.6; row 1 pays 3.0
     # for token 0; the joined plain row penalises nothing.
     assert sample(logits, joined).tolist() == [3, 1, 0]
-    assert joined.penalties.counts is not None and joined.penalties.counts.sum(dim=1).tolist() == [2, 2]
+    assert joined.adjustments.counts is not None and joined.adjustments.counts.sum(dim=1).tolist() == [2, 2]
     only_plain = joined.filter(torch.tensor([2]), [2])
-    assert only_plain.penalties is None  # the rows that asked left: no [B, V] work for the rest
+    assert only_plain.adjustments is None  # the rows that asked left: no [B, V] work for the rest
     kept = joined.filter(torch.tensor([2, 1]), [2, 1])  # reordered: the asking row is now row 1
-    assert kept.penalties is not None and kept.penalties.rows == (1,) and kept.penalties.counts is not None
-    assert kept.penalties.counts[0].tolist() == [1, 1, 0, 0]
+    assert kept.adjustments is not None and kept.adjustments.rows == (1,) and kept.adjustments.counts is not None
+    assert kept.adjustments.counts[0].tolist() == [1, 1, 0, 0]
     assert sample(logits[:2], kept).tolist() == [0, 3]  # it still pays 3.0 for tokens 0 and 1, which it generated

@@ -155,6 +155,7 @@ async def generate(
         repetition_penalty=body.repetition_penalty,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
+        logit_bias=tuple(sorted((body.logit_bias or {}).items())),
     )
     prepared = await prepare_generation(
         state,

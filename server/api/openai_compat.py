@@ -4,7 +4,7 @@
 model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
 native routes keep theirs. Parameters the server cannot honour (n > 1, tools,
-logit_bias, ...) are refused with a 400 instead of being ignored. Log-probabilities
+...) are refused with a 400 instead of being ignored. Log-probabilities
 (``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
 before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
 
@@ -191,8 +191,6 @@ OpenAIBody = CompletionRequest | ChatCompletionRequest
 def _reject_unsupported(body: OpenAIBody) -> None:
     if body.n not in (None, 1):
         raise UnsupportedParameter("n", "n > 1 is not supported: send one request per completion")
-    if body.logit_bias:
-        raise UnsupportedParameter("logit_bias", "logit_bias is not supported")
     if body.stream_options is not None and not body.stream:
         raise ParameterError("stream_options", "stream_options is only allowed with stream=true")
     if isinstance(body, CompletionRequest):
@@ -267,6 +265,7 @@ async def _prepare(
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
+        logit_bias=_logit_bias(body.logit_bias),
         prompt_logprobs=_logprobs_asked(body) if echo else None,
     )
     try:
@@ -282,6 +281,14 @@ async def _prepare(
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias, keyed by token ids written as strings."""
+    try:
+        return tuple(sorted((int(token), value) for token, value in (bias or {}).items()))
+    except ValueError as exc:
+        raise ParameterError("logit_bias", "logit_bias keys must be token ids (integers)") from exc
 
 
 def _logprobs_asked(body: OpenAIBody) -> int | None:

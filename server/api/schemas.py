@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.api.logprobs import TokenLogprobOut
-from server.config import MAX_LOGPROBS
+from server.config import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
 
 
 class ChatMessage(BaseModel):
@@ -51,6 +51,11 @@ class GenerateRequest(BaseModel):
     )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every token generated so far (OpenAI)"
+    )
+    logit_bias: dict[int, float] | None = Field(
+        None,
+        max_length=MAX_LOGIT_BIAS_TOKENS,
+        description="token id -> added to its logit before sampling (-100..100; OpenAI's)",
     )
     stream: bool = False
 
