@@ -167,6 +167,26 @@ def test_disconnect_mid_stream_frees_the_row(server) -> None:
     assert extra < LONG / 4  # nowhere near running to its end
 
 
+def test_disconnect_frees_every_row_of_an_n_choice_stream(server) -> None:
+    """OpenAI's n: the choices are requests of their own in the engine; the client going away ends them all."""
+    proc, _ = server
+    model = httpx.get(proc.url + "/v1/models", timeout=5).json()["data"][0]["id"]
+    body = {"model": model, "prompt": "hello", "max_tokens": LONG, "n": 2, "stream": True, "stop": ["\u0000"]}
+    with httpx.Client(timeout=30) as client, client.stream("POST", proc.url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        lines = r.iter_lines()
+        seen: set[int] = set()
+        while seen != {0, 1}:
+            line = next(line for line in lines if line.startswith("data: "))
+            seen |= {c["index"] for c in json.loads(line[6:])["choices"]}
+        assert metric(proc.url, "prefix_serve_running_requests") == 2
+        closed_at = time.monotonic()
+        r.close()
+    while metric(proc.url, "prefix_serve_running_requests") != 0:
+        assert time.monotonic() - closed_at < 2, "a choice's row was not freed"
+        time.sleep(0.005)
+
+
 def test_disconnect_while_waiting_for_a_whole_response_frees_the_row(server) -> None:
     """A non-streamed request whose client goes away is cancelled too: the server learns of it from the
     connection closing (no polling), and the row is freed long before the generation would have ended."""

@@ -240,6 +240,48 @@ def test_logit_bias_forces_and_bans_tokens(oai: openai.OpenAI, server_url: str, 
     assert r.status_code == 422 and "logit_bias" in r.text
 
 
+def test_n_choices_are_seeded_requests_streamed_or_not(oai: openai.OpenAI) -> None:
+    request: dict[str, Any] = {"model": TASK, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0}
+    got = oai.completions.create(**request, n=3, seed=41, logprobs=1)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    singles = [oai.completions.create(**request, seed=41 + i, logprobs=1).choices[0] for i in range(3)]
+    assert [c.text for c in got.choices] == [c.text for c in singles]
+    assert len({c.text for c in got.choices}) > 1  # sampled with different seeds
+    for choice, single in zip(got.choices, singles, strict=True):
+        assert choice.logprobs is not None and single.logprobs is not None
+        assert choice.logprobs.token_logprobs == single.logprobs.token_logprobs
+        assert choice.logprobs.text_offset == single.logprobs.text_offset
+    assert got.usage is not None and got.usage.completion_tokens == 3 * 8
+    one = oai.completions.create(**request, seed=41)
+    assert one.usage is not None and got.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt once
+
+    chunks = list(oai.completions.create(**request, n=3, seed=41, stream=True, stream_options={"include_usage": True}))
+    texts = ["", "", ""]
+    finished = set()
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason is not None:
+                finished.add(c.index)
+    assert texts == [c.text for c in got.choices] and finished == {0, 1, 2}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3 * 8
+
+    chat = {"model": TASK, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "seed": 5}
+    whole = oai.chat.completions.create(**chat, n=2)
+    streamed = list(oai.chat.completions.create(**chat, n=2, stream=True))
+    roles = [c.choices[0].index for c in streamed if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    contents = ["", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            contents[c.index] += c.delta.content or ""
+    assert contents == [c.message.content for c in whole.choices]
+
+    scored = oai.completions.create(model=TASK, prompt="Once upon a time", max_tokens=0, echo=True, n=2)
+    assert [c.text for c in scored.choices] == ["Once upon a time"] * 2
+
+
 def test_native_prompt_logprobs_streamed_and_not(server_url: str, loaded: LoadedModel) -> None:
     body = {"task_id": TASK, "prompt": "The sea is deep and", "max_new_tokens": 3, "temperature": 0}
     full = native_generate(server_url, **body, prompt_logprobs=2)
@@ -362,7 +404,7 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("endpoint", "extra", "param"),
     [
-        ("completions", {"n": 2}, "n"),
+        ("completions", {"n": 17}, "n"),
         ("completions", {"best_of": 3}, "best_of"),
         ("completions", {"logprobs": 21}, "logprobs"),
         ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
@@ -372,7 +414,7 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("completions", {"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ("completions", {"max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
         ("completions", {"temperature": 2.5}, "temperature"),
-        ("chat", {"n": 2}, "n"),
+        ("chat", {"n": 17}, "n"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),

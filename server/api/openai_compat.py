@@ -3,8 +3,8 @@
 ``model`` names a task (its prefix) or, for the plain base model, the base
 model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
-native routes keep theirs. Parameters the server cannot honour (n > 1, tools,
-...) are refused with a 400 instead of being ignored. Log-probabilities
+native routes keep theirs. ``n`` choices run as n requests in the engine. Parameters the server
+cannot honour (best_of > 1, tools, ...) are refused with a 400 instead of being ignored. Log-probabilities
 (``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
 before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
 
@@ -17,10 +17,12 @@ text's log-likelihood. A prompt may also be token ids, as in OpenAI's API.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -50,6 +52,7 @@ from server.sampling import SamplingParams, TokenLogprob
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI lets chat run to the context; we stop here (capped by the server limit)
 _FINISHED = ("length", "stop", "eos")
+MAX_CHOICES = 16  # n: each choice is a request of its own in the engine (the prompt is prefilled n times)
 
 
 # ----- errors in OpenAI's shape ----------------------------------------------------------------
@@ -189,8 +192,8 @@ OpenAIBody = CompletionRequest | ChatCompletionRequest
 
 
 def _reject_unsupported(body: OpenAIBody) -> None:
-    if body.n not in (None, 1):
-        raise UnsupportedParameter("n", "n > 1 is not supported: send one request per completion")
+    if body.n is not None and body.n > MAX_CHOICES:
+        raise ParameterError("n", f"n must be at most {MAX_CHOICES}")
     if body.stream_options is not None and not body.stream:
         raise ParameterError("stream_options", "stream_options is only allowed with stream=true")
     if isinstance(body, CompletionRequest):
@@ -302,26 +305,18 @@ def _finish_reason(event: GenerationEvent) -> str:
     return "length" if event.finish_reason == "length" else "stop"
 
 
-def _usage(event: GenerationEvent, generated: bool = True) -> dict[str, int]:
-    completion_tokens = event.completion_tokens if generated else 0
-    return {
-        "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": event.prompt_tokens + completion_tokens,
-    }
-
-
 # A token and its log-probability, None for a prompt's first token (echo).
 Scored = tuple[int, TokenLogprob | None]
 
 
 class _Shape:
-    """How one endpoint words its responses and stream chunks."""
+    """How one endpoint words its responses and stream chunks, for ``n`` choices of one request."""
 
     def __init__(
         self, chat: bool, prepared: PreparedGeneration, body: OpenAIBody, tokenizer: Any, echo: str | None = None
     ) -> None:
         self.chat = chat
+        self.n = body.n or 1
         self.with_logprobs = _logprobs_asked(body) is not None
         # Completions with echo: the prompt's text (and tokens) before the completion's; with max_tokens 0,
         # nothing after it (the token the prompt's forward sampled is left out).
@@ -329,7 +324,8 @@ class _Shape:
         self.generated = not (isinstance(body, CompletionRequest) and body.max_tokens == 0)
         self.prompt_ids = prepared.request.prompt_ids
         self.texts = token_logprobs.TokenTexts(tokenizer)
-        self.text_offset = 0  # completions: where the next streamed token's text starts in the completion
+        # Completions, per choice: where the next streamed token's text starts in the choice's text.
+        self.text_offsets = [0] * self.n
         # With stream_options.include_usage every chunk has "usage": null and one last chunk carries it.
         self.include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         self.head = {
@@ -345,35 +341,53 @@ class _Shape:
             return []
         return list(zip(self.prompt_ids, event.prompt_logprobs, strict=True))
 
-    def logprobs(self, tokens: list[Scored]) -> dict[str, Any] | None:
-        """The ``logprobs`` of a response or chunk carrying these tokens (None when not asked for). For
-        completions it also moves ``text_offset`` past them: call it once per chunk, in order."""
+    def logprobs(self, index: int, tokens: list[Scored]) -> dict[str, Any] | None:
+        """The ``logprobs`` of a response or chunk carrying these tokens of choice ``index`` (None when not asked
+        for). For completions it also moves the choice's text offset past them: call it once per chunk, in order."""
         if not self.with_logprobs:
             return None
         if self.chat:
             return token_logprobs.chat(tokens, self.texts)  # chat never echoes: every token has its own
-        out = token_logprobs.completion(tokens, self.texts, self.text_offset)
-        self.text_offset += sum(len(t) for t in out["tokens"])
+        out = token_logprobs.completion(tokens, self.texts, self.text_offsets[index])
+        self.text_offsets[index] += sum(len(t) for t in out["tokens"])
         return out
 
-    def response(
-        self, text: str, last: GenerationEvent, tokens: list[Scored], prompt_tokens: list[Scored]
-    ) -> dict[str, Any]:
-        finish_reason = _finish_reason(last)
-        if not self.generated:
-            text, tokens, finish_reason = "", [], "length"
-        if self.echo is not None:
-            text, tokens = self.echo + text, prompt_tokens + tokens
-        choice: dict[str, Any] = {"index": 0, "logprobs": self.logprobs(tokens), "finish_reason": finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
+    def usage(self, lasts: list[GenerationEvent]) -> dict[str, int]:
+        """The request's usage: the prompt once, every choice's completion tokens."""
+        prompt_tokens = lasts[0].prompt_tokens
+        completion_tokens = sum(e.completion_tokens for e in lasts) if self.generated else 0
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def response(self, choices: list[_Choice]) -> dict[str, Any]:
+        out = []
+        for index, c in enumerate(choices):
+            assert c.last is not None
+            text, tokens, finish_reason = "".join(c.text), c.tokens, _finish_reason(c.last)
+            if not self.generated:
+                text, tokens, finish_reason = "", [], "length"
+            if self.echo is not None:
+                text, tokens = self.echo + text, c.prompt_tokens + tokens
+            choice: dict[str, Any] = {
+                "index": index,
+                "logprobs": self.logprobs(index, tokens),
+                "finish_reason": finish_reason,
+            }
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            out.append(choice)
         kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.head, "object": kind, "choices": [choice], "usage": _usage(last, self.generated)}
+        usage = self.usage([c.last for c in choices if c.last is not None])
+        return {**self.head, "object": kind, "choices": out, "usage": usage}
 
     def chunk(
         self,
+        index: int,
         text: str | None,
         finish_reason: str | None,
         usage: dict[str, int] | None = None,
@@ -381,8 +395,8 @@ class _Shape:
     ) -> str:
         choices: list[dict[str, Any]] = []
         if text is not None:
-            logprobs = self.logprobs(tokens or [])
-            choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+            logprobs = self.logprobs(index, tokens or [])
+            choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
             if self.chat:
                 choice["delta"] = {"content": text} if text or finish_reason is None else {}
             else:
@@ -394,20 +408,82 @@ class _Shape:
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
-    def opening(self) -> str | None:
-        """Chat streams start by naming the role, as OpenAI's do."""
+    def opening(self, index: int) -> str | None:
+        """Chat streams start each choice by naming the role, as OpenAI's do."""
         if not self.chat:
             return None
         payload = {
             **self.head,
             "object": "chat.completion.chunk",
             "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             ],
         }
         if self.include_usage:
             payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
+
+
+@dataclass
+class _Choice:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    tokens: list[Scored] = field(default_factory=list)  # generated, with log-probabilities when asked for
+    prompt_tokens: list[Scored] = field(default_factory=list)  # echo with logprobs
+    last: GenerationEvent | None = None
+
+
+def _choices(prepared: PreparedGeneration, n: int) -> list[PreparedGeneration]:
+    """``n`` engine requests for the ``n`` choices of one: each samples with its own seed (the request's, then
+    the next ones), so a seeded request gives the same choices again."""
+    request = prepared.request
+    seeds = [(request.params.seed + i) & ((1 << 63) - 1) for i in range(n)]
+    return [
+        dataclasses.replace(
+            prepared, request=dataclasses.replace(request, params=dataclasses.replace(request.params, seed=seed))
+        )
+        for seed in seeds
+    ]
+
+
+async def _indexed(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """The choices' events as they come, each with its choice's index. An error in one (429, 408) ends them all;
+    closing this closes every stream (which aborts their requests)."""
+    if len(streams) == 1:  # no tasks, no queue: the common case stays as cheap as it was
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[GenerationEvent]) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((index, exc))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(streams)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
 
 
 async def _respond(
@@ -417,24 +493,27 @@ async def _respond(
     body: OpenAIBody,
     shape: _Shape,
 ) -> Response:
+    streams = [start_events(state, p, stream=bool(body.stream)) for p in _choices(prepared, shape.n)]
+    events = _indexed(streams)
     if body.stream:
-        events = start_events(state, prepared, stream=True)
-        first = await anext(events)  # errors before the first token still get a proper status code
-        check_event(first)
+        try:
+            first = await anext(events)  # errors before the first token still get a proper status code
+            check_event(first[1])
+        except BaseException:
+            await events.aclose()  # type: ignore[attr-defined]
+            raise
         return StreamingResponse(_sse(shape, first, events), media_type="text/event-stream")
-    text: list[str] = []
-    tokens: list[Scored] = []
-    prompt_tokens: list[Scored] = []
-    last: GenerationEvent | None = None
-    async for event in events_until_disconnect(request, start_events(state, prepared, stream=False)):
+    choices = [_Choice() for _ in range(shape.n)]
+    async for index, event in events_until_disconnect(request, events):  # type: ignore[arg-type]
         check_event(event)
-        text.append(event.text)
-        _collect_logprob(event, tokens)
-        prompt_tokens = prompt_tokens or shape.prompt_tokens(event)
-        last = event
-    if last is None or last.finish_reason not in _FINISHED:
+        choice = choices[index]
+        choice.text.append(event.text)
+        _collect_logprob(event, choice.tokens)
+        choice.prompt_tokens = choice.prompt_tokens or shape.prompt_tokens(event)
+        choice.last = event
+    if any(c.last is None or c.last.finish_reason not in _FINISHED for c in choices):
         raise GenerationFailed("the request ended without a result")
-    return JSONResponse(shape.response("".join(text), last, tokens, prompt_tokens))
+    return JSONResponse(shape.response(choices))
 
 
 def _collect_logprob(event: GenerationEvent, tokens: list[Scored]) -> None:
@@ -442,41 +521,50 @@ def _collect_logprob(event: GenerationEvent, tokens: list[Scored]) -> None:
         tokens.append((event.token_id, event.logprob))
 
 
-async def _sse(shape: _Shape, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[str]:
+async def _sse(
+    shape: _Shape, first: tuple[int, GenerationEvent], rest: AsyncIterator[tuple[int, GenerationEvent]]
+) -> AsyncIterator[str]:
+    """The stream of all choices: each opens (chat: its role; echo: its prompt) on its first event, then its
+    tokens as they come; a final usage chunk (when asked for) and [DONE] once every choice has finished."""
+    pending: list[list[Scored]] = [[] for _ in range(shape.n)]  # per choice: tokens not yet in a chunk
+    started = [False] * shape.n
+    lasts: list[GenerationEvent | None] = [None] * shape.n
     try:
-        opening = shape.opening()
-        if opening is not None:
-            yield opening
-        if shape.echo is not None:  # the prompt first, in a chunk of its own
-            finish_reason = None if shape.generated else "length"
-            yield shape.chunk(shape.echo, finish_reason, tokens=shape.prompt_tokens(first))
-            if not shape.generated:
-                if shape.include_usage:
-                    yield shape.chunk(None, None, _usage(first, generated=False))
-                yield "data: [DONE]\n\n"
-                return
-        event: GenerationEvent | None = first
-        tokens: list[Scored] = []  # tokens not yet in a chunk, with their log-probabilities
-        while event is not None:
+        item: tuple[int, GenerationEvent] | None = first
+        while item is not None:
+            index, event = item
             if event.finish_reason == "error":
                 error = openai_error_body(500, event.error or "generation failed", None, GenerationFailed.error_type)
                 yield f"data: {json.dumps(error)}\n\n"
                 return
-            _collect_logprob(event, tokens)
-            if event.finish_reason in _FINISHED:
-                yield shape.chunk(event.text, _finish_reason(event), tokens=tokens)
-                if shape.include_usage:
-                    yield shape.chunk(None, None, _usage(event))
-                yield "data: [DONE]\n\n"
-                return
-            if event.text:  # a piece held back (inside a character or a possible stop string) comes later
-                yield shape.chunk(event.text, None, tokens=tokens)
-                tokens = []
-            event = await anext(rest, None)
+            if not started[index]:
+                started[index] = True
+                opening = shape.opening(index)
+                if opening is not None:
+                    yield opening
+                if shape.echo is not None:  # the prompt first, in a chunk of its own
+                    yield shape.chunk(
+                        index, shape.echo, None if shape.generated else "length", tokens=shape.prompt_tokens(event)
+                    )
+            if shape.generated:
+                _collect_logprob(event, pending[index])
+                if event.finish_reason in _FINISHED:
+                    yield shape.chunk(index, event.text, _finish_reason(event), tokens=pending[index])
+                elif event.text:  # a piece held back (inside a character or a possible stop string) comes later
+                    yield shape.chunk(index, event.text, None, tokens=pending[index])
+                    pending[index] = []
+            if event.finish_reason in _FINISHED or not shape.generated:  # max_tokens 0: the prompt was all
+                lasts[index] = event
+                if all(last is not None for last in lasts):
+                    if shape.include_usage:
+                        yield shape.chunk(0, None, None, shape.usage([e for e in lasts if e is not None]))
+                    yield "data: [DONE]\n\n"
+                    return
+            item = await anext(rest, None)
     except ApiError as exc:  # ended by the server mid-stream (timed out): say why in the last chunk
         yield f"data: {json.dumps(openai_error_body(exc.status_code, exc.message, None, exc.error_type))}\n\n"
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the request
+        await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the requests
 
 
 # ----- routes ----------------------------------------------------------------------------------
