@@ -249,7 +249,8 @@ def test_n_choices_are_seeded_requests_streamed_or_not(oai: openai.OpenAI) -> No
     assert len({c.text for c in got.choices}) > 1  # sampled with different seeds
     for choice, single in zip(got.choices, singles, strict=True):
         assert choice.logprobs is not None and single.logprobs is not None
-        assert choice.logprobs.token_logprobs == single.logprobs.token_logprobs
+        # Batched with its siblings, a row's float sums may run in another order than alone.
+        assert choice.logprobs.token_logprobs == pytest.approx(single.logprobs.token_logprobs, abs=1e-4)
         assert choice.logprobs.text_offset == single.logprobs.text_offset
     assert got.usage is not None and got.usage.completion_tokens == 3 * 8
     one = oai.completions.create(**request, seed=41)
