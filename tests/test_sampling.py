@@ -153,10 +153,10 @@ def test_penalties_follow_their_rows_through_joins_and_filters() -> None:
     # Row 0 now also generated token 1: 2.0 / 4 and 1.0 / 4 lose to token 3's 0.6; row 1 pays 3.0
     # for token 0; the joined plain row penalises nothing.
     assert sample(logits, joined).tolist() == [3, 1, 0]
-    assert joined.adjustments.counts is not None and joined.adjustments.counts.sum(dim=1).tolist() == [2, 2]
+    assert joined.adjustments.generated is not None and joined.adjustments.generated.sum(dim=1).tolist() == [2, 2]
     only_plain = joined.filter(torch.tensor([2]), [2])
     assert only_plain.adjustments is None  # the rows that asked left: no [B, V] work for the rest
     kept = joined.filter(torch.tensor([2, 1]), [2, 1])  # reordered: the asking row is now row 1
-    assert kept.adjustments is not None and kept.adjustments.rows == (1,) and kept.adjustments.counts is not None
-    assert kept.adjustments.counts[0].tolist() == [1, 1, 0, 0]
+    assert kept.adjustments is not None and kept.adjustments.rows == (1,) and kept.adjustments.generated is not None
+    assert kept.adjustments.generated[0].tolist() == [True, True, False, False]
     assert sample(logits[:2], kept).tolist() == [0, 3]  # it still pays 3.0 for tokens 0 and 1, which it generated
