@@ -279,16 +279,16 @@ class ModelRunner:
         tokens, each on a slice of rows writing its slice of the batch's buffers. Rows never meet in a forward,
         so the result is the same; the smaller forwards' activations stay in cache.
 
-        A forward holding a request that asked for prompt log-probabilities keeps every position's logits, and
-        those requests' go to ``last_prompt_logprobs`` (by request id).
+        A request that asked for prompt log-probabilities gets a forward of its own, which keeps every position's
+        logits ([1, N, V] in float32: N x V x 4 bytes, 400 MB for 2,048 tokens of the default model's vocabulary;
+        the other rows never pay for them); its log-probabilities go to ``last_prompt_logprobs`` (by request id).
         """
         batch, inputs = self._new_rows(requests)
         rows, width = inputs.input_ids.shape
         step = rows if self.device.type != "cpu" else max(1, CPU_PREFILL_FORWARD_TOKENS // width)
         logits = []
         self.last_prompt_logprobs = {}
-        for start in range(0, rows, step):
-            part = slice(start, start + step)
+        for part in _prefill_parts(requests, step):
             asking = [(i, r) for i, r in enumerate(requests[part]) if r.params.prompt_logprobs is not None]
             part_logits, keys, _ = self._forward(
                 inputs.input_ids[part],
@@ -348,6 +348,19 @@ class ModelRunner:
         new_keys, new_values = read_cache(out.cache)
         logits = out.logits if every_position else out.logits[:, -1, :]
         return logits.float(), new_keys, new_values
+
+
+def _prefill_parts(requests: Sequence[NewRequest], step: int) -> list[slice]:
+    """The rows of a separate prefill cut into forwards of at most ``step`` rows, in order; a request that asked
+    for prompt log-probabilities alone in its own."""
+    parts: list[slice] = []
+    start = 0
+    for i, request in enumerate(requests):
+        if request.params.prompt_logprobs is not None:
+            parts += [slice(s, min(s + step, i)) for s in range(start, i, step)]
+            parts.append(slice(i, i + 1))
+            start = i + 1
+    return parts + [slice(s, min(s + step, len(requests))) for s in range(start, len(requests), step)]
 
 
 def _kept_rows(pending: PendingPrefill, n: int, *, finishes: bool) -> int:

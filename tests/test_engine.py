@@ -262,6 +262,18 @@ async def test_penalties_equal_the_oracle_in_a_mixed_batch(base, prefixes, mode)
     assert all(e.logprob is not None for e in together[4] if e.token_id is not None)
 
 
+def test_a_scored_prompt_gets_a_separate_prefill_forward_of_its_own() -> None:
+    """Its forward keeps every position's logits ([1, N, V]): the rows around it stay in forwards that keep one."""
+    from server.batch import NewRequest
+    from server.runner import _prefill_parts
+
+    scored = {2, 3, 7}
+    requests = [NewRequest(f"r{i}", [1], SamplingParams(prompt_logprobs=1 if i in scored else None)) for i in range(9)]
+    parts = _prefill_parts(requests, 2)
+    assert [(p.start, p.stop) for p in parts] == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 7), (7, 8), (8, 9)]
+    assert _prefill_parts(requests[4:7], 5) == [slice(0, 3)]
+
+
 async def test_prompt_logprobs_out_of_range_are_refused(base) -> None:
     engine = make_engine(base)
     try:
