@@ -298,6 +298,9 @@ class Client(_Base):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         logit_bias: dict[int, float] | None = None,
+        stop_token_ids: list[int] | None = None,
+        min_tokens: int | None = None,
+        ignore_eos: bool | None = None,
     ) -> GenerateResponse:
         """One completion; ``task_id`` None means the base model. Unset parameters take the server's defaults.
         ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``);
@@ -305,7 +308,8 @@ class Client(_Base):
         ``.prompt_token_ids``), as a text's log-likelihood under the task's prefix. The penalties discourage
         tokens already seen: ``repetition_penalty`` (> 1) those of the prompt and output, ``frequency_penalty``
         and ``presence_penalty`` (OpenAI's, -2..2) those of the output; ``logit_bias`` adds to chosen tokens'
-        logits (token id -> -100..100)."""
+        logits (token id -> -100..100). ``stop_token_ids`` end the request as EOS does, ``min_tokens`` holds EOS
+        and them back that long, ``ignore_eos`` lets EOS neither end nor be held back (vLLM's names)."""
         body = _generate_body(
             prompt,
             task_id=task_id,
@@ -323,6 +327,9 @@ class Client(_Base):
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
             logit_bias=logit_bias,
+            stop_token_ids=stop_token_ids,
+            min_tokens=min_tokens,
+            ignore_eos=ignore_eos,
         )
         return GenerateResponse.model_validate_json(self._send(_Call("POST", "/v1/generate", json=body)).content)
 
@@ -344,6 +351,9 @@ class Client(_Base):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         logit_bias: dict[int, float] | None = None,
+        stop_token_ids: list[int] | None = None,
+        min_tokens: int | None = None,
+        ignore_eos: bool | None = None,
     ) -> Iterator[StreamEvent]:
         """Events as tokens are generated; their ``text`` concatenates to what ``generate`` returns.
 
@@ -366,6 +376,9 @@ class Client(_Base):
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
             logit_bias=logit_bias,
+            stop_token_ids=stop_token_ids,
+            min_tokens=min_tokens,
+            ignore_eos=ignore_eos,
         )
         response = self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:
@@ -479,6 +492,9 @@ class AsyncClient(_Base):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         logit_bias: dict[int, float] | None = None,
+        stop_token_ids: list[int] | None = None,
+        min_tokens: int | None = None,
+        ignore_eos: bool | None = None,
     ) -> GenerateResponse:
         body = _generate_body(
             prompt,
@@ -497,6 +513,9 @@ class AsyncClient(_Base):
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
             logit_bias=logit_bias,
+            stop_token_ids=stop_token_ids,
+            min_tokens=min_tokens,
+            ignore_eos=ignore_eos,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body))
         return GenerateResponse.model_validate_json(response.content)
@@ -519,6 +538,9 @@ class AsyncClient(_Base):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         logit_bias: dict[int, float] | None = None,
+        stop_token_ids: list[int] | None = None,
+        min_tokens: int | None = None,
+        ignore_eos: bool | None = None,
     ) -> AsyncIterator[StreamEvent]:
         body = _generate_body(
             prompt,
@@ -537,6 +559,9 @@ class AsyncClient(_Base):
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
             logit_bias=logit_bias,
+            stop_token_ids=stop_token_ids,
+            min_tokens=min_tokens,
+            ignore_eos=ignore_eos,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:

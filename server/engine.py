@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -286,26 +287,7 @@ class Engine:
         used = prefix_len + len(request.prompt_ids)
         if not request.prompt_ids:
             raise InvalidInput("the prompt is empty")
-        for name in ("logprobs", "prompt_logprobs"):
-            asked = getattr(request.params, name)
-            if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
-                raise InvalidInput(f"{name} must be between 0 and {MAX_LOGPROBS}, got {asked}")
-        params = request.params
-        if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
-            raise InvalidInput(f"repetition_penalty must be a positive number, got {params.repetition_penalty}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not -2.0 <= getattr(params, name) <= 2.0:
-                raise InvalidInput(f"{name} must be between -2 and 2, got {getattr(params, name)}")
-        if len(params.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
-            raise InvalidInput(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens")
-        vocab = self.runner.vocab_size
-        for token, bias in params.logit_bias:
-            if not 0 <= token < vocab:
-                raise InvalidInput(f"logit_bias token ids must be between 0 and {vocab - 1}, got {token}")
-            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise InvalidInput(f"logit_bias values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
-        if request.params.prompt_logprobs is not None and not self.runner.scores_prompts:
-            raise InvalidInput("prompt log-probabilities need a decoder-only model (this one encodes the prompt)")
+        request = dataclasses.replace(request, params=self._checked(request.params))
         if used >= self.max_context:
             raise InvalidInput(
                 f"prompt too long: {len(request.prompt_ids)} tokens + {prefix_len} prefix tokens "
@@ -338,6 +320,35 @@ class Engine:
             self._tracked[tracked.request_id] = tracked
         self._wakeup.put(None)
         return tracked
+
+    def _checked(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with what the engine fills in (``held_back``), or InvalidInput (400) saying what is wrong."""
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
+                raise InvalidInput(f"{name} must be between 0 and {MAX_LOGPROBS}, got {asked}")
+        if params.prompt_logprobs is not None and not self.runner.scores_prompts:
+            raise InvalidInput("prompt log-probabilities need a decoder-only model (this one encodes the prompt)")
+        if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
+            raise InvalidInput(f"repetition_penalty must be a positive number, got {params.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(params, name) <= 2.0:
+                raise InvalidInput(f"{name} must be between -2 and 2, got {getattr(params, name)}")
+        if len(params.logit_bias) > MAX_LOGIT_BIAS_TOKENS or len(params.stop_token_ids) > MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidInput(f"logit_bias and stop_token_ids may name at most {MAX_LOGIT_BIAS_TOKENS} tokens each")
+        vocab = self.runner.vocab_size
+        for name, tokens in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            if any(not 0 <= token < vocab for token in tokens):
+                raise InvalidInput(f"{name} token ids must be between 0 and {vocab - 1}")
+        if any(not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for _, bias in params.logit_bias):
+            raise InvalidInput(f"logit_bias values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
+        if not 0 <= params.min_tokens <= params.max_new_tokens:
+            raise InvalidInput(f"min_tokens must be between 0 and max_new_tokens ({params.max_new_tokens})")
+        ending = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        return dataclasses.replace(params, held_back=tuple(sorted(ending)) if params.min_tokens else ())
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: a waiting one leaves the queue now, a running one frees its row next step."""
@@ -593,6 +604,8 @@ class Engine:
         piece = ""
         if token in self.eos_token_ids and not params.ignore_eos:
             finish = "eos"
+        elif token in params.stop_token_ids:  # like EOS: ends the request, its text not part of the output
+            finish = "stop"
         elif tracked.detokenizer is not None:
             piece = tracked.detokenizer.push(token)
         # ``position`` is where this token would go next; the context has no room past max_context.

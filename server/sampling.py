@@ -57,11 +57,21 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted from a generated token's logit once per time it was generated
     presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), as OpenAI's logit_bias
+    # Tokens that end the request as EOS does (finish reason "stop"; vLLM's stop_token_ids), ignore_eos or not.
+    stop_token_ids: tuple[int, ...] = ()
+    # vLLM's min_tokens: before this many tokens, the ``held_back`` tokens cannot be sampled. The engine fills
+    # ``held_back`` with the tokens that would end the request: EOS (unless ignore_eos) and stop_token_ids.
+    min_tokens: int = 0
+    held_back: tuple[int, ...] = ()
 
     @property
     def adjusts_logits(self) -> bool:
         penalized = self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-        return penalized or bool(self.logit_bias)
+        return penalized or bool(self.logit_bias) or self.holds_back
+
+    @property
+    def holds_back(self) -> bool:
+        return self.min_tokens > 0 and bool(self.held_back)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,8 @@ class LogitAdjustments:
     Applied to the logits before sampling, in vLLM's order: a row's repetition penalty r divides each positive
     logit and multiplies each negative one of every token in its prompt or generated so far; then its frequency
     penalty times the token's count and its presence penalty (once) come off every token it generated; then its
-    logit bias is added. Greedy rows are adjusted too. Log-probabilities stay those of the raw logits.
+    logit bias is added; and until it has generated ``min_tokens`` tokens, its ``held_back`` tokens get -inf.
+    Greedy rows are adjusted too. Log-probabilities stay those of the raw logits.
 
     Only the P rows that ask hold state, [P, V] tensors made by the first ``apply`` (which knows V) and kept
     ready to use: the repetition penalty as two scales (for positive and negative logits: 1 where a token is not
@@ -109,6 +120,7 @@ class LogitAdjustments:
     repetitions: tuple[float, ...]  # on the host: the P rows' repetition penalties
     prompts: list[Sequence[int]] | None  # the P rows' prompts, until the first ``apply``
     biases: list[tuple[tuple[int, float], ...]] | None  # the P rows' logit biases, until the first ``apply``
+    holds: tuple[tuple[int, tuple[int, ...]], ...]  # on the host, per row: (min_tokens, held-back token ids)
     offset: torch.Tensor | None = None  # [P, V] float32: bias - frequency x count - presence x (count > 0)
     positive_scale: torch.Tensor | None = None  # [P, V] float32: 1 / r where the token was seen, else 1
     negative_scale: torch.Tensor | None = None  # [P, V] float32: r where the token was seen, else 1
@@ -116,6 +128,8 @@ class LogitAdjustments:
     # Two [P, V] buffers ``apply`` computes in, kept: fresh [B, V] temporaries every step page-faulted here (glibc
     # hands big blocks back to the kernel), which made a 32-row step's adjustments ~8 ms instead of ~0.5.
     _scratch: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # ``holds`` flattened for the device: (row, token, min_tokens) of every held-back token; made when needed.
+    _held: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def of(
@@ -138,6 +152,7 @@ class LogitAdjustments:
             repetitions=tuple(params[i].repetition_penalty for i in rows),
             prompts=[prompts[i] for i in rows],
             biases=[params[i].logit_bias for i in rows],
+            holds=tuple((params[i].min_tokens, params[i].held_back if params[i].holds_back else ()) for i in rows),
         )
 
     def _state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,11 +188,13 @@ class LogitAdjustments:
             self.offset[where[0], where[1]] = torch.tensor(values, dtype=torch.float32).to(device)
         self.prompts = self.biases = None
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits [B, V] (float32) with the asking rows adjusted (``logits`` is untouched)."""
+    def apply(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The logits [B, V] (float32) with the asking rows adjusted (``logits`` is untouched); ``step`` [B] is
+        how many tokens each row has generated."""
         self.materialize(logits.shape[-1])
         offset, positive_scale, negative_scale, _ = self._state()
-        every_row = len(self.rows) == logits.shape[0]  # the rows are 0..B-1 in order: no gather, no scatter
+        # Every row, in order (filters may reorder them): no gather, no scatter.
+        every_row = len(self.rows) == logits.shape[0] and self.rows == tuple(range(len(self.rows)))
         x = logits if every_row else logits[self.index]  # [P, V]
         if self._scratch is None or self._scratch[0].shape != x.shape:
             self._scratch = (torch.empty_like(x), torch.empty_like(x))
@@ -195,8 +212,20 @@ class LogitAdjustments:
             out.add_(offset)
         else:
             torch.add(x, offset, out=out)
+        if any(held for _, held in self.holds):
+            rows, tokens, minimum = self._held_back(out.device)
+            too_early = step[self.index][rows] < minimum  # [H]: the row has generated fewer than its min_tokens
+            out[rows, tokens] = torch.where(too_early, -torch.inf, out[rows, tokens])
         # ``out`` is overwritten by the next call: the caller samples from it before then.
         return out if every_row else logits.index_copy(0, self.index, out)
+
+    def _held_back(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per held-back token: its row among the P, its id, and the row's min_tokens ([H] int64 each)."""
+        if self._held is None:
+            flat = [(row, token, minimum) for row, (minimum, held) in enumerate(self.holds) for token in held]
+            rows, tokens, minimums = torch.tensor(flat, dtype=torch.int64).to(device).unbind(1)
+            self._held = rows, tokens, minimums
+        return self._held
 
     def record(self, tokens: torch.Tensor) -> None:
         """The batch's rows generated ``tokens`` [B]: update the column of each asking row's token."""
@@ -227,6 +256,7 @@ class LogitAdjustments:
             repetitions=tuple(self.repetitions[j] for j, _ in picked),
             prompts=None if self.prompts is None else [self.prompts[j] for j, _ in picked],
             biases=None if self.biases is None else [self.biases[j] for j, _ in picked],
+            holds=tuple(self.holds[j] for j, _ in picked),
         )
         if self.offset is not None:
             out.offset, out.positive_scale, out.negative_scale, out.generated = (t[select] for t in self._state())
@@ -258,6 +288,7 @@ class LogitAdjustments:
             repetitions=tuple(r for p in pieces for r in p.repetitions),
             prompts=None if vocab is not None else [prompt for p in pieces for prompt in p.prompts or []],
             biases=None if vocab is not None else [bias for p in pieces for bias in p.biases or []],
+            holds=tuple(hold for p in pieces for hold in p.holds),
         )
         if vocab is not None:
             states = [p._state() for p in pieces]
@@ -367,7 +398,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     ``params.last_logprobs``."""
     logits = logits.float()
     adjustments = params.adjustments
-    tokens = _pick(logits if adjustments is None else adjustments.apply(logits), params)
+    tokens = _pick(logits if adjustments is None else adjustments.apply(logits, params.step), params)
     if adjustments is not None:
         adjustments.record(tokens)
     k = params.max_logprobs

@@ -121,6 +121,11 @@ def test_logprobs_through_the_client(client: Client) -> None:
             client.generate("Tell me a story", max_new_tokens=2, **{name: bad})
     forced = client.generate("Tell me a story", max_new_tokens=3, temperature=0, logit_bias={1234: 100.0})
     assert forced.token_ids == [1234] * 3
+    forced_stop = {"temperature": 0, "logit_bias": {1234: 100.0}, "stop_token_ids": [1234], "ignore_eos": True}
+    stopped = client.generate("Tell me a story", max_new_tokens=5, **forced_stop)
+    assert stopped.token_ids == [1234] and stopped.finish_reason == "stop"
+    held = client.generate("Tell me a story", max_new_tokens=5, min_tokens=3, **forced_stop)
+    assert 1234 not in held.token_ids[:3] and held.token_ids[3] == 1234 and held.finish_reason == "stop"
 
 
 async def test_async_client(server_url: str, checkpoint) -> None:

@@ -68,13 +68,14 @@ def make_engine(
     step_gaps: StepGaps | None = None,
     overlap_steps: bool | None = None,
     metrics: EngineMetrics | None = None,
+    eos_token_ids: list[int] | None = None,
     **config,
 ) -> Engine:
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
     engine = Engine(
         runner,
         None,
-        eos_token_ids=[],
+        eos_token_ids=eos_token_ids or [],
         max_context=512,
         config=SchedulerConfig(**config),
         metrics=metrics,
@@ -214,6 +215,9 @@ def oracle_penalized(model, ids: list[int], steps: int, params: SamplingParams) 
             logits[token] -= params.frequency_penalty * generated.count(token) + params.presence_penalty
         for token, bias in params.logit_bias:
             logits[token] += bias
+        if len(generated) < params.min_tokens:
+            for token in params.held_back:
+                logits[token] = -torch.inf
         token = int(logits.argmax())
         generated.append(token)
         ids.append(token)
@@ -260,6 +264,39 @@ async def test_penalties_equal_the_oracle_in_a_mixed_batch(base, prefixes, mode)
     assert banned not in alone[5]
     # Log-probabilities stay the raw logits': the penalised row's chosen tokens need not be the likeliest.
     assert all(e.logprob is not None for e in together[4] if e.token_id is not None)
+
+
+async def test_min_tokens_and_stop_token_ids(base, prefixes, mode) -> None:
+    """The oracle's second greedy token is made EOS: a plain request ends there; with min_tokens 5 it cannot be
+    sampled for 5 tokens (the oracle with its logit at -inf that long); a stop token ends a request like EOS."""
+    ids = prompt(90, 7)
+    peft = prefixes[0][1]
+    want, _ = oracle_greedy(peft, ids, 8)
+    eos = want[1]
+    engine = make_engine(base, eos_token_ids=[eos], **mode)
+
+    def request(**params) -> GenerationRequest:
+        return GenerationRequest(ids, SamplingParams(max_new_tokens=8, **params), prefixes[0][0], "p0")
+
+    try:
+        plain, held, stopped, both = await asyncio.gather(
+            collect(engine, request()),
+            collect(engine, request(min_tokens=5)),
+            collect(engine, request(stop_token_ids=(want[2],), ignore_eos=True)),
+            collect(engine, request(min_tokens=4, stop_token_ids=(want[2],), ignore_eos=True)),
+        )
+    finally:
+        engine.shutdown()
+    assert tokens_of(plain) == want[:2] and plain[-1].finish_reason == "eos"
+    expected = oracle_penalized(peft, ids, 8, SamplingParams(max_new_tokens=8, min_tokens=5, held_back=(eos,)))
+    held_tokens = tokens_of(held)
+    assert eos not in held_tokens[:5] and held_tokens == expected[: len(held_tokens)]
+    assert len(held_tokens) >= 5 and (held_tokens[-1] == eos or len(held_tokens) == 8)
+    assert tokens_of(stopped) == want[:3] and stopped[-1].finish_reason == "stop"
+    assert stopped[-1].text == "" and stopped[-1].completion_tokens == 3
+    # ignore_eos: EOS neither ends nor is held back; the stop token is held back for 4 tokens.
+    expected = oracle_penalized(peft, ids, 8, SamplingParams(max_new_tokens=8, min_tokens=4, held_back=(want[2],)))
+    assert tokens_of(both)[:4] == expected[:4] and want[2] not in tokens_of(both)[:4]
 
 
 def test_a_scored_prompt_gets_a_separate_prefill_forward_of_its_own() -> None:

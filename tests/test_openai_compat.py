@@ -283,6 +283,25 @@ def test_n_choices_are_seeded_requests_streamed_or_not(oai: openai.OpenAI) -> No
     assert [c.text for c in scored.choices] == ["Once upon a time"] * 2
 
 
+def test_stop_token_ids_min_tokens_and_ignore_eos(oai: openai.OpenAI, server_url: str, loaded: LoadedModel) -> None:
+    body = {"task_id": TASK, "prompt": "Once upon a time", "max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    plain = native_generate(server_url, **body)["token_ids"]
+    stopped = native_generate(server_url, **body, stop_token_ids=[plain[2]])
+    assert stopped["token_ids"] == plain[:3] and stopped["finish_reason"] == "stop"
+    assert stopped["text"] == loaded.tokenizer.decode(plain[:2])  # the stop token's text is not part of it
+    held = native_generate(server_url, **body, stop_token_ids=[plain[1]], min_tokens=4)["token_ids"]
+    assert held[0] == plain[0] and plain[1] not in held[:4] and len(held) >= 4
+    request: dict[str, Any] = {"model": TASK, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    extra = {"ignore_eos": True, "stop_token_ids": [plain[2]]}
+    got = oai.completions.create(**request, extra_body=extra).choices[0]
+    assert got.text == stopped["text"] and got.finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        oai.completions.create(**request, extra_body={"min_tokens": 9})
+    vocab = loaded.fingerprint.vocab_size
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids"):
+        oai.completions.create(**request, extra_body={"stop_token_ids": [vocab]})
+
+
 def test_native_prompt_logprobs_streamed_and_not(server_url: str, loaded: LoadedModel) -> None:
     body = {"task_id": TASK, "prompt": "The sea is deep and", "max_new_tokens": 3, "temperature": 0}
     full = native_generate(server_url, **body, prompt_logprobs=2)

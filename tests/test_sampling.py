@@ -160,3 +160,15 @@ def test_penalties_follow_their_rows_through_joins_and_filters() -> None:
     assert kept.adjustments is not None and kept.adjustments.rows == (1,) and kept.adjustments.generated is not None
     assert kept.adjustments.generated[0].tolist() == [True, True, False, False]
     assert sample(logits[:2], kept).tolist() == [0, 3]  # it still pays 3.0 for tokens 0 and 1, which it generated
+
+
+def test_adjustments_follow_rows_that_a_filter_reorders() -> None:
+    cpu = torch.device("cpu")
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.6]] * 2)
+    pair = SamplingBatch.from_params(
+        [SamplingParams(repetition_penalty=4.0), SamplingParams(presence_penalty=3.0)], cpu, [[0], [2]]
+    )
+    assert sample(logits, pair).tolist() == [1, 0]
+    swapped = pair.filter(torch.tensor([1, 0]), [1, 0])  # both rows ask, in the other order now
+    # Row 0 is the presence row (it pays 3.0 for token 0); row 1 the repetition row (tokens 0 and 1 seen).
+    assert sample(logits, swapped).tolist() == [1, 3]

@@ -156,6 +156,8 @@ async def generate(
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         logit_bias=tuple(sorted((body.logit_bias or {}).items())),
+        stop_token_ids=tuple(body.stop_token_ids),
+        min_tokens=body.min_tokens,
     )
     prepared = await prepare_generation(
         state,

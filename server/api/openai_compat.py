@@ -156,6 +156,10 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension (as in vLLM); 1 = off")
+    # More of vLLM's extensions: what its benchmark and evaluation clients send.
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=1024)
     user: str | None = None  # accepted and not used, as OpenAI only logs it
 
 
@@ -269,6 +273,9 @@ async def _prepare(
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias),
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=body.min_tokens or 0,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
         prompt_logprobs=_logprobs_asked(body) if echo else None,
     )
     try:

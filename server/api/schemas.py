@@ -52,6 +52,12 @@ class GenerateRequest(BaseModel):
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every token generated so far (OpenAI)"
     )
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_LOGIT_BIAS_TOKENS,
+        description="tokens that end the request as EOS does (vLLM's name); finish_reason 'stop'",
+    )
+    min_tokens: int = Field(0, ge=0, description="no EOS or stop token before this many tokens (vLLM's name)")
     logit_bias: dict[int, float] | None = Field(
         None,
         max_length=MAX_LOGIT_BIAS_TOKENS,
