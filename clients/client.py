@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -40,7 +40,16 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 _CHUNK = 1 << 20  # upload chunk when showing progress
 
-__all__ = ["DEFAULT_URL", "AsyncClient", "Client", "GenerateResponse", "PrefixInfo", "StreamEvent", "upload_body"]
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncClient",
+    "Client",
+    "GenerateResponse",
+    "GenerationOptions",
+    "PrefixInfo",
+    "StreamEvent",
+    "upload_body",
+]
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,36 @@ def _error_of(response: httpx.Response) -> PrefixServeError:
     return parse_error(response.status_code, response.content, _retry_after_s(response))
 
 
+class GenerationOptions(TypedDict, total=False):
+    """What a generation may ask for besides its prompt and task (/v1/generate's fields); None = the server's
+    default.
+
+    ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``);
+    ``prompt_logprobs=k``: the same for each prompt token after the first (``.prompt_logprobs``, aligned with
+    ``.prompt_token_ids``), as a text's log-likelihood under the task's prefix. The penalties discourage tokens
+    already seen: ``repetition_penalty`` (> 1) those of the prompt and output, ``frequency_penalty`` and
+    ``presence_penalty`` (OpenAI's, -2..2) those of the output; ``logit_bias`` adds to chosen tokens' logits
+    (token id -> -100..100). ``stop_token_ids`` end the request as EOS does, ``min_tokens`` holds EOS and them
+    back that long, ``ignore_eos`` lets EOS neither end nor be held back (vLLM's names).
+    """
+
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: str | list[str] | None
+    logprobs: int | None
+    prompt_logprobs: int | None
+    repetition_penalty: float | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    logit_bias: dict[int, float] | None
+    stop_token_ids: list[int] | None
+    min_tokens: int | None
+    ignore_eos: bool | None
+
+
 def _generate_body(
     prompt: str | None,
     *,
@@ -141,6 +180,9 @@ def _generate_body(
     """The /v1/generate body; parameters left as None take the server's defaults."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
+    unknown = sorted(set(params) - set(GenerationOptions.__annotations__))
+    if unknown:  # as a function with these keyword parameters would say
+        raise TypeError(f"unexpected generation options: {', '.join(unknown)}")
     body: dict[str, Any] = {"task_id": task_id, "stream": stream}
     body.update({"prompt": prompt} if messages is None else {"messages": messages})
     body.update({name: value for name, value in params.items() if value is not None})
@@ -286,50 +328,16 @@ class Client(_Base):
         *,
         task_id: str | None = None,
         messages: list[dict[str, str]] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        repetition_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        logit_bias: dict[int, float] | None = None,
-        stop_token_ids: list[int] | None = None,
-        min_tokens: int | None = None,
-        ignore_eos: bool | None = None,
+        **options: Unpack[GenerationOptions],
     ) -> GenerateResponse:
-        """One completion; ``task_id`` None means the base model. Unset parameters take the server's defaults.
-        ``logprobs=k``: each token's log-probability and the k most likely alternatives' (``.logprobs``);
-        ``prompt_logprobs=k``: the same for each prompt token after the first (``.prompt_logprobs``, aligned with
-        ``.prompt_token_ids``), as a text's log-likelihood under the task's prefix. The penalties discourage
-        tokens already seen: ``repetition_penalty`` (> 1) those of the prompt and output, ``frequency_penalty``
-        and ``presence_penalty`` (OpenAI's, -2..2) those of the output; ``logit_bias`` adds to chosen tokens'
-        logits (token id -> -100..100). ``stop_token_ids`` end the request as EOS does, ``min_tokens`` holds EOS
-        and them back that long, ``ignore_eos`` lets EOS neither end nor be held back (vLLM's names)."""
+        """One completion; ``task_id`` None means the base model. ``options``: ``GenerationOptions``; those left
+        out (or None) take the server's defaults."""
         body = _generate_body(
             prompt,
             task_id=task_id,
             messages=messages,
             stream=False,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            stop_token_ids=stop_token_ids,
-            min_tokens=min_tokens,
-            ignore_eos=ignore_eos,
+            **options,
         )
         return GenerateResponse.model_validate_json(self._send(_Call("POST", "/v1/generate", json=body)).content)
 
@@ -339,21 +347,7 @@ class Client(_Base):
         *,
         task_id: str | None = None,
         messages: list[dict[str, str]] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        repetition_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        logit_bias: dict[int, float] | None = None,
-        stop_token_ids: list[int] | None = None,
-        min_tokens: int | None = None,
-        ignore_eos: bool | None = None,
+        **options: Unpack[GenerationOptions],
     ) -> Iterator[StreamEvent]:
         """Events as tokens are generated; their ``text`` concatenates to what ``generate`` returns.
 
@@ -364,21 +358,7 @@ class Client(_Base):
             task_id=task_id,
             messages=messages,
             stream=True,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            stop_token_ids=stop_token_ids,
-            min_tokens=min_tokens,
-            ignore_eos=ignore_eos,
+            **options,
         )
         response = self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:
@@ -480,42 +460,14 @@ class AsyncClient(_Base):
         *,
         task_id: str | None = None,
         messages: list[dict[str, str]] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        repetition_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        logit_bias: dict[int, float] | None = None,
-        stop_token_ids: list[int] | None = None,
-        min_tokens: int | None = None,
-        ignore_eos: bool | None = None,
+        **options: Unpack[GenerationOptions],
     ) -> GenerateResponse:
         body = _generate_body(
             prompt,
             task_id=task_id,
             messages=messages,
             stream=False,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            stop_token_ids=stop_token_ids,
-            min_tokens=min_tokens,
-            ignore_eos=ignore_eos,
+            **options,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body))
         return GenerateResponse.model_validate_json(response.content)
@@ -526,42 +478,14 @@ class AsyncClient(_Base):
         *,
         task_id: str | None = None,
         messages: list[dict[str, str]] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        repetition_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        logit_bias: dict[int, float] | None = None,
-        stop_token_ids: list[int] | None = None,
-        min_tokens: int | None = None,
-        ignore_eos: bool | None = None,
+        **options: Unpack[GenerationOptions],
     ) -> AsyncIterator[StreamEvent]:
         body = _generate_body(
             prompt,
             task_id=task_id,
             messages=messages,
             stream=True,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logit_bias=logit_bias,
-            stop_token_ids=stop_token_ids,
-            min_tokens=min_tokens,
-            ignore_eos=ignore_eos,
+            **options,
         )
         response = await self._send(_Call("POST", "/v1/generate", json=body), stream=True)
         try:

@@ -115,6 +115,8 @@ def test_logprobs_through_the_client(client: Client) -> None:
     assert [e.token_id for e in scored.prompt_logprobs[1:] if e] == scored.prompt_token_ids[1:]
     first = next(iter(client.stream("Tell me a story", max_new_tokens=2, temperature=0, prompt_logprobs=2)))
     assert first.prompt_logprobs == scored.prompt_logprobs
+    with pytest.raises(TypeError, match="temprature"):  # a misspelt option fails here, not at the server
+        client.generate("Tell me a story", temprature=0)  # type: ignore[call-arg]
     # The penalties reach the server (their effect is tested in test_engine and test_openai_compat).
     for name, bad in (("repetition_penalty", 0.0), ("frequency_penalty", 2.5), ("presence_penalty", -3.0)):
         with pytest.raises(errors.InvalidRequest, match=name):
