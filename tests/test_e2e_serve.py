@@ -60,3 +60,33 @@ def test_serve_upload_generate_stream_list_delete(server, default_model, tmp_pat
         assert client.delete("/v1/prefixes/poet").status_code == 204
         r = client.post("/v1/generate", json={"task_id": "poet", "prompt": prompt})
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+
+
+def test_scoring_a_text_under_a_prefix_equals_peft(server, default_model, tmp_path: Path) -> None:
+    """What an evaluation harness asks (lm-evaluation-harness's log-likelihood request: token ids, echo, logprobs,
+    max_tokens 0) of a real server process on the default model with a prefix: each prompt token's
+    log-probability is log-softmax of PEFT's forward at the position before it."""
+    import torch
+
+    url, _ = server
+    peft = peft_prefix_model(default_model.model, num_virtual_tokens=6, seed=11)
+    peft.save_pretrained(tmp_path)
+    files = {
+        name: (name, (tmp_path / name).read_bytes()) for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
+    ids = default_model.tokenizer("The capital of France is Paris, and the capital of Italy is Rome.").input_ids
+    with httpx.Client(base_url=url, timeout=120) as client:
+        assert client.put("/v1/prefixes/scorer", files=files).status_code == 201
+        body = {"model": "scorer", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+        r = client.post("/v1/completions", json=body)
+        assert client.delete("/v1/prefixes/scorer").status_code == 204
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    got = choice["logprobs"]["token_logprobs"]
+    assert choice["text"] == default_model.tokenizer.decode(ids) and got[0] is None and len(got) == len(ids)
+    with torch.no_grad():
+        logits = peft(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids))).logits[0].float()
+    want = torch.log_softmax(logits, dim=-1)
+    assert got[1:] == pytest.approx([want[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-3)
+    without = torch.log_softmax(default_model.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert got[1:] != pytest.approx([without[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-3)
