@@ -17,12 +17,11 @@ text's log-likelihood. A prompt may also be token ids, as in OpenAI's API.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -44,7 +43,7 @@ from server.api.generate import (
     start_events,
 )
 from server.api.state import Caller, ServerState, State
-from server.config import MAX_LOGPROBS
+from server.config import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
 from server.sampling import SamplingParams, TokenLogprob
@@ -159,7 +158,7 @@ class _SamplingFields(BaseModel):
     # More of vLLM's extensions: what its benchmark and evaluation clients send.
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(None, ge=0)
-    stop_token_ids: list[int] | None = Field(None, max_length=1024)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_LOGIT_BIAS_TOKENS)
     user: str | None = None  # accepted and not used, as OpenAI only logs it
 
 
@@ -446,12 +445,7 @@ def _choices(prepared: PreparedGeneration, n: int) -> list[PreparedGeneration]:
     the next ones), so a seeded request gives the same choices again."""
     request = prepared.request
     seeds = [(request.params.seed + i) & ((1 << 63) - 1) for i in range(n)]
-    return [
-        dataclasses.replace(
-            prepared, request=dataclasses.replace(request, params=dataclasses.replace(request.params, seed=seed))
-        )
-        for seed in seeds
-    ]
+    return [replace(prepared, request=replace(request, params=replace(request.params, seed=seed))) for seed in seeds]
 
 
 async def _indexed(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
