@@ -96,7 +96,7 @@ class RequestGate:
             try:
                 async for event in self._with_deadline(events):
                     if record is not None:
-                        record.note_event(event)
+                        record.note_event(request, event)
                     yield event
             finally:
                 await events.aclose()  # type: ignore[attr-defined]  # aborts the request if it is still going

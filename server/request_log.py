@@ -51,26 +51,36 @@ class RequestRecord:
     generated_tokens: int | None = None
     first_token_at: float | None = None
     finish_reason: str | None = None
+    # Per engine request this HTTP request submits (OpenAI's n and prompt lists make several), by id(): its
+    # prompt tokens and the tokens generated so far. The token fields above are their sums.
+    _prompts: dict[int, int] = field(default_factory=dict, repr=False)
+    _generated: dict[int, int] = field(default_factory=dict, repr=False)
 
     def note_generation(self, request: GenerationRequest) -> None:
-        """The engine request this HTTP request submits (its prefix id is "tenant/task@version#sha256-prefix")."""
+        """An engine request this HTTP request submits (its prefix id is "tenant/task@version#sha256-prefix")."""
         self.tenant = request.tenant
         if request.prefix_id is not None:
             self.task_id = request.prefix_id.partition("/")[2].rpartition("@")[0] or None
-        self.prompt_tokens = len(request.prompt_ids)
-        self.generated_tokens = 0
+        self._prompts[id(request)] = len(request.prompt_ids)
+        self._generated[id(request)] = 0
+        self._add_up()
 
-    def note_event(self, event: GenerationEvent) -> None:
+    def note_event(self, request: GenerationRequest, event: GenerationEvent) -> None:
+        """An event of ``request``, one of the engine requests ``note_generation`` was told of."""
         if event.token_id is not None and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if event.prompt_tokens:
-            self.prompt_tokens = event.prompt_tokens
+        key = id(request)
         if event.completion_tokens:
-            self.generated_tokens = event.completion_tokens
+            self._generated[key] = event.completion_tokens
         elif event.token_id is not None:
-            self.generated_tokens = (self.generated_tokens or 0) + 1
+            self._generated[key] = self._generated.get(key, 0) + 1
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+        self._add_up()
+
+    def _add_up(self) -> None:
+        self.prompt_tokens = sum(self._prompts.values())
+        self.generated_tokens = sum(self._generated.values())
 
     def fields(self, endpoint: str, status: int, finished: float) -> dict[str, Any]:
         """The log line's fields; those still unknown (no generation, no first token) are left out."""

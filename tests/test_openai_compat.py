@@ -302,6 +302,37 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(oai: openai.OpenAI, server_url
         oai.completions.create(**request, extra_body={"stop_token_ids": [vocab]})
 
 
+def test_several_prompts_in_one_completion_request(oai: openai.OpenAI, loaded: LoadedModel) -> None:
+    """Choice p * n + c is choice c of prompt p (vLLM's order), text or token ids; lm-evaluation-harness sends its
+    batches of log-likelihood requests this way (token ids, echo, logprobs 1, max_tokens 1)."""
+    texts = ["Once upon a time", "The quick brown fox jumps"]
+    request: dict[str, Any] = {"model": TASK, "max_tokens": 5, "temperature": 1.0, "seed": 7}
+    got = oai.completions.create(**request, prompt=texts, n=2)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    for p, text in enumerate(texts):
+        for c in range(2):
+            single = oai.completions.create(**{**request, "seed": 7 + c}, prompt=text).choices[0].text
+            assert got.choices[p * 2 + c].text == single, (p, c)
+    assert got.usage is not None and got.usage.completion_tokens == 4 * 5
+    singles = [oai.completions.create(**request, prompt=t).usage for t in texts]
+    assert got.usage.prompt_tokens == sum(u.prompt_tokens for u in singles if u is not None)  # each prompt once
+
+    ids = [loaded.tokenizer(t).input_ids for t in texts]
+    scoring = {"model": TASK, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    batch = oai.completions.create(**scoring, prompt=ids).choices
+    for p, prompt_ids in enumerate(ids):
+        alone = oai.completions.create(**scoring, prompt=prompt_ids).choices[0].logprobs
+        assert batch[p].logprobs is not None and alone is not None
+        assert batch[p].logprobs.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+        assert batch[p].text.startswith(loaded.tokenizer.decode(prompt_ids))
+    streamed = list(oai.completions.create(**scoring, prompt=ids, stream=True))
+    echoed = ["", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            echoed[c.index] += c.text
+    assert echoed == [c.text for c in batch]
+
+
 def test_native_prompt_logprobs_streamed_and_not(server_url: str, loaded: LoadedModel) -> None:
     body = {"task_id": TASK, "prompt": "The sea is deep and", "max_new_tokens": 3, "temperature": 0}
     full = native_generate(server_url, **body, prompt_logprobs=2)
@@ -453,8 +484,10 @@ def test_unsupported_parameters_are_400(oai: openai.OpenAI, endpoint: str, extra
 
 
 def test_other_bad_input_is_400(oai: openai.OpenAI, server_url: str) -> None:
-    with pytest.raises(openai.BadRequestError):
-        oai.completions.create(model=TASK, prompt=["one", "two"], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="prompt list is empty"):
+        oai.completions.create(model=TASK, prompt=[], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        oai.completions.create(model=TASK, prompt=["x"] * 33, n=2, max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=TASK, prompt="hi", extra_body={"no_such_field": 1})
     with pytest.raises(openai.BadRequestError):

@@ -100,6 +100,22 @@ def test_record_parses_task_from_prefix_id() -> None:
     assert (record.tenant, record.task_id, record.prompt_tokens) == ("acme", "my-task", 3)
 
 
+def test_record_adds_up_the_engine_requests_of_one_http_request() -> None:
+    """OpenAI's n and prompt lists: one HTTP request, several engine requests; the line counts all their tokens."""
+    from server.engine import GenerationEvent, GenerationRequest
+    from server.sampling import SamplingParams
+
+    record = RequestRecord("r", "POST", "/v1/completions")
+    first = GenerationRequest([1, 2, 3], SamplingParams(), tenant="acme")
+    second = GenerationRequest([4, 5], SamplingParams(), tenant="acme")
+    record.note_generation(first)
+    record.note_generation(second)
+    record.note_event(first, GenerationEvent(7, "a", prompt_tokens=3, completion_tokens=1))
+    record.note_event(second, GenerationEvent(8, "b", prompt_tokens=2, completion_tokens=1))
+    record.note_event(first, GenerationEvent(9, "c", "length", prompt_tokens=3, completion_tokens=2))
+    assert (record.prompt_tokens, record.generated_tokens) == (5, 3)
+
+
 def test_serve_log_format_json_process(tiny_model_dir: Path, tmp_path: Path) -> None:
     """`prefix-serve serve --log-format json`: every line the process writes is JSON, one request line each."""
     args = ["--model", str(tiny_model_dir), "--store", f"disk://{tmp_path / 'store'}", "--log-format", "json"]

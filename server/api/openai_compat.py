@@ -3,7 +3,8 @@
 ``model`` names a task (its prefix) or, for the plain base model, the base
 model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
-native routes keep theirs. ``n`` choices run as n requests in the engine. Parameters the server
+native routes keep theirs. ``n`` choices, and completions' several prompts, run as requests of their own in the
+engine. Parameters the server
 cannot honour (best_of > 1, tools, ...) are refused with a 400 instead of being ignored. Log-probabilities
 (``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
 before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
@@ -52,6 +53,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI lets chat run to the context; we stop here (capped by the server limit)
 _FINISHED = ("length", "stop", "eos")
 MAX_CHOICES = 16  # n: each choice is a request of its own in the engine (the prompt is prefilled n times)
+MAX_SEQUENCES = 64  # completions: prompts x n, the engine requests one HTTP request may make
 
 
 # ----- errors in OpenAI's shape ----------------------------------------------------------------
@@ -316,36 +318,49 @@ Scored = tuple[int, TokenLogprob | None]
 
 
 class _Shape:
-    """How one endpoint words its responses and stream chunks, for ``n`` choices of one request."""
+    """How one endpoint words its responses and stream chunks, for ``n`` choices of each of its prompts (chat:
+    one). Choice ``index`` is choice ``index % n`` of prompt ``index // n``, as in vLLM."""
 
     def __init__(
-        self, chat: bool, prepared: PreparedGeneration, body: OpenAIBody, tokenizer: Any, echo: str | None = None
+        self,
+        chat: bool,
+        prompts: list[PreparedGeneration],
+        body: OpenAIBody,
+        tokenizer: Any,
+        echoes: list[str] | None = None,
     ) -> None:
         self.chat = chat
         self.n = body.n or 1
+        self.prompts = prompts
+        self.choices = len(prompts) * self.n
         self.with_logprobs = _logprobs_asked(body) is not None
-        # Completions with echo: the prompt's text (and tokens) before the completion's; with max_tokens 0,
+        # Completions with echo, per prompt: its text (and tokens) before the completion's; with max_tokens 0,
         # nothing after it (the token the prompt's forward sampled is left out).
-        self.echo = echo
+        self.echoes = echoes
         self.generated = not (isinstance(body, CompletionRequest) and body.max_tokens == 0)
-        self.prompt_ids = prepared.request.prompt_ids
         self.texts = token_logprobs.TokenTexts(tokenizer)
         # Completions, per choice: where the next streamed token's text starts in the choice's text.
-        self.text_offsets = [0] * self.n
+        self.text_offsets = [0] * self.choices
         # With stream_options.include_usage every chunk has "usage": null and one last chunk carries it.
         self.include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         self.head = {
-            "id": prepared.response_id,
+            "id": prompts[0].response_id,
             "created": int(time.time()),
             "model": body.model,
             "system_fingerprint": None,
         }
 
-    def prompt_tokens(self, event: GenerationEvent) -> list[Scored]:
-        """The prompt's tokens and log-probabilities, from the event that carries them (echo with logprobs)."""
+    def echo(self, index: int) -> str | None:
+        """The text choice ``index`` starts with: its prompt's, with echo."""
+        return None if self.echoes is None else self.echoes[index // self.n]
+
+    def prompt_tokens(self, index: int, event: GenerationEvent) -> list[Scored]:
+        """Choice ``index``'s prompt tokens and log-probabilities, from the event that carries them (echo with
+        logprobs)."""
         if event.prompt_logprobs is None:
             return []
-        return list(zip(self.prompt_ids, event.prompt_logprobs, strict=True))
+        prompt_ids = self.prompts[index // self.n].request.prompt_ids
+        return list(zip(prompt_ids, event.prompt_logprobs, strict=True))
 
     def logprobs(self, index: int, tokens: list[Scored]) -> dict[str, Any] | None:
         """The ``logprobs`` of a response or chunk carrying these tokens of choice ``index`` (None when not asked
@@ -359,8 +374,9 @@ class _Shape:
         return out
 
     def usage(self, lasts: list[GenerationEvent]) -> dict[str, int]:
-        """The request's usage: the prompt once, every choice's completion tokens."""
-        prompt_tokens = lasts[0].prompt_tokens
+        """The request's usage from each choice's last event (in index order): each prompt once, every choice's
+        completion tokens."""
+        prompt_tokens = sum(e.prompt_tokens for e in lasts[:: self.n])
         completion_tokens = sum(e.completion_tokens for e in lasts) if self.generated else 0
         return {
             "prompt_tokens": prompt_tokens,
@@ -375,8 +391,9 @@ class _Shape:
             text, tokens, finish_reason = "".join(c.text), c.tokens, _finish_reason(c.last)
             if not self.generated:
                 text, tokens, finish_reason = "", [], "length"
-            if self.echo is not None:
-                text, tokens = self.echo + text, c.prompt_tokens + tokens
+            echo = self.echo(index)
+            if echo is not None:
+                text, tokens = echo + text, c.prompt_tokens + tokens
             choice: dict[str, Any] = {
                 "index": index,
                 "logprobs": self.logprobs(index, tokens),
@@ -490,11 +507,12 @@ async def _indexed(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterat
 async def _respond(
     request: Request,
     state: ServerState,
-    prepared: PreparedGeneration,
     body: OpenAIBody,
     shape: _Shape,
 ) -> Response:
-    streams = [start_events(state, p, stream=bool(body.stream)) for p in _choices(prepared, shape.n)]
+    # Choice p * n + c: choice c of prompt p.
+    engine_requests = [choice for prompt in shape.prompts for choice in _choices(prompt, shape.n)]
+    streams = [start_events(state, p, stream=bool(body.stream)) for p in engine_requests]
     events = _indexed(streams)
     if body.stream:
         try:
@@ -504,13 +522,13 @@ async def _respond(
             await events.aclose()  # type: ignore[attr-defined]
             raise
         return StreamingResponse(_sse(shape, first, events), media_type="text/event-stream")
-    choices = [_Choice() for _ in range(shape.n)]
+    choices = [_Choice() for _ in range(shape.choices)]
     async for index, event in events_until_disconnect(request, events):  # type: ignore[arg-type]
         check_event(event)
         choice = choices[index]
         choice.text.append(event.text)
         _collect_logprob(event, choice.tokens)
-        choice.prompt_tokens = choice.prompt_tokens or shape.prompt_tokens(event)
+        choice.prompt_tokens = choice.prompt_tokens or shape.prompt_tokens(index, event)
         choice.last = event
     if any(c.last is None or c.last.finish_reason not in _FINISHED for c in choices):
         raise GenerationFailed("the request ended without a result")
@@ -527,9 +545,9 @@ async def _sse(
 ) -> AsyncIterator[str]:
     """The stream of all choices: each opens (chat: its role; echo: its prompt) on its first event, then its
     tokens as they come; a final usage chunk (when asked for) and [DONE] once every choice has finished."""
-    pending: list[list[Scored]] = [[] for _ in range(shape.n)]  # per choice: tokens not yet in a chunk
-    started = [False] * shape.n
-    lasts: list[GenerationEvent | None] = [None] * shape.n
+    pending: list[list[Scored]] = [[] for _ in range(shape.choices)]  # per choice: tokens not yet in a chunk
+    started = [False] * shape.choices
+    lasts: list[GenerationEvent | None] = [None] * shape.choices
     try:
         item: tuple[int, GenerationEvent] | None = first
         while item is not None:
@@ -543,10 +561,10 @@ async def _sse(
                 opening = shape.opening(index)
                 if opening is not None:
                     yield opening
-                if shape.echo is not None:  # the prompt first, in a chunk of its own
-                    yield shape.chunk(
-                        index, shape.echo, None if shape.generated else "length", tokens=shape.prompt_tokens(event)
-                    )
+                echo = shape.echo(index)
+                if echo is not None:  # the prompt first, in a chunk of its own
+                    finish_reason = None if shape.generated else "length"
+                    yield shape.chunk(index, echo, finish_reason, tokens=shape.prompt_tokens(index, event))
             if shape.generated:
                 _collect_logprob(event, pending[index])
                 if event.finish_reason in _FINISHED:
@@ -577,37 +595,45 @@ _STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, o
 @router.post("/v1/completions", responses=_STREAMED)
 async def completions(body: CompletionRequest, request: Request, state: State, principal: Caller) -> Response:
     _reject_unsupported(body)
-    prompt, prompt_ids = _one_prompt(body.prompt)
+    prompts = _prompts(body.prompt)
+    if len(prompts) * (body.n or 1) > MAX_SEQUENCES:
+        raise ParameterError("prompt", f"at most {MAX_SEQUENCES} completions per request (prompts times n)")
     max_tokens = body.max_tokens
     if max_tokens is None:
         max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
-    prepared = await _prepare(
-        state,
-        principal,
-        body,
-        prompt=prompt,
-        messages=None,
-        max_tokens=max_tokens,
-        response_id="cmpl-" + secrets.token_hex(12),
-        prompt_ids=prompt_ids,
-    )
+    response_id = "cmpl-" + secrets.token_hex(12)
+    prepared = [
+        await _prepare(
+            state,
+            principal,
+            body,
+            prompt=text,
+            messages=None,
+            max_tokens=max_tokens,
+            response_id=response_id,
+            prompt_ids=ids,
+        )
+        for text, ids in prompts
+    ]
     tokenizer = state.model.tokenizer
-    echo = None
-    if body.echo:  # the prompt as sent; token ids as the tokenizer reads them
-        echo = prompt if prompt is not None else tokenizer.decode(prepared.request.prompt_ids)
-    return await _respond(request, state, prepared, body, _Shape(False, prepared, body, tokenizer, echo))
+    echoes = None
+    if body.echo:  # each prompt as sent; token ids as the tokenizer reads them
+        echoes = [
+            text if text is not None else tokenizer.decode(p.request.prompt_ids)
+            for (text, _), p in zip(prompts, prepared, strict=True)
+        ]
+    return await _respond(request, state, body, _Shape(False, prepared, body, tokenizer, echoes))
 
 
-def _one_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[str | None, list[int] | None]:
-    """A completion's one prompt: text, or token ids (OpenAI accepts both, and lists of either)."""
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str | None, list[int] | None]]:
+    """A completion's prompts, each text or token ids: OpenAI takes one of either, or a list of either."""
     if isinstance(prompt, str):
-        return prompt, None
-    if prompt and isinstance(prompt[0], int):
-        return None, list(prompt)  # type: ignore[arg-type]  # pydantic made it a list of ints
-    if len(prompt) != 1:
-        raise UnsupportedParameter("prompt", "send one prompt per request (a list of several is not supported)")
-    (one,) = prompt
-    return (one, None) if isinstance(one, str) else (None, list(one))
+        return [(prompt, None)]
+    if not prompt:
+        raise ParameterError("prompt", "the prompt list is empty")
+    if isinstance(prompt[0], int):
+        return [(None, list(prompt))]  # type: ignore[arg-type]  # pydantic made it a list of ints
+    return [(one, None) if isinstance(one, str) else (None, list(one)) for one in prompt]  # type: ignore[union-attr]
 
 
 @router.post("/v1/chat/completions", responses=_STREAMED)
@@ -627,7 +653,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         max_tokens=max_tokens,
         response_id="chatcmpl-" + secrets.token_hex(12),
     )
-    return await _respond(request, state, prepared, body, _Shape(True, prepared, body, state.model.tokenizer))
+    return await _respond(request, state, body, _Shape(True, [prepared], body, state.model.tokenizer))
 
 
 def _model_card(model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:
