@@ -287,6 +287,9 @@ class Engine:
         used = prefix_len + len(request.prompt_ids)
         if not request.prompt_ids:
             raise InvalidInput("the prompt is empty")
+        vocab = self.runner.vocab_size
+        if any(not 0 <= token < vocab for token in request.prompt_ids):  # an embedding lookup would fail the step
+            raise InvalidInput(f"prompt token ids must be between 0 and {vocab - 1}")
         request = dataclasses.replace(request, params=self._checked(request.params))
         if used >= self.max_context:
             raise InvalidInput(

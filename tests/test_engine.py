@@ -311,6 +311,17 @@ def test_a_scored_prompt_gets_a_separate_prefill_forward_of_its_own() -> None:
     assert _prefill_parts(requests[4:7], 5) == [slice(0, 3)]
 
 
+async def test_prompt_token_ids_outside_the_vocabulary_are_refused(base) -> None:
+    """Checked at submit: in a step, the embedding lookup would fail every row of the batch."""
+    engine = make_engine(base)
+    try:
+        for bad in ([5, base.config.vocab_size], [-1, 5]):
+            with pytest.raises(InvalidInput, match="prompt token ids"):
+                await collect(engine, GenerationRequest(bad, SamplingParams()))
+    finally:
+        engine.shutdown()
+
+
 async def test_prompt_logprobs_out_of_range_are_refused(base) -> None:
     engine = make_engine(base)
     try:

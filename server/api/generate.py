@@ -52,12 +52,8 @@ async def prepare_generation(
         raise InvalidInput(f"max_new_tokens must be at most {config.max_new_tokens}")
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
         raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters")
-    if prompt_ids is None:
+    if prompt_ids is None:  # token ids sent as they are: the engine checks they are in the vocabulary
         prompt_ids = tokenize(state, prompt, messages)
-    else:
-        vocab = state.model.fingerprint.vocab_size
-        if any(not 0 <= token < vocab for token in prompt_ids):
-            raise InvalidInput(f"prompt token ids must be between 0 and {vocab - 1}")
     if len(prompt_ids) > config.max_prompt_tokens:
         raise InvalidInput(f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
     prefix_kv, prefix_id, version = None, None, None
