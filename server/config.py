@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 # The most log-probability alternatives a request may ask for per token (OpenAI's chat API and vLLM allow 20).
 MAX_LOGPROBS = 20
-# logit_bias: at most this many tokens per request, each biased by at most this much (OpenAI's limits' spirit:
-# its documented range is -100..100).
-MAX_LOGIT_BIAS_TOKENS = 1024
+# A request's logit_bias and its stop_token_ids may each name at most this many tokens.
+MAX_LISTED_TOKENS = 1024
+# Each logit bias within +-this (OpenAI's documented range).
 MAX_LOGIT_BIAS = 100.0
 
 

@@ -27,7 +27,7 @@ import torch
 
 from server import kv_groups
 from server.batch import Batch, RowInfo
-from server.config import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
+from server.config import MAX_LISTED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS
 from server.errors import InvalidInput, Overloaded, Unavailable
 from server.prefill_pacing import StepClock, paced_budget
 from server.runner import ModelRunner, NewRequest, PendingPrefill
@@ -337,8 +337,8 @@ class Engine:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2.0 <= getattr(params, name) <= 2.0:
                 raise InvalidInput(f"{name} must be between -2 and 2, got {getattr(params, name)}")
-        if len(params.logit_bias) > MAX_LOGIT_BIAS_TOKENS or len(params.stop_token_ids) > MAX_LOGIT_BIAS_TOKENS:
-            raise InvalidInput(f"logit_bias and stop_token_ids may name at most {MAX_LOGIT_BIAS_TOKENS} tokens each")
+        if len(params.logit_bias) > MAX_LISTED_TOKENS or len(params.stop_token_ids) > MAX_LISTED_TOKENS:
+            raise InvalidInput(f"logit_bias and stop_token_ids may name at most {MAX_LISTED_TOKENS} tokens each")
         vocab = self.runner.vocab_size
         for name, tokens in (
             ("logit_bias", [t for t, _ in params.logit_bias]),

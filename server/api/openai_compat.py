@@ -44,7 +44,7 @@ from server.api.generate import (
     start_events,
 )
 from server.api.state import Caller, ServerState, State
-from server.config import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
+from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
 from server.sampling import SamplingParams, TokenLogprob
@@ -160,7 +160,7 @@ class _SamplingFields(BaseModel):
     # More of vLLM's extensions: what its benchmark and evaluation clients send.
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(None, ge=0)
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_LOGIT_BIAS_TOKENS)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_LISTED_TOKENS)
     user: str | None = None  # accepted and not used, as OpenAI only logs it
 
 

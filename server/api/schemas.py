@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.api.logprobs import TokenLogprobOut
-from server.config import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
+from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 
 
 class ChatMessage(BaseModel):
@@ -54,13 +54,13 @@ class GenerateRequest(BaseModel):
     )
     stop_token_ids: list[int] = Field(
         default_factory=list,
-        max_length=MAX_LOGIT_BIAS_TOKENS,
+        max_length=MAX_LISTED_TOKENS,
         description="tokens that end the request as EOS does (vLLM's name); finish_reason 'stop'",
     )
     min_tokens: int = Field(0, ge=0, description="no EOS or stop token before this many tokens (vLLM's name)")
     logit_bias: dict[int, float] | None = Field(
         None,
-        max_length=MAX_LOGIT_BIAS_TOKENS,
+        max_length=MAX_LISTED_TOKENS,
         description="token id -> added to its logit before sampling (-100..100; OpenAI's)",
     )
     stream: bool = False
