@@ -350,6 +350,9 @@ class Engine:
             raise InvalidInput(f"logit_bias values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
         if not 0 <= params.min_tokens <= params.max_new_tokens:
             raise InvalidInput(f"min_tokens must be between 0 and max_new_tokens ({params.max_new_tokens})")
+        if params.grammar is not None and (params.ignore_eos or params.min_tokens):
+            # A grammar ends with EOS, the only token it allows once the text is complete.
+            raise InvalidInput(f"a {params.grammar.spec.describe()} cannot be combined with ignore_eos or min_tokens")
         ending = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         return dataclasses.replace(params, held_back=tuple(sorted(ending)) if params.min_tokens else ())
 

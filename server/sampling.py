@@ -20,6 +20,9 @@ tokens they have seen (the repetition penalty, HF/TGI's, on every token of the p
 generated so far, then the frequency and presence penalties, OpenAI's, on generated ones)
 and add a fixed bias to chosen tokens (OpenAI's ``logit_bias``).
 
+Then rows held to a grammar (``GrammarRows``, server/structured_output.py: a JSON schema, a regex, a choice)
+get -inf on every token their grammar does not allow next.
+
 Rows may also ask for log-probabilities (OpenAI's ``logprobs``): the sampled
 token's and the k most likely tokens', under the model's own distribution
 (log-softmax of the raw logits, before temperature, top-k or top-p: vLLM's
@@ -32,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from server.structured_output import Grammar, GrammarRows
 
 _MASK32 = 0xFFFFFFFF
 
@@ -63,6 +68,9 @@ class SamplingParams:
     # ``held_back`` with the tokens that would end the request: EOS (unless ignore_eos) and stop_token_ids.
     min_tokens: int = 0
     held_back: tuple[int, ...] = ()
+    # Structured output: what the text must match, compiled (the API compiles the client's spec off the engine
+    # thread). None: unconstrained.
+    grammar: Grammar | None = field(default=None, compare=False)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -315,6 +323,7 @@ class SamplingBatch:
     # Set by every ``sample`` call: that call's log-probabilities, or None when no row asked for them.
     last_logprobs: StepLogprobs | None = None
     adjustments: LogitAdjustments | None = None  # None when no row asks for a penalty or a bias
+    grammars: GrammarRows | None = None  # None when no row is held to a grammar
 
     @classmethod
     def from_params(
@@ -334,6 +343,7 @@ class SamplingBatch:
             may_sample=any(p.temperature > 0 for p in params),
             logprobs_asked=tuple(-1 if p.logprobs is None else p.logprobs for p in params),
             adjustments=LogitAdjustments.of(params, prompts or [()] * len(params), device),
+            grammars=GrammarRows.of([p.grammar for p in params]),
         )
 
     def filter(self, keep: torch.Tensor, kept_rows: Sequence[int]) -> SamplingBatch:
@@ -343,6 +353,7 @@ class SamplingBatch:
             may_sample=self.may_sample,
             logprobs_asked=tuple(self.logprobs_asked[i] for i in kept_rows),
             adjustments=None if self.adjustments is None else self.adjustments.filter(kept_rows),
+            grammars=None if self.grammars is None else self.grammars.filter(kept_rows),
         )
 
     @classmethod
@@ -353,6 +364,7 @@ class SamplingBatch:
             may_sample=any(b.may_sample for b in batches),
             logprobs_asked=tuple(asked for b in batches for asked in b.logprobs_asked),
             adjustments=LogitAdjustments.concatenate([(b.adjustments, len(b)) for b in batches]),
+            grammars=GrammarRows.concatenate([(b.grammars, len(b)) for b in batches]),
         )
 
     @property
@@ -397,11 +409,17 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Next token per row. logits: [B, V] -> tokens: [B] int64. Advances ``params.step`` and sets
     ``params.last_logprobs``."""
     logits = logits.float()
-    adjustments = params.adjustments
-    tokens = _pick(logits if adjustments is None else adjustments.apply(logits, params.step), params)
+    adjustments, grammars, k = params.adjustments, params.grammars, params.max_logprobs
+    adjusted = logits if adjustments is None else adjustments.apply(logits, params.step)
+    if grammars is not None:
+        if adjusted is logits and k >= 0:  # the mask goes in place: the log-probabilities are the raw logits'
+            adjusted = logits.clone()
+        grammars.mask(adjusted)
+    tokens = _pick(adjusted, params)
     if adjustments is not None:
         adjustments.record(tokens)
-    k = params.max_logprobs
+    if grammars is not None:
+        grammars.accept(tokens)
     params.last_logprobs = None if k < 0 else step_logprobs(logits, tokens, k)  # the raw logits' (vLLM's default)
     return tokens
 

@@ -1,0 +1,182 @@
+"""Structured output: sampling held to a JSON schema, a regular expression, a list of choices or an EBNF grammar.
+
+xgrammar (vLLM's default backend for the same thing) does the grammar work. A request's constraint is compiled
+once, off the engine thread (``GrammarCompiler.compile``: the API calls it from a worker thread; xgrammar caches
+what it compiled, so a schema many requests share compiles once, in a few ms). Each row that has a constraint
+holds a ``GrammarMatcher``: before a sampling call, the tokens its matcher allows next go into a bitmask
+[B, ceil(V / 32)] int32 and every other token's logit becomes -inf; after the call, the matcher takes the sampled
+token. A grammar ends only with EOS, which the mask allows once the text is complete and nothing else can follow;
+the engine's usual EOS handling then ends the request (so a constrained request cannot also ``ignore_eos``).
+
+JSON comes out compact: no free whitespace between its tokens (vLLM's ``--disable-any-whitespace``). Left free,
+a small model held to JSON tends to write whitespace until it runs out of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import xgrammar as xgr
+from transformers import PreTrainedTokenizerBase
+
+GrammarKind = Literal["json", "regex", "choice", "ebnf"]
+# xgrammar's errors start with where in its C++ sources they were raised: "[00:19:35] /project/cpp/x.cc:83: ".
+_SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be compiled (a bad schema, regex or grammar): the client's mistake, a 400."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request's output must match, as the client gave it.
+
+    json: ``source`` is a JSON schema as JSON text; regex: a regular expression the whole output matches;
+    choice: one of ``choices`` exactly; ebnf: a grammar in xgrammar's EBNF (GBNF-like, rule ``root`` first).
+    """
+
+    kind: GrammarKind
+    source: str = ""
+    choices: tuple[str, ...] = ()
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | bool | str) -> GrammarSpec:
+        """A JSON schema given as an object (or ``true``) or as its JSON text."""
+        return cls("json", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+
+    def describe(self) -> str:
+        """A short name for logs and errors."""
+        return {"json": "JSON schema", "regex": "regex", "choice": "choice", "ebnf": "EBNF grammar"}[self.kind]
+
+
+@dataclass(frozen=True, eq=False)
+class Grammar:
+    """A compiled constraint; one is shared by every request that sends the same ``spec``."""
+
+    spec: GrammarSpec
+    compiled: xgr.CompiledGrammar = field(repr=False)
+
+    def matcher(self) -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(self.compiled)
+
+
+class GrammarCompiler:
+    """Compiles ``GrammarSpec``s against one tokenizer's vocabulary; thread-safe, and lazy: the vocabulary's
+    tables (~0.1 s for a 49k vocabulary) are built by the first ``compile``, not at server start."""
+
+    def __init__(self, tokenizer_info: Callable[[], xgr.TokenizerInfo]) -> None:
+        self._tokenizer_info = tokenizer_info
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_tokenizer(
+        cls, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: Sequence[int]
+    ) -> GrammarCompiler:
+        """``vocab_size``: the model's logits width (it may exceed the tokenizer's: the extra ids are never
+        allowed); ``stop_token_ids``: the model's EOS tokens, which end a grammar."""
+        return cls(
+            lambda: xgr.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
+            )
+        )
+
+    def compile(self, spec: GrammarSpec) -> Grammar:
+        """The compiled constraint, or GrammarError saying what is wrong with it."""
+        compiler = self._ready()
+        try:
+            if spec.kind == "json":
+                compiled = compiler.compile_json_schema(spec.source, any_whitespace=False)
+            elif spec.kind == "regex":
+                compiled = compiler.compile_regex(spec.source)
+            elif spec.kind == "choice":
+                compiled = compiler.compile_grammar(choice_grammar(spec.choices))
+            else:
+                compiled = compiler.compile_grammar(spec.source)
+        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar raises RuntimeError for bad input
+            message = _SOURCE_LOCATION.sub("", str(exc).strip()).splitlines()[0] if str(exc).strip() else repr(exc)
+            raise GrammarError(f"invalid {spec.describe()}: {message}") from exc
+        return Grammar(spec, compiled)
+
+    def _ready(self) -> xgr.GrammarCompiler:
+        with self._lock:
+            if self._compiler is None:
+                # One thread: the engine owns the other cores; and xgrammar caches what it compiled.
+                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), max_threads=1)
+            return self._compiler
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """An EBNF grammar matching exactly one of ``choices`` (JSON string escapes are EBNF's too)."""
+    if not choices:
+        raise GrammarError("a choice needs at least one string")
+    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
+
+
+@dataclass
+class GrammarRows:
+    """The matchers of the rows of a batch that have a constraint, aligned with the batch as it filters and
+    concatenates (like ``LogitAdjustments``)."""
+
+    rows: tuple[int, ...]  # the P rows of the batch that have a matcher
+    matchers: list[xgr.GrammarMatcher]
+    # [B, ceil(V / 32)] int32 on the host, kept between calls while B stays the same (xgrammar's bitmask layout:
+    # bit j of row i set = token j allowed).
+    _bitmask: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, grammars: Sequence[Grammar | None]) -> GrammarRows | None:
+        rows = tuple(i for i, grammar in enumerate(grammars) if grammar is not None)
+        if not rows:
+            return None
+        return cls(rows, [grammars[i].matcher() for i in rows])  # type: ignore[union-attr]
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set to -inf, in place, each constrained row's logits of the tokens its grammar does not allow next.
+        logits: [B, V]. A matcher that has ended (its row rides one step more, its token dropped) masks nothing."""
+        live = [(row, m) for row, m in zip(self.rows, self.matchers, strict=True) if not m.is_terminated()]
+        if not live:
+            return
+        batch, vocab = logits.shape
+        if self._bitmask is None or self._bitmask.shape[0] != batch:
+            self._bitmask = xgr.allocate_token_bitmask(batch, vocab)
+        for row, matcher in live:
+            matcher.fill_next_token_bitmask(self._bitmask, row)
+        bitmask = self._bitmask if logits.device.type == "cpu" else self._bitmask.to(logits.device)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=[row for row, _ in live])
+
+    def accept(self, tokens: torch.Tensor) -> None:
+        """Advance each live matcher past its row's sampled token. tokens: [B] int64 (read on the host)."""
+        picked = tokens[list(self.rows)].tolist()
+        for matcher, token in zip(self.matchers, picked, strict=True):
+            if not matcher.is_terminated():
+                # The mask allowed only tokens the matcher accepts; a refusal would mean non-finite logits.
+                matcher.accept_token(token)
+
+    def filter(self, kept_rows: Sequence[int]) -> GrammarRows | None:
+        """The rows ``kept_rows`` of the batch, in that order."""
+        where = {row: i for i, row in enumerate(self.rows)}
+        kept = [(new, where[old]) for new, old in enumerate(kept_rows) if old in where]
+        if not kept:
+            return None
+        return GrammarRows(tuple(new for new, _ in kept), [self.matchers[i] for _, i in kept])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[tuple[GrammarRows | None, int]]) -> GrammarRows | None:
+        """Batches stacked row-wise: (each one's grammar rows, its number of rows)."""
+        rows: list[int] = []
+        matchers: list[xgr.GrammarMatcher] = []
+        offset = 0
+        for part, size in parts:
+            if part is not None:
+                rows.extend(offset + row for row in part.rows)
+                matchers.extend(part.matchers)
+            offset += size
+        return cls(tuple(rows), matchers) if rows else None

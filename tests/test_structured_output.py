@@ -1,0 +1,218 @@
+"""Structured output: compiling constraints, the per-row matchers in a batch, and the engine's constrained greedy
+tokens against the PEFT oracle with the same grammar's mask, alone and batched."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+
+import pytest
+import torch
+import xgrammar as xgr
+
+from server.engine import GenerationRequest
+from server.errors import InvalidInput
+from server.sampling import SamplingBatch, SamplingParams, sample
+from server.structured_output import Grammar, GrammarCompiler, GrammarError, GrammarSpec
+from tests import test_engine
+from tests.test_engine import collect, make_engine, prompt, tokens_of
+from tests.tiny_models import VOCAB, peft_prefix_model, prefix_kv_of, tiny_llama
+
+EOS = 2
+mode = test_engine.mode  # the engine tests' four engine modes, a fixture
+CPU = torch.device("cpu")
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["s", "m", "xl"]}},
+    "required": ["ok", "size"],
+    "additionalProperties": False,
+}
+
+
+def byte_vocab_info() -> xgr.TokenizerInfo:
+    """The tiny models' vocabulary read as raw bytes: token i is byte i; token 2 (EOS) ends a grammar."""
+    return xgr.TokenizerInfo(
+        [bytes([i]) for i in range(VOCAB)], xgr.VocabType.RAW, vocab_size=VOCAB, stop_token_ids=[EOS]
+    )
+
+
+@pytest.fixture(scope="module")
+def compiler() -> GrammarCompiler:
+    return GrammarCompiler(byte_vocab_info)
+
+
+def text_of(tokens: list[int]) -> str:
+    return bytes(t for t in tokens if t != EOS).decode()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (GrammarSpec("regex", "[a-z"), "invalid regex: Regex parsing error at position 5: Unclosed '['"),
+        (GrammarSpec("json", "{bad"), "invalid JSON schema: "),
+        (GrammarSpec.json_schema({"type": "foo"}), 'invalid JSON schema: Unsupported type "foo"'),
+        (
+            GrammarSpec("ebnf", "root ::= foo"),
+            'invalid EBNF grammar: EBNF parser error at line 1, column 10: Rule "foo"',
+        ),
+        (GrammarSpec("choice"), "invalid choice: a choice needs at least one string"),
+    ],
+)
+def test_bad_constraints_say_what_is_wrong(compiler: GrammarCompiler, spec: GrammarSpec, message: str) -> None:
+    with pytest.raises(GrammarError) as caught:
+        compiler.compile(spec)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert ".cc:" not in str(caught.value)  # xgrammar's source locations are not the client's business
+
+
+def masked(matcher: xgr.GrammarMatcher, logits: torch.Tensor) -> None:
+    """xgrammar's own masking of one row's logits [1, V], in place: what the server's ``GrammarRows`` must do."""
+    bitmask = xgr.allocate_token_bitmask(1, VOCAB)
+    matcher.fill_next_token_bitmask(bitmask)
+    xgr.apply_token_bitmask_inplace(logits, bitmask)
+
+
+def allowed(grammar: Grammar, text: str) -> set[int]:
+    """The tokens ``grammar`` allows after ``text``."""
+    matcher = grammar.matcher()
+    for byte in text.encode():
+        assert matcher.accept_token(byte), (text, byte)
+    logits = torch.zeros(1, VOCAB)
+    masked(matcher, logits)
+    return set(torch.nonzero(logits[0] == 0).flatten().tolist())
+
+
+def test_choices_are_matched_exactly_whatever_their_characters(compiler: GrammarCompiler) -> None:
+    choices = ('say "hi"', "back\\slash", "caf\xe9", "a")
+    grammar = compiler.compile(GrammarSpec("choice", choices=choices))
+    assert allowed(grammar, "") == {ord("s"), ord("b"), ord("c"), ord("a")}
+    assert allowed(grammar, "say ") == {ord('"')}
+    assert allowed(grammar, "back") == {ord("\\")}
+    assert allowed(grammar, "caf") == {0xC3}  # grammars match UTF-8 bytes: é is C3 A9
+    assert allowed(grammar, "a") == {EOS}  # complete: only the end remains
+
+
+def test_rows_keep_their_matchers_through_filter_and_concatenate(compiler: GrammarCompiler) -> None:
+    digits = compiler.compile(GrammarSpec("regex", "[0-9]+"))
+    letters = compiler.compile(GrammarSpec("regex", "[a-c]+"))
+    first = SamplingBatch.from_params([SamplingParams(grammar=digits), SamplingParams()], CPU)
+    second = SamplingBatch.from_params([SamplingParams(), SamplingParams(grammar=letters)], CPU)
+    batch = SamplingBatch.concatenate([first, second])  # rows: digits, free, free, letters
+    assert batch.grammars is not None and batch.grammars.rows == (0, 3)
+    batch = batch.filter(torch.tensor([3, 1, 0]), [3, 1, 0])  # letters, free, digits
+    assert batch.grammars is not None and batch.grammars.rows == (0, 2)
+    logits = torch.zeros(3, VOCAB)
+    logits[:, ord("z")] = 5.0  # what every row would take unconstrained
+    tokens = sample(logits, batch).tolist()
+    assert tokens[1] == ord("z")
+    assert chr(tokens[0]) in "abc" and chr(tokens[2]) in "0123456789"
+
+
+def test_log_probabilities_stay_the_raw_logits(compiler: GrammarCompiler) -> None:
+    grammar = compiler.compile(GrammarSpec("choice", choices=("b",)))
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0))
+    batch = SamplingBatch.from_params([SamplingParams(grammar=grammar, logprobs=2)], CPU)
+    raw = logits.clone()
+    assert sample(logits, batch).tolist() == [ord("b")]
+    assert batch.last_logprobs is not None
+    want = torch.log_softmax(raw, dim=-1)
+    torch.testing.assert_close(batch.last_logprobs.chosen, want[:, ord("b")])
+    torch.testing.assert_close(batch.last_logprobs.top_values, want.topk(2).values)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(seed=5)
+
+
+@pytest.fixture(scope="module")
+def prefixes(base):
+    return [peft_prefix_model(copy.deepcopy(base), p, seed=300 + i) for i, p in enumerate([3, 6])]
+
+
+@torch.inference_mode()
+def oracle_constrained(model, prompt_ids: list[int], steps: int, grammar: Grammar) -> list[int]:
+    """PEFT's uncached greedy loop with the grammar's mask on each step's logits; ends at EOS like the engine."""
+    matcher = grammar.matcher()
+    ids, generated = list(prompt_ids), []
+    for _ in range(steps):
+        logits = model(input_ids=torch.tensor([ids])).logits[:, -1].float()  # [1, V]
+        masked(matcher, logits)
+        token = int(logits.argmax())
+        assert matcher.accept_token(token)
+        generated.append(token)
+        ids.append(token)
+        if token == EOS:
+            break
+    return generated
+
+
+async def test_constrained_rows_equal_the_oracle_alone_and_batched(base, prefixes, compiler, mode) -> None:
+    """Rows held to a regex, a choice, a JSON schema and an EBNF grammar, beside free rows, joining one another's
+    batches: each constrained row's greedy tokens are the masked oracle's, and its text matches its constraint."""
+    specs = [
+        GrammarSpec("regex", r"[a-f]{2,6}-[0-9]{1,3}"),
+        GrammarSpec("choice", choices=("north", "south", "east", "west")),
+        GrammarSpec.json_schema(SCHEMA),
+        GrammarSpec("ebnf", 'root ::= "(" item ("," item)* ")"\nitem ::= [xyz]'),
+    ]
+    grammars = [compiler.compile(spec) for spec in specs]
+    steps = 40  # bytes: the JSON object takes ~27
+    params = [SamplingParams(max_new_tokens=steps, grammar=g) for g in grammars]
+    params[1:1] = [SamplingParams(max_new_tokens=steps)]  # a free row among them
+    params.append(SamplingParams(max_new_tokens=steps, temperature=0.8, seed=4))
+    requests = [
+        GenerationRequest(prompt(500 + i, 4 + i), p, prefix_kv_of(prefixes[i % 2]), f"p{i % 2}")
+        for i, p in enumerate(params)
+    ]
+    engine = make_engine(base, eos_token_ids=[EOS], **mode)
+    try:
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests))
+        staggered = []
+        for r in requests:
+            staggered.append(asyncio.ensure_future(collect(engine, r)))
+            await asyncio.sleep(0.01)
+        staggered = await asyncio.gather(*staggered)
+    finally:
+        engine.shutdown()
+    assert [tokens_of(e) for e in together] == alone == [tokens_of(e) for e in staggered]
+    finished = 0
+    for i, request in enumerate(requests):
+        grammar = request.params.grammar
+        if grammar is None:
+            continue
+        want = oracle_constrained(prefixes[i % 2], list(request.prompt_ids), steps, grammar)
+        assert alone[i] == want, f"request {i} ({grammar.spec.kind})"
+        if want[-1] == EOS:  # complete: the text matches the whole constraint
+            finished += 1
+            assert together[i][-1].finish_reason == "eos"
+            text = text_of(want)
+            if grammar.spec.kind == "regex":
+                assert re.fullmatch(grammar.spec.source, text), text
+            elif grammar.spec.kind == "choice":
+                assert text in grammar.spec.choices
+            elif grammar.spec.kind == "json":
+                value = json.loads(text)
+                assert isinstance(value["ok"], bool) and value["size"] in ("s", "m", "xl") and len(value) == 2
+            else:
+                assert re.fullmatch(r"\([xyz](,[xyz])*\)", text), text
+    assert finished >= 3, "most constrained rows should complete within the step budget"
+    assert any(
+        r.params.grammar is not None and r.params.grammar.spec.kind == "json" and t[-1] == EOS
+        for r, t in zip(requests, alone, strict=True)
+    )
+
+
+async def test_a_grammar_cannot_be_combined_with_ignore_eos_or_min_tokens(base, compiler) -> None:
+    grammar = compiler.compile(GrammarSpec("regex", "[a-z]+"))
+    engine = make_engine(base, eos_token_ids=[EOS])
+    try:
+        for extra in ({"ignore_eos": True}, {"min_tokens": 2}):
+            request = GenerationRequest(prompt(1, 5), SamplingParams(grammar=grammar, **extra))
+            with pytest.raises(InvalidInput, match="cannot be combined with ignore_eos or min_tokens"):
+                await collect(engine, request)
+    finally:
+        engine.shutdown()
