@@ -108,8 +108,12 @@ class GrammarCompiler:
     def _ready(self) -> xgr.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
+                try:
+                    info = self._tokenizer_info()
+                except Exception as exc:  # a tokenizer xgrammar cannot read: no constraint can be compiled
+                    raise GrammarError(f"structured output is not available for this model's tokenizer: {exc}") from exc
                 # One thread: the engine owns the other cores; and xgrammar caches what it compiled.
-                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), max_threads=1)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,126 @@ def test_chat_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url: str) 
     assert oai.chat.completions.create(**request).choices[0].logprobs is None
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["small", "medium", "large"]}},
+    "required": ["ok", "size"],
+    "additionalProperties": False,
+}
+
+
+def _fits_schema(text: str) -> None:
+    value = json.loads(text)
+    assert (
+        set(value) == {"ok", "size"}
+        and isinstance(value["ok"], bool)
+        and value["size"] in SCHEMA["properties"]["size"]["enum"]
+    )
+
+
+def test_json_schema_output_on_both_apis_streamed_or_not(oai: openai.OpenAI, server_url: str) -> None:
+    """A random tiny model writes JSON that fits the schema when held to it: the same tokens through OpenAI's
+    response_format (chat), vLLM's structured_outputs (completions) and the native grammar, streamed or not."""
+    messages = [{"role": "user", "content": "Describe the order as JSON."}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "order", "schema": SCHEMA, "strict": True}}
+    chat = oai.chat.completions.create(
+        model=TASK, messages=messages, max_tokens=40, temperature=0, response_format=response_format
+    )
+    content = chat.choices[0].message.content
+    assert content is not None and chat.choices[0].finish_reason == "stop"
+    _fits_schema(content)
+    chunks = oai.chat.completions.create(
+        model=TASK, messages=messages, max_tokens=40, temperature=0, response_format=response_format, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    native = native_generate(
+        server_url, task_id=TASK, messages=messages, max_new_tokens=40, grammar={"type": "json", "value": SCHEMA}
+    )
+    assert native["text"] == content and native["finish_reason"] == "eos"
+    completion = oai.completions.create(
+        model=TASK, prompt="Order:", max_tokens=40, temperature=0, extra_body={"structured_outputs": {"json": SCHEMA}}
+    )
+    _fits_schema(completion.choices[0].text)
+    sampled = oai.completions.create(
+        model=TASK,
+        prompt="Order:",
+        max_tokens=40,
+        temperature=1.0,
+        seed=7,
+        n=3,
+        extra_body={"structured_outputs": {"json": SCHEMA}},
+    )
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop", choice.text
+        _fits_schema(choice.text)
+    # Any JSON object: a random model writes keys that go on and on, so only its start is sure to be JSON's.
+    free = oai.completions.create(
+        model=TASK,
+        prompt="Order:",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},  # vLLM takes it on completions too
+    )
+    text = free.choices[0].text
+    assert text.startswith('{"') if free.choices[0].finish_reason == "length" else isinstance(json.loads(text), dict)
+
+
+def test_regex_choice_and_ebnf_outputs(oai: openai.OpenAI, server_url: str) -> None:
+    regex = native_generate(
+        server_url,
+        task_id=TASK,
+        prompt="Code:",
+        max_new_tokens=20,
+        grammar={"type": "regex", "value": "[A-F]{3}-[0-9]{2}"},
+    )
+    assert re.fullmatch("[A-F]{3}-[0-9]{2}", regex["text"]) and regex["finish_reason"] == "eos", regex
+    choices = ["yes", "no", "maybe later"]
+    for temperature in (0, 1.0):
+        picked = oai.completions.create(
+            model=TASK,
+            prompt="Answer:",
+            max_tokens=10,
+            temperature=temperature,
+            seed=3,
+            extra_body={"structured_outputs": {"choice": choices}},
+        )
+        assert picked.choices[0].text in choices
+    ebnf = 'root ::= "[" num ("," num)* "]"\nnum ::= [1-9] [0-9]?'
+    listed = native_generate(server_url, prompt="Numbers:", max_new_tokens=40, grammar={"type": "ebnf", "value": ebnf})
+    if listed["finish_reason"] == "eos":  # complete: the text is the grammar's
+        assert re.fullmatch(r"\[[1-9][0-9]?(,[1-9][0-9]?)*\]", listed["text"]), listed
+    else:  # the random model kept the list going: still a prefix of one
+        assert re.fullmatch(r"\[[1-9][0-9]?(,[1-9][0-9]?)*,?[1-9]?", listed["text"]), listed
+
+
+def test_bad_constraints_are_refused_on_both_apis(oai: openai.OpenAI, server_url: str) -> None:
+    headers = {"authorization": f"Bearer {KEY_A}"}
+    for grammar, message in [  # the native API answers bad input with 422, the OpenAI routes with 400
+        ({"type": "regex", "value": "[a-"}, "invalid regex"),
+        ({"type": "json", "value": {"type": "nonsense"}}, "invalid JSON schema"),
+        ({"type": "ebnf", "value": "root ::= missing"}, "invalid EBNF grammar"),
+        ({"type": "regex", "value": ["a"]}, "takes a string"),
+        ({"type": "choice", "value": []}, "at least one string"),
+        ({"type": "xml", "value": "a"}, "type"),
+    ]:
+        r = httpx.post(
+            f"{server_url}/v1/generate", json={"prompt": "hi", "max_new_tokens": 4, "grammar": grammar}, headers=headers
+        )
+        assert r.status_code == 422 and message in r.json()["error"]["message"], (grammar, r.text)
+    r = httpx.post(
+        f"{server_url}/v1/generate",
+        json={"prompt": "hi", "max_new_tokens": 4, "ignore_eos": True, "grammar": {"type": "regex", "value": "a+"}},
+        headers=headers,
+    )
+    assert r.status_code == 422 and "cannot be combined with ignore_eos" in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.BadRequestError, match="invalid JSON schema"):
+        oai.chat.completions.create(
+            model=TASK,
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        )
+
+
 def _error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     body = exc.response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -469,7 +590,13 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"response_format": {"type": "json_schema"}}, "response_format"),  # no schema
+        (
+            "chat",
+            {"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"regex": "a"}}},
+            "structured_outputs",
+        ),
+        ("completions", {"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),
     ],
 )
 def test_unsupported_parameters_are_400(oai: openai.OpenAI, endpoint: str, extra: dict[str, Any], param: str) -> None:

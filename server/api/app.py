@@ -36,6 +36,7 @@ from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
 from server.seq2seq_runner import Seq2SeqRunner
 from server.step_gaps import StepGaps
+from server.structured_output import GrammarCompiler
 from server.threads import io_executor
 
 if TYPE_CHECKING:
@@ -125,7 +126,22 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     gate = RequestGate(
         max_open_streams=config.max_open_streams or None, request_timeout_s=config.request_timeout_s or None
     )
-    state = ServerState(config, model, engine, registry, keys, backend.describe(), gate=gate, heap_trimmer=heap_trimmer)
+    grammars = (
+        None
+        if model.tokenizer is None
+        else GrammarCompiler.for_tokenizer(model.tokenizer, runner.vocab_size, model.eos_token_ids)
+    )
+    state = ServerState(
+        config,
+        model,
+        engine,
+        registry,
+        keys,
+        backend.describe(),
+        gate=gate,
+        heap_trimmer=heap_trimmer,
+        grammars=grammars,
+    )
     if metrics is not None:
         metrics.bind(state)
     return state

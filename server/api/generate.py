@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -15,11 +16,12 @@ from prefix_store.errors import PrefixStoreError
 from server.api import logprobs as token_logprobs
 from server.api.auth import Principal
 from server.api.logprobs import TokenLogprobOut
-from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, Usage
+from server.api.schemas import GenerateRequest, GenerateResponse, GrammarIn, StreamEvent, Usage
 from server.api.state import Caller, ServerState, State
 from server.engine import GenerationEvent, GenerationRequest
 from server.errors import ApiError, GenerationFailed, InvalidInput, from_store_error
 from server.sampling import SamplingParams
+from server.structured_output import Grammar, GrammarError, GrammarSpec
 
 router = APIRouter()
 
@@ -44,9 +46,10 @@ async def prepare_generation(
     params: SamplingParams,
     response_id: str,
     prompt_ids: list[int] | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> PreparedGeneration:
     """Shared by the native and OpenAI routes: limits, tokenisation (unless ``prompt_ids`` come instead of a
-    prompt), prefix lookup."""
+    prompt), the structured-output constraint's compilation, prefix lookup."""
     config = state.config
     if params.max_new_tokens > config.max_new_tokens:
         raise InvalidInput(f"max_new_tokens must be at most {config.max_new_tokens}")
@@ -56,6 +59,8 @@ async def prepare_generation(
         prompt_ids = tokenize(state, prompt, messages)
     if len(prompt_ids) > config.max_prompt_tokens:
         raise InvalidInput(f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=await compile_grammar(state, grammar))
     prefix_kv, prefix_id, version = None, None, None
     if task_id is not None:
         try:
@@ -73,6 +78,16 @@ async def prepare_generation(
         prefix_version=version,
         request=GenerationRequest(prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant),
     )
+
+
+async def compile_grammar(state: ServerState, spec: GrammarSpec) -> Grammar:
+    """The compiled constraint (off the event loop: a big schema takes a while; xgrammar caches repeats)."""
+    if state.grammars is None:
+        raise InvalidInput("structured output needs a model with a tokenizer")
+    try:
+        return await asyncio.to_thread(state.grammars.compile, spec)
+    except GrammarError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def start_events(state: ServerState, prepared: PreparedGeneration, *, stream: bool) -> AsyncIterator[GenerationEvent]:
@@ -163,6 +178,7 @@ async def generate(
         messages=None if body.messages is None else [m.model_dump() for m in body.messages],
         params=params,
         response_id="gen-" + secrets.token_hex(8),
+        grammar=None if body.grammar is None else _grammar_spec(body.grammar),
     )
     texts = token_logprobs.TokenTexts(state.model.tokenizer)
     if body.stream:
@@ -200,6 +216,14 @@ async def generate(
         prompt_token_ids=None if body.prompt_logprobs is None else list(prepared.request.prompt_ids),
         prompt_logprobs=prompt_logprobs,
     )
+
+
+def _grammar_spec(grammar: GrammarIn) -> GrammarSpec:
+    if grammar.type == "json":
+        return GrammarSpec.json_schema(grammar.value)  # type: ignore[arg-type]  # checked by GrammarIn
+    if grammar.type == "choice":
+        return GrammarSpec("choice", choices=tuple(grammar.value))  # type: ignore[arg-type]
+    return GrammarSpec(grammar.type, grammar.value)  # type: ignore[arg-type]
 
 
 async def _sse(

@@ -13,6 +13,9 @@ Completions take ``echo``: the prompt comes back before the completion, and with
 log-probabilities before the completion's (the first token's null). With ``echo``, ``max_tokens`` may be 0:
 the prompt scored and nothing generated, which is how evaluation harnesses (lm-evaluation-harness) ask for a
 text's log-likelihood. A prompt may also be token ids, as in OpenAI's API.
+
+Structured output: ``response_format`` (``json_object``, ``json_schema``) and vLLM's ``structured_outputs`` (a
+schema, regex, choice or EBNF grammar), on both endpoints (server/api/response_format.py).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from server.api.generate import (
     prepare_generation,
     start_events,
 )
+from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
@@ -161,6 +165,9 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_LISTED_TOKENS)
+    # Structured output (server/api/response_format.py): OpenAI's field, and vLLM's on both endpoints.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     user: str | None = None  # accepted and not used, as OpenAI only logs it
 
 
@@ -190,7 +197,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 OpenAIBody = CompletionRequest | ChatCompletionRequest
@@ -219,8 +225,6 @@ def _reject_unsupported(body: OpenAIBody) -> None:
     for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
         if getattr(body, name) is not None:
             raise UnsupportedParameter(name, f"{name}: tool and function calling are not supported")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise UnsupportedParameter("response_format", "only response_format {'type': 'text'} is supported")
 
 
 def _chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
@@ -280,6 +284,10 @@ async def _prepare(
         prompt_logprobs=_logprobs_asked(body) if echo else None,
     )
     try:
+        grammar = grammar_of(body.response_format, body.structured_outputs)
+    except FormatError as exc:
+        raise ParameterError(exc.param, str(exc)) from exc
+    try:
         return await prepare_generation(
             state,
             principal,
@@ -289,6 +297,7 @@ async def _prepare(
             params=params,
             response_id=response_id,
             prompt_ids=prompt_ids,
+            grammar=grammar,
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc

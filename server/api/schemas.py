@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,6 +14,30 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=1_000_000)
+
+
+class GrammarIn(BaseModel):
+    """What the generated text must match (TGI's ``grammar`` field, plus choice and EBNF): ``json``: a JSON
+    schema (an object, or ``true`` for any JSON value); ``regex``: a regular expression; ``choice``: a list of
+    strings, one of which is the whole output; ``ebnf``: a grammar in xgrammar's EBNF, rule ``root`` first."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json", "regex", "choice", "ebnf"]
+    value: dict[str, Any] | bool | str | list[str]
+
+    @model_validator(mode="after")
+    def _value_fits_type(self) -> GrammarIn:
+        wanted, kind = {
+            "json": ((dict, bool), "a JSON schema object"),
+            "regex": ((str,), "a string"),
+            "ebnf": ((str,), "a string"),
+            "choice": ((list,), "a list of strings"),
+        }[self.type]
+        if not isinstance(self.value, wanted):
+            raise ValueError(f"grammar of type {self.type!r} takes {kind} as its value")
+        if self.type == "choice" and not self.value:
+            raise ValueError("grammar of type 'choice' needs at least one string")
+        return self
 
 
 class GenerateRequest(BaseModel):
@@ -62,6 +86,9 @@ class GenerateRequest(BaseModel):
         None,
         max_length=MAX_LISTED_TOKENS,
         description="token id -> added to its logit before sampling (-100..100; OpenAI's)",
+    )
+    grammar: GrammarIn | None = Field(
+        None, description="structured output: what the text must match; EOS ends it once complete"
     )
     stream: bool = False
 

@@ -17,6 +17,7 @@ from server.heap_trim import HeapTrimmer
 from server.model_loading import LoadedModel
 from server.quotas import RequestGate, TenantQuotas, default_quotas
 from server.request_log import current_request
+from server.structured_output import GrammarCompiler
 
 
 @dataclass
@@ -32,6 +33,8 @@ class ServerState:
     gate: RequestGate = field(default_factory=RequestGate)
     # Gives the heap's freed pages back after prefix uploads, loads and deletes (server/heap_trim.py).
     heap_trimmer: HeapTrimmer = field(default_factory=lambda: HeapTrimmer(None))
+    # Compiles structured-output constraints against the model's vocabulary; None when the model has no tokenizer.
+    grammars: GrammarCompiler | None = None
 
     def quotas_for(self, tenant: str) -> TenantQuotas:
         return default_quotas(self.config).with_overrides(self.keys.quota_overrides(tenant))
