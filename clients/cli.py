@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from clients.client import DEFAULT_URL, ENV_API_KEY, ENV_URL, Client
@@ -75,6 +76,17 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         type=_logit_bias_entry,
         help="add BIAS (-100..100) to a token's logit (repeatable)",
     )
+    constraint = generate.add_mutually_exclusive_group()
+    constraint.add_argument(
+        "--json-schema", metavar="SCHEMA", help="structured output: JSON matching this schema (JSON text, or @FILE)"
+    )
+    constraint.add_argument("--regex", metavar="REGEX", help="structured output: text matching this regex")
+    constraint.add_argument(
+        "--choice", action="append", metavar="TEXT", help="structured output: one of these texts (repeatable)"
+    )
+    constraint.add_argument(
+        "--grammar", metavar="EBNF", help="structured output: text of this EBNF grammar, rule root first (or @FILE)"
+    )
     generate.set_defaults(client_command=_generate)
 
     listing = sub.add_parser("list", parents=[common], help="list your prefixes")
@@ -101,6 +113,28 @@ def _logit_bias_entry(text: str) -> tuple[int, float]:
         return int(token), float(bias)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
+
+
+def _grammar(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --json-schema / --regex / --choice / --grammar constraint as /v1/generate's ``grammar`` field."""
+    if args.json_schema is not None:
+        text = _text_or_file(args.json_schema)
+        try:
+            return {"type": "json", "value": json.loads(text)}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json-schema is not JSON: {exc}") from None
+    if args.regex is not None:
+        return {"type": "regex", "value": args.regex}
+    if args.choice is not None:
+        return {"type": "choice", "value": args.choice}
+    if args.grammar is not None:
+        return {"type": "ebnf", "value": _text_or_file(args.grammar)}
+    return None
+
+
+def _text_or_file(value: str) -> str:
+    """``value``, or the contents of the file it names as ``@PATH``."""
+    return Path(value[1:]).read_text() if value.startswith("@") else value
 
 
 def run_client_command(args: argparse.Namespace) -> int:
@@ -150,6 +184,7 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         "frequency_penalty": args.frequency_penalty,
         "presence_penalty": args.presence_penalty,
         "logit_bias": None if args.logit_bias is None else dict(args.logit_bias),
+        "grammar": _grammar(args),
     }
     if args.chat:
         request["messages"] = [{"role": "user", "content": prompt}]

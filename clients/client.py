@@ -149,7 +149,9 @@ class GenerationOptions(TypedDict, total=False):
     already seen: ``repetition_penalty`` (> 1) those of the prompt and output, ``frequency_penalty`` and
     ``presence_penalty`` (OpenAI's, -2..2) those of the output; ``logit_bias`` adds to chosen tokens' logits
     (token id -> -100..100). ``stop_token_ids`` end the request as EOS does, ``min_tokens`` holds EOS and them
-    back that long, ``ignore_eos`` lets EOS neither end nor be held back (vLLM's names).
+    back that long, ``ignore_eos`` lets EOS neither end nor be held back (vLLM's names). ``grammar`` holds the
+    text to a constraint (structured output), as TGI's field: ``{"type": "json", "value": schema}``, or type
+    ``regex`` (a string), ``choice`` (a list of strings) or ``ebnf`` (a grammar whose first rule is ``root``).
     """
 
     max_new_tokens: int | None
@@ -167,6 +169,7 @@ class GenerationOptions(TypedDict, total=False):
     stop_token_ids: list[int] | None
     min_tokens: int | None
     ignore_eos: bool | None
+    grammar: dict[str, Any] | None
 
 
 def _generate_body(

@@ -128,6 +128,11 @@ def test_logprobs_through_the_client(client: Client) -> None:
     assert stopped.token_ids == [1234] and stopped.finish_reason == "stop"
     held = client.generate("Tell me a story", max_new_tokens=5, min_tokens=3, **forced_stop)
     assert 1234 not in held.token_ids[:3] and held.token_ids[3] == 1234 and held.finish_reason == "stop"
+    # Structured output: the constraint reaches the server and holds (test_structured_output tests the engine).
+    choice = client.generate("Tell me a story", max_new_tokens=8, grammar={"type": "choice", "value": ["yes", "no"]})
+    assert choice.text in ("yes", "no") and choice.finish_reason == "eos"
+    with pytest.raises(errors.InvalidRequest, match="invalid regex"):
+        client.generate("Tell me a story", max_new_tokens=4, grammar={"type": "regex", "value": "("})
 
 
 async def test_async_client(server_url: str, checkpoint) -> None:
@@ -283,7 +288,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, out, err
 
 
-def test_cli_round_trip(server_url: str, checkpoint, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_round_trip(server_url: str, checkpoint, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     peft_dir, _, _ = checkpoint
     auth = ["--url", server_url, "--api-key", KEY]
     code, out, _ = run_cli(capsys, "upload", "cli-task", str(peft_dir), *auth, "--json")
@@ -325,6 +330,18 @@ def test_cli_round_trip(server_url: str, checkpoint, capsys: pytest.CaptureFixtu
         assert code == 1 and flag[2:].replace("-", "_") in err
     code, out, _ = run_cli(capsys, *gen, "--json", "--logit-bias", "1234=100", "--logit-bias", "99=-1")
     assert code == 0 and json.loads(out)["token_ids"] == [1234] * 12
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]}))
+    code, out, _ = run_cli(capsys, *gen, "--json-schema", f"@{schema}", "--max-new-tokens", "30")
+    assert code == 0 and json.loads(out)["a"] in (1, 2) and len(json.loads(out)) == 1, out
+    code, out, _ = run_cli(capsys, *gen, "--regex", "[0-9]{4}", "--stream")
+    assert code == 0 and out.strip().isdigit() and len(out.strip()) == 4, out
+    code, out, _ = run_cli(capsys, *gen, "--choice", "red", "--choice", "green")
+    assert code == 0 and out in ("red\n", "green\n"), out
+    code, _, err = run_cli(capsys, *gen, "--grammar", "root ::= undefined_rule")
+    assert code == 1 and "invalid EBNF grammar" in err
+    code, _, err = run_cli(capsys, *gen, "--json-schema", "{not json")
+    assert code == 1 and "--json-schema is not JSON" in err
     code, out, _ = run_cli(capsys, "generate", "-", "Once upon a time", "--max-new-tokens", "12", *auth, "--json")
     assert code == 0 and json.loads(out)["task_id"] is None and json.loads(out)["text"] != result["text"]
 
