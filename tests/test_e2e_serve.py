@@ -90,3 +90,59 @@ def test_scoring_a_text_under_a_prefix_equals_peft(server, default_model, tmp_pa
     assert got[1:] == pytest.approx([want[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-3)
     without = torch.log_softmax(default_model.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
     assert got[1:] != pytest.approx([without[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-3)
+
+
+def test_json_schema_output_of_the_real_model_equals_the_masked_oracle(server, default_model) -> None:
+    """Structured output on the real model: a chat request held to a JSON schema gets JSON that fits it, and
+    its greedy tokens are those of the model's own forward loop with xgrammar's mask of the same schema."""
+    import torch
+    import xgrammar as xgr
+
+    url, _ = server
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 24}, "country": {"type": "string", "maxLength": 24}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    messages = [{"role": "user", "content": "Name the capital of France and its country, as JSON."}]
+    with httpx.Client(base_url=url, timeout=120) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": default_model.name,
+                "messages": messages,
+                "max_tokens": 40,
+                "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+            },
+        )
+        assert r.status_code == 200, r.text
+        native = client.post(
+            "/v1/generate",
+            json={"messages": messages, "max_new_tokens": 40, "grammar": {"type": "json", "value": schema}},
+        ).json()
+    choice = r.json()["choices"][0]
+    place = json.loads(choice["message"]["content"])
+    assert choice["finish_reason"] == "stop" and set(place) == {"city", "country"}
+    assert all(isinstance(v, str) and len(v) <= 24 for v in place.values())
+    assert native["text"] == choice["message"]["content"]
+
+    tokenizer, model = default_model.tokenizer, default_model.model
+    vocab = model.config.vocab_size
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=default_model.eos_token_ids)
+    matcher = xgr.GrammarMatcher(
+        xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False)
+    )
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    want: list[int] = []
+    with torch.no_grad():
+        while len(want) < 40 and not matcher.is_terminated():
+            logits = model(input_ids=torch.tensor([ids + want])).logits[:, -1].float()
+            matcher.fill_next_token_bitmask(bitmask)
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            want.append(int(logits.argmax()))
+            assert matcher.accept_token(want[-1])
+    assert native["token_ids"] == want
