@@ -15,12 +15,15 @@ a small model held to JSON tends to write whitespace until it runs out of tokens
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
@@ -153,8 +156,20 @@ class GrammarRows:
             self._bitmask = xgr.allocate_token_bitmask(batch, vocab)
         for row, matcher in live:
             matcher.fill_next_token_bitmask(self._bitmask, row)
-        bitmask = self._bitmask if logits.device.type == "cpu" else self._bitmask.to(logits.device)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=[row for row, _ in live])
+        rows = [row for row, _ in live]
+        if logits.device.type != "cpu" or sys.byteorder != "little":  # xgrammar's kernel (its GPU one on CUDA)
+            xgr.apply_token_bitmask_inplace(logits, self._bitmask.to(logits.device), vocab_size=vocab, indices=rows)
+            return
+        # On the CPU, xgrammar's kernel goes bit by bit: 4.6 ms for 32 rows of 49,152 tokens on the CI machine.
+        # Unpacked by numpy into one byte per token (the words are little-endian: bit j of the row is token j) and
+        # applied by masked_fill: 0.5 ms.
+        words = self._bitmask[rows].numpy()  # [L, W] int32
+        disallowed = torch.from_numpy(np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :vocab] == 0)
+        if len(rows) == batch:  # every row constrained: one pass
+            logits.masked_fill_(disallowed, -math.inf)
+        else:
+            for i, row in enumerate(rows):
+                logits[row].masked_fill_(disallowed[i], -math.inf)
 
     def accept(self, tokens: torch.Tensor) -> None:
         """Advance each live matcher past its row's sampled token. tokens: [B] int64 (read on the host)."""

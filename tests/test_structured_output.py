@@ -15,7 +15,7 @@ import xgrammar as xgr
 from server.engine import GenerationRequest
 from server.errors import InvalidInput
 from server.sampling import SamplingBatch, SamplingParams, sample
-from server.structured_output import Grammar, GrammarCompiler, GrammarError, GrammarSpec
+from server.structured_output import Grammar, GrammarCompiler, GrammarError, GrammarRows, GrammarSpec
 from tests import test_engine
 from tests.test_engine import collect, make_engine, prompt, tokens_of
 from tests.tiny_models import VOCAB, peft_prefix_model, prefix_kv_of, tiny_llama
@@ -108,6 +108,31 @@ def test_rows_keep_their_matchers_through_filter_and_concatenate(compiler: Gramm
     tokens = sample(logits, batch).tolist()
     assert tokens[1] == ord("z")
     assert chr(tokens[0]) in "abc" and chr(tokens[2]) in "0123456789"
+
+
+@pytest.mark.parametrize(
+    ("constrained", "ended"),
+    [((0, 1, 2, 3), False), ((1, 3), False), ((0, 1, 2, 3), True)],
+    ids=["every-row", "some-rows", "one-ended"],
+)
+def test_the_mask_is_xgrammars_row_by_row(compiler: GrammarCompiler, constrained: tuple[int, ...], ended: bool) -> None:
+    """The server's CPU masking (numpy-unpacked bits) sets exactly the logits xgrammar's own kernel sets, for
+    matchers in different states; an ended matcher masks nothing."""
+    grammar = compiler.compile(GrammarSpec("regex", r"[a-c]{1,3}(x|yz)"))
+    matchers = [grammar.matcher() for _ in constrained]
+    for matcher, text in zip(matchers, [b"", b"ab", b"abc", b"bx"], strict=False):
+        for byte in text:
+            assert matcher.accept_token(byte)
+    if ended:
+        assert matchers[3].accept_token(EOS) and matchers[3].is_terminated()
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1))
+    want = logits.clone()
+    for row, matcher in zip(constrained, matchers, strict=True):
+        if not matcher.is_terminated():
+            masked(matcher, want[row : row + 1])
+    GrammarRows(constrained, matchers).mask(logits)
+    assert torch.equal(logits, want)
+    assert bool(torch.isinf(logits[constrained[0]]).any())
 
 
 def test_log_probabilities_stay_the_raw_logits(compiler: GrammarCompiler) -> None:
