@@ -28,6 +28,8 @@ import torch
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
+from server.config import GRAMMAR_CACHE_BYTES
+
 GrammarKind = Literal["json", "regex", "choice", "ebnf"]
 # xgrammar's errors start with where in its C++ sources they were raised: "[00:19:35] /project/cpp/x.cc:83: ".
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
@@ -74,8 +76,9 @@ class GrammarCompiler:
     """Compiles ``GrammarSpec``s against one tokenizer's vocabulary; thread-safe, and lazy: the vocabulary's
     tables (~0.1 s for a 49k vocabulary) are built by the first ``compile``, not at server start."""
 
-    def __init__(self, tokenizer_info: Callable[[], xgr.TokenizerInfo]) -> None:
+    def __init__(self, tokenizer_info: Callable[[], xgr.TokenizerInfo], cache_bytes: int = GRAMMAR_CACHE_BYTES) -> None:
         self._tokenizer_info = tokenizer_info
+        self._cache_bytes = cache_bytes
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
 
@@ -106,7 +109,16 @@ class GrammarCompiler:
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar raises RuntimeError for bad input
             message = _SOURCE_LOCATION.sub("", str(exc).strip()).splitlines()[0] if str(exc).strip() else repr(exc)
             raise GrammarError(f"invalid {spec.describe()}: {message}") from exc
+        if compiler.get_cache_size_bytes() > self._cache_bytes:
+            # xgrammar's cache evicts within its limit, but keeps ~600 bytes per distinct constraint beyond it
+            # (measured with 0.2.8): cleared when over the budget, it stays bounded whatever clients send.
+            compiler.clear_cache()
         return Grammar(spec, compiled)
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the compiled constraints kept for reuse hold now."""
+        return 0 if self._compiler is None else self._compiler.get_cache_size_bytes()
 
     def _ready(self) -> xgr.GrammarCompiler:
         with self._lock:
@@ -116,7 +128,7 @@ class GrammarCompiler:
                 except Exception as exc:  # a tokenizer xgrammar cannot read: no constraint can be compiled
                     raise GrammarError(f"structured output is not available for this model's tokenizer: {exc}") from exc
                 # One thread: the engine owns the other cores; and xgrammar caches what it compiled.
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=self._cache_bytes)
             return self._compiler
 
 

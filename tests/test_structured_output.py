@@ -74,6 +74,18 @@ def masked(matcher: xgr.GrammarMatcher, logits: torch.Tensor) -> None:
     xgr.apply_token_bitmask_inplace(logits, bitmask)
 
 
+def test_the_compiled_constraints_kept_stay_within_their_budget() -> None:
+    limit = 1_000_000
+    bounded = GrammarCompiler(byte_vocab_info, cache_bytes=limit)
+    sizes = []
+    for i in range(700):  # distinct schemas, as many clients would send (xgrammar alone passes 1 MB by ~450)
+        properties = {f"field_{i}_{j}": {"type": "string", "maxLength": 5 + j} for j in range(6)}
+        bounded.compile(GrammarSpec.json_schema({"type": "object", "properties": properties}))
+        sizes.append(bounded.cache_bytes)
+    assert max(sizes) <= limit and sizes[0] > 0, sizes
+    assert max(sizes) >= limit // 2, "the cache must fill up towards its budget, not be emptied every time"
+
+
 def allowed(grammar: Grammar, text: str) -> set[int]:
     """The tokens ``grammar`` allows after ``text``."""
     matcher = grammar.matcher()
