@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from server.kv_cache import HEADROOM_COLUMNS, allocate, with_room
+from server.prompt_cache import CachedPrompt
 from server.sampling import SamplingBatch, SamplingParams
 
 
@@ -39,10 +40,22 @@ class NewRequest:
     params: SamplingParams
     prefix_kv: torch.Tensor | None = None  # [L, 2, H_kv, P, d], any device/dtype
     prefix_id: str | None = None
+    # The prompt's first tokens' K/V from the prompt cache (server/prompt_cache.py): copied in after the prefix,
+    # so that only the rest of the prompt is computed. ``prompt_ids`` stays the whole prompt.
+    cached: CachedPrompt | None = None
 
     @property
     def prefix_len(self) -> int:
         return 0 if self.prefix_kv is None else self.prefix_kv.shape[3]
+
+    @property
+    def cached_len(self) -> int:
+        return 0 if self.cached is None else self.cached.tokens
+
+    @property
+    def computed_ids(self) -> Sequence[int]:
+        """The prompt tokens the prefill computes: those after the cached head."""
+        return self.prompt_ids[self.cached_len :]
 
 
 @dataclass(frozen=True)
@@ -108,8 +121,9 @@ class Batch:
         """
         num_layers, num_kv_heads, head_dim = kv_shape
         n_rows = len(requests)
-        prefix_lens = [r.prefix_len for r in requests]
-        prompt_lens = [len(r.prompt_ids) for r in requests]
+        # A row's context before the prompt tokens it computes: its prefix, then its cached prompt head if any.
+        prefix_lens = [r.prefix_len + r.cached_len for r in requests]
+        prompt_lens = [len(r.computed_ids) for r in requests]
         p_max, n_max = max(prefix_lens), max(prompt_lens)
         capacity = p_max + n_max + HEADROOM_COLUMNS
         # One buffer per layer and K/V, not views of one tensor: every batch's buffers are then laid out alike
@@ -123,12 +137,16 @@ class Batch:
         mask = torch.zeros(n_rows, p_max + n_max, dtype=torch.int64)
         for i, req in enumerate(requests):
             p, n = prefix_lens[i], prompt_lens[i]
-            if req.prefix_kv is not None:
-                prefix = place_prefix(req)  # [L, 2, H_kv, P, d]
+            start = p_max - p
+            pieces = [] if req.prefix_kv is None else [place_prefix(req)]  # [L, 2, H_kv, P, d]
+            pieces += [] if req.cached is None else [b.to(device, dtype) for b in req.cached.blocks]
+            for piece in pieces:
+                width = piece.shape[3]
                 for layer in range(num_layers):
-                    keys[layer][i, :, p_max - p : p_max] = prefix[layer, 0]
-                    values[layer][i, :, p_max - p : p_max] = prefix[layer, 1]
-            input_ids[i, n_max - n :] = torch.tensor(list(req.prompt_ids), dtype=torch.int64)
+                    keys[layer][i, :, start : start + width] = piece[layer, 0]
+                    values[layer][i, :, start : start + width] = piece[layer, 1]
+                start += width
+            input_ids[i, n_max - n :] = torch.tensor(list(req.computed_ids), dtype=torch.int64)
             positions[i, n_max - n :] = torch.arange(p, p + n)
             mask[i, p_max - p : p_max] = 1
             mask[i, p_max + n_max - n :] = 1

@@ -68,6 +68,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         "(default 2 MiB; 0 = whole)",
     ),
     "device_cache_bytes": (int, "accelerator prefix cache budget (default 1 GiB; unused on CPU)"),
+    "prompt_cache_bytes": (
+        int,
+        "K/V of prompt heads kept for later requests of the same prefix, in blocks of 16 tokens (default 256 MiB; "
+        "0 = off)",
+    ),
     "max_stop_strings": (int, "most stop strings per request (default 16)"),
     "max_request_bytes": (int, "largest JSON request body (default 4 MiB)"),
     "request_timeout_s": (float, "cancel a generation running longer, answering 408 (default 600; 0 = never)"),

@@ -57,6 +57,9 @@ class ServeConfig:
     # engine step on a CPU (prefix_store/piecewise.py); 0 = read each prefix whole.
     load_piece_bytes: int = 2 * 2**20
     device_cache_bytes: int = 2**30  # prefixes kept on the accelerator (unused on CPU, where host memory is used)
+    # Prompt heads' K/V kept for later requests of the same prefix (server/prompt_cache.py), on the model's device;
+    # 0 = off. Decoder-only models.
+    prompt_cache_bytes: int = 256 * 2**20
     request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish

@@ -30,6 +30,7 @@ from server.batch import Batch, RowInfo
 from server.config import MAX_LISTED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS
 from server.errors import InvalidInput, Overloaded, Unavailable
 from server.prefill_pacing import StepClock, paced_budget
+from server.prompt_cache import CachedPrompt, PromptCache
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams, StepLogprobs, TokenLogprob
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
@@ -87,6 +88,7 @@ class _Tracked:
     stop: StopMatcher
     generated: list[int] = field(default_factory=list)
     prompt_logprobs: Sequence[TokenLogprob | None] | None = None  # once the prompt is in, when asked for
+    cached: CachedPrompt | None = None  # the prompt's head found in the prompt cache at admission
     cancelled: bool = False
     done: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)  # for time to first token
@@ -105,7 +107,10 @@ class _Prefilling:
     @property
     def remaining(self) -> int:
         """Prompt tokens not yet in the KV."""
-        return len(self.tracked.request.prompt_ids) if self.pending is None else self.pending.remaining
+        if self.pending is not None:
+            return self.pending.remaining
+        cached = self.tracked.cached
+        return len(self.tracked.request.prompt_ids) - (0 if cached is None else cached.tokens)
 
 
 # A chunk's cost beyond its tokens, in prompt tokens' worth of step time (2-core CPU, default model, 16 rows
@@ -124,7 +129,9 @@ def chunk_overhead(entry: _Prefilling) -> int:
     """The step time a chunk of ``entry``'s prompt costs beyond its tokens, in tokens."""
     if entry.pending is not None:
         return CHUNK_OVERHEAD_TOKENS
-    return CHUNK_OVERHEAD_TOKENS + ROW_START_TOKENS + entry.tracked.request.prefix_len // PREFIX_COLUMNS_PER_TOKEN
+    cached = entry.tracked.cached
+    columns = entry.tracked.request.prefix_len + (0 if cached is None else cached.tokens)  # copied into the row
+    return CHUNK_OVERHEAD_TOKENS + ROW_START_TOKENS + columns // PREFIX_COLUMNS_PER_TOKEN
 
 
 @dataclass
@@ -190,14 +197,19 @@ class Engine:
         metrics: EngineMetrics | None = None,
         step_gaps: StepGaps | None = None,
         overlap_steps: bool | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         """``step_gaps``, if given, runs other threads' CPU-bound work between steps (server/step_gaps.py).
 
         ``overlap_steps``: a decode step is launched before the last one's tokens are handed out, so the host's
         per-row work runs while the accelerator computes (None: on CUDA, for decoder-only runners). A row that
         ends (EOS, stop string, cancel) rides one step more; that step's token is dropped.
+
+        ``prompt_cache``: prompt heads' K/V kept for later requests of the same prefix (server/prompt_cache.py);
+        decoder-only runners only (an encoder-decoder's prompt goes to the encoder).
         """
         self.runner = runner
+        self.prompt_cache = prompt_cache if isinstance(runner, ModelRunner) else None
         self.step_gaps = step_gaps
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -400,6 +412,9 @@ class Engine:
             running = [Running(t.max_len, t.request.tenant) for t in rows]
             admitted = [self._tracked[r] for r in self.scheduler.admit(running)]
         admitted = [t for t in admitted if not t.cancelled]
+        if self.prompt_cache is not None:
+            for t in admitted:
+                t.cached = self._cached_head(t)
         if self._chunk_tokens:
             rows_of: dict[str, int] = {}  # rows each tenant holds, decoding or prefilling, as admission counted
             for t in rows + admitted:
@@ -416,6 +431,8 @@ class Engine:
                     self._finish(t, GenerationEvent(None, "", "error", error=f"prefill failed: {exc}"))
                 new_batch = None
             if new_batch is not None:
+                for row, t in enumerate(admitted):
+                    self._remember_prompt(t, new_batch, row)
                 if self.metrics is not None:
                     self.metrics.prefilled([t.request for t in admitted])
                 for t in admitted:
@@ -481,6 +498,7 @@ class Engine:
             if first is None:
                 continue
             self._prefilling.remove(entry)
+            self._remember_prompt(entry.tracked, entry.pending.batch, 0)
             if self.metrics is not None:
                 self.metrics.prefilled([entry.tracked.request])
             if entry.pending.prompt_logprobs_asked is not None:
@@ -552,7 +570,38 @@ class Engine:
     @staticmethod
     def _new_request(t: _Tracked) -> NewRequest:
         request = t.request
-        return NewRequest(t.request_id, request.prompt_ids, request.params, request.prefix_kv, request.prefix_id)
+        return NewRequest(
+            t.request_id, request.prompt_ids, request.params, request.prefix_kv, request.prefix_id, t.cached
+        )
+
+    # ----- prompt cache --------------------------------------------------------------------------
+
+    @staticmethod
+    def _prompt_cache_key(request: GenerationRequest) -> str | None:
+        """What a prompt's cached K/V depend on besides its tokens: the prefix, by its id (tenant, task, version,
+        content hash). None when a prefix comes without an id: such a request is never cached."""
+        if request.prefix_kv is None:
+            return ""  # the base model
+        return request.prefix_id
+
+    def _cached_head(self, t: _Tracked) -> CachedPrompt | None:
+        """The admitted request's prompt head from the cache (prompt log-probabilities need every prompt token's
+        logits, so those requests compute theirs)."""
+        key = self._prompt_cache_key(t.request)
+        if self.prompt_cache is None or key is None or t.request.params.prompt_logprobs is not None:
+            return None
+        cached = self.prompt_cache.lookup(key, t.request.prompt_ids)
+        if cached is not None and self.metrics is not None:
+            self.metrics.prompt_cache_hit_tokens.inc(cached.tokens)
+        return cached
+
+    def _remember_prompt(self, t: _Tracked, batch: Batch, row: int) -> None:
+        """Keep the K/V of the whole prompt of ``row`` (just prefilled) for later requests of its prefix."""
+        key = self._prompt_cache_key(t.request)
+        if self.prompt_cache is None or key is None or not isinstance(self.runner, ModelRunner):
+            return
+        runner = self.runner
+        self.prompt_cache.store(key, t.request.prompt_ids, lambda start, end: runner.prompt_kv(batch, row, start, end))
 
     def _consume(self, batch: Batch, tokens: torch.Tensor, observe: bool) -> Batch | None:
         """Hand each row of a new batch its first token; return the batch without the rows that ended.

@@ -122,6 +122,11 @@ class EngineMetrics:
         self.generated_tokens = Counter(
             "prefix_serve_generated_tokens", "Tokens generated and handed to requests.", by_task, registry=registry
         )
+        self.prompt_cache_hit_tokens = Counter(
+            "prefix_serve_prompt_cache_hit_tokens",
+            "Prompt tokens whose K/V came from the prompt cache instead of being computed (part of prompt_tokens).",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "prefix_serve_batch_size",
             "Rows per forward pass (prefill and decode).",

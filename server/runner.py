@@ -219,6 +219,22 @@ class ModelRunner:
             firsts.append(first)
         return tokens, firsts
 
+    @torch.inference_mode()
+    def prompt_kv(self, batch: Batch, row: int, start: int, end: int) -> torch.Tensor:
+        """The K/V of prompt tokens [start, end) of ``row``, a row whose whole prompt has just gone into its KV:
+        [L, 2, H_kv, end - start, d], a copy (for the prompt cache). The row's real columns are its prefix,
+        then its prompt, in order."""
+        real = torch.nonzero(batch.attention_mask[row]).flatten()  # [P + N]
+        first = int(real[batch.rows[row].prefix_len + start])
+        if int(real[batch.rows[row].prefix_len + end - 1]) != first + end - start - 1:
+            raise RuntimeError("a prompt's columns are not contiguous in its row")
+        return torch.stack(
+            [
+                torch.stack([k[row, :, first : first + end - start], v[row, :, first : first + end - start]])
+                for k, v in zip(batch.keys, batch.values, strict=True)
+            ]
+        )
+
     def _static_decode(self, groups: Sequence[Batch]) -> list[torch.Tensor]:
         """A decode step of fixed shape for the rows of ``groups`` (a CUDA graph on a GPU); each group's tokens."""
         assert self.static_decoder is not None
@@ -266,8 +282,8 @@ class ModelRunner:
             _advance_past_decode(batch)
         for pending, n in chunks:
             pending.done += n
-            prefix_len = pending.batch.rows[0].prefix_len
-            pending.batch.attention_mask = pending.inputs.attention_mask[:, : prefix_len + pending.done]
+            context = pending.inputs.attention_mask.shape[1] - pending.inputs.input_ids.shape[1]  # prefix + cached
+            pending.batch.attention_mask = pending.inputs.attention_mask[:, : context + pending.done]
             if not pending.remaining:
                 pending.batch.next_positions = pending.inputs.position_ids[:, -1] + 1
         return out.logits[0].float()

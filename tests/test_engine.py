@@ -13,6 +13,7 @@ from server.engine import Engine, GenerationEvent, GenerationRequest
 from server.errors import InvalidInput, Overloaded
 from server.metrics import EngineMetrics
 from server.model_loading import probe_kv_shape
+from server.prompt_cache import PromptCache
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
@@ -69,6 +70,7 @@ def make_engine(
     overlap_steps: bool | None = None,
     metrics: EngineMetrics | None = None,
     eos_token_ids: list[int] | None = None,
+    prompt_cache: PromptCache | None = None,
     **config,
 ) -> Engine:
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
@@ -81,6 +83,7 @@ def make_engine(
         metrics=metrics,
         step_gaps=step_gaps,
         overlap_steps=overlap_steps,
+        prompt_cache=prompt_cache,
     )
     engine.start()
     return engine

@@ -203,3 +203,30 @@ def test_cuda_memory_families(monkeypatch: pytest.MonkeyPatch) -> None:
         "prefix_serve_cuda_memory_peak_allocated_bytes": 15,
     }
     assert all(f.samples[0].labels == {"device": "cuda:0"} for f in families.values())
+
+
+def test_prompt_cache_hits_through_the_app_change_no_token(loaded, tmp_path: Path) -> None:
+    """Chat requests of one task sharing a long system prompt: the second takes the shared head's K/V from the
+    prompt cache (counted in its metric) and generates what a server without the cache does."""
+    system = {"role": "system", "content": "You answer in the voice of a ship's log. " * 8}
+    chats = [[system, {"role": "user", "content": text}] for text in ("Where are we?", "What is the weather?")]
+    outputs: dict[int, list[list[int]]] = {}
+    hits: dict[int, float] = {}
+    for budget in (0, 64 << 20):
+        config = ServeConfig(store=f"disk://{tmp_path / str(budget)}", prompt_cache_bytes=budget, max_new_tokens=64)
+        with TestClient(create_app(config, model=loaded)) as client:
+            assert put_native(client, "log", native_blob(5)).status_code == 201
+            before = scrape(client)
+            outputs[budget] = []
+            for messages in chats:
+                body = {"task_id": "log", "messages": messages, "max_new_tokens": 10}
+                r = client.post("/v1/generate", json=body)
+                assert r.status_code == 200, r.text
+                outputs[budget].append(r.json()["token_ids"])
+            hits[budget] = total(scrape(client), "prefix_serve_prompt_cache_hit_tokens_total") - total(
+                before, "prefix_serve_prompt_cache_hit_tokens_total"
+            )
+    prompt = loaded.tokenizer.apply_chat_template(chats[1], add_generation_prompt=True, tokenize=False)
+    shared = len(loaded.tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert hits[0] == 0 and 32 <= hits[64 << 20] < shared, hits
+    assert outputs[0] == outputs[64 << 20]

@@ -31,6 +31,7 @@ from server.metrics import MetricsMiddleware, ServerMetrics
 from server.metrics import router as metrics_router
 from server.model_loading import LoadedModel, load_model
 from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
+from server.prompt_cache import PromptCache
 from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
@@ -98,6 +99,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         ),
         metrics=None if metrics is None else metrics.engine,
         step_gaps=step_gaps,
+        prompt_cache=PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes > 0 else None,
     )
     # Trims run between steps, and wait for the engine to go idle while rows decode (server/heap_trim.py).
     heap_trimmer = HeapTrimmer(malloc_trim(), run=run_between_steps, busy=lambda: engine.num_running > 0)

@@ -1,0 +1,119 @@
+"""What the prompt cache saves, and what it costs when nothing repeats, side by side in one engine.
+
+    python -m bench.prompt_cache [--rounds 3] [--batch 32] [--new-tokens 32]
+
+The engine runs in process on the default model (fused chunked prefill, the server's CPU defaults); the cache is
+switched on and off between rounds, which alternate:
+
+- **shared head**: ``--batch`` requests whose prompts share a 384-token head (a long system prompt or document)
+  and end in 16 tokens of their own. With the cache, one request run first leaves the head's K/V behind (as an
+  earlier request would have), and the batch then computes only its tails.
+- **unique**: ``--batch`` requests of 200 distinct random tokens: nothing to reuse, so the cache costs what
+  storing every prompt's blocks costs (it is emptied before each such round).
+
+Reported: tokens/s of the whole batch and time to first token (mean, max), with the cache against without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import Sequence
+
+from bench.harness import log
+from bench.inproc import make_engine, random_prompts
+from server.config import ServeConfig
+from server.engine import Engine, GenerationRequest
+from server.model_loading import load_model
+from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
+from server.prompt_cache import PromptCache
+from server.sampling import SamplingParams
+
+VOCAB = 49152
+
+
+async def _one(engine: Engine, request: GenerationRequest, start: float) -> tuple[float, int]:
+    first, tokens = 0.0, 0
+    async for event in engine.generate(request):
+        if event.token_id is not None:
+            tokens += 1
+            if tokens == 1:
+                first = time.perf_counter() - start
+    return first, tokens
+
+
+def run(engine: Engine, requests: Sequence[GenerationRequest]) -> tuple[float, list[float]]:
+    """Tokens/s of the batch, and each request's time to first token (s)."""
+
+    async def go() -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(_one(engine, r, start) for r in requests))
+        elapsed = time.perf_counter() - start
+        return sum(n for _, n in results) / elapsed, [t for t, _ in results]
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    args = p.parse_args()
+    loaded = load_model(None)
+    engine = make_engine(
+        loaded.model,
+        loaded.num_layers,
+        loaded.num_kv_heads,
+        loaded.head_dim,
+        loaded.max_context,
+        args.batch,
+        prefill_chunk_tokens=ServeConfig.prefill_chunk_tokens,  # the server's CPU defaults: fused chunks,
+        kv_groups=ServeConfig.kv_groups,
+        prefill_deadline_s=DEFAULT_CPU_DEADLINE_S,  # paced
+    )
+    cache = PromptCache(256 * 2**20)
+    engine.start()
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    head = random_prompts(1, 384, VOCAB, seed=1)[0]
+    shared = [GenerationRequest(head + tail, params) for tail in random_prompts(args.batch, 16, VOCAB, seed=2)]
+    warm = GenerationRequest(head + random_prompts(1, 16, VOCAB, seed=3)[0], params)
+    results: dict[str, list[tuple[float, list[float]]]] = {}
+    try:
+        run(engine, shared[:4])  # warm-up
+        for round_ in range(args.rounds):
+            for workload in ("shared head", "unique"):
+                for cached in (False, True):
+                    cache.clear()
+                    engine.prompt_cache = cache if cached else None
+                    if workload == "shared head":
+                        run(engine, [warm])  # what an earlier request would have left behind (or not)
+                        requests = shared
+                    else:
+                        prompts = random_prompts(args.batch, 200, VOCAB, seed=100 + round_)
+                        requests = [GenerationRequest(prompt, params) for prompt in prompts]
+                    results.setdefault(f"{workload}, cache {'on' if cached else 'off'}", []).append(
+                        run(engine, requests)
+                    )
+    finally:
+        engine.shutdown()
+    log(f"{args.batch} requests x {args.new_tokens} new tokens, medians of {args.rounds} rounds:")
+    summary = {}
+    for name, runs in results.items():
+        rate = statistics.median(r for r, _ in runs)
+        ttft = statistics.median(statistics.mean(t) for _, t in runs)
+        worst = statistics.median(max(t) for _, t in runs)
+        summary[name] = rate, ttft
+        log(
+            f"  {name}: {rate:.1f} tok/s, TTFT mean {ttft:.2f} s, max {worst:.2f} s "
+            f"(tok/s per round {[round(r, 1) for r, _ in runs]})"
+        )
+    for workload in ("shared head", "unique"):
+        (off_rate, off_ttft), (on_rate, on_ttft) = summary[f"{workload}, cache off"], summary[f"{workload}, cache on"]
+        log(f"  {workload}: cache on / off: tok/s {on_rate / off_rate:.3f}x, mean TTFT {on_ttft / off_ttft:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Prompt cache: the KV of prompt heads already computed, reused by later requests of the same prefix.
+
+Requests of one task often start alike: a system prompt, a chat template's opening, few-shot examples, a shared
+document. Their K/V after the task's prefix depend only on the prefix and those tokens, so a later request that
+starts with the same tokens can take them instead of computing them (vLLM's automatic prefix caching). Since a
+trained prefix is itself K/V placed before the prompt, a cache hit simply makes the row's context longer: its
+first m prompt tokens' K/V are copied in after the prefix, and only the rest of the prompt is computed, from
+position P + m on.
+
+The cache holds blocks of ``block_tokens`` prompt tokens, each keyed by its tokens and the block before it (the
+first by the prefix's id, which names tenant, task, version and content hash), so a key matches only the exact
+same prefix and token history; dictionary lookups compare the tokens themselves, never a hash of them. Blocks are
+kept least recently used first out, within a byte budget; a hit refreshes its blocks last to first, so that a
+chain's first blocks, which every longer prompt needs, go last. A block that goes takes the blocks after it
+(unreachable without it) along.
+
+Only the engine thread uses it: a lookup when a request is admitted, a store when its prompt is all in the KV.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_BLOCK_TOKENS = 16
+
+# A block's key: (the key of the block before it, or the prefix's key for the first block; its tokens).
+BlockKey = tuple[object, tuple[int, ...]]
+
+
+@dataclass
+class _Block:
+    number: int  # unique for the cache's life: the next block's key refers to it
+    kv: torch.Tensor  # [L, 2, H_kv, block_tokens, d]
+    children: set[BlockKey] = field(default_factory=set)
+    parent: BlockKey | None = None
+
+
+@dataclass(frozen=True)
+class CachedPrompt:
+    """The cached head of a prompt: its first ``tokens`` tokens' K/V, block by block."""
+
+    tokens: int
+    blocks: tuple[torch.Tensor, ...]  # each [L, 2, H_kv, block_tokens, d]
+
+
+class PromptCache:
+    def __init__(self, max_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+        if max_bytes <= 0 or block_tokens <= 0:
+            raise ValueError("a prompt cache needs a positive byte budget and block size")
+        self.max_bytes = max_bytes
+        self.block_tokens = block_tokens
+        self.bytes = 0
+        self.hit_tokens = 0  # prompt tokens taken from the cache instead of computed, since start
+        self._blocks: OrderedDict[BlockKey, _Block] = OrderedDict()  # least recently used first
+        self._numbers = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def lookup(self, prefix_key: str, prompt: Sequence[int]) -> CachedPrompt | None:
+        """The longest cached head of ``prompt`` that leaves at least one token to compute (the last prompt
+        token's logits give the first generated token), or None."""
+        usable = (len(prompt) - 1) // self.block_tokens
+        chain: list[BlockKey] = []
+        parent: object = prefix_key
+        for j in range(usable):
+            key = (parent, tuple(prompt[j * self.block_tokens : (j + 1) * self.block_tokens]))
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            chain.append(key)
+            parent = block.number
+        if not chain:
+            return None
+        for key in reversed(chain):  # the first block ends most recently used: it goes last
+            self._blocks.move_to_end(key)
+        tokens = len(chain) * self.block_tokens
+        self.hit_tokens += tokens
+        return CachedPrompt(tokens, tuple(self._blocks[key].kv for key in chain))
+
+    def store(self, prefix_key: str, prompt: Sequence[int], kv_of: Callable[[int, int], torch.Tensor]) -> None:
+        """Keep the whole blocks of ``prompt`` not cached yet (those a hit took are there already, unless evicted
+        since). ``kv_of(start, end)`` gives the K/V of prompt tokens [start, end) as [L, 2, H_kv, end - start, d]."""
+        size = self.block_tokens
+        whole = len(prompt) // size
+        parent: object = prefix_key  # what the next block's key refers to
+        parent_key: BlockKey | None = None
+        first_missing = whole
+        for j in range(whole):
+            block = self._blocks.get((parent, tuple(prompt[j * size : (j + 1) * size])))
+            if block is None:
+                first_missing = j
+                break
+            parent, parent_key = block.number, (parent, tuple(prompt[j * size : (j + 1) * size]))
+        if first_missing == whole:
+            return
+        start = first_missing * size
+        kv = kv_of(start, whole * size)  # [L, 2, H_kv, M, d]: one copy out of the batch's buffers
+        chain: list[tuple[BlockKey, _Block]] = []
+        for j, piece in enumerate(kv.split(size, dim=3)):
+            key = (parent, tuple(prompt[start + j * size : start + (j + 1) * size]))
+            block = _Block(next(self._numbers), piece.clone(), parent=parent_key)
+            chain.append((key, block))
+            parent, parent_key = block.number, key
+        for key, block in reversed(chain):  # the chain's first block ends most recently used
+            self._blocks[key] = block
+            self.bytes += block.kv.numel() * block.kv.element_size()
+        for key, block in chain:
+            if block.parent is not None and block.parent in self._blocks:
+                self._blocks[block.parent].children.add(key)
+        self._evict()
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self.bytes = 0
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes and self._blocks:
+            key = next(iter(self._blocks))
+            self._drop(key)
+
+    def _drop(self, key: BlockKey) -> None:
+        block = self._blocks.pop(key, None)
+        if block is None:
+            return
+        self.bytes -= block.kv.numel() * block.kv.element_size()
+        if block.parent is not None and block.parent in self._blocks:
+            self._blocks[block.parent].children.discard(key)
+        for child in list(block.children):  # unreachable without this block
+            self._drop(child)
