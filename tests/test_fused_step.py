@@ -284,12 +284,19 @@ async def test_a_burst_admitted_at_once_gets_its_rows_as_its_chunks_go_in() -> N
 
 
 def _entry(
-    tenant: str, remaining: int, prefix_len: int = 0, started: bool = False, submitted_at: float = 0.0
+    tenant: str,
+    remaining: int,
+    prefix_len: int = 0,
+    started: bool = False,
+    submitted_at: float = 0.0,
+    cached_tokens: int = 0,
 ) -> SimpleNamespace:
-    """What ``Engine._next_chunks`` reads of a prefilling request: its row exists once ``started``."""
+    """What ``Engine._next_chunks`` reads of a prefilling request: its row exists once ``started``; a prompt head
+    of ``cached_tokens`` from the prompt cache is copied into it after the prefix."""
     request = SimpleNamespace(tenant=tenant, prefix_len=prefix_len)
     pending = SimpleNamespace() if started else None
-    tracked = SimpleNamespace(request=request, submitted_at=submitted_at)
+    cached = SimpleNamespace(tokens=cached_tokens) if cached_tokens else None
+    tracked = SimpleNamespace(request=request, submitted_at=submitted_at, cached=cached)
     return SimpleNamespace(tracked=tracked, remaining=remaining, tenant=tenant, pending=pending)
 
 
@@ -321,6 +328,8 @@ def test_chunks_pay_their_overhead_out_of_the_budget_while_rows_decode() -> None
         assert [n for _, n in engine._next_chunks({})] == [14]  # 14 + 2: nothing left for b's 7 of overhead
         engine._prefilling.reverse()
         assert [n for _, n in engine._next_chunks({})] == [9]  # 9 + 7 of overhead: nothing left for a
+        engine._prefilling = [_entry("c", 30, prefix_len=100, cached_tokens=300)]  # type: ignore[list-item]
+        assert [n for _, n in engine._next_chunks({})] == [9]  # a cached head is copied in too: 1 + 2 + 4
         engine._groups = []
         engine._prefilling = [_entry(f"t{i}", 1, prefix_len=250) for i in range(4)]  # type: ignore[list-item]
         assert [n for _, n in engine._next_chunks({})] == [1, 1, 1, 1]
