@@ -284,6 +284,26 @@ def test_n_choices_are_seeded_requests_streamed_or_not(oai: openai.OpenAI) -> No
     assert [c.text for c in scored.choices] == ["Once upon a time"] * 2
 
 
+def _prompt_cache_hits(server_url: str) -> float:
+    text = httpx.get(f"{server_url}/metrics").text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("prefix_serve_prompt_cache_hit")
+    )
+
+
+def test_later_choices_take_the_first_ones_prompt_from_the_cache(oai: openai.OpenAI, server_url: str) -> None:
+    """n choices of a long prompt: the later ones start once the first has its first token, and take its
+    prompt's K/V from the prompt cache; each still equals a single request with its seed."""
+    prompt = " ".join(f"word{i}" for i in range(40))  # ~120 tokens: 7 whole blocks of 16
+    request: dict[str, Any] = {"model": TASK, "prompt": prompt, "max_tokens": 5, "temperature": 1.0}
+    before = _prompt_cache_hits(server_url)
+    got = oai.completions.create(**request, n=4, seed=77)
+    hits = _prompt_cache_hits(server_url) - before
+    assert got.usage is not None and hits >= 3 * (got.usage.prompt_tokens - 16), hits
+    singles = [oai.completions.create(**request, seed=77 + i).choices[0].text for i in range(4)]
+    assert [c.text for c in got.choices] == singles
+
+
 def test_stop_token_ids_min_tokens_and_ignore_eos(oai: openai.OpenAI, server_url: str, loaded: LoadedModel) -> None:
     body = {"task_id": TASK, "prompt": "Once upon a time", "max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
     plain = native_generate(server_url, **body)["token_ids"]

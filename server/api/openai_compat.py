@@ -474,9 +474,25 @@ def _choices(prepared: PreparedGeneration, n: int) -> list[PreparedGeneration]:
     return [replace(prepared, request=replace(request, params=replace(request.params, seed=seed))) for seed in seeds]
 
 
-async def _indexed(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
-    """The choices' events as they come, each with its choice's index. An error in one (429, 408) ends them all;
-    closing this closes every stream (which aborts their requests)."""
+def _waits(state: ServerState, prompts: list[PreparedGeneration], n: int) -> list[int | None]:
+    """For each of the ``n`` choices of each prompt, the stream it starts after (its prompt's first choice), or
+    None: with the prompt cache on, a prompt's later choices start once the first has its first token, and so
+    take its prompt's K/V from the cache instead of computing it again (on a CPU the prefills would share the
+    cores anyway, so the later choices' first tokens come no later). Prompts of one block or less go at once."""
+    cache = state.engine.prompt_cache
+    waits: list[int | None] = []
+    for p, prepared in enumerate(prompts):
+        shared = cache is not None and len(prepared.request.prompt_ids) > cache.block_tokens
+        waits += [None if c == 0 or not shared else p * n for c in range(n)]
+    return waits
+
+
+async def _indexed(
+    streams: list[AsyncIterator[GenerationEvent]], waits: list[int | None] | None = None
+) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """The choices' events as they come, each with its choice's index. ``waits[i]``: the stream whose first event
+    stream i waits for before it starts (None: at once). An error in one (429, 408) ends them all; closing this
+    closes every stream (which aborts their requests)."""
     if len(streams) == 1:  # no tasks, no queue: the common case stays as cheap as it was
         try:
             async for event in streams[0]:
@@ -486,13 +502,20 @@ async def _indexed(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterat
         return
     queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | None]] = asyncio.Queue()
 
+    started = [asyncio.Event() for _ in streams]
+
     async def pump(index: int, stream: AsyncIterator[GenerationEvent]) -> None:
         try:
+            if waits is not None and waits[index] is not None:
+                await started[waits[index]].wait()  # type: ignore[index]
             async for event in stream:
+                started[index].set()
                 queue.put_nowait((index, event))
             queue.put_nowait((index, None))
         except Exception as exc:  # handed to the consumer, which raises it
             queue.put_nowait((index, exc))
+        finally:
+            started[index].set()  # ended without an event: whoever waits goes anyway
 
     pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
@@ -522,7 +545,7 @@ async def _respond(
     # Choice p * n + c: choice c of prompt p.
     engine_requests = [choice for prompt in shape.prompts for choice in _choices(prompt, shape.n)]
     streams = [start_events(state, p, stream=bool(body.stream)) for p in engine_requests]
-    events = _indexed(streams)
+    events = _indexed(streams, _waits(state, shape.prompts, shape.n))
     if body.stream:
         try:
             first = await anext(events)  # errors before the first token still get a proper status code
