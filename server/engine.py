@@ -601,7 +601,12 @@ class Engine:
         if self.prompt_cache is None or key is None or not isinstance(self.runner, ModelRunner):
             return
         runner = self.runner
-        self.prompt_cache.store(key, t.request.prompt_ids, lambda start, end: runner.prompt_kv(batch, row, start, end))
+        try:
+            self.prompt_cache.store(
+                key, t.request.prompt_ids, lambda start, end: runner.prompt_kv(batch, row, start, end)
+            )
+        except Exception:  # the cache saves work; failing to fill it must not fail the rows
+            log.error("storing a prompt in the prompt cache failed:\n%s", traceback.format_exc())
 
     def _consume(self, batch: Batch, tokens: torch.Tensor, observe: bool) -> Batch | None:
         """Hand each row of a new batch its first token; return the batch without the rows that ended.
