@@ -575,6 +575,96 @@ def test_bad_constraints_are_refused_on_both_apis(oai: openai.OpenAI, server_url
         )
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> None:
+    """A named tool_choice holds the reply to that function's parameters and returns one call; 'required'
+    returns one or more calls of the tools; streamed, the calls come whole in the last delta."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    got = oai.chat.completions.create(
+        model=TASK, messages=messages, tools=[WEATHER, TIME], tool_choice=named, max_tokens=40, temperature=0
+    )
+    choice = got.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert arguments["city"] in ("Paris", "Rome", "Oslo") and arguments["unit"] in ("celsius", "fahrenheit")
+
+    chunks = list(
+        oai.chat.completions.create(
+            model=TASK,
+            messages=messages,
+            tools=[WEATHER, TIME],
+            tool_choice=named,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = [d.tool_calls for d in deltas if d.tool_calls]
+    assert len(streamed) == 1 and streamed[0][0].function.arguments == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    required = oai.chat.completions.create(
+        model=TASK,
+        messages=messages,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=48,
+        temperature=1.0,
+        seed=3,
+        parallel_tool_calls=False,
+    )
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
+    assert len(choice.message.tool_calls) == 1  # parallel_tool_calls false: one call
+    call = choice.message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get_time")
+    assert set(json.loads(call.function.arguments)) == (
+        {"city", "unit"} if call.function.name == "get_weather" else {"zone"}
+    )
+
+    # The conversation goes on with the call and the tool's answer in the history.
+    history = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"},
+    ]
+    after = oai.chat.completions.create(
+        model=TASK, messages=history, max_tokens=4, temperature=0, tools=[WEATHER], tool_choice="none"
+    )
+    assert after.choices[0].message.content and after.choices[0].message.tool_calls is None
+
+
 def _error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     body = exc.response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -609,7 +699,20 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("chat", {"n": 17}, "n"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        # tool_choice 'auto' (the default with tools) needs a model-specific parser:
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tool_choice"),
+        ("chat", {"tool_choice": "required"}, "tool_choice"),  # no tools
+        (
+            "chat",
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        (
+            "chat",
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+        ),
+        ("chat", {"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),  # names must be distinct
         ("chat", {"response_format": {"type": "json_schema"}}, "response_format"),  # no schema
         (
             "chat",
@@ -638,7 +741,9 @@ def test_other_bad_input_is_400(oai: openai.OpenAI, server_url: str) -> None:
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=TASK, prompt="hi", extra_body={"no_such_field": 1})
     with pytest.raises(openai.BadRequestError):
-        oai.chat.completions.create(model=TASK, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+        oai.chat.completions.create(model=TASK, messages=[{"role": "function", "content": "x", "name": "f"}])
+    with pytest.raises(openai.BadRequestError, match="content is missing"):
+        oai.chat.completions.create(model=TASK, messages=[{"role": "user"}])  # type: ignore[list-item]
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=TASK, messages=[image])  # type: ignore[list-item]

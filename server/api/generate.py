@@ -8,6 +8,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -42,11 +43,12 @@ async def prepare_generation(
     *,
     task_id: str | None,
     prompt: str | None,
-    messages: list[dict[str, str]] | None,
+    messages: list[dict[str, Any]] | None,
     params: SamplingParams,
     response_id: str,
     prompt_ids: list[int] | None = None,
     grammar: GrammarSpec | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> PreparedGeneration:
     """Shared by the native and OpenAI routes: limits, tokenisation (unless ``prompt_ids`` come instead of a
     prompt), the structured-output constraint's compilation, prefix lookup."""
@@ -56,7 +58,7 @@ async def prepare_generation(
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
         raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters")
     if prompt_ids is None:  # token ids sent as they are: the engine checks they are in the vocabulary
-        prompt_ids = tokenize(state, prompt, messages)
+        prompt_ids = tokenize(state, prompt, messages, tools)
     if len(prompt_ids) > config.max_prompt_tokens:
         raise InvalidInput(f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
     if grammar is not None:
@@ -96,14 +98,23 @@ def start_events(state: ServerState, prepared: PreparedGeneration, *, stream: bo
     return state.gate.events(state.engine, request, state.quotas_for(request.tenant), stream=stream)
 
 
-def tokenize(state: ServerState, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+def tokenize(
+    state: ServerState,
+    prompt: str | None,
+    messages: list[dict[str, Any]] | None,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """The prompt's token ids; messages go through the model's chat template (with the tools, if any)."""
     tokenizer = state.model.tokenizer
     if tokenizer is None:
         raise InvalidInput("this model has no tokenizer")
     if messages is not None:
         if not tokenizer.chat_template:
             raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'")
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # a Jinja template raising on messages it does not expect
+            raise InvalidInput(f"the model's chat template cannot render these messages: {exc}") from exc
         return list(tokenizer(prompt, add_special_tokens=False).input_ids)
     return list(tokenizer(prompt or "").input_ids)
 

@@ -48,10 +48,12 @@ from server.api.generate import (
 )
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
+from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, tool_calls, tool_mode
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
 from server.sampling import SamplingParams, TokenLogprob
+from server.structured_output import GrammarSpec
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI lets chat run to the context; we stop here (capped by the server limit)
@@ -182,8 +184,11 @@ class CompletionRequest(_SamplingFields):
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None  # None only for an assistant's tool calls
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (server/api/tool_calls.py)
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
+    name: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -192,7 +197,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolIn] | None = Field(None, max_length=128)
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
@@ -222,21 +227,33 @@ def _reject_unsupported(body: OpenAIBody) -> None:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
         if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
             raise ParameterError("top_logprobs", f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
-    for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+    for name in ("functions", "function_call"):
         if getattr(body, name) is not None:
-            raise UnsupportedParameter(name, f"{name}: tool and function calling are not supported")
+            raise UnsupportedParameter(name, f"{name} (deprecated by OpenAI) is not supported: send tools")
 
 
-def _chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
-    """OpenAI messages as the chat template wants them: text only; 'developer' is the system role."""
+def _chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
+    """OpenAI messages as the chat template wants them: text only; 'developer' is the system role; an
+    assistant's tool calls and a tool's answer keep their fields (templates that know tools use them)."""
     out = []
     for i, message in enumerate(messages):
         content = message.content
+        if content is None and not (message.role == "assistant" and message.tool_calls):
+            raise ParameterError(
+                f"messages.{i}.content", "content is missing (only an assistant's tool calls go without)"
+            )
         if isinstance(content, list):
             if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
                 raise UnsupportedParameter(f"messages.{i}.content", "only text content parts are supported")
             content = "".join(part["text"] for part in content)
-        out.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+        rendered: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": content or "",
+        }
+        for name in ("tool_calls", "tool_call_id", "name"):
+            if getattr(message, name) is not None:
+                rendered[name] = getattr(message, name)
+        out.append(rendered)
     return out
 
 
@@ -253,7 +270,11 @@ async def _prepare(
     max_tokens: int,
     response_id: str,
     prompt_ids: list[int] | None = None,
+    grammar: GrammarSpec | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> PreparedGeneration:
+    """``grammar``: the reply's constraint (``_format_grammar``, or a tool call's); ``tools``: shown to the chat
+    template."""
     if max_tokens > state.config.max_new_tokens:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise ParameterError(param, f"{param} must be at most {state.config.max_new_tokens} on this server")
@@ -284,10 +305,6 @@ async def _prepare(
         prompt_logprobs=_logprobs_asked(body) if echo else None,
     )
     try:
-        grammar = grammar_of(body.response_format, body.structured_outputs)
-    except FormatError as exc:
-        raise ParameterError(exc.param, str(exc)) from exc
-    try:
         return await prepare_generation(
             state,
             principal,
@@ -298,9 +315,29 @@ async def _prepare(
             response_id=response_id,
             prompt_ids=prompt_ids,
             grammar=grammar,
+            tools=tools,
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc
+
+
+def _format_grammar(body: OpenAIBody) -> GrammarSpec | None:
+    """The constraint of ``response_format`` or ``structured_outputs``, if any."""
+    try:
+        return grammar_of(body.response_format, body.structured_outputs)
+    except FormatError as exc:
+        raise ParameterError(exc.param, str(exc)) from exc
+
+
+def _tool_mode(body: ChatCompletionRequest) -> tuple[ToolMode | None, GrammarSpec | None]:
+    try:
+        mode, grammar = tool_mode(body.tools, body.tool_choice, body.parallel_tool_calls)
+    except ToolCallError as exc:
+        error = UnsupportedParameter if exc.unsupported else ParameterError
+        raise error(exc.param, str(exc)) from exc
+    if grammar is not None and (body.response_format is not None or body.structured_outputs is not None):
+        raise ParameterError("tool_choice", "tool calls cannot be combined with response_format or structured_outputs")
+    return mode, grammar
 
 
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
@@ -337,8 +374,13 @@ class _Shape:
         body: OpenAIBody,
         tokenizer: Any,
         echoes: list[str] | None = None,
+        tools: ToolMode | None = None,
     ) -> None:
         self.chat = chat
+        # Chat with tool_choice 'required' or a named function: replies are tool calls (server/api/tool_calls.py),
+        # streamed as one delta each once complete.
+        self.tools = tools
+        self.tool_texts = [""] * len(prompts) * (body.n or 1)
         self.n = body.n or 1
         self.prompts = prompts
         self.choices = len(prompts) * self.n
@@ -409,13 +451,34 @@ class _Shape:
                 "finish_reason": finish_reason,
             }
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": text}
+                choice["message"], choice["finish_reason"] = self.message(text, finish_reason)
             else:
                 choice["text"] = text
             out.append(choice)
         kind = "chat.completion" if self.chat else "text_completion"
         usage = self.usage([c.last for c in choices if c.last is not None])
         return {**self.head, "object": kind, "choices": out, "usage": usage}
+
+    def message(self, text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
+        """A chat reply's message and finish reason: its tool calls, in tool mode, once complete."""
+        calls = None if self.tools is None or finish_reason == "length" else tool_calls(self.tools, text)
+        if calls is None:
+            return {"role": "assistant", "content": text}, finish_reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish_reason  # type: ignore[union-attr]
+
+    def tool_chunk(self, index: int, event: GenerationEvent) -> str:
+        """Tool mode, streamed: choice ``index``'s last chunk, with its calls (or its text, if cut short)."""
+        message, finish_reason = self.message(self.tool_texts[index], _finish_reason(event))
+        delta: dict[str, Any]
+        if message["content"] is None:
+            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
+        else:
+            delta = {"content": message["content"]}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        payload = {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
+        if self.include_usage:
+            payload["usage"] = None
+        return f"data: {json.dumps(payload)}\n\n"
 
     def chunk(
         self,
@@ -597,7 +660,11 @@ async def _sse(
                 if echo is not None:  # the prompt first, in a chunk of its own
                     finish_reason = None if shape.generated else "length"
                     yield shape.chunk(index, echo, finish_reason, tokens=shape.prompt_tokens(index, event))
-            if shape.generated:
+            if shape.tools is not None:  # tool calls: sent whole, once complete
+                shape.tool_texts[index] += event.text
+                if event.finish_reason in _FINISHED:
+                    yield shape.tool_chunk(index, event)
+            elif shape.generated:
                 _collect_logprob(event, pending[index])
                 if event.finish_reason in _FINISHED:
                     yield shape.chunk(index, event.text, _finish_reason(event), tokens=pending[index])
@@ -644,6 +711,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
             max_tokens=max_tokens,
             response_id=response_id,
             prompt_ids=ids,
+            grammar=_format_grammar(body),
         )
         for text, ids in prompts
     ]
@@ -676,6 +744,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     max_tokens = (
         body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
     )
+    mode, tool_grammar = _tool_mode(body)
     prepared = await _prepare(
         state,
         principal,
@@ -684,8 +753,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         messages=_chat_messages(body.messages),
         max_tokens=max_tokens,
         response_id="chatcmpl-" + secrets.token_hex(12),
+        grammar=tool_grammar or _format_grammar(body),
+        tools=None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools],
     )
-    return await _respond(request, state, body, _Shape(True, [prepared], body, state.model.tokenizer))
+    shape = _Shape(True, [prepared], body, state.model.tokenizer, tools=mode)
+    return await _respond(request, state, body, shape)
 
 
 def _model_card(model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""Tool calling on the chat route, by structured output, as vLLM does it without a model-specific parser.
+
+``tool_choice`` names a function (``{"type": "function", "function": {"name": ...}}``): the reply is held to that
+function's parameters schema and comes back as one tool call (finish reason ``stop``, as OpenAI answers a forced
+function). ``"required"``: the reply is held to a JSON array of one or more calls, each ``{"name": ..., "parameters":
+{...}}`` of one of the tools (one call only with ``parallel_tool_calls: false``), and comes back as those calls
+(finish reason ``tool_calls``). ``"none"``: the tools are only shown to the chat template. ``"auto"`` (OpenAI's
+default when tools are given) needs a parser for the model's own way of writing calls, which the server does not
+have: it is refused, as vLLM refuses it without ``--enable-auto-tool-choice``.
+
+The tools are passed to the chat template (templates that know tools show them to the model; others ignore them).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.structured_output import GrammarSpec
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: any JSON object
+    strict: bool | None = None  # followed strictly in any case
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class ToolCallError(ValueError):
+    """A tool request the server cannot honour; ``param`` names the field at fault."""
+
+    def __init__(self, param: str, message: str, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.param = param
+        self.unsupported = unsupported
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    """How a chat reply becomes tool calls: one call of ``function``, or (``function`` None) a list of calls."""
+
+    function: str | None
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.function is not None else "tool_calls"
+
+
+def tool_mode(
+    tools: list[ToolIn] | None, tool_choice: Any, parallel_tool_calls: bool | None
+) -> tuple[ToolMode | None, GrammarSpec | None]:
+    """The tool mode and the constraint it puts on the reply; (None, None) when the reply is plain text."""
+    if tool_choice is not None and not tools:
+        raise ToolCallError("tool_choice", "tool_choice needs tools")
+    if not tools or tool_choice == "none":
+        return None, None
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise ToolCallError("tools", "tool names must be distinct")
+    if tool_choice is None or tool_choice == "auto":
+        raise ToolCallError(
+            "tool_choice",
+            "tool_choice 'auto' needs a parser for this model's own tool-call format, which this server does not "
+            "have: send tool_choice 'required', 'none' or a named function",
+            unsupported=True,
+        )
+    schemas = {tool.function.name: tool.function.parameters or {"type": "object"} for tool in tools}
+    if tool_choice == "required":
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "parameters": schema},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, schema in schemas.items()
+        ]
+        array: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        if parallel_tool_calls is False:
+            array["maxItems"] = 1
+        return ToolMode(None), GrammarSpec.json_schema(array)
+    name = _named(tool_choice)
+    if name not in schemas:
+        raise ToolCallError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
+    return ToolMode(name), GrammarSpec.json_schema(schemas[name])
+
+
+def _named(tool_choice: Any) -> str:
+    if (
+        isinstance(tool_choice, dict)
+        and tool_choice.get("type") == "function"
+        and isinstance(tool_choice.get("function"), dict)
+        and isinstance(tool_choice["function"].get("name"), str)
+    ):
+        return tool_choice["function"]["name"]
+    raise ToolCallError(
+        "tool_choice", "tool_choice must be 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
+    )
+
+
+def tool_calls(mode: ToolMode, text: str) -> list[dict[str, Any]] | None:
+    """The reply as OpenAI's ``tool_calls``; None when it is not complete JSON (it ran out of tokens)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if mode.function is not None:
+        calls = [(mode.function, value)]
+    else:
+        calls = [(call["name"], call["parameters"]) for call in value]
+    return [
+        {
+            "id": "call_" + secrets.token_hex(12),
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        }
+        for name, arguments in calls
+    ]
