@@ -5,7 +5,7 @@ model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
 native routes keep theirs. ``n`` choices, and completions' several prompts, run as requests of their own in the
 engine. Parameters the server
-cannot honour (best_of > 1, tools, ...) are refused with a 400 instead of being ignored. Log-probabilities
+cannot honour (best_of > 1, tool_choice 'auto', ...) are refused with a 400 instead of being ignored. Log-probabilities
 (``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
 before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
 
@@ -15,7 +15,8 @@ the prompt scored and nothing generated, which is how evaluation harnesses (lm-e
 text's log-likelihood. A prompt may also be token ids, as in OpenAI's API.
 
 Structured output: ``response_format`` (``json_object``, ``json_schema``) and vLLM's ``structured_outputs`` (a
-schema, regex, choice or EBNF grammar), on both endpoints (server/api/response_format.py).
+schema, regex, choice or EBNF grammar), on both endpoints (server/api/response_format.py); chat's tool calls
+with a named ``tool_choice`` or ``"required"`` are structured output too (server/api/tool_calls.py).
 """
 
 from __future__ import annotations
