@@ -1,6 +1,6 @@
 """What the prompt cache saves, and what it costs when nothing repeats, side by side in one engine.
 
-    python -m bench.prompt_cache [--rounds 3] [--batch 32] [--new-tokens 32]
+    python -m bench.prompt_cache [--rounds 3] [--batch 32] [--new-tokens 32] [--choices 4]
 
 The engine runs in process on the default model (fused chunked prefill, the server's CPU defaults); the cache is
 switched on and off between rounds, which alternate:
@@ -12,6 +12,10 @@ switched on and off between rounds, which alternate:
   storing every prompt's blocks costs (it is emptied before each such round).
 
 Reported: tokens/s of the whole batch and time to first token (mean, max), with the cache against without.
+
+Then through the app (OpenAI completions, in process): one request for ``--choices`` choices of a 300-token
+prompt, 16 tokens each. With the cache, the later choices start once the first has its first token and take its
+prompt from the cache; without, every choice prefills the prompt. Reported: the request's wall time, each way.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 
+from fastapi.testclient import TestClient
+
 from bench.harness import log
 from bench.inproc import make_engine, random_prompts
+from server.api.app import create_app
 from server.config import ServeConfig
 from server.engine import Engine, GenerationRequest
-from server.model_loading import load_model
+from server.model_loading import LoadedModel, load_model
 from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
 from server.prompt_cache import PromptCache
 from server.sampling import SamplingParams
@@ -61,6 +69,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--choices", type=int, default=4, help="0: skip the n-choices comparison")
     args = p.parse_args()
     loaded = load_model(None)
     engine = make_engine(
@@ -113,6 +122,32 @@ def main() -> None:
     for workload in ("shared head", "unique"):
         (off_rate, off_ttft), (on_rate, on_ttft) = summary[f"{workload}, cache off"], summary[f"{workload}, cache on"]
         log(f"  {workload}: cache on / off: tok/s {on_rate / off_rate:.3f}x, mean TTFT {on_ttft / off_ttft:.3f}x")
+    if args.choices:
+        n_choices(loaded, args.rounds, args.choices)
+
+
+def n_choices(loaded: LoadedModel, rounds: int, n: int) -> None:
+    words = " ".join(f"w{i}" for i in range(100))  # ~300 tokens
+    body = {"model": loaded.name, "prompt": words, "max_tokens": 16, "temperature": 1.0, "seed": 1, "n": n}
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as store, TestClient(create_app(ServeConfig(store=store), model=loaded)) as c:
+        engine = c.app.state.server.engine  # type: ignore[attr-defined]
+        cache = engine.prompt_cache
+        c.post("/v1/completions", json={**body, "n": 1})  # warm-up
+        for _ in range(rounds):
+            for name in ("off", "on"):
+                cache.clear()
+                engine.prompt_cache = cache if name == "on" else None
+                start = time.perf_counter()
+                r = c.post("/v1/completions", json=body)
+                times[name].append(time.perf_counter() - start)
+                assert r.status_code == 200, r.text
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    log(
+        f"n={n} choices of a {r.json()['usage']['prompt_tokens']}-token prompt, 16 tokens each: "
+        f"{off:.2f} s without the cache, {on:.2f} s with it ({on / off:.3f}x; rounds off "
+        f"{[round(t, 2) for t in times['off']]}, on {[round(t, 2) for t in times['on']]})"
+    )
 
 
 if __name__ == "__main__":
