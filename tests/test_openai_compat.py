@@ -653,6 +653,17 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
         {"city", "unit"} if call.function.name == "get_weather" else {"zone"}
     )
 
+    # Cut short by max_tokens: no call to parse, so the text comes back as content, finish_reason "length".
+    for stream in (False, True):
+        request: dict[str, Any] = {"model": TASK, "messages": messages, "tools": [WEATHER], "tool_choice": named}
+        cut = oai.chat.completions.create(**request, max_tokens=3, temperature=0, stream=stream)
+        if stream:
+            last = [c for c in cut if c.choices][-1].choices[0]  # type: ignore[union-attr]
+            assert last.finish_reason == "length" and last.delta.tool_calls is None
+        else:
+            assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None  # type: ignore[union-attr]
+            assert cut.choices[0].message.content.startswith("{")  # type: ignore[union-attr]
+
     # The conversation goes on with the call and the tool's answer in the history.
     history = [
         *messages,
