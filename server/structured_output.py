@@ -53,8 +53,9 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | str) -> GrammarSpec:
-        """A JSON schema given as an object (or ``true``) or as its JSON text."""
-        return cls("json", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+        """A JSON schema given as an object (or ``true``) or as its JSON text. Its keys keep their order: the
+        properties of an object are written in the order the schema lists them."""
+        return cls("json", schema if isinstance(schema, str) else json.dumps(schema))
 
     def describe(self) -> str:
         """A short name for logs and errors."""

@@ -96,6 +96,12 @@ def allowed(grammar: Grammar, text: str) -> set[int]:
     return set(torch.nonzero(logits[0] == 0).flatten().tolist())
 
 
+def test_json_properties_come_in_the_schemas_order(compiler: GrammarCompiler) -> None:
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}}}
+    grammar = compiler.compile(GrammarSpec.json_schema({**schema, "required": ["zeta", "alpha"]}))
+    assert allowed(grammar, '{"') == {ord("z")}
+
+
 def test_choices_are_matched_exactly_whatever_their_characters(compiler: GrammarCompiler) -> None:
     choices = ('say "hi"', "back\\slash", "caf\xe9", "a")
     grammar = compiler.compile(GrammarSpec("choice", choices=choices))
