@@ -113,12 +113,10 @@ def tool_calls(mode: ToolMode, text: str) -> list[dict[str, Any]] | None:
     """The reply as OpenAI's ``tool_calls``; None when it is not complete JSON (it ran out of tokens)."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+        # The grammar gave "required" replies this shape; a stop string may still have cut one short.
+        calls = [(mode.function, value)] if mode.function is not None else [(c["name"], c["parameters"]) for c in value]
+    except (json.JSONDecodeError, TypeError, KeyError):
         return None
-    if mode.function is not None:
-        calls = [(mode.function, value)]
-    else:
-        calls = [(call["name"], call["parameters"]) for call in value]
     return [
         {
             "id": "call_" + secrets.token_hex(12),

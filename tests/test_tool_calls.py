@@ -1,0 +1,63 @@
+"""Tool calls as structured output: which tool_choice gives which constraint, and replies read back as calls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, tool_calls, tool_mode
+
+ADD = ToolIn.model_validate(
+    {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {}}}}}
+)
+NOW = ToolIn.model_validate({"type": "function", "function": {"name": "now"}})
+
+
+def test_no_tools_or_none_leave_the_reply_free() -> None:
+    assert tool_mode(None, None, None) == (None, None)
+    assert tool_mode([ADD], "none", None) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "param", "unsupported"),
+    [
+        ([ADD], None, "tool_choice", True),  # OpenAI's default with tools: auto
+        ([ADD], "auto", "tool_choice", True),
+        (None, "required", "tool_choice", False),
+        ([ADD, ADD], "required", "tools", False),
+        ([ADD], {"type": "function", "function": {"name": "sub"}}, "tool_choice", False),
+        ([ADD], {"type": "function"}, "tool_choice", False),
+        ([ADD], "sometimes", "tool_choice", False),
+    ],
+)
+def test_refused_choices_name_their_field(tools, choice, param: str, unsupported: bool) -> None:
+    with pytest.raises(ToolCallError) as caught:
+        tool_mode(tools, choice, None)
+    assert caught.value.param == param and caught.value.unsupported == unsupported
+
+
+def test_named_and_required_constraints() -> None:
+    mode, spec = tool_mode([ADD, NOW], {"type": "function", "function": {"name": "add"}}, None)
+    assert mode == ToolMode("add") and mode.finish_reason == "stop"
+    assert spec is not None and json.loads(spec.source) == {"type": "object", "properties": {"a": {}}}
+    mode, spec = tool_mode([ADD, NOW], "required", False)
+    assert mode == ToolMode(None) and mode.finish_reason == "tool_calls"
+    schema = json.loads(spec.source)  # type: ignore[union-attr]
+    assert schema["minItems"] == 1 and schema["maxItems"] == 1
+    names = [call["properties"]["name"]["const"] for call in schema["items"]["anyOf"]]
+    assert names == ["add", "now"]
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}  # no parameters: any
+    _, spec = tool_mode([ADD], "required", None)
+    assert "maxItems" not in json.loads(spec.source)  # type: ignore[union-attr]
+
+
+def test_replies_read_back_as_calls() -> None:
+    (call,) = tool_calls(ToolMode("add"), '{"a": 1}')  # type: ignore[misc]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "add", "arguments": '{"a": 1}'}
+    calls = tool_calls(ToolMode(None), '[{"name": "now", "parameters": {}}, {"name": "add", "parameters": {"a": 2}}]')
+    assert calls is not None and [c["function"]["name"] for c in calls] == ["now", "add"]
+    assert len({c["id"] for c in calls}) == 2
+    assert tool_calls(ToolMode("add"), '{"a": ') is None  # cut short
+    assert tool_calls(ToolMode(None), '{"name": "add"}') is None
