@@ -529,6 +529,14 @@ def test_regex_choice_and_ebnf_outputs(oai: openai.OpenAI, server_url: str) -> N
     )
     assert re.fullmatch("[A-F]{3}-[0-9]{2}", regex["text"]) and regex["finish_reason"] == "eos", regex
     choices = ["yes", "no", "maybe later"]
+    legacy = oai.completions.create(  # vLLM's older field names
+        model=TASK, prompt="Answer:", max_tokens=10, temperature=0, extra_body={"guided_choice": choices}
+    )
+    assert legacy.choices[0].text in choices
+    legacy = oai.completions.create(
+        model=TASK, prompt="Code:", max_tokens=10, temperature=0, extra_body={"guided_regex": "[A-F]{3}"}
+    )
+    assert re.fullmatch("[A-F]{3}", legacy.choices[0].text)
     for temperature in (0, 1.0):
         picked = oai.completions.create(
             model=TASK,
@@ -731,6 +739,11 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
             "structured_outputs",
         ),
         ("completions", {"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),
+        (
+            "completions",
+            {"extra_body": {"structured_outputs": {"regex": "a"}, "guided_json": {"type": "object"}}},
+            "structured_outputs",
+        ),
     ],
 )
 def test_unsupported_parameters_are_400(oai: openai.OpenAI, endpoint: str, extra: dict[str, Any], param: str) -> None:

@@ -171,6 +171,11 @@ class _SamplingFields(BaseModel):
     # Structured output (server/api/response_format.py): OpenAI's field, and vLLM's on both endpoints.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' fields, which many clients still send.
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
     user: str | None = None  # accepted and not used, as OpenAI only logs it
 
 
@@ -324,8 +329,18 @@ async def _prepare(
 
 def _format_grammar(body: OpenAIBody) -> GrammarSpec | None:
     """The constraint of ``response_format`` or ``structured_outputs``, if any."""
+    structured = body.structured_outputs
+    guided = {
+        name: getattr(body, "guided_" + name)
+        for name in ("json", "regex", "choice", "grammar")
+        if getattr(body, "guided_" + name) is not None
+    }
+    if guided:
+        if structured is not None:
+            raise ParameterError("structured_outputs", "give structured_outputs or guided_* fields, not both")
+        structured = StructuredOutputs.model_validate(guided)
     try:
-        return grammar_of(body.response_format, body.structured_outputs)
+        return grammar_of(body.response_format, structured)
     except FormatError as exc:
         raise ParameterError(exc.param, str(exc)) from exc
 
@@ -336,7 +351,7 @@ def _tool_mode(body: ChatCompletionRequest) -> tuple[ToolMode | None, GrammarSpe
     except ToolCallError as exc:
         error = UnsupportedParameter if exc.unsupported else ParameterError
         raise error(exc.param, str(exc)) from exc
-    if grammar is not None and (body.response_format is not None or body.structured_outputs is not None):
+    if grammar is not None and _format_grammar(body) is not None:
         raise ParameterError("tool_choice", "tool calls cannot be combined with response_format or structured_outputs")
     return mode, grammar
 

@@ -3,7 +3,8 @@
 ``response_format``: ``{"type": "text"}`` (no constraint), ``{"type": "json_object"}`` (a JSON object) or
 ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``. vLLM's extension
 ``structured_outputs`` takes exactly one of ``json`` (a schema), ``regex``, ``choice``, ``grammar`` (EBNF) or
-``json_object: true``. Both endpoints take both, as vLLM's do.
+``json_object: true``; its older fields ``guided_json``, ``guided_regex``, ``guided_choice`` and ``guided_grammar``
+are taken too. Both endpoints take all of them, as vLLM's do.
 """
 
 from __future__ import annotations
