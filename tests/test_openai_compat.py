@@ -622,7 +622,8 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
     assert choice.finish_reason == "stop" and choice.message.content is None
     assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
-    arguments = json.loads(call.function.arguments)
+    named_arguments = call.function.arguments
+    arguments = json.loads(named_arguments)
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
     assert arguments["city"] in ("Paris", "Rome", "Oslo") and arguments["unit"] in ("celsius", "fahrenheit")
 
@@ -637,9 +638,12 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
             stream=True,
         )
     )
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    streamed = [d.tool_calls for d in deltas if d.tool_calls]
-    assert len(streamed) == 1 and streamed[0][0].function.arguments == call.function.arguments
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    opening = deltas[0][0]  # the call's id and name first, then its arguments piece by piece
+    assert opening.id and opening.id.startswith("call_") and opening.function.name == "get_weather"
+    assert opening.function.arguments == "" and len(deltas) > 3
+    assert all(d[0].index == 0 and d[0].id is None for d in deltas[1:])
+    assert "".join(d[0].function.arguments for d in deltas) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "stop"
 
     required = oai.chat.completions.create(
@@ -661,16 +665,24 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
         {"city", "unit"} if call.function.name == "get_weather" else {"zone"}
     )
 
-    # Cut short by max_tokens: no call to parse, so the text comes back as content, finish_reason "length".
-    for stream in (False, True):
-        request: dict[str, Any] = {"model": TASK, "messages": messages, "tools": [WEATHER], "tool_choice": named}
-        cut = oai.chat.completions.create(**request, max_tokens=3, temperature=0, stream=stream)
-        if stream:
-            last = [c for c in cut if c.choices][-1].choices[0]  # type: ignore[union-attr]
-            assert last.finish_reason == "length" and last.delta.tool_calls is None
-        else:
-            assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None  # type: ignore[union-attr]
-            assert cut.choices[0].message.content.startswith("{")  # type: ignore[union-attr]
+    # Cut short by max_tokens: the call's arguments are cut short too, finish_reason "length", as OpenAI's.
+    request: dict[str, Any] = {"model": TASK, "messages": messages, "tools": [WEATHER], "tool_choice": named}
+    cut = oai.chat.completions.create(**request, max_tokens=3, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is not None
+    partial = cut.choices[0].message.tool_calls[0].function.arguments
+    assert named_arguments.startswith(partial) and partial != named_arguments
+    chunks = list(oai.chat.completions.create(**request, max_tokens=3, temperature=0, stream=True))
+    pieces = [
+        c.choices[0].delta.tool_calls[0].function.arguments
+        for c in chunks
+        if c.choices and c.choices[0].delta.tool_calls
+    ]
+    assert "".join(pieces) == partial and chunks[-1].choices[0].finish_reason == "length"
+    # A list of calls cut short cannot be read: its text comes back as content.
+    request = {**request, "tool_choice": "required"}
+    cut = oai.chat.completions.create(**request, max_tokens=3, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None
+    assert cut.choices[0].message.content and cut.choices[0].message.content.startswith("[")
 
     # The conversation goes on with the call and the tool's answer in the history.
     history = [

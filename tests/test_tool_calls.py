@@ -59,5 +59,7 @@ def test_replies_read_back_as_calls() -> None:
     calls = tool_calls(ToolMode(None), '[{"name": "now", "parameters": {}}, {"name": "add", "parameters": {"a": 2}}]')
     assert calls is not None and [c["function"]["name"] for c in calls] == ["now", "add"]
     assert len({c["id"] for c in calls}) == 2
-    assert tool_calls(ToolMode("add"), '{"a": ') is None  # cut short
+    (cut,) = tool_calls(ToolMode("add"), '{"a": ', named_id="call_1")  # type: ignore[misc]
+    assert cut == {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": '}}
+    assert tool_calls(ToolMode(None), '[{"name": "now", "param') is None  # a list of calls cut short
     assert tool_calls(ToolMode(None), '{"name": "add"}') is None

@@ -49,7 +49,7 @@ from server.api.generate import (
 )
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
-from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, tool_calls, tool_mode
+from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, call_id, tool_calls, tool_mode
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
@@ -397,6 +397,7 @@ class _Shape:
         # streamed as one delta each once complete.
         self.tools = tools
         self.tool_texts = [""] * len(prompts) * (body.n or 1)
+        self.tool_ids: dict[int, str] = {}  # streamed named calls: each choice's call id, once opened
         self.n = body.n or 1
         self.prompts = prompts
         self.choices = len(prompts) * self.n
@@ -475,21 +476,38 @@ class _Shape:
         usage = self.usage([c.last for c in choices if c.last is not None])
         return {**self.head, "object": kind, "choices": out, "usage": usage}
 
-    def message(self, text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
-        """A chat reply's message and finish reason: its tool calls, in tool mode, once complete."""
-        calls = None if self.tools is None or finish_reason == "length" else tool_calls(self.tools, text)
+    def message(self, text: str, finish_reason: str, named_id: str | None = None) -> tuple[dict[str, Any], str]:
+        """A chat reply's message and finish reason: in tool mode, its tool calls (server/api/tool_calls.py)."""
+        calls = None if self.tools is None else tool_calls(self.tools, text, named_id)
         if calls is None:
             return {"role": "assistant", "content": text}, finish_reason
-        return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish_reason  # type: ignore[union-attr]
+        finish = finish_reason if finish_reason == "length" else self.tools.finish_reason  # type: ignore[union-attr]
+        return {"role": "assistant", "content": None, "tool_calls": calls}, finish
 
-    def tool_chunk(self, index: int, event: GenerationEvent) -> str:
-        """Tool mode, streamed: choice ``index``'s last chunk, with its calls (or its text, if cut short)."""
-        message, finish_reason = self.message(self.tool_texts[index], _finish_reason(event))
-        delta: dict[str, Any]
-        if message["content"] is None:
-            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
-        else:
-            delta = {"content": message["content"]}
+    def tool_chunks(self, index: int, event: GenerationEvent) -> list[str]:
+        """Tool mode, streamed: the chunks an event of choice ``index`` makes. A named function's call opens with
+        its id and name and then streams its arguments; 'required' calls come whole in the last chunk."""
+        assert self.tools is not None
+        self.tool_texts[index] += event.text
+        finish = _finish_reason(event) if event.finish_reason in _FINISHED else None
+        if self.tools.function is None:
+            if finish is None:
+                return []
+            message, finish = self.message(self.tool_texts[index], finish)
+            if message["content"] is None:
+                return [self._delta(index, {"tool_calls": _indexed_calls(message["tool_calls"])}, finish)]
+            return [self._delta(index, {"content": message["content"]}, finish)]
+        out = []
+        if index not in self.tool_ids:  # the call opens: its id and name, no arguments yet
+            self.tool_ids[index] = call_id()
+            (call,) = tool_calls(self.tools, "", self.tool_ids[index]) or []
+            out.append(self._delta(index, {"tool_calls": _indexed_calls([call])}, None))
+        if event.text or finish is not None:
+            arguments = {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
+            out.append(self._delta(index, arguments, None if finish is None else self.message("", finish)[1]))
+        return out
+
+    def _delta(self, index: int, delta: dict[str, Any], finish_reason: str | None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         payload = {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
         if self.include_usage:
@@ -543,6 +561,11 @@ class _Choice:
     tokens: list[Scored] = field(default_factory=list)  # generated, with log-probabilities when asked for
     prompt_tokens: list[Scored] = field(default_factory=list)  # echo with logprobs
     last: GenerationEvent | None = None
+
+
+def _indexed_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool calls as stream deltas carry them: each with its index."""
+    return [{"index": i, **call} for i, call in enumerate(calls)]
 
 
 def _choices(prepared: PreparedGeneration, n: int) -> list[PreparedGeneration]:
@@ -676,10 +699,9 @@ async def _sse(
                 if echo is not None:  # the prompt first, in a chunk of its own
                     finish_reason = None if shape.generated else "length"
                     yield shape.chunk(index, echo, finish_reason, tokens=shape.prompt_tokens(index, event))
-            if shape.tools is not None:  # tool calls: sent whole, once complete
-                shape.tool_texts[index] += event.text
-                if event.finish_reason in _FINISHED:
-                    yield shape.tool_chunk(index, event)
+            if shape.tools is not None:
+                for chunk in shape.tool_chunks(index, event):
+                    yield chunk
             elif shape.generated:
                 _collect_logprob(event, pending[index])
                 if event.finish_reason in _FINISHED:

@@ -1,12 +1,13 @@
 """Tool calling on the chat route, by structured output, as vLLM does it without a model-specific parser.
 
 ``tool_choice`` names a function (``{"type": "function", "function": {"name": ...}}``): the reply is held to that
-function's parameters schema and comes back as one tool call (finish reason ``stop``, as OpenAI answers a forced
-function). ``"required"``: the reply is held to a JSON array of one or more calls, each ``{"name": ..., "parameters":
-{...}}`` of one of the tools (one call only with ``parallel_tool_calls: false``), and comes back as those calls
-(finish reason ``tool_calls``). ``"none"``: the tools are only shown to the chat template. ``"auto"`` (OpenAI's
-default when tools are given) needs a parser for the model's own way of writing calls, which the server does not
-have: it is refused, as vLLM refuses it without ``--enable-auto-tool-choice``.
+function's parameters schema and comes back as one tool call whose arguments are the reply (finish reason
+``stop``, as OpenAI answers a forced function; streamed, the arguments come piece by piece). ``"required"``: the
+reply is held to a JSON array of one or more calls, each ``{"name": ..., "parameters": {...}}`` of one of the
+tools (one call only with ``parallel_tool_calls: false``), and comes back as those calls (finish reason
+``tool_calls``; streamed, whole in the last chunk). ``"none"``: the tools are only shown to the chat template.
+``"auto"`` (OpenAI's default when tools are given) needs a parser for the model's own way of writing calls,
+which the server does not have: it is refused, as vLLM refuses it without ``--enable-auto-tool-choice``.
 
 The tools are passed to the chat template (templates that know tools show them to the model; others ignore them).
 """
@@ -109,19 +110,23 @@ def _named(tool_choice: Any) -> str:
     )
 
 
-def tool_calls(mode: ToolMode, text: str) -> list[dict[str, Any]] | None:
-    """The reply as OpenAI's ``tool_calls``; None when it is not complete JSON (it ran out of tokens)."""
+def call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def tool_calls(mode: ToolMode, text: str, named_id: str | None = None) -> list[dict[str, Any]] | None:
+    """The reply as OpenAI's ``tool_calls``. A named function's call carries the reply as its arguments, as
+    written (cut short by max_tokens, they are cut short too, as OpenAI's are); ``named_id``: its id, if one was
+    streamed already. 'required' replies are a list of calls: None when the list is not complete JSON."""
+    if mode.function is not None:
+        return [_call(named_id or call_id(), mode.function, text)]
     try:
-        value = json.loads(text)
-        # The grammar gave "required" replies this shape; a stop string may still have cut one short.
-        calls = [(mode.function, value)] if mode.function is not None else [(c["name"], c["parameters"]) for c in value]
+        # The grammar gave the reply this shape; a stop string may still have cut it short.
+        calls = [(call["name"], call["parameters"]) for call in json.loads(text)]
     except (json.JSONDecodeError, TypeError, KeyError):
         return None
-    return [
-        {
-            "id": "call_" + secrets.token_hex(12),
-            "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
-        }
-        for name, arguments in calls
-    ]
+    return [_call(call_id(), name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
+
+
+def _call(id_: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
