@@ -65,16 +65,7 @@ class PromptCache:
     def lookup(self, prefix_key: str, prompt: Sequence[int]) -> CachedPrompt | None:
         """The longest cached head of ``prompt`` that leaves at least one token to compute (the last prompt
         token's logits give the first generated token), or None."""
-        usable = (len(prompt) - 1) // self.block_tokens
-        chain: list[BlockKey] = []
-        parent: object = prefix_key
-        for j in range(usable):
-            key = (parent, tuple(prompt[j * self.block_tokens : (j + 1) * self.block_tokens]))
-            block = self._blocks.get(key)
-            if block is None:
-                break
-            chain.append(key)
-            parent = block.number
+        chain, _ = self._cached_chain(prefix_key, prompt, (len(prompt) - 1) // self.block_tokens)
         if not chain:
             return None
         for key in reversed(chain):  # the first block ends most recently used: it goes last
@@ -88,18 +79,11 @@ class PromptCache:
         since). ``kv_of(start, end)`` gives the K/V of prompt tokens [start, end) as [L, 2, H_kv, end - start, d]."""
         size = self.block_tokens
         whole = len(prompt) // size
-        parent: object = prefix_key  # what the next block's key refers to
-        parent_key: BlockKey | None = None
-        first_missing = whole
-        for j in range(whole):
-            block = self._blocks.get((parent, tuple(prompt[j * size : (j + 1) * size])))
-            if block is None:
-                first_missing = j
-                break
-            parent, parent_key = block.number, (parent, tuple(prompt[j * size : (j + 1) * size]))
-        if first_missing == whole:
+        cached, parent = self._cached_chain(prefix_key, prompt, whole)
+        if len(cached) == whole:
             return
-        start = first_missing * size
+        start = len(cached) * size
+        parent_key = cached[-1] if cached else None
         kv = kv_of(start, whole * size)  # [L, 2, H_kv, M, d]: one copy out of the batch's buffers
         chain: list[tuple[BlockKey, _Block]] = []
         for j, piece in enumerate(kv.split(size, dim=3)):
@@ -114,6 +98,21 @@ class PromptCache:
             if block.parent is not None and block.parent in self._blocks:
                 self._blocks[block.parent].children.add(key)
         self._evict()
+
+    def _cached_chain(self, prefix_key: str, prompt: Sequence[int], blocks: int) -> tuple[list[BlockKey], object]:
+        """The keys of the cached blocks ``prompt`` starts with (at most ``blocks``), and what the key of the
+        block after them refers to."""
+        size = self.block_tokens
+        chain: list[BlockKey] = []
+        parent: object = prefix_key
+        for j in range(blocks):
+            key = (parent, tuple(prompt[j * size : (j + 1) * size]))
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            chain.append(key)
+            parent = block.number
+        return chain, parent
 
     def clear(self) -> None:
         self._blocks.clear()

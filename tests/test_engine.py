@@ -93,6 +93,19 @@ async def collect(engine: Engine, request: GenerationRequest) -> list[Generation
     return [event async for event in engine.generate(request)]
 
 
+async def together_and_staggered(
+    engine: Engine, requests: list[GenerationRequest]
+) -> tuple[list[list[GenerationEvent]], list[list[GenerationEvent]]]:
+    """Each request's events when all are submitted at once, and when each joins a batch already running the
+    ones before it (10 ms apart)."""
+    together = await asyncio.gather(*(collect(engine, r) for r in requests))
+    staggered = []
+    for r in requests:
+        staggered.append(asyncio.ensure_future(collect(engine, r)))
+        await asyncio.sleep(0.01)
+    return list(together), list(await asyncio.gather(*staggered))
+
+
 def tokens_of(events: list[GenerationEvent]) -> list[int]:
     return [e.token_id for e in events if e.token_id is not None]
 
@@ -247,12 +260,7 @@ async def test_penalties_equal_the_oracle_in_a_mixed_batch(base, prefixes, mode)
     engine = make_engine(base, **mode)
     try:
         alone = [tokens_of(await collect(engine, r)) for r in requests]
-        together = await asyncio.gather(*(collect(engine, r) for r in requests))
-        staggered = []
-        for r in requests:  # each joins a batch already running the others
-            staggered.append(asyncio.ensure_future(collect(engine, r)))
-            await asyncio.sleep(0.01)
-        staggered = await asyncio.gather(*staggered)
+        together, staggered = await together_and_staggered(engine, requests)
     finally:
         engine.shutdown()
     assert [tokens_of(e) for e in together] == alone == [tokens_of(e) for e in staggered]

@@ -3,7 +3,6 @@ first blocks out last, and the engine's tokens with cache hits equal to the PEFT
 
 from __future__ import annotations
 
-import asyncio
 import copy
 
 import pytest
@@ -15,7 +14,7 @@ from server.metrics import EngineMetrics
 from server.prompt_cache import PromptCache
 from server.sampling import SamplingParams
 from tests import test_engine
-from tests.test_engine import collect, make_engine, oracle_penalized, prompt, tokens_of
+from tests.test_engine import collect, make_engine, oracle_penalized, prompt, together_and_staggered, tokens_of
 from tests.tiny_models import oracle_greedy, peft_prefix_model, prefix_kv_of, tiny_llama
 
 mode = test_engine.mode  # the engine tests' four engine modes, a fixture
@@ -140,12 +139,7 @@ async def test_cache_hits_change_no_token(base, prefixes, mode) -> None:
         requests = [request(i, which) for i in (1, 2, 3) for which in (0, 1, None)]
         alone = [tokens_of(await collect(engine, r)) for r in requests]
         hits_alone = cache.hit_tokens
-        together = await asyncio.gather(*(collect(engine, r) for r in requests))
-        staggered = []
-        for r in requests:
-            staggered.append(asyncio.ensure_future(collect(engine, r)))
-            await asyncio.sleep(0.01)
-        staggered = await asyncio.gather(*staggered)
+        together, staggered = await together_and_staggered(engine, requests)
         penalized = request(3, 0, repetition_penalty=1.6)
         with_penalty = tokens_of(await collect(engine, penalized))
         scored = await collect(engine, request(2, 1, prompt_logprobs=1))

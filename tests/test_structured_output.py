@@ -3,7 +3,6 @@ tokens against the PEFT oracle with the same grammar's mask, alone and batched."
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import re
@@ -17,7 +16,7 @@ from server.errors import InvalidInput
 from server.sampling import SamplingBatch, SamplingParams, sample
 from server.structured_output import Grammar, GrammarCompiler, GrammarError, GrammarRows, GrammarSpec
 from tests import test_engine
-from tests.test_engine import collect, make_engine, prompt, tokens_of
+from tests.test_engine import collect, make_engine, prompt, together_and_staggered, tokens_of
 from tests.tiny_models import VOCAB, peft_prefix_model, prefix_kv_of, tiny_llama
 
 EOS = 2
@@ -213,12 +212,7 @@ async def test_constrained_rows_equal_the_oracle_alone_and_batched(base, prefixe
     engine = make_engine(base, eos_token_ids=[EOS], **mode)
     try:
         alone = [tokens_of(await collect(engine, r)) for r in requests]
-        together = await asyncio.gather(*(collect(engine, r) for r in requests))
-        staggered = []
-        for r in requests:
-            staggered.append(asyncio.ensure_future(collect(engine, r)))
-            await asyncio.sleep(0.01)
-        staggered = await asyncio.gather(*staggered)
+        together, staggered = await together_and_staggered(engine, requests)
     finally:
         engine.shutdown()
     assert [tokens_of(e) for e in together] == alone == [tokens_of(e) for e in staggered]

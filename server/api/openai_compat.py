@@ -345,13 +345,16 @@ def _format_grammar(body: OpenAIBody) -> GrammarSpec | None:
         raise ParameterError(exc.param, str(exc)) from exc
 
 
-def _tool_mode(body: ChatCompletionRequest) -> tuple[ToolMode | None, GrammarSpec | None]:
+def _tool_mode(
+    body: ChatCompletionRequest, format_grammar: GrammarSpec | None
+) -> tuple[ToolMode | None, GrammarSpec | None]:
+    """The tool mode and its constraint; ``format_grammar``: the request's other constraint, if any."""
     try:
         mode, grammar = tool_mode(body.tools, body.tool_choice, body.parallel_tool_calls)
     except ToolCallError as exc:
         error = UnsupportedParameter if exc.unsupported else ParameterError
         raise error(exc.param, str(exc)) from exc
-    if grammar is not None and _format_grammar(body) is not None:
+    if grammar is not None and format_grammar is not None:
         raise ParameterError("tool_choice", "tool calls cannot be combined with response_format or structured_outputs")
     return mode, grammar
 
@@ -739,6 +742,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
     if max_tokens is None:
         max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
     response_id = "cmpl-" + secrets.token_hex(12)
+    grammar = _format_grammar(body)
     prepared = [
         await _prepare(
             state,
@@ -749,7 +753,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
             max_tokens=max_tokens,
             response_id=response_id,
             prompt_ids=ids,
-            grammar=_format_grammar(body),
+            grammar=grammar,
         )
         for text, ids in prompts
     ]
@@ -782,7 +786,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     max_tokens = (
         body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
     )
-    mode, tool_grammar = _tool_mode(body)
+    format_grammar = _format_grammar(body)
+    mode, tool_grammar = _tool_mode(body, format_grammar)
     prepared = await _prepare(
         state,
         principal,
@@ -791,7 +796,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         messages=_chat_messages(body.messages),
         max_tokens=max_tokens,
         response_id="chatcmpl-" + secrets.token_hex(12),
-        grammar=tool_grammar or _format_grammar(body),
+        grammar=tool_grammar or format_grammar,
         tools=None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools],
     )
     shape = _Shape(True, [prepared], body, state.model.tokenizer, tools=mode)
