@@ -346,7 +346,12 @@ class _StateCollector(Collector):
             "prefix_serve_prefix_cache_capacity_bytes", "Byte budget of each tier.", labels=["tier"]
         )
         resident = GaugeMetricFamily("prefix_serve_prefixes_resident", "Prefixes cached per tier.", labels=["tier"])
+        prompt_cache = GaugeMetricFamily(
+            "prefix_serve_prompt_cache_bytes", "Tensor bytes of prompt heads' K/V kept by the prompt cache."
+        )
         if state is not None:
+            cache = state.engine.prompt_cache
+            prompt_cache.add_metric([], 0 if cache is None else cache.bytes)
             queue.add_metric([], state.engine.num_waiting)
             running.add_metric([], state.engine.num_running)
             tiers = [("host", state.registry.stats())]
@@ -360,7 +365,7 @@ class _StateCollector(Collector):
                 used.add_metric([tier], stats[f"{tier}_cache_bytes"])
                 capacity.add_metric([tier], stats[f"{tier}_cache_capacity_bytes"])
                 resident.add_metric([tier], stats[f"{tier}_cache_entries"])
-        yield from (queue, running, hits, misses, evictions, used, capacity, resident)
+        yield from (queue, running, hits, misses, evictions, used, capacity, resident, prompt_cache)
         if state is not None and state.model.device.type == "cuda":
             yield from _cuda_memory(state.model.device)
 

@@ -223,8 +223,13 @@ def test_prompt_cache_hits_through_the_app_change_no_token(loaded, tmp_path: Pat
                 r = client.post("/v1/generate", json=body)
                 assert r.status_code == 200, r.text
                 outputs[budget].append(r.json()["token_ids"])
-            hits[budget] = total(scrape(client), "prefix_serve_prompt_cache_hit_tokens_total") - total(
+            after = scrape(client)
+            hits[budget] = total(after, "prefix_serve_prompt_cache_hit_tokens_total") - total(
                 before, "prefix_serve_prompt_cache_hit_tokens_total"
+            )
+            held = total(after, "prefix_serve_prompt_cache_bytes")
+            assert held == (0 if budget == 0 else client.app.state.server.engine.prompt_cache.bytes) and (
+                held > 0 or budget == 0
             )
     prompt = loaded.tokenizer.apply_chat_template(chats[1], add_generation_prompt=True, tokenize=False)
     shared = len(loaded.tokenizer(prompt, add_special_tokens=False).input_ids)
