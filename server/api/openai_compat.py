@@ -484,8 +484,7 @@ class _Shape:
         calls = None if self.tools is None else tool_calls(self.tools, text, named_id)
         if calls is None:
             return {"role": "assistant", "content": text}, finish_reason
-        finish = finish_reason if finish_reason == "length" else self.tools.finish_reason  # type: ignore[union-attr]
-        return {"role": "assistant", "content": None, "tool_calls": calls}, finish
+        return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish(finish_reason)  # type: ignore[union-attr]
 
     def tool_chunks(self, index: int, event: GenerationEvent) -> list[str]:
         """Tool mode, streamed: the chunks an event of choice ``index`` makes. A named function's call opens with
@@ -507,7 +506,7 @@ class _Shape:
             out.append(self._delta(index, {"tool_calls": _indexed_calls([call])}, None))
         if event.text or finish is not None:
             arguments = {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
-            out.append(self._delta(index, arguments, None if finish is None else self.message("", finish)[1]))
+            out.append(self._delta(index, arguments, None if finish is None else self.tools.finish(finish)))
         return out
 
     def _delta(self, index: int, delta: dict[str, Any], finish_reason: str | None) -> str:

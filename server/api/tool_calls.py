@@ -57,6 +57,10 @@ class ToolMode:
     def finish_reason(self) -> str:
         return "stop" if self.function is not None else "tool_calls"
 
+    def finish(self, generation_finish: str) -> str:
+        """A tool reply's finish reason, given the generation's: cut short stays ``length``."""
+        return generation_finish if generation_finish == "length" else self.finish_reason
+
 
 def tool_mode(
     tools: list[ToolIn] | None, tool_choice: Any, parallel_tool_calls: bool | None
