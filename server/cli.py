@@ -73,6 +73,12 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         "K/V of prompt heads kept for later requests of the same prefix, in blocks of 16 tokens (default 256 MiB; "
         "0 = off)",
     ),
+    "speculative_tokens": (
+        int,
+        "draft tokens per step looked up in a greedy row's own context and verified in the decode step (default 4; "
+        "0 = off)",
+    ),
+    "speculative_max_rows": (int, "speculate only while at most this many rows decode (default 8)"),
     "max_stop_strings": (int, "most stop strings per request (default 16)"),
     "max_request_bytes": (int, "largest JSON request body (default 4 MiB)"),
     "request_timeout_s": (float, "cancel a generation running longer, answering 408 (default 600; 0 = never)"),
@@ -205,9 +211,16 @@ def serve(args: argparse.Namespace) -> int:
     if config.kv_groups < 1:
         print("error: --kv-groups must be at least 1", file=sys.stderr)
         return 2
-    if config.max_prefill_tokens < 0 or config.reserved_rows < 0 or config.prefill_chunk_tokens < 0:
+    if (
+        config.max_prefill_tokens < 0
+        or config.reserved_rows < 0
+        or config.prefill_chunk_tokens < 0
+        or config.speculative_tokens < 0
+        or config.speculative_max_rows < 0
+    ):
         print(
-            "error: --max-prefill-tokens, --prefill-chunk-tokens and --reserved-rows must be 0 (off) or positive",
+            "error: --max-prefill-tokens, --prefill-chunk-tokens, --reserved-rows, --speculative-tokens and "
+            "--speculative-max-rows must be 0 (off) or positive",
             file=sys.stderr,
         )
         return 2

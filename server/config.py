@@ -60,6 +60,11 @@ class ServeConfig:
     # Prompt heads' K/V kept for later requests of the same prefix (server/prompt_cache.py), on the model's device;
     # 0 = off. Decoder-only models.
     prompt_cache_bytes: int = 256 * 2**20
+    # Speculative decoding by prompt lookup (server/speculative.py): draft tokens per row and step, copied from the
+    # row's own context and verified in the decode step, while at most ``speculative_max_rows`` greedy rows
+    # decode; 0 = off.
+    speculative_tokens: int = 4
+    speculative_max_rows: int = 8
     request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish

@@ -34,6 +34,7 @@ from server.prompt_cache import CachedPrompt, PromptCache
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams, StepLogprobs, TokenLogprob
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
+from server.speculative import RowSpeculation, SpeculativeConfig, plan, speculates
 from server.step_gaps import StepGaps
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
 from server.threads import ENGINE_TORCH_THREADS, pin_torch_threads, release_openmp_pool
@@ -89,6 +90,7 @@ class _Tracked:
     generated: list[int] = field(default_factory=list)
     prompt_logprobs: Sequence[TokenLogprob | None] | None = None  # once the prompt is in, when asked for
     cached: CachedPrompt | None = None  # the prompt's head found in the prompt cache at admission
+    speculation: RowSpeculation | None = None  # once the row may speculate (server/speculative.py)
     cancelled: bool = False
     done: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)  # for time to first token
@@ -198,6 +200,7 @@ class Engine:
         step_gaps: StepGaps | None = None,
         overlap_steps: bool | None = None,
         prompt_cache: PromptCache | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         """``step_gaps``, if given, runs other threads' CPU-bound work between steps (server/step_gaps.py).
 
@@ -207,9 +210,14 @@ class Engine:
 
         ``prompt_cache``: prompt heads' K/V kept for later requests of the same prefix (server/prompt_cache.py);
         decoder-only runners only (an encoder-decoder's prompt goes to the encoder).
+
+        ``speculative``: draft tokens by prompt lookup, verified in the decode step, while few greedy rows decode
+        (server/speculative.py); runners that fuse prefill only (the step's attention reads our layout).
         """
         self.runner = runner
         self.prompt_cache = prompt_cache if isinstance(runner, ModelRunner) else None
+        speculating = speculative is not None and isinstance(runner, ModelRunner) and runner.fuses_prefill
+        self.speculative = speculative if speculating and speculative is not None else SpeculativeConfig()
         self.step_gaps = step_gaps
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -446,6 +454,12 @@ class Engine:
     def _decode(self) -> None:
         """A decode step of every running row, with no prompt chunk. With overlap, this step is launched first
         and the previous one's tokens are handed out while it runs."""
+        if self._may_speculate():
+            self._settle_ahead()  # the drafts follow every row's last token: hand it out first
+            drafts = self._drafts()
+            if drafts is not None:
+                self._speculate(drafts)
+                return
         groups = self._groups
         if not groups:
             self._settle_ahead()
@@ -460,10 +474,70 @@ class Engine:
 
     def _settle(self, launched: _Launched) -> None:
         """Hand out a decode step's tokens; the running groups lose the rows that ended."""
-        left = self._hand_out(launched, observe=True)
+        self._drop(self._hand_out(launched, observe=True))
+
+    def _drop(self, left: set[str]) -> None:
+        """The running groups without the rows of ``left`` (requests that ended)."""
         if left:
             groups = [g.drop(left) for g in self._groups]
             self._groups = [g for g in groups if g is not None]
+
+    # ----- speculative decoding ------------------------------------------------------------------
+
+    def _may_speculate(self) -> bool:
+        """Whether this decode step may verify drafts: few rows decode, all of them plain greedy ones."""
+        config = self.speculative
+        if not config.enabled or not self._groups or sum(len(g) for g in self._groups) > config.max_rows:
+            return False
+        tracked = [self._tracked.get(r) for r in self._running_ids()]
+        return all(t is not None and speculates(t.request.params) for t in tracked)
+
+    def _drafts(self) -> list[list[list[int]]] | None:
+        """Per group and row, the drafts to verify after the row's last token: prompt lookup's proposals, cut to
+        the length ``plan`` finds best; None when a plain step is best (or no row has a proposal)."""
+        tracked = [self._tracked[r] for r in self._running_ids()]
+        speculations = [self._speculation(t) for t in tracked]
+        proposals = [s.proposal(t.generated, self._draft_room(t)) for s, t in zip(speculations, tracked, strict=True)]
+        k = plan(proposals, [s.acceptance for s in speculations], self.speculative.draft_cost)
+        if k == 0:
+            for speculation, proposal in zip(speculations, proposals, strict=True):
+                if proposal:
+                    speculation.skipped()
+            return None
+        rows = iter(proposal[:k] for proposal in proposals)
+        return [[next(rows) for _ in range(len(g))] for g in self._groups]
+
+    def _speculation(self, t: _Tracked) -> RowSpeculation:
+        if t.speculation is None:
+            t.speculation = RowSpeculation(t.request.prompt_ids, self.speculative)
+        return t.speculation
+
+    @staticmethod
+    def _draft_room(t: _Tracked) -> int:
+        """Drafts a row may take: a step yields up to 1 + k tokens and puts k + 1 more columns in the row's KV
+        (its last token, not in yet, and k drafts), within what the request may still generate and what
+        admission reserved for it."""
+        in_kv = t.request.prefix_len + len(t.request.prompt_ids) + len(t.generated) - 1
+        return min(t.request.params.max_new_tokens - len(t.generated), t.max_len - in_kv) - 1
+
+    def _speculate(self, drafts: list[list[list[int]]]) -> None:
+        """A decode step that verifies ``drafts`` (server/speculative.py), then hands each row its tokens."""
+        groups = self._groups
+        rows = [row for g in groups for row in g.rows]
+        yielded = self.runner.speculative_step(groups, drafts)
+        now = time.perf_counter()
+        for request_id, row_drafts, tokens in zip(
+            (r.request_id for r in rows), (d for group in drafts for d in group), yielded, strict=True
+        ):
+            t = self._tracked.get(request_id)
+            if t is not None and t.speculation is not None:
+                t.speculation.verified(len(row_drafts), len(tokens) - 1)
+        positions = [p for g in groups for p in g.next_positions.tolist()]
+        if self.metrics is not None:
+            self.metrics.forward_pass(rows, sum(len(g) * g.width for g in groups), sum(positions))
+            self.metrics.speculative_draft_tokens.inc(sum(len(d) for group in drafts for d in group))
+            self.metrics.speculative_accepted_tokens.inc(sum(len(tokens) - 1 for tokens in yielded))
+        self._drop(self._give(rows, yielded, positions, [None] * len(rows), now))
 
     def _settle_ahead(self) -> None:
         """Hand out the tokens of the step launched ahead, if any (before anything else changes the batch)."""
@@ -625,9 +699,22 @@ class Engine:
             slots, real = launched.slots + launched.chunk_slots, sum(positions) + launched.chunk_slots
             metrics.forward_pass([*rows, *launched.chunk_rows], slots, real)
         logprobs = launched.row_logprobs() if any(launched.logprobs) else [None] * len(rows)
+        return self._give(rows, [[token] for token in tokens], positions, logprobs, now)
+
+    def _give(
+        self,
+        rows: Sequence[RowInfo],
+        tokens: Sequence[Sequence[int]],
+        positions: Sequence[int],
+        logprobs: Sequence[tuple[float, list[int], list[float]] | None],
+        now: float,
+    ) -> set[str]:
+        """Hand each row its tokens of a step, sampled at ``now``: one, or after a speculative step one or more
+        (``positions``: each row's next position after them; ``logprobs`` go with a single token). Returns the
+        request ids that ended, or had ended before (overlap)."""
         left: set[str] = set()
-        live: list[tuple[RowInfo, _Tracked, int, int, TokenLogprob | None]] = []  # rows that get their token now
-        for row, token, position, row_logprobs in zip(rows, tokens, positions, logprobs, strict=True):
+        live: list[tuple[RowInfo, _Tracked, Sequence[int], int, TokenLogprob | None]] = []  # rows getting tokens
+        for row, row_tokens, position, row_logprobs in zip(rows, tokens, positions, logprobs, strict=True):
             tracked = self._tracked.get(row.request_id)
             if tracked is None or tracked.done:  # ended in the step before this one (overlap): token dropped
                 left.add(row.request_id)
@@ -640,14 +727,19 @@ class Engine:
                 if asked is not None and row_logprobs is not None:
                     chosen, top_ids, top_values = row_logprobs
                     logprob = TokenLogprob(chosen, tuple(zip(top_ids[:asked], top_values[:asked], strict=True)))
-                live.append((row, tracked, token, position, logprob))
-        if metrics is not None:
-            # Once per step (per task label), not per row; and before any event goes out, so a client that has
-            # received its last token (and then scrapes /metrics) finds that token counted.
-            metrics.generated([row for row, *_ in live])
-        for row, tracked, token, position, logprob in live:
-            if self._emit(tracked, token, position, now, logprob):
-                left.add(row.request_id)
+                live.append((row, tracked, row_tokens, position, logprob))
+        handed: list[RowInfo] = []  # a row once per token it took
+        for row, tracked, row_tokens, position, logprob in live:
+            first_position = position - len(row_tokens) + 1  # where the row's first token of the step goes next
+            for i, token in enumerate(row_tokens):
+                handed.append(row)
+                if self._emit(tracked, token, first_position + i, now, logprob):
+                    left.add(row.request_id)
+                    break  # a speculative step's tokens after the end are dropped
+        if self.metrics is not None:
+            # Once per step (per task label), not per row; and before the step's events go out (_flush_outbox), so
+            # a client that has received its last token (and then scrapes /metrics) finds that token counted.
+            self.metrics.generated(handed)
         return left
 
     def _emit(self, tracked: _Tracked, token: int, position: int, now: float, logprob: TokenLogprob | None) -> bool:

@@ -16,6 +16,10 @@ any other. Attention is the only place where tokens of different rows meet, so t
 * each chunk writes its n tokens' K/V into its own one-row buffers [1, H_kv, C, d] after the columns already
   filled (the row's prefix and earlier chunks) and attends causally to them.
 
+A speculative step (server/speculative.py) gives every row of a group q > 1 queries, its input token and q - 1
+drafts: the group's B_g·q tokens come row after row, write columns T .. T + q - 1 and attend causally among
+themselves after the row's real columns.
+
 The layout reaches the attention function as a keyword argument of the model's forward, which transformers
 passes unchanged to every attention call. No ``Cache`` object is involved: the function writes K/V itself.
 """
@@ -54,10 +58,11 @@ class ChunkSlot:
 class DecodeSlot:
     """Where one group of running rows writes and reads: padded [B_g, H_kv, C, d] buffers, T columns in use."""
 
-    keys: list[torch.Tensor]  # per layer [B_g, H_kv, C, d], C > T
+    keys: list[torch.Tensor]  # per layer [B_g, H_kv, C, d], C >= T + q
     values: list[torch.Tensor]
-    width: int  # T: the rows' decode tokens' K/V go to column T
-    mask: torch.Tensor  # [B_g, 1, 1, T + 1] bool, True where a row's query may look
+    width: int  # T: the rows' decode tokens' K/V go to columns T .. T + q - 1
+    mask: torch.Tensor  # [B_g, 1, q, T + q] bool, True where a row's query may look
+    queries: int = 1  # q, tokens per row: 1, or the input token and q - 1 drafts in a speculative step
 
     @property
     def rows(self) -> int:
@@ -74,6 +79,8 @@ class FusedLayout:
     chunk_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     # Likewise each decode group's additive mask, where decode attention runs as batched matmuls (CPU).
     decode_biases: dict[int, torch.Tensor] = field(default_factory=dict)
+    # And each speculative group's mask repeated for the G query heads of a KV head.
+    decode_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def decode_bias(self, index: int, kv_heads: int, like: torch.Tensor) -> torch.Tensor:
         """Decode group ``index``'s mask as an additive bias [B_g·H_kv, 1, T + 1] in ``like``'s dtype: 0 where a
@@ -85,6 +92,13 @@ class FusedLayout:
             bias.masked_fill_(~mask.view(rows, 1, width), -torch.inf)
             self.decode_biases[index] = bias.expand(rows, kv_heads, width).reshape(rows * kv_heads, 1, width)
         return self.decode_biases[index]
+
+    def speculative_mask(self, index: int, q_per_kv: int) -> torch.Tensor:
+        """Speculative group ``index``'s mask as [B_g, 1, G·q, T + q]: query i of each of the G heads sharing a KV
+        head sees what the row's query i sees (the heads' queries are laid out head-major, as in ``chunk_mask``)."""
+        if index not in self.decode_masks:
+            self.decode_masks[index] = self.decodes[index].mask.repeat(1, 1, q_per_kv, 1)
+        return self.decode_masks[index]
 
     def chunk_mask(self, index: int, q_per_kv: int, like: torch.Tensor) -> torch.Tensor | None:
         """The additive mask [1, 1, G·n, start + n] of chunk ``index`` (in ``like``'s dtype and device): query i of
@@ -160,6 +174,10 @@ def fused_attention_forward(
     for index, group in enumerate(layout.decodes):
         rows, width = group.rows, group.width
         keys, values = group.keys[layer], group.values[layer]
+        if group.queries > 1:
+            parts.append(_speculative_rows_attention(query, key, value, offset, layout, index, layer, scaling))
+            offset += rows * group.queries
+            continue
         keys[:, :, width] = key[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_kv, d]
         values[:, :, width] = value[0, :, offset : offset + rows].transpose(0, 1)
         queries = query[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_q, d]
@@ -184,3 +202,31 @@ def fused_attention_forward(
         offset += n
 
     return torch.cat(parts)[None]
+
+
+def _speculative_rows_attention(
+    query: torch.Tensor,  # [1, H_q, S, d]
+    key: torch.Tensor,  # [1, H_kv, S, d]
+    value: torch.Tensor,
+    offset: int,  # where the group's B_g·q tokens start in the flat sequence
+    layout: FusedLayout,
+    index: int,
+    layer: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """A speculative group's attention output [B_g·q, H_q, d], row after row; writes its K/V at T .. T + q - 1."""
+    group = layout.decodes[index]
+    rows, width, q = group.rows, group.width, group.queries
+    heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[3]
+    span = slice(offset, offset + rows * q)
+    keys, values = group.keys[layer], group.values[layer]
+    keys[:, :, width : width + q] = key[0, :, span].unflatten(1, (rows, q)).transpose(0, 1)  # [B_g, H_kv, q, d]
+    values[:, :, width : width + q] = value[0, :, span].unflatten(1, (rows, q)).transpose(0, 1)
+    # [H_q, B_g·q, d] -> [B_g, H_kv, G·q, d]: the G query heads sharing a KV head attend together.
+    queries = query[0, :, span].unflatten(1, (rows, q)).transpose(0, 1).reshape(rows, kv_heads, -1, head_dim)
+    mask = layout.speculative_mask(index, heads // kv_heads)
+    visible = slice(0, width + q)
+    out = scaled_dot_product_attention(
+        queries, keys[:, :, visible], values[:, :, visible], attn_mask=mask, scale=scaling
+    )  # [B_g, H_kv, G·q, d]
+    return out.reshape(rows, heads, q, head_dim).transpose(1, 2).reshape(rows * q, heads, head_dim)

@@ -127,6 +127,17 @@ class EngineMetrics:
             "Prompt tokens whose K/V came from the prompt cache instead of being computed (part of prompt_tokens).",
             registry=registry,
         )
+        # vLLM's spec_decode num_draft_tokens / num_accepted_tokens: their ratio is the drafts' acceptance rate.
+        self.speculative_draft_tokens = Counter(
+            "prefix_serve_speculative_draft_tokens",
+            "Draft tokens proposed by prompt lookup and verified in decode steps (speculative decoding).",
+            registry=registry,
+        )
+        self.speculative_accepted_tokens = Counter(
+            "prefix_serve_speculative_accepted_tokens",
+            "Draft tokens the verifying forward confirmed: tokens gained beyond one per row and step.",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "prefix_serve_batch_size",
             "Rows per forward pass (prefill and decode).",

@@ -17,8 +17,9 @@ from server.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DevicePrefixCache
 from server.fused_projections import fuse_projections as fuse_layer_projections
 from server.fused_projections import use_onednn_for_fused
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
-from server.kv_cache import build_cache, read_cache
+from server.kv_cache import build_cache, read_cache, with_room
 from server.sampling import SamplingParams, TokenLogprob, prompt_token_logprobs, sample
+from server.speculative import accepted
 from server.static_decode import StaticDecoder
 
 __all__ = ["ModelRunner", "NewRequest", "PendingPrefill"]  # NewRequest lives with the batch; re-exported here
@@ -218,6 +219,64 @@ class ModelRunner:
             first = pending.batch.next_input_ids = sample(kept[-1:], pending.batch.sampling)
             firsts.append(first)
         return tokens, firsts
+
+    @torch.inference_mode()
+    def speculative_step(self, groups: Sequence[Batch], drafts: Sequence[Sequence[Sequence[int]]]) -> list[list[int]]:
+        """One forward verifying each row's draft tokens (server/speculative.py): the tokens each row yields.
+
+        ``drafts`` holds, per group and row, the tokens proposed after the row's input token (possibly none).
+        Every row is greedy with nothing that adjusts its logits (``speculates``). Each row feeds q = 1 + the
+        most drafts of any row tokens (its own drafts, then copies of its input token, never accepted); row r
+        keeps its input token and the a_r drafts that equal the greedy tokens before them, and yields those
+        a_r drafts and the greedy token after them. A group's width grows by 1 + the most drafts any of its
+        rows accepted; a row that accepted fewer has the rest of those columns as padding (the rejected drafts'
+        K/V, masked), and columns beyond the width are free room again. Requires ``fuses_prefill``.
+        """
+        q = 1 + max((len(d) for group in drafts for d in group), default=0)
+        token_ids, positions, decodes = [], [], []
+        for batch, group_drafts in zip(groups, drafts, strict=True):
+            batch.keys = [with_room(k, batch.width, batch.width + q) for k in batch.keys]
+            batch.values = [with_room(v, batch.width, batch.width + q) for v in batch.values]
+            # [B_g, q] on the host: the drafts, and each row's offset from its next position. A row with fewer
+            # drafts repeats its input token at its last draft's position: those queries' outputs are never read,
+            # and no position goes past the row's own (models with learned positions have a last one).
+            inputs = torch.zeros(len(batch), q, dtype=torch.int64)
+            is_draft = torch.zeros(len(batch), q, dtype=torch.bool)
+            offsets = torch.zeros(len(batch), q, dtype=torch.int64)
+            for row, row_drafts in enumerate(group_drafts):
+                inputs[row, 1 : 1 + len(row_drafts)] = torch.tensor(row_drafts, dtype=torch.int64)
+                is_draft[row, 1 : 1 + len(row_drafts)] = True
+                offsets[row] = torch.arange(q).clamp_max(len(row_drafts))
+            inputs, is_draft, offsets = inputs.to(self.device), is_draft.to(self.device), offsets.to(self.device)
+            inputs = torch.where(is_draft, inputs, batch.next_input_ids[:, None])
+            token_ids.append(inputs.flatten())
+            positions.append((batch.next_positions[:, None] + offsets).flatten())
+            rows, width = len(batch), batch.width
+            seen = batch.attention_mask.bool()[:, None, None, :].expand(rows, 1, q, width)
+            causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(rows, 1, q, q)
+            decodes.append(DecodeSlot(batch.keys, batch.values, width, torch.cat([seen, causal], dim=-1), q))
+        out = self.model(
+            input_ids=torch.cat(token_ids)[None],
+            position_ids=torch.cat(positions)[None],
+            attention_mask=placeholder_mask(self.device),
+            use_cache=False,
+            **{LAYOUT_KWARG: FusedLayout(decodes, [])},
+        )
+        targets = out.logits[0].argmax(dim=-1).view(-1, q).tolist()  # [B, q]: the greedy token after each query
+        yielded: list[list[int]] = []
+        for batch, group_drafts in zip(groups, drafts, strict=True):
+            group_targets, targets = targets[: len(batch)], targets[len(batch) :]
+            kept = [accepted(d, t) for d, t in zip(group_drafts, group_targets, strict=True)]  # a_r
+            grown = 1 + max(kept)
+            real = torch.arange(grown)[None, :] <= torch.tensor(kept)[:, None]  # [B_g, grown]
+            batch.attention_mask = torch.cat([batch.attention_mask, real.to(batch.attention_mask)], dim=1)
+            advance = torch.tensor([a + 1 for a in kept], dtype=torch.int64, device=self.device)
+            batch.next_positions = batch.next_positions + advance
+            batch.sampling.step += advance
+            rows = [t[: a + 1] for t, a in zip(group_targets, kept, strict=True)]
+            batch.next_input_ids = torch.tensor([r[-1] for r in rows], dtype=torch.int64, device=self.device)
+            yielded += rows
+        return yielded
 
     @torch.inference_mode()
     def prompt_kv(self, batch: Batch, row: int, start: int, end: int) -> torch.Tensor:

@@ -146,3 +146,37 @@ def test_json_schema_output_of_the_real_model_equals_the_masked_oracle(server, d
             want.append(int(logits.argmax()))
             assert matcher.accept_token(want[-1])
     assert native["token_ids"] == want
+
+
+def speculative_counts(client: httpx.Client) -> tuple[float, float]:
+    """The server's draft tokens proposed and accepted so far, from /metrics."""
+    values = {}
+    for line in client.get("/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("prefix_serve_speculative_") and name.endswith("_total"):
+            values[name] = float(value)
+    return (
+        values["prefix_serve_speculative_draft_tokens_total"],
+        values["prefix_serve_speculative_accepted_tokens_total"],
+    )
+
+
+def test_speculative_decoding_on_the_real_model_keeps_the_greedy_tokens(server, default_model) -> None:
+    """With the server's defaults a lone greedy request speculates (prompt lookup): asked to add type hints to a
+    function it rewrites, the real model's drafts are accepted, and its tokens are still those of the model's
+    own uncached forward loop."""
+    url, _ = server
+    source = "def total(prices, tax):\n    subtotal = sum(prices)\n    return subtotal + subtotal * tax\n"
+    messages = [{"role": "user", "content": f"Add type hints to this Python function:\n\n{source}"}]
+    with httpx.Client(base_url=url, timeout=120) as client:
+        drafted, kept = speculative_counts(client)
+        r = client.post("/v1/generate", json={"messages": messages, "max_new_tokens": 40})
+        assert r.status_code == 200, r.text
+        after = speculative_counts(client)
+    assert after[1] - kept > 0 and after[0] - drafted >= after[1] - kept
+    tokenizer = default_model.tokenizer
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    got = r.json()["token_ids"]
+    want, _ = oracle_greedy(default_model.model, ids, 40)
+    assert got == want[: len(got)] and (len(got) == 40 or r.json()["finish_reason"] == "eos")

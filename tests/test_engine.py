@@ -17,6 +17,7 @@ from server.prompt_cache import PromptCache
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
+from server.speculative import SpeculativeConfig
 from server.step_gaps import StepGaps
 from tests.tiny_models import oracle_greedy, peft_prefix_model, prefix_kv_of, tiny_llama
 
@@ -71,6 +72,7 @@ def make_engine(
     metrics: EngineMetrics | None = None,
     eos_token_ids: list[int] | None = None,
     prompt_cache: PromptCache | None = None,
+    speculative: SpeculativeConfig | None = None,
     **config,
 ) -> Engine:
     runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
@@ -84,6 +86,7 @@ def make_engine(
         step_gaps=step_gaps,
         overlap_steps=overlap_steps,
         prompt_cache=prompt_cache,
+        speculative=speculative,
     )
     engine.start()
     return engine

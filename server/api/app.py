@@ -36,6 +36,7 @@ from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
 from server.seq2seq_runner import Seq2SeqRunner
+from server.speculative import SpeculativeConfig
 from server.step_gaps import StepGaps
 from server.structured_output import GrammarCompiler
 from server.threads import io_executor
@@ -100,6 +101,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         metrics=None if metrics is None else metrics.engine,
         step_gaps=step_gaps,
         prompt_cache=PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes > 0 else None,
+        speculative=SpeculativeConfig(config.speculative_tokens, config.speculative_max_rows),
     )
     # Trims run between steps, and wait for the engine to go idle while rows decode (server/heap_trim.py).
     heap_trimmer = HeapTrimmer(malloc_trim(), run=run_between_steps, busy=lambda: engine.num_running > 0)

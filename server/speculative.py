@@ -1,0 +1,173 @@
+"""Speculative decoding by prompt lookup: draft tokens copied from the row's own context, verified in one forward.
+
+Prefix-tuned tasks often copy: a table-to-text row repeats the record's names, a summary quotes its article, an
+edit repeats the code it edits. When the last few tokens of a row's context (prompt and output so far) occurred
+before in it, the tokens that followed them then are a good guess of what comes next. A decode step can check
+k such guesses at once: the row feeds its input token and the k drafts as k + 1 queries, and the logits at
+query i give the token that truly follows the first i drafts. The greedy token is taken at every query; drafts
+are accepted while they equal it, and the first token that differs (or the one after the last draft) comes
+free. The output is the greedy output, token for token: only how many tokens a step yields changes.
+
+On a CPU the forward of a few rows is bound by reading the weights, not by its tokens, so verifying k drafts
+costs a lone stream little more than one decode step; but each extra token still adds ~4.5% to a step of the
+default model (1 to 4 rows, bench/RESULTS.md), and a step's rows all feed the same number of queries (the
+group's attention is one batched call), drafts or not. So each row keeps its drafts' acceptance rate, and each
+step takes the number of drafts per row that maximises the expected tokens per unit of step time (``plan``),
+none when no number beats a plain step; no row drafts once more than ``SpeculativeConfig.max_rows`` decode.
+Only plain greedy rows
+speculate: a sampled row's draws are a hash of its seed and step, reproducible whatever its batch-mates, which
+accepting a varying number of tokens per step would break; penalties, biases, grammars and log-probabilities
+change or report the distribution at each position and are left out too.
+
+This is prompt lookup decoding (Saxena, 2023), vLLM's "ngram" speculative method and TGI's ``--speculate``
+n-gram mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from server.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """When and how far rows speculate."""
+
+    tokens: int = 0  # drafts proposed per row and step (k); 0 = off
+    max_rows: int = 8  # speculate only while at most this many rows decode
+    ngram_max: int = 4  # the longest context suffix looked up
+    ngram_min: int = 2  # the shortest: a single token matches too often to be a good guess
+    # What one draft token adds to a decode step, as a fraction of the step: 0.045 measured on the 2-core CPU with
+    # the default model at 1-4 rows (bench/RESULTS.md, eighteenth session).
+    draft_cost: float = 0.045
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Whether a request's rows may take drafts: greedy, with nothing that changes or reports each position's
+    distribution."""
+    return params.temperature == 0 and params.logprobs is None and not params.adjusts_logits and params.grammar is None
+
+
+class NgramIndex:
+    """A row's context (prompt, then output) with, per n-gram, where it last occurred with a token after it.
+
+    ``propose`` looks up the context's last n tokens (longest n first) and returns the tokens that followed their
+    latest earlier occurrence. The index grows with the context, O(ngram_max - ngram_min + 1) per token, so a
+    lookup never scans the context.
+    """
+
+    def __init__(self, tokens: Sequence[int], ngram_min: int, ngram_max: int) -> None:
+        if not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"n-gram sizes must satisfy 1 <= min <= max, got {ngram_min}, {ngram_max}")
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self.tokens: list[int] = []
+        # (n-gram) -> the index just after its latest occurrence that has a token after it
+        self._next: dict[tuple[int, ...], int] = {}
+        self.extend(tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            # The n-grams ending at the current last token now have a follower: ``token``, at index len.
+            end = len(self.tokens)
+            for n in range(self.ngram_min, min(self.ngram_max, end) + 1):
+                self._next[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the context's longest matching suffix."""
+        size = len(self.tokens)
+        if k <= 0:
+            return []
+        for n in range(min(self.ngram_max, size), self.ngram_min - 1, -1):
+            start = self._next.get(tuple(self.tokens[size - n :]))
+            if start is not None:
+                return self.tokens[start : start + k]
+        return []
+
+
+# A row's drafts' acceptance rate before it has drafted, and what a row that stopped drafting drifts back to.
+PRIOR_ACCEPTANCE = 0.5
+# The weight of the last step in a row's acceptance rate (an exponential moving average).
+ACCEPTANCE_WEIGHT = 0.3
+# How far a row below the break-even moves back toward the prior each step it does not draft, so that it tries
+# again after a few steps (its text may have reached a part that repeats).
+RECOVERY = 0.05
+
+
+class RowSpeculation:
+    """One row's speculation: its context's n-grams, how many drafts it proposes next, and how often they stood."""
+
+    def __init__(self, prompt: Sequence[int], config: SpeculativeConfig) -> None:
+        self.config = config
+        self.index = NgramIndex(prompt, config.ngram_min, config.ngram_max)
+        self.prompt_len = len(prompt)
+        self.draft_len = config.tokens
+        self.acceptance = PRIOR_ACCEPTANCE
+
+    def proposal(self, generated: Sequence[int], room: int) -> list[int]:
+        """Drafts that may follow the row's last token (``generated``: its output so far), at most ``room``."""
+        self.index.extend(generated[len(self.index) - self.prompt_len :])
+        return self.index.propose(min(self.draft_len, room))
+
+    def skipped(self) -> None:
+        """The row had a proposal, and the step did not speculate: its acceptance rate drifts back toward the
+        prior, so that a row that fell below the break-even tries again after a few steps."""
+        self.acceptance += (PRIOR_ACCEPTANCE - self.acceptance) * RECOVERY
+
+    def verified(self, drafted: int, kept: int) -> None:
+        """``kept`` of the ``drafted`` drafts of the last step stood."""
+        if drafted:
+            self.acceptance += (kept / drafted - self.acceptance) * ACCEPTANCE_WEIGHT
+            self.draft_len = next_draft_len(self.draft_len, drafted, kept, self.config.tokens)
+
+
+def expected_accepted(acceptance: float, drafts: int) -> float:
+    """Drafts expected to stand out of ``drafts``, each standing with probability ``acceptance`` if the ones
+    before it did: p + p² + ... + p^k."""
+    return sum(acceptance**i for i in range(1, drafts + 1))
+
+
+def plan(proposals: Sequence[Sequence[int]], acceptances: Sequence[float], draft_cost: float) -> int:
+    """The drafts per row (k; rows with shorter proposals take theirs whole) that maximise a step's expected
+    tokens per unit of its time, or 0 when a plain step is best.
+
+    A step of B rows with k drafts each yields B + sum of each row's expected accepted drafts, and takes
+    1 + draft_cost·B·k times a plain step (every row feeds k + 1 queries, drafts or padding).
+    """
+    rows = len(proposals)
+    best, best_rate = 0, 1.0
+    for k in range(1, max((len(p) for p in proposals), default=0) + 1):
+        gain = sum(expected_accepted(a, min(len(p), k)) for p, a in zip(proposals, acceptances, strict=True))
+        rate = (1 + gain / rows) / (1 + draft_cost * rows * k)
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best
+
+
+def next_draft_len(current: int, drafted: int, kept: int, most: int) -> int:
+    """How many drafts a row proposes next, after ``kept`` of its ``drafted`` were accepted (transformers'
+    "heuristic" schedule for assisted generation): two more when all stood, one fewer (at least one) otherwise.
+    A row whose guesses keep failing soon verifies one draft a step, for little more than a plain step's cost."""
+    if kept == drafted:
+        return min(most, current + 2)
+    return max(1, current - 1)
+
+
+def accepted(drafts: Sequence[int], targets: Sequence[int]) -> int:
+    """How many drafts the verifying forward confirms: ``targets[i]`` is the greedy token after the input token
+    and the first i drafts, so draft i + 1 stands while it equals ``targets[i]``."""
+    count = 0
+    for draft, target in zip(drafts, targets, strict=False):
+        if draft != target:
+            break
+        count += 1
+    return count

@@ -1,0 +1,231 @@
+"""Speculative decoding by prompt lookup: the n-gram index, and the engine's tokens with drafts verified in its
+decode steps equal to the PEFT oracle's in every engine mode, alone and batched, whatever ends the rows."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from server.engine import GenerationRequest
+from server.metrics import EngineMetrics
+from server.sampling import SamplingParams
+from server.speculative import (
+    NgramIndex,
+    RowSpeculation,
+    SpeculativeConfig,
+    accepted,
+    expected_accepted,
+    next_draft_len,
+    plan,
+    speculates,
+)
+from tests import test_engine
+from tests.test_engine import collect, make_engine, prompt, together_and_staggered, tokens_of
+from tests.tiny_models import oracle_greedy, peft_prefix_model, prefix_kv_of, tiny_llama
+
+mode = test_engine.mode  # the engine tests' four engine modes, a fixture
+
+# Single tokens count as matches too, and drafts cost nothing (every row drafts whatever its acceptance rate):
+# the tiny random model's output repeats often, so drafts are plentiful, and many are rejected (both paths get
+# exercised).
+EAGER = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=1, draft_cost=0.0)
+
+
+def test_the_longest_matching_suffix_proposes_what_followed_its_latest_occurrence() -> None:
+    index = NgramIndex([1, 2, 3, 9, 9, 1, 2, 4, 5, 6], ngram_min=1, ngram_max=3)
+    index.extend([7, 1, 2])  # ... 7 1 2: "1 2" occurred twice, last followed by 4 5 6
+    assert index.propose(3) == [4, 5, 6]
+    assert index.propose(10) == [4, 5, 6, 7, 1, 2], "a proposal runs up to the end of the context"
+    index.extend([3])  # "1 2 3" occurred once, at the start: the longer match wins over "2 3" / "3"
+    assert index.propose(2) == [9, 9]
+    assert index.propose(0) == []
+    assert len(index) == 14
+
+
+def test_no_proposal_without_an_earlier_occurrence_of_a_long_enough_suffix() -> None:
+    index = NgramIndex([5, 6, 7, 8], ngram_min=2, ngram_max=4)
+    assert index.propose(4) == [], "no suffix of two or more tokens occurred before"
+    index.extend([5, 6])
+    assert index.propose(4) == [7, 8, 5, 6]
+    single = NgramIndex([5, 6, 7, 8, 5], ngram_min=2, ngram_max=4)
+    assert single.propose(4) == [], "one token matching is below ngram_min"
+    with pytest.raises(ValueError):
+        NgramIndex([1], ngram_min=0, ngram_max=2)
+
+
+def test_drafts_stand_while_they_equal_the_greedy_tokens() -> None:
+    assert accepted([4, 5, 6], [4, 5, 6, 7]) == 3
+    assert accepted([4, 5, 6], [4, 9, 6, 7]) == 1
+    assert accepted([4, 5, 6], [8, 5, 6, 7]) == 0
+    assert accepted([], [8]) == 0
+
+
+def test_a_row_proposes_more_after_full_acceptance_and_fewer_after_a_miss() -> None:
+    assert next_draft_len(4, drafted=4, kept=4, most=6) == 6
+    assert next_draft_len(6, drafted=2, kept=2, most=6) == 6, "never past the configured most"
+    assert next_draft_len(4, drafted=4, kept=3, most=6) == 3
+    assert next_draft_len(1, drafted=1, kept=0, most=6) == 1, "never below one"
+
+
+def test_a_row_tracks_how_often_its_drafts_stand() -> None:
+    config = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=2, ngram_min=1)
+    row = RowSpeculation([1, 2, 3, 1, 2, 3], config)  # 1 2 3 repeats: "3" was followed by "1 2 3"
+    assert row.proposal([], room=10) == [1, 2, 3] and row.acceptance == 0.5
+    for _ in range(4):
+        row.verified(drafted=3, kept=0)
+    assert row.acceptance < 0.15 and row.draft_len == 1
+    low = row.acceptance
+    row.skipped()
+    assert low < row.acceptance < 0.5, "a row not drafting drifts back toward the prior"
+    row.verified(drafted=1, kept=1)
+    assert row.draft_len == 3 and row.acceptance > low
+    assert row.proposal([1], room=2) == [2, 3], "within the room the request has left"
+
+
+def test_a_step_drafts_only_as_far_as_it_pays() -> None:
+    cost = 0.045
+    assert plan([[1, 2, 3, 4]], [0.8], cost) == 4, "a lone row at good odds takes all its drafts"
+    assert plan([[1, 2, 3, 4]], [0.5], cost) == 3, "at even odds the fourth draft is not worth its cost"
+    assert plan([[1, 2, 3, 4]], [0.02], cost) == 0, "rarely right: a plain step is cheaper"
+    assert plan([[1, 2, 3, 4]], [0.5], 0.0) == 4
+    # Six rows, one with a proposal: every row would feed its queries; not worth it.
+    assert plan([[1, 2, 3, 4], [], [], [], [], []], [0.6] * 6, cost) == 0
+    # Six rows all drafting at high odds: worth it, though not as far as a lone row goes.
+    assert 0 < plan([[1, 2, 3, 4]] * 6, [0.7] * 6, cost) < 4
+    assert plan([[], []], [0.9, 0.9], cost) == 0
+    assert abs(expected_accepted(0.5, 3) - 0.875) < 1e-9
+
+
+def test_only_plain_greedy_requests_speculate() -> None:
+    assert speculates(SamplingParams())
+    assert speculates(SamplingParams(stop=("x",), stop_token_ids=(3,), ignore_eos=True))
+    for params in (
+        SamplingParams(temperature=0.7),
+        SamplingParams(logprobs=0),
+        SamplingParams(repetition_penalty=1.2),
+        SamplingParams(logit_bias=((3, 1.0),)),
+        SamplingParams(min_tokens=2, held_back=(0,)),
+    ):
+        assert not speculates(params), params
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(seed=3)
+
+
+@pytest.fixture(scope="module")
+def prefixes(base):
+    return [peft_prefix_model(copy.deepcopy(base), p, seed=900 + i) for i, p in enumerate([3, 6])]
+
+
+def counters(metrics: EngineMetrics) -> tuple[float, float]:
+    """Draft tokens proposed and accepted so far."""
+    return metrics.speculative_draft_tokens._value.get(), metrics.speculative_accepted_tokens._value.get()
+
+
+async def test_speculation_changes_no_token(base, prefixes, mode) -> None:
+    """Rows of two prefixes and none, alone, together and joining one another, with drafts verified in their
+    decode steps: every token equals the PEFT oracle's, some drafts were accepted and some rejected, and each
+    row still gets exactly max_new_tokens tokens (drafts never run past it)."""
+    metrics = EngineMetrics(CollectorRegistry())
+    engine = make_engine(base, metrics=metrics, speculative=EAGER, **mode)
+    models = [prefixes[0], prefixes[1], base]
+    lengths = [23, 9, 17, 30, 2, 11]
+
+    def request(i: int) -> GenerationRequest:
+        which = i % 3
+        kv = None if which == 2 else prefix_kv_of(models[which])
+        pid = None if which == 2 else f"p{which}"
+        return GenerationRequest(prompt(40 + i, 4 + i), SamplingParams(max_new_tokens=lengths[i]), kv, pid)
+
+    requests = [request(i) for i in range(6)]
+    try:
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        drafted_alone, accepted_alone = counters(metrics)
+        together, staggered = await together_and_staggered(engine, requests)
+    finally:
+        engine.shutdown()
+    for i, r in enumerate(requests):
+        assert alone[i] == oracle_greedy(models[i % 3], list(r.prompt_ids), lengths[i])[0], f"request {i}"
+    assert [tokens_of(e) for e in together] == alone == [tokens_of(e) for e in staggered]
+    assert 0 < accepted_alone < drafted_alone, "drafts must be both accepted and rejected alone"
+    drafted, kept = counters(metrics)
+    assert 0 < kept - accepted_alone < drafted - drafted_alone, "and with several rows speculating at once"
+
+
+async def test_a_row_ends_inside_a_step_of_drafts(base) -> None:
+    """EOS and a stop token id that the oracle yields mid-output end the row there, even when they come with
+    accepted drafts: the tokens after them are dropped, and the finish reason is the right one."""
+    ids = prompt(61, 6)
+    oracle = oracle_greedy(base, ids, 24)[0]
+    # A token the oracle yields late (after a repeat, so that it may arrive inside a step of accepted drafts).
+    late = next(t for i, t in enumerate(oracle) if i >= 6 and t not in oracle[:i])
+    cut = oracle.index(late)
+    metrics = EngineMetrics(CollectorRegistry())
+    engine = make_engine(base, metrics=metrics, speculative=EAGER, eos_token_ids=[late])
+    try:
+        by_eos = await collect(engine, GenerationRequest(ids, SamplingParams(max_new_tokens=24)))
+        by_stop_id = await collect(
+            engine, GenerationRequest(ids, SamplingParams(max_new_tokens=24, ignore_eos=True, stop_token_ids=(late,)))
+        )
+    finally:
+        engine.shutdown()
+    assert tokens_of(by_eos) == oracle[: cut + 1] and by_eos[-1].finish_reason == "eos"
+    assert tokens_of(by_stop_id) == oracle[: cut + 1] and by_stop_id[-1].finish_reason == "stop"
+    assert counters(metrics)[1] > 0, "drafts were accepted on the way"
+
+
+async def test_no_speculation_beside_rows_that_cannot_or_past_max_rows(base) -> None:
+    """A sampled row in the batch, or more rows than ``max_rows``, and the steps stay plain: no drafts, and the
+    seeded sampled row draws what it draws without speculation."""
+    greedy = [GenerationRequest(prompt(70 + i, 5), SamplingParams(max_new_tokens=20)) for i in range(3)]
+    sampled = GenerationRequest(prompt(75, 5), SamplingParams(max_new_tokens=20, temperature=0.9, seed=4))
+    metrics = EngineMetrics(CollectorRegistry())
+    limited = SpeculativeConfig(tokens=4, max_rows=2, ngram_max=3, ngram_min=1)
+    engine = make_engine(base, metrics=metrics, speculative=limited)
+    plain = make_engine(base)
+    try:
+        mixed = await asyncio.gather(*(collect(engine, r) for r in [greedy[0], sampled]))
+        crowd = await asyncio.gather(*(collect(engine, r) for r in greedy))
+        drafted, _ = counters(metrics)
+        reference = await asyncio.gather(*(collect(plain, r) for r in [greedy[0], sampled]))
+        alone = tokens_of(await collect(engine, greedy[1]))
+    finally:
+        engine.shutdown()
+        plain.shutdown()
+    # Requests of one batch start together and end at max_new_tokens together: never a lone greedy row.
+    assert drafted == 0
+    assert [tokens_of(e) for e in mixed] == [tokens_of(e) for e in reference]
+    assert tokens_of(crowd[1]) == alone == oracle_greedy(base, list(greedy[1].prompt_ids), 20)[0]
+    assert counters(metrics)[0] > 0, "alone, the same row speculates"
+
+
+def test_a_speculative_step_writes_only_the_accepted_columns_as_real(base) -> None:
+    """After a step verifying drafts of two rows, the batch invariant holds: each row's real columns equal its
+    next position, the group grew by 1 + the most drafts any row accepted, and a row that accepted fewer has the
+    rest as padding."""
+    from server.model_loading import probe_kv_shape
+    from server.runner import ModelRunner, NewRequest
+
+    runner = ModelRunner(base, *probe_kv_shape(base), static_decode=False)
+    ids = [prompt(80, 7), prompt(81, 4)]
+    batch, first = runner.prefill([NewRequest(f"r{i}", p, SamplingParams()) for i, p in enumerate(ids)])
+    oracles = [oracle_greedy(base, p, 4)[0] for p in ids]
+    assert first.tolist() == [o[0] for o in oracles]
+    width, positions = batch.width, batch.next_positions.tolist()
+    # Row 0 proposes its true next 3 tokens, row 1 a wrong first draft.
+    drafts = [[oracles[0][1:4], [(oracles[1][1] + 1) % runner.vocab_size, 5]]]
+    with torch.inference_mode():
+        yielded = runner.speculative_step([batch], drafts)
+    assert yielded == [[*oracles[0][1:4], yielded[0][-1]], [oracles[1][1]]]
+    assert yielded[0][-1] == oracle_greedy(base, ids[0], 5)[0][4]
+    batch.check()
+    assert batch.width == width + 4
+    assert batch.next_positions.tolist() == [positions[0] + 4, positions[1] + 1]
+    assert batch.attention_mask[1, width:].tolist() == [1, 0, 0, 0]
+    assert batch.next_input_ids.tolist() == [yielded[0][-1], oracles[1][1]]
