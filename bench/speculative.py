@@ -44,7 +44,7 @@ from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
-from server.speculative import SpeculativeConfig
+from server.speculative import DEFAULT_CPU_SPECULATIVE_TOKENS, SpeculativeConfig
 
 PREFIX = Path(__file__).resolve().parent.parent / "examples" / "prefixes" / "table-to-text.safetensors"
 FUNCTIONS = [
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--records", type=int, default=12, help="table-to-text test records per round")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=ServeConfig.speculative_tokens or 4, help="drafts per row and step")
+    p.add_argument("--tokens", type=int, default=DEFAULT_CPU_SPECULATIVE_TOKENS, help="drafts per row and step")
     p.add_argument("--max-rows", type=int, default=ServeConfig.speculative_max_rows)
     p.add_argument("--ngram-min", type=int, default=SpeculativeConfig.ngram_min, help="shortest suffix looked up")
     p.add_argument("--only", default="", help="comma-separated workloads to run (default: all)")

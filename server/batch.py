@@ -168,6 +168,31 @@ class Batch:
         self.keys = [with_room(k, width, width + 1) for k in self.keys]
         self.values = [with_room(v, width, width + 1) for v in self.values]
 
+    @property
+    def inner_padding(self) -> int:
+        """Columns ``compact`` would remove: the width beyond the most real columns of any row (host sync)."""
+        return self.width - int(self.next_positions.max())
+
+    def compact(self) -> None:
+        """Squeeze the padding out from between rows' real columns (a speculative step leaves the rejected drafts'
+        columns of rows that accepted fewer than others as padding): each row's real columns, in order, go to
+        the right end of new buffers as wide as the most real columns of any row. Copies every row's KV."""
+        mask = self.attention_mask.bool()  # [B, T]
+        width = int(self.next_positions.max())  # real columns = next position (the batch invariant)
+        # Per row, its padding columns then its real ones, each in order (a stable sort of 0s before 1s); the last
+        # ``width``: every real column, right-aligned.
+        order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices[:, self.width - width :]  # [B, width]
+        rows, heads, _, head_dim = self.keys[0].shape
+        index = order[:, None, :, None].expand(rows, heads, width, head_dim)
+        keys, values = [], []
+        for old, new in ((self.keys, keys), (self.values, values)):
+            for buffer in old:  # [B, H_kv, C, d]
+                compacted = allocate(rows, heads, width, head_dim, like=buffer)
+                compacted[:, :, :width] = buffer.gather(2, index)
+                new.append(compacted)
+        self.keys, self.values = keys, values
+        self.attention_mask = self.attention_mask.gather(1, order)
+
     def filter(self, keep_request_ids: Sequence[str]) -> Batch | None:
         """Keep the given requests (in their current order); trim columns that are padding in every kept row."""
         keep = self.indices_of(keep_request_ids)

@@ -75,8 +75,8 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     ),
     "speculative_tokens": (
         int,
-        "draft tokens per step looked up in a greedy row's own context and verified in the decode step (default 4; "
-        "0 = off)",
+        "draft tokens per step looked up in a greedy row's own context and verified in the decode step (default 4 "
+        "on cpu, 0 = off on cuda)",
     ),
     "speculative_max_rows": (int, "speculate only while at most this many rows decode (default 8)"),
     "max_stop_strings": (int, "most stop strings per request (default 16)"),
@@ -215,7 +215,7 @@ def serve(args: argparse.Namespace) -> int:
         config.max_prefill_tokens < 0
         or config.reserved_rows < 0
         or config.prefill_chunk_tokens < 0
-        or config.speculative_tokens < 0
+        or (config.speculative_tokens or 0) < 0
         or config.speculative_max_rows < 0
     ):
         print(

@@ -62,8 +62,9 @@ class ServeConfig:
     prompt_cache_bytes: int = 256 * 2**20
     # Speculative decoding by prompt lookup (server/speculative.py): draft tokens per row and step, copied from the
     # row's own context and verified in the decode step, while at most ``speculative_max_rows`` greedy rows
-    # decode; 0 = off.
-    speculative_tokens: int = 4
+    # decode; 0 = off. None = 4 on a CPU, where it was measured (bench/speculative.py), and off on CUDA, where it
+    # is not yet: there a speculating step cannot be launched ahead of the last one's tokens (server/engine.py).
+    speculative_tokens: int | None = None
     speculative_max_rows: int = 8
     request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 from server.sampling import SamplingParams
 
+# Drafts per row and step by default on a CPU (``--speculative-tokens``).
+DEFAULT_CPU_SPECULATIVE_TOKENS = 4
+
 
 @dataclass(frozen=True)
 class SpeculativeConfig:

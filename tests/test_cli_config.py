@@ -47,6 +47,8 @@ def test_refuses_public_bind_without_keys(capsys: pytest.CaptureFixture[str]) ->
         ("--prefill-chunk-tokens", "-1"),
         ("--prefill-deadline-s", "-1"),
         ("--prefill-deadline-s", "nan"),
+        ("--speculative-tokens", "-1"),
+        ("--speculative-max-rows", "-2"),
     ],
 )
 def test_negative_admission_budget_is_refused(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ from server.engine import GenerationRequest
 from server.metrics import EngineMetrics
 from server.sampling import SamplingParams
 from server.speculative import (
+    DEFAULT_CPU_SPECULATIVE_TOKENS,
     NgramIndex,
     RowSpeculation,
     SpeculativeConfig,
@@ -229,3 +230,68 @@ def test_a_speculative_step_writes_only_the_accepted_columns_as_real(base) -> No
     assert batch.next_positions.tolist() == [positions[0] + 4, positions[1] + 1]
     assert batch.attention_mask[1, width:].tolist() == [1, 0, 0, 0]
     assert batch.next_input_ids.tolist() == [yielded[0][-1], oracles[1][1]]
+
+
+def test_padding_left_by_rows_that_accept_less_is_squeezed_out(base) -> None:
+    """Two rows taking turns accepting every draft and none: the group widens by 5 a step while each row grows by
+    3 on average, until the padding between rows' real columns passes a quarter of the width and the group is
+    compacted (every row's real columns right-aligned, in order). Decoding on, both rows still give the
+    oracle's tokens."""
+    from server.model_loading import probe_kv_shape
+    from server.runner import MIN_COMPACTED_COLUMNS, ModelRunner, NewRequest
+
+    runner = ModelRunner(base, *probe_kv_shape(base), static_decode=False)
+    ids = [prompt(90, 5), prompt(91, 8)]
+    steps = 12
+    oracles = [oracle_greedy(base, p, 5 * steps + 4)[0] for p in ids]
+    batch, first = runner.prefill([NewRequest(f"r{i}", p, SamplingParams()) for i, p in enumerate(ids)])
+    got = [[token] for token in first.tolist()]
+    compactions = 0
+    with torch.inference_mode():
+        for step in range(steps):
+            width = batch.width
+            drafts = []
+            for row in (0, 1):
+                done, truth = len(got[row]), oracles[row]
+                wrong = [(truth[done] + 1) % runner.vocab_size] * 4
+                drafts.append(truth[done : done + 4] if row == step % 2 else wrong)
+            for row, tokens in enumerate(runner.speculative_step([batch], [drafts])):
+                got[row] += tokens
+            batch.check()
+            compactions += batch.width < width + 5
+            assert batch.inner_padding <= max(MIN_COMPACTED_COLUMNS, batch.width // 4)
+        for _ in range(3):  # plain steps after the compaction
+            for row, token in enumerate(runner.decode(batch).tolist()):
+                got[row].append(token)
+    assert compactions > 0, "the padding must have reached the threshold within the steps"
+    for row in (0, 1):
+        assert got[row] == oracles[row][: len(got[row])]
+    assert sorted(len(g) for g in got) == [1 + 3 * steps + 3] * 2
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(None, DEFAULT_CPU_SPECULATIVE_TOKENS), (0, 0), (6, 6)])
+def test_a_cpu_server_speculates_unless_told_otherwise(
+    flag: int | None, expected: int, tiny_model_dir, tmp_path
+) -> None:
+    from server.api.app import build_state
+    from server.config import ServeConfig
+    from server.model_loading import load_model
+
+    config = ServeConfig(store=f"disk://{tmp_path}", speculative_tokens=flag, speculative_max_rows=3)
+    state = build_state(config, load_model(str(tiny_model_dir)))
+    try:
+        assert state.engine.speculative == SpeculativeConfig(expected, 3)
+        assert state.engine.speculative.enabled == (expected > 0)
+    finally:
+        state.engine.shutdown()
+        state.registry.backend.close()
+        state.heap_trimmer.close()
+
+
+def test_cuda_does_not_speculate_by_default() -> None:
+    """Not measured on a GPU yet, where a speculating step also gives up launching ahead of the last one."""
+    from server.api.app import _speculative
+    from server.config import ServeConfig
+
+    assert _speculative(ServeConfig(), torch.device("cuda")).tokens == 0
+    assert _speculative(ServeConfig(speculative_tokens=3), torch.device("cuda")).tokens == 3

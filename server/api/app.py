@@ -36,7 +36,7 @@ from server.quotas import RequestGate
 from server.runner import ModelRunner
 from server.scheduler import SchedulerConfig
 from server.seq2seq_runner import Seq2SeqRunner
-from server.speculative import SpeculativeConfig
+from server.speculative import DEFAULT_CPU_SPECULATIVE_TOKENS, SpeculativeConfig
 from server.step_gaps import StepGaps
 from server.structured_output import GrammarCompiler
 from server.threads import io_executor
@@ -52,6 +52,14 @@ def _prefill_deadline_s(config: ServeConfig, device: torch.device) -> float:
     if config.prefill_deadline_s is not None:
         return config.prefill_deadline_s
     return DEFAULT_CPU_DEADLINE_S if device.type == "cpu" else 0.0
+
+
+def _speculative(config: ServeConfig, device: torch.device) -> SpeculativeConfig:
+    """Speculative decoding's settings: the flags, else on by default where it was measured (a CPU)."""
+    tokens = config.speculative_tokens
+    if tokens is None:
+        tokens = DEFAULT_CPU_SPECULATIVE_TOKENS if device.type == "cpu" else 0
+    return SpeculativeConfig(tokens, config.speculative_max_rows)
 
 
 def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics | None = None) -> ServerState:
@@ -101,7 +109,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         metrics=None if metrics is None else metrics.engine,
         step_gaps=step_gaps,
         prompt_cache=PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes > 0 else None,
-        speculative=SpeculativeConfig(config.speculative_tokens, config.speculative_max_rows),
+        speculative=_speculative(config, model.device),
     )
     # Trims run between steps, and wait for the engine to go idle while rows decode (server/heap_trim.py).
     heap_trimmer = HeapTrimmer(malloc_trim(), run=run_between_steps, busy=lambda: engine.num_running > 0)
