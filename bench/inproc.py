@@ -15,9 +15,12 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from server.config import ServeConfig
 from server.cpu_linear import stock_linear
 from server.engine import Engine, GenerationRequest
 from server.fused_projections import unfused
+from server.model_loading import LoadedModel
+from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
@@ -129,6 +132,22 @@ def make_engine(
     )
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
     return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config, overlap_steps=overlap_steps)
+
+
+def cpu_served_engine(loaded: LoadedModel, batch: int) -> Engine:
+    """An engine for ``batch`` rows of the loaded model, scheduled as the server schedules on a CPU: fused chunked
+    prefill, KV groups, paced prefill. No prompt cache and no speculation (benchmarks switch those themselves)."""
+    return make_engine(
+        loaded.model,
+        loaded.num_layers,
+        loaded.num_kv_heads,
+        loaded.head_dim,
+        loaded.max_context,
+        batch,
+        prefill_chunk_tokens=ServeConfig.prefill_chunk_tokens,
+        kv_groups=ServeConfig.kv_groups,
+        prefill_deadline_s=DEFAULT_CPU_DEADLINE_S,
+    )
 
 
 async def _tokens(engine: Engine, request: GenerationRequest) -> list[int]:

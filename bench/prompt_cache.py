@@ -30,12 +30,11 @@ from collections.abc import Sequence
 from fastapi.testclient import TestClient
 
 from bench.harness import log
-from bench.inproc import make_engine, random_prompts
+from bench.inproc import cpu_served_engine, random_prompts
 from server.api.app import create_app
 from server.config import ServeConfig
 from server.engine import Engine, GenerationRequest
 from server.model_loading import LoadedModel, load_model
-from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
 from server.prompt_cache import PromptCache
 from server.sampling import SamplingParams
 
@@ -72,17 +71,7 @@ def main() -> None:
     p.add_argument("--choices", type=int, default=4, help="0: skip the n-choices comparison")
     args = p.parse_args()
     loaded = load_model(None)
-    engine = make_engine(
-        loaded.model,
-        loaded.num_layers,
-        loaded.num_kv_heads,
-        loaded.head_dim,
-        loaded.max_context,
-        args.batch,
-        prefill_chunk_tokens=ServeConfig.prefill_chunk_tokens,  # the server's CPU defaults: fused chunks,
-        kv_groups=ServeConfig.kv_groups,
-        prefill_deadline_s=DEFAULT_CPU_DEADLINE_S,  # paced
-    )
+    engine = cpu_served_engine(loaded, args.batch)
     cache = PromptCache(256 * 2**20)
     engine.start()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)

@@ -3,26 +3,29 @@
     python -m bench.speculative [--rounds 3] [--records 12] [--new-tokens 64]
 
 The engine runs in process on the default model (fused chunked prefill, the server's CPU defaults, the model's
-tokenizer and EOS); speculation (``--speculative-tokens 4``, the server's default) is switched on and off
-between rounds, which alternate. Every request is greedy. Workloads:
+tokenizer and EOS); speculation (``--speculative-tokens 4``, the server's default on a CPU) is switched on and
+off between rounds, which alternate. Requests are greedy unless said otherwise. Workloads:
 
 - **table-to-text**: the shipped trained prefix (examples/prefixes/table-to-text.safetensors, P = 10) on test
   records of examples/table_to_text (unseen restaurant names, which the description copies), stop at a newline;
 - **code edit**: the base model asked, in a chat, to add type hints to short Python functions (it rewrites
   them);
 - **open chat**: the base model asked open questions (its answers repeat little of the question);
+- **sampled chat**: the same at temperature 0.8, top-p 0.95, each request seeded (what an OpenAI client
+  sends by default, seed aside): a draft stands when the row's seeded draw at that step equals it;
 - **random**: prompts of 32 random tokens, ``--new-tokens`` each with EOS ignored (S1's kind of request): the
   model soon loops, which lookup predicts.
 
 Each runs one request at a time (a lone stream, where speculation applies) and 4 at once. Reported: tokens/s
 on / off, the drafts' acceptance rate, and whether every request's tokens were the same both ways (they must
-be: the output is the greedy output).
+be: each row samples what it would one token at a time).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import statistics
 import time
@@ -84,12 +87,22 @@ def workloads(loaded: LoadedModel, records: int, new_tokens: int) -> dict[str, l
         _chat(tokenizer, f"Add type hints to this Python function:\n\n{source}", 2 * new_tokens) for source in FUNCTIONS
     ]
     chats = [_chat(tokenizer, question, 2 * new_tokens) for question in QUESTIONS]
+    sampled = [
+        dataclasses.replace(chat, params=dataclasses.replace(chat.params, temperature=0.8, top_p=0.95, seed=seed))
+        for seed, chat in enumerate(chats)
+    ]
     vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
     noise = [
         GenerationRequest(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         for p in random_prompts(len(FUNCTIONS), 32, vocab, seed=5)
     ]
-    return {"table-to-text": table, "code edit": edits, "open chat": chats, "random": noise}
+    return {
+        "table-to-text": table,
+        "code edit": edits,
+        "open chat": chats,
+        "sampled chat": sampled,
+        "random": noise,
+    }
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, content: str, new_tokens: int) -> GenerationRequest:
@@ -179,7 +192,7 @@ def main() -> None:
                     same[name] &= outputs[True] == outputs[False]
     finally:
         engine.shutdown()
-    log(f"greedy, k = {speculative.tokens} drafts while at most {speculative.max_rows} rows decode; medians of "
+    log(f"k = {speculative.tokens} drafts while at most {speculative.max_rows} rows decode; medians of "
         f"{args.rounds} rounds (tokens/s per round in brackets):")  # fmt: skip
     for name in loads:
         for concurrency in levels:

@@ -75,7 +75,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     ),
     "speculative_tokens": (
         int,
-        "draft tokens per step looked up in a greedy row's own context and verified in the decode step (default 4 "
+        "draft tokens per step looked up in a row's own context and verified in the decode step (default 4 "
         "on cpu, 0 = off on cuda)",
     ),
     "speculative_max_rows": (int, "speculate only while at most this many rows decode (default 8)"),

@@ -61,7 +61,7 @@ class ServeConfig:
     # 0 = off. Decoder-only models.
     prompt_cache_bytes: int = 256 * 2**20
     # Speculative decoding by prompt lookup (server/speculative.py): draft tokens per row and step, copied from the
-    # row's own context and verified in the decode step, while at most ``speculative_max_rows`` greedy rows
+    # row's own context and verified in the decode step, while at most ``speculative_max_rows`` rows
     # decode; 0 = off. None = 4 on a CPU, where it was measured (bench/speculative.py), and off on CUDA, where it
     # is not yet: there a speculating step cannot be launched ahead of the last one's tokens (server/engine.py).
     speculative_tokens: int | None = None

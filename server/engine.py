@@ -211,7 +211,7 @@ class Engine:
         ``prompt_cache``: prompt heads' K/V kept for later requests of the same prefix (server/prompt_cache.py);
         decoder-only runners only (an encoder-decoder's prompt goes to the encoder).
 
-        ``speculative``: draft tokens by prompt lookup, verified in the decode step, while few greedy rows decode
+        ``speculative``: draft tokens by prompt lookup, verified in the decode step, while few rows decode
         (server/speculative.py); runners that fuse prefill only (the step's attention reads our layout).
         """
         self.runner = runner
@@ -485,7 +485,8 @@ class Engine:
     # ----- speculative decoding ------------------------------------------------------------------
 
     def _may_speculate(self) -> bool:
-        """Whether this decode step may verify drafts: few rows decode, all of them plain greedy ones."""
+        """Whether this decode step may verify drafts: few rows decode, none with state that follows its tokens
+        one at a time (``speculates``)."""
         config = self.speculative
         if not config.enabled or not self._groups or sum(len(g) for g in self._groups) > config.max_rows:
             return False

@@ -228,10 +228,12 @@ class ModelRunner:
         """One forward verifying each row's draft tokens (server/speculative.py): the tokens each row yields.
 
         ``drafts`` holds, per group and row, the tokens proposed after the row's input token (possibly none).
-        Every row is greedy with nothing that adjusts its logits (``speculates``). Each row feeds q = 1 + the
-        most drafts of any row tokens (its own drafts, then copies of its input token, never accepted); row r
-        keeps its input token and the a_r drafts that equal the greedy tokens before them, and yields those
-        a_r drafts and the greedy token after them. A group's width grows by 1 + the most drafts any of its
+        No row has anything whose state follows its tokens one by one (``speculates``). Each row feeds q = 1 +
+        the most drafts of any row tokens (its own drafts, then copies of its input token, never accepted). At
+        each query the row samples as it would have at that step (greedy, or its seeded draw for that step);
+        row r keeps its input token and the a_r drafts that equal the tokens sampled before them, and yields
+        those a_r drafts and the token sampled after them: the tokens it would have had one step at a time.
+        A group's width grows by 1 + the most drafts any of its
         rows accepted; a row that accepted fewer has the rest of those columns as padding (the rejected drafts'
         K/V, masked), and columns beyond the width are free room again. Requires ``fuses_prefill``.
         """
@@ -265,7 +267,14 @@ class ModelRunner:
             use_cache=False,
             **{LAYOUT_KWARG: FusedLayout(decodes, [])},
         )
-        targets = out.logits[0].argmax(dim=-1).view(-1, q).tolist()  # [B, q]: the greedy token after each query
+        logits = out.logits[0].float()  # [B·q, V], row after row
+        # The token each query's row would sample there (greedy, or its seeded draw at that step): [B, q].
+        targets: list[list[int]] = []
+        start = 0
+        for batch in groups:
+            end = start + len(batch) * q
+            targets += sample(logits[start:end], batch.sampling.at_positions(q)).view(-1, q).tolist()
+            start = end
         yielded: list[list[int]] = []
         for batch, group_drafts in zip(groups, drafts, strict=True):
             group_targets, targets = targets[: len(batch)], targets[len(batch) :]

@@ -367,6 +367,23 @@ class SamplingBatch:
             grammars=GrammarRows.concatenate([(b.grammars, len(b)) for b in batches]),
         )
 
+    def at_positions(self, positions: int) -> SamplingBatch:
+        """Each row's sampling repeated for its next ``positions`` tokens, row after row ([B·q] fields), the i-th
+        copy at the row's step + i: a speculative step samples every position of a row as the row would sample
+        its tokens one step at a time. Only for rows without log-probabilities, adjustments or grammars (whose
+        state follows the tokens one by one)."""
+        if self.max_logprobs >= 0 or self.adjustments is not None or self.grammars is not None:
+            raise ValueError("rows with log-probabilities, penalties, biases or grammars sample one token at a time")
+        offsets = torch.arange(positions, device=self.step.device)
+        return SamplingBatch(
+            temperature=self.temperature.repeat_interleave(positions),
+            top_k=self.top_k.repeat_interleave(positions),
+            top_p=self.top_p.repeat_interleave(positions),
+            seed=self.seed.repeat_interleave(positions),
+            step=(self.step[:, None] + offsets).flatten(),
+            may_sample=self.may_sample,
+        )
+
     @property
     def max_logprobs(self) -> int:
         """The most alternatives any row asks for; -1 when no row asks for log-probabilities."""
@@ -461,15 +478,31 @@ def _pick(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     return torch.where(sampling_rows, picked, greedy_tokens)
 
 
+# The most likely tokens per row among which top-k / top-p heads are looked for first (``_truncate``).
+TRUNCATION_CANDIDATES = 256
+
+
 def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Zero each row's tokens outside its top-k / top-p head, in vocabulary order. [B, V] -> [B, V].
 
-    The head is found on the sorted distribution; its smallest probability becomes a per-row
-    threshold applied to the unsorted one (rows without top-k/top-p keep everything).
+    The head is found on the distribution in descending order; its smallest probability becomes a per-row
+    threshold applied to the unsorted one (rows without top-k/top-p keep everything). Sorting all V
+    probabilities took 1.6 ms a row (V = 49152, 2-core CPU), as long as a tenth of a decode step, so the head is
+    looked for among the ``TRUNCATION_CANDIDATES`` most likely tokens first (``topk``: 0.06 ms a row). Where it
+    ends among them it is the same head as on the whole sorted row (the kept prefix and the sums before it are
+    the same); only rows whose head takes every candidate are sorted whole.
     """
-    sorted_probs = probs.sort(dim=-1, descending=True).values
-    kept = _sorted_head_mask(sorted_probs, top_k, top_p).sum(dim=-1)  # [B], >= 1
-    threshold = sorted_probs.gather(1, (kept - 1)[:, None])  # [B, 1]
+    vocab = probs.shape[-1]
+    candidates = min(vocab, TRUNCATION_CANDIDATES)
+    head = probs.topk(candidates, dim=-1).values  # [B, candidates], descending
+    kept = _sorted_head_mask(head, top_k, top_p).sum(dim=-1)  # [B], >= 1
+    threshold = head.gather(1, (kept - 1)[:, None])  # [B, 1]
+    wide = kept == candidates  # the head may go on past the candidates
+    if candidates < vocab and bool(wide.any()):
+        rows = wide.nonzero().squeeze(1)
+        sorted_probs = probs[rows].sort(dim=-1, descending=True).values
+        kept = _sorted_head_mask(sorted_probs, top_k[rows], top_p[rows]).sum(dim=-1)
+        threshold[rows] = sorted_probs.gather(1, (kept - 1)[:, None])
     return probs.masked_fill(probs < threshold, 0.0)
 
 

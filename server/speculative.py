@@ -8,16 +8,20 @@ query i give the token that truly follows the first i drafts. The greedy token i
 are accepted while they equal it, and the first token that differs (or the one after the last draft) comes
 free. The output is the greedy output, token for token: only how many tokens a step yields changes.
 
+A sampling row verifies the same way: at each query it samples as it would have at that step (its draw is a hash
+of its seed and step, server/sampling.py), and a draft stands while it equals the token drawn. For a draft that
+is one fixed guess this is exactly sampling one token at a time (the draft stands with the probability the model
+gives it, as in speculative sampling), and the output is the same as without speculation, whatever the row's
+batch-mates or how many drafts stood.
+
 On a CPU the forward of a few rows is bound by reading the weights, not by its tokens, so verifying k drafts
 costs a lone stream little more than one decode step; but each extra token still adds ~4.5% to a step of the
 default model (1 to 4 rows, bench/RESULTS.md), and a step's rows all feed the same number of queries (the
 group's attention is one batched call), drafts or not. So each row keeps its drafts' acceptance rate, and each
 step takes the number of drafts per row that maximises the expected tokens per unit of step time (``plan``),
 none when no number beats a plain step; no row drafts once more than ``SpeculativeConfig.max_rows`` decode.
-Only plain greedy rows
-speculate: a sampled row's draws are a hash of its seed and step, reproducible whatever its batch-mates, which
-accepting a varying number of tokens per step would break; penalties, biases, grammars and log-probabilities
-change or report the distribution at each position and are left out too.
+Rows with penalties, biases, a grammar or log-probabilities do not speculate: their state (tokens seen, the
+grammar's matcher) follows the tokens one at a time.
 
 This is prompt lookup decoding (Saxena, 2023), vLLM's "ngram" speculative method and TGI's ``--speculate``
 n-gram mode.
@@ -52,9 +56,9 @@ class SpeculativeConfig:
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request's rows may take drafts: greedy, with nothing that changes or reports each position's
-    distribution."""
-    return params.temperature == 0 and params.logprobs is None and not params.adjusts_logits and params.grammar is None
+    """Whether a request's rows may take drafts: nothing of theirs changes or reports each position's
+    distribution from state that follows the tokens one at a time."""
+    return params.logprobs is None and not params.adjusts_logits and params.grammar is None
 
 
 class NgramIndex:
@@ -166,7 +170,7 @@ def next_draft_len(current: int, drafted: int, kept: int, most: int) -> int:
 
 
 def accepted(drafts: Sequence[int], targets: Sequence[int]) -> int:
-    """How many drafts the verifying forward confirms: ``targets[i]`` is the greedy token after the input token
+    """How many drafts the verifying forward confirms: ``targets[i]`` is the token sampled after the input token
     and the first i drafts, so draft i + 1 stands while it equals ``targets[i]``."""
     count = 0
     for draft, target in zip(drafts, targets, strict=False):

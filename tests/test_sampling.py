@@ -172,3 +172,44 @@ def test_adjustments_follow_rows_that_a_filter_reorders() -> None:
     swapped = pair.filter(torch.tensor([1, 0]), [1, 0])  # both rows ask, in the other order now
     # Row 0 is the presence row (it pays 3.0 for token 0); row 1 the repetition row (tokens 0 and 1 seen).
     assert sample(logits, swapped).tolist() == [1, 3]
+
+
+def test_sampling_q_positions_at_once_draws_what_q_steps_would() -> None:
+    """A speculative step samples each of a row's q positions as the row's next q steps would (same seed, step
+    i at position i), greedy and truncated rows alike; rows with state that follows the tokens refuse."""
+    import pytest
+
+    q = 4
+    params = [SamplingParams(temperature=0.9, seed=7), SamplingParams(), SamplingParams(temperature=1.2, top_p=0.8)]
+    logits = torch.randn(len(params) * q, 300, generator=torch.Generator().manual_seed(5))  # row after row
+    stepwise = batch_of(*params)
+    sample(torch.randn(len(params), 300), stepwise)  # one token sampled already: steps start at 1
+    at_once = sample(logits, stepwise.at_positions(q)).view(-1, q)
+    for i in range(q):
+        assert sample(logits.view(-1, q, 300)[:, i], stepwise).tolist() == at_once[:, i].tolist()
+    assert stepwise.step.tolist() == [1 + q] * 3
+    with pytest.raises(ValueError):
+        batch_of(SamplingParams(logprobs=1)).at_positions(q)
+
+
+def test_truncation_among_the_likeliest_candidates_equals_sorting_the_whole_row() -> None:
+    """The top-k / top-p head found among the most likely tokens first is the head found on the whole sorted
+    row, for peaked rows (head among the candidates) and flat ones (sorted whole), ties included."""
+    from server import sampling
+
+    def reference(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        kept = sampling._sorted_head_mask(sorted_probs, top_k, top_p).sum(dim=-1)
+        return probs.masked_fill(probs < sorted_probs.gather(1, (kept - 1)[:, None]), 0.0)
+
+    generator = torch.Generator().manual_seed(11)
+    vocab = 5000
+    scales = torch.tensor([8.0, 4.0, 2.0, 0.5, 0.05, 0.0, 6.0, 1.0])[:, None]  # peaked ... flat (all tied)
+    probs = torch.softmax(torch.randn(8, vocab, generator=generator) * scales, dim=-1)
+    probs[6, 10:20] = probs[6, 9]  # ties around a head's edge
+    top_k = torch.tensor([0, 0, 40, 0, 0, 0, 300, 12])
+    top_p = torch.tensor([0.9, 0.95, 1.0, 0.99, 0.9, 0.5, 0.8, 0.7])
+    got = sampling._truncate(probs, top_k, top_p)
+    assert torch.equal(got, reference(probs, top_k, top_p))
+    heads = (got > 0).sum(dim=-1)
+    assert heads.min() < sampling.TRUNCATION_CANDIDATES < heads.max(), "both paths taken"

@@ -101,11 +101,11 @@ def test_a_step_drafts_only_as_far_as_it_pays() -> None:
     assert abs(expected_accepted(0.5, 3) - 0.875) < 1e-9
 
 
-def test_only_plain_greedy_requests_speculate() -> None:
+def test_rows_whose_state_follows_their_tokens_do_not_speculate() -> None:
     assert speculates(SamplingParams())
+    assert speculates(SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3))
     assert speculates(SamplingParams(stop=("x",), stop_token_ids=(3,), ignore_eos=True))
     for params in (
-        SamplingParams(temperature=0.7),
         SamplingParams(logprobs=0),
         SamplingParams(repetition_penalty=1.2),
         SamplingParams(logit_bias=((3, 1.0),)),
@@ -181,27 +181,60 @@ async def test_a_row_ends_inside_a_step_of_drafts(base) -> None:
     assert counters(metrics)[1] > 0, "drafts were accepted on the way"
 
 
-async def test_no_speculation_beside_rows_that_cannot_or_past_max_rows(base) -> None:
-    """A sampled row in the batch, or more rows than ``max_rows``, and the steps stay plain: no drafts, and the
-    seeded sampled row draws what it draws without speculation."""
-    greedy = [GenerationRequest(prompt(70 + i, 5), SamplingParams(max_new_tokens=20)) for i in range(3)]
-    sampled = GenerationRequest(prompt(75, 5), SamplingParams(max_new_tokens=20, temperature=0.9, seed=4))
+async def test_sampled_rows_draw_what_they_draw_without_speculation(base, prefixes, mode) -> None:
+    """Seeded sampling rows (temperature, top-k, top-p) verify drafts by drawing at each query what they would
+    have drawn at that step: their tokens equal those of an engine that never speculates, alone and together,
+    and drafts were accepted on the way."""
     metrics = EngineMetrics(CollectorRegistry())
-    limited = SpeculativeConfig(tokens=4, max_rows=2, ngram_max=3, ngram_min=1)
-    engine = make_engine(base, metrics=metrics, speculative=limited)
-    plain = make_engine(base)
+    engine = make_engine(base, metrics=metrics, speculative=EAGER, **mode)
+    plain = make_engine(base, **mode)
+    settings = [
+        {"temperature": 0.6, "seed": 1},
+        {"temperature": 1.0, "top_k": 8, "seed": 2},
+        {"temperature": 0.8, "top_p": 0.7, "seed": 3},
+        {},  # greedy beside them
+    ]
+    requests = [
+        GenerationRequest(
+            prompt(120 + i, 5 + i),
+            SamplingParams(max_new_tokens=24, **params),
+            None if i % 2 else prefix_kv_of(prefixes[0]),
+            None if i % 2 else "p0",
+        )
+        for i, params in enumerate(settings)
+    ]
     try:
-        mixed = await asyncio.gather(*(collect(engine, r) for r in [greedy[0], sampled]))
-        crowd = await asyncio.gather(*(collect(engine, r) for r in greedy))
-        drafted, _ = counters(metrics)
-        reference = await asyncio.gather(*(collect(plain, r) for r in [greedy[0], sampled]))
-        alone = tokens_of(await collect(engine, greedy[1]))
+        reference = [tokens_of(await collect(plain, r)) for r in requests]
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        accepted_alone = counters(metrics)[1]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests))
     finally:
         engine.shutdown()
         plain.shutdown()
-    # Requests of one batch start together and end at max_new_tokens together: never a lone greedy row.
+    assert alone == reference == [tokens_of(e) for e in together]
+    assert len({tuple(t) for t in reference}) == len(reference)
+    assert accepted_alone > 0 and counters(metrics)[1] > accepted_alone
+
+
+async def test_no_speculation_beside_rows_that_cannot_or_past_max_rows(base) -> None:
+    """A row asking for log-probabilities in the batch, or more rows than ``max_rows``, and the steps stay plain:
+    no drafts."""
+    greedy = [GenerationRequest(prompt(70 + i, 5), SamplingParams(max_new_tokens=20)) for i in range(3)]
+    scored = GenerationRequest(prompt(75, 5), SamplingParams(max_new_tokens=20, logprobs=1))
+    metrics = EngineMetrics(CollectorRegistry())
+    limited = SpeculativeConfig(tokens=4, max_rows=2, ngram_max=3, ngram_min=1, draft_cost=0.0)
+    engine = make_engine(base, metrics=metrics, speculative=limited)
+    try:
+        mixed = await asyncio.gather(*(collect(engine, r) for r in [greedy[0], scored]))
+        crowd = await asyncio.gather(*(collect(engine, r) for r in greedy))
+        drafted, _ = counters(metrics)
+        alone = tokens_of(await collect(engine, greedy[1]))
+    finally:
+        engine.shutdown()
+    # Requests of one batch start together and end at max_new_tokens together: never a row decoding alone.
     assert drafted == 0
-    assert [tokens_of(e) for e in mixed] == [tokens_of(e) for e in reference]
+    assert all(e.logprob is not None for e in mixed[1] if e.token_id is not None)
+    assert tokens_of(mixed[0]) == oracle_greedy(base, list(greedy[0].prompt_ids), 20)[0]
     assert tokens_of(crowd[1]) == alone == oracle_greedy(base, list(greedy[1].prompt_ids), 20)[0]
     assert counters(metrics)[0] > 0, "alone, the same row speculates"
 
