@@ -233,9 +233,9 @@ class ModelRunner:
         each query the row samples as it would have at that step (greedy, or its seeded draw for that step);
         row r keeps its input token and the a_r drafts that equal the tokens sampled before them, and yields
         those a_r drafts and the token sampled after them: the tokens it would have had one step at a time.
-        A group's width grows by 1 + the most drafts any of its
-        rows accepted; a row that accepted fewer has the rest of those columns as padding (the rejected drafts'
-        K/V, masked), and columns beyond the width are free room again. Requires ``fuses_prefill``.
+        A group's width grows by 1 + the most drafts any of its rows accepted; a row that accepted fewer has the
+        rest of those columns as padding (the rejected drafts' K/V, masked), and columns beyond the width are
+        free room again. Requires ``fuses_prefill``.
         """
         q = 1 + max((len(d) for group in drafts for d in group), default=0)
         token_ids, positions, decodes = [], [], []
