@@ -16,9 +16,11 @@ off between rounds, which alternate. Requests are greedy unless said otherwise. 
 - **random**: prompts of 32 random tokens, ``--new-tokens`` each with EOS ignored (S1's kind of request): the
   model soon loops, which lookup predicts.
 
-Each runs one request at a time (a lone stream, where speculation applies) and 4 at once. Reported: tokens/s
-on / off, the drafts' acceptance rate, and whether every request's tokens were the same both ways (they must
-be: each row samples what it would one token at a time).
+Before each run the engine forgets the tasks' earlier outputs (``TaskHistory``): drafts come from the request's
+own context and from the outputs of the run's earlier requests (of the same task), never from an earlier run of
+the same request. Each runs one request at a time (a lone stream, where speculation applies), 4 and 8 at once
+(``--concurrency``). Reported: tokens/s on / off, the drafts' acceptance rate, and whether every request's tokens
+were the same both ways (they must be: each row samples what it would one token at a time).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
-from server.speculative import DEFAULT_CPU_SPECULATIVE_TOKENS, SpeculativeConfig
+from server.speculative import DEFAULT_CPU_SPECULATIVE_TOKENS, SpeculativeConfig, TaskHistory
 
 PREFIX = Path(__file__).resolve().parent.parent / "examples" / "prefixes" / "table-to-text.safetensors"
 FUNCTIONS = [
@@ -142,7 +144,7 @@ def main() -> None:
     p.add_argument("--max-rows", type=int, default=ServeConfig.speculative_max_rows)
     p.add_argument("--ngram-min", type=int, default=SpeculativeConfig.ngram_min, help="shortest suffix looked up")
     p.add_argument("--only", default="", help="comma-separated workloads to run (default: all)")
-    p.add_argument("--concurrency", default="1,4", help="comma-separated requests in flight at a time")
+    p.add_argument("--concurrency", default="1,4,8", help="comma-separated requests in flight at a time")
     args = p.parse_args()
     loaded = load_model(None)
     runner = ModelRunner(loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim)
@@ -178,6 +180,8 @@ def main() -> None:
                     order = [False, True] if random.random() < 0.5 else [True, False]
                     for on in order:
                         engine.speculative = speculative if on else SpeculativeConfig()
+                        # Outputs of this run's earlier requests only: not of the same requests run before.
+                        engine.task_history = TaskHistory(speculative)
                         drafted = metrics.speculative_draft_tokens._value.get()
                         kept = metrics.speculative_accepted_tokens._value.get()
                         rate, outputs[on] = run(engine, requests, concurrency)

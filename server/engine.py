@@ -34,7 +34,7 @@ from server.prompt_cache import CachedPrompt, PromptCache
 from server.runner import ModelRunner, NewRequest, PendingPrefill
 from server.sampling import SamplingParams, StepLogprobs, TokenLogprob
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
-from server.speculative import RowSpeculation, SpeculativeConfig, plan, speculates
+from server.speculative import RowSpeculation, SpeculativeConfig, TaskHistory, plan, speculates
 from server.step_gaps import StepGaps
 from server.text_stream import Decoder, IncrementalDetokenizer, StopMatcher
 from server.threads import ENGINE_TORCH_THREADS, pin_torch_threads, release_openmp_pool
@@ -218,6 +218,8 @@ class Engine:
         self.prompt_cache = prompt_cache if isinstance(runner, ModelRunner) else None
         speculating = speculative is not None and isinstance(runner, ModelRunner) and runner.fuses_prefill
         self.speculative = speculative if speculating and speculative is not None else SpeculativeConfig()
+        # Each task's recent outputs, drafts for its later requests (server/speculative.py).
+        self.task_history = TaskHistory(self.speculative) if self.speculative.enabled else None
         self.step_gaps = step_gaps
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -510,8 +512,16 @@ class Engine:
 
     def _speculation(self, t: _Tracked) -> RowSpeculation:
         if t.speculation is None:
-            t.speculation = RowSpeculation(t.request.prompt_ids, self.speculative)
+            key = self._prefix_key(t.request)
+            task = None if self.task_history is None or key is None else self.task_history.of(t.request.tenant, key)
+            t.speculation = RowSpeculation(t.request.prompt_ids, self.speculative, task)
         return t.speculation
+
+    def _remember_output(self, t: _Tracked) -> None:
+        """Keep a finished request's output for its task's later requests to draft from."""
+        key = self._prefix_key(t.request)
+        if self.task_history is not None and key is not None and speculates(t.request.params):
+            self.task_history.of(t.request.tenant, key).add(t.request.prompt_ids, t.generated)
 
     @staticmethod
     def _draft_room(t: _Tracked) -> int:
@@ -652,9 +662,10 @@ class Engine:
     # ----- prompt cache --------------------------------------------------------------------------
 
     @staticmethod
-    def _prompt_cache_key(request: GenerationRequest) -> str | None:
-        """What a prompt's cached K/V depend on besides its tokens: the prefix, by its id (tenant, task, version,
-        content hash). None when a prefix comes without an id: such a request is never cached."""
+    def _prefix_key(request: GenerationRequest) -> str | None:
+        """The request's prefix, by its id (tenant, task, version, content hash): what a prompt's cached K/V depend
+        on besides its tokens, and whose outputs draft for its later requests. "" for the base model; None when a
+        prefix comes without an id (such a request is never cached, nor its outputs kept)."""
         if request.prefix_kv is None:
             return ""  # the base model
         return request.prefix_id
@@ -662,7 +673,7 @@ class Engine:
     def _cached_head(self, t: _Tracked) -> CachedPrompt | None:
         """The admitted request's prompt head from the cache (prompt log-probabilities need every prompt token's
         logits, so those requests compute theirs)."""
-        key = self._prompt_cache_key(t.request)
+        key = self._prefix_key(t.request)
         if self.prompt_cache is None or key is None or t.request.params.prompt_logprobs is not None:
             return None
         cached = self.prompt_cache.lookup(key, t.request.prompt_ids)
@@ -672,7 +683,7 @@ class Engine:
 
     def _remember_prompt(self, t: _Tracked, batch: Batch, row: int) -> None:
         """Keep the K/V of the whole prompt of ``row`` (just prefilled) for later requests of its prefix."""
-        key = self._prompt_cache_key(t.request)
+        key = self._prefix_key(t.request)
         if self.prompt_cache is None or key is None or not isinstance(self.runner, ModelRunner):
             return
         runner = self.runner
@@ -787,6 +798,7 @@ class Engine:
         if finish is None:
             self._send(tracked, event)
             return False
+        self._remember_output(tracked)
         self._finish(tracked, event)
         return True
 

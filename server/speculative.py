@@ -29,6 +29,7 @@ n-gram mode.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,14 +92,82 @@ class NgramIndex:
 
     def propose(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the context's longest matching suffix."""
-        size = len(self.tokens)
+        return self.following(self.tokens, k)
+
+    def following(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens that followed, in this index, the latest occurrence of the longest suffix of ``context``
+        found (not past a ``SEPARATOR``)."""
         if k <= 0:
             return []
+        size = len(context)
         for n in range(min(self.ngram_max, size), self.ngram_min - 1, -1):
-            start = self._next.get(tuple(self.tokens[size - n :]))
+            start = self._next.get(tuple(context[size - n :]))
             if start is not None:
-                return self.tokens[start : start + k]
+                out = self.tokens[start : start + k]
+                return out[: out.index(SEPARATOR)] if SEPARATOR in out else out
         return []
+
+
+# Between two outputs in a task's history (``TaskHistory``): no context holds it, so no n-gram across two outputs
+# ever matches, and a continuation stops there.
+SEPARATOR = -1
+# Per task, the tokens of recent outputs kept for lookup: two generations of this many (the older dropped whole
+# when the newer fills), ~0.4 KB of index per token (at most ~50 MB in all); and the tasks kept, least recently
+# used out first.
+HISTORY_TOKENS = 1024
+HISTORY_TASKS = 64
+
+
+class TaskOutputs:
+    """One task's recent outputs, each after the last few tokens of its prompt, indexed for lookup."""
+
+    def __init__(self, config: SpeculativeConfig, budget: int = HISTORY_TOKENS) -> None:
+        self.config, self.budget = config, budget
+        self.current = NgramIndex([], config.ngram_min, config.ngram_max)
+        self.previous: NgramIndex | None = None
+
+    def add(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        # The prompt's tail, so that the output's first tokens can be looked up after it too.
+        tokens = [*prompt[max(0, len(prompt) - (self.config.ngram_max - 1)) :], *output, SEPARATOR]
+        if len(self.current) + len(tokens) > self.budget:
+            self.previous, self.current = self.current, NgramIndex([], self.config.ngram_min, self.config.ngram_max)
+        self.current.extend(tokens)
+
+    def following(self, context: Sequence[int], k: int) -> list[int]:
+        """What followed ``context``'s longest known suffix in the latest output that has it."""
+        found = self.current.following(context, k)
+        if not found and self.previous is not None:
+            found = self.previous.following(context, k)
+        return found
+
+
+class TaskHistory:
+    """Recent outputs per task, as drafts for the task's later requests.
+
+    A prefix-tuned task's outputs follow its training data's templates ("... is a pub near ... It is not family
+    friendly"), so one request's words are good guesses for the next one's: on the table-to-text example, drafts
+    from the request's own context alone gave 1.06 tokens per verifying step, adding the task's previous outputs
+    1.74 (bench/RESULTS.md). Kept per tenant and prefix version: a tenant's outputs never draft (nor, through the
+    time a step takes, show) anything to another tenant. The base model's rows are each tenant's own task too.
+    """
+
+    def __init__(self, config: SpeculativeConfig, tasks: int = HISTORY_TASKS, budget: int = HISTORY_TOKENS) -> None:
+        self.config, self.capacity, self.budget = config, tasks, budget
+        self._tasks: OrderedDict[tuple[str, str], TaskOutputs] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def of(self, tenant: str, task: str) -> TaskOutputs:
+        """The task's outputs (made empty when unknown), now the most recently used."""
+        key = (tenant, task)
+        outputs = self._tasks.get(key)
+        if outputs is None:
+            outputs = self._tasks[key] = TaskOutputs(self.config, self.budget)
+            while len(self._tasks) > self.capacity:
+                self._tasks.popitem(last=False)
+        self._tasks.move_to_end(key)
+        return outputs
 
 
 # A row's drafts' acceptance rate before it has drafted, and what a row that stopped drafting drifts back to.
@@ -113,8 +182,9 @@ RECOVERY = 0.05
 class RowSpeculation:
     """One row's speculation: its context's n-grams, how many drafts it proposes next, and how often they stood."""
 
-    def __init__(self, prompt: Sequence[int], config: SpeculativeConfig) -> None:
+    def __init__(self, prompt: Sequence[int], config: SpeculativeConfig, task: TaskOutputs | None = None) -> None:
         self.config = config
+        self.task = task  # the task's earlier outputs, looked up when the row's own context has nothing
         self.index = NgramIndex(prompt, config.ngram_min, config.ngram_max)
         self.prompt_len = len(prompt)
         self.draft_len = config.tokens
@@ -123,7 +193,11 @@ class RowSpeculation:
     def proposal(self, generated: Sequence[int], room: int) -> list[int]:
         """Drafts that may follow the row's last token (``generated``: its output so far), at most ``room``."""
         self.index.extend(generated[len(self.index) - self.prompt_len :])
-        return self.index.propose(min(self.draft_len, room))
+        k = min(self.draft_len, room)
+        own = self.index.propose(k)
+        if own or self.task is None:
+            return own
+        return self.task.following(self.index.tokens, k)
 
     def skipped(self) -> None:
         """The row had a proposal, and the step did not speculate: its acceptance rate drifts back toward the

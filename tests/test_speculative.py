@@ -18,6 +18,8 @@ from server.speculative import (
     NgramIndex,
     RowSpeculation,
     SpeculativeConfig,
+    TaskHistory,
+    TaskOutputs,
     accepted,
     expected_accepted,
     next_draft_len,
@@ -56,6 +58,31 @@ def test_no_proposal_without_an_earlier_occurrence_of_a_long_enough_suffix() -> 
     assert single.propose(4) == [], "one token matching is below ngram_min"
     with pytest.raises(ValueError):
         NgramIndex([1], ngram_min=0, ngram_max=2)
+
+
+def test_a_task_keeps_its_recent_outputs_for_lookup() -> None:
+    config = SpeculativeConfig(tokens=4, ngram_min=2, ngram_max=3)
+    outputs = TaskOutputs(config, budget=20)
+    outputs.add([7, 8, 9, 50, 51], [60, 61, 62, 63, 64])  # kept after the prompt's last 2 tokens
+    assert outputs.following([1, 50, 51], 3) == [60, 61, 62], "an output's first tokens follow its prompt's tail"
+    assert outputs.following([2, 61, 62], 9) == [63, 64], "a continuation stops at the end of its output"
+    outputs.add([50, 51], [60, 61, 70, 71])
+    assert outputs.following([60, 61], 2) == [70, 71], "the latest output with the n-gram wins"
+    assert outputs.following([5, 64, 50], 3) == [], "no n-gram across two outputs"
+    outputs.add([1, 2], [90, 91, 92, 93, 94, 95])  # past the budget: a new generation, the first kept as previous
+    assert outputs.previous is not None and outputs.following([62, 63], 1) == [64]
+    outputs.add([1, 2], list(range(80, 90)))  # the current generation fills: the first goes
+    assert outputs.following([62, 63], 1) == [], "two generations back: gone"
+    assert outputs.following([91, 92], 2) == [93, 94]
+
+
+def test_task_histories_are_per_tenant_and_task_and_bounded() -> None:
+    history = TaskHistory(SpeculativeConfig(tokens=4), tasks=2)
+    history.of("a", "t").add([1, 2, 3], [4, 5, 6])
+    assert history.of("b", "t").following([2, 3, 4], 2) == [], "another tenant's task of the same name"
+    assert history.of("a", "t").following([2, 3, 4], 2) == [5, 6]
+    history.of("a", "u")  # a third task: the least recently used ("b", "t") goes
+    assert len(history) == 2 and history.of("a", "t").following([3, 4], 1) == [5]
 
 
 def test_drafts_stand_while_they_equal_the_greedy_tokens() -> None:
@@ -159,6 +186,33 @@ async def test_speculation_changes_no_token(base, prefixes, mode) -> None:
     assert 0 < kept - accepted_alone < drafted - drafted_alone, "and with several rows speculating at once"
 
 
+async def test_a_task_drafts_from_its_earlier_outputs_for_its_own_tenant_only(base, prefixes) -> None:
+    """A request whose own context offers nothing drafts from what the same tenant's same task wrote before: asked
+    again, it takes most of its tokens from drafts, still the oracle's; another tenant's request of the same
+    prefix and prompt gets none of it."""
+    metrics = EngineMetrics(CollectorRegistry())
+    config = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=2, draft_cost=0.0)
+    engine = make_engine(base, metrics=metrics, speculative=config)
+    ids = prompt(130, 6)
+
+    def request(tenant: str) -> GenerationRequest:
+        return GenerationRequest(ids, SamplingParams(max_new_tokens=24), prefix_kv_of(prefixes[1]), "p1", tenant)
+
+    try:
+        first = tokens_of(await collect(engine, request("a")))
+        before = counters(metrics)
+        other = tokens_of(await collect(engine, request("b")))
+        after_other = counters(metrics)
+        again = tokens_of(await collect(engine, request("a")))
+        after_again = counters(metrics)
+    finally:
+        engine.shutdown()
+    assert first == other == again == oracle_greedy(prefixes[1], ids, 24)[0]
+    from_history = after_again[1] - after_other[1]
+    assert from_history >= 12, "the repeat takes most of its tokens from its earlier output"
+    assert after_other[1] - before[1] < from_history / 2, "tenant b saw nothing of tenant a's output"
+
+
 async def test_a_row_ends_inside_a_step_of_drafts(base) -> None:
     """EOS and a stop token id that the oracle yields mid-output end the row there, even when they come with
     accepted drafts: the tokens after them are dropped, and the finish reason is the right one."""
@@ -217,26 +271,36 @@ async def test_sampled_rows_draw_what_they_draw_without_speculation(base, prefix
 
 
 async def test_no_speculation_beside_rows_that_cannot_or_past_max_rows(base) -> None:
-    """A row asking for log-probabilities in the batch, or more rows than ``max_rows``, and the steps stay plain:
-    no drafts."""
+    """No speculative step ever holds a row that asks for log-probabilities, or more rows than ``max_rows``
+    (every verifying step is recorded); such rows still get the oracle's tokens, and a row alone speculates."""
     greedy = [GenerationRequest(prompt(70 + i, 5), SamplingParams(max_new_tokens=20)) for i in range(3)]
     scored = GenerationRequest(prompt(75, 5), SamplingParams(max_new_tokens=20, logprobs=1))
     metrics = EngineMetrics(CollectorRegistry())
     limited = SpeculativeConfig(tokens=4, max_rows=2, ngram_max=3, ngram_min=1, draft_cost=0.0)
     engine = make_engine(base, metrics=metrics, speculative=limited)
+    verified: list[tuple[int, bool]] = []  # every speculative step's rows, and whether one asked for logprobs
+    step = engine.runner.speculative_step
+
+    def recorded(groups, drafts):
+        asked = any(a >= 0 for g in groups for a in g.sampling.logprobs_asked)
+        verified.append((sum(len(g) for g in groups), asked))
+        return step(groups, drafts)
+
+    engine.runner.speculative_step = recorded
     try:
         mixed = await asyncio.gather(*(collect(engine, r) for r in [greedy[0], scored]))
         crowd = await asyncio.gather(*(collect(engine, r) for r in greedy))
-        drafted, _ = counters(metrics)
         alone = tokens_of(await collect(engine, greedy[1]))
     finally:
         engine.shutdown()
-    # Requests of one batch start together and end at max_new_tokens together: never a row decoding alone.
-    assert drafted == 0
+    assert verified, "alone (at least), rows speculate"
+    assert max(rows for rows, _ in verified) <= 2
+    assert not any(asked for _, asked in verified)
     assert all(e.logprob is not None for e in mixed[1] if e.token_id is not None)
     assert tokens_of(mixed[0]) == oracle_greedy(base, list(greedy[0].prompt_ids), 20)[0]
-    assert tokens_of(crowd[1]) == alone == oracle_greedy(base, list(greedy[1].prompt_ids), 20)[0]
-    assert counters(metrics)[0] > 0, "alone, the same row speculates"
+    for r, events in zip(greedy, crowd, strict=True):
+        assert tokens_of(events) == oracle_greedy(base, list(r.prompt_ids), 20)[0]
+    assert tokens_of(crowd[1]) == alone
 
 
 def test_a_speculative_step_writes_only_the_accepted_columns_as_real(base) -> None:
