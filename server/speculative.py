@@ -2,7 +2,9 @@
 
 Prefix-tuned tasks often copy: a table-to-text row repeats the record's names, a summary quotes its article, an
 edit repeats the code it edits. When the last few tokens of a row's context (prompt and output so far) occurred
-before in it, the tokens that followed them then are a good guess of what comes next. A decode step can check
+before in it, the tokens that followed them then are a good guess of what comes next; where the row's own
+context has nothing, the same lookup runs over its task's recent outputs (``TaskHistory``: a prefix-tuned
+task writes to templates, so one request's words draft the next one's). A decode step can check
 k such guesses at once: the row feeds its input token and the k drafts as k + 1 queries, and the logits at
 query i give the token that truly follows the first i drafts. The greedy token is taken at every query; drafts
 are accepted while they equal it, and the first token that differs (or the one after the last draft) comes
