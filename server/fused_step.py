@@ -172,12 +172,12 @@ def fused_attention_forward(
     matmuls = matmul_decode_attention(query)
     offset = 0
     for index, group in enumerate(layout.decodes):
-        rows, width = group.rows, group.width
-        keys, values = group.keys[layer], group.values[layer]
         if group.queries > 1:
             parts.append(_speculative_rows_attention(query, key, value, offset, layout, index, layer, scaling))
-            offset += rows * group.queries
+            offset += group.rows * group.queries
             continue
+        rows, width = group.rows, group.width
+        keys, values = group.keys[layer], group.values[layer]
         keys[:, :, width] = key[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_kv, d]
         values[:, :, width] = value[0, :, offset : offset + rows].transpose(0, 1)
         queries = query[0, :, offset : offset + rows].transpose(0, 1)  # [B_g, H_q, d]
