@@ -19,11 +19,14 @@ from server.config import ServeConfig
 from server.cpu_linear import stock_linear
 from server.engine import Engine, GenerationRequest
 from server.fused_projections import unfused
+from server.metrics import EngineMetrics
 from server.model_loading import LoadedModel
 from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
 from server.runner import ModelRunner
 from server.sampling import SamplingParams
 from server.scheduler import SchedulerConfig
+from server.speculative import SpeculativeConfig
+from server.text_stream import Decoder
 
 
 @dataclass
@@ -110,6 +113,10 @@ def make_engine(
     onednn_linear: bool = True,
     fuse_projections: bool | None = None,
     decode_kernel: bool = True,
+    tokenizer: Decoder | None = None,
+    eos_token_ids: Sequence[int] = (),
+    metrics: EngineMetrics | None = None,
+    speculative: SpeculativeConfig | None = None,
     **scheduler: int,
 ) -> Engine:
     """An engine for ``batch`` rows; ``scheduler`` overrides SchedulerConfig fields (e.g. prefill_chunk_tokens).
@@ -118,7 +125,8 @@ def make_engine(
     (on CUDA: each step launched before the last one's tokens are handed out). ``onednn_linear``: the runner's
     (server/cpu_linear.py); False leaves the model's linear layers as they are. ``fuse_projections``: the
     runner's (server/fused_projections.py); None, its default (on CUDA). ``decode_kernel``: the runner's
-    (server/decode_attention.py, where supported)."""
+    (server/decode_attention.py, where supported). ``tokenizer``, ``eos_token_ids``, ``metrics``, ``speculative``:
+    the engine's (no text, no EOS, no metrics and no speculation by default)."""
     runner = ModelRunner(
         model,
         num_layers,
@@ -131,12 +139,29 @@ def make_engine(
         decode_kernel=decode_kernel,
     )
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
-    return Engine(runner, None, eos_token_ids=[], max_context=max_context, config=config, overlap_steps=overlap_steps)
+    return Engine(
+        runner,
+        tokenizer,
+        eos_token_ids=list(eos_token_ids),
+        max_context=max_context,
+        config=config,
+        overlap_steps=overlap_steps,
+        metrics=metrics,
+        speculative=speculative,
+    )
 
 
-def cpu_served_engine(loaded: LoadedModel, batch: int) -> Engine:
+def cpu_served_engine(
+    loaded: LoadedModel,
+    batch: int,
+    *,
+    text: bool = False,
+    metrics: EngineMetrics | None = None,
+    speculative: SpeculativeConfig | None = None,
+) -> Engine:
     """An engine for ``batch`` rows of the loaded model, scheduled as the server schedules on a CPU: fused chunked
-    prefill, KV groups, paced prefill. No prompt cache and no speculation (benchmarks switch those themselves)."""
+    prefill, KV groups, paced prefill. No prompt cache (benchmarks switch it themselves), no speculation unless
+    given. ``text``: with the model's tokenizer and EOS, so that stop strings and EOS end requests."""
     return make_engine(
         loaded.model,
         loaded.num_layers,
@@ -147,6 +172,10 @@ def cpu_served_engine(loaded: LoadedModel, batch: int) -> Engine:
         prefill_chunk_tokens=ServeConfig.prefill_chunk_tokens,
         kv_groups=ServeConfig.kv_groups,
         prefill_deadline_s=DEFAULT_CPU_DEADLINE_S,
+        tokenizer=loaded.tokenizer if text else None,
+        eos_token_ids=loaded.eos_token_ids if text else (),
+        metrics=metrics,
+        speculative=speculative,
     )
 
 

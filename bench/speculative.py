@@ -38,17 +38,14 @@ from prometheus_client import CollectorRegistry
 from transformers import PreTrainedTokenizerBase
 
 from bench.harness import log
-from bench.inproc import random_prompts
+from bench.inproc import cpu_served_engine, random_prompts
 from examples.table_to_text.restaurants import PROMPT_SUFFIX, build_split
 from prefix_store.artifact import decode_artifact
 from server.config import ServeConfig
 from server.engine import Engine, GenerationRequest
 from server.metrics import EngineMetrics
 from server.model_loading import LoadedModel, load_model
-from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S
-from server.runner import ModelRunner
 from server.sampling import SamplingParams
-from server.scheduler import SchedulerConfig
 from server.speculative import DEFAULT_CPU_SPECULATIVE_TOKENS, SpeculativeConfig, TaskHistory
 
 PREFIX = Path(__file__).resolve().parent.parent / "examples" / "prefixes" / "table-to-text.safetensors"
@@ -147,22 +144,9 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,8", help="comma-separated requests in flight at a time")
     args = p.parse_args()
     loaded = load_model(None)
-    runner = ModelRunner(loaded.model, loaded.num_layers, loaded.num_kv_heads, loaded.head_dim)
     metrics = EngineMetrics(CollectorRegistry())
     speculative = SpeculativeConfig(args.tokens, args.max_rows, ngram_min=args.ngram_min)
-    engine = Engine(
-        runner,
-        loaded.tokenizer,
-        eos_token_ids=loaded.eos_token_ids,
-        max_context=loaded.max_context,
-        config=SchedulerConfig(
-            prefill_chunk_tokens=ServeConfig.prefill_chunk_tokens,
-            kv_groups=ServeConfig.kv_groups,
-            prefill_deadline_s=DEFAULT_CPU_DEADLINE_S,
-        ),
-        metrics=metrics,
-        speculative=speculative,
-    )
+    engine = cpu_served_engine(loaded, 32, text=True, metrics=metrics, speculative=speculative)
     engine.start()
     loads = workloads(loaded, args.records, args.new_tokens)
     levels = [int(c) for c in args.concurrency.split(",")]
