@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.api.app import _prefill_deadline_s, build_state
+from server.api.app import _prefill_deadline_s
 from server.config import ServeConfig
-from server.model_loading import load_model
 from server.prefill_pacing import DEFAULT_CPU_DEADLINE_S, StepClock, paced_budget
+from tests.server_state import built_state
 
 
 def budget(prompts: list[tuple[float, int]], now: float = 0.0, step_s: float = 0.1, deadline_s: float = 1.0) -> int:
@@ -72,13 +72,8 @@ def test_a_cpu_server_paces_its_prefill_unless_told_otherwise(
     flag: float | None, expected: float, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     config = ServeConfig(store=f"disk://{tmp_path}", prefill_deadline_s=flag)
-    state = build_state(config, load_model(str(tiny_model_dir)))
-    try:
+    with built_state(config, tiny_model_dir) as state:
         assert state.engine.scheduler.config.prefill_deadline_s == expected
-    finally:
-        state.engine.shutdown()
-        state.registry.backend.close()
-        state.heap_trimmer.close()
 
 
 def test_cuda_does_not_pace_by_default() -> None:

@@ -370,19 +370,13 @@ def test_padding_left_by_rows_that_accept_less_is_squeezed_out(base) -> None:
 def test_a_cpu_server_speculates_unless_told_otherwise(
     flag: int | None, expected: int, tiny_model_dir, tmp_path
 ) -> None:
-    from server.api.app import build_state
     from server.config import ServeConfig
-    from server.model_loading import load_model
+    from tests.server_state import built_state
 
     config = ServeConfig(store=f"disk://{tmp_path}", speculative_tokens=flag, speculative_max_rows=3)
-    state = build_state(config, load_model(str(tiny_model_dir)))
-    try:
+    with built_state(config, tiny_model_dir) as state:
         assert state.engine.speculative == SpeculativeConfig(expected, 3)
         assert state.engine.speculative.enabled == (expected > 0)
-    finally:
-        state.engine.shutdown()
-        state.registry.backend.close()
-        state.heap_trimmer.close()
 
 
 def test_cuda_does_not_speculate_by_default() -> None:
