@@ -79,6 +79,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         "on cpu, 0 = off on cuda)",
     ),
     "speculative_max_rows": (int, "speculate only while at most this many rows decode (default 8)"),
+    "tool_call_format": (
+        str,
+        "how the model writes tool calls, read back for tool_choice 'auto': hermes (<tool_call> blocks), llama "
+        "(Llama 3.1 JSON) or none ('auto' refused) (default hermes)",
+    ),
     "max_stop_strings": (int, "most stop strings per request (default 16)"),
     "max_request_bytes": (int, "largest JSON request body (default 4 MiB)"),
     "request_timeout_s": (float, "cancel a generation running longer, answering 408 (default 600; 0 = never)"),
@@ -190,6 +195,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from prefix_store.backends import default_store_url
     from server.api.app import create_app
+    from server.api.tool_formats import TOOL_CALL_FORMATS
     from server.model_loading import ModelLoadError, load_model
 
     config = config_from_args(args)
@@ -229,6 +235,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if config.metrics_task_labels < 0:
         print("error: --metrics-task-labels must be 0 (off) or a positive number of tasks", file=sys.stderr)
+        return 2
+    if config.tool_call_format != "none" and config.tool_call_format not in TOOL_CALL_FORMATS:
+        names = ", ".join([*TOOL_CALL_FORMATS, "none"])
+        print(f"error: --tool-call-format must be one of {names}, not {config.tool_call_format!r}", file=sys.stderr)
         return 2
     log_format = args.log_format.lower()
     if log_format not in LOG_FORMATS:

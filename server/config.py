@@ -66,6 +66,10 @@ class ServeConfig:
     # is not yet: there a speculating step cannot be launched ahead of the last one's tokens (server/engine.py).
     speculative_tokens: int | None = None
     speculative_max_rows: int = 8
+    # How the model writes tool calls, for tool_choice 'auto' (server/api/tool_formats.py): "hermes"
+    # (<tool_call> blocks: Hermes, Qwen and most tuned models), "llama" (Llama 3.1's JSON calls), or "none" to
+    # refuse 'auto' as vLLM does without --enable-auto-tool-choice.
+    tool_call_format: str = "hermes"
     request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish

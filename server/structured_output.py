@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.config import GRAMMAR_CACHE_BYTES
 
-GrammarKind = Literal["json", "regex", "choice", "ebnf"]
+GrammarKind = Literal["json", "regex", "choice", "ebnf", "structural_tag"]
 # xgrammar's errors start with where in its C++ sources they were raised: "[00:19:35] /project/cpp/x.cc:83: ".
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
 
@@ -44,7 +44,8 @@ class GrammarSpec:
     """What a request's output must match, as the client gave it.
 
     json: ``source`` is a JSON schema as JSON text; regex: a regular expression the whole output matches;
-    choice: one of ``choices`` exactly; ebnf: a grammar in xgrammar's EBNF (GBNF-like, rule ``root`` first).
+    choice: one of ``choices`` exactly; ebnf: a grammar in xgrammar's EBNF (GBNF-like, rule ``root`` first);
+    structural_tag: xgrammar's structural tag as JSON text (the server's, for tool calls: server/api/tool_formats.py).
     """
 
     kind: GrammarKind
@@ -59,7 +60,13 @@ class GrammarSpec:
 
     def describe(self) -> str:
         """A short name for logs and errors."""
-        return {"json": "JSON schema", "regex": "regex", "choice": "choice", "ebnf": "EBNF grammar"}[self.kind]
+        return {
+            "json": "JSON schema",
+            "regex": "regex",
+            "choice": "choice",
+            "ebnf": "EBNF grammar",
+            "structural_tag": "tool schema",
+        }[self.kind]
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +112,8 @@ class GrammarCompiler:
                 compiled = compiler.compile_regex(spec.source)
             elif spec.kind == "choice":
                 compiled = compiler.compile_grammar(choice_grammar(spec.choices))
+            elif spec.kind == "structural_tag":
+                compiled = compiler.compile_structural_tag(spec.source)
             else:
                 compiled = compiler.compile_grammar(spec.source)
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar raises RuntimeError for bad input

@@ -56,6 +56,12 @@ def test_negative_admission_budget_is_refused(flag: str, value: str, capsys: pyt
     assert flag in capsys.readouterr().err
 
 
+def test_an_unknown_tool_call_format_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--tool-call-format", "mistral"]) == 2
+    err = capsys.readouterr().err
+    assert "--tool-call-format" in err and "hermes, llama, none" in err
+
+
 @pytest.mark.parametrize("switch", SERVE_SWITCHES)
 def test_switches_from_flag_or_env(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert getattr(ServeConfig(), switch) is False  # every switch is off by default

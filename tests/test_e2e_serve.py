@@ -180,3 +180,95 @@ def test_speculative_decoding_on_the_real_model_keeps_the_greedy_tokens(server, 
     got = r.json()["token_ids"]
     want, _ = oracle_greedy(default_model.model, ids, 40)
     assert got == want[: len(got)] and (len(got) == 40 or r.json()["finish_reason"] == "eos")
+
+
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The time in a time zone",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+        },
+    },
+]
+# One earlier exchange in the history shows the small model a call and its answer.
+WEATHER_SHOT = [
+    {"role": "user", "content": "What's the weather in Rome?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, cloudy"},
+    {"role": "assistant", "content": "It is 21 degrees and cloudy in Rome."},
+]
+
+
+def _streamed_chat(client: httpx.Client, body: dict) -> tuple[str, list[dict], str]:
+    """A streamed chat reply's content, tool calls and finish reason, from its server-sent events."""
+    content, calls, finish = "", [], ""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            (choice,) = json.loads(line[len("data: ") :])["choices"]
+            content += choice["delta"].get("content") or ""
+            calls += choice["delta"].get("tool_calls") or []
+            finish = choice["finish_reason"] or finish
+    return content, calls, finish
+
+
+def test_tool_choice_auto_on_the_real_model_calls_or_answers_as_the_model_would(server, default_model) -> None:
+    """With tools and no tool_choice (OpenAI's 'auto'), the real model, whose template ignores tools, is told
+    about them and the <tool_call> format: asked for the weather it calls get_weather, asked for a joke it
+    answers in text; streamed or not alike, and what it writes is what its own uncached forward loop writes on
+    the same prompt (read back the same way)."""
+    from server.api.tool_formats import TOOL_CALL_FORMATS, read_reply, with_tools_in_text
+
+    url, _ = server
+    hermes = TOOL_CALL_FORMATS["hermes"]
+    tokenizer = default_model.tokenizer
+    for question, calls in [
+        ("What's the weather in Paris?", [("get_weather", {"city": "Paris"})]),
+        ("Tell me a joke.", []),
+    ]:
+        messages = [*WEATHER_SHOT, {"role": "user", "content": question}]
+        body = {"model": default_model.name, "messages": messages, "tools": WEATHER_TOOLS, "max_tokens": 48}
+        with httpx.Client(base_url=url, timeout=120) as client:
+            r = client.post("/v1/chat/completions", json={**body, "temperature": 0})
+            assert r.status_code == 200, r.text
+            streamed = _streamed_chat(client, {**body, "temperature": 0})
+        choice = r.json()["choices"][0]
+        message = choice["message"]
+        got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or []]
+        assert got == calls, message
+        if calls:
+            assert choice["finish_reason"] == "tool_calls" and message["content"] is None
+            assert all(c["id"].startswith("call_") and c["type"] == "function" for c in message["tool_calls"])
+        else:
+            assert choice["finish_reason"] == "stop" and message["content"] and "tool_calls" not in message
+        content, streamed_calls, finish = streamed
+        assert content == (message["content"] or "") and finish == choice["finish_reason"]
+        assert [c["index"] for c in streamed_calls] == list(range(len(calls)))
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed_calls] == calls
+
+        shown = with_tools_in_text(hermes, [{**m, "content": m["content"] or ""} for m in messages], WEATHER_TOOLS)
+        prompt = tokenizer.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
+        ids = list(tokenizer(prompt, add_special_tokens=False).input_ids)
+        want, _ = oracle_greedy(default_model.model, ids, 48)
+        ended = [i for i, token in enumerate(want) if token in default_model.eos_token_ids]
+        wanted_content, wanted_calls = read_reply(hermes, tokenizer.decode(want[: ended[0] if ended else None]))
+        assert wanted_content == message["content"]
+        assert [(c.name, json.loads(c.arguments)) for c in wanted_calls] == calls

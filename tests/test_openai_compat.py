@@ -696,6 +696,28 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
     assert after.choices[0].message.content and after.choices[0].message.tool_calls is None
 
 
+def test_tool_choice_auto_answers_in_text_when_the_model_calls_nothing(oai: openai.OpenAI) -> None:
+    """With tools and no tool_choice (OpenAI's 'auto') the model is told about the tools in a system message (the
+    tiny model's template ignores them) and may answer in text: the tiny random model never opens a call, so the
+    reply is its text, streamed or not alike; an unreadable tool schema is the client's error."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    request: dict[str, Any] = {"model": TASK, "messages": messages, "max_tokens": 12, "temperature": 0}
+    shown = oai.chat.completions.create(**request, tools=[WEATHER])
+    choice = shown.choices[0]
+    assert choice.message.tool_calls is None and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    ignored = oai.chat.completions.create(**request, tools=[WEATHER], tool_choice="none")
+    assert shown.usage is not None and ignored.usage is not None
+    assert shown.usage.prompt_tokens > ignored.usage.prompt_tokens + 50  # the tools and the call format, told
+    chunks = list(oai.chat.completions.create(**request, tools=[WEATHER], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content and chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError, match="invalid tool schema"):
+        oai.chat.completions.create(**request, tools=[bad])
+
+
 def _error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     body = exc.response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -730,8 +752,8 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("chat", {"n": 17}, "n"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        # tool_choice 'auto' (the default with tools) needs a model-specific parser:
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tool_choice"),
+        # tool_choice 'auto' (the default with tools) holds calls to a grammar: no other constraint besides.
+        ("chat", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tool_choice"),
         ("chat", {"tool_choice": "required"}, "tool_choice"),  # no tools
         (
             "chat",

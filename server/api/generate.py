@@ -19,6 +19,7 @@ from server.api.auth import Principal
 from server.api.logprobs import TokenLogprobOut
 from server.api.schemas import GenerateRequest, GenerateResponse, GrammarIn, StreamEvent, Usage
 from server.api.state import Caller, ServerState, State
+from server.api.tool_formats import ToolCallFormat, template_shows_tools, with_tools_in_text
 from server.engine import GenerationEvent, GenerationRequest
 from server.errors import ApiError, GenerationFailed, InvalidInput, from_store_error
 from server.sampling import SamplingParams
@@ -49,6 +50,7 @@ async def prepare_generation(
     prompt_ids: list[int] | None = None,
     grammar: GrammarSpec | None = None,
     tools: list[dict[str, Any]] | None = None,
+    tool_format: ToolCallFormat | None = None,
 ) -> PreparedGeneration:
     """Shared by the native and OpenAI routes: limits, tokenisation (unless ``prompt_ids`` come instead of a
     prompt), the structured-output constraint's compilation, prefix lookup."""
@@ -58,7 +60,7 @@ async def prepare_generation(
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
         raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters")
     if prompt_ids is None:  # token ids sent as they are: the engine checks they are in the vocabulary
-        prompt_ids = tokenize(state, prompt, messages, tools)
+        prompt_ids = tokenize(state, prompt, messages, tools, tool_format)
     if len(prompt_ids) > config.max_prompt_tokens:
         raise InvalidInput(f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
     if grammar is not None:
@@ -103,8 +105,11 @@ def tokenize(
     prompt: str | None,
     messages: list[dict[str, Any]] | None,
     tools: list[dict[str, Any]] | None = None,
+    tool_format: ToolCallFormat | None = None,
 ) -> list[int]:
-    """The prompt's token ids; messages go through the model's chat template (with the tools, if any)."""
+    """The prompt's token ids; messages go through the model's chat template (with the tools, if any).
+    ``tool_format``: tool_choice 'auto', whose calls are written so: where the template ignores the tools, the
+    messages tell the model about them (server/api/tool_formats.py)."""
     tokenizer = state.model.tokenizer
     if tokenizer is None:
         raise InvalidInput("this model has no tokenizer")
@@ -112,6 +117,8 @@ def tokenize(
         if not tokenizer.chat_template:
             raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'")
         try:
+            if tools and tool_format is not None and not template_shows_tools(tokenizer, messages, tools):
+                messages = with_tools_in_text(tool_format, messages, tools)
             prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # a Jinja template raising on messages it does not expect
             raise InvalidInput(f"the model's chat template cannot render these messages: {exc}") from exc

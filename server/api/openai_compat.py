@@ -50,6 +50,7 @@ from server.api.generate import (
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, call_id, tool_calls, tool_mode
+from server.api.tool_formats import TOOL_CALL_FORMATS, ToolCall, ToolCallReader, read_reply
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
@@ -278,9 +279,10 @@ async def _prepare(
     prompt_ids: list[int] | None = None,
     grammar: GrammarSpec | None = None,
     tools: list[dict[str, Any]] | None = None,
+    mode: ToolMode | None = None,
 ) -> PreparedGeneration:
     """``grammar``: the reply's constraint (``_format_grammar``, or a tool call's); ``tools``: shown to the chat
-    template."""
+    template (in ``mode`` 'auto', in a system message where the template ignores them)."""
     if max_tokens > state.config.max_new_tokens:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise ParameterError(param, f"{param} must be at most {state.config.max_new_tokens} on this server")
@@ -322,6 +324,7 @@ async def _prepare(
             prompt_ids=prompt_ids,
             grammar=grammar,
             tools=tools,
+            tool_format=None if mode is None else mode.auto,
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc
@@ -346,11 +349,12 @@ def _format_grammar(body: OpenAIBody) -> GrammarSpec | None:
 
 
 def _tool_mode(
-    body: ChatCompletionRequest, format_grammar: GrammarSpec | None
+    body: ChatCompletionRequest, format_grammar: GrammarSpec | None, state: ServerState
 ) -> tuple[ToolMode | None, GrammarSpec | None]:
     """The tool mode and its constraint; ``format_grammar``: the request's other constraint, if any."""
+    auto_format = TOOL_CALL_FORMATS.get(state.config.tool_call_format)  # "none": 'auto' refused
     try:
-        mode, grammar = tool_mode(body.tools, body.tool_choice, body.parallel_tool_calls)
+        mode, grammar = tool_mode(body.tools, body.tool_choice, body.parallel_tool_calls, auto_format)
     except ToolCallError as exc:
         error = UnsupportedParameter if exc.unsupported else ParameterError
         raise error(exc.param, str(exc)) from exc
@@ -397,10 +401,12 @@ class _Shape:
     ) -> None:
         self.chat = chat
         # Chat with tool_choice 'required' or a named function: replies are tool calls (server/api/tool_calls.py),
-        # streamed as one delta each once complete.
+        # streamed as one delta each once complete; 'auto': text and calls (server/api/tool_formats.py).
         self.tools = tools
         self.tool_texts = [""] * len(prompts) * (body.n or 1)
         self.tool_ids: dict[int, str] = {}  # streamed named calls: each choice's call id, once opened
+        self.readers: dict[int, ToolCallReader] = {}  # streamed 'auto' replies: each choice's reader
+        self.calls_streamed: dict[int, int] = {}  # streamed 'auto' replies: each choice's calls so far
         self.n = body.n or 1
         self.prompts = prompts
         self.choices = len(prompts) * self.n
@@ -481,6 +487,12 @@ class _Shape:
 
     def message(self, text: str, finish_reason: str, named_id: str | None = None) -> tuple[dict[str, Any], str]:
         """A chat reply's message and finish reason: in tool mode, its tool calls (server/api/tool_calls.py)."""
+        if self.tools is not None and self.tools.auto is not None:
+            content, read = read_reply(self.tools.auto, text)
+            if not read:
+                return {"role": "assistant", "content": content or ""}, finish_reason
+            auto_calls = [_call_out(call) for call in read]
+            return {"role": "assistant", "content": content, "tool_calls": auto_calls}, self.tools.finish(finish_reason)
         calls = None if self.tools is None else tool_calls(self.tools, text, named_id)
         if calls is None:
             return {"role": "assistant", "content": text}, finish_reason
@@ -490,8 +502,10 @@ class _Shape:
         """Tool mode, streamed: the chunks an event of choice ``index`` makes. A named function's call opens with
         its id and name and then streams its arguments; 'required' calls come whole in the last chunk."""
         assert self.tools is not None
-        self.tool_texts[index] += event.text
         finish = _finish_reason(event) if event.finish_reason in _FINISHED else None
+        if self.tools.auto is not None:
+            return self._auto_chunks(index, event.text, finish)
+        self.tool_texts[index] += event.text
         if self.tools.function is None:
             if finish is None:
                 return []
@@ -507,6 +521,25 @@ class _Shape:
         if event.text or finish is not None:
             arguments = {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
             out.append(self._delta(index, arguments, None if finish is None else self.tools.finish(finish)))
+        return out
+
+    def _auto_chunks(self, index: int, text: str, finish: str | None) -> list[str]:
+        """tool_choice 'auto', streamed: text as content deltas as soon as it cannot be a call's start, each call
+        whole once complete; the last chunk's finish reason is 'tool_calls' when there were calls."""
+        assert self.tools is not None and self.tools.auto is not None
+        reader = self.readers.setdefault(index, ToolCallReader(self.tools.auto))
+        pieces = reader.feed(text) + (reader.finish() if finish is not None else [])
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                out.append(self._delta(index, {"content": piece}, None))
+                continue
+            number = self.calls_streamed.get(index, 0)
+            self.calls_streamed[index] = number + 1
+            out.append(self._delta(index, {"tool_calls": [{"index": number, **_call_out(piece)}]}, None))
+        if finish is not None:
+            called = self.calls_streamed.get(index, 0) > 0
+            out.append(self._delta(index, {}, self.tools.finish(finish) if called else finish))
         return out
 
     def _delta(self, index: int, delta: dict[str, Any], finish_reason: str | None) -> str:
@@ -563,6 +596,11 @@ class _Choice:
     tokens: list[Scored] = field(default_factory=list)  # generated, with log-probabilities when asked for
     prompt_tokens: list[Scored] = field(default_factory=list)  # echo with logprobs
     last: GenerationEvent | None = None
+
+
+def _call_out(call: ToolCall) -> dict[str, Any]:
+    """A call read from an 'auto' reply, as OpenAI's ``tool_calls`` carry it."""
+    return {"id": call_id(), "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _indexed_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -786,7 +824,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
     )
     format_grammar = _format_grammar(body)
-    mode, tool_grammar = _tool_mode(body, format_grammar)
+    mode, tool_grammar = _tool_mode(body, format_grammar, state)
     prepared = await _prepare(
         state,
         principal,
@@ -797,6 +835,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         response_id="chatcmpl-" + secrets.token_hex(12),
         grammar=tool_grammar or format_grammar,
         tools=None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools],
+        mode=mode,
     )
     shape = _Shape(True, [prepared], body, state.model.tokenizer, tools=mode)
     return await _respond(request, state, body, shape)

@@ -6,8 +6,9 @@ function's parameters schema and comes back as one tool call whose arguments are
 reply is held to a JSON array of one or more calls, each ``{"name": ..., "parameters": {...}}`` of one of the
 tools (one call only with ``parallel_tool_calls: false``), and comes back as those calls (finish reason
 ``tool_calls``; streamed, whole in the last chunk). ``"none"``: the tools are only shown to the chat template.
-``"auto"`` (OpenAI's default when tools are given) needs a parser for the model's own way of writing calls,
-which the server does not have: it is refused, as vLLM refuses it without ``--enable-auto-tool-choice``.
+``"auto"`` (OpenAI's default when tools are given): the model writes text or calls in its own format, read back
+by server/api/tool_formats.py; with ``--tool-call-format none`` it is refused, as vLLM refuses it without
+``--enable-auto-tool-choice``.
 
 The tools are passed to the chat template (templates that know tools show them to the model; others ignore them).
 """
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.tool_formats import ToolCallFormat
 from server.structured_output import GrammarSpec
 
 
@@ -49,9 +51,11 @@ class ToolCallError(ValueError):
 
 @dataclass(frozen=True)
 class ToolMode:
-    """How a chat reply becomes tool calls: one call of ``function``, or (``function`` None) a list of calls."""
+    """How a chat reply becomes tool calls: one call of ``function``, a list of calls (``function`` None), or
+    with ``auto`` (tool_choice 'auto'), text and calls in that format."""
 
     function: str | None
+    auto: ToolCallFormat | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -63,9 +67,13 @@ class ToolMode:
 
 
 def tool_mode(
-    tools: list[ToolIn] | None, tool_choice: Any, parallel_tool_calls: bool | None
+    tools: list[ToolIn] | None,
+    tool_choice: Any,
+    parallel_tool_calls: bool | None,
+    auto_format: ToolCallFormat | None = None,
 ) -> tuple[ToolMode | None, GrammarSpec | None]:
-    """The tool mode and the constraint it puts on the reply; (None, None) when the reply is plain text."""
+    """The tool mode and the constraint it puts on the reply; (None, None) when the reply is plain text.
+    ``auto_format``: how the model writes calls, for tool_choice 'auto' (None: refused)."""
     if tool_choice is not None and not tools:
         raise ToolCallError("tool_choice", "tool_choice needs tools")
     if not tools or tool_choice == "none":
@@ -74,12 +82,15 @@ def tool_mode(
     if len(set(names)) != len(names):
         raise ToolCallError("tools", "tool names must be distinct")
     if tool_choice is None or tool_choice == "auto":
-        raise ToolCallError(
-            "tool_choice",
-            "tool_choice 'auto' needs a parser for this model's own tool-call format, which this server does not "
-            "have: send tool_choice 'required', 'none' or a named function",
-            unsupported=True,
-        )
+        if auto_format is None:
+            raise ToolCallError(
+                "tool_choice",
+                "tool_choice 'auto' is off on this server (--tool-call-format none): send tool_choice 'required', "
+                "'none' or a named function",
+                unsupported=True,
+            )
+        functions = [tool.model_dump(exclude_none=True) for tool in tools]
+        return ToolMode(None, auto_format), auto_format.grammar(functions, parallel_tool_calls is not False)
     schemas = {tool.function.name: tool.function.parameters or {"type": "object"} for tool in tools}
     if tool_choice == "required":
         calls = [
