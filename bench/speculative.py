@@ -14,7 +14,11 @@ off between rounds, which alternate. Requests are greedy unless said otherwise. 
 - **sampled chat**: the same at temperature 0.8, top-p 0.95, each request seeded (what an OpenAI client
   sends by default, seed aside): a draft stands when the row's seeded draw at that step equals it;
 - **random**: prompts of 32 random tokens, ``--new-tokens`` each with EOS ignored (S1's kind of request): the
-  model soon loops, which lookup predicts.
+  model soon loops, which lookup predicts;
+- **JSON extraction**: the base model asked, in a chat, for a person's name, age and city from a sentence, held
+  to a JSON schema (structured output: each query verified under the grammar's mask);
+- **tool calls**: chats with two tools and ``tool_choice: "auto"`` (the hermes format, told in a system message
+  as the server tells it, one earlier call in the history), asking for the weather in a city: the model calls.
 
 Before each run the engine forgets the tasks' earlier outputs (``TaskHistory``): drafts come from the request's
 own context and from the outputs of the run's earlier requests (of the same task), never from an earlier run of
@@ -41,12 +45,15 @@ from bench.harness import log
 from bench.inproc import cpu_served_engine, random_prompts
 from examples.table_to_text.restaurants import PROMPT_SUFFIX, build_split
 from prefix_store.artifact import decode_artifact
+from server.api.tool_formats import TOOL_CALL_FORMATS, with_tools_in_text
 from server.config import ServeConfig
 from server.engine import Engine, GenerationRequest
 from server.metrics import EngineMetrics
 from server.model_loading import LoadedModel, load_model
 from server.sampling import SamplingParams
 from server.speculative import DEFAULT_CPU_SPECULATIVE_TOKENS, SpeculativeConfig, TaskHistory
+from server.structured_output import GrammarCompiler, GrammarSpec
+from tests.test_e2e_serve import WEATHER_SHOT, WEATHER_TOOLS
 
 PREFIX = Path(__file__).resolve().parent.parent / "examples" / "prefixes" / "table-to-text.safetensors"
 FUNCTIONS = [
@@ -57,6 +64,22 @@ FUNCTIONS = [
     "def scale(values, factor):\n    return [value * factor for value in values]\n",
     "def is_adult(age, country):\n    limit = 21 if country == 'US' else 18\n    return age >= limit\n",
 ]
+
+PEOPLE = [
+    "Maria Lopez, 34, moved to Valencia last spring.",
+    "At 58, Tomasz Nowak still runs his bakery in Krakow.",
+    "Aiko Tanaka (27) works as a nurse in Osaka.",
+    "The new mayor of Lyon, Claire Martin, is 45.",
+    "Olusegun Adeyemi, a 39-year-old teacher, lives in Lagos.",
+    "Sven Olsen turned 61 this year; he has always lived in Bergen.",
+]
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+CITIES = ["Paris", "Oslo", "Lima", "Cairo", "Hanoi", "Quito"]
 
 QUESTIONS = [
     "Why is the sky blue?",
@@ -95,12 +118,30 @@ def workloads(loaded: LoadedModel, records: int, new_tokens: int) -> dict[str, l
         GenerationRequest(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         for p in random_prompts(len(FUNCTIONS), 32, vocab, seed=5)
     ]
+    grammars = GrammarCompiler.for_tokenizer(tokenizer, vocab, loaded.eos_token_ids)
+    person = grammars.compile(GrammarSpec.json_schema(PERSON))
+    extraction = [
+        _chat(tokenizer, f"Give the person's name, age and city as JSON: {text}", 2 * new_tokens) for text in PEOPLE
+    ]
+    extraction = [dataclasses.replace(r, params=dataclasses.replace(r.params, grammar=person)) for r in extraction]
+    hermes = TOOL_CALL_FORMATS["hermes"]
+    calls = grammars.compile(hermes.grammar(WEATHER_TOOLS, parallel_tool_calls=True))
+    tool_chats = []
+    for city in CITIES:
+        messages = with_tools_in_text(
+            hermes, [*WEATHER_SHOT, {"role": "user", "content": f"What's the weather in {city}?"}], WEATHER_TOOLS
+        )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+        tool_chats.append(GenerationRequest(ids, SamplingParams(max_new_tokens=2 * new_tokens, grammar=calls)))
     return {
         "table-to-text": table,
         "code edit": edits,
         "open chat": chats,
         "sampled chat": sampled,
         "random": noise,
+        "JSON extraction": extraction,
+        "tool calls": tool_chats,
     }
 
 

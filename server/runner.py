@@ -21,6 +21,7 @@ from server.kv_cache import build_cache, read_cache, with_room
 from server.sampling import SamplingParams, TokenLogprob, prompt_token_logprobs, sample
 from server.speculative import accepted
 from server.static_decode import StaticDecoder
+from server.structured_output import GrammarRows
 
 __all__ = ["ModelRunner", "NewRequest", "PendingPrefill"]  # NewRequest lives with the batch; re-exported here
 
@@ -228,7 +229,8 @@ class ModelRunner:
         """One forward verifying each row's draft tokens (server/speculative.py): the tokens each row yields.
 
         ``drafts`` holds, per group and row, the tokens proposed after the row's input token (possibly none).
-        No row has anything whose state follows its tokens one by one (``speculates``). Each row feeds q = 1 +
+        No row has log-probabilities, penalties or biases (``speculates``); a row held to a grammar samples each
+        query under the mask of its grammar after the drafts before it. Each row feeds q = 1 +
         the most drafts of any row tokens (its own drafts, then copies of its input token, never accepted). At
         each query the row samples as it would have at that step (greedy, or its seeded draw for that step);
         row r keeps its input token and the a_r drafts that equal the tokens sampled before them, and yields
@@ -271,9 +273,10 @@ class ModelRunner:
         # The token each query's row would sample there (greedy, or its seeded draw at that step): [B, q].
         targets: list[list[int]] = []
         start = 0
-        for batch in groups:
+        for batch, group_drafts in zip(groups, drafts, strict=True):
             end = start + len(batch) * q
-            targets += sample(logits[start:end], batch.sampling.at_positions(q)).view(-1, q).tolist()
+            sampling = batch.sampling.at_positions(q, group_drafts, logits.shape[-1])
+            targets += sample(logits[start:end], sampling).view(-1, q).tolist()
             start = end
         yielded: list[list[int]] = []
         for batch, group_drafts in zip(groups, drafts, strict=True):
@@ -286,6 +289,8 @@ class ModelRunner:
             batch.next_positions = batch.next_positions + advance
             batch.sampling.step += advance
             rows = [t[: a + 1] for t, a in zip(group_targets, kept, strict=True)]
+            if isinstance(batch.sampling.grammars, GrammarRows):
+                batch.sampling.grammars.advance(rows)
             batch.next_input_ids = torch.tensor([r[-1] for r in rows], dtype=torch.int64, device=self.device)
             # Each step widens the group by its best row's tokens, so rows that accept less gather padding: the
             # KV would outgrow what admission reserved for the rows (their real lengths). Squeezed out once it is

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.structured_output import Grammar, GrammarRows
+from server.structured_output import DraftMasks, Grammar, GrammarRows
 
 _MASK32 = 0xFFFFFFFF
 
@@ -323,7 +323,8 @@ class SamplingBatch:
     # Set by every ``sample`` call: that call's log-probabilities, or None when no row asked for them.
     last_logprobs: StepLogprobs | None = None
     adjustments: LogitAdjustments | None = None  # None when no row asks for a penalty or a bias
-    grammars: GrammarRows | None = None  # None when no row is held to a grammar
+    # None when no row is held to a grammar; a speculative step's copy holds its queries' masks (``at_positions``).
+    grammars: GrammarRows | DraftMasks | None = None
 
     @classmethod
     def from_params(
@@ -367,14 +368,18 @@ class SamplingBatch:
             grammars=GrammarRows.concatenate([(b.grammars, len(b)) for b in batches]),
         )
 
-    def at_positions(self, positions: int) -> SamplingBatch:
+    def at_positions(self, positions: int, drafts: Sequence[Sequence[int]] = (), vocab: int = 0) -> SamplingBatch:
         """Each row's sampling repeated for its next ``positions`` tokens, row after row ([B·q] fields), the i-th
         copy at the row's step + i: a speculative step samples every position of a row as the row would sample
-        its tokens one step at a time. Only for rows without log-probabilities, adjustments or grammars (whose
-        state follows the tokens one by one)."""
-        if self.max_logprobs >= 0 or self.adjustments is not None or self.grammars is not None:
-            raise ValueError("rows with log-probabilities, penalties, biases or grammars sample one token at a time")
+        its tokens one step at a time. Rows held to a grammar get the mask of its state after their ``drafts``
+        before each position (``vocab``: the logits' width); the step then moves the matchers past the tokens
+        the rows keep (``GrammarRows.advance``). Not for rows with log-probabilities or adjustments (penalties
+        and biases follow the tokens one by one)."""
+        if self.max_logprobs >= 0 or self.adjustments is not None:
+            raise ValueError("rows with log-probabilities, penalties or biases sample one token at a time")
         offsets = torch.arange(positions, device=self.step.device)
+        grammars = self.grammars
+        assert not isinstance(grammars, DraftMasks)  # a speculative step's copy is not copied again
         return SamplingBatch(
             temperature=self.temperature.repeat_interleave(positions),
             top_k=self.top_k.repeat_interleave(positions),
@@ -382,6 +387,7 @@ class SamplingBatch:
             seed=self.seed.repeat_interleave(positions),
             step=(self.step[:, None] + offsets).flatten(),
             may_sample=self.may_sample,
+            grammars=None if grammars is None else grammars.at_positions(drafts, positions, vocab),
         )
 
     @property

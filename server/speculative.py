@@ -22,8 +22,9 @@ default model (1 to 4 rows, bench/RESULTS.md), and a step's rows all feed the sa
 group's attention is one batched call), drafts or not. So each row keeps its drafts' acceptance rate, and each
 step takes the number of drafts per row that maximises the expected tokens per unit of step time (``plan``),
 none when no number beats a plain step; no row drafts once more than ``SpeculativeConfig.max_rows`` decode.
-Rows with penalties, biases, a grammar or log-probabilities do not speculate: their state (tokens seen, the
-grammar's matcher) follows the tokens one at a time.
+Rows with penalties, biases or log-probabilities do not speculate: their state (tokens seen) or what they
+report follows the tokens one at a time. A row held to a grammar does: its matcher takes the drafts to give each
+query its mask, and goes back to take the tokens the row keeps (server/structured_output.py).
 
 This is prompt lookup decoding (Saxena, 2023), vLLM's "ngram" speculative method and TGI's ``--speculate``
 n-gram mode.
@@ -60,8 +61,8 @@ class SpeculativeConfig:
 
 def speculates(params: SamplingParams) -> bool:
     """Whether a request's rows may take drafts: nothing of theirs changes or reports each position's
-    distribution from state that follows the tokens one at a time."""
-    return params.logprobs is None and not params.adjusts_logits and params.grammar is None
+    distribution from state that follows the tokens one at a time (a grammar's matcher can go back)."""
+    return params.logprobs is None and not params.adjusts_logits
 
 
 class NgramIndex:

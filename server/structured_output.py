@@ -178,20 +178,37 @@ class GrammarRows:
             self._bitmask = xgr.allocate_token_bitmask(batch, vocab)
         for row, matcher in live:
             matcher.fill_next_token_bitmask(self._bitmask, row)
-        rows = [row for row, _ in live]
-        if logits.device.type != "cpu" or sys.byteorder != "little":  # xgrammar's kernel (its GPU one on CUDA)
-            xgr.apply_token_bitmask_inplace(logits, self._bitmask.to(logits.device), vocab_size=vocab, indices=rows)
-            return
-        # On the CPU, xgrammar's kernel goes bit by bit: 4.6 ms for 32 rows of 49,152 tokens on the CI machine.
-        # Unpacked by numpy into one byte per token (the words are little-endian: bit j of the row is token j) and
-        # applied by masked_fill: 0.5 ms.
-        words = self._bitmask[rows].numpy()  # [L, W] int32
-        disallowed = torch.from_numpy(np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :vocab] == 0)
-        if len(rows) == batch:  # every row constrained: one pass
-            logits.masked_fill_(disallowed, -math.inf)
-        else:
-            for i, row in enumerate(rows):
-                logits[row].masked_fill_(disallowed[i], -math.inf)
+        apply_bitmask(logits, self._bitmask, [row for row, _ in live])
+
+    def at_positions(self, drafts: Sequence[Sequence[int]], positions: int, vocab: int) -> DraftMasks:
+        """The masks of a speculative step, whose row r samples at ``positions`` queries (server/runner.py): the
+        i-th after its input token and ``drafts[r][:i]``. Each matcher takes the drafts it allows, one by one,
+        and gives the mask at each; past a draft it does not allow, or its end, the row's queries get none
+        (what they sample is never kept: the draft before them cannot equal a token sampled under the mask).
+        The matchers are left as they were; ``advance`` moves them past the tokens the rows keep."""
+        bitmask = xgr.allocate_token_bitmask(len(drafts) * positions, vocab)
+        masked: list[int] = []
+        for row, matcher in zip(self.rows, self.matchers, strict=True):
+            taken = 0
+            for i in range(positions):
+                if matcher.is_terminated():
+                    break
+                matcher.fill_next_token_bitmask(bitmask, row * positions + i)
+                masked.append(row * positions + i)
+                if i == len(drafts[row]) or not matcher.accept_token(drafts[row][i]):
+                    break
+                taken += 1
+            if taken:
+                matcher.rollback(taken)
+        return DraftMasks(tuple(masked), bitmask)
+
+    def advance(self, kept: Sequence[Sequence[int]]) -> None:
+        """Move each matcher past the tokens its row kept in a speculative step (row after row)."""
+        for row, matcher in zip(self.rows, self.matchers, strict=True):
+            for token in kept[row]:
+                if matcher.is_terminated():
+                    break
+                matcher.accept_token(token)  # sampled under the mask (``at_positions``): allowed
 
     def accept(self, tokens: torch.Tensor) -> None:
         """Advance each live matcher past its row's sampled token. tokens: [B] int64 (read on the host)."""
@@ -221,3 +238,39 @@ class GrammarRows:
                 matchers.extend(part.matchers)
             offset += size
         return cls(tuple(rows), matchers) if rows else None
+
+
+@dataclass(frozen=True)
+class DraftMasks:
+    """The grammar masks of a speculative step's queries (``GrammarRows.at_positions``), in the shape ``sample``
+    takes a batch's grammars: it masks, and leaves the matchers to ``GrammarRows.advance``."""
+
+    rows: tuple[int, ...]  # the queries (of B·q, row after row) that have a mask
+    bitmask: torch.Tensor = field(repr=False)  # [B·q, ceil(V / 32)] int32
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """logits: [B·q, V], masked in place."""
+        if self.rows:
+            apply_bitmask(logits, self.bitmask, list(self.rows))
+
+    def accept(self, tokens: torch.Tensor) -> None:
+        """Nothing: which of a speculative step's tokens a row keeps is known only after sampling."""
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set to -inf, in place, the logits of ``rows`` whose bit in ``bitmask`` is clear. logits: [B, V]; bitmask:
+    [B, ceil(V / 32)] int32 on the host (xgrammar's layout: bit j of row i set = token j allowed)."""
+    batch, vocab = logits.shape
+    if logits.device.type != "cpu" or sys.byteorder != "little":  # xgrammar's kernel (its GPU one on CUDA)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab, indices=rows)
+        return
+    # On the CPU, xgrammar's kernel goes bit by bit: 4.6 ms for 32 rows of 49,152 tokens on the CI machine.
+    # Unpacked by numpy into one byte per token (the words are little-endian: bit j of the row is token j) and
+    # applied by masked_fill: 0.5 ms.
+    words = bitmask[rows].numpy()  # [L, W] int32
+    disallowed = torch.from_numpy(np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :vocab] == 0)
+    if len(rows) == batch:  # every row constrained: one pass
+        logits.masked_fill_(disallowed, -math.inf)
+    else:
+        for i, row in enumerate(rows):
+            logits[row].masked_fill_(disallowed[i], -math.inf)

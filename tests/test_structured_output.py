@@ -152,6 +152,37 @@ def test_the_mask_is_xgrammars_row_by_row(compiler: GrammarCompiler, constrained
     assert bool(torch.isinf(logits[constrained[0]]).any())
 
 
+def test_a_speculative_step_masks_each_query_as_the_drafts_before_it_leave_the_grammar(
+    compiler: GrammarCompiler,
+) -> None:
+    """Each query of a row gets the mask of its grammar after the drafts before it, up to the first draft the
+    grammar refuses (later queries: no mask); the matchers are left as they were, and ``advance`` moves them
+    past the tokens the rows keep. A free row among them gets no mask."""
+    grammar = compiler.compile(GrammarSpec("regex", r"[a-c]{1,3}(x|yz)"))
+    rows = GrammarRows((0, 2), [grammar.matcher(), grammar.matcher()])
+    q = 4
+    drafts = [list(b"ab"), list(b"zz"), list(b"cz")]  # row 2's "z" is refused after "c"
+    masks = rows.at_positions(drafts, q, VOCAB)
+    assert masks.rows == (0, 1, 2, 8, 9)  # row 0: before "a", before "b", after both; row 2: before "c" and "z"
+    want = torch.zeros(3 * q, VOCAB)
+    for row, kept in ((0, b"ab"), (2, b"c")):
+        stepper = grammar.matcher()
+        for i in range(len(kept) + 1):
+            masked(stepper, want[row * q + i : row * q + i + 1])
+            if i < len(kept):
+                assert stepper.accept_token(kept[i])
+    logits = torch.zeros(3 * q, VOCAB)
+    masks.mask(logits)
+    assert torch.equal(logits, want)
+    now = torch.zeros(3, VOCAB)
+    rows.mask(now)  # the matchers as they were before the step
+    assert torch.equal(now[0], want[0]) and torch.equal(now[2], want[8])
+    rows.advance([list(b"ab"), [], list(b"c")])
+    after = torch.zeros(3, VOCAB)
+    rows.mask(after)
+    assert torch.equal(after[0], want[2]) and torch.equal(after[2], want[9])
+
+
 def test_log_probabilities_stay_the_raw_logits(compiler: GrammarCompiler) -> None:
     grammar = compiler.compile(GrammarSpec("choice", choices=("b",)))
     logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0))
@@ -241,6 +272,57 @@ async def test_constrained_rows_equal_the_oracle_alone_and_batched(base, prefixe
         r.params.grammar is not None and r.params.grammar.spec.kind == "json" and t[-1] == EOS
         for r, t in zip(requests, alone, strict=True)
     )
+
+
+async def test_constrained_rows_speculate_and_keep_the_oracles_tokens(base, prefixes, compiler, mode) -> None:
+    """Rows held to grammars verify drafts (their matchers give each query its mask and go back): alone, together
+    and joining one another, their greedy tokens are the masked oracle's and a seeded sampled row's are what an
+    engine that never speculates draws; drafts were accepted and rejected on the way."""
+    from prometheus_client import CollectorRegistry
+
+    from server.metrics import EngineMetrics
+    from tests.test_speculative import EAGER, counters
+
+    specs = [
+        GrammarSpec("ebnf", 'root ::= "(" item ("," item)* ")"\nitem ::= [xyz]'),
+        GrammarSpec.json_schema(SCHEMA),
+        GrammarSpec("regex", r"([a-c][0-9])+;"),
+        GrammarSpec("regex", r"([a-c][0-9])+;"),
+    ]
+    grammars = [compiler.compile(spec) for spec in specs]
+    steps = 40
+    params = [SamplingParams(max_new_tokens=steps, grammar=g) for g in grammars[:3]]
+    params.append(SamplingParams(max_new_tokens=steps, grammar=grammars[3], temperature=0.9, seed=11))
+    requests = [
+        GenerationRequest(prompt(600 + i, 4 + i), p, prefix_kv_of(prefixes[i % 2]), f"p{i % 2}")
+        for i, p in enumerate(params)
+    ]
+    metrics = EngineMetrics(CollectorRegistry())
+    engine = make_engine(base, eos_token_ids=[EOS], metrics=metrics, speculative=EAGER, **mode)
+    plain = make_engine(base, eos_token_ids=[EOS], **mode)
+    steps_with_grammars = []
+    verify = engine.runner.speculative_step
+
+    def recorded(groups, drafts):
+        steps_with_grammars.append(any(g.sampling.grammars is not None for g in groups))
+        return verify(groups, drafts)
+
+    engine.runner.speculative_step = recorded
+    try:
+        alone = [tokens_of(await collect(engine, r)) for r in requests]
+        drafted, kept = counters(metrics)
+        together, staggered = await together_and_staggered(engine, requests)
+        reference = tokens_of(await collect(plain, requests[3]))
+    finally:
+        engine.shutdown()
+        plain.shutdown()
+    assert [tokens_of(e) for e in together] == alone == [tokens_of(e) for e in staggered]
+    for i, request in enumerate(requests[:3]):
+        want = oracle_constrained(prefixes[i % 2], list(request.prompt_ids), steps, request.params.grammar)
+        assert alone[i] == want, f"request {i} ({specs[i].kind})"
+    assert alone[3] == reference
+    assert any(steps_with_grammars)
+    assert 0 < kept < drafted, "drafts both accepted and rejected"
 
 
 async def test_a_grammar_cannot_be_combined_with_ignore_eos_or_min_tokens(base, compiler) -> None:
