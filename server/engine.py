@@ -501,7 +501,7 @@ class Engine:
         tracked = [self._tracked[r] for r in self._running_ids()]
         speculations = [self._speculation(t) for t in tracked]
         proposals = [s.proposal(t.generated, self._draft_room(t)) for s, t in zip(speculations, tracked, strict=True)]
-        k = plan(proposals, [s.acceptance for s in speculations], self.speculative.draft_cost)
+        k = plan(proposals, [s.acceptance for s in speculations], self.speculative)
         if k == 0:
             for speculation, proposal in zip(speculations, proposals, strict=True):
                 if proposal:

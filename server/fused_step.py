@@ -16,9 +16,10 @@ any other. Attention is the only place where tokens of different rows meet, so t
 * each chunk writes its n tokens' K/V into its own one-row buffers [1, H_kv, C, d] after the columns already
   filled (the row's prefix and earlier chunks) and attends causally to them.
 
-A speculative step (server/speculative.py) gives every row of a group q > 1 queries, its input token and q - 1
-drafts: the group's B_g·q tokens come row after row, write columns T .. T + q - 1 and attend causally among
-themselves after the row's real columns.
+A speculative step (server/speculative.py) gives each row of a group its input token and its drafts, n_r <= q
+queries: the group's tokens come row after row (sum n_r of them), write columns T .. T + n_r - 1 and attend
+causally among themselves after the row's real columns. Only attention lays them out padded, [B_g, q]: the
+linear layers, which cost a step most, see each row's real queries only.
 
 The layout reaches the attention function as a keyword argument of the model's forward, which transformers
 passes unchanged to every attention call. No ``Cache`` object is involved: the function writes K/V itself.
@@ -62,11 +63,21 @@ class DecodeSlot:
     values: list[torch.Tensor]
     width: int  # T: the rows' decode tokens' K/V go to columns T .. T + q - 1
     mask: torch.Tensor  # [B_g, 1, q, T + q] bool, True where a row's query may look
-    queries: int = 1  # q, tokens per row: 1, or the input token and q - 1 drafts in a speculative step
+    queries: int = 1  # q, tokens per row: 1, or at most the input token and q - 1 drafts in a speculative step
+    # A speculative step's real queries: their indices [sum n_r] int64 in the [B_g·q] layout (row r's query i at
+    # r·q + i), in order; None when every row has q.
+    real_queries: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
         return self.mask.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        """The group's tokens in the step's flat sequence."""
+        if self.real_queries is not None:
+            return self.real_queries.shape[0]
+        return self.rows * self.queries
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class FusedLayout:
     chunk_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     # Likewise each decode group's additive mask, where decode attention runs as batched matmuls (CPU).
     decode_biases: dict[int, torch.Tensor] = field(default_factory=dict)
-    # And each speculative group's mask repeated for the G query heads of a KV head.
+    # And each speculative group's mask repeated for the G query heads of a KV head (as a bias on the CPU).
     decode_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def decode_bias(self, index: int, kv_heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -98,6 +109,16 @@ class FusedLayout:
         head sees what the row's query i sees (the heads' queries are laid out head-major, as in ``chunk_mask``)."""
         if index not in self.decode_masks:
             self.decode_masks[index] = self.decodes[index].mask.repeat(1, 1, q_per_kv, 1)
+        return self.decode_masks[index]
+
+    def speculative_bias(self, index: int, kv_heads: int, q_per_kv: int, like: torch.Tensor) -> torch.Tensor:
+        """The same mask as an additive bias [B_g·H_kv, G·q, T + q] in ``like``'s dtype (0 where a query may look,
+        -inf elsewhere), repeated per KV head: the batch axis of the matmuls ``_speculative_rows_attention`` runs
+        on a CPU."""
+        if index not in self.decode_masks:
+            mask = self.decodes[index].mask.repeat(1, 1, q_per_kv, 1)  # [B_g, 1, G·q, T + q]
+            bias = torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(~mask, -torch.inf)
+            self.decode_masks[index] = bias.expand(-1, kv_heads, -1, -1).flatten(0, 1)
         return self.decode_masks[index]
 
     def chunk_mask(self, index: int, q_per_kv: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -174,7 +195,7 @@ def fused_attention_forward(
     for index, group in enumerate(layout.decodes):
         if group.queries > 1:
             parts.append(_speculative_rows_attention(query, key, value, offset, layout, index, layer, scaling))
-            offset += group.rows * group.queries
+            offset += group.tokens
             continue
         rows, width = group.rows, group.width
         keys, values = group.keys[layer], group.values[layer]
@@ -214,19 +235,38 @@ def _speculative_rows_attention(
     layer: int,
     scaling: float | None,
 ) -> torch.Tensor:
-    """A speculative group's attention output [B_g·q, H_q, d], row after row; writes its K/V at T .. T + q - 1."""
+    """A speculative group's attention output [sum n_r, H_q, d], row after row; writes row r's K/V at
+    T .. T + n_r - 1 (its columns up to T + q - 1 stay as they were: no real query sees them, padding)."""
     group = layout.decodes[index]
     rows, width, q = group.rows, group.width, group.queries
     heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[3]
-    span = slice(offset, offset + rows * q)
+    span = slice(offset, offset + group.tokens)
+    step_query, step_key, step_value = query[0, :, span], key[0, :, span], value[0, :, span]  # [H, sum n_r, d]
     keys, values = group.keys[layer], group.values[layer]
-    keys[:, :, width : width + q] = key[0, :, span].unflatten(1, (rows, q)).transpose(0, 1)  # [B_g, H_kv, q, d]
-    values[:, :, width : width + q] = value[0, :, span].unflatten(1, (rows, q)).transpose(0, 1)
+    if group.real_queries is None:
+        keys[:, :, width : width + q] = step_key.unflatten(1, (rows, q)).transpose(0, 1)  # [B_g, H_kv, q, d]
+        values[:, :, width : width + q] = step_value.unflatten(1, (rows, q)).transpose(0, 1)
+    else:  # row r's n_r tokens to its columns T .. T + n_r - 1, and its queries to its q slots: [H_q, B_g·q, d]
+        row, column = group.real_queries // q, width + group.real_queries % q
+        keys[row, :, column] = step_key.transpose(0, 1)  # [sum n_r, H_kv, d]
+        values[row, :, column] = step_value.transpose(0, 1)
+        padded = step_query.new_zeros(heads, rows * q, head_dim)
+        padded[:, group.real_queries] = step_query
+        step_query = padded
     # [H_q, B_g·q, d] -> [B_g, H_kv, G·q, d]: the G query heads sharing a KV head attend together.
-    queries = query[0, :, span].unflatten(1, (rows, q)).transpose(0, 1).reshape(rows, kv_heads, -1, head_dim)
-    mask = layout.speculative_mask(index, heads // kv_heads)
+    queries = step_query.unflatten(1, (rows, q)).transpose(0, 1).reshape(rows, kv_heads, -1, head_dim)
     visible = slice(0, width + q)
-    out = scaled_dot_product_attention(
-        queries, keys[:, :, visible], values[:, :, visible], attn_mask=mask, scale=scaling
-    )  # [B_g, H_kv, G·q, d]
-    return out.reshape(rows, heads, q, head_dim).transpose(1, 2).reshape(rows * q, heads, head_dim)
+    if matmul_decode_attention(query):  # as decode_rows_attention: batched matmuls over (row, KV head) pairs
+        bias = layout.speculative_bias(index, kv_heads, heads // kv_heads, query)
+        scale = head_dim**-0.5 if scaling is None else scaling
+        scores = torch.baddbmm(
+            bias, queries.flatten(0, 1), keys[:, :, visible].flatten(0, 1).transpose(1, 2), alpha=scale
+        )
+        out = torch.bmm(torch.softmax(scores, dim=-1), values[:, :, visible].flatten(0, 1))  # [B_g·H_kv, G·q, d]
+    else:
+        mask = layout.speculative_mask(index, heads // kv_heads)
+        out = scaled_dot_product_attention(
+            queries, keys[:, :, visible], values[:, :, visible], attn_mask=mask, scale=scaling
+        )  # [B_g, H_kv, G·q, d]
+    out = out.reshape(rows, heads, q, head_dim).transpose(1, 2).reshape(rows * q, heads, head_dim)
+    return out if group.real_queries is None else out[group.real_queries]

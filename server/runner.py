@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -230,8 +231,9 @@ class ModelRunner:
 
         ``drafts`` holds, per group and row, the tokens proposed after the row's input token (possibly none).
         No row has log-probabilities, penalties or biases (``speculates``); a row held to a grammar samples each
-        query under the mask of its grammar after the drafts before it. Each row feeds q = 1 +
-        the most drafts of any row tokens (its own drafts, then copies of its input token, never accepted). At
+        query under the mask of its grammar after the drafts before it. Each row feeds its input token and its
+        drafts, n_r tokens (attention lays a group's out in q_g = 1 + the most drafts of its rows slots per row;
+        a group without drafts decodes as in a plain step). At
         each query the row samples as it would have at that step (greedy, or its seeded draw for that step);
         row r keeps its input token and the a_r drafts that equal the tokens sampled before them, and yields
         those a_r drafts and the token sampled after them: the tokens it would have had one step at a time.
@@ -239,29 +241,37 @@ class ModelRunner:
         rest of those columns as padding (the rejected drafts' K/V, masked), and columns beyond the width are
         free room again. Requires ``fuses_prefill``.
         """
-        q = 1 + max((len(d) for group in drafts for d in group), default=0)
         token_ids, positions, decodes = [], [], []
         for batch, group_drafts in zip(groups, drafts, strict=True):
+            q = 1 + max(len(d) for d in group_drafts)
+            if q == 1:  # no drafts in this group: its plain decode step
+                batch.make_room_for_step()
+                mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
+                decodes.append(DecodeSlot(batch.keys, batch.values, batch.width, mask))
+                token_ids.append(batch.next_input_ids)
+                positions.append(batch.next_positions)
+                continue
             batch.keys = [with_room(k, batch.width, batch.width + q) for k in batch.keys]
             batch.values = [with_room(v, batch.width, batch.width + q) for v in batch.values]
-            # [B_g, q] on the host: the drafts, and each row's offset from its next position. A row with fewer
-            # drafts repeats its input token at its last draft's position: those queries' outputs are never read,
-            # and no position goes past the row's own (models with learned positions have a last one).
-            inputs = torch.zeros(len(batch), q, dtype=torch.int64)
-            is_draft = torch.zeros(len(batch), q, dtype=torch.bool)
-            offsets = torch.zeros(len(batch), q, dtype=torch.int64)
-            for row, row_drafts in enumerate(group_drafts):
-                inputs[row, 1 : 1 + len(row_drafts)] = torch.tensor(row_drafts, dtype=torch.int64)
-                is_draft[row, 1 : 1 + len(row_drafts)] = True
-                offsets[row] = torch.arange(q).clamp_max(len(row_drafts))
-            inputs, is_draft, offsets = inputs.to(self.device), is_draft.to(self.device), offsets.to(self.device)
-            inputs = torch.where(is_draft, inputs, batch.next_input_ids[:, None])
-            token_ids.append(inputs.flatten())
-            positions.append((batch.next_positions[:, None] + offsets).flatten())
+            # Row r feeds n_r = 1 + its drafts tokens: its input token, then its drafts, at its next positions.
+            counts = [1 + len(d) for d in group_drafts]
+            within = torch.cat([torch.arange(n) for n in counts]).to(self.device)  # [sum n_r]: query i of its row
+            per_row = torch.tensor(counts, device=self.device)
+            inputs = batch.next_input_ids.repeat_interleave(per_row)
+            drafted = [token for d in group_drafts for token in d]
+            if drafted:
+                inputs[within > 0] = torch.tensor(drafted, dtype=torch.int64, device=self.device)
+            token_ids.append(inputs)
+            positions.append(batch.next_positions.repeat_interleave(per_row) + within)
             rows, width = len(batch), batch.width
             seen = batch.attention_mask.bool()[:, None, None, :].expand(rows, 1, q, width)
             causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(rows, 1, q, q)
-            decodes.append(DecodeSlot(batch.keys, batch.values, width, torch.cat([seen, causal], dim=-1), q))
+            mask = torch.cat([seen, causal], dim=-1)
+            # The real queries' places in the group's [B_g·q] attention layout (None: every row has q).
+            real = None
+            if min(counts) < q:
+                real = torch.arange(rows, device=self.device).repeat_interleave(per_row) * q + within
+            decodes.append(DecodeSlot(batch.keys, batch.values, width, mask, q, real))
         out = self.model(
             input_ids=torch.cat(token_ids)[None],
             position_ids=torch.cat(positions)[None],
@@ -269,14 +279,16 @@ class ModelRunner:
             use_cache=False,
             **{LAYOUT_KWARG: FusedLayout(decodes, [])},
         )
-        logits = out.logits[0].float()  # [B·q, V], row after row
-        # The token each query's row would sample there (greedy, or its seeded draw at that step): [B, q].
+        logits = out.logits[0].float()  # [sum n_r, V], row after row
+        # The token each query's row would sample there (greedy, or its seeded draw at that step): n_r per row.
         targets: list[list[int]] = []
         start = 0
         for batch, group_drafts in zip(groups, drafts, strict=True):
-            end = start + len(batch) * q
-            sampling = batch.sampling.at_positions(q, group_drafts, logits.shape[-1])
-            targets += sample(logits[start:end], sampling).view(-1, q).tolist()
+            counts = [1 + len(d) for d in group_drafts]
+            end = start + sum(counts)
+            sampling = batch.sampling.at_positions(counts, group_drafts, logits.shape[-1])
+            tokens = sample(logits[start:end], sampling).tolist()
+            targets += [tokens[a : a + n] for a, n in zip(itertools.accumulate([0, *counts]), counts, strict=False)]
             start = end
         yielded: list[list[int]] = []
         for batch, group_drafts in zip(groups, drafts, strict=True):

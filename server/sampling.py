@@ -368,26 +368,29 @@ class SamplingBatch:
             grammars=GrammarRows.concatenate([(b.grammars, len(b)) for b in batches]),
         )
 
-    def at_positions(self, positions: int, drafts: Sequence[Sequence[int]] = (), vocab: int = 0) -> SamplingBatch:
-        """Each row's sampling repeated for its next ``positions`` tokens, row after row ([B·q] fields), the i-th
-        copy at the row's step + i: a speculative step samples every position of a row as the row would sample
-        its tokens one step at a time. Rows held to a grammar get the mask of its state after their ``drafts``
-        before each position (``vocab``: the logits' width); the step then moves the matchers past the tokens
-        the rows keep (``GrammarRows.advance``). Not for rows with log-probabilities or adjustments (penalties
-        and biases follow the tokens one by one)."""
+    def at_positions(
+        self, counts: Sequence[int], drafts: Sequence[Sequence[int]] = (), vocab: int = 0
+    ) -> SamplingBatch:
+        """Each row's sampling repeated for its next ``counts[r]`` tokens, row after row ([sum n_r] fields), the
+        i-th copy at the row's step + i: a speculative step samples every position of a row as the row would
+        sample its tokens one step at a time. Rows held to a grammar get the mask of its state after their
+        ``drafts`` before each position (``vocab``: the logits' width); the step then moves the matchers past
+        the tokens the rows keep (``GrammarRows.advance``). Not for rows with log-probabilities or adjustments
+        (penalties and biases follow the tokens one by one)."""
         if self.max_logprobs >= 0 or self.adjustments is not None:
             raise ValueError("rows with log-probabilities, penalties or biases sample one token at a time")
-        offsets = torch.arange(positions, device=self.step.device)
         grammars = self.grammars
         assert not isinstance(grammars, DraftMasks)  # a speculative step's copy is not copied again
+        per_row = torch.tensor(counts, device=self.step.device)
+        within = torch.cat([torch.arange(n) for n in counts]).to(self.step.device)  # position i of its row
         return SamplingBatch(
-            temperature=self.temperature.repeat_interleave(positions),
-            top_k=self.top_k.repeat_interleave(positions),
-            top_p=self.top_p.repeat_interleave(positions),
-            seed=self.seed.repeat_interleave(positions),
-            step=(self.step[:, None] + offsets).flatten(),
+            temperature=self.temperature.repeat_interleave(per_row),
+            top_k=self.top_k.repeat_interleave(per_row),
+            top_p=self.top_p.repeat_interleave(per_row),
+            seed=self.seed.repeat_interleave(per_row),
+            step=self.step.repeat_interleave(per_row) + within,
             may_sample=self.may_sample,
-            grammars=None if grammars is None else grammars.at_positions(drafts, positions, vocab),
+            grammars=None if grammars is None else grammars.at_positions(drafts, counts, vocab),
         )
 
     @property

@@ -18,9 +18,9 @@ batch-mates or how many drafts stood.
 
 On a CPU the forward of a few rows is bound by reading the weights, not by its tokens, so verifying k drafts
 costs a lone stream little more than one decode step; but each extra token still adds ~4.5% to a step of the
-default model (1 to 4 rows, bench/RESULTS.md), and a step's rows all feed the same number of queries (the
-group's attention is one batched call), drafts or not. So each row keeps its drafts' acceptance rate, and each
-step takes the number of drafts per row that maximises the expected tokens per unit of step time (``plan``),
+default model (1 to 4 rows, bench/RESULTS.md); a row feeds only its own drafts (attention alone lays a
+group's queries out padded). So each row keeps its drafts' acceptance rate, and each step takes the most
+drafts per row that maximises the expected tokens per unit of step time (``plan``),
 none when no number beats a plain step; no row drafts once more than ``SpeculativeConfig.max_rows`` decode.
 Rows with penalties, biases or log-probabilities do not speculate: their state (tokens seen) or what they
 report follows the tokens one at a time. A row held to a grammar does: its matcher takes the drafts to give each
@@ -50,9 +50,13 @@ class SpeculativeConfig:
     max_rows: int = 8  # speculate only while at most this many rows decode
     ngram_max: int = 4  # the longest context suffix looked up
     ngram_min: int = 2  # the shortest: a single token matches too often to be a good guess
-    # What one draft token adds to a decode step, as a fraction of the step: 0.045 measured on the 2-core CPU with
-    # the default model at 1-4 rows (bench/RESULTS.md, eighteenth session).
+    # A decode step's time, in units of one row's plain step: 1 + row_cost per further row, + verify_overhead
+    # when it verifies drafts beside other rows, + draft_cost per draft token. Measured on the 2-core CPU with the
+    # default model at 1-8 rows of 100-150 tokens (python -m bench.speculative_step; bench/RESULTS.md, nineteenth
+    # session): 20 ms alone, 28 ms at 8 rows; each draft ~0.9 ms; ~3 ms more for a step verifying beside others.
     draft_cost: float = 0.045
+    row_cost: float = 0.057
+    verify_overhead: float = 0.15
 
     @property
     def enabled(self) -> bool:
@@ -220,18 +224,23 @@ def expected_accepted(acceptance: float, drafts: int) -> float:
     return sum(acceptance**i for i in range(1, drafts + 1))
 
 
-def plan(proposals: Sequence[Sequence[int]], acceptances: Sequence[float], draft_cost: float) -> int:
+def plan(proposals: Sequence[Sequence[int]], acceptances: Sequence[float], config: SpeculativeConfig) -> int:
     """The drafts per row (k; rows with shorter proposals take theirs whole) that maximise a step's expected
     tokens per unit of its time, or 0 when a plain step is best.
 
-    A step of B rows with k drafts each yields B + sum of each row's expected accepted drafts, and takes
-    1 + draft_cost·B·k times a plain step (every row feeds k + 1 queries, drafts or padding).
+    A step of B rows, row r verifying k_r = min(k, its proposal) drafts, yields B + sum of each row's expected
+    accepted drafts; its time is the plain step's (1 + row_cost·(B - 1)) plus draft_cost·sum k_r (each draft is
+    one more token through the model; a row without drafts feeds its input token only) and, beside other rows,
+    verify_overhead.
     """
     rows = len(proposals)
+    plain = 1 + config.row_cost * (rows - 1)
+    overhead = config.verify_overhead if rows > 1 else 0.0
     best, best_rate = 0, 1.0
     for k in range(1, max((len(p) for p in proposals), default=0) + 1):
         gain = sum(expected_accepted(a, min(len(p), k)) for p, a in zip(proposals, acceptances, strict=True))
-        rate = (1 + gain / rows) / (1 + draft_cost * rows * k)
+        drafts = sum(min(len(p), k) for p in proposals)
+        rate = (1 + gain / rows) * plain / (plain + overhead + config.draft_cost * drafts)
         if rate > best_rate:
             best, best_rate = k, rate
     return best

@@ -14,6 +14,7 @@ a small model held to JSON tends to write whitespace until it runs out of tokens
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -180,21 +181,23 @@ class GrammarRows:
             matcher.fill_next_token_bitmask(self._bitmask, row)
         apply_bitmask(logits, self._bitmask, [row for row, _ in live])
 
-    def at_positions(self, drafts: Sequence[Sequence[int]], positions: int, vocab: int) -> DraftMasks:
-        """The masks of a speculative step, whose row r samples at ``positions`` queries (server/runner.py): the
-        i-th after its input token and ``drafts[r][:i]``. Each matcher takes the drafts it allows, one by one,
-        and gives the mask at each; past a draft it does not allow, or its end, the row's queries get none
-        (what they sample is never kept: the draft before them cannot equal a token sampled under the mask).
+    def at_positions(self, drafts: Sequence[Sequence[int]], counts: Sequence[int], vocab: int) -> DraftMasks:
+        """The masks of a speculative step, whose row r samples at ``counts[r]`` queries, row after row
+        (server/runner.py): the i-th after its input token and ``drafts[r][:i]``. Each matcher takes the drafts
+        it allows, one by one, and gives the mask at each; past a draft it does not allow, or its end, the row's
+        queries get none (what they sample is never kept: the draft before them cannot equal a token sampled
+        under the mask).
         The matchers are left as they were; ``advance`` moves them past the tokens the rows keep."""
-        bitmask = xgr.allocate_token_bitmask(len(drafts) * positions, vocab)
+        starts = list(itertools.accumulate([0, *counts]))  # row r's queries: starts[r] .. starts[r + 1] - 1
+        bitmask = xgr.allocate_token_bitmask(starts[-1], vocab)
         masked: list[int] = []
         for row, matcher in zip(self.rows, self.matchers, strict=True):
             taken = 0
-            for i in range(positions):
+            for i in range(counts[row]):
                 if matcher.is_terminated():
                     break
-                matcher.fill_next_token_bitmask(bitmask, row * positions + i)
-                masked.append(row * positions + i)
+                matcher.fill_next_token_bitmask(bitmask, starts[row] + i)
+                masked.append(starts[row] + i)
                 if i == len(drafts[row]) or not matcher.accept_token(drafts[row][i]):
                     break
                 taken += 1
@@ -245,11 +248,11 @@ class DraftMasks:
     """The grammar masks of a speculative step's queries (``GrammarRows.at_positions``), in the shape ``sample``
     takes a batch's grammars: it masks, and leaves the matchers to ``GrammarRows.advance``."""
 
-    rows: tuple[int, ...]  # the queries (of B·q, row after row) that have a mask
-    bitmask: torch.Tensor = field(repr=False)  # [B·q, ceil(V / 32)] int32
+    rows: tuple[int, ...]  # the queries (of sum n_r, row after row) that have a mask
+    bitmask: torch.Tensor = field(repr=False)  # [sum n_r, ceil(V / 32)] int32
 
     def mask(self, logits: torch.Tensor) -> None:
-        """logits: [B·q, V], masked in place."""
+        """logits: [sum n_r, V], masked in place."""
         if self.rows:
             apply_bitmask(logits, self.bitmask, list(self.rows))
 

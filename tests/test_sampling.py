@@ -179,17 +179,22 @@ def test_sampling_q_positions_at_once_draws_what_q_steps_would() -> None:
     i at position i), greedy and truncated rows alike; rows with state that follows the tokens refuse."""
     import pytest
 
-    q = 4
+    counts = [4, 1, 3]  # positions per row: rows draft different numbers of tokens
     params = [SamplingParams(temperature=0.9, seed=7), SamplingParams(), SamplingParams(temperature=1.2, top_p=0.8)]
-    logits = torch.randn(len(params) * q, 300, generator=torch.Generator().manual_seed(5))  # row after row
+    logits = torch.randn(sum(counts), 300, generator=torch.Generator().manual_seed(5))  # row after row
     stepwise = batch_of(*params)
     sample(torch.randn(len(params), 300), stepwise)  # one token sampled already: steps start at 1
-    at_once = sample(logits, stepwise.at_positions(q)).view(-1, q)
-    for i in range(q):
-        assert sample(logits.view(-1, q, 300)[:, i], stepwise).tolist() == at_once[:, i].tolist()
-    assert stepwise.step.tolist() == [1 + q] * 3
+    at_once = sample(logits, stepwise.at_positions(counts)).tolist()
+    starts = [0, 4, 5]
+    for i in range(max(counts)):  # step i: the rows with an i-th position
+        rows = [r for r, n in enumerate(counts) if n > i]
+        keep = torch.tensor(rows)
+        drawn = sample(logits[[starts[r] + i for r in rows]], stepwise.filter(keep, rows)).tolist()
+        assert drawn == [at_once[starts[r] + i] for r in rows], f"position {i}"
+        stepwise.step[keep] += 1  # the filtered copy's steps advanced, not the batch's
+    assert stepwise.step.tolist() == [1 + n for n in counts]
     with pytest.raises(ValueError):
-        batch_of(SamplingParams(logprobs=1)).at_positions(q)
+        batch_of(SamplingParams(logprobs=1)).at_positions([2])
 
 
 def test_truncation_among_the_likeliest_candidates_equals_sorting_the_whole_row() -> None:

@@ -35,7 +35,7 @@ mode = test_engine.mode  # the engine tests' four engine modes, a fixture
 # Single tokens count as matches too, and drafts cost nothing (every row drafts whatever its acceptance rate):
 # the tiny random model's output repeats often, so drafts are plentiful, and many are rejected (both paths get
 # exercised).
-EAGER = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=1, draft_cost=0.0)
+EAGER = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=1, draft_cost=0.0, verify_overhead=0.0)
 
 
 def test_the_longest_matching_suffix_proposes_what_followed_its_latest_occurrence() -> None:
@@ -115,13 +115,16 @@ def test_a_row_tracks_how_often_its_drafts_stand() -> None:
 
 
 def test_a_step_drafts_only_as_far_as_it_pays() -> None:
-    cost = 0.045
+    cost = SpeculativeConfig(tokens=4)
+    free = SpeculativeConfig(tokens=4, draft_cost=0.0, verify_overhead=0.0)
     assert plan([[1, 2, 3, 4]], [0.8], cost) == 4, "a lone row at good odds takes all its drafts"
     assert plan([[1, 2, 3, 4]], [0.5], cost) == 3, "at even odds the fourth draft is not worth its cost"
     assert plan([[1, 2, 3, 4]], [0.02], cost) == 0, "rarely right: a plain step is cheaper"
-    assert plan([[1, 2, 3, 4]], [0.5], 0.0) == 4
-    # Six rows, one with a proposal: every row would feed its queries; not worth it.
-    assert plan([[1, 2, 3, 4], [], [], [], [], []], [0.6] * 6, cost) == 0
+    assert plan([[1, 2, 3, 4]], [0.5], free) == 4
+    # Six rows, one with a proposal: only that row feeds its drafts, but a verifying step beside others costs
+    # more: worth it at very good odds, not at fair ones.
+    assert plan([[1, 2, 3, 4], [], [], [], [], []], [0.9] * 6, cost) > 0
+    assert plan([[1, 2, 3, 4], [], [], [], [], []], [0.5] * 6, cost) == 0
     # Six rows all drafting at high odds: worth it, though not as far as a lone row goes.
     assert 0 < plan([[1, 2, 3, 4]] * 6, [0.7] * 6, cost) < 4
     assert plan([[], []], [0.9, 0.9], cost) == 0
@@ -191,7 +194,7 @@ async def test_a_task_drafts_from_its_earlier_outputs_for_its_own_tenant_only(ba
     again, it takes most of its tokens from drafts, still the oracle's; another tenant's request of the same
     prefix and prompt gets none of it."""
     metrics = EngineMetrics(CollectorRegistry())
-    config = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=2, draft_cost=0.0)
+    config = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=2, draft_cost=0.0, verify_overhead=0.0)
     engine = make_engine(base, metrics=metrics, speculative=config)
     ids = prompt(130, 6)
 
@@ -276,7 +279,7 @@ async def test_no_speculation_beside_rows_that_cannot_or_past_max_rows(base) -> 
     greedy = [GenerationRequest(prompt(70 + i, 5), SamplingParams(max_new_tokens=20)) for i in range(3)]
     scored = GenerationRequest(prompt(75, 5), SamplingParams(max_new_tokens=20, logprobs=1))
     metrics = EngineMetrics(CollectorRegistry())
-    limited = SpeculativeConfig(tokens=4, max_rows=2, ngram_max=3, ngram_min=1, draft_cost=0.0)
+    limited = SpeculativeConfig(tokens=4, max_rows=2, ngram_max=3, ngram_min=1, draft_cost=0.0, verify_overhead=0.0)
     engine = make_engine(base, metrics=metrics, speculative=limited)
     verified: list[tuple[int, bool]] = []  # every speculative step's rows, and whether one asked for logprobs
     step = engine.runner.speculative_step

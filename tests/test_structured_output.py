@@ -160,27 +160,27 @@ def test_a_speculative_step_masks_each_query_as_the_drafts_before_it_leave_the_g
     past the tokens the rows keep. A free row among them gets no mask."""
     grammar = compiler.compile(GrammarSpec("regex", r"[a-c]{1,3}(x|yz)"))
     rows = GrammarRows((0, 2), [grammar.matcher(), grammar.matcher()])
-    q = 4
-    drafts = [list(b"ab"), list(b"zz"), list(b"cz")]  # row 2's "z" is refused after "c"
-    masks = rows.at_positions(drafts, q, VOCAB)
-    assert masks.rows == (0, 1, 2, 8, 9)  # row 0: before "a", before "b", after both; row 2: before "c" and "z"
-    want = torch.zeros(3 * q, VOCAB)
-    for row, kept in ((0, b"ab"), (2, b"c")):
+    drafts = [list(b"ab"), list(b"zz"), list(b"czb")]  # row 2's "z" is refused after "c"
+    counts = [1 + len(d) for d in drafts]  # queries per row: 3, 3, 4, row after row
+    masks = rows.at_positions(drafts, counts, VOCAB)
+    assert masks.rows == (0, 1, 2, 6, 7)  # row 0: before "a", before "b", after both; row 2: before "c" and "z"
+    want = torch.zeros(sum(counts), VOCAB)
+    for start, kept in ((0, b"ab"), (6, b"c")):
         stepper = grammar.matcher()
         for i in range(len(kept) + 1):
-            masked(stepper, want[row * q + i : row * q + i + 1])
+            masked(stepper, want[start + i : start + i + 1])
             if i < len(kept):
                 assert stepper.accept_token(kept[i])
-    logits = torch.zeros(3 * q, VOCAB)
+    logits = torch.zeros(sum(counts), VOCAB)
     masks.mask(logits)
     assert torch.equal(logits, want)
     now = torch.zeros(3, VOCAB)
     rows.mask(now)  # the matchers as they were before the step
-    assert torch.equal(now[0], want[0]) and torch.equal(now[2], want[8])
+    assert torch.equal(now[0], want[0]) and torch.equal(now[2], want[6])
     rows.advance([list(b"ab"), [], list(b"c")])
     after = torch.zeros(3, VOCAB)
     rows.mask(after)
-    assert torch.equal(after[0], want[2]) and torch.equal(after[2], want[9])
+    assert torch.equal(after[0], want[2]) and torch.equal(after[2], want[7])
 
 
 def test_log_probabilities_stay_the_raw_logits(compiler: GrammarCompiler) -> None:
