@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 IGNORE_INDEX = -100  # label of tokens without loss (transformers' cross-entropy ignore_index)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # "tool": a tool's answer, as the chat template renders it
 
 
 class TrainingDataError(ValueError):

@@ -272,3 +272,39 @@ def test_tool_choice_auto_on_the_real_model_calls_or_answers_as_the_model_would(
         wanted_content, wanted_calls = read_reply(hermes, tokenizer.decode(want[: ended[0] if ended else None]))
         assert wanted_content == message["content"]
         assert [(c.name, json.loads(c.arguments)) for c in wanted_calls] == calls
+
+
+def test_the_shipped_tool_calling_prefix_calls_without_an_example(server, default_model) -> None:
+    """examples/prefixes/tool-calls.safetensors, trained on generated chats (examples/tool_calls): with it the
+    real model calls a tool for a question one fits, with its arguments copied from a city it never saw in
+    training, and answers small talk in text; the base model, told the same tools, calls nothing."""
+    url, _ = server
+    artifact = Path(__file__).resolve().parent.parent / "examples" / "prefixes" / "tool-calls.safetensors"
+    tools = [  # as examples/tool_calls/make_data.py describes it
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                "description": "The current time in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
+    headers = {"content-type": "application/octet-stream"}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        assert client.put("/v1/prefixes/tool-calls", content=artifact.read_bytes(), headers=headers).status_code == 201
+        replies = {}
+        for model in ("tool-calls", default_model.name):
+            for question in ("What time is it in Quito?", "Thanks!"):
+                body = {"model": model, "messages": [{"role": "user", "content": question}], "tools": tools}
+                r = client.post("/v1/chat/completions", json={**body, "temperature": 0, "max_tokens": 40})
+                assert r.status_code == 200, r.text
+                replies[model, question] = r.json()["choices"][0]
+        assert client.delete("/v1/prefixes/tool-calls").status_code == 204
+    call = replies["tool-calls", "What time is it in Quito?"]
+    assert call["finish_reason"] == "tool_calls", call
+    (made,) = call["message"]["tool_calls"]
+    assert made["function"]["name"] == "get_time" and json.loads(made["function"]["arguments"]) == {"city": "Quito"}
+    thanks = replies["tool-calls", "Thanks!"]
+    assert thanks["finish_reason"] == "stop" and thanks["message"]["content"] and "tool_calls" not in thanks["message"]
+    assert "tool_calls" not in replies[default_model.name, "What time is it in Quito?"]["message"]

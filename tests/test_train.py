@@ -94,6 +94,18 @@ def test_labels_cover_completion_and_assistant_turns(loaded: LoadedModel) -> Non
     assert pair.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
     assert pair.labels[len(prompt_ids) :] == pair.input_ids[len(prompt_ids) :]
 
+    # A tool's answer in the history is context, rendered by the chat template like any other turn.
+    with_tool = (
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "content": "<tool_call>now</tool_call>"},
+        {"role": "tool", "content": "noon"},
+        {"role": "assistant", "content": "It is noon."},
+    )
+    tooled = tokenize_example(Example(line=1, messages=with_tool), tokenizer, eos)
+    assert tokenizer.decode(tooled.input_ids) == tokenizer.apply_chat_template(list(with_tool), tokenize=False)
+    learned = tokenizer.decode([t for t, label in zip(tooled.input_ids, tooled.labels, strict=True) if label >= 0])
+    assert learned == "<tool_call>now</tool_call><|im_end|>\nIt is noon.<|im_end|>\n"
+
     messages = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"})
     chat = tokenize_example(Example(line=1, messages=messages * 2), tokenizer, eos)
     full = tokenizer.apply_chat_template(list(messages * 2), tokenize=False)

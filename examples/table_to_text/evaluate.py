@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,50 +26,15 @@ import sacrebleu
 from clients.client import Client
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 from restaurants import PROMPT_SUFFIX, Record, parse_mr, slot_errors  # a script beside this one
+from serve_locally import local_server  # examples/serve_locally.py
 
 HERE = Path(__file__).parent
 INSTRUCTION = (
     "Write one sentence that describes the restaurant with these attributes. Mention every attribute and nothing else."
 )
 SYSTEMS = ("prefix", "zero-shot", "5-shot")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def local_server(model: str | None, log_path: Path) -> Iterator[str]:
-    """``prefix-serve serve`` in a subprocess with a throwaway store; yields its URL."""
-    port = _free_port()
-    store = tempfile.mkdtemp(prefix="t2t-store-")
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--store", f"disk://{store}"]
-    if model:
-        cmd += ["--model", model]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with Client(url, timeout_s=5) as client:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the server exited; see {log_path}")
-                try:
-                    if client.health():
-                        break
-                except Exception:  # not listening yet
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start in 300 s; see {log_path}")
-                time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def _chat_turn(mr: str) -> dict[str, str]:
