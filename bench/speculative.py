@@ -18,7 +18,10 @@ off between rounds, which alternate. Requests are greedy unless said otherwise. 
 - **JSON extraction**: the base model asked, in a chat, for a person's name, age and city from a sentence, held
   to a JSON schema (structured output: each query verified under the grammar's mask);
 - **tool calls**: chats with two tools and ``tool_choice: "auto"`` (the hermes format, told in a system message
-  as the server tells it, one earlier call in the history), asking for the weather in a city: the model calls.
+  as the server tells it, one earlier call in the history), asking for the weather in a city: the model calls;
+- **half scored**, **half penalised**: the open questions, every other one asking for log-probabilities (5
+  alternatives per token), or with a repetition penalty of 1.1: those rows take no drafts, the others verify
+  theirs in the same steps.
 
 Before each run the engine forgets the tasks' earlier outputs (``TaskHistory``): drafts come from the request's
 own context and from the outputs of the run's earlier requests (of the same task), never from an earlier run of
@@ -134,6 +137,14 @@ def workloads(loaded: LoadedModel, records: int, new_tokens: int) -> dict[str, l
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = list(tokenizer(text, add_special_tokens=False).input_ids)
         tool_chats.append(GenerationRequest(ids, SamplingParams(max_new_tokens=2 * new_tokens, grammar=calls)))
+    scored = [
+        dataclasses.replace(c, params=dataclasses.replace(c.params, logprobs=5)) if i % 2 else c
+        for i, c in enumerate(chats)
+    ]
+    penalised = [
+        dataclasses.replace(c, params=dataclasses.replace(c.params, repetition_penalty=1.1)) if i % 2 else c
+        for i, c in enumerate(chats)
+    ]
     return {
         "table-to-text": table,
         "code edit": edits,
@@ -142,6 +153,8 @@ def workloads(loaded: LoadedModel, records: int, new_tokens: int) -> dict[str, l
         "random": noise,
         "JSON extraction": extraction,
         "tool calls": tool_chats,
+        "half scored": scored,
+        "half penalised": penalised,
     }
 
 

@@ -23,9 +23,11 @@ group's queries out padded). So each row keeps its drafts' acceptance rate, and 
 drafts per row that maximises the expected tokens per unit of step time (``plan``),
 none when no number beats a plain step; no row drafts once more than ``SpeculativeConfig.max_rows`` decode.
 Rows with penalties, biases or min_tokens take no drafts (their state, the tokens seen, follows the tokens one
-at a time) but ride along in verifying steps with their one token. A row held to a grammar drafts: its matcher
-takes the drafts to give each query its mask, and goes back to take the tokens the row keeps
-(server/structured_output.py). A row asking for log-probabilities gets each kept token's, computed at its query.
+at a time), nor do rows asking for log-probabilities (verified at a query, a token's log-probability differs
+from a plain step's in the last digits, and whether a request drafts depends on what ran before it: the same
+request alone would not always get the same numbers); they ride along in verifying steps with their one token.
+A row held to a grammar drafts: its matcher takes the drafts to give each query its mask, and goes back to take
+the tokens the row keeps (server/structured_output.py).
 
 This is prompt lookup decoding (Saxena, 2023), vLLM's "ngram" speculative method and TGI's ``--speculate``
 n-gram mode.
@@ -66,8 +68,9 @@ class SpeculativeConfig:
 
 def speculates(params: SamplingParams) -> bool:
     """Whether a request's rows may take drafts: nothing of theirs changes each position's distribution from
-    state that follows the tokens one at a time (a grammar's matcher can go back)."""
-    return not params.adjusts_logits
+    state that follows the tokens one at a time (a grammar's matcher can go back), and they report no
+    log-probabilities (a lone request's stay exactly those of plain steps)."""
+    return params.logprobs is None and not params.adjusts_logits
 
 
 class NgramIndex:

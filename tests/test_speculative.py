@@ -135,8 +135,8 @@ def test_rows_whose_state_follows_their_tokens_do_not_speculate() -> None:
     assert speculates(SamplingParams())
     assert speculates(SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3))
     assert speculates(SamplingParams(stop=("x",), stop_token_ids=(3,), ignore_eos=True))
-    assert speculates(SamplingParams(logprobs=3))  # each kept token's, computed at its query
     for params in (
+        SamplingParams(logprobs=0),
         SamplingParams(repetition_penalty=1.2),
         SamplingParams(logit_bias=((3, 1.0),)),
         SamplingParams(min_tokens=2, held_back=(0,)),
@@ -274,10 +274,9 @@ async def test_sampled_rows_draw_what_they_draw_without_speculation(base, prefix
 
 
 async def test_rows_that_cannot_draft_ride_along_and_none_past_max_rows(base) -> None:
-    """Rows with penalties or a bias take no drafts but share verifying steps with rows that do, and get the
-    tokens an engine that never speculates gives them; rows asking for log-probabilities draft, and get each
-    token's log-probabilities as without speculation; no verifying step ever holds more than ``max_rows`` rows
-    (every one is recorded)."""
+    """Rows with penalties, a bias or log-probabilities take no drafts but share verifying steps with rows that
+    do, and get the tokens (and log-probabilities) an engine that never speculates gives them; no verifying step
+    ever holds more than ``max_rows`` rows (every one is recorded)."""
     greedy = [GenerationRequest(prompt(70 + i, 5), SamplingParams(max_new_tokens=20)) for i in range(3)]
     scored = GenerationRequest(prompt(75, 5), SamplingParams(max_new_tokens=20, logprobs=2))
     adjusted = [
@@ -311,7 +310,8 @@ async def test_rows_that_cannot_draft_ride_along_and_none_past_max_rows(base) ->
     assert verified, "rows speculate beside rows that cannot"
     assert max(rows for rows, _, _ in verified) <= 2, "never past max_rows"
     assert not any(drafts for _, drafts, _ in verified), "adjusted rows never take drafts"
-    assert any(drafts for _, _, drafts in verified), "a row asking for log-probabilities drafts"
+    assert not any(drafts for _, _, drafts in verified), "nor rows asking for log-probabilities"
+    assert any(rows == 2 for rows, _, _ in verified), "they share verifying steps with rows that draft"
     for got, want in zip(together, reference, strict=True):
         assert [tokens_of(e) for e in got] == [tokens_of(e) for e in want]
     got_scores = [e.logprob for e in together[3][1] if e.token_id is not None]
