@@ -20,8 +20,7 @@ off between rounds, which alternate. Requests are greedy unless said otherwise. 
 - **tool calls**: chats with two tools and ``tool_choice: "auto"`` (the hermes format, told in a system message
   as the server tells it, one earlier call in the history), asking for the weather in a city: the model calls;
 - **half scored**, **half penalised**: the open questions, every other one asking for log-probabilities (5
-  alternatives per token), or with a repetition penalty of 1.1: those rows take no drafts, the others verify
-  theirs in the same steps.
+  alternatives per token), or with a repetition penalty of 1.1: those rows never draft, nor do rows beside them.
 
 Before each run the engine forgets the tasks' earlier outputs (``TaskHistory``): drafts come from the request's
 own context and from the outputs of the run's earlier requests (of the same task), never from an earlier run of

@@ -32,7 +32,7 @@ from server.errors import InvalidInput, Overloaded, Unavailable
 from server.prefill_pacing import StepClock, paced_budget
 from server.prompt_cache import CachedPrompt, PromptCache
 from server.runner import ModelRunner, NewRequest, PendingPrefill
-from server.sampling import RowLogprobs, SamplingParams, StepLogprobs, TokenLogprob
+from server.sampling import SamplingParams, StepLogprobs, TokenLogprob
 from server.scheduler import QueueFull, Running, Scheduler, SchedulerConfig
 from server.speculative import RowSpeculation, SpeculativeConfig, TaskHistory, plan, speculates
 from server.step_gaps import StepGaps
@@ -178,10 +178,10 @@ class _Launched:
         tokens, positions = self.host.tolist()
         return tokens, positions
 
-    def row_logprobs(self) -> list[RowLogprobs | None]:
+    def row_logprobs(self) -> list[tuple[float, list[int], list[float]] | None]:
         """Per row (groups' rows in order): (sampled token's log-probability, top ids, top log-probabilities),
         or None where the row's group computed none. Call after ``values``: the step has finished."""
-        out: list[RowLogprobs | None] = []
+        out: list[tuple[float, list[int], list[float]] | None] = []
         for group_rows, step in zip(self.rows, self.logprobs or [None] * len(self.rows), strict=True):
             out += [None] * len(group_rows) if step is None else step.rows()
         return out
@@ -487,25 +487,20 @@ class Engine:
     # ----- speculative decoding ------------------------------------------------------------------
 
     def _may_speculate(self) -> bool:
-        """Whether this decode step may verify drafts: few rows decode, some of which may take drafts
-        (``speculates``; the others ride along with none)."""
+        """Whether this decode step may verify drafts: few rows decode, none with state that follows its tokens
+        one at a time (``speculates``)."""
         config = self.speculative
         if not config.enabled or not self._groups or sum(len(g) for g in self._groups) > config.max_rows:
             return False
         tracked = [self._tracked.get(r) for r in self._running_ids()]
-        if any(t is None for t in tracked):
-            return False
-        return any(speculates(t.request.params) for t in tracked if t is not None)
+        return all(t is not None and speculates(t.request.params) for t in tracked)
 
     def _drafts(self) -> list[list[list[int]]] | None:
         """Per group and row, the drafts to verify after the row's last token: prompt lookup's proposals, cut to
         the length ``plan`` finds best; None when a plain step is best (or no row has a proposal)."""
         tracked = [self._tracked[r] for r in self._running_ids()]
         speculations = [self._speculation(t) for t in tracked]
-        proposals = [
-            s.proposal(t.generated, self._draft_room(t)) if speculates(t.request.params) else []
-            for s, t in zip(speculations, tracked, strict=True)
-        ]
+        proposals = [s.proposal(t.generated, self._draft_room(t)) for s, t in zip(speculations, tracked, strict=True)]
         k = plan(proposals, [s.acceptance for s in speculations], self.speculative)
         if k == 0:
             for speculation, proposal in zip(speculations, proposals, strict=True):
@@ -541,7 +536,6 @@ class Engine:
         groups = self._groups
         rows = [row for g in groups for row in g.rows]
         yielded = self.runner.speculative_step(groups, drafts)
-        logprobs = self.runner.last_step_logprobs
         now = time.perf_counter()
         for request_id, row_drafts, tokens in zip(
             (r.request_id for r in rows), (d for group in drafts for d in group), yielded, strict=True
@@ -554,7 +548,7 @@ class Engine:
             self.metrics.forward_pass(rows, sum(len(g) * g.width for g in groups), sum(positions))
             self.metrics.speculative_draft_tokens.inc(sum(len(d) for group in drafts for d in group))
             self.metrics.speculative_accepted_tokens.inc(sum(len(tokens) - 1 for tokens in yielded))
-        self._drop(self._give(rows, yielded, positions, logprobs, now))
+        self._drop(self._give(rows, yielded, positions, [None] * len(rows), now))
 
     def _settle_ahead(self) -> None:
         """Hand out the tokens of the step launched ahead, if any (before anything else changes the batch)."""
@@ -717,21 +711,21 @@ class Engine:
             slots, real = launched.slots + launched.chunk_slots, sum(positions) + launched.chunk_slots
             metrics.forward_pass([*rows, *launched.chunk_rows], slots, real)
         logprobs = launched.row_logprobs() if any(launched.logprobs) else [None] * len(rows)
-        return self._give(rows, [[token] for token in tokens], positions, [[lp] for lp in logprobs], now)
+        return self._give(rows, [[token] for token in tokens], positions, logprobs, now)
 
     def _give(
         self,
         rows: Sequence[RowInfo],
         tokens: Sequence[Sequence[int]],
         positions: Sequence[int],
-        logprobs: Sequence[Sequence[RowLogprobs | None] | None],
+        logprobs: Sequence[tuple[float, list[int], list[float]] | None],
         now: float,
     ) -> set[str]:
         """Hand each row its tokens of a step, sampled at ``now``: one, or after a speculative step one or more
-        (``positions``: each row's next position after them; ``logprobs``: per row, each token's, or None).
-        Returns the request ids that ended, or had ended before (overlap)."""
+        (``positions``: each row's next position after them; ``logprobs`` go with a single token). Returns the
+        request ids that ended, or had ended before (overlap)."""
         left: set[str] = set()
-        live: list[tuple[RowInfo, _Tracked, Sequence[int], int, list[TokenLogprob | None]]] = []  # getting tokens
+        live: list[tuple[RowInfo, _Tracked, Sequence[int], int, TokenLogprob | None]] = []  # rows getting tokens
         for row, row_tokens, position, row_logprobs in zip(rows, tokens, positions, logprobs, strict=True):
             tracked = self._tracked.get(row.request_id)
             if tracked is None or tracked.done:  # ended in the step before this one (overlap): token dropped
@@ -741,16 +735,17 @@ class Engine:
                 left.add(row.request_id)
             else:
                 asked = tracked.request.params.logprobs
-                scored: list[TokenLogprob | None] = [None] * len(row_tokens)
+                logprob = None
                 if asked is not None and row_logprobs is not None:
-                    scored = [None if lp is None else _token_logprob(lp, asked) for lp in row_logprobs]
-                live.append((row, tracked, row_tokens, position, scored))
+                    chosen, top_ids, top_values = row_logprobs
+                    logprob = TokenLogprob(chosen, tuple(zip(top_ids[:asked], top_values[:asked], strict=True)))
+                live.append((row, tracked, row_tokens, position, logprob))
         handed: list[RowInfo] = []  # a row once per token it took
-        for row, tracked, row_tokens, position, scored in live:
+        for row, tracked, row_tokens, position, logprob in live:
             first_position = position - len(row_tokens) + 1  # where the row's first token of the step goes next
             for i, token in enumerate(row_tokens):
                 handed.append(row)
-                if self._emit(tracked, token, first_position + i, now, scored[i]):
+                if self._emit(tracked, token, first_position + i, now, logprob):
                     left.add(row.request_id)
                     break  # a speculative step's tokens after the end are dropped
         if self.metrics is not None:
@@ -833,12 +828,6 @@ class Engine:
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
             _deliver_soon(loop, items)
-
-
-def _token_logprob(scored: RowLogprobs, asked: int) -> TokenLogprob:
-    """A sampled token's log-probability with the ``asked`` most likely alternatives."""
-    chosen, top_ids, top_values = scored
-    return TokenLogprob(chosen, tuple(zip(top_ids[:asked], top_values[:asked], strict=True)))
 
 
 def _deliver_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[_Tracked, GenerationEvent]]) -> None:

@@ -19,7 +19,7 @@ from server.fused_projections import fuse_projections as fuse_layer_projections
 from server.fused_projections import use_onednn_for_fused
 from server.fused_step import LAYOUT_KWARG, ChunkSlot, DecodeSlot, FusedLayout, placeholder_mask
 from server.kv_cache import build_cache, read_cache, with_room
-from server.sampling import RowLogprobs, SamplingParams, TokenLogprob, prompt_token_logprobs, sample
+from server.sampling import SamplingParams, TokenLogprob, prompt_token_logprobs, sample
 from server.speculative import accepted
 from server.static_decode import StaticDecoder
 from server.structured_output import GrammarRows
@@ -94,8 +94,6 @@ class ModelRunner:
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
         # The last separate prefill's prompt log-probabilities, by request id (only requests that asked).
         self.last_prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
-        # After a speculative step, per row: each token it yielded's log-probabilities, where the row asked.
-        self.last_step_logprobs: list[list[RowLogprobs] | None] = []
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -284,20 +282,15 @@ class ModelRunner:
         logits = out.logits[0].float()  # [sum n_r, V], row after row
         # The token each query's row would sample there (greedy, or its seeded draw at that step): n_r per row.
         targets: list[list[int]] = []
-        scores: list[list[RowLogprobs] | None] = []  # per row, each query's log-probabilities, where asked
         start = 0
         for batch, group_drafts in zip(groups, drafts, strict=True):
             counts = [1 + len(d) for d in group_drafts]
             end = start + sum(counts)
             sampling = batch.sampling.at_positions(counts, group_drafts, logits.shape[-1])
             tokens = sample(logits[start:end], sampling).tolist()
-            starts = list(itertools.accumulate([0, *counts]))
-            targets += [tokens[a : a + n] for a, n in zip(starts, counts, strict=False)]
-            scored = None if sampling.last_logprobs is None else sampling.last_logprobs.rows()
-            scores += [None if scored is None else scored[a : a + n] for a, n in zip(starts, counts, strict=False)]
+            targets += [tokens[a : a + n] for a, n in zip(itertools.accumulate([0, *counts]), counts, strict=False)]
             start = end
         yielded: list[list[int]] = []
-        self.last_step_logprobs = []
         for batch, group_drafts in zip(groups, drafts, strict=True):
             group_targets, targets = targets[: len(batch)], targets[len(batch) :]
             kept = [accepted(d, t) for d, t in zip(group_drafts, group_targets, strict=True)]  # a_r
@@ -308,10 +301,6 @@ class ModelRunner:
             batch.next_positions = batch.next_positions + advance
             batch.sampling.step += advance
             rows = [t[: a + 1] for t, a in zip(group_targets, kept, strict=True)]
-            group_scores, scores = scores[: len(batch)], scores[len(batch) :]
-            self.last_step_logprobs += [
-                None if s is None else s[: a + 1] for s, a in zip(group_scores, kept, strict=True)
-            ]
             if isinstance(batch.sampling.grammars, GrammarRows):
                 batch.sampling.grammars.advance(rows)
             batch.next_input_ids = torch.tensor([r[-1] for r in rows], dtype=torch.int64, device=self.device)

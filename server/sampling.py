@@ -31,8 +31,6 @@ default), so they do not depend on how the token was picked.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -92,10 +90,6 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
 
 
-# One sampled token's log-probabilities as read on the host: (its own, the top ids, their log-probabilities).
-RowLogprobs = tuple[float, list[int], list[float]]
-
-
 @dataclass(frozen=True)
 class StepLogprobs:
     """Log-probabilities of one sampling call, on the logits' device (read on the host once the step is done)."""
@@ -104,7 +98,7 @@ class StepLogprobs:
     top_ids: torch.Tensor  # [B, K] int64: the K most likely tokens, K = the most any row asked for
     top_values: torch.Tensor  # [B, K] float32
 
-    def rows(self) -> list[RowLogprobs]:
+    def rows(self) -> list[tuple[float, list[int], list[float]]]:
         """Per row: (chosen, top ids, top log-probabilities), all K of them."""
         return list(zip(self.chosen.tolist(), self.top_ids.tolist(), self.top_values.tolist(), strict=True))
 
@@ -252,12 +246,6 @@ class LogitAdjustments:
         positive_scale[rows, mine] = 1.0 / self.repetition
         negative_scale[rows, mine] = self.repetition
 
-    def at_rows(self, rows: Sequence[int], vocab: int) -> LogitAdjustments:
-        """The same adjustments for the asking rows placed at ``rows`` of another batch (a speculative step's
-        queries, where each asking row has one), sharing this one's state: what it records, this one has too."""
-        self.materialize(vocab)
-        return dataclasses.replace(self, rows=tuple(rows), index=torch.tensor(rows, device=self.index.device))
-
     def filter(self, kept_rows: Sequence[int]) -> LogitAdjustments | None:
         """The adjustments of the batch that keeps ``kept_rows`` (in that order); None when no asking row stays."""
         new_position = {row: i for i, row in enumerate(kept_rows)}
@@ -387,15 +375,10 @@ class SamplingBatch:
         i-th copy at the row's step + i: a speculative step samples every position of a row as the row would
         sample its tokens one step at a time. Rows held to a grammar get the mask of its state after their
         ``drafts`` before each position (``vocab``: the logits' width); the step then moves the matchers past
-        the tokens the rows keep (``GrammarRows.advance``). Rows with penalties or biases (whose state follows
-        the tokens one by one) must have one position: theirs are adjusted, and record their token, as in a
-        plain step. Log-probabilities are those of every position."""
-        starts = list(itertools.accumulate([0, *counts]))[:-1]  # each row's first position
-        adjustments = None
-        if self.adjustments is not None:
-            if any(counts[row] != 1 for row in self.adjustments.rows):
-                raise ValueError("rows with penalties or biases sample one token at a time")
-            adjustments = self.adjustments.at_rows([starts[row] for row in self.adjustments.rows], vocab)
+        the tokens the rows keep (``GrammarRows.advance``). Not for rows with log-probabilities or adjustments
+        (penalties and biases follow the tokens one by one)."""
+        if self.max_logprobs >= 0 or self.adjustments is not None:
+            raise ValueError("rows with log-probabilities, penalties or biases sample one token at a time")
         grammars = self.grammars
         assert not isinstance(grammars, DraftMasks)  # a speculative step's copy is not copied again
         per_row = torch.tensor(counts, device=self.step.device)
@@ -407,8 +390,6 @@ class SamplingBatch:
             seed=self.seed.repeat_interleave(per_row),
             step=self.step.repeat_interleave(per_row) + within,
             may_sample=self.may_sample,
-            logprobs_asked=tuple(asked for asked, n in zip(self.logprobs_asked, counts, strict=True) for _ in range(n)),
-            adjustments=adjustments,
             grammars=None if grammars is None else grammars.at_positions(drafts, counts, vocab),
         )
 

@@ -22,12 +22,9 @@ default model (1 to 4 rows, bench/RESULTS.md); a row feeds only its own drafts (
 group's queries out padded). So each row keeps its drafts' acceptance rate, and each step takes the most
 drafts per row that maximises the expected tokens per unit of step time (``plan``),
 none when no number beats a plain step; no row drafts once more than ``SpeculativeConfig.max_rows`` decode.
-Rows with penalties, biases or min_tokens take no drafts (their state, the tokens seen, follows the tokens one
-at a time), nor do rows asking for log-probabilities (verified at a query, a token's log-probability differs
-from a plain step's in the last digits, and whether a request drafts depends on what ran before it: the same
-request alone would not always get the same numbers); they ride along in verifying steps with their one token.
-A row held to a grammar drafts: its matcher takes the drafts to give each query its mask, and goes back to take
-the tokens the row keeps (server/structured_output.py).
+Rows with penalties, biases or log-probabilities do not speculate: their state (tokens seen) or what they
+report follows the tokens one at a time. A row held to a grammar does: its matcher takes the drafts to give each
+query its mask, and goes back to take the tokens the row keeps (server/structured_output.py).
 
 This is prompt lookup decoding (Saxena, 2023), vLLM's "ngram" speculative method and TGI's ``--speculate``
 n-gram mode.
@@ -67,9 +64,8 @@ class SpeculativeConfig:
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request's rows may take drafts: nothing of theirs changes each position's distribution from
-    state that follows the tokens one at a time (a grammar's matcher can go back), and they report no
-    log-probabilities (a lone request's stay exactly those of plain steps)."""
+    """Whether a request's rows may take drafts: nothing of theirs changes or reports each position's
+    distribution from state that follows the tokens one at a time (a grammar's matcher can go back)."""
     return params.logprobs is None and not params.adjusts_logits
 
 
