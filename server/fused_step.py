@@ -90,8 +90,9 @@ class FusedLayout:
     chunk_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     # Likewise each decode group's additive mask, where decode attention runs as batched matmuls (CPU).
     decode_biases: dict[int, torch.Tensor] = field(default_factory=dict)
-    # And each speculative group's mask repeated for the G query heads of a KV head (as a bias on the CPU).
+    # And each speculative group's mask repeated for the G query heads of a KV head; as a bias on the CPU.
     decode_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    speculative_biases: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def decode_bias(self, index: int, kv_heads: int, like: torch.Tensor) -> torch.Tensor:
         """Decode group ``index``'s mask as an additive bias [B_g·H_kv, 1, T + 1] in ``like``'s dtype: 0 where a
@@ -115,11 +116,11 @@ class FusedLayout:
         """The same mask as an additive bias [B_g·H_kv, G·q, T + q] in ``like``'s dtype (0 where a query may look,
         -inf elsewhere), repeated per KV head: the batch axis of the matmuls ``_speculative_rows_attention`` runs
         on a CPU."""
-        if index not in self.decode_masks:
-            mask = self.decodes[index].mask.repeat(1, 1, q_per_kv, 1)  # [B_g, 1, G·q, T + q]
+        if index not in self.speculative_biases:
+            mask = self.speculative_mask(index, q_per_kv)  # [B_g, 1, G·q, T + q]
             bias = torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(~mask, -torch.inf)
-            self.decode_masks[index] = bias.expand(-1, kv_heads, -1, -1).flatten(0, 1)
-        return self.decode_masks[index]
+            self.speculative_biases[index] = bias.expand(-1, kv_heads, -1, -1).flatten(0, 1)
+        return self.speculative_biases[index]
 
     def chunk_mask(self, index: int, q_per_kv: int, like: torch.Tensor) -> torch.Tensor | None:
         """The additive mask [1, 1, G·n, start + n] of chunk ``index`` (in ``like``'s dtype and device): query i of

@@ -241,22 +241,20 @@ class ModelRunner:
         rest of those columns as padding (the rejected drafts' K/V, masked), and columns beyond the width are
         free room again. Requires ``fuses_prefill``.
         """
+        counts = [[1 + len(d) for d in group_drafts] for group_drafts in drafts]  # n_r per group and row
         token_ids, positions, decodes = [], [], []
-        for batch, group_drafts in zip(groups, drafts, strict=True):
-            q = 1 + max(len(d) for d in group_drafts)
+        for batch, group_drafts, group_counts in zip(groups, drafts, counts, strict=True):
+            q = max(group_counts)
             if q == 1:  # no drafts in this group: its plain decode step
-                batch.make_room_for_step()
-                mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
-                decodes.append(DecodeSlot(batch.keys, batch.values, batch.width, mask))
+                decodes.append(_decode_slot(batch))
                 token_ids.append(batch.next_input_ids)
                 positions.append(batch.next_positions)
                 continue
             batch.keys = [with_room(k, batch.width, batch.width + q) for k in batch.keys]
             batch.values = [with_room(v, batch.width, batch.width + q) for v in batch.values]
             # Row r feeds n_r = 1 + its drafts tokens: its input token, then its drafts, at its next positions.
-            counts = [1 + len(d) for d in group_drafts]
-            within = torch.cat([torch.arange(n) for n in counts]).to(self.device)  # [sum n_r]: query i of its row
-            per_row = torch.tensor(counts, device=self.device)
+            within = torch.cat([torch.arange(n) for n in group_counts]).to(self.device)  # [sum n_r]: query i
+            per_row = torch.tensor(group_counts, device=self.device)
             inputs = batch.next_input_ids.repeat_interleave(per_row)
             drafted = [token for d in group_drafts for token in d]
             if drafted:
@@ -269,7 +267,7 @@ class ModelRunner:
             mask = torch.cat([seen, causal], dim=-1)
             # The real queries' places in the group's [B_g·q] attention layout (None: every row has q).
             real = None
-            if min(counts) < q:
+            if min(group_counts) < q:
                 real = torch.arange(rows, device=self.device).repeat_interleave(per_row) * q + within
             decodes.append(DecodeSlot(batch.keys, batch.values, width, mask, q, real))
         out = self.model(
@@ -283,12 +281,12 @@ class ModelRunner:
         # The token each query's row would sample there (greedy, or its seeded draw at that step): n_r per row.
         targets: list[list[int]] = []
         start = 0
-        for batch, group_drafts in zip(groups, drafts, strict=True):
-            counts = [1 + len(d) for d in group_drafts]
-            end = start + sum(counts)
-            sampling = batch.sampling.at_positions(counts, group_drafts, logits.shape[-1])
+        for batch, group_drafts, group_counts in zip(groups, drafts, counts, strict=True):
+            end = start + sum(group_counts)
+            sampling = batch.sampling.at_positions(group_counts, group_drafts, logits.shape[-1])
             tokens = sample(logits[start:end], sampling).tolist()
-            targets += [tokens[a : a + n] for a, n in zip(itertools.accumulate([0, *counts]), counts, strict=False)]
+            starts = itertools.accumulate([0, *group_counts])
+            targets += [tokens[a : a + n] for a, n in zip(starts, group_counts, strict=False)]
             start = end
         yielded: list[list[int]] = []
         for batch, group_drafts in zip(groups, drafts, strict=True):
@@ -342,10 +340,7 @@ class ModelRunner:
         positions: list[torch.Tensor] = []
         decodes: list[DecodeSlot] = []
         for batch in groups:
-            batch.make_room_for_step()
-            width = batch.width
-            mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
-            decodes.append(DecodeSlot(batch.keys, batch.values, width, mask))
+            decodes.append(_decode_slot(batch))
             token_ids.append(batch.next_input_ids)
             positions.append(batch.next_positions)
         # Flat indices whose logits are wanted: every decode token, then per chunk ``_kept_rows`` of its tokens
@@ -478,6 +473,13 @@ def _kept_rows(pending: PendingPrefill, n: int, *, finishes: bool) -> int:
     if pending.prompt_logprobs_asked is not None:
         return n
     return 1 if finishes else 0
+
+
+def _decode_slot(batch: Batch) -> DecodeSlot:
+    """Where a group's rows write and read in a plain decode step: column T, after the rows' real columns."""
+    batch.make_room_for_step()
+    mask = torch.nn.functional.pad(batch.attention_mask.bool(), (0, 1), value=True)[:, None, None]
+    return DecodeSlot(batch.keys, batch.values, batch.width, mask)
 
 
 def _advance_past_decode(batch: Batch) -> None:

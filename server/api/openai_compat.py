@@ -49,7 +49,7 @@ from server.api.generate import (
 )
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
-from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, call_id, tool_calls, tool_mode
+from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, call_id, function_call, tool_calls, tool_mode
 from server.api.tool_formats import TOOL_CALL_FORMATS, ToolCall, ToolCallReader, read_reply
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
@@ -600,7 +600,7 @@ class _Choice:
 
 def _call_out(call: ToolCall) -> dict[str, Any]:
     """A call read from an 'auto' reply, as OpenAI's ``tool_calls`` carry it."""
-    return {"id": call_id(), "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return function_call(call_id(), call.name, call.arguments)
 
 
 def _indexed_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -134,14 +134,15 @@ def tool_calls(mode: ToolMode, text: str, named_id: str | None = None) -> list[d
     written (cut short by max_tokens, they are cut short too, as OpenAI's are); ``named_id``: its id, if one was
     streamed already. 'required' replies are a list of calls: None when the list is not complete JSON."""
     if mode.function is not None:
-        return [_call(named_id or call_id(), mode.function, text)]
+        return [function_call(named_id or call_id(), mode.function, text)]
     try:
         # The grammar gave the reply this shape; a stop string may still have cut it short.
         calls = [(call["name"], call["parameters"]) for call in json.loads(text)]
     except (json.JSONDecodeError, TypeError, KeyError):
         return None
-    return [_call(call_id(), name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
+    return [function_call(call_id(), name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
 
 
-def _call(id_: str, name: str, arguments: str) -> dict[str, Any]:
+def function_call(id_: str, name: str, arguments: str) -> dict[str, Any]:
+    """A call as OpenAI's ``tool_calls`` carry it; ``arguments``: JSON text."""
     return {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
