@@ -67,7 +67,7 @@ class StopMatcher:
         if hits:
             self._pending = ""
             return text[: min(hits)], True
-        hold = self._longest_stop_start(text)
+        hold = partial_match_length(text, self._stop)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False
 
@@ -76,12 +76,14 @@ class StopMatcher:
         text, self._pending = self._pending, ""
         return text
 
-    def _longest_stop_start(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+
+def partial_match_length(text: str, strings: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``strings``: what to hold back
+    while it may yet become one of them."""
+    best = 0
+    for string in strings:
+        for n in range(min(len(string) - 1, len(text)), best, -1):
+            if text.endswith(string[:n]):
+                best = n
+                break
+    return best

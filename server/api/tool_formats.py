@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from xgrammar import get_model_structural_tag
 
 from server.structured_output import GrammarSpec
+from server.text_stream import partial_match_length
 
 # Whitespace characters in a row that a call's arguments may hold: JSON written with a newline and an indent
 # passes; a small model cannot pad its arguments with whitespace until it runs out of tokens.
@@ -159,7 +160,7 @@ class ToolCallReader:
             at = self._pending.find(opening)
             if at < 0:
                 # Hold back what may yet become the opening, and whitespace that may yet precede a call.
-                held = _partial_opening(self._pending, opening)
+                held = partial_match_length(self._pending, [opening])
                 text_out = self._pending[: len(self._pending) - held]
                 kept = len(text_out.rstrip())
                 self._give(out, text_out[:kept])
@@ -190,14 +191,6 @@ class ToolCallReader:
         if text:
             out.append(text)
             self._after_call = False
-
-
-def _partial_opening(text: str, opening: str) -> int:
-    """The length of the longest end of ``text`` that is a start of ``opening`` (shorter than it)."""
-    for size in range(min(len(text), len(opening) - 1), 0, -1):
-        if opening.startswith(text[-size:]):
-            return size
-    return 0
 
 
 def read_reply(tool_format: ToolCallFormat, text: str) -> tuple[str | None, list[ToolCall]]:
