@@ -1,0 +1,146 @@
+"""vLLM's utility routes: POST /tokenize, POST /detokenize, GET /version.
+
+Clients written against vLLM (benchmark harnesses, prompt-budgeting front ends) count a prompt's tokens with
+/tokenize before they send it, so its ids must be the ones a generation would prefill: messages go through the
+same chat-template rendering as /v1/chat/completions (tools shown as with tool_choice 'auto', the default), and
+a prompt through the same tokenizer call as /v1/completions. A prefix changes the context, never the
+tokenisation, yet ``model`` must still name the base model or one of the caller's tasks, as on the OpenAI
+routes. As in vLLM, these live at the root (no /v1) and answer errors in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prefix_store.errors import InvalidTaskId, PrefixNotFound, PrefixStoreError
+from server.api.auth import Principal
+from server.api.generate import tokenize as prompt_ids
+from server.api.openai_compat import ChatMessageIn, ModelNotFound, OpenAIRoute, ParameterError, _chat_messages
+from server.api.state import Caller, ServerState, State
+from server.api.tool_calls import ToolIn
+from server.api.tool_formats import TOOL_CALL_FORMATS
+from server.errors import InvalidInput, from_store_error
+
+router = APIRouter(route_class=OpenAIRoute)
+
+
+class TokenizeRequest(BaseModel):
+    """A prompt (with ``add_special_tokens``) or chat messages (with ``add_generation_prompt`` and ``tools``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1, max_length=256)
+    add_generation_prompt: bool = True
+    tools: list[ToolIn] | None = Field(None, max_length=128)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either 'prompt' or 'messages', not both or neither")
+        wrong = {"add_special_tokens"} if self.prompt is None else {"add_generation_prompt", "tools"}
+        if sent := sorted(wrong & self.model_fields_set):
+            raise ValueError(f"{', '.join(sent)} does not apply to {'messages' if self.prompt is None else 'prompt'}")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+async def _check_model(state: ServerState, principal: Principal, model: str) -> None:
+    """404 ``model_not_found`` unless ``model`` is the base model or one of the caller's tasks (its metadata only:
+    nothing is loaded)."""
+    if model == state.model.name:
+        return
+    try:
+        await asyncio.to_thread(state.registry.info, principal.tenant, model)
+    except (PrefixNotFound, InvalidTaskId) as exc:
+        raise ModelNotFound(model) from exc
+    except PrefixStoreError as exc:
+        raise from_store_error(exc) from exc
+
+
+def _ids(state: ServerState, body: TokenizeRequest) -> list[int]:
+    """The ids a generation would prefill for this prompt or these messages."""
+    tokenizer = state.model.tokenizer
+    if body.messages is None:
+        if body.add_special_tokens:
+            return prompt_ids(state, body.prompt, None)  # /v1/completions' call
+        if tokenizer is None:
+            raise InvalidInput("this model has no tokenizer")
+        return list(tokenizer(body.prompt, add_special_tokens=False).input_ids)
+    messages = _chat_messages(body.messages)
+    tools: list[dict[str, Any]] | None = (
+        None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools]
+    )
+    if body.add_generation_prompt:  # what /v1/chat/completions prefills
+        return prompt_ids(state, None, messages, tools, TOOL_CALL_FORMATS.get(state.config.tool_call_format))
+    # Not something a generation sends (the server always asks for the reply's opening), so rendered here.
+    if tokenizer is None:
+        raise InvalidInput("this model has no tokenizer")
+    if not tokenizer.chat_template:
+        raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'")
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False, tokenize=False)
+    except Exception as exc:  # a Jinja template raising on messages it does not expect
+        raise InvalidInput(f"the model's chat template cannot render these messages: {exc}") from exc
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, state: State, principal: Caller) -> TokenizeResponse:
+    await _check_model(state, principal, body.model)
+    ids = _ids(state, body)
+    return TokenizeResponse(count=len(ids), max_model_len=state.engine.max_context, tokens=ids)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, state: State, principal: Caller) -> DetokenizeResponse:
+    await _check_model(state, principal, body.model)
+    tokenizer = state.model.tokenizer
+    if tokenizer is None:
+        raise InvalidInput("this model has no tokenizer")
+    vocab = len(tokenizer)  # the tokenizer would decode a larger id to '' without a word
+    if any(not 0 <= token < vocab for token in body.tokens):
+        raise ParameterError("tokens", f"token ids must be between 0 and {vocab - 1}")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+
+@functools.cache
+def _package_version() -> str:
+    try:
+        return version("prefix-serve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+@router.get("/version", response_model=VersionResponse)
+async def server_version() -> VersionResponse:
+    """No key needed, as for /health."""
+    return VersionResponse(version=_package_version())
