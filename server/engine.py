@@ -28,7 +28,7 @@ import torch
 from server import kv_groups
 from server.batch import Batch, RowInfo
 from server.config import MAX_LISTED_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS
-from server.errors import InvalidInput, Overloaded, Unavailable
+from server.errors import ContextLengthExceeded, InvalidInput, Overloaded, Unavailable
 from server.prefill_pacing import StepClock, paced_budget
 from server.prompt_cache import CachedPrompt, PromptCache
 from server.runner import ModelRunner, NewRequest, PendingPrefill
@@ -82,7 +82,7 @@ class _Tracked:
 
     request_id: str
     request: GenerationRequest
-    max_len: int  # KV slots the row may reach: P + prompt + max_new_tokens (capped by the context)
+    max_len: int  # KV slots the row may reach: P + prompt + max_new_tokens (within the context)
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[GenerationEvent]
     detokenizer: IncrementalDetokenizer | None
@@ -308,21 +308,24 @@ class Engine:
         prefix_len = request.prefix_len
         used = prefix_len + len(request.prompt_ids)
         if not request.prompt_ids:
-            raise InvalidInput("the prompt is empty")
+            raise InvalidInput("the prompt is empty", param="prompt")
         vocab = self.runner.vocab_size
         if any(not 0 <= token < vocab for token in request.prompt_ids):  # an embedding lookup would fail the step
-            raise InvalidInput(f"prompt token ids must be between 0 and {vocab - 1}")
+            raise InvalidInput(f"prompt token ids must be between 0 and {vocab - 1}", param="prompt")
         request = dataclasses.replace(request, params=self._checked(request.params))
-        if used >= self.max_context:
-            raise InvalidInput(
-                f"prompt too long: {len(request.prompt_ids)} tokens + {prefix_len} prefix tokens "
-                f"leave no room in the model's context of {self.max_context}"
+        max_len = used + request.params.max_new_tokens
+        if max_len > self.max_context:
+            raise ContextLengthExceeded(
+                context=self.max_context,
+                prompt_tokens=len(request.prompt_ids),
+                prefix_tokens=prefix_len,
+                new_tokens=request.params.max_new_tokens,
             )
-        max_len = min(used + request.params.max_new_tokens, self.max_context)
         if not self.scheduler.fits_alone(max_len):
             raise InvalidInput(
                 f"request needs {max_len} KV slots; the batch token budget is "
-                f"{self.scheduler.config.max_batch_tokens}: lower max_new_tokens or the prompt"
+                f"{self.scheduler.config.max_batch_tokens}: lower max_new_tokens or the prompt",
+                param="max_new_tokens",
             )
         loop = asyncio.get_running_loop()
         context = self.runner.detokenizer_context(request.prompt_ids)  # what the first token decodes after
@@ -351,30 +354,43 @@ class Engine:
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)
             if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
-                raise InvalidInput(f"{name} must be between 0 and {MAX_LOGPROBS}, got {asked}")
+                raise InvalidInput(f"{name} must be between 0 and {MAX_LOGPROBS}, got {asked}", param=name)
         if params.prompt_logprobs is not None and not self.runner.scores_prompts:
-            raise InvalidInput("prompt log-probabilities need a decoder-only model (this one encodes the prompt)")
+            raise InvalidInput(
+                "prompt log-probabilities need a decoder-only model (this one encodes the prompt)",
+                param="prompt_logprobs",
+            )
         if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
-            raise InvalidInput(f"repetition_penalty must be a positive number, got {params.repetition_penalty}")
+            raise InvalidInput(
+                f"repetition_penalty must be a positive number, got {params.repetition_penalty}",
+                param="repetition_penalty",
+            )
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2.0 <= getattr(params, name) <= 2.0:
-                raise InvalidInput(f"{name} must be between -2 and 2, got {getattr(params, name)}")
-        if len(params.logit_bias) > MAX_LISTED_TOKENS or len(params.stop_token_ids) > MAX_LISTED_TOKENS:
-            raise InvalidInput(f"logit_bias and stop_token_ids may name at most {MAX_LISTED_TOKENS} tokens each")
+                raise InvalidInput(f"{name} must be between -2 and 2, got {getattr(params, name)}", param=name)
         vocab = self.runner.vocab_size
         for name, tokens in (
             ("logit_bias", [t for t, _ in params.logit_bias]),
             ("stop_token_ids", params.stop_token_ids),
         ):
+            if len(tokens) > MAX_LISTED_TOKENS:
+                raise InvalidInput(f"{name} may name at most {MAX_LISTED_TOKENS} tokens", param=name)
             if any(not 0 <= token < vocab for token in tokens):
-                raise InvalidInput(f"{name} token ids must be between 0 and {vocab - 1}")
+                raise InvalidInput(f"{name} token ids must be between 0 and {vocab - 1}", param=name)
         if any(not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for _, bias in params.logit_bias):
-            raise InvalidInput(f"logit_bias values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
+            raise InvalidInput(
+                f"logit_bias values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}", param="logit_bias"
+            )
         if not 0 <= params.min_tokens <= params.max_new_tokens:
-            raise InvalidInput(f"min_tokens must be between 0 and max_new_tokens ({params.max_new_tokens})")
+            raise InvalidInput(
+                f"min_tokens must be between 0 and max_new_tokens ({params.max_new_tokens})", param="min_tokens"
+            )
         if params.grammar is not None and (params.ignore_eos or params.min_tokens):
             # A grammar ends with EOS, the only token it allows once the text is complete.
-            raise InvalidInput(f"a {params.grammar.spec.describe()} cannot be combined with ignore_eos or min_tokens")
+            raise InvalidInput(
+                f"a {params.grammar.spec.describe()} cannot be combined with ignore_eos or min_tokens",
+                param="ignore_eos" if params.ignore_eos else "min_tokens",
+            )
         ending = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         return dataclasses.replace(params, held_back=tuple(sorted(ending)) if params.min_tokens else ())
 

@@ -19,7 +19,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, dict[str, str]]:
-        return {"error": {"type": self.error_type, "message": self.message}}
+        error = {"type": self.error_type, "message": self.message}
+        param = getattr(self, "param", None)
+        if param is not None:  # the field at fault, where one is
+            error["param"] = param
+        return {"error": error}
 
 
 class BadRequest(ApiError):
@@ -28,8 +32,33 @@ class BadRequest(ApiError):
 
 
 class InvalidInput(ApiError):
+    """Valid JSON, a bad value. ``param``: the request field at fault, by its native name (``prompt``,
+    ``max_new_tokens``, ``stop``, ``logit_bias``, ``grammar``...), which the OpenAI routes translate to theirs."""
+
     status_code = 422
     error_type = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class ContextLengthExceeded(InvalidInput):
+    """Prefix, prompt and the tokens asked for do not fit in the model's context. Refused, as OpenAI and vLLM do,
+    rather than cut short where the context ends."""
+
+    def __init__(self, *, context: int, prompt_tokens: int, prefix_tokens: int, new_tokens: int) -> None:
+        needed = prompt_tokens + prefix_tokens + new_tokens
+        super().__init__(
+            f"this model's context is {context} tokens; the request needs {needed}: {prompt_tokens} in the prompt, "
+            f"{prefix_tokens} in the task's prefix and {new_tokens} to generate. Shorten the prompt or ask for "
+            "fewer tokens",
+            param="max_new_tokens" if prompt_tokens + prefix_tokens < context else "prompt",
+            code="context_length_exceeded",
+        )
+        self.room = max(0, context - prompt_tokens - prefix_tokens)
 
 
 class InvalidPrefixError(ApiError):

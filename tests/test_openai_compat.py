@@ -678,11 +678,26 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
         if c.choices and c.choices[0].delta.tool_calls
     ]
     assert "".join(pieces) == partial and chunks[-1].choices[0].finish_reason == "length"
-    # A list of calls cut short cannot be read: its text comes back as content.
+    # A list of calls cut short: the calls whose names are complete come back (the last one's arguments as
+    # written), never the list's own text; before the first name, nothing at all.
     request = {**request, "tool_choice": "required"}
-    cut = oai.chat.completions.create(**request, max_tokens=3, temperature=0)
-    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None
-    assert cut.choices[0].message.content and cut.choices[0].message.content.startswith("[")
+    whole = oai.chat.completions.create(**request, max_tokens=48, temperature=0)
+    assert whole.usage is not None and whole.choices[0].message.tool_calls is not None
+    (whole_call,) = whole.choices[0].message.tool_calls
+    cut = oai.chat.completions.create(**request, max_tokens=whole.usage.completion_tokens - 1, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content is None
+    (cut_call,) = cut.choices[0].message.tool_calls or []
+    assert cut_call.function.name == whole_call.function.name == "get_weather"
+    for stream in (False, True):
+        cut = oai.chat.completions.create(**request, max_tokens=3, temperature=0, stream=stream)
+        if stream:
+            chunks = list(cut)
+            assert all(not c.choices or not c.choices[0].delta.tool_calls for c in chunks)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+            assert chunks[-1].choices[0].finish_reason == "length"
+        else:
+            assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None
+            assert cut.choices[0].message.content == ""
 
     # The conversation goes on with the call and the tool's answer in the history.
     history = [

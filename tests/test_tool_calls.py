@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, tool_calls, tool_mode
+from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, read_required, tool_calls, tool_mode
 
 ADD = ToolIn.model_validate(
     {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {}}}}}
@@ -61,5 +61,27 @@ def test_replies_read_back_as_calls() -> None:
     assert len({c["id"] for c in calls}) == 2
     (cut,) = tool_calls(ToolMode("add"), '{"a": ', named_id="call_1")  # type: ignore[misc]
     assert cut == {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": '}}
-    assert tool_calls(ToolMode(None), '[{"name": "now", "param') is None  # a list of calls cut short
-    assert tool_calls(ToolMode(None), '{"name": "add"}') is None
+    assert tool_calls(ToolMode(None), '{"name": "add"}') == []  # not the grammar's list
+
+
+@pytest.mark.parametrize(
+    ("reply", "calls"),
+    [
+        ("", []),
+        ("[", []),
+        ('[{"name": "no', []),  # the name cut short: nothing to call
+        ('[{"name": "now", "param', []),
+        ('[{"name": "now", "parameters": ', [("now", "")]),
+        ('[{"name": "add", "parameters": {"a": [1, 2', [("add", '{"a": [1, 2')]),  # arguments as written
+        ('[{"name": "now", "parameters": {}}', [("now", "{}")]),
+        ('[{"name": "now", "parameters": {}},\n {"name": "add", "parameters": {"a"', [("now", "{}"), ("add", '{"a"')]),
+        (' [ {"name":"a\\"b","parameters":{"x":1}} ]', [('a"b', '{"x": 1}')]),  # escapes, any spacing
+        ('[{"name": "now", "parameters": {}}] trailing', [("now", "{}")]),
+    ],
+)
+def test_required_replies_cut_short_keep_what_they_called(reply: str, calls: list[tuple[str, str]]) -> None:
+    """A 'required' reply cut short by max_tokens or a stop string gives its whole calls, and the one it was
+    writing once that one's name is complete (its arguments as written, as a named call's are)."""
+    assert read_required(reply) == calls
+    got = tool_calls(ToolMode(None), reply)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls

@@ -51,18 +51,27 @@ async def prepare_generation(
     grammar: GrammarSpec | None = None,
     tools: list[dict[str, Any]] | None = None,
     tool_format: ToolCallFormat | None = None,
+    fit_to_context: bool = False,
 ) -> PreparedGeneration:
     """Shared by the native and OpenAI routes: limits, tokenisation (unless ``prompt_ids`` come instead of a
-    prompt), the structured-output constraint's compilation, prefix lookup."""
+    prompt), the structured-output constraint's compilation, prefix lookup.
+
+    Prefix, prompt and ``params.max_new_tokens`` must fit in the model's context, or the engine refuses the
+    request (``ContextLengthExceeded``); with ``fit_to_context`` (the client left the limit to its default),
+    ``max_new_tokens`` is lowered to the server's limit and the room the context leaves instead, as vLLM does."""
     config = state.config
     if params.max_new_tokens > config.max_new_tokens:
-        raise InvalidInput(f"max_new_tokens must be at most {config.max_new_tokens}")
+        if not fit_to_context:
+            raise InvalidInput(f"max_new_tokens must be at most {config.max_new_tokens}", param="max_new_tokens")
+        params = dataclasses.replace(params, max_new_tokens=config.max_new_tokens)
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
-        raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters")
+        raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters", param="stop")
     if prompt_ids is None:  # token ids sent as they are: the engine checks they are in the vocabulary
         prompt_ids = tokenize(state, prompt, messages, tools, tool_format)
     if len(prompt_ids) > config.max_prompt_tokens:
-        raise InvalidInput(f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
+        raise InvalidInput(
+            f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}", param="prompt"
+        )
     if grammar is not None:
         params = dataclasses.replace(params, grammar=await compile_grammar(state, grammar))
     prefix_kv, prefix_id, version = None, None, None
@@ -76,22 +85,22 @@ async def prepare_generation(
         # The content hash makes the id unique even when a deleted task is uploaded again and its version
         # numbers restart: the device tier of the prefix cache is keyed by this id.
         prefix_id = f"{meta.tenant}/{meta.task_id}@{meta.version}#{meta.sha256[:16]}"
-    return PreparedGeneration(
-        response_id=response_id,
-        task_id=task_id,
-        prefix_version=version,
-        request=GenerationRequest(prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant),
-    )
+    request = GenerationRequest(prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant)
+    room = state.engine.max_context - request.prefix_len - len(prompt_ids)
+    if fit_to_context and 0 < room < params.max_new_tokens:
+        params = dataclasses.replace(params, max_new_tokens=room)
+        request = dataclasses.replace(request, params=params)
+    return PreparedGeneration(response_id=response_id, task_id=task_id, prefix_version=version, request=request)
 
 
 async def compile_grammar(state: ServerState, spec: GrammarSpec) -> Grammar:
     """The compiled constraint (off the event loop: a big schema takes a while; xgrammar caches repeats)."""
     if state.grammars is None:
-        raise InvalidInput("structured output needs a model with a tokenizer")
+        raise InvalidInput("structured output needs a model with a tokenizer", param="grammar")
     try:
         return await asyncio.to_thread(state.grammars.compile, spec)
     except GrammarError as exc:
-        raise InvalidInput(str(exc)) from exc
+        raise InvalidInput(str(exc), param="grammar") from exc
 
 
 def start_events(state: ServerState, prepared: PreparedGeneration, *, stream: bool) -> AsyncIterator[GenerationEvent]:
@@ -112,16 +121,18 @@ def tokenize(
     messages tell the model about them (server/api/tool_formats.py)."""
     tokenizer = state.model.tokenizer
     if tokenizer is None:
-        raise InvalidInput("this model has no tokenizer")
+        raise InvalidInput("this model has no tokenizer", param="prompt")
     if messages is not None:
         if not tokenizer.chat_template:
-            raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'")
+            raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'", param="messages")
         try:
             if tools and tool_format is not None and not template_shows_tools(tokenizer, messages, tools):
                 messages = with_tools_in_text(tool_format, messages, tools)
             prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # a Jinja template raising on messages it does not expect
-            raise InvalidInput(f"the model's chat template cannot render these messages: {exc}") from exc
+            raise InvalidInput(
+                f"the model's chat template cannot render these messages: {exc}", param="messages"
+            ) from exc
         return list(tokenizer(prompt, add_special_tokens=False).input_ids)
     return list(tokenizer(prompt or "").input_ids)
 
@@ -197,6 +208,7 @@ async def generate(
         params=params,
         response_id="gen-" + secrets.token_hex(8),
         grammar=None if body.grammar is None else _grammar_spec(body.grammar),
+        fit_to_context="max_new_tokens" not in body.model_fields_set,
     )
     texts = token_logprobs.TokenTexts(state.model.tokenizer)
     if body.stream:

@@ -5,7 +5,7 @@ model's name (which wins if a task has the same id). These routes answer errors
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the
 native routes keep theirs. ``n`` choices, and completions' several prompts, run as requests of their own in the
 engine. Parameters the server
-cannot honour (best_of > 1, tool_choice 'auto', ...) are refused with a 400 instead of being ignored. Log-probabilities
+cannot honour (best_of > 1, suffix, ...) are refused with a 400 instead of being ignored. Log-probabilities
 (``logprobs``; chat: ``logprobs`` and ``top_logprobs``) are the model's own distribution's,
 before temperature, top-k and top-p, as vLLM reports them by default (server/api/logprobs.py).
 
@@ -53,7 +53,7 @@ from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, call_id, func
 from server.api.tool_formats import TOOL_CALL_FORMATS, ToolCall, ToolCallReader, read_reply
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
-from server.errors import ApiError, BadRequest, GenerationFailed, NotFound, from_store_error
+from server.errors import ApiError, BadRequest, GenerationFailed, InvalidInput, NotFound, from_store_error
 from server.sampling import SamplingParams, TokenLogprob
 from server.structured_output import GrammarSpec
 
@@ -100,11 +100,25 @@ def openai_error_body(status: int, message: str, param: str | None = None, code:
     return {"error": {"message": message, "type": _openai_type(status), "param": param, "code": code}}
 
 
-def _from_api_error(exc: ApiError) -> JSONResponse:
+def _from_api_error(exc: ApiError, chat: bool) -> JSONResponse:
     # OpenAI answers bad input with 400; our 422 ("valid JSON, bad value") becomes 400 here.
     status = 400 if exc.status_code == 422 else exc.status_code
-    body = openai_error_body(status, exc.message, getattr(exc, "param", None), getattr(exc, "code", exc.error_type))
+    param = getattr(exc, "param", None)
+    if isinstance(exc, InvalidInput) and param is not None:
+        param = openai_param(param, chat)
+    body = openai_error_body(status, exc.message, param, getattr(exc, "code", exc.error_type))
     return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+# The native names of the fields the engine's errors name (server/errors.py InvalidInput), as OpenAI's routes
+# call them; the others are named alike.
+_OPENAI_PARAMS = {"max_new_tokens": "max_tokens", "grammar": "response_format", "prompt_logprobs": "logprobs"}
+_CHAT_PARAMS = {**_OPENAI_PARAMS, "prompt": "messages", "logprobs": "top_logprobs"}
+
+
+def openai_param(native: str, chat: bool) -> str:
+    """A request field named as the OpenAI route (``chat`` or completions) calls it."""
+    return (_CHAT_PARAMS if chat else _OPENAI_PARAMS).get(native, native)
 
 
 def _from_validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -131,7 +145,7 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as exc:
                 return _from_validation_error(exc)
             except ApiError as exc:
-                return _from_api_error(exc)
+                return _from_api_error(exc, chat=request.url.path.endswith("/chat/completions"))
 
         return openai_handler
 
@@ -280,9 +294,11 @@ async def _prepare(
     grammar: GrammarSpec | None = None,
     tools: list[dict[str, Any]] | None = None,
     mode: ToolMode | None = None,
+    max_tokens_given: bool = True,
 ) -> PreparedGeneration:
     """``grammar``: the reply's constraint (``_format_grammar``, or a tool call's); ``tools``: shown to the chat
-    template (in ``mode`` 'auto', in a system message where the template ignores them)."""
+    template (in ``mode`` 'auto', in a system message where the template ignores them). ``max_tokens_given``:
+    the client set ``max_tokens``; if not, the default is lowered to what the context leaves, as in vLLM."""
     if max_tokens > state.config.max_new_tokens:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise ParameterError(param, f"{param} must be at most {state.config.max_new_tokens} on this server")
@@ -325,9 +341,14 @@ async def _prepare(
             grammar=grammar,
             tools=tools,
             tool_format=None if mode is None else mode.auto,
+            fit_to_context=not max_tokens_given,
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc
+    except InvalidInput as exc:
+        if exc.param == "grammar" and mode is not None:  # the constraint came from the tools
+            exc.param = "tools"
+        raise
 
 
 def _format_grammar(body: OpenAIBody) -> GrammarSpec | None:
@@ -493,10 +514,12 @@ class _Shape:
                 return {"role": "assistant", "content": content or ""}, finish_reason
             auto_calls = [_call_out(call) for call in read]
             return {"role": "assistant", "content": content, "tool_calls": auto_calls}, self.tools.finish(finish_reason)
-        calls = None if self.tools is None else tool_calls(self.tools, text, named_id)
-        if calls is None:
+        if self.tools is None:
             return {"role": "assistant", "content": text}, finish_reason
-        return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish(finish_reason)  # type: ignore[union-attr]
+        calls = tool_calls(self.tools, text, named_id)
+        if not calls:  # 'required', cut short before a call's name was complete: nothing to call
+            return {"role": "assistant", "content": ""}, finish_reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish(finish_reason)
 
     def tool_chunks(self, index: int, event: GenerationEvent) -> list[str]:
         """Tool mode, streamed: the chunks an event of choice ``index`` makes. A named function's call opens with
@@ -516,7 +539,7 @@ class _Shape:
         out = []
         if index not in self.tool_ids:  # the call opens: its id and name, no arguments yet
             self.tool_ids[index] = call_id()
-            (call,) = tool_calls(self.tools, "", self.tool_ids[index]) or []
+            (call,) = tool_calls(self.tools, "", self.tool_ids[index])
             out.append(self._delta(index, {"tool_calls": _indexed_calls([call])}, None))
         if event.text or finish is not None:
             arguments = {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
@@ -791,6 +814,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
             response_id=response_id,
             prompt_ids=ids,
             grammar=grammar,
+            max_tokens_given=body.max_tokens is not None,
         )
         for text, ids in prompts
     ]
@@ -836,6 +860,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         grammar=tool_grammar or format_grammar,
         tools=None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools],
         mode=mode,
+        max_tokens_given=bool(body.max_completion_tokens or body.max_tokens),
     )
     shape = _Shape(True, [prepared], body, state.model.tokenizer, tools=mode)
     return await _respond(request, state, body, shape)

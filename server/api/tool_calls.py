@@ -16,6 +16,7 @@ The tools are passed to the chat template (templates that know tools show them t
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -129,18 +130,52 @@ def call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def tool_calls(mode: ToolMode, text: str, named_id: str | None = None) -> list[dict[str, Any]] | None:
+def tool_calls(mode: ToolMode, text: str, named_id: str | None = None) -> list[dict[str, Any]]:
     """The reply as OpenAI's ``tool_calls``. A named function's call carries the reply as its arguments, as
     written (cut short by max_tokens, they are cut short too, as OpenAI's are); ``named_id``: its id, if one was
-    streamed already. 'required' replies are a list of calls: None when the list is not complete JSON."""
+    streamed already. A 'required' reply is a list of calls; cut short, its whole calls come back, and the one
+    it was writing too once its name is complete, with its arguments as written: never the list's own text."""
     if mode.function is not None:
         return [function_call(named_id or call_id(), mode.function, text)]
-    try:
-        # The grammar gave the reply this shape; a stop string may still have cut it short.
-        calls = [(call["name"], call["parameters"]) for call in json.loads(text)]
-    except (json.JSONDecodeError, TypeError, KeyError):
-        return None
-    return [function_call(call_id(), name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
+    return [function_call(call_id(), name, arguments) for name, arguments in read_required(text)]
+
+
+# A call of a 'required' reply cut short after its name: the name (a JSON string's inside) and what there is
+# of the arguments.
+_CALL_CUT_SHORT = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*(.*)\Z', re.S)
+
+
+def read_required(text: str) -> list[tuple[str, str]]:
+    """The calls in a 'required' reply, ``[{"name": ..., "parameters": {...}}, ...]`` (the grammar's shape; a
+    stop string or max_tokens may have cut it short), each as (name, arguments as JSON text)."""
+    decoder = json.JSONDecoder()
+    position = _skip_space(text, 0)
+    if not text.startswith("[", position):
+        return []
+    calls: list[tuple[str, str]] = []
+    position += 1
+    while True:
+        position = _skip_space(text, position)
+        try:
+            call, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            cut = _CALL_CUT_SHORT.match(text, position)
+            if cut is not None:
+                calls.append((json.loads(f'"{cut[1]}"'), cut[2]))
+            return calls
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and "parameters" in call):
+            return calls
+        calls.append((call["name"], json.dumps(call["parameters"], ensure_ascii=False)))
+        position = _skip_space(text, position)
+        if not text.startswith(",", position):
+            return calls
+        position += 1
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\n\r":
+        position += 1
+    return position
 
 
 def function_call(id_: str, name: str, arguments: str) -> dict[str, Any]:
