@@ -34,6 +34,11 @@ SERVE_SWITCHES = (
 # flag -> (type, help). Every flag can also come from PREFIX_SERVE_<FLAG> (dashes as underscores).
 _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "model": (str, "model directory, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)"),
+    "served_model_name": (
+        str,
+        "comma-separated names the OpenAI routes know the base model by, the first listed (vLLM's flag; "
+        "default: the model's own name)",
+    ),
     "store": (str, "prefix store: disk://PATH (default: under the user data directory)"),
     "host": (str, "address to bind (default 127.0.0.1)"),
     "port": (int, "port (default 8000)"),

@@ -18,6 +18,9 @@ GRAMMAR_CACHE_BYTES = 64 << 20
 @dataclass(frozen=True)
 class ServeConfig:
     model: str | None = None  # None = the embedded default model
+    # Comma-separated names the OpenAI routes know the base model by (vLLM's --served-model-name), e.g. the Hugging
+    # Face id clients were set up with; None = the loaded model's own name. No task may take one of them.
+    served_model_name: str | None = None
     store: str | None = None  # None = disk store under the user's data directory
     host: str = "127.0.0.1"
     port: int = 8000

@@ -67,6 +67,40 @@ def test_models_list_shows_base_and_own_tasks(oai: openai.OpenAI, server_url: st
             other.completions.create(model=TASK, prompt="hi", max_tokens=2)
 
 
+def test_served_model_names_are_the_base_model_and_no_task_may_take_one(
+    loaded: LoadedModel, tmp_path: Path, server_url: str
+) -> None:
+    """--served-model-name: the names clients were set up with (a Hugging Face id) name the base model, the
+    first listed; the model's own name no longer does; a task may not be uploaded under one (it could never be
+    reached by ``model``), nor under the base model's name on a server without the flag."""
+    config = ServeConfig(store=f"disk://{tmp_path / 'store'}", served_model_name="org/tiny-chat, tiny")
+    with serve_in_thread(create_app(config, model=loaded)) as url:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            cards = client.models.list().data
+            assert [c.id for c in cards] == ["org/tiny-chat", "tiny"]
+            card = cards[0].model_dump()
+            assert card["max_model_len"] == loaded.max_context and card["created"] > 1_700_000_000
+            texts = {
+                name: client.completions.create(model=name, prompt="Hello", max_tokens=4, temperature=0)
+                for name in ("org/tiny-chat", "tiny")
+            }
+            assert texts["org/tiny-chat"].choices[0].text == texts["tiny"].choices[0].text
+            assert texts["tiny"].model == "tiny"
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model=loaded.name, prompt="Hello", max_tokens=2)
+        r = httpx.put(
+            f"{url}/v1/prefixes/tiny", content=b"anything", headers={"content-type": "application/octet-stream"}
+        )
+        assert r.status_code == 422 and r.json()["error"]["param"] == "task_id", r.text
+        assert "--served-model-name" in r.json()["error"]["message"]
+    r = httpx.put(
+        f"{server_url}/v1/prefixes/{loaded.name}",
+        content=b"anything",
+        headers={"authorization": f"Bearer {KEY_A}", "content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "task_id", r.text
+
+
 @pytest.mark.parametrize("use_task", [True, False])
 def test_completion_equals_native_generate(
     oai: openai.OpenAI, server_url: str, loaded: LoadedModel, use_task: bool

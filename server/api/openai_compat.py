@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefix_store.artifact import PrefixMetadata
 from prefix_store.errors import InvalidTaskId, PrefixNotFound, PrefixStoreError
 from prefix_store.ids import validate_task_id
 from server.api import logprobs as token_logprobs
@@ -253,7 +254,7 @@ def _reject_unsupported(body: OpenAIBody) -> None:
             raise UnsupportedParameter(name, f"{name} (deprecated by OpenAI) is not supported: send tools")
 
 
-def _chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
+def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
     """OpenAI messages as the chat template wants them: text only; 'developer' is the system role; an
     assistant's tool calls and a tool's answer keep their fields (templates that know tools use them)."""
     out = []
@@ -302,7 +303,7 @@ async def _prepare(
     if max_tokens > state.config.max_new_tokens:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise ParameterError(param, f"{param} must be at most {state.config.max_new_tokens} on this server")
-    task_id = None if body.model == state.model.name else body.model
+    task_id = None if body.model in state.model_names else body.model
     if task_id is not None:
         try:
             validate_task_id(task_id)
@@ -854,7 +855,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         principal,
         body,
         prompt=None,
-        messages=_chat_messages(body.messages),
+        messages=chat_messages(body.messages),
         max_tokens=max_tokens,
         response_id="chatcmpl-" + secrets.token_hex(12),
         grammar=tool_grammar or format_grammar,
@@ -866,7 +867,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     return await _respond(request, state, body, shape)
 
 
-def _model_card(model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:
+def _model_card(state: ServerState, model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:
     return {
         "id": model_id,
         "object": "model",
@@ -874,7 +875,16 @@ def _model_card(model_id: str, created: int, owned_by: str, parent: str | None) 
         "owned_by": owned_by,
         "root": parent or model_id,
         "parent": parent,
+        "max_model_len": state.engine.max_context,  # vLLM's field: prefix, prompt and completion together
     }
+
+
+def _base_cards(state: ServerState) -> list[dict[str, Any]]:
+    return [_model_card(state, name, state.started_at, "prefix-serve", None) for name in state.model_names]
+
+
+def _task_card(state: ServerState, meta: PrefixMetadata) -> dict[str, Any]:
+    return _model_card(state, meta.task_id, _epoch(meta.created_at), meta.tenant, state.model_names[0])
 
 
 def _epoch(iso: str) -> int:
@@ -884,29 +894,33 @@ def _epoch(iso: str) -> int:
         return 0
 
 
-async def _task_cards(state: ServerState, principal: Principal) -> list[dict[str, Any]]:
+async def task_metadata(state: ServerState, principal: Principal, model: str) -> PrefixMetadata | None:
+    """The caller's task that ``model`` names (its metadata: nothing is loaded), None for the base model, or
+    404 ``model_not_found``."""
+    if model in state.model_names:
+        return None
     try:
-        metas = await asyncio.to_thread(state.registry.list, principal.tenant)
-    except PrefixStoreError as exc:
-        raise from_store_error(exc) from exc
-    base = state.model.name
-    return [_model_card(m.task_id, _epoch(m.created_at), principal.tenant, base) for m in metas if m.task_id != base]
-
-
-@router.get("/v1/models")
-async def list_models(state: State, principal: Caller) -> dict[str, Any]:
-    base = _model_card(state.model.name, 0, "prefix-serve", None)
-    return {"object": "list", "data": [base, *await _task_cards(state, principal)]}
-
-
-@router.get("/v1/models/{model:path}")
-async def get_model(model: str, state: State, principal: Caller) -> dict[str, Any]:
-    if model == state.model.name:
-        return _model_card(model, 0, "prefix-serve", None)
-    try:
-        meta = await asyncio.to_thread(state.registry.info, principal.tenant, model)
+        return await asyncio.to_thread(state.registry.info, principal.tenant, model)
     except (PrefixNotFound, InvalidTaskId) as exc:
         raise ModelNotFound(model) from exc
     except PrefixStoreError as exc:
         raise from_store_error(exc) from exc
-    return _model_card(meta.task_id, _epoch(meta.created_at), principal.tenant, state.model.name)
+
+
+@router.get("/v1/models")
+async def list_models(state: State, principal: Caller) -> dict[str, Any]:
+    try:
+        metas = await asyncio.to_thread(state.registry.list, principal.tenant)
+    except PrefixStoreError as exc:
+        raise from_store_error(exc) from exc
+    # A task stored under a base model's name (before that name was served) cannot be reached by it.
+    tasks = [_task_card(state, m) for m in metas if m.task_id not in state.model_names]
+    return {"object": "list", "data": [*_base_cards(state), *tasks]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, state: State, principal: Caller) -> dict[str, Any]:
+    meta = await task_metadata(state, principal, model)
+    if meta is None:
+        return _model_card(state, model, state.started_at, "prefix-serve", None)
+    return _task_card(state, meta)

@@ -17,7 +17,7 @@ from prefix_store.ids import validate_task_id
 from prefix_store.peft_import import key_values_from_peft
 from server.api.schemas import PrefixInfo, PrefixList
 from server.api.state import Caller, State
-from server.errors import BadRequest, NotFound, PayloadTooLarge, from_store_error
+from server.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, from_store_error
 from server.quotas import check_storage
 
 router = APIRouter()
@@ -64,6 +64,11 @@ async def upload_prefix(
     principal: Caller,
 ) -> JSONResponse:
     await _in_thread(validate_task_id, task_id)
+    if task_id in state.model_names:  # the OpenAI routes' ``model`` would name the base model, never this task
+        raise InvalidInput(
+            f"task id {task_id!r} is a name of this server's base model (--served-model-name): choose another",
+            param="task_id",
+        )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         key_values = await _read_peft_form(request, state.config.max_upload_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -35,6 +36,13 @@ class ServerState:
     heap_trimmer: HeapTrimmer = field(default_factory=lambda: HeapTrimmer(None))
     # Compiles structured-output constraints against the model's vocabulary; None when the model has no tokenizer.
     grammars: GrammarCompiler | None = None
+    started_at: int = field(default_factory=lambda: int(time.time()))  # the base model's "created" in /v1/models
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names the base model answers to on the OpenAI routes (``--served-model-name``), the first listed."""
+        names = [n.strip() for n in (self.config.served_model_name or "").split(",") if n.strip()]
+        return tuple(names) or (self.model.name,)
 
     def quotas_for(self, tenant: str) -> TenantQuotas:
         return default_quotas(self.config).with_overrides(self.keys.quota_overrides(tenant))

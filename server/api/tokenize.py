@@ -10,7 +10,6 @@ routes. As in vLLM, these live at the root (no /v1) and answer errors in OpenAI'
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -18,14 +17,12 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prefix_store.errors import InvalidTaskId, PrefixNotFound, PrefixStoreError
-from server.api.auth import Principal
 from server.api.generate import tokenize as prompt_ids
-from server.api.openai_compat import ChatMessageIn, ModelNotFound, OpenAIRoute, ParameterError, _chat_messages
+from server.api.openai_compat import ChatMessageIn, OpenAIRoute, ParameterError, chat_messages, task_metadata
 from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import ToolIn
 from server.api.tool_formats import TOOL_CALL_FORMATS
-from server.errors import InvalidInput, from_store_error
+from server.errors import InvalidInput
 
 router = APIRouter(route_class=OpenAIRoute)
 
@@ -73,19 +70,6 @@ class VersionResponse(BaseModel):
     version: str
 
 
-async def _check_model(state: ServerState, principal: Principal, model: str) -> None:
-    """404 ``model_not_found`` unless ``model`` is the base model or one of the caller's tasks (its metadata only:
-    nothing is loaded)."""
-    if model == state.model.name:
-        return
-    try:
-        await asyncio.to_thread(state.registry.info, principal.tenant, model)
-    except (PrefixNotFound, InvalidTaskId) as exc:
-        raise ModelNotFound(model) from exc
-    except PrefixStoreError as exc:
-        raise from_store_error(exc) from exc
-
-
 def _ids(state: ServerState, body: TokenizeRequest) -> list[int]:
     """The ids a generation would prefill for this prompt or these messages."""
     tokenizer = state.model.tokenizer
@@ -95,7 +79,7 @@ def _ids(state: ServerState, body: TokenizeRequest) -> list[int]:
         if tokenizer is None:
             raise InvalidInput("this model has no tokenizer")
         return list(tokenizer(body.prompt, add_special_tokens=False).input_ids)
-    messages = _chat_messages(body.messages)
+    messages = chat_messages(body.messages)
     tools: list[dict[str, Any]] | None = (
         None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools]
     )
@@ -115,14 +99,14 @@ def _ids(state: ServerState, body: TokenizeRequest) -> list[int]:
 
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: State, principal: Caller) -> TokenizeResponse:
-    await _check_model(state, principal, body.model)
+    await task_metadata(state, principal, body.model)
     ids = _ids(state, body)
     return TokenizeResponse(count=len(ids), max_model_len=state.engine.max_context, tokens=ids)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, state: State, principal: Caller) -> DetokenizeResponse:
-    await _check_model(state, principal, body.model)
+    await task_metadata(state, principal, body.model)
     tokenizer = state.model.tokenizer
     if tokenizer is None:
         raise InvalidInput("this model has no tokenizer")
