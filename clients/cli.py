@@ -49,6 +49,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--temperature", type=float, default=None, help="0 = greedy (the server's default)")
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--min-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     generate.add_argument(
@@ -176,6 +177,7 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
+        "min_p": args.min_p,
         "seed": args.seed,
         "stop": args.stop,
         "logprobs": args.logprobs,

@@ -158,6 +158,7 @@ class GenerationOptions(TypedDict, total=False):
     temperature: float | None
     top_p: float | None
     top_k: int | None
+    min_p: float | None
     seed: int | None
     stop: str | list[str] | None
     logprobs: int | None

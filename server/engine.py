@@ -360,6 +360,8 @@ class Engine:
                 "prompt log-probabilities need a decoder-only model (this one encodes the prompt)",
                 param="prompt_logprobs",
             )
+        if not 0.0 <= params.min_p <= 1.0:
+            raise InvalidInput(f"min_p must be between 0 and 1, got {params.min_p}", param="min_p")
         if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
             raise InvalidInput(
                 f"repetition_penalty must be a positive number, got {params.repetition_penalty}",

@@ -6,8 +6,9 @@ its own parameters as tensors that filter and concatenate with the batch:
 1. greedy rows (temperature == 0) take the argmax of the raw logits;
 2. the other rows divide logits by their temperature and turn them into
    probabilities;
-3. top-k and top-p (only when some row asks for them) zero each row's tail,
-   found on its sorted distribution;
+3. min-p, then top-k and top-p (only when some row asks for them) zero each
+   row's tail: min-p below a share of the likeliest token's probability (vLLM's
+   ``min_p``), top-k / top-p found on the sorted distribution;
 4. one uniform number per row, drawn from a counter-based hash of the row's
    seed and step, picks a token by inverse-CDF search.
 
@@ -49,6 +50,8 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    # vLLM's min_p: tokens less likely than min_p times the likeliest one (after temperature) are not sampled.
+    min_p: float = 0.0  # 0 = off
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # vLLM's name: EOS does not end the request (fixed-length runs)
@@ -315,6 +318,7 @@ class SamplingBatch:
     top_p: torch.Tensor  # [B] float32, 1 = off
     seed: torch.Tensor  # [B] int64
     step: torch.Tensor  # [B] int64, tokens sampled so far for the row
+    min_p: torch.Tensor  # [B] float32, 0 = off
     # Known on the host: False when every row is greedy, so ``sample`` needs no host sync to find out. True may
     # also mean "not known" (rows filtered out since): ``sample`` then checks on the device.
     may_sample: bool = True
@@ -341,6 +345,7 @@ class SamplingBatch:
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             seed=torch.tensor([p.seed & ((1 << 63) - 1) for p in params], dtype=torch.int64, device=device),
             step=torch.zeros(len(params), dtype=torch.int64, device=device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
             may_sample=any(p.temperature > 0 for p in params),
             logprobs_asked=tuple(-1 if p.logprobs is None else p.logprobs for p in params),
             adjustments=LogitAdjustments.of(params, prompts or [()] * len(params), device),
@@ -389,6 +394,7 @@ class SamplingBatch:
             top_p=self.top_p.repeat_interleave(per_row),
             seed=self.seed.repeat_interleave(per_row),
             step=self.step.repeat_interleave(per_row) + within,
+            min_p=self.min_p.repeat_interleave(per_row),
             may_sample=self.may_sample,
             grammars=None if grammars is None else grammars.at_positions(drafts, counts, vocab),
         )
@@ -399,7 +405,7 @@ class SamplingBatch:
         return max(self.logprobs_asked, default=-1)
 
     def _fields(self) -> tuple[torch.Tensor, ...]:
-        return (self.temperature, self.top_k, self.top_p, self.seed, self.step)
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.step, self.min_p)
 
     def __len__(self) -> int:
         return self.temperature.shape[0]
@@ -474,6 +480,9 @@ def _pick(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
 
     temperature = torch.where(sampling_rows, params.temperature, torch.ones_like(params.temperature))
     probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
+    if bool((params.min_p > 0).any()):  # before top-k / top-p, as vLLM applies it
+        probs = probs.masked_fill(probs < params.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p's mass is the kept tokens'
     if bool((params.top_k > 0).any()) or bool((params.top_p < 1).any()):
         probs = _truncate(probs, params.top_k, params.top_p)
 

@@ -119,6 +119,20 @@ def test_completion_equals_native_generate(
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
 
 
+def test_min_p_of_one_keeps_only_the_likeliest_token(oai: openai.OpenAI, server_url: str) -> None:
+    """vLLM's min_p, on both routes: at 1 only tokens as likely as the likeliest are drawn, so a hot sampled
+    request gives the greedy text; at 0 the same seed gives another."""
+    request = {"model": TASK, "prompt": "The quick brown fox", "max_tokens": 16}
+    greedy = oai.completions.create(**request, temperature=0).choices[0].text
+    hot = {"temperature": 2.0, "seed": 5}
+    assert oai.completions.create(**request, **hot, extra_body={"min_p": 1.0}).choices[0].text == greedy
+    assert oai.completions.create(**request, **hot, extra_body={"min_p": 0.0}).choices[0].text != greedy
+    native = native_generate(
+        server_url, task_id=TASK, prompt="The quick brown fox", max_new_tokens=16, min_p=1.0, **hot
+    )
+    assert native["text"] == greedy
+
+
 def test_completion_default_max_tokens_is_16(oai: openai.OpenAI, server_url: str) -> None:
     # temperature 0 so eos cannot end it at a random point; OpenAI's default of 16 applies.
     native = native_generate(server_url, task_id=TASK, prompt="Once", max_new_tokens=16, temperature=0)

@@ -66,6 +66,23 @@ def test_top_k_and_top_p_cut_the_tail() -> None:
     assert abs(share_of_first - 0.5 / 0.8) < 0.03
 
 
+def test_min_p_cuts_below_a_share_of_the_likeliest() -> None:
+    """min_p 0.25 of 0.5: 0.15 stays, 0.05 goes, and the rest keep their proportions; applied before top-p (whose
+    mass is then the kept tokens'), and off for rows without it beside rows with it."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20_000
+    logits = probs.log().expand(n, 4)
+    drawn = sample(logits, batch_of(*[SamplingParams(temperature=1.0, min_p=0.25, seed=s) for s in range(n)]))
+    counts = torch.bincount(drawn, minlength=4).float() / n
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
+    # Renormalised first: {0.5, 0.3} / 0.95 = 0.842 reaches top_p 0.8, so token 2 goes too.
+    both = sample(logits, batch_of(*[SamplingParams(temperature=1.0, min_p=0.25, top_p=0.8, seed=s) for s in range(n)]))
+    assert set(both.tolist()) == {0, 1}
+    mixed = batch_of(*[SamplingParams(temperature=1.0, min_p=0.25 if s % 2 else 0.0, seed=s) for s in range(n)])
+    drawn = sample(logits, mixed)
+    assert (drawn[1::2] == 3).sum() == 0 and (drawn[0::2] == 3).float().mean() > 0.03
+
+
 def test_low_temperature_sharpens() -> None:
     logits = torch.tensor([[1.0, 0.0, -1.0]]).expand(3000, 3)
     cold = sample(logits, batch_of(*[SamplingParams(temperature=0.05, seed=s) for s in range(3000)]))
@@ -81,6 +98,8 @@ def test_filter_and_concatenate_keep_per_row_parameters() -> None:
     assert merged.seed.tolist() == [1, 2, 3] and len(merged) == 3
     kept = merged.filter(torch.tensor([0, 2]), [0, 2])
     assert kept.seed.tolist() == [1, 3] and kept.top_p.tolist() == [1.0, 0.5]
+    with_min_p = SamplingBatch.concatenate([kept, batch_of(SamplingParams(min_p=0.1, seed=4))])
+    assert with_min_p.min_p.tolist() == [0.0, 0.0, torch.tensor(0.1).item()]
 
 
 def test_a_batch_knows_on_the_host_whether_any_row_samples() -> None:

@@ -187,6 +187,7 @@ async def generate(
         temperature=body.temperature,
         top_k=body.top_k,
         top_p=body.top_p,
+        min_p=body.min_p,
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(body.stop),
         ignore_eos=body.ignore_eos,

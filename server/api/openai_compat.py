@@ -171,6 +171,7 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="extension (as in vLLM); 0 = off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension (as in vLLM); 0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -317,6 +318,7 @@ async def _prepare(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k or 0,
         top_p=1.0 if body.top_p is None else body.top_p,
+        min_p=body.min_p or 0.0,
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(s for s in stop if s),
         logprobs=_logprobs_asked(body),

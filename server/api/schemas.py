@@ -50,6 +50,9 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="tokens less likely than min_p times the likeliest are not sampled (vLLM)"
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = Field(False, description="EOS does not end the request (vLLM's name; for fixed-length runs)")
