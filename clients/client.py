@@ -170,6 +170,8 @@ class GenerationOptions(TypedDict, total=False):
     stop_token_ids: list[int] | None
     min_tokens: int | None
     ignore_eos: bool | None
+    include_stop_str_in_output: bool | None
+    skip_special_tokens: bool | None
     grammar: dict[str, Any] | None
 
 

@@ -335,8 +335,10 @@ class Engine:
             max_len=max_len,
             loop=loop,
             events=asyncio.Queue(),
-            detokenizer=None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, context),
-            stop=StopMatcher(request.params.stop),
+            detokenizer=None
+            if self.tokenizer is None
+            else IncrementalDetokenizer(self.tokenizer, context, request.params.skip_special_tokens),
+            stop=StopMatcher(request.params.stop, request.params.include_stop_str_in_output),
         )
         with self._lock:
             if not self._accepting:

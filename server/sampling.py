@@ -54,6 +54,8 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     seed: int = 0
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the text stays in it
+    skip_special_tokens: bool = True  # special tokens (EOS, chat markers) leave no text, as in vLLM by default
     ignore_eos: bool = False  # vLLM's name: EOS does not end the request (fixed-length runs)
     # None: no log-probabilities; k (0..config.MAX_LOGPROBS): the sampled token's and the k most likely tokens'.
     logprobs: int | None = None

@@ -22,8 +22,9 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Emits text only once it is stable: never half of a multi-byte character."""
 
-    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0  # start of the window decoded for context
         self._read_offset = len(self._ids)  # tokens before this were already emitted
@@ -40,8 +41,9 @@ class IncrementalDetokenizer:
         if self._read_offset >= len(self._ids):
             return ""
         decode = self._tokenizer.decode
-        emitted = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        skip = self._skip_special_tokens
+        emitted = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
+        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=skip)
         if not final and (len(full) <= len(emitted) or full.endswith("\ufffd")):
             return ""  # an unfinished byte sequence: wait for the next token
         piece = full[len(emitted) :]
@@ -51,10 +53,12 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Cuts the text at the first stop string and holds back any tail that could start one."""
+    """Cuts the text at the first stop string (after it, with ``include``) and holds back any tail that could
+    start one."""
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include: bool = False) -> None:
         self._stop = [s for s in stop if s]
+        self._include = include
         self._pending = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
@@ -63,10 +67,11 @@ class StopMatcher:
         if not self._stop:
             self._pending = ""
             return text, False
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := text.find(s)) >= 0]
         if hits:
             self._pending = ""
-            return text[: min(hits)], True
+            at, stop = min(hits, key=lambda hit: hit[0])
+            return text[: at + len(stop) if self._include else at], True
         hold = partial_match_length(text, self._stop)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False

@@ -115,7 +115,9 @@ def test_every_api_route_needs_a_valid_key(client: TestClient, headers: dict[str
         r = client.request(method, path, headers=headers, json={"model": "x", "prompt": "hi"})
         assert r.status_code == 401, (path, r.text)
         error = r.json()["error"]
-        assert error["type"] == "authentication_error" and error["message"], error
+        assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key" and error["message"], (
+            error
+        )
     assert client.get("/health", headers=headers).status_code == 200
     assert client.get("/metrics", headers=headers).status_code == 200
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -29,7 +30,13 @@ def loaded(tiny_model_dir: Path) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("openai-server")
+    with openai_server(loaded, tmp_path_factory.mktemp("openai-server")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def openai_server(loaded: LoadedModel, root: Path) -> Iterator[str]:
+    """The tiny model served with two tenants' keys, tenant A holding the prefix ``TASK``."""
     keys = write_key_file(root / "keys.json", {KEY_A: "tenant-a", KEY_B: "tenant-b"})
     config = ServeConfig(
         store=f"disk://{root / 'store'}", api_keys=str(keys), max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=200

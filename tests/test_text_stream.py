@@ -52,3 +52,11 @@ def test_held_back_text_released_when_stop_does_not_complete() -> None:
 def test_earliest_stop_wins_and_no_stop_passes_through() -> None:
     assert StopMatcher(["b", "a"]).feed("xxab") == ("xx", True)
     assert StopMatcher([]).feed("anything") == ("anything", False)
+
+
+
+def test_an_included_stop_string_ends_the_text() -> None:
+    stop = StopMatcher(["END", "N"], include=True)
+    assert stop.feed("abc E") == ("abc ", False)
+    assert stop.feed("ND tail") == ("END", True)  # "END" starts first (before its own "N"), and stays
+    assert StopMatcher(["b", "a"], include=True).feed("xxab") == ("xxa", True)

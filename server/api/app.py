@@ -22,6 +22,7 @@ from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.schemas import ErrorBody, HealthStatus, OpenAIErrorBody, error_responses
 from server.api.state import ServerState
+from server.api.validation import describe as describe_validation
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import ApiError, BadRequest, InvalidInput, NotFound
@@ -234,12 +235,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        json_broken = any(err.get("type") == "json_invalid" for err in exc.errors())
-        error = (BadRequest if json_broken else InvalidInput)("; ".join(problems) or "invalid request")
+        problem = describe_validation(exc)
+        error: ApiError = (
+            BadRequest(problem.message) if problem.json_invalid else InvalidInput(problem.message, param=problem.param)
+        )
         return JSONResponse(error.body(), status_code=error.status_code)
 
     @app.exception_handler(StarletteHTTPException)

@@ -38,6 +38,49 @@ class PreparedGeneration:
     request: GenerationRequest
 
 
+# apply_chat_template's own parameters: chat_template_kwargs may not set them (they have fields of their own, or
+# are the server's to choose).
+_TEMPLATE_PARAMETERS = frozenset(
+    {
+        "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How messages become the prompt (vLLM's chat fields): the reply's opening appended
+    (``add_generation_prompt``), or the last message left open for the model to go on writing
+    (``continue_final_message``: a reply begun by the client), and variables for the template
+    (``chat_template_kwargs``, e.g. Qwen 3's ``enable_thinking``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def asked(cls, body: Any) -> ChatTemplateOptions:
+        """From a request's ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``
+        (pydantic fields): continuing the last message opens no new reply unless the client also sets
+        ``add_generation_prompt`` (and is refused)."""
+        opens = body.add_generation_prompt and (
+            "add_generation_prompt" in body.model_fields_set or not body.continue_final_message
+        )
+        return cls(opens, body.continue_final_message, body.chat_template_kwargs or {})
+
+    def __post_init__(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidInput(
+                "continue_final_message goes on writing the last message; it cannot also open a new one "
+                "(set add_generation_prompt to false)",
+                param="continue_final_message",
+            )
+        if taken := sorted(_TEMPLATE_PARAMETERS & set(self.kwargs)):
+            raise InvalidInput(f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
+
+
 async def prepare_generation(
     state: ServerState,
     principal: Principal,
@@ -52,13 +95,16 @@ async def prepare_generation(
     tools: list[dict[str, Any]] | None = None,
     tool_format: ToolCallFormat | None = None,
     fit_to_context: bool = False,
+    chat: ChatTemplateOptions = ChatTemplateOptions(),
+    truncate_prompt_tokens: int | None = None,
 ) -> PreparedGeneration:
     """Shared by the native and OpenAI routes: limits, tokenisation (unless ``prompt_ids`` come instead of a
     prompt), the structured-output constraint's compilation, prefix lookup.
 
     Prefix, prompt and ``params.max_new_tokens`` must fit in the model's context, or the engine refuses the
     request (``ContextLengthExceeded``); with ``fit_to_context`` (the client left the limit to its default),
-    ``max_new_tokens`` is lowered to the server's limit and the room the context leaves instead, as vLLM does."""
+    ``max_new_tokens`` is lowered to the server's limit and the room the context leaves instead, as vLLM does.
+    ``truncate_prompt_tokens``: only the prompt's last this many tokens are kept (vLLM's field)."""
     config = state.config
     if params.max_new_tokens > config.max_new_tokens:
         if not fit_to_context:
@@ -67,7 +113,9 @@ async def prepare_generation(
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
         raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters", param="stop")
     if prompt_ids is None:  # token ids sent as they are: the engine checks they are in the vocabulary
-        prompt_ids = tokenize(state, prompt, messages, tools, tool_format)
+        prompt_ids = tokenize(state, prompt, messages, tools, tool_format, chat)
+    if truncate_prompt_tokens is not None:
+        prompt_ids = prompt_ids[-truncate_prompt_tokens:]
     if len(prompt_ids) > config.max_prompt_tokens:
         raise InvalidInput(
             f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}", param="prompt"
@@ -115,10 +163,11 @@ def tokenize(
     messages: list[dict[str, Any]] | None,
     tools: list[dict[str, Any]] | None = None,
     tool_format: ToolCallFormat | None = None,
+    chat: ChatTemplateOptions = ChatTemplateOptions(),
 ) -> list[int]:
-    """The prompt's token ids; messages go through the model's chat template (with the tools, if any).
-    ``tool_format``: tool_choice 'auto', whose calls are written so: where the template ignores the tools, the
-    messages tell the model about them (server/api/tool_formats.py)."""
+    """The prompt's token ids; messages go through the model's chat template (with the tools, if any), as
+    ``chat`` says. ``tool_format``: tool_choice 'auto', whose calls are written so: where the template ignores
+    the tools, the messages tell the model about them (server/api/tool_formats.py)."""
     tokenizer = state.model.tokenizer
     if tokenizer is None:
         raise InvalidInput("this model has no tokenizer", param="prompt")
@@ -128,7 +177,14 @@ def tokenize(
         try:
             if tools and tool_format is not None and not template_shows_tools(tokenizer, messages, tools):
                 messages = with_tools_in_text(tool_format, messages, tools)
-            prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            prompt = tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=chat.add_generation_prompt,
+                continue_final_message=chat.continue_final_message,
+                tokenize=False,
+                **chat.kwargs,
+            )
         except Exception as exc:  # a Jinja template raising on messages it does not expect
             raise InvalidInput(
                 f"the model's chat template cannot render these messages: {exc}", param="messages"
@@ -190,6 +246,8 @@ async def generate(
         min_p=body.min_p,
         seed=secrets.randbits(63) if body.seed is None else body.seed,
         stop=tuple(body.stop),
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
         prompt_logprobs=body.prompt_logprobs,

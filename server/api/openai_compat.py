@@ -42,6 +42,7 @@ from prefix_store.ids import validate_task_id
 from server.api import logprobs as token_logprobs
 from server.api.auth import Principal
 from server.api.generate import (
+    ChatTemplateOptions,
     PreparedGeneration,
     check_event,
     events_until_disconnect,
@@ -52,6 +53,7 @@ from server.api.response_format import FormatError, ResponseFormat, StructuredOu
 from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, call_id, function_call, tool_calls, tool_mode
 from server.api.tool_formats import TOOL_CALL_FORMATS, ToolCall, ToolCallReader, read_reply
+from server.api.validation import describe as describe_validation
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, InvalidInput, NotFound, from_store_error
@@ -107,7 +109,8 @@ def _from_api_error(exc: ApiError, chat: bool) -> JSONResponse:
     param = getattr(exc, "param", None)
     if isinstance(exc, InvalidInput) and param is not None:
         param = openai_param(param, chat)
-    body = openai_error_body(status, exc.message, param, getattr(exc, "code", exc.error_type))
+    code = "invalid_api_key" if status == 401 else getattr(exc, "code", exc.error_type)  # OpenAI's code for it
+    body = openai_error_body(status, exc.message, param, code)
     return JSONResponse(body, status_code=status, headers=exc.headers)
 
 
@@ -123,15 +126,8 @@ def openai_param(native: str, chat: bool) -> str:
 
 
 def _from_validation_error(exc: RequestValidationError) -> JSONResponse:
-    if any(err.get("type") == "json_invalid" for err in exc.errors()):
-        return JSONResponse(openai_error_body(400, "the request body is not valid JSON"), status_code=400)
-    problems, params = [], []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        params.append(where)
-        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    body = openai_error_body(400, "; ".join(problems) or "invalid request", params[0] if params else None, None)
-    return JSONResponse(body, status_code=400)
+    problem = describe_validation(exc)
+    return JSONResponse(openai_error_body(400, problem.message, problem.param, None), status_code=400)
 
 
 class OpenAIRoute(APIRoute):
@@ -160,6 +156,8 @@ router = APIRouter(route_class=OpenAIRoute)
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+    include_obfuscation: bool | None = None  # OpenAI's padding against length side channels: nothing to pad here
 
 
 class _SamplingFields(BaseModel):
@@ -185,6 +183,10 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_LISTED_TOKENS)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None  # only true (how the tokenizers decode) is accepted
+    truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep the prompt's last this many tokens
     # Structured output (server/api/response_format.py): OpenAI's field, and vLLM's on both endpoints.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -212,6 +214,13 @@ class ChatMessageIn(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (server/api/tool_calls.py)
     tool_call_id: str | None = None  # a tool's answer: the call it answers
     name: str | None = None
+    # What an earlier reply carries when a client sends it back as it got it (the openai package's
+    # ``message.model_dump()``): read as the reply it was, with nothing of them shown to the model.
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # vLLM's reasoning replies
+    audio: dict[str, Any] | None = None  # only null: no audio here
+    function_call: dict[str, Any] | None = None  # only null: the deprecated form of tool_calls
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -225,6 +234,24 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
+    # vLLM's chat fields (server/api/generate.py ChatTemplateOptions).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's fields that ask nothing of the reply this server can change, accepted as OpenAI accepts them:
+    # storage and its metadata (nothing is stored), the service tier, caching and abuse-tracking keys, a
+    # prediction (the reply is the same with or without one), the effort and verbosity of reasoning models.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None  # only ["text"]
+    audio: dict[str, Any] | None = None  # only null
+    web_search_options: dict[str, Any] | None = None  # only null
 
 
 OpenAIBody = CompletionRequest | ChatCompletionRequest
@@ -235,6 +262,8 @@ def _reject_unsupported(body: OpenAIBody) -> None:
         raise ParameterError("n", f"n must be at most {MAX_CHOICES}")
     if body.stream_options is not None and not body.stream:
         raise ParameterError("stream_options", "stream_options is only allowed with stream=true")
+    if body.spaces_between_special_tokens is False:
+        raise UnsupportedParameter("spaces_between_special_tokens", "special tokens are decoded as the tokenizer does")
     if isinstance(body, CompletionRequest):
         if body.best_of not in (None, 1):
             raise UnsupportedParameter("best_of", "best_of > 1 is not supported")
@@ -244,6 +273,8 @@ def _reject_unsupported(body: OpenAIBody) -> None:
             raise ParameterError("max_tokens", "max_tokens must be at least 1 (0 only with echo, to score the prompt)")
         if body.suffix:
             raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
+        if body.echo and body.truncate_prompt_tokens is not None:
+            raise ParameterError("truncate_prompt_tokens", "echo gives the prompt back whole: do not truncate it")
         return
     if body.top_logprobs is not None:
         if not body.logprobs:
@@ -253,6 +284,11 @@ def _reject_unsupported(body: OpenAIBody) -> None:
     for name in ("functions", "function_call"):
         if getattr(body, name) is not None:
             raise UnsupportedParameter(name, f"{name} (deprecated by OpenAI) is not supported: send tools")
+    if body.modalities is not None and set(body.modalities) != {"text"}:
+        raise UnsupportedParameter("modalities", "only text replies: modalities may only be ['text']")
+    for name in ("audio", "web_search_options"):
+        if getattr(body, name) is not None:
+            raise UnsupportedParameter(name, f"{name} is not supported")
 
 
 def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
@@ -260,10 +296,14 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
     assistant's tool calls and a tool's answer keep their fields (templates that know tools use them)."""
     out = []
     for i, message in enumerate(messages):
+        for name in ("audio", "function_call"):
+            if getattr(message, name) is not None:
+                raise UnsupportedParameter(f"messages.{i}.{name}", f"a message's {name} is not supported")
         content = message.content
-        if content is None and not (message.role == "assistant" and message.tool_calls):
+        answered = message.role == "assistant" and (message.tool_calls or message.refusal is not None)
+        if content is None and not answered:
             raise ParameterError(
-                f"messages.{i}.content", "content is missing (only an assistant's tool calls go without)"
+                f"messages.{i}.content", "content is missing (only an assistant's tool calls or refusal go without)"
             )
         if isinstance(content, list):
             if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
@@ -330,7 +370,10 @@ async def _prepare(
         min_tokens=body.min_tokens or 0,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         prompt_logprobs=_logprobs_asked(body) if echo else None,
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        skip_special_tokens=body.skip_special_tokens is not False,
     )
+    chat = ChatTemplateOptions.asked(body) if isinstance(body, ChatCompletionRequest) else ChatTemplateOptions()
     try:
         return await prepare_generation(
             state,
@@ -345,6 +388,8 @@ async def _prepare(
             tools=tools,
             tool_format=None if mode is None else mode.auto,
             fit_to_context=not max_tokens_given,
+            chat=chat,
+            truncate_prompt_tokens=body.truncate_prompt_tokens,
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc
@@ -442,8 +487,12 @@ class _Shape:
         self.texts = token_logprobs.TokenTexts(tokenizer)
         # Completions, per choice: where the next streamed token's text starts in the choice's text.
         self.text_offsets = [0] * self.choices
-        # With stream_options.include_usage every chunk has "usage": null and one last chunk carries it.
-        self.include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        # With stream_options.include_usage every chunk has "usage": null and one last chunk carries it; with
+        # continuous_usage_stats too (vLLM's), every chunk carries the usage so far.
+        options = body.stream_options
+        self.include_usage = bool(body.stream and options and options.include_usage)
+        self.continuous_usage = self.include_usage and bool(options and options.continuous_usage_stats)
+        self.completion_tokens = [0] * self.choices  # per choice, streamed so far
         self.head = {
             "id": prompts[0].response_id,
             "created": int(time.time()),
@@ -478,12 +527,7 @@ class _Shape:
         """The request's usage from each choice's last event (in index order): each prompt once, every choice's
         completion tokens."""
         prompt_tokens = sum(e.prompt_tokens for e in lasts[:: self.n])
-        completion_tokens = sum(e.completion_tokens for e in lasts) if self.generated else 0
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        return _usage(prompt_tokens, sum(e.completion_tokens for e in lasts) if self.generated else 0)
 
     def response(self, choices: list[_Choice]) -> dict[str, Any]:
         out = []
@@ -571,9 +615,7 @@ class _Shape:
     def _delta(self, index: int, delta: dict[str, Any], finish_reason: str | None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         payload = {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
-        if self.include_usage:
-            payload["usage"] = None
-        return f"data: {json.dumps(payload)}\n\n"
+        return self._sent(payload)
 
     def chunk(
         self,
@@ -594,9 +636,7 @@ class _Shape:
             choices.append(choice)
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         payload = {**self.head, "object": kind, "choices": choices}
-        if usage is not None or self.include_usage:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload)}\n\n"
+        return self._sent(payload, usage)
 
     def opening(self, index: int) -> str | None:
         """Chat streams start each choice by naming the role, as OpenAI's do."""
@@ -609,9 +649,26 @@ class _Shape:
                 {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             ],
         }
-        if self.include_usage:
-            payload["usage"] = None
+        return self._sent(payload)
+
+    def observe(self, index: int, event: GenerationEvent) -> None:
+        """Count choice ``index``'s tokens so far, from each of its events before its chunks go out."""
+        self.completion_tokens[index] = max(self.completion_tokens[index], event.completion_tokens)
+
+    def _sent(self, payload: dict[str, Any], usage: dict[str, int] | None = None) -> str:
+        """A chunk as sent: with ``usage`` (the last chunk's), or the usage so far (continuous_usage_stats), or
+        null (include_usage), or none."""
+        if usage is None and self.continuous_usage:
+            prompt_tokens = sum(len(p.request.prompt_ids) for p in self.prompts)
+            usage = _usage(prompt_tokens, sum(self.completion_tokens) if self.generated else 0)
+        if usage is not None or self.include_usage:
+            payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 @dataclass
@@ -756,6 +813,7 @@ async def _sse(
                 error = openai_error_body(500, event.error or "generation failed", None, GenerationFailed.error_type)
                 yield f"data: {json.dumps(error)}\n\n"
                 return
+            shape.observe(index, event)
             if not started[index]:
                 started[index] = True
                 opening = shape.opening(index)

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.api.generate import ChatTemplateOptions
 from server.api.generate import tokenize as prompt_ids
 from server.api.openai_compat import ChatMessageIn, OpenAIRoute, ParameterError, chat_messages, task_metadata
 from server.api.state import Caller, ServerState, State
@@ -37,13 +38,16 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
     messages: list[ChatMessageIn] | None = Field(None, min_length=1, max_length=256)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ToolIn] | None = Field(None, max_length=128)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send either 'prompt' or 'messages', not both or neither")
-        wrong = {"add_special_tokens"} if self.prompt is None else {"add_generation_prompt", "tools"}
+        chat_only = {"add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools"}
+        wrong = {"add_special_tokens"} if self.prompt is None else chat_only
         if sent := sorted(wrong & self.model_fields_set):
             raise ValueError(f"{', '.join(sent)} does not apply to {'messages' if self.prompt is None else 'prompt'}")
         return self
@@ -72,29 +76,16 @@ class VersionResponse(BaseModel):
 
 def _ids(state: ServerState, body: TokenizeRequest) -> list[int]:
     """The ids a generation would prefill for this prompt or these messages."""
-    tokenizer = state.model.tokenizer
     if body.messages is None:
-        if body.add_special_tokens:
+        tokenizer = state.model.tokenizer
+        if body.add_special_tokens or tokenizer is None:
             return prompt_ids(state, body.prompt, None)  # /v1/completions' call
-        if tokenizer is None:
-            raise InvalidInput("this model has no tokenizer")
         return list(tokenizer(body.prompt, add_special_tokens=False).input_ids)
-    messages = chat_messages(body.messages)
     tools: list[dict[str, Any]] | None = (
         None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools]
     )
-    if body.add_generation_prompt:  # what /v1/chat/completions prefills
-        return prompt_ids(state, None, messages, tools, TOOL_CALL_FORMATS.get(state.config.tool_call_format))
-    # Not something a generation sends (the server always asks for the reply's opening), so rendered here.
-    if tokenizer is None:
-        raise InvalidInput("this model has no tokenizer")
-    if not tokenizer.chat_template:
-        raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'")
-    try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False, tokenize=False)
-    except Exception as exc:  # a Jinja template raising on messages it does not expect
-        raise InvalidInput(f"the model's chat template cannot render these messages: {exc}") from exc
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+    tool_format = TOOL_CALL_FORMATS.get(state.config.tool_call_format)
+    return prompt_ids(state, None, chat_messages(body.messages), tools, tool_format, ChatTemplateOptions.asked(body))
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
