@@ -20,7 +20,11 @@ off between rounds, which alternate. Requests are greedy unless said otherwise. 
 - **tool calls**: chats with two tools and ``tool_choice: "auto"`` (the hermes format, told in a system message
   as the server tells it, one earlier call in the history), asking for the weather in a city: the model calls;
 - **half scored**, **half penalised**: the open questions, every other one asking for log-probabilities (5
-  alternatives per token), or with a repetition penalty of 1.1: those rows never draft, nor do rows beside them.
+  alternatives per token), or with a repetition penalty of 1.1: those rows never draft, nor do rows beside them;
+- **predicted chat**: the open questions, each with its own answer (found greedily before the rounds, as text,
+  tokenised as the server tokenises a prediction) as OpenAI's ``prediction``: a client regenerating a reply it
+  has (the best case); **predicted edit**: the same with every fourth word of each answer replaced (a guess
+  a quarter wrong, as of a file about to be edited).
 
 Before each run the engine forgets the tasks' earlier outputs (``TaskHistory``): drafts come from the request's
 own context and from the outputs of the run's earlier requests (of the same task), never from an earlier run of
@@ -157,6 +161,24 @@ def workloads(loaded: LoadedModel, records: int, new_tokens: int) -> dict[str, l
     }
 
 
+def predicted_workloads(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase, chats: Sequence[GenerationRequest]
+) -> dict[str, list[GenerationRequest]]:
+    """The chats with their own greedy answers as predictions, whole and with every fourth word replaced."""
+    engine.speculative = SpeculativeConfig()
+    _, answers = run(engine, chats, 4)
+    texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
+    edited = [" ".join("thing" if i % 4 == 3 else w for i, w in enumerate(t.split(" "))) for t in texts]
+
+    def predicted(guesses: list[str]) -> list[GenerationRequest]:
+        return [
+            dataclasses.replace(chat, prediction=tuple(tokenizer(guess, add_special_tokens=False).input_ids))
+            for chat, guess in zip(chats, guesses, strict=True)
+        ]
+
+    return {"predicted chat": predicted(texts), "predicted edit": predicted(edited)}
+
+
 def _chat(tokenizer: PreTrainedTokenizerBase, content: str, new_tokens: int) -> GenerationRequest:
     messages = [{"role": "user", "content": content}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -202,6 +224,8 @@ def main() -> None:
     engine = cpu_served_engine(loaded, 32, text=True, metrics=metrics, speculative=speculative)
     engine.start()
     loads = workloads(loaded, args.records, args.new_tokens)
+    if not args.only or "predicted" in args.only:
+        loads.update(predicted_workloads(engine, loaded.tokenizer, loads["open chat"]))
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.only:
         loads = {name: loads[name] for name in args.only.split(",")}

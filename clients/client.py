@@ -172,6 +172,7 @@ class GenerationOptions(TypedDict, total=False):
     ignore_eos: bool | None
     include_stop_str_in_output: bool | None
     skip_special_tokens: bool | None
+    prediction: str | None
     grammar: dict[str, Any] | None
 
 

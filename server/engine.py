@@ -53,6 +53,9 @@ class GenerationRequest:
     prefix_kv: torch.Tensor | None = None  # [L, 2, H_kv, P, d] on the host
     prefix_id: str | None = None  # identifies tenant, task and version; rows with equal ids share a prefix
     tenant: str = "default"  # whose request: admission is round-robin across tenants
+    # The client's guess of the output's tokens (OpenAI's ``prediction``): drafts for speculative decoding, where
+    # it runs; the output is the same with or without one.
+    prediction: tuple[int, ...] = ()
 
     @property
     def prefix_len(self) -> int:
@@ -534,7 +537,7 @@ class Engine:
         if t.speculation is None:
             key = self._prefix_key(t.request)
             task = None if self.task_history is None or key is None else self.task_history.of(t.request.tenant, key)
-            t.speculation = RowSpeculation(t.request.prompt_ids, self.speculative, task)
+            t.speculation = RowSpeculation(t.request.prompt_ids, self.speculative, task, t.request.prediction)
         return t.speculation
 
     def _remember_output(self, t: _Tracked) -> None:

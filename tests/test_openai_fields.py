@@ -66,7 +66,7 @@ def test_openai_fields_that_change_nothing_here_are_accepted(oai: openai.OpenAI)
         service_tier="auto",
         prompt_cache_key="k",
         safety_identifier="user-1",
-        prediction={"type": "content", "content": "Blue is a colour."},
+        prediction={"type": "content", "content": [{"type": "text", "text": "Blue is a colour."}]},
         reasoning_effort="low",
         modalities=["text"],
     )
@@ -87,6 +87,8 @@ def test_openai_fields_that_change_nothing_here_are_accepted(oai: openai.OpenAI)
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
         ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
         ({"definitely_not_a_field": 1}, "definitely_not_a_field"),
+        ({"prediction": {"type": "text", "content": "x"}}, "prediction.type"),
+        ({"prediction": {"type": "content", "content": [{"type": "image_url"}]}}, "prediction.content"),
     ],
 )
 def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str, Any], param: str) -> None:

@@ -15,7 +15,9 @@ from server.metrics import EngineMetrics
 from server.sampling import SamplingParams
 from server.speculative import (
     DEFAULT_CPU_SPECULATIVE_TOKENS,
+    PREDICTION_DRAFT_TOKENS,
     NgramIndex,
+    Prediction,
     RowSpeculation,
     SpeculativeConfig,
     TaskHistory,
@@ -58,6 +60,35 @@ def test_no_proposal_without_an_earlier_occurrence_of_a_long_enough_suffix() -> 
     assert single.propose(4) == [], "one token matching is below ngram_min"
     with pytest.raises(ValueError):
         NgramIndex([1], ngram_min=0, ngram_max=2)
+
+
+def test_a_prediction_drafts_from_where_the_output_follows_it() -> None:
+    """OpenAI's predicted outputs: drafts read on from the output's place in the guess; once the output strays,
+    from after where its last tokens occur in the guess (the unchanged rest of an edit), or none."""
+    config = SpeculativeConfig(tokens=4, ngram_min=2, ngram_max=3)
+    guess = Prediction([10, 11, 12, 13, 14, 15, 16, 17, 18, 19], config)
+    prompt = [1, 2, 3]
+    assert guess.following(prompt, [], 3) == [10, 11, 12], "nothing written yet: the guess from its start"
+    assert guess.following([*prompt, 10, 11], [10, 11], 3) == [12, 13, 14]
+    out = [10, 11, 99, 98]  # strays: no suffix of the output occurs in the guess
+    assert guess.following([*prompt, *out], out, 3) == []
+    out += [14, 15]  # back on the guess's text, past the changed part
+    assert guess.following([*prompt, *out], out, 3) == [16, 17, 18]
+    out += [16, 17, 18, 19]
+    assert guess.following([*prompt, *out], out, 3) == [], "the guess is used up"
+
+
+def test_a_row_with_a_prediction_looks_it_up_first_and_drafts_further() -> None:
+    config = SpeculativeConfig(tokens=4, ngram_min=2, ngram_max=3)
+    prompt = [5, 6, 7, 8, 5, 6]  # its own context would propose 7, 8, 5, 6
+    assert RowSpeculation(prompt, config).proposal([], 10) == [7, 8, 5, 6]
+    row = RowSpeculation(prompt, config, prediction=list(range(100, 140)))
+    assert row.proposal([], 10) == [100, 101, 102, 103], "the prediction first, k drafts to begin with"
+    for _ in range(10):
+        row.verified(row.draft_len, row.draft_len)  # every draft stood
+    assert row.draft_len == PREDICTION_DRAFT_TOKENS > config.tokens
+    assert row.proposal([100, 101], 100) == list(range(102, 102 + PREDICTION_DRAFT_TOKENS))
+    assert RowSpeculation(prompt, config).most == config.tokens
 
 
 def test_a_task_keeps_its_recent_outputs_for_lookup() -> None:
@@ -214,6 +245,32 @@ async def test_a_task_drafts_from_its_earlier_outputs_for_its_own_tenant_only(ba
     from_history = after_again[1] - after_other[1]
     assert from_history >= 12, "the repeat takes most of its tokens from its earlier output"
     assert after_other == (2 * before[0], 2 * before[1]), "tenant b drafted exactly as a's first request did"
+
+
+async def test_a_prediction_changes_no_token_and_drafts_what_it_got_right(base, prefixes, mode) -> None:
+    """A request with its own output as the prediction takes most of its tokens from drafts; with a guess half
+    wrong, or wrong throughout, it still decodes exactly the oracle's tokens, alone and beside others."""
+    config = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=2)  # the planner's costs apply
+    metrics = EngineMetrics(CollectorRegistry())
+    engine = make_engine(base, metrics=metrics, speculative=config, **mode)
+    ids = prompt(150, 7)
+    want = oracle_greedy(prefixes[0], ids, 30)[0]
+    edited = [t if i % 6 < 3 else (t + 1) % 256 for i, t in enumerate(want)]
+    guesses = {"right": want, "edited": edited, "wrong": [(t * 7 + 3) % 256 for t in want]}
+
+    def request(guess: list[int]) -> GenerationRequest:
+        kv = prefix_kv_of(prefixes[0])
+        return GenerationRequest(ids, SamplingParams(max_new_tokens=30), kv, "p0", prediction=tuple(guess))
+
+    try:
+        before = counters(metrics)
+        right = tokens_of(await collect(engine, request(guesses["right"])))
+        after = counters(metrics)
+        together = await asyncio.gather(*(collect(engine, request(g)) for g in guesses.values()))
+    finally:
+        engine.shutdown()
+    assert right == want and [tokens_of(e) for e in together] == [want] * 3
+    assert after[1] - before[1] >= 20, "the right guess gives most of the 30 tokens as accepted drafts"
 
 
 async def test_a_row_ends_inside_a_step_of_drafts(base) -> None:

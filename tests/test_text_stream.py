@@ -54,7 +54,6 @@ def test_earliest_stop_wins_and_no_stop_passes_through() -> None:
     assert StopMatcher([]).feed("anything") == ("anything", False)
 
 
-
 def test_an_included_stop_string_ends_the_text() -> None:
     stop = StopMatcher(["END", "N"], include=True)
     assert stop.feed("abc E") == ("abc ", False)

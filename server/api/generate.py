@@ -97,6 +97,7 @@ async def prepare_generation(
     fit_to_context: bool = False,
     chat: ChatTemplateOptions = ChatTemplateOptions(),
     truncate_prompt_tokens: int | None = None,
+    prediction: str | None = None,
 ) -> PreparedGeneration:
     """Shared by the native and OpenAI routes: limits, tokenisation (unless ``prompt_ids`` come instead of a
     prompt), the structured-output constraint's compilation, prefix lookup.
@@ -104,7 +105,8 @@ async def prepare_generation(
     Prefix, prompt and ``params.max_new_tokens`` must fit in the model's context, or the engine refuses the
     request (``ContextLengthExceeded``); with ``fit_to_context`` (the client left the limit to its default),
     ``max_new_tokens`` is lowered to the server's limit and the room the context leaves instead, as vLLM does.
-    ``truncate_prompt_tokens``: only the prompt's last this many tokens are kept (vLLM's field)."""
+    ``truncate_prompt_tokens``: only the prompt's last this many tokens are kept (vLLM's field). ``prediction``: the
+    client's guess of the output, drafts for speculative decoding (OpenAI's predicted outputs)."""
     config = state.config
     if params.max_new_tokens > config.max_new_tokens:
         if not fit_to_context:
@@ -133,12 +135,27 @@ async def prepare_generation(
         # The content hash makes the id unique even when a deleted task is uploaded again and its version
         # numbers restart: the device tier of the prefix cache is keyed by this id.
         prefix_id = f"{meta.tenant}/{meta.task_id}@{meta.version}#{meta.sha256[:16]}"
-    request = GenerationRequest(prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant)
+    request = GenerationRequest(
+        prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant, prediction=_predicted(state, prediction)
+    )
     room = state.engine.max_context - request.prefix_len - len(prompt_ids)
     if fit_to_context and 0 < room < params.max_new_tokens:
         params = dataclasses.replace(params, max_new_tokens=room)
         request = dataclasses.replace(request, params=params)
     return PreparedGeneration(response_id=response_id, task_id=task_id, prefix_version=version, request=request)
+
+
+def _predicted(state: ServerState, prediction: str | None) -> tuple[int, ...]:
+    """A predicted output's tokens, as the reply would hold them (no special tokens), at most a prompt's worth."""
+    tokenizer = state.model.tokenizer
+    if not prediction or tokenizer is None:
+        return ()
+    ids = tokenizer(prediction, add_special_tokens=False).input_ids
+    if len(ids) > state.config.max_prompt_tokens:
+        raise InvalidInput(
+            f"prediction has {len(ids)} tokens; the limit is {state.config.max_prompt_tokens}", param="prediction"
+        )
+    return tuple(ids)
 
 
 async def compile_grammar(state: ServerState, spec: GrammarSpec) -> Grammar:
@@ -268,6 +285,7 @@ async def generate(
         response_id="gen-" + secrets.token_hex(8),
         grammar=None if body.grammar is None else _grammar_spec(body.grammar),
         fit_to_context="max_new_tokens" not in body.model_fields_set,
+        prediction=body.prediction,
     )
     texts = token_logprobs.TokenTexts(state.model.tokenizer)
     if body.stream:

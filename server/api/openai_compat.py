@@ -207,6 +207,14 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
 
+class PredictionIn(BaseModel):
+    """OpenAI's predicted output: text the reply is expected to repeat much of (a file being edited)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -246,7 +254,7 @@ class ChatCompletionRequest(_SamplingFields):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    prediction: dict[str, Any] | None = None
+    prediction: PredictionIn | None = None  # drafts for speculative decoding (server/speculative.py)
     reasoning_effort: str | None = None
     verbosity: str | None = None
     modalities: list[str] | None = None  # only ["text"]
@@ -306,9 +314,7 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
                 f"messages.{i}.content", "content is missing (only an assistant's tool calls or refusal go without)"
             )
         if isinstance(content, list):
-            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
-                raise UnsupportedParameter(f"messages.{i}.content", "only text content parts are supported")
-            content = "".join(part["text"] for part in content)
+            content = _text_parts(content, f"messages.{i}.content")
         rendered: dict[str, Any] = {
             "role": "system" if message.role == "developer" else message.role,
             "content": content or "",
@@ -318,6 +324,21 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
                 rendered[name] = getattr(message, name)
         out.append(rendered)
     return out
+
+
+def _text_parts(parts: list[dict[str, Any]], param: str) -> str:
+    """Content given as parts: their text, joined (only text parts are supported)."""
+    if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in parts):
+        raise UnsupportedParameter(param, "only text content parts are supported")
+    return "".join(part["text"] for part in parts)
+
+
+def _prediction(body: OpenAIBody) -> str | None:
+    prediction = getattr(body, "prediction", None)
+    if prediction is None:
+        return None
+    content = prediction.content
+    return content if isinstance(content, str) else _text_parts(content, "prediction.content")
 
 
 # ----- shared plumbing -------------------------------------------------------------------------
@@ -390,6 +411,7 @@ async def _prepare(
             fit_to_context=not max_tokens_given,
             chat=chat,
             truncate_prompt_tokens=body.truncate_prompt_tokens,
+            prediction=_prediction(body),
         )
     except NotFound as exc:  # the only NotFound here is the prefix lookup
         raise ModelNotFound(body.model) from exc

@@ -56,6 +56,12 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list)
     include_stop_str_in_output: bool = Field(False, description="the stop string that ended the text stays (vLLM)")
+    prediction: str | None = Field(
+        None,
+        max_length=1_000_000,
+        description="text the output is expected to repeat much of (OpenAI's predicted outputs): drafts for "
+        "speculative decoding; the output is the same without it",
+    )
     skip_special_tokens: bool = Field(True, description="special tokens leave no text (vLLM's default)")
     ignore_eos: bool = Field(False, description="EOS does not end the request (vLLM's name; for fixed-length runs)")
     logprobs: int | None = Field(
