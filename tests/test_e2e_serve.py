@@ -216,8 +216,9 @@ WEATHER_SHOT = [
 
 
 def _streamed_chat(client: httpx.Client, body: dict) -> tuple[str, list[dict], str]:
-    """A streamed chat reply's content, tool calls and finish reason, from its server-sent events."""
-    content, calls, finish = "", [], ""
+    """A streamed chat reply's content, tool calls (their deltas merged by index, as clients do; ``deltas``:
+    how many each came in) and finish reason, from its server-sent events."""
+    content, calls, finish = "", {}, ""
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -225,9 +226,14 @@ def _streamed_chat(client: httpx.Client, body: dict) -> tuple[str, list[dict], s
                 continue
             (choice,) = json.loads(line[len("data: ") :])["choices"]
             content += choice["delta"].get("content") or ""
-            calls += choice["delta"].get("tool_calls") or []
+            for entry in choice["delta"].get("tool_calls") or []:
+                call = calls.setdefault(entry["index"], {"index": entry["index"], "id": entry.get("id"), "deltas": 0})
+                function = call.setdefault("function", {"name": "", "arguments": ""})
+                function["name"] += entry.get("function", {}).get("name") or ""
+                function["arguments"] += entry.get("function", {}).get("arguments") or ""
+                call["deltas"] += 1
             finish = choice["finish_reason"] or finish
-    return content, calls, finish
+    return content, [calls[i] for i in sorted(calls)], finish
 
 
 def test_tool_choice_auto_on_the_real_model_calls_or_answers_as_the_model_would(server, default_model) -> None:
@@ -263,6 +269,7 @@ def test_tool_choice_auto_on_the_real_model_calls_or_answers_as_the_model_would(
         assert content == (message["content"] or "") and finish == choice["finish_reason"]
         assert [c["index"] for c in streamed_calls] == list(range(len(calls)))
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed_calls] == calls
+        assert all(c["id"].startswith("call_") and c["deltas"] > 2 for c in streamed_calls)  # piece by piece
 
         shown = with_tools_in_text(hermes, [{**m, "content": m["content"] or ""} for m in messages], WEATHER_TOOLS)
         prompt = tokenizer.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)

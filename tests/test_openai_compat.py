@@ -701,20 +701,27 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
     assert "".join(d[0].function.arguments for d in deltas) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "stop"
 
-    required = oai.chat.completions.create(
-        model=TASK,
-        messages=messages,
-        tools=[WEATHER, TIME],
-        tool_choice="required",
-        max_tokens=48,
-        temperature=1.0,
-        seed=3,
-        parallel_tool_calls=False,
-    )
+    asked: dict[str, Any] = {
+        "model": TASK,
+        "messages": messages,
+        "tools": [WEATHER, TIME],
+        "tool_choice": "required",
+        "max_tokens": 48,
+        "temperature": 1.0,
+        "seed": 3,
+        "parallel_tool_calls": False,
+    }
+    required = oai.chat.completions.create(**asked)
     choice = required.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
     assert len(choice.message.tool_calls) == 1  # parallel_tool_calls false: one call
     call = choice.message.tool_calls[0]
+    streamed = list(oai.chat.completions.create(**asked, stream=True))
+    deltas = [d for c in streamed if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function.name == call.function.name and deltas[0].function.arguments == ""
+    assert len(deltas) > 3 and all(d.index == 0 and d.id is None for d in deltas[1:])  # arguments piece by piece
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
     assert call.function.name in ("get_weather", "get_time")
     assert set(json.loads(call.function.arguments)) == (
         {"city", "unit"} if call.function.name == "get_weather" else {"zone"}

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, read_required, tool_calls, tool_mode
+from server.api.tool_calls import (
+    StreamedCalls,
+    ToolCallError,
+    ToolIn,
+    ToolMode,
+    read_required,
+    tool_calls,
+    tool_mode,
+)
 
 ADD = ToolIn.model_validate(
     {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {}}}}}
@@ -59,8 +67,8 @@ def test_replies_read_back_as_calls() -> None:
     calls = tool_calls(ToolMode(None), '[{"name": "now", "parameters": {}}, {"name": "add", "parameters": {"a": 2}}]')
     assert calls is not None and [c["function"]["name"] for c in calls] == ["now", "add"]
     assert len({c["id"] for c in calls}) == 2
-    (cut,) = tool_calls(ToolMode("add"), '{"a": ', named_id="call_1")  # type: ignore[misc]
-    assert cut == {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": '}}
+    (cut,) = tool_calls(ToolMode("add"), '{"a": ')  # type: ignore[misc]
+    assert cut["function"] == {"name": "add", "arguments": '{"a": '}
     assert tool_calls(ToolMode(None), '{"name": "add"}') == []  # not the grammar's list
 
 
@@ -75,13 +83,31 @@ def test_replies_read_back_as_calls() -> None:
         ('[{"name": "add", "parameters": {"a": [1, 2', [("add", '{"a": [1, 2')]),  # arguments as written
         ('[{"name": "now", "parameters": {}}', [("now", "{}")]),
         ('[{"name": "now", "parameters": {}},\n {"name": "add", "parameters": {"a"', [("now", "{}"), ("add", '{"a"')]),
-        (' [ {"name":"a\\"b","parameters":{"x":1}} ]', [('a"b', '{"x": 1}')]),  # escapes, any spacing
+        (' [ {"name":"a\\"b","parameters":{"x":1}} ]', [('a"b', '{"x":1}')]),  # escapes, any spacing, as written
         ('[{"name": "now", "parameters": {}}] trailing', [("now", "{}")]),
     ],
 )
 def test_required_replies_cut_short_keep_what_they_called(reply: str, calls: list[tuple[str, str]]) -> None:
     """A 'required' reply cut short by max_tokens or a stop string gives its whole calls, and the one it was
     writing once that one's name is complete (its arguments as written, as a named call's are)."""
-    assert read_required(reply) == calls
+    assert [(call.name, call.arguments) for call in read_required(reply)] == calls
     got = tool_calls(ToolMode(None), reply)
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls
+
+
+def test_streamed_calls_open_with_their_name_and_send_each_piece_of_arguments_once() -> None:
+    """Fed the calls read from a growing reply, every prefix of it: each call opens once (id, name, empty
+    arguments) and its arguments' pieces add up to the whole call's, whichever way the reply is cut."""
+    reply = '[{"name": "now", "parameters": {}}, {"name": "add", "parameters": {"a": [1, 2], "b": "x}"}}]'
+    streamed, entries = StreamedCalls(), []
+    for end in range(len(reply) + 1):
+        entries += streamed.update(read_required(reply[:end]))
+    openings = [e for e in entries if "id" in e]
+    assert [(e["index"], e["function"]["name"], e["function"]["arguments"]) for e in openings] == [
+        (0, "now", ""),
+        (1, "add", ""),
+    ]
+    assert len({e["id"] for e in openings}) == 2 and len(streamed) == 2
+    for index, whole in enumerate(call.arguments for call in read_required(reply)):
+        pieces = [e["function"]["arguments"] for e in entries if e["index"] == index and "id" not in e]
+        assert "".join(pieces) == whole and len(pieces) > 1

@@ -98,14 +98,27 @@ def test_text_is_given_out_as_soon_as_it_cannot_start_a_call() -> None:
     assert reader.finish() == []
 
 
-def test_calls_only_have_no_text_and_a_call_cut_short_comes_back_as_text() -> None:
+def test_calls_only_have_no_text_and_a_call_cut_short_keeps_what_it_has() -> None:
+    """A call cut short (max_tokens, a stop string) comes back as a call with its arguments so far once its name
+    is complete, as OpenAI's do; before that, its text comes back as text: nothing is lost."""
     calls_only = '\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n \n'
     assert read_reply(HERMES, calls_only) == (None, [ToolCall("now", "{}")])
     cut = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"ci'
-    assert read_reply(HERMES, cut) == (cut, [])
+    assert read_reply(HERMES, cut) == ("Sure.", [ToolCall("get_weather", '{"ci')])
     unclosed = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool'
-    assert read_reply(HERMES, unclosed) == (unclosed, [])
+    assert read_reply(HERMES, unclosed) == (None, [ToolCall("now", "{}")])
+    unnamed = 'Sure. <tool_call>\n{"name": "get_w'
+    assert read_reply(HERMES, unnamed) == (unnamed, [])
     assert read_reply(HERMES, "plain answer  \n") == ("plain answer", [])
+
+
+def test_a_call_being_written_is_partial_once_named() -> None:
+    reader = ToolCallReader(HERMES)
+    assert reader.feed('Hi <tool_call>\n{"name": "get_') == ["Hi"] and reader.partial is None
+    assert reader.feed('weather", "arguments": {"city"') == []
+    assert reader.partial == ToolCall("get_weather", '{"city"')
+    assert reader.feed(': "Oslo"}}\n</tool_call>') == [ToolCall("get_weather", '{"city": "Oslo"}')]
+    assert reader.partial is None
 
 
 def test_llama_calls_are_bare_json_objects() -> None:

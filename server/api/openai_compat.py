@@ -51,7 +51,17 @@ from server.api.generate import (
 )
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
-from server.api.tool_calls import ToolCallError, ToolIn, ToolMode, call_id, function_call, tool_calls, tool_mode
+from server.api.tool_calls import (
+    StreamedCalls,
+    ToolCallError,
+    ToolIn,
+    ToolMode,
+    call_id,
+    calls_in,
+    function_call,
+    tool_calls,
+    tool_mode,
+)
 from server.api.tool_formats import TOOL_CALL_FORMATS, ToolCall, ToolCallReader, read_reply
 from server.api.validation import describe as describe_validation
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
@@ -491,13 +501,13 @@ class _Shape:
         tools: ToolMode | None = None,
     ) -> None:
         self.chat = chat
-        # Chat with tool_choice 'required' or a named function: replies are tool calls (server/api/tool_calls.py),
-        # streamed as one delta each once complete; 'auto': text and calls (server/api/tool_formats.py).
+        # Chat with tool_choice 'required' or a named function: replies are tool calls (server/api/tool_calls.py);
+        # 'auto': text and calls (server/api/tool_formats.py).
         self.tools = tools
-        self.tool_texts = [""] * len(prompts) * (body.n or 1)
-        self.tool_ids: dict[int, str] = {}  # streamed named calls: each choice's call id, once opened
+        self.tool_texts = [""] * len(prompts) * (body.n or 1)  # streamed named or 'required' replies so far
         self.readers: dict[int, ToolCallReader] = {}  # streamed 'auto' replies: each choice's reader
-        self.calls_streamed: dict[int, int] = {}  # streamed 'auto' replies: each choice's calls so far
+        self.auto_calls: dict[int, list[ToolCall]] = {}  # streamed 'auto' replies: each choice's whole calls
+        self.streamed: dict[int, StreamedCalls] = {}  # streamed calls, per choice
         self.n = body.n or 1
         self.prompts = prompts
         self.choices = len(prompts) * self.n
@@ -575,7 +585,7 @@ class _Shape:
         usage = self.usage([c.last for c in choices if c.last is not None])
         return {**self.head, "object": kind, "choices": out, "usage": usage}
 
-    def message(self, text: str, finish_reason: str, named_id: str | None = None) -> tuple[dict[str, Any], str]:
+    def message(self, text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
         """A chat reply's message and finish reason: in tool mode, its tool calls (server/api/tool_calls.py)."""
         if self.tools is not None and self.tools.auto is not None:
             content, read = read_reply(self.tools.auto, text)
@@ -585,54 +595,39 @@ class _Shape:
             return {"role": "assistant", "content": content, "tool_calls": auto_calls}, self.tools.finish(finish_reason)
         if self.tools is None:
             return {"role": "assistant", "content": text}, finish_reason
-        calls = tool_calls(self.tools, text, named_id)
+        calls = tool_calls(self.tools, text)
         if not calls:  # 'required', cut short before a call's name was complete: nothing to call
             return {"role": "assistant", "content": ""}, finish_reason
         return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish(finish_reason)
 
     def tool_chunks(self, index: int, event: GenerationEvent) -> list[str]:
-        """Tool mode, streamed: the chunks an event of choice ``index`` makes. A named function's call opens with
-        its id and name and then streams its arguments; 'required' calls come whole in the last chunk."""
+        """Tool mode, streamed: the chunks an event of choice ``index`` makes. Each call opens with its id and name
+        once its name is known and streams its arguments piece by piece (``StreamedCalls``); 'auto' text goes out
+        as content as soon as it cannot be the start of a call. The last chunk carries the finish reason."""
         assert self.tools is not None
         finish = _finish_reason(event) if event.finish_reason in _FINISHED else None
-        if self.tools.auto is not None:
-            return self._auto_chunks(index, event.text, finish)
-        self.tool_texts[index] += event.text
-        if self.tools.function is None:
-            if finish is None:
-                return []
-            message, finish = self.message(self.tool_texts[index], finish)
-            if message["content"] is None:
-                return [self._delta(index, {"tool_calls": _indexed_calls(message["tool_calls"])}, finish)]
-            return [self._delta(index, {"content": message["content"]}, finish)]
+        streamed = self.streamed.setdefault(index, StreamedCalls())
         out = []
-        if index not in self.tool_ids:  # the call opens: its id and name, no arguments yet
-            self.tool_ids[index] = call_id()
-            (call,) = tool_calls(self.tools, "", self.tool_ids[index])
-            out.append(self._delta(index, {"tool_calls": _indexed_calls([call])}, None))
-        if event.text or finish is not None:
-            arguments = {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
-            out.append(self._delta(index, arguments, None if finish is None else self.tools.finish(finish)))
+        if self.tools.auto is not None:
+            reader = self.readers.setdefault(index, ToolCallReader(self.tools.auto))
+            done = self.auto_calls.setdefault(index, [])
+            for piece in reader.feed(event.text) + (reader.finish() if finish is not None else []):
+                if isinstance(piece, str):
+                    out.append(self._delta(index, {"content": piece}, None))
+                    continue
+                done.append(piece)
+                out += self._call_deltas(index, streamed.update(done))
+            calls = done if reader.partial is None else [*done, reader.partial]
+        else:
+            self.tool_texts[index] += event.text
+            calls = calls_in(self.tools, self.tool_texts[index])
+        out += self._call_deltas(index, streamed.update(calls))
+        if finish is not None:
+            out.append(self._delta(index, {}, self.tools.finish(finish) if streamed else finish))
         return out
 
-    def _auto_chunks(self, index: int, text: str, finish: str | None) -> list[str]:
-        """tool_choice 'auto', streamed: text as content deltas as soon as it cannot be a call's start, each call
-        whole once complete; the last chunk's finish reason is 'tool_calls' when there were calls."""
-        assert self.tools is not None and self.tools.auto is not None
-        reader = self.readers.setdefault(index, ToolCallReader(self.tools.auto))
-        pieces = reader.feed(text) + (reader.finish() if finish is not None else [])
-        out = []
-        for piece in pieces:
-            if isinstance(piece, str):
-                out.append(self._delta(index, {"content": piece}, None))
-                continue
-            number = self.calls_streamed.get(index, 0)
-            self.calls_streamed[index] = number + 1
-            out.append(self._delta(index, {"tool_calls": [{"index": number, **_call_out(piece)}]}, None))
-        if finish is not None:
-            called = self.calls_streamed.get(index, 0) > 0
-            out.append(self._delta(index, {}, self.tools.finish(finish) if called else finish))
-        return out
+    def _call_deltas(self, index: int, entries: list[dict[str, Any]]) -> list[str]:
+        return [self._delta(index, {"tool_calls": [entry]}, None) for entry in entries]
 
     def _delta(self, index: int, delta: dict[str, Any], finish_reason: str | None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -706,11 +701,6 @@ class _Choice:
 def _call_out(call: ToolCall) -> dict[str, Any]:
     """A call read from an 'auto' reply, as OpenAI's ``tool_calls`` carry it."""
     return function_call(call_id(), call.name, call.arguments)
-
-
-def _indexed_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tool calls as stream deltas carry them: each with its index."""
-    return [{"index": i, **call} for i, call in enumerate(calls)]
 
 
 def _choices(prepared: PreparedGeneration, n: int) -> list[PreparedGeneration]:

@@ -5,7 +5,8 @@ function's parameters schema and comes back as one tool call whose arguments are
 ``stop``, as OpenAI answers a forced function; streamed, the arguments come piece by piece). ``"required"``: the
 reply is held to a JSON array of one or more calls, each ``{"name": ..., "parameters": {...}}`` of one of the
 tools (one call only with ``parallel_tool_calls: false``), and comes back as those calls (finish reason
-``tool_calls``; streamed, whole in the last chunk). ``"none"``: the tools are only shown to the chat template.
+``tool_calls``). Streamed, every call opens with its id and name once its name is written and then streams its
+arguments, the model's text as written (``StreamedCalls``). ``"none"``: the tools are only shown to the chat template.
 ``"auto"`` (OpenAI's default when tools are given): the model writes text or calls in its own format, read back
 by server/api/tool_formats.py; with ``--tool-call-format none`` it is refused, as vLLM refuses it without
 ``--enable-auto-tool-choice``.
@@ -15,15 +16,13 @@ The tools are passed to the chat template (templates that know tools show them t
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.tool_formats import ToolCallFormat
+from server.api.tool_formats import ToolCall, ToolCallFormat, read_call_at
 from server.structured_output import GrammarSpec
 
 
@@ -130,43 +129,38 @@ def call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def tool_calls(mode: ToolMode, text: str, named_id: str | None = None) -> list[dict[str, Any]]:
-    """The reply as OpenAI's ``tool_calls``. A named function's call carries the reply as its arguments, as
-    written (cut short by max_tokens, they are cut short too, as OpenAI's are); ``named_id``: its id, if one was
-    streamed already. A 'required' reply is a list of calls; cut short, its whole calls come back, and the one
-    it was writing too once its name is complete, with its arguments as written: never the list's own text."""
+def tool_calls(mode: ToolMode, text: str) -> list[dict[str, Any]]:
+    """A named function's or a 'required' reply as OpenAI's ``tool_calls`` (``calls_in``)."""
+    return [function_call(call_id(), call.name, call.arguments) for call in calls_in(mode, text)]
+
+
+def calls_in(mode: ToolMode, text: str) -> list[ToolCall]:
+    """The calls of a reply so far. A named function's call carries the reply as its arguments, as written (cut
+    short by max_tokens, they are cut short too, as OpenAI's are). A 'required' reply is a list of calls; cut
+    short, its whole calls come back, and the one it was writing too once its name is complete, with its
+    arguments as written: never the list's own text."""
     if mode.function is not None:
-        return [function_call(named_id or call_id(), mode.function, text)]
-    return [function_call(call_id(), name, arguments) for name, arguments in read_required(text)]
+        return [ToolCall(mode.function, text)]
+    return read_required(text)
 
 
-# A call of a 'required' reply cut short after its name: the name (a JSON string's inside) and what there is
-# of the arguments.
-_CALL_CUT_SHORT = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*(.*)\Z', re.S)
-
-
-def read_required(text: str) -> list[tuple[str, str]]:
+def read_required(text: str) -> list[ToolCall]:
     """The calls in a 'required' reply, ``[{"name": ..., "parameters": {...}}, ...]`` (the grammar's shape; a
-    stop string or max_tokens may have cut it short), each as (name, arguments as JSON text)."""
-    decoder = json.JSONDecoder()
+    stop string or max_tokens may have cut it short), their arguments as written."""
     position = _skip_space(text, 0)
     if not text.startswith("[", position):
         return []
-    calls: list[tuple[str, str]] = []
+    calls: list[ToolCall] = []
     position += 1
     while True:
-        position = _skip_space(text, position)
-        try:
-            call, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
-            cut = _CALL_CUT_SHORT.match(text, position)
-            if cut is not None:
-                calls.append((json.loads(f'"{cut[1]}"'), cut[2]))
+        read = read_call_at(text, _skip_space(text, position), "parameters")
+        if read is None:
             return calls
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and "parameters" in call):
+        call, end = read
+        calls.append(call)
+        if end is None:
             return calls
-        calls.append((call["name"], json.dumps(call["parameters"], ensure_ascii=False)))
-        position = _skip_space(text, position)
+        position = _skip_space(text, end)
         if not text.startswith(",", position):
             return calls
         position += 1
@@ -176,6 +170,32 @@ def _skip_space(text: str, position: int) -> int:
     while position < len(text) and text[position] in " \t\n\r":
         position += 1
     return position
+
+
+class StreamedCalls:
+    """A reply's tool calls as OpenAI streams them: each call's id and name once its name is known, then its
+    arguments piece by piece. Fed the calls read so far each time the reply grows (the last one maybe cut short:
+    its arguments only ever grow); gives the deltas' ``tool_calls`` entries."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.sent: list[int] = []  # per call: characters of its arguments sent
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def update(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for index, call in enumerate(calls):
+            if index == len(self.ids):
+                self.ids.append(call_id())
+                self.sent.append(0)
+                opening = function_call(self.ids[index], call.name, "")
+                out.append({"index": index, **opening})
+            if len(call.arguments) > self.sent[index]:
+                out.append({"index": index, "function": {"arguments": call.arguments[self.sent[index] :]}})
+                self.sent[index] = len(call.arguments)
+        return out
 
 
 def function_call(id_: str, name: str, arguments: str) -> dict[str, Any]:

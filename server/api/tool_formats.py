@@ -18,7 +18,9 @@ the history are written into its text in the same format, so the conversation re
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,27 +93,52 @@ class ToolCallFormat:
             return call
         return f"{self.opening}\n{call}\n{self.closing}"
 
-    def read_call(self, text: str) -> tuple[ToolCall, int] | None:
-        """The call ``text`` starts with (it starts with ``opening``) and how many characters it takes, or None
-        while it is not complete (or cannot be read: a reply cut short)."""
+    def read_call(self, text: str) -> tuple[ToolCall, int | None] | None:
+        """The call ``text`` starts with (it starts with ``opening``): with how many characters it takes once
+        complete, or None while it is not (its arguments then as far as they go); None before its name is."""
         start = 0 if self.object_in_opening else len(self.opening)
         start += len(text[start:]) - len(text[start:].lstrip())
-        try:
-            call, end = _DECODER.raw_decode(text, start)
-        except json.JSONDecodeError:
-            return None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and self.arguments_key in call):
-            return None
+        read = read_call_at(text, start, self.arguments_key)
+        if read is None or read[1] is None:
+            return read
+        call, end = read
         if self.closing:
             rest = text[end:]
             gap = len(rest) - len(rest.lstrip())
             if not rest[gap:].startswith(self.closing):
-                return None
+                return call, None
             end += gap + len(self.closing)
-        return ToolCall(call["name"], json.dumps(call[self.arguments_key], ensure_ascii=False)), end
+        return call, end
 
 
 _DECODER = json.JSONDecoder()
+_CLOSING_BRACE = re.compile(r"\s*\}")
+
+
+@functools.cache
+def _call_head(arguments_key: str) -> re.Pattern[str]:
+    """A call object's start up to its arguments: its name (a JSON string's inside) first, as grammars write it."""
+    return re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"' + re.escape(arguments_key) + r'"\s*:\s*')
+
+
+def read_call_at(text: str, position: int, arguments_key: str) -> tuple[ToolCall, int | None] | None:
+    """The call object ``{"name": ..., arguments_key: ...}`` written at ``position`` (name first, as the grammars
+    write calls), its arguments as written, and the index just past the object once it is complete (None while
+    it is cut short: the arguments then go as far as the text does). None while its name is not complete.
+
+    Arguments are the model's text, never parsed and dumped again: a streamed call sends each piece as it comes,
+    and the pieces add up to exactly the arguments of the whole call (as OpenAI's do)."""
+    head = _call_head(arguments_key).match(text, position)
+    if head is None:
+        return None
+    name, start = json.loads(f'"{head[1]}"'), head.end()
+    try:
+        _, end = _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError:
+        return ToolCall(name, text[start:]), None
+    closed = _CLOSING_BRACE.match(text, end)
+    return ToolCall(name, text[start:end]), None if closed is None else closed.end()
+
 
 TOOL_CALL_FORMATS = {
     "hermes": ToolCallFormat(
@@ -138,15 +165,18 @@ TOOL_CALL_FORMATS = {
 class ToolCallReader:
     """Reads a reply, piece by piece as it streams, into text and calls.
 
-    Text goes out as soon as it cannot be the start of a call; a call once complete. Whitespace next to a call
-    is dropped (a model writes a newline between calls), so the text of a reply of calls only is empty. What is
-    left at the end (a call cut short by max_tokens or a stop string) comes back as text: nothing is lost.
+    Text goes out as soon as it cannot be the start of a call; a call once complete, and meanwhile, once its name
+    is, it is ``partial`` (its arguments as far as they go). Whitespace next to a call is dropped (a model writes
+    a newline between calls), so the text of a reply of calls only is empty. At the end, a call cut short (by
+    max_tokens or a stop string) comes back as a call with the arguments it has, as OpenAI's do, once its name
+    is complete; anything else held back comes back as text: nothing is lost.
     """
 
     def __init__(self, tool_format: ToolCallFormat) -> None:
         self.format = tool_format
         self._pending = ""  # text not yet given out: a possible opening, a call not yet complete, or whitespace
         self._after_call = False  # the last piece given out was a call: leading whitespace goes
+        self.partial: ToolCall | None = None  # the call being written, once its name is complete
 
     def feed(self, text: str) -> list[Piece]:
         self._pending += text
@@ -171,20 +201,27 @@ class ToolCallReader:
             self._give(out, self._pending[:kept])
             self._pending = self._pending[kept:]
             read = self.format.read_call(self._pending[at - kept :])
-            if read is None:
+            self.partial = None if read is None else read[0]
+            if read is None or read[1] is None:
                 break  # the call is not complete yet
             call, used = read
             out.append(call)
+            self.partial = None
             self._pending = self._pending[at - kept + used :]
             self._after_call = True
         return out
 
     def finish(self) -> list[Piece]:
-        """The reply has ended: what was held back, as text (trailing whitespace dropped)."""
+        """The reply has ended: a call cut short (once named), or what was held back as text (trailing
+        whitespace dropped)."""
         rest = self._pending.rstrip()
         self._pending = ""
         out: list[Piece] = []
-        self._give(out, rest)
+        if self.partial is not None:
+            out.append(self.partial)
+            self.partial = None
+        else:
+            self._give(out, rest)
         return out
 
     def _give(self, out: list[Piece], text: str) -> None:
