@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import fields
@@ -284,25 +286,45 @@ def serve(args: argparse.Namespace) -> int:
         # server is closing, and gets a connection error with no response (seen by the cold-burst benchmark).
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    _draining_server(server_config, app).run()
+    _draining_server(server_config, app, config.drain_timeout_s).run()
     return 0
 
 
-def _draining_server(config: Any, app: Any) -> Any:
-    """uvicorn's server, plus: on SIGTERM/SIGINT new requests get 503 while in-flight ones finish; exit code 0.
+def _draining_server(config: Any, app: Any, drain_timeout_s: float) -> Any:
+    """uvicorn's server, plus a drain on SIGTERM, and exit code 0.
 
-    uvicorn itself stops accepting connections, waits for open ones up to its
-    graceful-shutdown timeout (our drain timeout), then runs the lifespan's
-    shutdown, which drains the engine.
+    On SIGTERM the server keeps listening while in-flight generations finish (up to ``drain_timeout_s``): new
+    requests and /health get 503 with Retry-After, so a load balancer or a Kubernetes readiness probe sends work
+    elsewhere. Generations still running at the deadline are stopped with a 503 (streamed: a last error event),
+    never cut off mid-body; then uvicorn stops listening, closes idle connections and runs the lifespan's
+    shutdown. SIGINT (Ctrl-C), or a second signal, stops as uvicorn does: no new connections, open ones get
+    uvicorn's graceful-shutdown time.
     """
     import uvicorn
 
+    from server.drain import drain_generations
+
     class Server(uvicorn.Server):
+        drain_signal: int | None = None
+        drain_task: asyncio.Task[None] | None = None
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             state = getattr(app.state, "server", None)
             if state is not None:
                 state.draining = True
+            if sig == signal.SIGTERM and state is not None and self.drain_signal is None:
+                self.drain_signal = sig  # the drain starts on the next tick, in the event loop (not in a handler)
+                return
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_signal is not None and self.drain_task is None:
+                self.drain_task = asyncio.get_running_loop().create_task(self._drain(self.drain_signal))
+            return await super().on_tick(counter)
+
+        async def _drain(self, sig: int) -> None:
+            await drain_generations(app.state.server, drain_timeout_s)
+            super().handle_exit(sig, None)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -412,6 +412,13 @@ class Engine:
                 self._finish(tracked, GenerationEvent(None, "", "cancelled"))
         self._wakeup.put(None)
 
+    def abort_all(self) -> None:
+        """Cancel every request not yet finished (a server stopping after its drain time)."""
+        with self._lock:
+            request_ids = [request_id for request_id, tracked in self._tracked.items() if not tracked.done]
+        for request_id in request_ids:
+            self.abort(request_id)
+
     # ----- the engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:

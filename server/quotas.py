@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.errors import Overloaded, PayloadTooLarge, QuotaExceeded, RequestTimeout
+from server.errors import Overloaded, PayloadTooLarge, QuotaExceeded, RequestTimeout, Unavailable
 from server.request_log import current_request
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ class RequestGate:
         self.request_timeout_s = request_timeout_s
         self.in_flight: dict[str, int] = {}
         self.open_streams = 0
+        # The server is stopping and has aborted what still ran (server/drain.py): those requests end with 503.
+        self.closing = False
         self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def events(
@@ -97,6 +99,12 @@ class RequestGate:
                 async for event in self._with_deadline(events):
                     if record is not None:
                         record.note_event(request, event)
+                    if event.finish_reason == "cancelled" and self.closing:
+                        raise Unavailable(
+                            "the server is shutting down: this generation ran past its drain time "
+                            "(--drain-timeout-s) and was stopped; send it again",
+                            retry_after_s=1,
+                        )
                     yield event
             finally:
                 await events.aclose()  # type: ignore[attr-defined]  # aborts the request if it is still going

@@ -90,34 +90,60 @@ def put(url: str, task_id: str, blob: bytes) -> dict:
 # ----- SIGTERM ---------------------------------------------------------------------------------
 
 
-def test_sigterm_stops_admitting_drains_in_flight_and_exits_0(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_answers_503_while_in_flight_streams_finish_and_exits_0(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM: the server keeps listening, answering new requests and /health 503 (a load balancer or readiness
+    probe moves traffic away, nothing is refused at the socket) while in-flight streams run to their end; then it
+    exits 0."""
     args = ["--model", str(tiny_model_dir), "--store", f"disk://{tmp_path / 'store'}", "--max-batch-size", "4"]
     with running_server(args, tmp_path / "server.log") as proc:
-        body = {"prompt": "hello", "max_new_tokens": LONG, "stop": ["\u0000"]}
+        body = {"prompt": "hello", "max_new_tokens": LONG, "ignore_eos": True}  # ~1 s on the tiny model
         started = [threading.Event() for _ in range(4)]
         with ThreadPoolExecutor(4) as pool:
             streams = [pool.submit(stream_events, proc.url, body, s) for s in started]
             assert all(s.wait(30) for s in started)
             sent_at = time.monotonic()
             proc.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.05)
-            try:  # new work is refused: 503 from a server still closing, or no connection at all
-                refused = httpx.post(proc.url + "/v1/generate", json={"prompt": "x"}, timeout=5)
-                assert refused.status_code == 503, refused.text
-                how = "503"
-            except httpx.TransportError:
-                how = "connection refused"
+            deadline = time.monotonic() + 5
+            while httpx.get(proc.url + "/health", timeout=5).status_code != 503:  # at uvicorn's next tick
+                assert time.monotonic() < deadline, "still healthy after SIGTERM"
+                time.sleep(0.01)
+            refused = httpx.post(proc.url + "/v1/generate", json={"prompt": "x"}, timeout=5)
+            assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+            assert not any(s.done() for s in streams), "the streams must outlast the checks"
             results = [s.result() for s in streams]
         code = proc.proc.wait(timeout=60)
         drained_s = time.monotonic() - sent_at
     for events in results:  # every in-flight request ran to its end
-        assert events[-1]["finish_reason"] in ("length", "eos"), events[-1]
-        assert events[-1]["usage"]["completion_tokens"] == len(events)
+        assert events[-1]["finish_reason"] == "length", events[-1]
+        assert events[-1]["usage"]["completion_tokens"] == len(events) == LONG
     assert code == 0, proc.log()
     print(
-        f"\nSIGTERM: new request -> {how}; 4 in-flight streams of up to {LONG} tokens finished; "
+        f"\nSIGTERM: new request -> 503; 4 in-flight streams of up to {LONG} tokens finished; "
         f"exit 0 {drained_s:.2f} s after the signal"
     )
+
+
+def test_streams_past_the_drain_time_end_with_an_error_event_not_cut_off(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A stream still running when --drain-timeout-s runs out gets a last event saying the server stopped it (503,
+    "unavailable"), and the server exits 0 without a traceback; a request waiting in the queue gets a 503."""
+    args = ["--model", str(tiny_model_dir), "--store", f"disk://{tmp_path / 'store'}", "--max-batch-size", "1"]
+    args += ["--drain-timeout-s", "0"]  # the tiny model writes LONG tokens in well under a second
+    with running_server(args, tmp_path / "server.log") as proc:
+        body = {"prompt": "hello", "max_new_tokens": LONG, "ignore_eos": True}
+        started = threading.Event()
+        with ThreadPoolExecutor(2) as pool:
+            stream = pool.submit(stream_events, proc.url, body, started)
+            assert started.wait(30)
+            queued = pool.submit(httpx.post, proc.url + "/v1/generate", json=body, timeout=60)
+            time.sleep(0.05)  # queued behind the stream (one row)
+            proc.proc.send_signal(signal.SIGTERM)
+            events, waiting = stream.result(), queued.result()
+        code = proc.proc.wait(timeout=60)
+    assert code == 0, proc.log()
+    assert events[-1].get("error", {}).get("type") == "unavailable", events[-1]
+    assert "drain" in events[-1]["error"]["message"] and len(events) < LONG
+    assert waiting.status_code == 503 and waiting.json()["error"]["type"] == "unavailable", waiting.text
+    assert "Traceback" not in proc.log() and "Exception in ASGI application" not in proc.log(), proc.log()
 
 
 def test_draining_server_answers_503(tiny_model_dir: Path, tmp_path: Path) -> None:
