@@ -26,7 +26,7 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None, help=f"server URL [env {ENV_URL}, default {DEFAULT_URL}]")
     common.add_argument("--api-key", default=None, help=f"API key [env {ENV_API_KEY}]")
-    common.add_argument("--json", action="store_true", help="print JSON (one object per line when streaming)")
+    common.add_argument("--json", action="store_true", help="print the server's JSON")
     return common
 
 
@@ -43,7 +43,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     generate = sub.add_parser("generate", parents=[common], help="generate text with a task's prefix")
     generate.add_argument("task_id", metavar="TASK_ID", help=f"the task, or {BASE_MODEL!r} for the base model")
     generate.add_argument("prompt", metavar="PROMPT", help="the prompt, or '-' to read it from stdin")
-    generate.add_argument("--stream", action="store_true", help="print tokens as they come")
+    generate.add_argument(
+        "--stream", action="store_true", help="print tokens as they come (with --json: one event per line)"
+    )
     generate.add_argument("--chat", action="store_true", help="send PROMPT as a user message (chat template)")
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (64)")
     generate.add_argument("--temperature", type=float, default=None, help="0 = greedy (the server's default)")
@@ -170,6 +172,8 @@ def _upload(client: Client, args: argparse.Namespace) -> None:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> None:
+    if not args.json and (args.logprobs is not None or args.prompt_logprobs is not None):
+        raise ValueError("--logprobs and --prompt-logprobs are shown with --json only")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     request: dict[str, Any] = {
         "task_id": None if args.task_id == BASE_MODEL else args.task_id,

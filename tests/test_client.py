@@ -357,6 +357,7 @@ def test_cli_readable_errors(server_url: str, tmp_path: Path, capsys: pytest.Cap
         (["list", "--url", server_url, "--api-key", "wrong"], "401 unauthorized"),
         (["generate", "-", "hi", "--max-new-tokens", "9999", "--url", server_url, "--api-key", KEY], "max_new_tokens"),
         (["list", "--url", "http://127.0.0.1:9"], "cannot connect"),
+        (["generate", "-", "hi", "--logprobs", "2", "--url", server_url, "--api-key", KEY], "with --json only"),
     ]
     for argv, words in cases:
         code, out, err = run_cli(capsys, *argv)

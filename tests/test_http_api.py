@@ -186,6 +186,9 @@ def test_bad_input_is_a_clear_4xx(client: TestClient) -> None:
     assert bad_json.json()["error"]["message"].startswith("the request body is not valid JSON: Expecting")
     assert_error(put_native(client, "bad..id", native_blob()), 422)
     assert_error(put_native(client, "-leading-dash", native_blob()), 422)
+    assert_error(put_native(client, "a/b", native_blob()), 422, "task id")  # not a bare 404 from the router
+    assert_error(client.get("/v1/prefixes/a/b"), 422, "task id")
+    assert_error(client.delete("/v1/prefixes/a/b"), 422, "task id")
     assert_error(client.post("/v1/generate", json={"prompt": "word " * 400}), 422, "prompt")
     assert_error(client.put("/v1/prefixes/huge", content=b"\0" * (MAX_UPLOAD + 1)), 413)
     assert_error(client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 0}), 422)

@@ -164,6 +164,7 @@ def test_openmetrics_when_asked(loaded, tmp_path: Path) -> None:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("application/openmetrics-text")
         assert r.text.endswith("# EOF\n")
+        assert "_created" not in r.text and "_created" not in scrape(client), "no creation-time series"
         # /metrics needs no key even when keys are configured; the scrape itself is counted.
         plain = scrape(client)
         assert total(plain, "prefix_serve_requests_total", endpoint="/metrics", status="200") >= 1

@@ -35,7 +35,7 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 @router.put(
-    "/v1/prefixes/{task_id}",
+    "/v1/prefixes/{task_id:path}",
     status_code=201,
     response_model=PrefixInfo,
     openapi_extra={
@@ -118,13 +118,13 @@ async def list_prefixes(state: State, principal: Caller) -> dict[str, Any]:
     return {"data": [m.to_public_dict() for m in metas]}
 
 
-@router.get("/v1/prefixes/{task_id}", response_model=PrefixInfo)
+@router.get("/v1/prefixes/{task_id:path}", response_model=PrefixInfo)
 async def get_prefix(task_id: str, state: State, principal: Caller) -> dict[str, Any]:
     meta = await _in_thread(state.registry.info, principal.tenant, task_id)
     return meta.to_public_dict()
 
 
-@router.delete("/v1/prefixes/{task_id}", status_code=204)
+@router.delete("/v1/prefixes/{task_id:path}", status_code=204)
 async def delete_prefix(task_id: str, state: State, principal: Caller) -> Response:
     deleted = await _in_thread(state.registry.delete, principal.tenant, task_id)
     state.heap_trimmer.request()
