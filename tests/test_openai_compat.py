@@ -667,7 +667,7 @@ TIME = {
 
 def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> None:
     """A named tool_choice holds the reply to that function's parameters and returns one call; 'required'
-    returns one or more calls of the tools; streamed, the calls come whole in the last delta."""
+    returns one or more calls of the tools; streamed, each call opens with its name, then its arguments stream."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
     got = oai.chat.completions.create(

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prefix_store.backends import default_store_url, open_backend
 from prefix_store.piecewise import run_here
 from prefix_store.registry import PrefixRegistry
-from server.api import generate, openai_compat, prefixes, tokenize
+from server.api import generate, openai_compat, prefixes, responses, tokenize
 from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.schemas import ErrorBody, HealthStatus, OpenAIErrorBody, error_responses
@@ -224,6 +224,7 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
     app.include_router(prefixes.router, responses=error_responses(ErrorBody))
     app.include_router(metrics_router)
     app.include_router(openai_compat.router, responses=error_responses(OpenAIErrorBody))
+    app.include_router(responses.router, responses=error_responses(OpenAIErrorBody))
     app.include_router(tokenize.router, responses=error_responses(OpenAIErrorBody))  # vLLM's, at the root
     return app
 

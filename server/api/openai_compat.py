@@ -52,17 +52,17 @@ from server.api.generate import (
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import (
+    ReplyReader,
     StreamedCalls,
     ToolCallError,
     ToolIn,
     ToolMode,
     call_id,
-    calls_in,
     function_call,
     tool_calls,
     tool_mode,
 )
-from server.api.tool_formats import TOOL_CALL_FORMATS, ToolCall, ToolCallReader, read_reply
+from server.api.tool_formats import TOOL_CALL_FORMATS, ToolCall, read_reply
 from server.api.validation import describe as describe_validation
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
@@ -504,9 +504,7 @@ class _Shape:
         # Chat with tool_choice 'required' or a named function: replies are tool calls (server/api/tool_calls.py);
         # 'auto': text and calls (server/api/tool_formats.py).
         self.tools = tools
-        self.tool_texts = [""] * len(prompts) * (body.n or 1)  # streamed named or 'required' replies so far
-        self.readers: dict[int, ToolCallReader] = {}  # streamed 'auto' replies: each choice's reader
-        self.auto_calls: dict[int, list[ToolCall]] = {}  # streamed 'auto' replies: each choice's whole calls
+        self.replies: dict[int, ReplyReader] = {}  # streamed replies, per choice: read into text and calls
         self.streamed: dict[int, StreamedCalls] = {}  # streamed calls, per choice
         self.n = body.n or 1
         self.prompts = prompts
@@ -606,22 +604,14 @@ class _Shape:
         as content as soon as it cannot be the start of a call. The last chunk carries the finish reason."""
         assert self.tools is not None
         finish = _finish_reason(event) if event.finish_reason in _FINISHED else None
+        reply = self.replies.setdefault(index, ReplyReader(self.tools))
         streamed = self.streamed.setdefault(index, StreamedCalls())
         out = []
-        if self.tools.auto is not None:
-            reader = self.readers.setdefault(index, ToolCallReader(self.tools.auto))
-            done = self.auto_calls.setdefault(index, [])
-            for piece in reader.feed(event.text) + (reader.finish() if finish is not None else []):
-                if isinstance(piece, str):
-                    out.append(self._delta(index, {"content": piece}, None))
-                    continue
-                done.append(piece)
-                out += self._call_deltas(index, streamed.update(done))
-            calls = done if reader.partial is None else [*done, reader.partial]
-        else:
-            self.tool_texts[index] += event.text
-            calls = calls_in(self.tools, self.tool_texts[index])
-        out += self._call_deltas(index, streamed.update(calls))
+        for step in reply.feed(event.text, end=finish is not None):
+            if isinstance(step, str):
+                out.append(self._delta(index, {"content": step}, None))
+            else:
+                out += self._call_deltas(index, streamed.update(step))
         if finish is not None:
             out.append(self._delta(index, {}, self.tools.finish(finish) if streamed else finish))
         return out
@@ -914,6 +904,16 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[tupl
 
 @router.post("/v1/chat/completions", responses=_STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, principal: Caller) -> Response:
+    prepared, mode = await prepare_chat(state, principal, body, "chatcmpl-" + secrets.token_hex(12))
+    shape = _Shape(True, [prepared], body, state.model.tokenizer, tools=mode)
+    return await _respond(request, state, body, shape)
+
+
+async def prepare_chat(
+    state: ServerState, principal: Principal, body: ChatCompletionRequest, response_id: str
+) -> tuple[PreparedGeneration, ToolMode | None]:
+    """A chat request checked and ready for the engine, and how its reply becomes tool calls (None: text). Shared
+    with the Responses API (server/api/responses.py), which is a chat underneath."""
     _reject_unsupported(body)
     if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
         raise ParameterError("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one")
@@ -929,14 +929,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         prompt=None,
         messages=chat_messages(body.messages),
         max_tokens=max_tokens,
-        response_id="chatcmpl-" + secrets.token_hex(12),
+        response_id=response_id,
         grammar=tool_grammar or format_grammar,
         tools=None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools],
         mode=mode,
         max_tokens_given=bool(body.max_completion_tokens or body.max_tokens),
     )
-    shape = _Shape(True, [prepared], body, state.model.tokenizer, tools=mode)
-    return await _respond(request, state, body, shape)
+    return prepared, mode
 
 
 def _model_card(state: ServerState, model_id: str, created: int, owned_by: str, parent: str | None) -> dict[str, Any]:

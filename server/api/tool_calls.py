@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.tool_formats import ToolCall, ToolCallFormat, read_call_at
+from server.api.tool_formats import ToolCall, ToolCallFormat, ToolCallReader, read_call_at
 from server.structured_output import GrammarSpec
 
 
@@ -170,6 +170,34 @@ def _skip_space(text: str, position: int) -> int:
     while position < len(text) and text[position] in " \t\n\r":
         position += 1
     return position
+
+
+class ReplyReader:
+    """A chat reply read as it streams, with its tool mode: ``feed`` gives what each piece adds, in order: text to
+    show (str), and the calls so far (a list, the last maybe still being written) whenever they grow."""
+
+    def __init__(self, mode: ToolMode | None) -> None:
+        self.mode = mode
+        self.reader = None if mode is None or mode.auto is None else ToolCallReader(mode.auto)
+        self.text = ""  # named and 'required' replies so far
+        self.done: list[ToolCall] = []  # 'auto' replies' whole calls so far
+
+    def feed(self, text: str, end: bool = False) -> list[str | list[ToolCall]]:
+        if self.mode is None:
+            return [text] if text else []
+        if self.reader is None:
+            self.text += text
+            return [calls_in(self.mode, self.text)]
+        out: list[str | list[ToolCall]] = []
+        for piece in self.reader.feed(text) + (self.reader.finish() if end else []):
+            if isinstance(piece, str):
+                out.append(piece)
+            else:
+                self.done.append(piece)
+                out.append(list(self.done))
+        if self.reader.partial is not None:
+            out.append([*self.done, self.reader.partial])
+        return out
 
 
 class StreamedCalls:

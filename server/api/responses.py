@@ -1,0 +1,474 @@
+"""OpenAI's Responses API, POST /v1/responses: a chat underneath, answered in the Responses shape.
+
+The request's ``instructions`` and ``input`` (a string, or items: messages, earlier ``function_call`` items and
+their ``function_call_output``) become chat messages; ``tools`` (function tools), ``tool_choice``, ``text.format``
+(structured output), ``max_output_tokens``, ``temperature`` and ``top_p`` become the chat's fields, and the chat
+route's checks, tool modes and prefix lookup run on them (``prepare_chat``). ``model`` names a task or the base
+model, as on the other OpenAI routes. The reply comes back as output items: a ``message`` with its text, and a
+``function_call`` item per tool call; streamed, as the typed events OpenAI sends (``response.created``, text
+deltas, function-call argument deltas, ``response.completed``).
+
+The server keeps no responses (as ``store: false``): ``previous_response_id`` and ``conversation`` are refused,
+and clients send the whole conversation as ``input``, earlier output items included, as they do for the chat API.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.api.generate import check_event, events_until_disconnect, start_events
+from server.api.openai_compat import (
+    ChatCompletionRequest,
+    OpenAIRoute,
+    ParameterError,
+    UnsupportedParameter,
+    openai_error_body,
+    prepare_chat,
+)
+from server.api.state import Caller, State
+from server.api.tool_calls import ReplyReader, ToolMode, calls_in
+from server.api.tool_formats import ToolCall, read_reply
+from server.engine import GenerationEvent
+from server.errors import ApiError, GenerationFailed
+
+router = APIRouter(route_class=OpenAIRoute)
+
+_FINISHED = ("length", "stop", "eos")
+
+
+class TextOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    verbosity: str | None = None  # for reasoning models: nothing to change here
+
+
+class ResponsesRequest(BaseModel):
+    """What this server takes of OpenAI's ``responses.create``; unknown fields are refused, as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextOptions | None = None
+    # Accepted as OpenAI takes them, changing nothing here (nothing is stored; no reasoning to configure).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    truncation: Literal["disabled"] | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = Field(None, max_length=0)  # none of the extra outputs exist here
+    # Refused with a reason (``_refuse_state``).
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
+
+
+def _refuse_state(body: ResponsesRequest) -> None:
+    for name in ("previous_response_id", "conversation"):
+        if getattr(body, name) is not None:
+            raise UnsupportedParameter(
+                name, f"{name} is not supported: this server keeps no responses; send the whole conversation as input"
+            )
+    if body.background:
+        raise UnsupportedParameter("background", "background responses are not supported")
+
+
+def _text_of(content: Any, param: str) -> str:
+    """Message content as text: a string, or parts of input or output text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ParameterError(param, "content must be a string or a list of text parts")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
+            raise UnsupportedParameter(param, "only text content parts (input_text, output_text) are supported")
+        if not isinstance(part.get("text"), str):
+            raise ParameterError(param, "a text part needs its text")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """``instructions`` and ``input`` as chat messages: an earlier ``function_call`` joins the assistant message
+    before it (or makes one), its ``function_call_output`` is a tool message."""
+    messages: list[dict[str, Any]] = []
+    if body.instructions:
+        messages.append({"role": "system", "content": body.instructions})
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    if not items:
+        raise ParameterError("input", "input is empty")
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise ParameterError(f"input.{i}.role", "role must be user, assistant, system or developer")
+            messages.append({"role": role, "content": _text_of(item.get("content"), f"input.{i}.content")})
+        elif kind == "function_call":
+            if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise ParameterError(f"input.{i}", "a function_call item needs call_id, name and arguments")
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise ParameterError(f"input.{i}.call_id", "a function_call_output item needs the call_id it answers")
+            output = _text_of(item.get("output"), f"input.{i}.output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+        else:
+            raise UnsupportedParameter(f"input.{i}.type", f"input items of type {kind!r} are not supported")
+    return messages
+
+
+def _chat_tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    """A Responses function tool (flat) as the chat API's (nested under ``function``)."""
+    if tool.get("type") != "function":
+        raise UnsupportedParameter(f"tools.{i}.type", "only function tools are supported")
+    function = {k: v for k, v in tool.items() if k != "type"}
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any] | None) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def _response_format(text: TextOptions | None) -> dict[str, Any] | None:
+    """``text.format`` as the chat API's ``response_format`` (whose json_schema nests what Responses has flat)."""
+    fmt = None if text is None else text.format
+    if fmt is None or fmt.get("type") != "json_schema":
+        return fmt
+    return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request a Responses request is."""
+    _refuse_state(body)
+    chat: dict[str, Any] = {
+        "model": body.model,
+        "messages": _messages(body),
+        "max_completion_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "tool_choice": _chat_tool_choice(body.tool_choice),
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "response_format": _response_format(body.text),
+        "user": body.user,
+    }
+    if body.tools is not None:
+        chat["tools"] = [_chat_tool(tool, i) for i, tool in enumerate(body.tools)]
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+    except ValidationError as exc:  # a field read from the Responses request: name it as the client sent it
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]).replace("messages", "input").replace("response_format", "text")
+        raise ParameterError(where, f"{where}: {error['msg']}") from exc
+
+
+# ----- the response --------------------------------------------------------------------------------------------
+
+
+def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": []}
+    return {
+        "type": "message",
+        "id": "msg_" + secrets.token_hex(12),
+        "status": status,
+        "role": "assistant",
+        "content": [part],
+    }
+
+
+def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": "fc_" + secrets.token_hex(12),
+        "call_id": "call_" + secrets.token_hex(12),
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": status,
+    }
+
+
+class _Reply:
+    """What a response says about itself, with its output and usage as they are so far."""
+
+    def __init__(self, body: ResponsesRequest, response_id: str) -> None:
+        self.body = body
+        self.id = response_id
+        self.created_at = int(time.time())
+        self.output: list[dict[str, Any]] = []
+        self.usage = {"input_tokens": 0, "output_tokens": 0}
+        self.cut = False  # ended by max_output_tokens
+
+    def finished(self, last: GenerationEvent) -> None:
+        self.usage = {"input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens}
+        self.cut = last.finish_reason == "length"
+
+    def object(self, status: str) -> dict[str, Any]:
+        body, usage = self.body, self.usage
+        incomplete = status == "incomplete"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": body.model,
+            "output": self.output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": None,
+            "store": False,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": (body.text.format if body.text and body.text.format else {"type": "text"})},
+            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
+            "tools": body.tools or [],
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": usage["input_tokens"],
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": usage["output_tokens"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["input_tokens"] + usage["output_tokens"],
+            },
+            "user": body.user,
+            "metadata": body.metadata or {},
+        }
+
+    @property
+    def status(self) -> str:
+        return "incomplete" if self.cut else "completed"
+
+
+def _output_of(mode: ToolMode | None, text: str) -> list[dict[str, Any]]:
+    """A whole reply as output items: its text as a message, each call as a function_call item."""
+    if mode is None:
+        return [_message_item(text)]
+    if mode.auto is not None:
+        content, calls = read_reply(mode.auto, text)
+        return ([_message_item(content)] if content else []) + [_call_item(call) for call in calls]
+    return [_call_item(call) for call in calls_in(mode, text)]
+
+
+class _Events:
+    """A response streamed as OpenAI's typed server-sent events, numbered in order."""
+
+    def __init__(self, reply: _Reply) -> None:
+        self.reply = reply
+        self.sequence = 0
+        self.open: dict[str, Any] | None = None  # the output item being written
+        self.calls: list[dict[str, Any]] = []  # function_call items so far
+        self.text = ""  # the open message's text so far
+
+    def event(self, kind: str, **fields: Any) -> str:
+        self.sequence += 1
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+    def start(self) -> list[str]:
+        response = self.reply.object("in_progress")
+        return [
+            self.event("response.created", response=response),
+            self.event("response.in_progress", response=response),
+        ]
+
+    def add_text(self, delta: str) -> list[str]:
+        out = []
+        if self.open is None or self.open["type"] != "message":
+            out += self.close()
+            item = _message_item("", status="in_progress")
+            item["content"] = []
+            self.open, self.text = item, ""
+            out += self._added(item)
+            part = {"type": "output_text", "text": "", "annotations": []}
+            out.append(
+                self.event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=self._index,
+                    content_index=0,
+                    part=part,
+                )
+            )
+        self.text += delta
+        out.append(
+            self.event(
+                "response.output_text.delta",
+                item_id=self.open["id"],
+                output_index=self._index,
+                content_index=0,
+                delta=delta,
+                logprobs=[],
+            )
+        )
+        return out
+
+    def set_calls(self, calls: list[ToolCall]) -> list[str]:
+        out = []
+        for i, call in enumerate(calls):
+            if i == len(self.calls):
+                out += self.close()
+                item = _call_item(ToolCall(call.name, ""), status="in_progress")
+                self.calls.append(item)
+                self.open = item
+                out += self._added(item)
+            item = self.calls[i]
+            delta = call.arguments[len(item["arguments"]) :]
+            if delta:
+                item["arguments"] = call.arguments
+                out.append(
+                    self.event(
+                        "response.function_call_arguments.delta",
+                        item_id=item["id"],
+                        output_index=self._index_of(item),
+                        delta=delta,
+                    )
+                )
+        return out
+
+    def close(self) -> list[str]:
+        """The open item done."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        index = self._index_of(item)
+        item["status"] = "completed"
+        out = []
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": self.text, "annotations": []}
+            item["content"] = [part]
+            out.append(
+                self.event(
+                    "response.output_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=self.text,
+                    logprobs=[],
+                )
+            )
+            out.append(
+                self.event(
+                    "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
+                )
+            )
+        else:
+            out.append(
+                self.event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    arguments=item["arguments"],
+                )
+            )
+        out.append(self.event("response.output_item.done", output_index=index, item=item))
+        return out
+
+    def finish(self) -> list[str]:
+        out = self.close()
+        reply = self.reply
+        kind = "response.incomplete" if reply.status == "incomplete" else "response.completed"
+        return [*out, self.event(kind, response=reply.object(reply.status))]
+
+    def _added(self, item: dict[str, Any]) -> list[str]:
+        self.reply.output.append(item)
+        return [self.event("response.output_item.added", output_index=self._index, item=item)]
+
+    @property
+    def _index(self) -> int:
+        return len(self.reply.output) - 1
+
+    def _index_of(self, item: dict[str, Any]) -> int:
+        return next(i for i, it in enumerate(self.reply.output) if it is item)
+
+
+@router.post("/v1/responses", responses={200: {"content": {"text/event-stream": {}}}})
+async def create_response(body: ResponsesRequest, request: Request, state: State, principal: Caller) -> Response:
+    chat = chat_request(body)
+    response_id = "resp_" + secrets.token_hex(12)
+    prepared, mode = await prepare_chat(state, principal, chat, response_id)
+    reply = _Reply(body, response_id)
+    events = start_events(state, prepared, stream=body.stream)
+    if body.stream:
+        try:
+            first = await anext(events)  # errors before the first token still get a proper status code
+            check_event(first)
+        except BaseException:
+            await events.aclose()  # type: ignore[attr-defined]
+            raise
+        return StreamingResponse(_stream(reply, mode, first, events), media_type="text/event-stream")
+    text, last = [], None
+    async for event in events_until_disconnect(request, events):
+        check_event(event)
+        text.append(event.text)
+        last = event
+    if last is None or last.finish_reason not in _FINISHED:
+        raise GenerationFailed("the request ended without a result")
+    reply.finished(last)
+    reply.output = _output_of(mode, "".join(text))
+    return JSONResponse(reply.object(reply.status))
+
+
+async def _stream(
+    reply: _Reply, mode: ToolMode | None, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]
+) -> AsyncIterator[str]:
+    writer = _Events(reply)
+    reader = ReplyReader(mode)
+    try:
+        for chunk in writer.start():
+            yield chunk
+        event: GenerationEvent | None = first
+        while event is not None:
+            if event.finish_reason == "error":
+                yield writer.event(
+                    "error", code="generation_failed", message=event.error or "generation failed", param=None
+                )
+                return
+            ended = event.finish_reason in _FINISHED
+            for step in reader.feed(event.text, end=ended):
+                for chunk in writer.add_text(step) if isinstance(step, str) else writer.set_calls(step):
+                    yield chunk
+            if ended:
+                reply.finished(event)
+                for chunk in writer.finish():
+                    yield chunk
+                return
+            event = await anext(rest, None)
+    except ApiError as exc:  # ended by the server mid-stream (timed out, shutting down): say why
+        error = openai_error_body(exc.status_code, exc.message, None, exc.error_type)["error"]
+        yield writer.event("error", code=error["code"], message=error["message"], param=None)
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the request

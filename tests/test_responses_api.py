@@ -1,0 +1,162 @@
+"""OpenAI's Responses API (POST /v1/responses), driven by the `openai` package against a real server on loopback:
+each response is the chat reply to the same conversation (the oracle is the chat route, itself checked against
+the model elsewhere), in the Responses shape, streamed or not alike."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from server.model_loading import LoadedModel, load_model
+from tests.test_openai_compat import KEY_A, TASK, WEATHER, openai_server
+
+# The chat API's tool, as the Responses API writes it (flat).
+WEATHER_TOOL = {"type": "function", **WEATHER["function"], "strict": True}
+QUESTION = "What is the weather in Paris?"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with openai_server(loaded, tmp_path_factory.mktemp("responses")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def oai(server_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_A, max_retries=0, timeout=60) as client:
+        yield client
+
+
+def chat(oai: openai.OpenAI, messages: list[dict[str, Any]], **fields: Any) -> Any:
+    return oai.chat.completions.create(model=TASK, messages=messages, temperature=0, **fields)
+
+
+def test_a_response_is_the_chat_reply_to_the_same_conversation(oai: openai.OpenAI) -> None:
+    got = oai.responses.create(
+        model=TASK, input="Hello there", instructions="Be brief.", max_output_tokens=8, temperature=0
+    )
+    want = chat(
+        oai, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}], max_tokens=8
+    )
+    assert got.object == "response" and got.id.startswith("resp_") and got.model == TASK
+    assert got.output_text == want.choices[0].message.content and got.output_text
+    assert got.usage is not None and want.usage is not None
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (want.usage.prompt_tokens, want.usage.completion_tokens)
+    cut = want.choices[0].finish_reason == "length"
+    assert got.status == ("incomplete" if cut else "completed")
+    assert (got.incomplete_details is not None and got.incomplete_details.reason == "max_output_tokens") == cut
+    (item,) = got.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+
+
+def test_streamed_events_add_up_to_the_response(oai: openai.OpenAI) -> None:
+    request: dict[str, Any] = {"model": TASK, "input": "Tell me a story", "max_output_tokens": 12, "temperature": 0}
+    whole = oai.responses.create(**request)
+    events = list(oai.responses.create(**request, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == ("response.incomplete" if whole.status == "incomplete" else "response.completed")
+    assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == whole.output_text
+    done = events[-1].response
+    assert done.output_text == whole.output_text and done.usage == whole.usage
+    for kind in ("response.output_item.added", "response.content_part.added", "response.output_text.done"):
+        assert kinds.count(kind) == 1, kind
+
+
+def test_a_named_tool_choice_gives_a_function_call_item(oai: openai.OpenAI) -> None:
+    request: dict[str, Any] = {
+        "model": TASK,
+        "input": QUESTION,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 40,
+        "temperature": 0,
+    }
+    got = oai.responses.create(**request)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    want = chat(oai, [{"role": "user", "content": QUESTION}], tools=[WEATHER], tool_choice=named, max_tokens=40)
+    (call,) = got.output
+    (wanted,) = want.choices[0].message.tool_calls or []
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert call.arguments == wanted.function.arguments and json.loads(call.arguments)["city"] in (
+        "Paris",
+        "Rome",
+        "Oslo",
+    )
+    events = list(oai.responses.create(**request, stream=True))
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert len(added) == 1 and added[0].type == "function_call" and added[0].name == "get_weather"
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == call.arguments  # the arguments stream piece by piece
+    assert events[-1].response.output[0].arguments == call.arguments
+
+
+def test_earlier_calls_and_their_outputs_are_part_of_the_conversation(oai: openai.OpenAI) -> None:
+    """A function_call item and its function_call_output read as the chat's assistant tool call and tool message."""
+    arguments = '{"city": "Paris", "unit": "celsius"}'
+    items: list[dict[str, Any]] = [
+        {"role": "user", "content": QUESTION},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": arguments},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 degrees, sunny"},
+    ]
+    got = oai.responses.create(
+        model=TASK, input=items, tools=[WEATHER_TOOL], tool_choice="none", max_output_tokens=8, temperature=0
+    )
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    messages = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"},
+    ]
+    want = chat(oai, messages, tools=[WEATHER], tool_choice="none", max_tokens=8)
+    assert got.output_text == want.choices[0].message.content
+    assert got.usage is not None and want.usage is not None and got.usage.input_tokens == want.usage.prompt_tokens
+    # Output items sent back as the openai package gives them (ids, statuses, output_text parts) read the same.
+    again = oai.responses.create(
+        model=TASK, input=[*items, *[o.model_dump() for o in got.output]], max_output_tokens=4, temperature=0
+    )
+    assert again.status in ("completed", "incomplete")
+
+
+def test_text_format_holds_the_reply_to_a_schema(oai: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"]}
+    fmt = {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}
+    got = oai.responses.create(
+        model=TASK, input="Pick a colour.", text={"format": fmt}, max_output_tokens=20, temperature=0
+    )
+    assert json.loads(got.output_text)["colour"] in ("red", "blue")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, 400, "previous_response_id"),
+        ({"tools": [{"type": "web_search"}]}, 400, "tools.0.type"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, 400, "input.0.type"),
+        ({"input": [{"role": "robot", "content": "hi"}]}, 400, "input.0.role"),
+        ({"include": ["message.output_text.logprobs"]}, 400, "include"),
+        ({"model": "no-such-task"}, 404, "model"),
+    ],
+)
+def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str, Any], status: int, param: str) -> None:
+    r = httpx.post(
+        f"{server_url}/v1/responses",
+        json={"model": TASK, "input": "hi", "max_output_tokens": 2, **body},
+        headers={"authorization": f"Bearer {KEY_A}"},
+        timeout=60,
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
