@@ -281,6 +281,42 @@ def test_tool_choice_auto_on_the_real_model_calls_or_answers_as_the_model_would(
         assert [(c.name, json.loads(c.arguments)) for c in wanted_calls] == calls
 
 
+def test_the_responses_api_on_the_real_model_calls_as_the_chat_route_does(server, default_model) -> None:
+    """POST /v1/responses with the one-shot history as input items (a function_call and its output): the model calls
+    get_weather for Paris in a function_call item, as on the chat route; streamed, the item opens with its name
+    and the arguments come in pieces that add up to the same call."""
+    url, _ = server
+    items: list[dict] = [
+        {"role": "user", "content": "What's the weather in Rome?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "21 degrees, cloudy"},
+        {"role": "assistant", "content": "It is 21 degrees and cloudy in Rome."},
+        {"role": "user", "content": "What's the weather in Paris?"},
+    ]
+    tools = [{"type": "function", **tool["function"]} for tool in WEATHER_TOOLS]
+    body = {"model": default_model.name, "input": items, "tools": tools, "max_output_tokens": 48, "temperature": 0}
+    chat = {
+        "model": default_model.name,
+        "messages": [*WEATHER_SHOT, {"role": "user", "content": "What's the weather in Paris?"}],
+        "tools": WEATHER_TOOLS,
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    with httpx.Client(base_url=url, timeout=120) as client:
+        got = client.post("/v1/responses", json=body)
+        want = client.post("/v1/chat/completions", json=chat)
+        with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert got.status_code == want.status_code == 200, got.text
+    (call,) = [item for item in got.json()["output"] if item["type"] == "function_call"]
+    (wanted,) = want.json()["choices"][0]["message"]["tool_calls"]
+    assert (call["name"], json.loads(call["arguments"])) == ("get_weather", {"city": "Paris"})
+    assert call["arguments"] == wanted["function"]["arguments"]
+    pieces = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert len(pieces) > 2 and "".join(pieces) == call["arguments"]
+    assert events[-1]["type"] == "response.completed"
+
+
 def test_the_shipped_tool_calling_prefix_calls_without_an_example(server, default_model) -> None:
     """examples/prefixes/tool-calls.safetensors, trained on generated chats (examples/tool_calls): with it the
     real model calls a tool for a question one fits, with its arguments copied from a city it never saw in

@@ -51,8 +51,10 @@ def test_delete_removes_all_versions(store: DiskBackend) -> None:
     assert store.list_tasks("acme") == []
     with pytest.raises(PrefixNotFound):
         store.get("acme", "sum")
-    assert os.listdir(store.root / "acme") == []  # the trash dir is gone too
-    assert store.put("acme", "sum", blob_for) == 1
+    assert os.listdir(store.root / "acme") == [".seq"]  # the trash dir is gone too; the version record stays
+    # Numbers only grow: a replica that missed the delete and this upload sees a new version, not v1 again.
+    assert store.put("acme", "sum", blob_for) == 3
+    assert store.list_tasks("acme") == ["sum"] and store.get("acme", "sum") == b"blob v3"
 
 
 def test_pruning_keeps_newest_versions(tmp_path: Path) -> None:
@@ -89,8 +91,13 @@ def test_crash_leftovers_are_never_read(store: DiskBackend) -> None:
 def test_failed_write_leaves_previous_version(store: DiskBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     store.put("acme", "sum", blob_for)
 
-    def broken_fsync(fd: int) -> None:
-        raise OSError(28, "No space left on device")
+    real_fsync, calls = os.fsync, []
+
+    def broken_fsync(fd: int) -> None:  # the version's number is claimed; writing its file fails
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(StoreUnavailable, match=r"v00000002\.safetensors"):
@@ -98,6 +105,7 @@ def test_failed_write_leaves_previous_version(store: DiskBackend, monkeypatch: p
     monkeypatch.undo()
     assert store.latest_version("acme", "sum") == 1
     assert store.get("acme", "sum") == b"blob v1"
+    assert store.put("acme", "sum", blob_for) >= 2
 
 
 def test_failing_encode_stores_nothing(store: DiskBackend) -> None:

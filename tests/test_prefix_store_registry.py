@@ -357,3 +357,18 @@ def test_delete_during_load_does_not_cache_stale_prefix(disk: DiskBackend) -> No
     # Another process re-creates the task; version numbers restart at 1 after a delete.
     PrefixRegistry(disk, FP).upload("acme", "sum", make_kv(seed=2))
     assert torch.equal(registry.resolve("acme", "sum").key_values, make_kv(seed=2))
+
+
+def test_a_replica_that_missed_a_delete_and_reupload_serves_the_new_prefix(tmp_path: Path) -> None:
+    """Two replicas on one disk store, with no invalidation between them: B deletes the task and uploads another
+    prefix under its id; A, which has the old one cached, serves the new one at its next version check. Version
+    numbers only grow across deletes, so the new upload is never mistaken for A's cached version."""
+    a = PrefixRegistry(DiskBackend(tmp_path), FP, latest_ttl=0.0)
+    b = PrefixRegistry(DiskBackend(tmp_path), FP, latest_ttl=0.0)
+    old, new = make_kv(seed=1), make_kv(seed=2)
+    first = b.upload("acme", "sum", old)
+    assert torch.equal(a.resolve("acme", "sum").key_values, old)  # cached in A
+    assert b.delete("acme", "sum")
+    again = b.upload("acme", "sum", new)
+    assert again.version > first.version
+    assert torch.equal(a.resolve("acme", "sum").key_values, new)

@@ -5,10 +5,15 @@ temp file in the task dir, fsyncs it, then `os.link`s it to the final name
 (which fails if the version exists, so concurrent writers cannot overwrite
 each other) and fsyncs the directory. Readers only ever open final names, so
 a crash mid-write leaves at most a temp file, which is ignored.
+
+Version numbers only grow, across deletes too: root/<tenant>/.seq/<task_id> holds the last one handed out, and
+outlives the task's directory. A replica that missed a delete and the upload after it then sees a new number
+where it has a version cached, never the old number with new content (Redis keeps its counter the same way).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -27,6 +32,7 @@ logger = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"^v(\d{8})\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+_SEQ_DIR = ".seq"  # per tenant: the last version handed out per task, kept across deletes
 # A temp file this old belongs to a writer that died; pruning removes it.
 _STALE_TMP_SECONDS = 3600.0
 _MAX_PUT_ATTEMPTS = 100
@@ -76,11 +82,39 @@ class DiskBackend(PrefixBackend):
         versions = self._versions(self._task_dir(tenant, task_id))
         return versions[-1] if versions else None
 
+    def _seq_file(self, tenant: str, task_id: str) -> Path:
+        return self.root / validate_tenant(tenant) / _SEQ_DIR / validate_task_id(task_id)
+
+    def _claim_version(self, seq_file: Path, after: int) -> int:
+        """A version number above both ``after`` (the task's newest file) and every number handed out before,
+        recorded as handed out (under an exclusive lock on the record, so concurrent writers never share one)."""
+        try:
+            seq_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(seq_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot open {seq_file}: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            recorded = os.pread(fd, 32, 0).strip()
+            version = max(int(recorded or b"0"), after) + 1
+            # Numbers only grow, so the new one is never shorter: written over the old, then cut to its length,
+            # a crash leaves one of the two.
+            text = str(version).encode()
+            os.pwrite(fd, text, 0)
+            os.ftruncate(fd, len(text))
+            os.fsync(fd)
+            return version
+        except (OSError, ValueError) as e:
+            raise StoreUnavailable(f"cannot claim a version in {seq_file}: {e}") from e
+        finally:
+            os.close(fd)  # releases the lock
+
     def put(self, tenant: str, task_id: str, encode: Callable[[int], bytes]) -> int:
         task_dir = self._task_dir(tenant, task_id)
+        seq_file = self._seq_file(tenant, task_id)
         for _ in range(_MAX_PUT_ATTEMPTS):
             versions = self._versions(task_dir)
-            version = versions[-1] + 1 if versions else 1
+            version = self._claim_version(seq_file, versions[-1] if versions else 0)
             blob = encode(version)
             tmp = task_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
             final = task_dir / version_filename(version)
