@@ -20,6 +20,7 @@ N tasks seen their own value and counts every later one under ``other``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -456,7 +457,11 @@ def _endpoint(scope: Scope) -> str:
     route in the scope, 405s included; read it after the app has run.
     """
     path = getattr(scope.get("route"), "path", None)
-    return path if isinstance(path, str) else UNMATCHED_ENDPOINT
+    # "{task_id:path}" (a converter that lets the router match ids with slashes, to refuse them) reads "{task_id}".
+    return _CONVERTER.sub(r"{\1}", path) if isinstance(path, str) else UNMATCHED_ENDPOINT
+
+
+_CONVERTER = re.compile(r"\{(\w+):\w+\}")
 
 
 router = APIRouter()

@@ -149,6 +149,7 @@ def test_text_format_holds_the_reply_to_a_schema(oai: openai.OpenAI) -> None:
         ({"input": [{"role": "robot", "content": "hi"}]}, 400, "input.0.role"),
         ({"include": ["message.output_text.logprobs"]}, 400, "include"),
         ({"model": "no-such-task"}, 404, "model"),
+        ({"input": "word " * 300}, 400, "input"),  # past the server's prompt limit (200), found after reading
     ],
 )
 def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str, Any], status: int, param: str) -> None:

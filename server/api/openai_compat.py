@@ -113,26 +113,30 @@ def openai_error_body(status: int, message: str, param: str | None = None, code:
     return {"error": {"message": message, "type": _openai_type(status), "param": param, "code": code}}
 
 
-def _from_api_error(exc: ApiError, chat: bool) -> JSONResponse:
+def _from_api_error(exc: ApiError, path: str) -> JSONResponse:
     # OpenAI answers bad input with 400; our 422 ("valid JSON, bad value") becomes 400 here.
     status = 400 if exc.status_code == 422 else exc.status_code
     param = getattr(exc, "param", None)
     if isinstance(exc, InvalidInput) and param is not None:
-        param = openai_param(param, chat)
+        param = openai_param(param, path)
     code = "invalid_api_key" if status == 401 else getattr(exc, "code", exc.error_type)  # OpenAI's code for it
     body = openai_error_body(status, exc.message, param, code)
     return JSONResponse(body, status_code=status, headers=exc.headers)
 
 
-# The native names of the fields the engine's errors name (server/errors.py InvalidInput), as OpenAI's routes
-# call them; the others are named alike.
+# The native names of the fields the engine's errors name (server/errors.py InvalidInput), as each OpenAI route
+# calls them; the others are named alike.
 _OPENAI_PARAMS = {"max_new_tokens": "max_tokens", "grammar": "response_format", "prompt_logprobs": "logprobs"}
-_CHAT_PARAMS = {**_OPENAI_PARAMS, "prompt": "messages", "logprobs": "top_logprobs"}
+_PARAMS_BY_ROUTE = {
+    "/v1/chat/completions": {**_OPENAI_PARAMS, "prompt": "messages", "logprobs": "top_logprobs"},
+    "/v1/responses": {"max_new_tokens": "max_output_tokens", "grammar": "text", "prompt": "input"},
+}
 
 
-def openai_param(native: str, chat: bool) -> str:
-    """A request field named as the OpenAI route (``chat`` or completions) calls it."""
-    return (_CHAT_PARAMS if chat else _OPENAI_PARAMS).get(native, native)
+def openai_param(native: str, path: str) -> str:
+    """A request field named as the OpenAI route at ``path`` calls it."""
+    names = next((names for route, names in _PARAMS_BY_ROUTE.items() if path.endswith(route)), _OPENAI_PARAMS)
+    return names.get(native, native)
 
 
 def _from_validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -152,7 +156,7 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as exc:
                 return _from_validation_error(exc)
             except ApiError as exc:
-                return _from_api_error(exc, chat=request.url.path.endswith("/chat/completions"))
+                return _from_api_error(exc, request.url.path)
 
         return openai_handler
 
