@@ -72,6 +72,7 @@ class GenerationEvent:
     finish_reason: str | None = None  # "length" | "stop" | "eos" | "cancelled" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's tokens, those whose K/V came from the prompt cache
     error: str | None = None
     logprob: TokenLogprob | None = None  # when the request asked for log-probabilities
     # With the first token, when the request asked for prompt log-probabilities: one per prompt token, the
@@ -821,6 +822,7 @@ class Engine:
             text=text,
             finish_reason=finish,
             prompt_tokens=len(tracked.request.prompt_ids),
+            cached_tokens=0 if tracked.cached is None else tracked.cached.tokens,
             completion_tokens=len(tracked.generated),
             logprob=logprob,
             prompt_logprobs=tracked.prompt_logprobs if len(tracked.generated) == 1 else None,

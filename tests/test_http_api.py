@@ -97,7 +97,7 @@ def test_peft_upload_then_generate_matches_oracle(client: TestClient, loaded, pe
     # eos may end it early; then the oracle's first tokens match and the last is eos.
     assert got == want[: len(got)] and (len(got) == 8 or got[-1] in loaded.eos_token_ids)
     assert body["prefix_version"] == info["version"]
-    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(got)}
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(got), "cached_tokens": 0}
 
     base = client.post("/v1/generate", json={"task_id": None, "prompt": prompt, "max_new_tokens": 8}).json()
     want_base, _ = oracle_greedy(loaded.model, prompt_ids, 8)

@@ -213,17 +213,19 @@ def test_prompt_cache_hits_through_the_app_change_no_token(loaded, tmp_path: Pat
     chats = [[system, {"role": "user", "content": text}] for text in ("Where are we?", "What is the weather?")]
     outputs: dict[int, list[list[int]]] = {}
     hits: dict[int, float] = {}
+    reported: dict[int, list[int]] = {}  # each response's usage.cached_tokens
     for budget in (0, 64 << 20):
         config = ServeConfig(store=f"disk://{tmp_path / str(budget)}", prompt_cache_bytes=budget, max_new_tokens=64)
         with TestClient(create_app(config, model=loaded)) as client:
             assert put_native(client, "log", native_blob(5)).status_code == 201
             before = scrape(client)
-            outputs[budget] = []
+            outputs[budget], reported[budget] = [], []
             for messages in chats:
                 body = {"task_id": "log", "messages": messages, "max_new_tokens": 10}
                 r = client.post("/v1/generate", json=body)
                 assert r.status_code == 200, r.text
                 outputs[budget].append(r.json()["token_ids"])
+                reported[budget].append(r.json()["usage"]["cached_tokens"])
             after = scrape(client)
             hits[budget] = total(after, "prefix_serve_prompt_cache_hit_tokens_total") - total(
                 before, "prefix_serve_prompt_cache_hit_tokens_total"
@@ -235,4 +237,5 @@ def test_prompt_cache_hits_through_the_app_change_no_token(loaded, tmp_path: Pat
     prompt = loaded.tokenizer.apply_chat_template(chats[1], add_generation_prompt=True, tokenize=False)
     shared = len(loaded.tokenizer(prompt, add_special_tokens=False).input_ids)
     assert hits[0] == 0 and 32 <= hits[64 << 20] < shared, hits
+    assert reported == {0: [0, 0], 64 << 20: [0, hits[64 << 20]]}, "each response reports its cache hits"
     assert outputs[0] == outputs[64 << 20]

@@ -53,7 +53,11 @@ def test_a_reply_goes_back_as_the_openai_package_dumps_it(oai: openai.OpenAI) ->
     by_hand = [*USER, {"role": "assistant", "content": first.choices[0].message.content}, history[-1]]
     plain = oai.chat.completions.create(model=TASK, messages=by_hand, max_tokens=6, temperature=0)
     assert again.choices[0].message.content == plain.choices[0].message.content
-    assert again.usage == plain.usage
+    assert again.usage is not None and plain.usage is not None
+    assert (again.usage.prompt_tokens, again.usage.completion_tokens) == (
+        plain.usage.prompt_tokens,
+        plain.usage.completion_tokens,
+    )
 
 
 def test_openai_fields_that_change_nothing_here_are_accepted(oai: openai.OpenAI) -> None:
@@ -170,3 +174,24 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(oai: openai.OpenAI) -> Non
     tail = oai.completions.create(**request, prompt=ids[-10:])
     assert cut.usage is not None and cut.usage.prompt_tokens == 10
     assert cut.choices[0].text == tail.choices[0].text
+
+
+def test_usage_reports_the_prompt_tokens_the_cache_gave(oai: openai.OpenAI) -> None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens (the Responses API's input_tokens_details): 0 for the
+    first request with a long system prompt, the shared head's blocks for the next one."""
+    system = {"role": "system", "content": "You keep the lighthouse's log, in short entries. " * 6}
+    first, second = (
+        oai.chat.completions.create(
+            model=TASK, messages=[system, {"role": "user", "content": text}], max_tokens=2, temperature=0
+        )
+        for text in ("Any ships?", "Any storms?")
+    )
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None and second.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and 16 <= cached < second.usage.prompt_tokens and cached % 16 == 0
+    third = oai.responses.create(
+        model=TASK, input=[system, {"role": "user", "content": "Any whales?"}], max_output_tokens=2, temperature=0
+    )
+    assert third.usage is not None and third.usage.input_tokens_details.cached_tokens == cached

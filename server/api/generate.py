@@ -317,7 +317,11 @@ async def generate(
         text="".join(text),
         token_ids=token_ids,
         finish_reason=last.finish_reason,
-        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        usage=Usage(
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+        ),
         prefix_version=prepared.prefix_version,
         logprobs=logprobs,
         prompt_token_ids=None if body.prompt_logprobs is None else list(prepared.request.prompt_ids),
@@ -367,7 +371,11 @@ async def _sse_chunks(
             token_id=event.token_id,
             text=event.text,
             finish_reason=event.finish_reason if finished else None,
-            usage=Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+            usage=Usage(
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                cached_tokens=event.cached_tokens,
+            )
             if finished
             else None,
             prefix_version=prepared.prefix_version,

@@ -527,6 +527,7 @@ class _Shape:
         self.include_usage = bool(body.stream and options and options.include_usage)
         self.continuous_usage = self.include_usage and bool(options and options.continuous_usage_stats)
         self.completion_tokens = [0] * self.choices  # per choice, streamed so far
+        self.cached_tokens = [0] * self.choices  # per choice: its prompt's tokens the prompt cache gave
         self.head = {
             "id": prompts[0].response_id,
             "created": int(time.time()),
@@ -557,11 +558,12 @@ class _Shape:
         self.text_offsets[index] += sum(len(t) for t in out["tokens"])
         return out
 
-    def usage(self, lasts: list[GenerationEvent]) -> dict[str, int]:
-        """The request's usage from each choice's last event (in index order): each prompt once, every choice's
-        completion tokens."""
-        prompt_tokens = sum(e.prompt_tokens for e in lasts[:: self.n])
-        return _usage(prompt_tokens, sum(e.completion_tokens for e in lasts) if self.generated else 0)
+    def usage(self, lasts: list[GenerationEvent]) -> dict[str, Any]:
+        """The request's usage from each choice's last event (in index order): each prompt once (and its tokens
+        the prompt cache gave), every choice's completion tokens."""
+        firsts = lasts[:: self.n]
+        prompt_tokens, cached = sum(e.prompt_tokens for e in firsts), sum(e.cached_tokens for e in firsts)
+        return _usage(prompt_tokens, sum(e.completion_tokens for e in lasts) if self.generated else 0, cached)
 
     def response(self, choices: list[_Choice]) -> dict[str, Any]:
         out = []
@@ -665,21 +667,28 @@ class _Shape:
     def observe(self, index: int, event: GenerationEvent) -> None:
         """Count choice ``index``'s tokens so far, from each of its events before its chunks go out."""
         self.completion_tokens[index] = max(self.completion_tokens[index], event.completion_tokens)
+        self.cached_tokens[index] = event.cached_tokens
 
     def _sent(self, payload: dict[str, Any], usage: dict[str, int] | None = None) -> str:
         """A chunk as sent: with ``usage`` (the last chunk's), or the usage so far (continuous_usage_stats), or
         null (include_usage), or none."""
         if usage is None and self.continuous_usage:
             prompt_tokens = sum(len(p.request.prompt_ids) for p in self.prompts)
-            usage = _usage(prompt_tokens, sum(self.completion_tokens) if self.generated else 0)
+            completion_tokens = sum(self.completion_tokens) if self.generated else 0
+            usage = _usage(prompt_tokens, completion_tokens, sum(self.cached_tokens[:: self.n]))
         if usage is not None or self.include_usage:
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    total = prompt_tokens + completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage; ``cached_tokens``: prompt tokens whose K/V the prompt cache gave (OpenAI's, and vLLM's)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 @dataclass

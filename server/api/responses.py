@@ -228,9 +228,11 @@ class _Reply:
         self.output: list[dict[str, Any]] = []
         self.usage = {"input_tokens": 0, "output_tokens": 0}
         self.cut = False  # ended by max_output_tokens
+        self.cached_tokens = 0  # input tokens whose K/V the prompt cache gave
 
     def finished(self, last: GenerationEvent) -> None:
         self.usage = {"input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens}
+        self.cached_tokens = last.cached_tokens
         self.cut = last.finish_reason == "length"
 
     def object(self, status: str) -> dict[str, Any]:
@@ -259,7 +261,7 @@ class _Reply:
             "truncation": "disabled",
             "usage": {
                 "input_tokens": usage["input_tokens"],
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens},
                 "output_tokens": usage["output_tokens"],
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": usage["input_tokens"] + usage["output_tokens"],

@@ -113,6 +113,7 @@ class GenerateRequest(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V the prompt cache gave (not computed again)
 
 
 FinishReason = Literal["length", "stop", "eos"]
