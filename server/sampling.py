@@ -324,6 +324,8 @@ class SamplingBatch:
     # Known on the host: False when every row is greedy, so ``sample`` needs no host sync to find out. True may
     # also mean "not known" (rows filtered out since): ``sample`` then checks on the device.
     may_sample: bool = True
+    # Likewise: False when no row asks for min-p, so sampling rows need no device check for it.
+    may_min_p: bool = True
     # On the host, per row: the alternatives it asks for, -1 = no log-probabilities.
     logprobs_asked: tuple[int, ...] = ()
     # Set by every ``sample`` call: that call's log-probabilities, or None when no row asked for them.
@@ -349,6 +351,7 @@ class SamplingBatch:
             step=torch.zeros(len(params), dtype=torch.int64, device=device),
             min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
             may_sample=any(p.temperature > 0 for p in params),
+            may_min_p=any(p.min_p > 0 for p in params),
             logprobs_asked=tuple(-1 if p.logprobs is None else p.logprobs for p in params),
             adjustments=LogitAdjustments.of(params, prompts or [()] * len(params), device),
             grammars=GrammarRows.of([p.grammar for p in params]),
@@ -359,6 +362,7 @@ class SamplingBatch:
         return SamplingBatch(
             *(t[keep] for t in self._fields()),
             may_sample=self.may_sample,
+            may_min_p=self.may_min_p,
             logprobs_asked=tuple(self.logprobs_asked[i] for i in kept_rows),
             adjustments=None if self.adjustments is None else self.adjustments.filter(kept_rows),
             grammars=None if self.grammars is None else self.grammars.filter(kept_rows),
@@ -370,6 +374,7 @@ class SamplingBatch:
         return cls(
             *(torch.cat(list(c)) for c in columns),
             may_sample=any(b.may_sample for b in batches),
+            may_min_p=any(b.may_min_p for b in batches),
             logprobs_asked=tuple(asked for b in batches for asked in b.logprobs_asked),
             adjustments=LogitAdjustments.concatenate([(b.adjustments, len(b)) for b in batches]),
             grammars=GrammarRows.concatenate([(b.grammars, len(b)) for b in batches]),
@@ -398,6 +403,7 @@ class SamplingBatch:
             step=self.step.repeat_interleave(per_row) + within,
             min_p=self.min_p.repeat_interleave(per_row),
             may_sample=self.may_sample,
+            may_min_p=self.may_min_p,
             grammars=None if grammars is None else grammars.at_positions(drafts, counts, vocab),
         )
 
@@ -482,7 +488,7 @@ def _pick(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
 
     temperature = torch.where(sampling_rows, params.temperature, torch.ones_like(params.temperature))
     probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
-    if bool((params.min_p > 0).any()):  # before top-k / top-p, as vLLM applies it
+    if params.may_min_p and bool((params.min_p > 0).any()):  # before top-k / top-p, as vLLM applies it
         probs = probs.masked_fill(probs < params.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p's mass is the kept tokens'
     if bool((params.top_k > 0).any()) or bool((params.top_p < 1).any()):

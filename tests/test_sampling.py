@@ -106,6 +106,7 @@ def test_a_batch_knows_on_the_host_whether_any_row_samples() -> None:
     """All-greedy batches skip the device check (no host sync); a merge with a sampling row must not."""
     greedy = batch_of(SamplingParams(), SamplingParams())
     assert not greedy.may_sample and not greedy.filter(torch.tensor([1]), [1]).may_sample
+    assert not greedy.may_min_p and SamplingBatch.concatenate([greedy, batch_of(SamplingParams(min_p=0.1))]).may_min_p
     hot = batch_of(SamplingParams(temperature=1.0, seed=4))
     merged = SamplingBatch.concatenate([greedy, hot])
     assert merged.may_sample and merged.filter(torch.tensor([0, 2]), [0, 2]).may_sample
