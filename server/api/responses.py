@@ -75,7 +75,9 @@ class ResponsesRequest(BaseModel):
     safety_identifier: str | None = None
     truncation: Literal["disabled"] | None = None
     reasoning: dict[str, Any] | None = None
-    include: list[str] | None = Field(None, max_length=0)  # none of the extra outputs exist here
+    # Extra outputs: only what is empty here anyway (no reasoning items to carry encrypted), others refused.
+    include: list[Literal["reasoning.encrypted_content"]] | None = None
+    stream_options: dict[str, Any] | None = None  # {"include_obfuscation": ...}: nothing to pad here
     # Refused with a reason (``_refuse_state``).
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
