@@ -73,6 +73,9 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # of the prompt's tokens, those whose K/V came from the prompt cache
+    # With a prediction: its drafts that stood and that did not, so far (OpenAI's completion_tokens_details).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
     error: str | None = None
     logprob: TokenLogprob | None = None  # when the request asked for log-probabilities
     # With the first token, when the request asked for prompt log-probabilities: one per prompt token, the
@@ -817,12 +820,15 @@ class Engine:
                 finish = "stop"
             else:
                 text += tracked.stop.flush()
+        speculation = tracked.speculation
         event = GenerationEvent(
             token_id=token,
             text=text,
             finish_reason=finish,
             prompt_tokens=len(tracked.request.prompt_ids),
             cached_tokens=0 if tracked.cached is None else tracked.cached.tokens,
+            accepted_prediction_tokens=0 if speculation is None else speculation.prediction_accepted,
+            rejected_prediction_tokens=0 if speculation is None else speculation.prediction_rejected,
             completion_tokens=len(tracked.generated),
             logprob=logprob,
             prompt_logprobs=tracked.prompt_logprobs if len(tracked.generated) == 1 else None,

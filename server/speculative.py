@@ -238,12 +238,17 @@ class RowSpeculation:
         self.most = max(config.tokens, PREDICTION_DRAFT_TOKENS) if prediction else config.tokens
         self.draft_len = config.tokens
         self.acceptance = PRIOR_ACCEPTANCE
+        # Drafts taken from the prediction that stood and that did not (OpenAI's usage reports both).
+        self.prediction_accepted = self.prediction_rejected = 0
+        self._predicted = False  # the last proposal came from the prediction
 
     def proposal(self, generated: Sequence[int], room: int) -> list[int]:
         """Drafts that may follow the row's last token (``generated``: its output so far), at most ``room``."""
         self.index.extend(generated[len(self.index) - self.prompt_len :])
         k = min(self.draft_len, room)
-        if self.prediction is not None and (predicted := self.prediction.following(self.index.tokens, generated, k)):
+        predicted = [] if self.prediction is None else self.prediction.following(self.index.tokens, generated, k)
+        self._predicted = bool(predicted)
+        if predicted:
             return predicted
         own = self.index.propose(k)
         if own or self.task is None:
@@ -260,6 +265,9 @@ class RowSpeculation:
         if drafted:
             self.acceptance += (kept / drafted - self.acceptance) * ACCEPTANCE_WEIGHT
             self.draft_len = next_draft_len(self.draft_len, drafted, kept, self.most)
+            if self._predicted:
+                self.prediction_accepted += kept
+                self.prediction_rejected += drafted - kept
 
 
 def expected_accepted(acceptance: float, drafts: int) -> float:

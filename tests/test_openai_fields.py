@@ -195,3 +195,18 @@ def test_usage_reports_the_prompt_tokens_the_cache_gave(oai: openai.OpenAI) -> N
         model=TASK, input=[system, {"role": "user", "content": "Any whales?"}], max_output_tokens=2, temperature=0
     )
     assert third.usage is not None and third.usage.input_tokens_details.cached_tokens == cached
+
+
+def test_usage_says_how_much_of_a_prediction_stood(oai: openai.OpenAI) -> None:
+    """With OpenAI's prediction, usage.completion_tokens_details counts the drafts taken from it that stood and
+    that did not; the reply is the same. Without one, no such details."""
+    request: dict[str, Any] = {"model": TASK, "messages": USER, "max_tokens": 24, "temperature": 0}
+    plain = oai.chat.completions.create(**request)
+    answer = plain.choices[0].message.content
+    assert answer and plain.usage is not None and plain.usage.completion_tokens_details is None
+    guessed = oai.chat.completions.create(**request, prediction={"type": "content", "content": answer})
+    assert guessed.choices[0].message.content == answer and guessed.usage is not None
+    details = guessed.usage.completion_tokens_details
+    assert details is not None and details.accepted_prediction_tokens is not None
+    assert 0 < details.accepted_prediction_tokens < guessed.usage.completion_tokens
+    assert details.rejected_prediction_tokens is not None and details.rejected_prediction_tokens >= 0

@@ -527,6 +527,7 @@ class _Shape:
         self.include_usage = bool(body.stream and options and options.include_usage)
         self.continuous_usage = self.include_usage and bool(options and options.continuous_usage_stats)
         self.completion_tokens = [0] * self.choices  # per choice, streamed so far
+        self.predicted = bool(getattr(body, "prediction", None))  # usage says how much of the prediction stood
         self.cached_tokens = [0] * self.choices  # per choice: its prompt's tokens the prompt cache gave
         self.head = {
             "id": prompts[0].response_id,
@@ -563,7 +564,13 @@ class _Shape:
         the prompt cache gave), every choice's completion tokens."""
         firsts = lasts[:: self.n]
         prompt_tokens, cached = sum(e.prompt_tokens for e in firsts), sum(e.cached_tokens for e in firsts)
-        return _usage(prompt_tokens, sum(e.completion_tokens for e in lasts) if self.generated else 0, cached)
+        usage = _usage(prompt_tokens, sum(e.completion_tokens for e in lasts) if self.generated else 0, cached)
+        if self.predicted:
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": sum(e.accepted_prediction_tokens for e in lasts),
+                "rejected_prediction_tokens": sum(e.rejected_prediction_tokens for e in lasts),
+            }
+        return usage
 
     def response(self, choices: list[_Choice]) -> dict[str, Any]:
         out = []
