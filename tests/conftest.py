@@ -16,10 +16,16 @@ if not torch.cuda.is_available():
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    import openai
+
+    from server.model_loading import LoadedModel
 
 SMOL_VOCAB = 49152
 
@@ -91,3 +97,32 @@ def _restore_root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+# The OpenAI-compatible server of the OpenAI, Responses and tokenize tests (tests/openai_server.py), one per test
+# module that asks for it; modules with fixtures of these names of their own keep theirs.
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    from server.model_loading import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.openai_server import openai_server
+
+    with openai_server(loaded, tmp_path_factory.mktemp("openai-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def oai(server_url: str) -> Iterator[openai.OpenAI]:
+    import openai
+
+    from tests.openai_server import KEY_A
+
+    with openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_A, max_retries=0, timeout=60) as client:
+        yield client

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,47 +13,9 @@ import pytest
 
 from server.api.app import create_app
 from server.config import ServeConfig
-from server.model_loading import LoadedModel, load_model
-from tests.live_server import serve_in_thread, write_key_file, write_peft_checkpoint
-
-KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
-TASK = "summarize"
-MAX_NEW_TOKENS = 48
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with openai_server(loaded, tmp_path_factory.mktemp("openai-server")) as url:
-        yield url
-
-
-@contextlib.contextmanager
-def openai_server(loaded: LoadedModel, root: Path) -> Iterator[str]:
-    """The tiny model served with two tenants' keys, tenant A holding the prefix ``TASK``."""
-    keys = write_key_file(root / "keys.json", {KEY_A: "tenant-a", KEY_B: "tenant-b"})
-    config = ServeConfig(
-        store=f"disk://{root / 'store'}", api_keys=str(keys), max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=200
-    )
-    with serve_in_thread(create_app(config, model=loaded)) as url:
-        write_peft_checkpoint(loaded, root / "ckpt", num_virtual_tokens=5, seed=3)
-        files = {
-            name: (name, (root / "ckpt" / name).read_bytes())
-            for name in ("adapter_config.json", "adapter_model.safetensors")
-        }
-        r = httpx.put(f"{url}/v1/prefixes/{TASK}", files=files, headers={"authorization": f"Bearer {KEY_A}"})
-        assert r.status_code == 201, r.text
-        yield url
-
-
-@pytest.fixture(scope="module")
-def oai(server_url: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_A, max_retries=0, timeout=60) as client:
-        yield client
+from server.model_loading import LoadedModel
+from tests.live_server import serve_in_thread
+from tests.openai_server import KEY_A, KEY_B, MAX_NEW_TOKENS, TASK
 
 
 def native_generate(server_url: str, key: str = KEY_A, **body: Any) -> dict[str, Any]:

@@ -4,35 +4,16 @@ what the server cannot do is refused by name. Driven by the `openai` package aga
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from server.model_loading import LoadedModel, load_model
-from tests.test_openai_compat import KEY_A, TASK, openai_server
+from server.model_loading import LoadedModel
+from tests.openai_server import KEY_A, TASK
 
 USER = [{"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with openai_server(loaded, tmp_path_factory.mktemp("openai-fields")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def oai(server_url: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_A, max_retries=0, timeout=60) as client:
-        yield client
 
 
 def raw_chat(server_url: str, **body: Any) -> httpx.Response:

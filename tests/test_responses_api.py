@@ -5,37 +5,18 @@ the model elsewhere), in the Responses shape, streamed or not alike."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from server.model_loading import LoadedModel, load_model
-from tests.test_openai_compat import KEY_A, TASK, WEATHER, openai_server
+from tests.openai_server import KEY_A, TASK
+from tests.test_openai_compat import WEATHER
 
 # The chat API's tool, as the Responses API writes it (flat).
 WEATHER_TOOL = {"type": "function", **WEATHER["function"], "strict": True}
 QUESTION = "What is the weather in Paris?"
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with openai_server(loaded, tmp_path_factory.mktemp("responses")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def oai(server_url: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_A, max_retries=0, timeout=60) as client:
-        yield client
 
 
 def chat(oai: openai.OpenAI, messages: list[dict[str, Any]], **fields: Any) -> Any:

@@ -3,43 +3,16 @@ what a generation prefills, errors in OpenAI's shape, keys enforced."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from server.api.app import create_app
-from server.config import ServeConfig
-from server.model_loading import LoadedModel, load_model
-from tests.live_server import serve_in_thread, write_key_file, write_peft_checkpoint
+from server.model_loading import LoadedModel
+from tests.openai_server import KEY_A, KEY_B, TASK
 
-KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
-TASK = "summarize"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def server_url(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("tokenize-server")
-    keys = write_key_file(root / "keys.json", {KEY_A: "tenant-a", KEY_B: "tenant-b"})
-    config = ServeConfig(store=f"disk://{root / 'store'}", api_keys=str(keys), max_new_tokens=8)
-    with serve_in_thread(create_app(config, model=loaded)) as url:
-        write_peft_checkpoint(loaded, root / "ckpt", num_virtual_tokens=5, seed=3)
-        files = {
-            name: (name, (root / "ckpt" / name).read_bytes())
-            for name in ("adapter_config.json", "adapter_model.safetensors")
-        }
-        r = httpx.put(f"{url}/v1/prefixes/{TASK}", files=files, headers={"authorization": f"Bearer {KEY_A}"})
-        assert r.status_code == 201, r.text
-        yield url
 
 
 def post(url: str, path: str, body: dict[str, Any], key: str | None = KEY_A) -> httpx.Response:
