@@ -230,7 +230,11 @@ class _Base:
         backoff_s: float,
         max_backoff_s: float,
     ) -> None:
-        self.base_url = (base_url or os.environ.get(ENV_URL) or DEFAULT_URL).rstrip("/")
+        given = base_url or os.environ.get(ENV_URL) or DEFAULT_URL
+        url = httpx.URL(given)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"the server URL must be http(s)://HOST[:PORT], not {given!r}")
+        self.base_url = given.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
         self.max_retries = max(0, max_retries)
         self.backoff_s = backoff_s

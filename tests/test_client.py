@@ -358,6 +358,8 @@ def test_cli_readable_errors(server_url: str, tmp_path: Path, capsys: pytest.Cap
         (["generate", "-", "hi", "--max-new-tokens", "9999", "--url", server_url, "--api-key", KEY], "max_new_tokens"),
         (["list", "--url", "http://127.0.0.1:9"], "cannot connect"),
         (["generate", "-", "hi", "--logprobs", "2", "--url", server_url, "--api-key", KEY], "with --json only"),
+        (["list", "--url", "http://"], "http(s)://HOST[:PORT], not 'http://'"),
+        (["list", "--url", "localhost:8000"], "http(s)://HOST[:PORT]"),
     ]
     for argv, words in cases:
         code, out, err = run_cli(capsys, *argv)

@@ -191,3 +191,15 @@ def test_usage_says_how_much_of_a_prediction_stood(oai: openai.OpenAI) -> None:
     assert details is not None and details.accepted_prediction_tokens is not None
     assert 0 < details.accepted_prediction_tokens < guessed.usage.completion_tokens
     assert details.rejected_prediction_tokens is not None and details.rejected_prediction_tokens >= 0
+
+
+def test_unknown_openai_routes_answer_in_openai_shape(server_url: str) -> None:
+    """A path under /v1 an OpenAI client was after (not the native /v1/generate or /v1/prefixes) gets its error
+    in OpenAI's shape, as every other answer on those routes."""
+    headers = {"authorization": f"Bearer {KEY_A}"}
+    for method, path, status in [("GET", "/v1/embeddings", 404), ("GET", "/v1/chat/completions", 405)]:
+        r = httpx.request(method, f"{server_url}{path}", headers=headers, timeout=30)
+        assert r.status_code == status, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    native = httpx.get(f"{server_url}/v1/prefixes/a/b", headers=headers, timeout=30).json()["error"]
+    assert "code" not in native  # the native API keeps its own shape

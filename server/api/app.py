@@ -160,6 +160,14 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
     return state
 
 
+# Paths under /v1 that are the native API's; the rest of /v1 is OpenAI's (routes that exist or not).
+_NATIVE_PREFIXES = ("/v1/generate", "/v1/prefixes")
+
+
+def _openai_path(path: str) -> bool:
+    return path.startswith("/v1/") and not path.startswith(_NATIVE_PREFIXES)
+
+
 def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> FastAPI:
     """The app; the model is loaded in the lifespan unless one is given (tests, embedding)."""
 
@@ -243,12 +251,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=error.status_code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error: ApiError = NotFound(str(exc.detail)) if exc.status_code == 404 else ApiError(str(exc.detail))
         error.status_code = exc.status_code
         if exc.status_code == 405:
             error.error_type = "method_not_allowed"
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if _openai_path(request.url.path):  # a route an OpenAI client was after: its error shape
+            body = openai_compat.openai_error_body(exc.status_code, error.message, None, error.error_type)
+            return JSONResponse(body, status_code=exc.status_code, headers=headers)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
