@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.openai_server import KEY_A, TASK
+from tests.openai_server import KEY_A, KEY_B, TASK
 from tests.test_openai_compat import WEATHER
 
 # The chat API's tool, as the Responses API writes it (flat).
@@ -131,7 +131,8 @@ def test_text_format_holds_the_reply_to_a_schema(oai: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
-        ({"previous_response_id": "resp_1"}, 400, "previous_response_id"),
+        ({"previous_response_id": "resp_unknown"}, 404, "previous_response_id"),
+        ({"conversation": "conv_1"}, 400, "conversation"),
         ({"tools": [{"type": "web_search"}]}, 400, "tools.0.type"),
         ({"input": [{"type": "reasoning", "summary": []}]}, 400, "input.0.type"),
         ({"input": [{"role": "robot", "content": "hi"}]}, 400, "input.0.role"),
@@ -149,3 +150,56 @@ def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str,
     )
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_a_stored_response_is_continued_read_and_deleted(oai: openai.OpenAI, server_url: str) -> None:
+    """previous_response_id continues a stored response: the same as sending its conversation whole; GET returns
+    it as it was, DELETE drops it; store false keeps nothing; another tenant never sees it."""
+    first = oai.responses.create(model=TASK, input="My name is Ada.", max_output_tokens=4, temperature=0)
+    assert first.store is True
+    second = oai.responses.create(
+        model=TASK, previous_response_id=first.id, input="What is my name?", max_output_tokens=6, temperature=0
+    )
+    whole = [
+        {"role": "user", "content": "My name is Ada."},
+        *[item.model_dump() for item in first.output],
+        {"role": "user", "content": "What is my name?"},
+    ]
+    want = oai.responses.create(model=TASK, input=whole, max_output_tokens=6, temperature=0, store=False)
+    assert second.output_text == want.output_text and second.previous_response_id == first.id
+    assert second.usage is not None and want.usage is not None
+    assert second.usage.input_tokens == want.usage.input_tokens
+    got = oai.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == first.output_text
+    with (
+        openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY_B, max_retries=0) as other,
+        pytest.raises(openai.NotFoundError),
+    ):
+        other.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(want.id)  # store false
+    assert oai.responses.delete(first.id) is None  # the SDK returns nothing for a delete
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.create(model=TASK, previous_response_id=first.id, input="Again?", max_output_tokens=2)
+
+
+def test_a_streamed_response_is_stored_once_complete(oai: openai.OpenAI) -> None:
+    events = list(
+        oai.responses.create(model=TASK, input="Count to three.", max_output_tokens=6, temperature=0, stream=True)
+    )
+    done = events[-1].response
+    assert oai.responses.retrieve(done.id).output_text == done.output_text
+
+
+def test_the_store_keeps_the_most_recently_used() -> None:
+    from server.api.response_store import ResponseStore, StoredResponse
+
+    store = ResponseStore(capacity=2)
+    for name in ("a", "b"):
+        store.put("t", name, StoredResponse([], {"id": name}))
+    assert store.get("t", "a") is not None  # now the most recently used
+    store.put("t", "c", StoredResponse([], {"id": "c"}))
+    assert store.get("t", "b") is None and store.get("t", "a") is not None and len(store) == 2
+    assert store.get("other", "a") is None and store.delete("t", "a") and not store.delete("t", "a")

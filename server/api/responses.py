@@ -8,8 +8,11 @@ model, as on the other OpenAI routes. The reply comes back as output items: a ``
 ``function_call`` item per tool call; streamed, as the typed events OpenAI sends (``response.created``, text
 deltas, function-call argument deltas, ``response.completed``).
 
-The server keeps no responses (as ``store: false``): ``previous_response_id`` and ``conversation`` are refused,
-and clients send the whole conversation as ``input``, earlier output items included, as they do for the chat API.
+Responses are kept unless ``store: false`` (server/api/response_store.py: in this process's memory, per tenant,
+the least recently used dropped past a bound): ``previous_response_id`` continues one (its conversation, then this
+input; its instructions are not carried over, as OpenAI does), GET and DELETE /v1/responses/{id} read and drop
+one. ``conversation`` objects are not supported; a client may always send the whole conversation as ``input``,
+earlier output items included, as for the chat API.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from server.api.auth import Principal
 from server.api.generate import check_event, events_until_disconnect, start_events
 from server.api.openai_compat import (
     ChatCompletionRequest,
@@ -33,11 +37,12 @@ from server.api.openai_compat import (
     openai_error_body,
     prepare_chat,
 )
-from server.api.state import Caller, State
+from server.api.response_store import StoredResponse
+from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import ReplyReader, ToolMode, calls_in
 from server.api.tool_formats import ToolCall, read_reply
 from server.engine import GenerationEvent
-from server.errors import ApiError, GenerationFailed
+from server.errors import ApiError, GenerationFailed, NotFound
 
 router = APIRouter(route_class=OpenAIRoute)
 
@@ -78,18 +83,17 @@ class ResponsesRequest(BaseModel):
     # Extra outputs: only what is empty here anyway (no reasoning items to carry encrypted), others refused.
     include: list[Literal["reasoning.encrypted_content"]] | None = None
     stream_options: dict[str, Any] | None = None  # {"include_obfuscation": ...}: nothing to pad here
+    previous_response_id: str | None = None  # a stored response this one continues
     # Refused with a reason (``_refuse_state``).
-    previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
 
 
 def _refuse_state(body: ResponsesRequest) -> None:
-    for name in ("previous_response_id", "conversation"):
-        if getattr(body, name) is not None:
-            raise UnsupportedParameter(
-                name, f"{name} is not supported: this server keeps no responses; send the whole conversation as input"
-            )
+    if body.conversation is not None:
+        raise UnsupportedParameter(
+            "conversation", "conversation objects are not supported: send previous_response_id, or the whole input"
+        )
     if body.background:
         raise UnsupportedParameter("background", "background responses are not supported")
 
@@ -110,15 +114,21 @@ def _text_of(content: Any, param: str) -> str:
     return "".join(texts)
 
 
-def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """``instructions`` and ``input`` as chat messages: an earlier ``function_call`` joins the assistant message
-    before it (or makes one), its ``function_call_output`` is a tool message."""
-    messages: list[dict[str, Any]] = []
-    if body.instructions:
-        messages.append({"role": "system", "content": body.instructions})
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's ``input`` as items (a string is one user message)."""
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     if not items:
         raise ParameterError("input", "input is empty")
+    return items
+
+
+def _messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``instructions`` and the conversation's items as chat messages: an earlier ``function_call`` joins the
+    assistant message before it (or makes one), its ``function_call_output`` is a tool message. An item's
+    ``input.N`` counts from the first item a stored response before this one had."""
+    messages: list[dict[str, Any]] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
     for i, item in enumerate(items):
         kind = item.get("type", "message")
         if kind == "message":
@@ -171,12 +181,12 @@ def _response_format(text: TextOptions | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
 
 
-def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request a Responses request is."""
+def chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request a Responses request is, on the conversation ``items`` (earlier turns', then its input)."""
     _refuse_state(body)
     chat: dict[str, Any] = {
         "model": body.model,
-        "messages": _messages(body),
+        "messages": _messages(body.instructions, items),
         "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -252,9 +262,9 @@ class _Reply:
             "model": body.model,
             "output": self.output,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": None,
+            "previous_response_id": body.previous_response_id,
             "reasoning": None,
-            "store": False,
+            "store": body.store is not False,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": (body.text.format if body.text and body.text.format else {"type": "text"})},
             "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
@@ -421,10 +431,19 @@ class _Events:
 
 @router.post("/v1/responses", responses={200: {"content": {"text/event-stream": {}}}})
 async def create_response(body: ResponsesRequest, request: Request, state: State, principal: Caller) -> Response:
-    chat = chat_request(body)
+    earlier: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        earlier = _stored(state, principal, body.previous_response_id, "previous_response_id").items
+    items = [*earlier, *input_items(body)]
     response_id = "resp_" + secrets.token_hex(12)
-    prepared, mode = await prepare_chat(state, principal, chat, response_id)
+    prepared, mode = await prepare_chat(state, principal, chat_request(body, items), response_id)
     reply = _Reply(body, response_id)
+
+    def keep() -> None:  # once the response is complete
+        if body.store is not False:
+            stored = StoredResponse([*items, *reply.output], reply.object(reply.status))
+            state.responses.put(principal.tenant, response_id, stored)
+
     events = start_events(state, prepared, stream=body.stream)
     if body.stream:
         try:
@@ -433,7 +452,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
             raise
-        return StreamingResponse(_stream(reply, mode, first, events), media_type="text/event-stream")
+        return StreamingResponse(_stream(reply, mode, first, events, keep), media_type="text/event-stream")
     text, last = [], None
     async for event in events_until_disconnect(request, events):
         check_event(event)
@@ -443,11 +462,37 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         raise GenerationFailed("the request ended without a result")
     reply.finished(last)
     reply.output = _output_of(mode, "".join(text))
+    keep()
     return JSONResponse(reply.object(reply.status))
 
 
+def _stored(state: ServerState, principal: Principal, response_id: str, param: str) -> StoredResponse:
+    stored = state.responses.get(principal.tenant, response_id)
+    if stored is None:
+        error = NotFound(f"no response {response_id!r} (unknown, deleted, or kept by another replica)")
+        error.param, error.code = param, "response_not_found"  # type: ignore[attr-defined]
+        raise error
+    return stored
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, state: State, principal: Caller) -> dict[str, Any]:
+    return _stored(state, principal, response_id, "response_id").response
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, state: State, principal: Caller) -> dict[str, Any]:
+    _stored(state, principal, response_id, "response_id")
+    state.responses.delete(principal.tenant, response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
 async def _stream(
-    reply: _Reply, mode: ToolMode | None, first: GenerationEvent, rest: AsyncIterator[GenerationEvent]
+    reply: _Reply,
+    mode: ToolMode | None,
+    first: GenerationEvent,
+    rest: AsyncIterator[GenerationEvent],
+    keep: Callable[[], None],
 ) -> AsyncIterator[str]:
     writer = _Events(reply)
     reader = ReplyReader(mode)
@@ -469,6 +514,7 @@ async def _stream(
                 reply.finished(event)
                 for chunk in writer.finish():
                     yield chunk
+                keep()
                 return
             event = await anext(rest, None)
     except ApiError as exc:  # ended by the server mid-stream (timed out, shutting down): say why

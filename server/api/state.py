@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from prefix_store.registry import PrefixRegistry
 from server.api.auth import TENANT_HEADER, KeyRing, Principal, acting_for
+from server.api.response_store import ResponseStore
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import Unavailable
@@ -37,6 +38,7 @@ class ServerState:
     # Compiles structured-output constraints against the model's vocabulary; None when the model has no tokenizer.
     grammars: GrammarCompiler | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))  # the base model's "created" in /v1/models
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
 
     @property
     def model_names(self) -> tuple[str, ...]:
