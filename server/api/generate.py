@@ -317,15 +317,18 @@ async def generate(
         text="".join(text),
         token_ids=token_ids,
         finish_reason=last.finish_reason,
-        usage=Usage(
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            cached_tokens=last.cached_tokens,
-        ),
+        usage=_usage(last),
         prefix_version=prepared.prefix_version,
         logprobs=logprobs,
         prompt_token_ids=None if body.prompt_logprobs is None else list(prepared.request.prompt_ids),
         prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _usage(last: GenerationEvent) -> Usage:
+    """A request's usage, from its last event."""
+    return Usage(
+        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens
     )
 
 
@@ -371,13 +374,7 @@ async def _sse_chunks(
             token_id=event.token_id,
             text=event.text,
             finish_reason=event.finish_reason if finished else None,
-            usage=Usage(
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                cached_tokens=event.cached_tokens,
-            )
-            if finished
-            else None,
+            usage=_usage(event) if finished else None,
             prefix_version=prepared.prefix_version,
             logprob=None
             if event.logprob is None or event.token_id is None

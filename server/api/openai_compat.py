@@ -328,7 +328,7 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
                 f"messages.{i}.content", "content is missing (only an assistant's tool calls or refusal go without)"
             )
         if isinstance(content, list):
-            content = _text_parts(content, f"messages.{i}.content")
+            content = text_parts(content, f"messages.{i}.content")
         rendered: dict[str, Any] = {
             "role": "system" if message.role == "developer" else message.role,
             "content": content or "",
@@ -340,10 +340,13 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
     return out
 
 
-def _text_parts(parts: list[dict[str, Any]], param: str) -> str:
-    """Content given as parts: their text, joined (only text parts are supported)."""
-    if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in parts):
-        raise UnsupportedParameter(param, "only text content parts are supported")
+def text_parts(parts: list[Any], param: str, kinds: tuple[str, ...] = ("text",)) -> str:
+    """Content given as parts: their text, joined. Only text parts (of ``kinds``) are supported."""
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") not in kinds:
+            raise UnsupportedParameter(param, f"only text content parts ({', '.join(kinds)}) are supported")
+        if not isinstance(part.get("text"), str):
+            raise ParameterError(param, "a text part needs its text")
     return "".join(part["text"] for part in parts)
 
 
@@ -352,7 +355,7 @@ def _prediction(body: OpenAIBody) -> str | None:
     if prediction is None:
         return None
     content = prediction.content
-    return content if isinstance(content, str) else _text_parts(content, "prediction.content")
+    return content if isinstance(content, str) else text_parts(content, "prediction.content")
 
 
 # ----- shared plumbing -------------------------------------------------------------------------

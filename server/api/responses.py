@@ -36,6 +36,7 @@ from server.api.openai_compat import (
     UnsupportedParameter,
     openai_error_body,
     prepare_chat,
+    text_parts,
 )
 from server.api.response_store import StoredResponse
 from server.api.state import Caller, ServerState, State
@@ -104,14 +105,7 @@ def _text_of(content: Any, param: str) -> str:
         return content
     if not isinstance(content, list):
         raise ParameterError(param, "content must be a string or a list of text parts")
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-            raise UnsupportedParameter(param, "only text content parts (input_text, output_text) are supported")
-        if not isinstance(part.get("text"), str):
-            raise ParameterError(param, "a text part needs its text")
-        texts.append(part["text"])
-    return "".join(texts)
+    return text_parts(content, param, ("input_text", "output_text", "text"))
 
 
 def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -466,12 +460,17 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     return JSONResponse(reply.object(reply.status))
 
 
+class ResponseNotFound(NotFound):
+    def __init__(self, response_id: str, param: str) -> None:
+        super().__init__(f"no response {response_id!r} (unknown, deleted, or kept by another replica)")
+        self.param = param
+        self.code = "response_not_found"
+
+
 def _stored(state: ServerState, principal: Principal, response_id: str, param: str) -> StoredResponse:
     stored = state.responses.get(principal.tenant, response_id)
     if stored is None:
-        error = NotFound(f"no response {response_id!r} (unknown, deleted, or kept by another replica)")
-        error.param, error.code = param, "response_not_found"  # type: ignore[attr-defined]
-        raise error
+        raise ResponseNotFound(response_id, param)
     return stored
 
 
