@@ -96,6 +96,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "request_timeout_s": (float, "cancel a generation running longer, answering 408 (default 600; 0 = never)"),
     "max_open_streams": (int, "streamed generations open at once before 429 (default 1024; 0 = no limit)"),
     "drain_timeout_s": (float, "on SIGTERM, seconds in-flight requests get to finish (default 30)"),
+    "responses_ttl_s": (
+        int,
+        "with a redis store, stored Responses API responses are kept there, shared by every replica, this many "
+        "seconds (default 86400; 0 = in each process's memory)",
+    ),
     "cors_allow_origins": (str, "comma-separated origins allowed cross-site (default: none, CORS off)"),
     "tenant_max_concurrent_requests": (int, "per-tenant generations in flight before 429 (default 0 = no limit)"),
     "tenant_max_queued_requests": (int, "per-tenant generations waiting before 429 (default 0 = no limit)"),

@@ -152,3 +152,57 @@ def test_cold_burst_while_decoding_keeps_tokens_flowing(
     stream_done.wait(60)
     streamer.join()
     assert len(token_times) == 400
+
+
+def create_response(url: str, **body: object) -> httpx.Response:
+    return httpx.post(f"{url}/v1/responses", json={"max_output_tokens": 6, "temperature": 0, **body}, timeout=30)
+
+
+def output_text(response: dict) -> str:
+    return "".join(p["text"] for item in response["output"] if item["type"] == "message" for p in item["content"])
+
+
+def test_a_response_made_on_one_replica_is_read_and_continued_on_another(
+    replicas: list[ServerProcess], redis_server: RedisServer
+) -> None:
+    """With a Redis store the Responses API keeps responses in Redis: any replica reads, continues or deletes
+    what another made; Redis down, reads answer 503 and a new response is still answered (only not kept)."""
+    a, b = (r.url for r in replicas)
+    model = httpx.get(f"{a}/v1/models").json()["data"][0]["id"]
+    first = create_response(a, model=model, input="My name is Ada.").json()
+    assert httpx.get(f"{b}/v1/responses/{first['id']}").json() == first
+
+    second = create_response(b, model=model, previous_response_id=first["id"], input="What is my name?").json()
+    whole = [
+        {"role": "user", "content": "My name is Ada."},
+        *first["output"],
+        {"role": "user", "content": "What is my name?"},
+    ]
+    want = create_response(a, model=model, input=whole, store=False).json()
+    assert output_text(second) == output_text(want)
+    assert second["usage"]["input_tokens"] == want["usage"]["input_tokens"]
+    assert httpx.get(f"{b}/v1/responses/{want['id']}").status_code == 404  # store false: kept nowhere
+    ttl = redis_server.client().ttl(f"ps:{{default}}:resp:{second['id']}")
+    assert 0 < ttl <= 24 * 3600  # --responses-ttl-s's default
+
+    # Streamed on B: stored before its last event, so A can continue it as soon as the client reads that event.
+    body = {"model": model, "input": "Count to three.", "max_output_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{b}/v1/responses", json=body, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    streamed = events[-1]["response"]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")  # the last event
+    assert httpx.get(f"{a}/v1/responses/{streamed['id']}").json()["output"] == streamed["output"]
+
+    assert httpx.delete(f"{a}/v1/responses/{first['id']}").status_code == 200
+    assert httpx.get(f"{b}/v1/responses/{first['id']}").status_code == 404
+
+    redis_server.kill()
+    down = httpx.get(f"{b}/v1/responses/{second['id']}")
+    assert down.status_code == 503 and "retry-after" in down.headers
+    assert create_response(a, model=model, previous_response_id=second["id"], input="Again?").status_code == 503
+    unkept = create_response(a, model=model, input="Still there?")
+    assert unkept.status_code == 200 and output_text(unkept.json())  # answered, though it could not be kept
+
+    redis_server.start()  # AOF: what was written is back
+    eventually(lambda: httpx.get(f"{b}/v1/responses/{second['id']}").status_code == 200, within=10.0)
+    assert httpx.get(f"{a}/v1/responses/{unkept.json()['id']}").status_code == 404

@@ -194,9 +194,9 @@ def test_a_streamed_response_is_stored_once_complete(oai: openai.OpenAI) -> None
 
 
 def test_the_store_keeps_the_most_recently_used() -> None:
-    from server.api.response_store import ResponseStore, StoredResponse
+    from server.api.response_store import MemoryResponseStore, StoredResponse
 
-    store = ResponseStore(capacity=2)
+    store = MemoryResponseStore(capacity=2)
     for name in ("a", "b"):
         store.put("t", name, StoredResponse([], {"id": name}))
     assert store.get("t", "a") is not None  # now the most recently used

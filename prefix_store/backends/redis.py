@@ -15,6 +15,9 @@ Redis Cluster slot, so a version write is a single-slot Lua script:
                              fields are also the task's stored versions
     ps:{T}:tasks     SET     the tenant's task ids (the listing index)
 
+The server keeps the Responses API's stored responses beside them, `ps:{T}:resp:<id>` (server/api/response_store.py,
+with a TTL; these keys have none).
+
 Stores written before blobs were strings hold them in `ps:{T/K}:blob`, a HASH
 version -> bytes: reads fall back to it, and deletes and pruning clear it.
 
@@ -182,6 +185,11 @@ class RedisBackend(PrefixBackend):
         self._closed = threading.Event()
         self._sub_lock = threading.Lock()
 
+    @property
+    def client(self) -> redis.Redis:
+        """The connection pool's client, for other documents kept beside the prefixes (use ``call`` around it)."""
+        return self._client
+
     def describe(self) -> str:
         return f"redis store at {self._safe_url} (keeping {self.keep_versions} versions per task)"
 
@@ -212,7 +220,7 @@ class RedisBackend(PrefixBackend):
         # redis-py's messages name host and port, not the password; make sure of it.
         return text.replace(self._password, "***") if self._password else text
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one Redis operation, turning redis-py's errors into StoreUnavailable."""
         try:
             return fn()
@@ -238,9 +246,9 @@ class RedisBackend(PrefixBackend):
 
         # INCR hands out each number once, so concurrent puts never collide and
         # `encode` is called exactly once.
-        version = self._call("allocating a version", allocate)
+        version = self.call("allocating a version", allocate)
         blob = encode(version)
-        self._call(
+        self.call(
             "writing a version",
             lambda: self._put_script(
                 keys=[latest, head_key, f"{prefix}{version}", legacy_key],
@@ -257,14 +265,14 @@ class RedisBackend(PrefixBackend):
         )
         # Again after the write: a concurrent delete may have removed the entry
         # between our SADD and the script (see `delete` for the other half).
-        self._call("indexing a task", lambda: self._client.sadd(index, task_id))
+        self.call("indexing a task", lambda: self._client.sadd(index, task_id))
         return version
 
     def delete(self, tenant: str, task_id: str) -> bool:
         _, latest, head_key, legacy_key = self._task_keys(tenant, task_id)
         prefix = self._version_prefix(tenant, task_id)
         index = self._index_key(tenant)
-        removed = self._call(
+        removed = self.call(
             "deleting a task",
             lambda: self._delete_script(
                 keys=[latest, head_key, legacy_key],
@@ -279,14 +287,14 @@ class RedisBackend(PrefixBackend):
             if self._client.exists(latest):
                 self._client.sadd(index, task_id)
 
-        self._call("unindexing a task", unindex)
+        self.call("unindexing a task", unindex)
         return int(removed) > 0
 
     # -- reads ----------------------------------------------------------------
 
     def latest_version(self, tenant: str, task_id: str) -> int | None:
         _, latest, _, _ = self._task_keys(tenant, task_id)
-        raw = self._call("reading the latest version", lambda: self._client.get(latest))
+        raw = self.call("reading the latest version", lambda: self._client.get(latest))
         return int(raw) if raw is not None else None
 
     def _read(self, tenant: str, task_id: str, version: int | None, head: bool) -> bytes:
@@ -295,16 +303,14 @@ class RedisBackend(PrefixBackend):
         fields = head_key if head else legacy_key
         if version is None:
             # Pointer and bytes in one script: never a pointer without its blob.
-            found = self._call(
-                "reading a prefix", lambda: self._get_latest_script(keys=[latest, fields], args=[prefix])
-            )
+            found = self.call("reading a prefix", lambda: self._get_latest_script(keys=[latest, fields], args=[prefix]))
             data = found[1] if found else None
         elif head:
-            data = self._call("reading a prefix", lambda: self._client.hget(head_key, str(version)))
+            data = self.call("reading a prefix", lambda: self._client.hget(head_key, str(version)))
         else:
-            data = self._call("reading a prefix", lambda: self._client.get(f"{prefix}{version}"))
+            data = self.call("reading a prefix", lambda: self._client.get(f"{prefix}{version}"))
             if data is None:  # stored before blobs were strings
-                data = self._call("reading a prefix", lambda: self._client.hget(legacy_key, str(version)))
+                data = self.call("reading a prefix", lambda: self._client.hget(legacy_key, str(version)))
         if data is None:
             which = f"version {version}" if version is not None else "any version"
             raise PrefixNotFound(f"prefix {task_id!r} not found ({which})")
@@ -329,7 +335,7 @@ class RedisBackend(PrefixBackend):
                     self._get_latest_script(keys=[latest, head_key], args=[""], client=pipe)
                 return pipe.execute()
 
-            for task_id, found in zip(batch, self._call("listing prefixes", fetch), strict=True):
+            for task_id, found in zip(batch, self.call("listing prefixes", fetch), strict=True):
                 if found:  # nil: deleted since it was listed
                     out[task_id] = bytes(found[1])
         return out
@@ -346,7 +352,7 @@ class RedisBackend(PrefixBackend):
             size, first, legacy = pipe.execute()
             return int(size), bytes(first), legacy
 
-        size, first, legacy = self._call("reading a prefix", open_)
+        size, first, legacy = self.call("reading a prefix", open_)
         if size:
             return _RangeReader(self, key, size, first, f"prefix {task_id!r} version {version}")
         if legacy is None:  # no stored blob is empty: absent
@@ -365,7 +371,7 @@ class RedisBackend(PrefixBackend):
                 pipe.exists(f"{self._tag(tenant, name)}:latest")
             return [n for n, present in zip(names, pipe.execute(), strict=True) if present]
 
-        return self._call("listing tasks", scan)
+        return self.call("listing tasks", scan)
 
     # -- invalidation ---------------------------------------------------------
 
@@ -457,7 +463,7 @@ class _RangeReader(BlobReader):
                 pipe.getrange(self._key, start, end - 1)
             return [bytes(part) for part in pipe.execute()]
 
-        parts = self._backend._call("reading a prefix", fetch)
+        parts = self._backend.call("reading a prefix", fetch)
         for (start, end), part in zip(ranges, parts, strict=True):
             # A version never changes, so a short piece means it was deleted (or pruned) since we opened it.
             if len(part) != end - start:

@@ -14,12 +14,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefix_store.backends import default_store_url, open_backend
+from prefix_store.backends import PrefixBackend, RedisBackend, default_store_url, open_backend
 from prefix_store.piecewise import run_here
 from prefix_store.registry import PrefixRegistry
 from server.api import generate, openai_compat, prefixes, responses, tokenize
 from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimitMiddleware
+from server.api.response_store import MemoryResponseStore, RedisResponseStore, ResponseStore
 from server.api.schemas import ErrorBody, HealthStatus, OpenAIErrorBody, error_responses
 from server.api.state import ServerState
 from server.api.validation import describe as describe_validation
@@ -154,10 +155,19 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         gate=gate,
         heap_trimmer=heap_trimmer,
         grammars=grammars,
+        responses=_response_store(config, backend),
     )
     if metrics is not None:
         metrics.bind(state)
     return state
+
+
+def _response_store(config: ServeConfig, backend: PrefixBackend) -> ResponseStore:
+    """Where stored Responses API responses live: beside the prefixes in Redis (every replica sees them), else
+    in this process's memory."""
+    if isinstance(backend, RedisBackend) and config.responses_ttl_s > 0:
+        return RedisResponseStore(backend, config.responses_ttl_s)
+    return MemoryResponseStore()
 
 
 # Paths under /v1 that are the native API's; the rest of /v1 is OpenAI's (routes that exist or not).

@@ -1,21 +1,34 @@
 """Responses kept for ``previous_response_id`` and GET/DELETE /v1/responses/{id} (OpenAI stores them unless
-``store: false``): per tenant, in this process's memory, the least recently used dropped past a bound.
+``store: false``), per tenant.
 
 Each keeps its conversation as Responses items (the previous ones', its input, its output), so a request that
-continues it reads exactly what that response's turn read, plus its own input. Kept in memory, a response is
-known to the replica that made it only: behind a load balancer, clients that chain responses need sticky
-sessions (or send the whole conversation as ``input``, which every replica serves).
+continues it reads exactly what that response's turn read, plus its own input: one read, however long the chain.
+
+Where they live:
+
+- with a Redis prefix store, in that Redis (``RedisResponseStore``), for ``--responses-ttl-s`` (default a day):
+  every replica sharing the store knows every response, so a client may continue a response on any of them;
+- otherwise (a disk store, or ``--responses-ttl-s 0``) in this process's memory (``MemoryResponseStore``), the
+  least recently used dropped past a bound: a response is known to the replica that made it only, and clients
+  that chain responses behind a load balancer need sticky sessions (or send the whole conversation as ``input``).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-# Responses kept per server (all tenants): a turn's items are text, a few KB each.
+from prefix_store.backends import RedisBackend
+from prefix_store.ids import validate_tenant
+
+# Responses kept per process (all tenants) in memory: a turn's items are text, a few KB each.
 MAX_STORED_RESPONSES = 4096
+# The ids this server gives responses ("resp_" and 24 hex digits); any other id names no stored response.
+_RESPONSE_ID = re.compile(r"resp_[0-9a-f]{24}")
 
 
 @dataclass(frozen=True)
@@ -24,7 +37,19 @@ class StoredResponse:
     response: dict[str, Any]  # the response object as it was returned
 
 
-class ResponseStore:
+class ResponseStore(Protocol):
+    """Blocking calls (a Redis round trip): the routes run them off the event loop."""
+
+    def put(self, tenant: str, response_id: str, stored: StoredResponse) -> None: ...
+
+    def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        """The tenant's response (None when unknown, another tenant's, deleted, expired or dropped)."""
+        ...
+
+    def delete(self, tenant: str, response_id: str) -> bool: ...
+
+
+class MemoryResponseStore:
     def __init__(self, capacity: int = MAX_STORED_RESPONSES) -> None:
         self.capacity = capacity
         self._stored: OrderedDict[tuple[str, str], StoredResponse] = OrderedDict()
@@ -38,7 +63,6 @@ class ResponseStore:
                 self._stored.popitem(last=False)
 
     def get(self, tenant: str, response_id: str) -> StoredResponse | None:
-        """The tenant's response (None when unknown, another tenant's, deleted or dropped)."""
         with self._lock:
             stored = self._stored.get((tenant, response_id))
             if stored is not None:
@@ -51,3 +75,44 @@ class ResponseStore:
 
     def __len__(self) -> int:
         return len(self._stored)
+
+
+class RedisResponseStore:
+    """One JSON string per response, ``ps:{T}:resp:<id>`` (T = tenant: the hash tag keeps a tenant's responses in
+    one Redis Cluster slot, beside its listing index), expiring ``ttl_s`` after it was written.
+
+    Bounded by the TTL, not a count: with ``maxmemory-policy volatile-lru`` Redis drops the least recently used
+    responses first under memory pressure, and never a prefix (prefix keys have no TTL). Redis unreachable: the
+    backend's StoreUnavailable (503 with Retry-After), as for prefixes.
+    """
+
+    def __init__(self, backend: RedisBackend, ttl_s: int) -> None:
+        if ttl_s < 1:
+            raise ValueError("ttl_s must be >= 1")
+        self._backend = backend
+        self.ttl_s = ttl_s
+
+    @staticmethod
+    def _key(tenant: str, response_id: str) -> str:
+        return f"ps:{{{validate_tenant(tenant)}}}:resp:{response_id}"
+
+    def put(self, tenant: str, response_id: str, stored: StoredResponse) -> None:
+        data = json.dumps({"items": stored.items, "response": stored.response}, separators=(",", ":"))
+        key = self._key(tenant, response_id)
+        self._backend.call("storing a response", lambda: self._backend.client.set(key, data, ex=self.ttl_s))
+
+    def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        if not _RESPONSE_ID.fullmatch(response_id):
+            return None
+        key = self._key(tenant, response_id)
+        data = self._backend.call("reading a response", lambda: self._backend.client.get(key))
+        if data is None:
+            return None
+        document = json.loads(data)
+        return StoredResponse(document["items"], document["response"])
+
+    def delete(self, tenant: str, response_id: str) -> bool:
+        if not _RESPONSE_ID.fullmatch(response_id):
+            return False
+        key = self._key(tenant, response_id)
+        return bool(self._backend.call("deleting a response", lambda: self._backend.client.delete(key)))

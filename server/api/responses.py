@@ -8,25 +8,28 @@ model, as on the other OpenAI routes. The reply comes back as output items: a ``
 ``function_call`` item per tool call; streamed, as the typed events OpenAI sends (``response.created``, text
 deltas, function-call argument deltas, ``response.completed``).
 
-Responses are kept unless ``store: false`` (server/api/response_store.py: in this process's memory, per tenant,
-the least recently used dropped past a bound): ``previous_response_id`` continues one (its conversation, then this
-input; its instructions are not carried over, as OpenAI does), GET and DELETE /v1/responses/{id} read and drop
-one. ``conversation`` objects are not supported; a client may always send the whole conversation as ``input``,
-earlier output items included, as for the chat API.
+Responses are kept unless ``store: false`` (server/api/response_store.py: per tenant, in Redis with a Redis store,
+where every replica sees them, else in this process's memory): ``previous_response_id`` continues one (its
+conversation, then this input; its instructions are not carried over, as OpenAI does), GET and DELETE
+/v1/responses/{id} read and drop one. ``conversation`` objects are not supported; a client may always send the
+whole conversation as ``input``, earlier output items included, as for the chat API.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from prefix_store.errors import PrefixStoreError
 from server.api.auth import Principal
 from server.api.generate import check_event, events_until_disconnect, start_events
 from server.api.openai_compat import (
@@ -43,8 +46,9 @@ from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import ReplyReader, ToolMode, calls_in
 from server.api.tool_formats import ToolCall, read_reply
 from server.engine import GenerationEvent
-from server.errors import ApiError, GenerationFailed, NotFound
+from server.errors import ApiError, GenerationFailed, NotFound, from_store_error
 
+logger = logging.getLogger(__name__)
 router = APIRouter(route_class=OpenAIRoute)
 
 _FINISHED = ("length", "stop", "eos")
@@ -427,16 +431,20 @@ class _Events:
 async def create_response(body: ResponsesRequest, request: Request, state: State, principal: Caller) -> Response:
     earlier: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        earlier = _stored(state, principal, body.previous_response_id, "previous_response_id").items
+        earlier = (await _stored(state, principal, body.previous_response_id, "previous_response_id")).items
     items = [*earlier, *input_items(body)]
     response_id = "resp_" + secrets.token_hex(12)
     prepared, mode = await prepare_chat(state, principal, chat_request(body, items), response_id)
     reply = _Reply(body, response_id)
 
-    def keep() -> None:  # once the response is complete
-        if body.store is not False:
-            stored = StoredResponse([*items, *reply.output], reply.object(reply.status))
-            state.responses.put(principal.tenant, response_id, stored)
+    async def keep() -> None:  # once the response is complete, before its last event or its body is sent
+        if body.store is False:
+            return
+        stored = StoredResponse([*items, *reply.output], reply.object(reply.status))
+        try:
+            await asyncio.to_thread(state.responses.put, principal.tenant, response_id, stored)
+        except PrefixStoreError as exc:  # the reply is not lost for it: only its continuation is
+            logger.warning("response %s not stored: %s", response_id, exc)
 
     events = start_events(state, prepared, stream=body.stream)
     if body.stream:
@@ -456,7 +464,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         raise GenerationFailed("the request ended without a result")
     reply.finished(last)
     reply.output = _output_of(mode, "".join(text))
-    keep()
+    await keep()
     return JSONResponse(reply.object(reply.status))
 
 
@@ -467,8 +475,11 @@ class ResponseNotFound(NotFound):
         self.code = "response_not_found"
 
 
-def _stored(state: ServerState, principal: Principal, response_id: str, param: str) -> StoredResponse:
-    stored = state.responses.get(principal.tenant, response_id)
+async def _stored(state: ServerState, principal: Principal, response_id: str, param: str) -> StoredResponse:
+    try:
+        stored = await asyncio.to_thread(state.responses.get, principal.tenant, response_id)
+    except PrefixStoreError as exc:
+        raise from_store_error(exc) from exc
     if stored is None:
         raise ResponseNotFound(response_id, param)
     return stored
@@ -476,13 +487,16 @@ def _stored(state: ServerState, principal: Principal, response_id: str, param: s
 
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, state: State, principal: Caller) -> dict[str, Any]:
-    return _stored(state, principal, response_id, "response_id").response
+    return (await _stored(state, principal, response_id, "response_id")).response
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, state: State, principal: Caller) -> dict[str, Any]:
-    _stored(state, principal, response_id, "response_id")
-    state.responses.delete(principal.tenant, response_id)
+    await _stored(state, principal, response_id, "response_id")
+    try:
+        await asyncio.to_thread(state.responses.delete, principal.tenant, response_id)
+    except PrefixStoreError as exc:
+        raise from_store_error(exc) from exc
     return {"id": response_id, "object": "response", "deleted": True}
 
 
@@ -491,7 +505,7 @@ async def _stream(
     mode: ToolMode | None,
     first: GenerationEvent,
     rest: AsyncIterator[GenerationEvent],
-    keep: Callable[[], None],
+    keep: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[str]:
     writer = _Events(reply)
     reader = ReplyReader(mode)
@@ -511,9 +525,10 @@ async def _stream(
                     yield chunk
             if ended:
                 reply.finished(event)
-                for chunk in writer.finish():
+                last_events = writer.finish()
+                await keep()  # before response.completed: a client may continue the response as soon as it reads it
+                for chunk in last_events:
                     yield chunk
-                keep()
                 return
             event = await anext(rest, None)
     except ApiError as exc:  # ended by the server mid-stream (timed out, shutting down): say why

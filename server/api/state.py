@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from prefix_store.registry import PrefixRegistry
 from server.api.auth import TENANT_HEADER, KeyRing, Principal, acting_for
-from server.api.response_store import ResponseStore
+from server.api.response_store import MemoryResponseStore, ResponseStore
 from server.config import ServeConfig
 from server.engine import Engine
 from server.errors import Unavailable
@@ -38,7 +38,8 @@ class ServerState:
     # Compiles structured-output constraints against the model's vocabulary; None when the model has no tokenizer.
     grammars: GrammarCompiler | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))  # the base model's "created" in /v1/models
-    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
+    # The Responses API's stored responses: in Redis with a Redis store, else in memory (response_store.py).
+    responses: ResponseStore = field(default_factory=MemoryResponseStore)
 
     @property
     def model_names(self) -> tuple[str, ...]:
