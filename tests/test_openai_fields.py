@@ -193,6 +193,21 @@ def test_usage_says_how_much_of_a_prediction_stood(oai: openai.OpenAI) -> None:
     assert details.rejected_prediction_tokens is not None and details.rejected_prediction_tokens >= 0
 
 
+def test_native_usage_says_how_much_of_a_prediction_stood(server_url: str) -> None:
+    def generate(**extra: Any) -> dict[str, Any]:
+        body = {"task_id": TASK, "prompt": "The quick brown fox", "max_new_tokens": 24, **extra}
+        r = httpx.post(f"{server_url}/v1/generate", json=body, headers={"authorization": f"Bearer {KEY_A}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain = generate()
+    assert plain["usage"]["accepted_prediction_tokens"] == plain["usage"]["rejected_prediction_tokens"] == 0
+    guessed = generate(prediction=plain["text"])
+    assert guessed["text"] == plain["text"]
+    assert 0 < guessed["usage"]["accepted_prediction_tokens"] < guessed["usage"]["completion_tokens"]
+    assert guessed["usage"]["rejected_prediction_tokens"] >= 0
+
+
 def test_unknown_openai_routes_answer_in_openai_shape(server_url: str) -> None:
     """A path under /v1 an OpenAI client was after (not the native /v1/generate or /v1/prefixes) gets its error
     in OpenAI's shape, as every other answer on those routes."""

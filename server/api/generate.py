@@ -328,7 +328,11 @@ async def generate(
 def _usage(last: GenerationEvent) -> Usage:
     """A request's usage, from its last event."""
     return Usage(
-        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        cached_tokens=last.cached_tokens,
+        accepted_prediction_tokens=last.accepted_prediction_tokens,
+        rejected_prediction_tokens=last.rejected_prediction_tokens,
     )
 
 

@@ -114,6 +114,9 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose K/V the prompt cache gave (not computed again)
+    # With a prediction: its draft tokens that stood and that did not (OpenAI's completion_tokens_details).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 FinishReason = Literal["length", "stop", "eos"]
