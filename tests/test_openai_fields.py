@@ -74,6 +74,7 @@ def test_openai_fields_that_change_nothing_here_are_accepted(oai: openai.OpenAI)
         ({"definitely_not_a_field": 1}, "definitely_not_a_field"),
         ({"prediction": {"type": "text", "content": "x"}}, "prediction.type"),
         ({"prediction": {"type": "content", "content": [{"type": "image_url"}]}}, "prediction.content"),
+        ({"messages": [*USER, {"role": "tool", "content": "noon"}]}, "messages.1.tool_call_id"),
     ],
 )
 def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str, Any], param: str) -> None:

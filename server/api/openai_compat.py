@@ -327,6 +327,8 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
             raise ParameterError(
                 f"messages.{i}.content", "content is missing (only an assistant's tool calls or refusal go without)"
             )
+        if message.role == "tool" and not message.tool_call_id:  # OpenAI's answer: the call it answers is needed
+            raise ParameterError(f"messages.{i}.tool_call_id", "a tool message needs the tool_call_id it answers")
         if isinstance(content, list):
             content = text_parts(content, f"messages.{i}.content")
         rendered: dict[str, Any] = {
