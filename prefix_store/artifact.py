@@ -119,8 +119,18 @@ def _shape_differences(key_values: torch.Tensor, fingerprint: ModelFingerprint) 
     return ModelFingerprint(fingerprint.architecture, L, H, d, fingerprint.vocab_size).differences(fingerprint)
 
 
-def validate_key_values(key_values: torch.Tensor, fingerprint: ModelFingerprint, *, max_virtual_tokens: int) -> None:
-    """Check that `key_values` [L, 2, H_kv, P, d] fits the model; InvalidPrefix otherwise."""
+def validate_key_values(
+    key_values: torch.Tensor,
+    fingerprint: ModelFingerprint,
+    *,
+    max_virtual_tokens: int,
+    serving_dtype: torch.dtype | None = None,
+) -> None:
+    """Check that `key_values` [L, 2, H_kv, P, d] fits the model; InvalidPrefix otherwise.
+
+    With `serving_dtype` (the model's), values must also stay finite once cast to it: 1e6 is a float32 but
+    overflows float16, and a float64 1e300 overflows float32, into K/V that make every logit NaN.
+    """
     _check_structure(key_values)
     diffs = _shape_differences(key_values, fingerprint)
     if diffs:
@@ -130,6 +140,13 @@ def validate_key_values(key_values: torch.Tensor, fingerprint: ModelFingerprint,
         raise InvalidPrefix(f"num_virtual_tokens must be between 1 and {max_virtual_tokens}, got {P}")
     if not bool(torch.isfinite(key_values).all()):
         raise InvalidPrefix("prefix has non-finite values (NaN or Inf)")
+    if serving_dtype is not None and serving_dtype != key_values.dtype:
+        if not bool(torch.isfinite(key_values.to(serving_dtype)).all()):
+            largest = key_values.abs().max().item()
+            raise InvalidPrefix(
+                f"prefix has values out of the range of {dtype_name(serving_dtype)}, the dtype this server runs the "
+                f"model in (largest magnitude {largest:.3g})"
+            )
 
 
 def utc_now_iso() -> str:

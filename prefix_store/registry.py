@@ -88,8 +88,11 @@ class PrefixRegistry:
         run_cpu_work: CpuRunner | None = None,
         cpu_work_min_bytes: int = DEFAULT_CPU_WORK_MIN_BYTES,
         load_piece_bytes: int = DEFAULT_PIECE_BYTES,
+        serving_dtype: torch.dtype | None = None,
     ) -> None:
-        """`on_load`, if given, is called with the seconds each successful backend load took (metrics),
+        """`serving_dtype`, if given, is the dtype the model runs in: uploads must stay finite in it.
+
+        `on_load`, if given, is called with the seconds each successful backend load took (metrics),
         not counting the wait for one of the `max_concurrent_loads` slots.
 
         A blob larger than `load_piece_bytes` is read in pieces of that many tensor bytes (see
@@ -105,6 +108,7 @@ class PrefixRegistry:
         self.fingerprint = fingerprint
         self.max_virtual_tokens = max_virtual_tokens
         self.max_upload_bytes = max_upload_bytes
+        self.serving_dtype = serving_dtype
         self._lock = threading.Lock()
         self._cache: ByteLRU[CacheKey, PrefixArtifact] = ByteLRU(host_cache_bytes, _artifact_bytes)
         self._inflight: dict[CacheKey, Future[PrefixArtifact]] = {}
@@ -140,7 +144,9 @@ class PrefixRegistry:
             nbytes = key_values.numel() * key_values.element_size()
             if nbytes > self.max_upload_bytes:
                 raise PrefixTooLarge(f"prefix has {nbytes} bytes of tensors, over the limit of {self.max_upload_bytes}")
-        validate_key_values(key_values, self.fingerprint, max_virtual_tokens=self.max_virtual_tokens)
+        validate_key_values(
+            key_values, self.fingerprint, max_virtual_tokens=self.max_virtual_tokens, serving_dtype=self.serving_dtype
+        )
         kv = key_values.detach().to("cpu", copy=True).contiguous()  # the caller may mutate theirs
         created_at = utc_now_iso()
         blobs: dict[int, bytes] = {}

@@ -468,7 +468,17 @@ def step_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> StepLog
     """The sampled tokens' log-probabilities and the k most likely tokens' per row. logits: [B, V] float32."""
     log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
     top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)  # sorted, most likely first
-    return StepLogprobs(log_probs.gather(1, tokens[:, None]).squeeze(1), top.indices, top.values)
+    chosen = log_probs.gather(1, tokens[:, None]).squeeze(1)
+    return StepLogprobs(_json_safe(chosen), top.indices, _json_safe(top.values))
+
+
+# What a log-probability of -inf (or NaN, from logits a broken prefix made non-finite) is reported as: JSON has no
+# infinities, and vLLM reports -inf as this.
+LOGPROB_FLOOR = -9999.0
+
+
+def _json_safe(log_probs: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(log_probs, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
 
 
 def prompt_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:

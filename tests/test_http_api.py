@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from server.api.app import create_app
 from server.config import ServeConfig
@@ -210,6 +210,10 @@ def test_failed_upload_keeps_previous_version(client: TestClient) -> None:
     good = put_native(client, "keeper", native_blob(p=4)).json()
     assert_error(put_native(client, "keeper", native_blob(p=4, fill=float("nan"))), 422)
     assert_error(put_native(client, "keeper", native_blob(layers=5)), 422)
+    # Finite as float64, infinite in the float32 the model runs in: its logits would all be NaN.
+    overflow = {name: t.double() for name, t in load(native_blob(p=4)).items()}
+    overflow["layers.1.value"][0, 2, 3] = 1e300
+    assert_error(put_native(client, "keeper", save(overflow)), 422, "out of the range of float32")
     assert client.get("/v1/prefixes/keeper").json() == good
     gen = client.post("/v1/generate", json={"task_id": "keeper", "prompt": "x", "max_new_tokens": 2})
     assert gen.status_code == 200 and gen.json()["prefix_version"] == good["version"]

@@ -372,3 +372,20 @@ def test_a_replica_that_missed_a_delete_and_reupload_serves_the_new_prefix(tmp_p
     again = b.upload("acme", "sum", new)
     assert again.version > first.version
     assert torch.equal(a.resolve("acme", "sum").key_values, new)
+
+
+def test_upload_must_stay_finite_in_the_serving_dtype(disk: DiskBackend) -> None:
+    """1e6 is a float32 but overflows float16; a float64 1e300 overflows float32: either would make the model's
+    logits NaN once the prefix is cast to the dtype it runs in. Refused, nothing stored."""
+    half = PrefixRegistry(disk, FP, serving_dtype=torch.float16)
+    big = make_kv()
+    big[0, 1, 0, 0, 0] = 1e6
+    with pytest.raises(InvalidPrefix, match=r"out of the range of float16.*largest magnitude 1e\+06"):
+        half.upload("acme", "sum", big)
+    full = PrefixRegistry(disk, FP, serving_dtype=torch.float32)
+    huge = make_kv().double()
+    huge[1, 0, 1, 2, 3] = -1e300
+    with pytest.raises(InvalidPrefix, match="out of the range of float32"):
+        full.upload("acme", "sum", huge)
+    assert disk.latest_version("acme", "sum") is None
+    assert full.upload("acme", "sum", big).version == 1  # in range for float32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.sampling import SamplingBatch, SamplingParams, row_uniforms, sample
+from server.sampling import LOGPROB_FLOOR, SamplingBatch, SamplingParams, row_uniforms, sample, step_logprobs
 
 CPU = torch.device("cpu")
 
@@ -137,6 +137,17 @@ def test_logprobs_are_the_raw_distributions_whatever_the_pick() -> None:
         assert torch.allclose(got.top_values[row], want[row].sort(descending=True).values[:3])
         assert torch.equal(want[row, got.top_ids[row]], got.top_values[row])
     assert tokens[1] != 7 and got.chosen[1] < got.top_values[1, 0]  # seed 9 drew another token
+
+
+def test_logprobs_json_cannot_hold_are_reported_as_vllm_does() -> None:
+    """-inf (a logit of -inf) and NaN (logits a broken prefix made non-finite) come out as -9999.0: JSON has
+    neither, and a reply must not fail on them."""
+    logits = torch.zeros(2, 5)
+    logits[0, 4] = float("-inf")
+    logits[1] = float("nan")
+    got = step_logprobs(logits, torch.tensor([4, 0]), 5)
+    assert got.chosen.tolist() == [LOGPROB_FLOOR, LOGPROB_FLOOR] and LOGPROB_FLOOR == -9999.0
+    assert got.top_values[0, -1] == LOGPROB_FLOOR and torch.isfinite(got.top_values).all()
 
 
 def test_no_logprobs_unless_a_row_asks_and_the_ask_survives_merges() -> None:

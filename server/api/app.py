@@ -132,6 +132,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         load_piece_bytes=config.load_piece_bytes,
         run_cpu_work=run_between_steps,
         on_load=on_load,
+        serving_dtype=model.dtype,
     )
     if config.compile_decode and isinstance(runner, ModelRunner):
         runner.compile_decode_steps(engine.max_groups)  # before traffic: each compile takes a while
