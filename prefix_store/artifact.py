@@ -140,13 +140,12 @@ def validate_key_values(
         raise InvalidPrefix(f"num_virtual_tokens must be between 1 and {max_virtual_tokens}, got {P}")
     if not bool(torch.isfinite(key_values).all()):
         raise InvalidPrefix("prefix has non-finite values (NaN or Inf)")
-    if serving_dtype is not None and serving_dtype != key_values.dtype:
-        if not bool(torch.isfinite(key_values.to(serving_dtype)).all()):
-            largest = key_values.abs().max().item()
-            raise InvalidPrefix(
-                f"prefix has values out of the range of {dtype_name(serving_dtype)}, the dtype this server runs the "
-                f"model in (largest magnitude {largest:.3g})"
-            )
+    cast = key_values if serving_dtype is None else key_values.to(serving_dtype)
+    if not bool(torch.isfinite(cast).all()):
+        raise InvalidPrefix(
+            f"prefix has values out of the range of {dtype_name(cast.dtype)}, the dtype this server runs the model "
+            f"in (largest magnitude {key_values.abs().max().item():.3g})"
+        )
 
 
 def utc_now_iso() -> str:
