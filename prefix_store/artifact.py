@@ -321,16 +321,22 @@ def decode_artifact(blob: bytes) -> PrefixArtifact:
     return PrefixArtifact(key_values=_stack(blob, pairs), metadata=metadata)
 
 
-def parse_uploaded_native(blob: bytes) -> torch.Tensor:
+def parse_uploaded_native(blob: bytes, model: ModelFingerprint | None = None) -> torch.Tensor:
     """key_values [L, 2, H_kv, P, d] of an uploaded native file.
 
     The uploader's task id, tenant and version are ignored; `format` (if
-    present) must be ours and `sha256` (if present) must match the tensors.
+    present) must be ours and `sha256` (if present) must match the tensors;
+    a `fingerprint` (if present) must be `model`'s: the prefix was made for it.
     A bare safetensors file with just the `layers.{l}.{key,value}` tensors is accepted.
     """
     header = read_header(blob)
     pairs = layer_entries(header)
     _check_format(header.metadata, required=False)
+    declared = header.metadata.get("fingerprint")
+    if declared is not None and model is not None:
+        made_for = ModelFingerprint.from_dict(parse_json_object(declared, "metadata fingerprint"))
+        if diffs := made_for.differences(model):
+            raise InvalidPrefix("prefix was made for another model: " + "; ".join(diffs))
     sha = header.metadata.get("sha256")
     if sha is not None and sha != _blob_sha256(blob, pairs):
         raise InvalidPrefix("uploaded prefix does not match its own sha256 (damaged in transit?)")

@@ -228,6 +228,19 @@ def test_parse_uploaded_native_ignores_uploader_ids() -> None:
     assert torch.equal(parse_uploaded_native(encode(kv, tenant="someone-else", version=99)), kv)
 
 
+def test_parse_uploaded_native_refuses_a_prefix_made_for_another_model() -> None:
+    """A file that says which model it was made for (its fingerprint) must say this one's, even where the tensors'
+    shapes would fit: another vocabulary, another architecture. Bare tensors say nothing and are taken."""
+    kv = make_kv()
+    assert torch.equal(parse_uploaded_native(encode(kv), FP), kv)
+    other = ModelFingerprint("gpt2", num_layers=3, num_kv_heads=2, head_dim=8, vocab_size=50257)
+    gpt2 = _tamper(lambda h: h["__metadata__"].update(fingerprint=json.dumps(other.to_dict())))
+    with pytest.raises(InvalidPrefix, match="made for another model: architecture: prefix has gpt2, model has llama"):
+        parse_uploaded_native(gpt2, FP)
+    with pytest.raises(InvalidPrefix, match="metadata fingerprint"):
+        parse_uploaded_native(_tamper(lambda h: h["__metadata__"].update(fingerprint="{")), FP)
+
+
 def test_parse_uploaded_native_accepts_bare_tensors() -> None:
     kv = make_kv()
     tensors = {

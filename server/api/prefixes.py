@@ -76,7 +76,7 @@ async def upload_prefix(
         blob = await request.body()
         if not blob:
             raise BadRequest("empty body: send the .safetensors prefix file")
-        key_values = await _in_thread(parse_uploaded_native, blob)
+        key_values = await _in_thread(parse_uploaded_native, blob, state.registry.fingerprint)
     else:
         raise BadRequest(
             f"unsupported content type {content_type!r}: send application/octet-stream (native .safetensors) "
