@@ -53,8 +53,15 @@ def _embeddings_entry_name(names: list[str]) -> str:
     return matches[0]
 
 
-def key_values_from_peft(config_json: bytes | str | dict[str, Any], weights: bytes) -> torch.Tensor:
-    """key_values [L, 2, H_kv, P, d] float32 from a PEFT prefix-tuning checkpoint's two files."""
+def key_values_from_peft(
+    config_json: bytes | str | dict[str, Any], weights: bytes, *, encoder_decoder: bool | None = None
+) -> torch.Tensor:
+    """key_values [L, 2, H_kv, P, d] from a PEFT prefix-tuning checkpoint's two files, in the checkpoint's dtype.
+
+    With `encoder_decoder` (the serving model's kind), a checkpoint for the other kind is refused: PEFT lays an
+    encoder-decoder's slots out in another order, so the tensors would fit and every layer but the first would
+    get another layer's K/V.
+    """
     config = _parse_config(config_json)
     peft_type = config.get("peft_type")
     if peft_type != "PREFIX_TUNING":
@@ -62,6 +69,14 @@ def key_values_from_peft(config_json: bytes | str | dict[str, Any], weights: byt
     submodules = config.get("num_transformer_submodules", 1)
     if submodules not in (1, 2, None):
         raise InvalidPrefix(f"{CONFIG_NAME}: num_transformer_submodules must be 1 or 2, got {submodules!r}")
+    if encoder_decoder is not None and (submodules == 2) != encoder_decoder:
+        made_for, serving = (
+            ("an encoder-decoder", "decoder-only") if submodules == 2 else ("a decoder-only", "an encoder-decoder")
+        )
+        raise InvalidPrefix(
+            f"{CONFIG_NAME}: num_transformer_submodules {submodules} (task_type {config.get('task_type')!r}) is "
+            f"a checkpoint for {made_for} model; this server's model is {serving}"
+        )
     L = _positive_int(config, "num_layers")
     H = _positive_int(config, "num_attention_heads")  # = H_kv for GQA models
     token_dim = _positive_int(config, "token_dim")  # = H_kv * d
@@ -78,7 +93,7 @@ def key_values_from_peft(config_json: bytes | str | dict[str, Any], weights: byt
             f"{EMBEDDINGS_NAME} has shape {list(entry.shape)}, but {CONFIG_NAME} implies {list(expected)} "
             f"(num_virtual_tokens, 2 * num_layers * token_dim)"
         )
-    emb = tensor_from_blob(weights, entry).to(torch.float32)  # [P, 2L*H*d]
+    emb = tensor_from_blob(weights, entry)  # [P, 2L*H*d], as saved (bf16 stays bf16: half the bytes stored)
     slots = emb.view(P, 2 * L, H, d).permute(1, 2, 0, 3)  # [2L, H, P, d]
     if submodules == 2:
         slots = slots[decoder_slot_order(L)]

@@ -97,7 +97,13 @@ def test_peft_upload_then_generate_matches_oracle(client: TestClient, loaded, pe
     # eos may end it early; then the oracle's first tokens match and the last is eos.
     assert got == want[: len(got)] and (len(got) == 8 or got[-1] in loaded.eos_token_ids)
     assert body["prefix_version"] == info["version"]
-    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(got), "cached_tokens": 0}
+    assert body["usage"] == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": len(got),
+        "cached_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    }
 
     base = client.post("/v1/generate", json={"task_id": None, "prompt": prompt, "max_new_tokens": 8}).json()
     want_base, _ = oracle_greedy(loaded.model, prompt_ids, 8)
@@ -217,6 +223,18 @@ def test_failed_upload_keeps_previous_version(client: TestClient) -> None:
     assert client.get("/v1/prefixes/keeper").json() == good
     gen = client.post("/v1/generate", json={"task_id": "keeper", "prompt": "x", "max_new_tokens": 2})
     assert gen.status_code == 200 and gen.json()["prefix_version"] == good["version"]
+
+
+def test_a_seq2seq_checkpoint_is_refused_on_a_decoder_only_model(client: TestClient, peft_checkpoint) -> None:
+    ckpt, _ = peft_checkpoint
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config.update(num_transformer_submodules=2, task_type="SEQ_2_SEQ_LM")
+    files = {
+        "adapter_config.json": ("adapter_config.json", json.dumps(config).encode()),
+        "adapter_model.safetensors": ("adapter_model.safetensors", (ckpt / "adapter_model.safetensors").read_bytes()),
+    }
+    assert_error(client.put("/v1/prefixes/s2s", files=files), 422, "encoder-decoder")
+    assert client.get("/v1/prefixes/s2s").status_code == 404
 
 
 def test_multipart_needs_both_files(client: TestClient, peft_checkpoint) -> None:

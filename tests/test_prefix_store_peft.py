@@ -127,6 +127,28 @@ def test_accepts_bytes_config_and_prefixed_tensor_name(saved) -> None:  # type: 
     assert torch.equal(key_values_from_peft(config, renamed), reference)
 
 
+def test_a_checkpoint_for_the_other_kind_of_model_is_refused(saved) -> None:  # type: ignore[no-untyped-def]
+    """An encoder-decoder checkpoint's tensor fits a decoder-only model of the same shape, in another slot order
+    (every layer but the first would get another layer's K/V): refused, and the other way round."""
+    path, _ = saved("llama", False)
+    config, weights = _files(path)
+    assert key_values_from_peft(config, weights, encoder_decoder=False).shape[0] == 3
+    seq2seq = {**config, "num_transformer_submodules": 2, "task_type": "SEQ_2_SEQ_LM"}
+    with pytest.raises(InvalidPrefix, match="for an encoder-decoder model; this server's model is decoder-only"):
+        key_values_from_peft(seq2seq, weights, encoder_decoder=False)
+    with pytest.raises(InvalidPrefix, match="for a decoder-only model; this server's model is an encoder-decoder"):
+        key_values_from_peft(config, weights, encoder_decoder=True)
+
+
+def test_the_checkpoints_dtype_is_kept(saved) -> None:  # type: ignore[no-untyped-def]
+    path, _ = saved("llama", False)
+    config, weights = _files(path)
+    as_bf16 = {n: t.to(torch.bfloat16) for n, t in load_file(path / "adapter_model.safetensors").items()}
+    got = key_values_from_peft(config, save(as_bf16))
+    assert got.dtype == torch.bfloat16  # stored as uploaded: half float32's bytes
+    assert torch.equal(got, key_values_from_peft(config, weights).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -253,7 +253,13 @@ def test_http_peft_seq2seq_upload_then_generate(bart_dir: Path, tmp_path: Path) 
     assert got == want[: len(got)] and (len(got) == STEPS or got[-1] in loaded.eos_token_ids), (got, want)
     assert base["token_ids"] == want_base[: len(base["token_ids"])]
     assert got != base["token_ids"]  # the prefix acts
-    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(got), "cached_tokens": 0}
+    assert body["usage"] == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": len(got),
+        "cached_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    }
     assert body["text"] == loaded.tokenizer.decode(got, skip_special_tokens=True)
     assert "".join(e["text"] for e in events) == body["text"]
     assert [e["token_id"] for e in events] == got

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ async def upload_prefix(
         )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        key_values = await _read_peft_form(request, state.config.max_upload_bytes)
+        key_values = await _read_peft_form(request, state.config.max_upload_bytes, state.model.is_encoder_decoder)
     elif content_type in ("application/octet-stream", ""):
         blob = await request.body()
         if not blob:
@@ -93,7 +94,7 @@ async def upload_prefix(
     return JSONResponse(meta.to_public_dict(), status_code=201)
 
 
-async def _read_peft_form(request: Request, limit: int) -> torch.Tensor:
+async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool) -> torch.Tensor:
     try:
         form = await request.form(max_files=4, max_fields=8, max_part_size=limit)
     except PayloadTooLarge:
@@ -109,7 +110,11 @@ async def _read_peft_form(request: Request, limit: int) -> torch.Tensor:
             parts[name] = await part.read()
     finally:
         await form.close()
-    return await _in_thread(key_values_from_peft, parts[PEFT_CONFIG_FILE], parts[PEFT_WEIGHTS_FILE])
+    return await _in_thread(
+        partial(key_values_from_peft, encoder_decoder=encoder_decoder),
+        parts[PEFT_CONFIG_FILE],
+        parts[PEFT_WEIGHTS_FILE],
+    )
 
 
 @router.get("/v1/prefixes", response_model=PrefixList)
