@@ -112,7 +112,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
     p.add_argument("--max-length", type=int, default=1024, help="longest example in tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task-id", default=None, help="task id for the artifact and the upload (default: DIR's name)")
+    p.add_argument("--task-id", default=None, help="task id of the artifact and the upload (default: DIR's name)")
     p.add_argument("--artifact-dtype", choices=ARTIFACT_DTYPES, default="float32", help="native artifact dtype")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda; training is always fp32")
     # dest "url": run_client_command builds the Client for this URL, as for `upload` (key: --api-key or env).
@@ -132,8 +132,6 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 
 def _train_command(client: Client, args: argparse.Namespace) -> None:
     """Train; with --upload, ``client`` is already pointed at that server."""
-    if args.url and not args.task_id:
-        raise TrainError("--upload needs --task-id")
     options = options_from_args(args)
     result = train(options)
     summary: dict[str, Any] = {
@@ -181,6 +179,8 @@ def _check_options(options: TrainOptions) -> str:
         raise TrainError(f"--artifact-dtype must be one of {', '.join(ARTIFACT_DTYPES)}")
     if options.init_text is not None and options.prefix_projection:
         raise TrainError("--init-text sets the prefix's keys/values directly; it cannot go with --prefix-projection")
+    if options.init_text is not None and not options.init_text.strip():
+        raise TrainError("--init-text is empty: give a text whose keys/values start the prefix, or leave it out")
     task_id = options.task_id or Path(options.output).resolve().name
     try:
         return validate_task_id(task_id)
@@ -303,9 +303,18 @@ def train(options: TrainOptions, *, log: Callable[[str], None] | None = None) ->
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     torch.manual_seed(options.seed)
     try:
+        torch.device(options.device)
+    except RuntimeError as exc:
+        raise TrainError(f"--device {options.device!r}: {exc}") from None
+    try:
         loaded = load_model(options.model, device=options.device, dtype="float32")
     except ModelLoadError as exc:
         raise TrainError(str(exc)) from None
+    if loaded.is_encoder_decoder:
+        raise TrainError(
+            f"{loaded.name} is an encoder-decoder model; `prefix-serve train` trains decoder-only models. Train "
+            "with PEFT (PrefixTuningConfig(task_type='SEQ_2_SEQ_LM')) and upload its save_pretrained directory."
+        )
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise TrainError(f"model {loaded.name} has no tokenizer")

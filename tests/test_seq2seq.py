@@ -267,3 +267,17 @@ def test_http_peft_seq2seq_upload_then_generate(bart_dir: Path, tmp_path: Path) 
     assert scored.status_code == 422 and "decoder-only" in scored.json()["error"]["message"]
     assert echoed.status_code == 400 and "decoder-only" in echoed.json()["error"]["message"]
     assert echoed_text.status_code == 200 and echoed_text.json()["choices"][0]["text"].startswith(text)
+
+
+def test_train_says_it_trains_decoder_only_models(
+    bart_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`prefix-serve train` on an encoder-decoder: one clear line and exit 1 (it was a traceback)."""
+    from server.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "Summarise: cats sleep a lot.", "completion": " Cats sleep."}) + "\n")
+    code = main(["train", str(data), "--model", str(bart_dir), "--output", str(tmp_path / "out"), "--steps", "1"])
+    last = capsys.readouterr().err.splitlines()[-1]  # after transformers' weight-loading progress
+    assert code == 1 and last.startswith("error: ") and "encoder-decoder" in last and "SEQ_2_SEQ_LM" in last, last
+    assert not (tmp_path / "out").exists()

@@ -76,7 +76,8 @@ def test_bad_options_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFix
     data = write_jsonl(tmp_path / "data.jsonl", PAIRS)
     cases = [
         (["--steps", "0"], "--steps must be at least 1"),
-        (["--upload", "http://127.0.0.1:9"], "--upload needs --task-id"),
+        (["--init-text", " "], "--init-text is empty"),
+        (["--device", "bogus"], "--device 'bogus'"),
         (["--task-id", "../x"], "invalid task id"),
         (["--model", str(tmp_path / "missing.gguf")], "GGUF file not found"),
     ]
