@@ -80,7 +80,7 @@ def read_header(blob: bytes, *, allow_truncated_data: bool = False) -> Header:
         raise InvalidPrefix("not a safetensors file: shorter than 8 bytes")
     (n,) = struct.unpack("<Q", blob[:8])
     if n > MAX_HEADER_BYTES:
-        raise InvalidPrefix(f"not a safetensors file: header length {n} is implausible")
+        raise InvalidPrefix(f"not a safetensors file: header length {n} is implausible{_looks_like(blob)}")
     if 8 + n > len(blob):
         raise InvalidPrefix("not a safetensors file: truncated header")
     try:
@@ -95,7 +95,33 @@ def read_header(blob: bytes, *, allow_truncated_data: bool = False) -> Header:
     data_start = 8 + n
     data_len = MAX_DATA_BYTES if allow_truncated_data else len(blob) - data_start
     tensors = {name: _parse_entry(name, entry, data_len, data_start) for name, entry in raw.items()}
+    _check_layout(tensors, data_start, None if allow_truncated_data else len(blob))
     return Header(tensors=tensors, metadata=dict(meta_raw))
+
+
+def _check_layout(tensors: dict[str, TensorEntry], data_start: int, data_end: int | None) -> None:
+    """The tensors' bytes follow each other with no overlap and no hole, to the end of the data (the safetensors
+    format's rule, which its own loader enforces: no two tensors read the same bytes, no bytes hide between)."""
+    at = data_start
+    for name, entry in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != at:
+            what = "overlaps the tensor before it" if entry.start < at else "leaves unindexed bytes before it"
+            raise InvalidPrefix(f"tensor {name!r}: data_offsets {what} (not a valid safetensors layout)")
+        at = entry.end
+    if data_end is not None and at != data_end:
+        raise InvalidPrefix(f"{data_end - at} bytes after the last tensor (not a valid safetensors layout)")
+
+
+def _looks_like(blob: bytes) -> str:
+    """A hint for a file that is not safetensors, from its first bytes."""
+    if blob.startswith(b"PK\x03\x04"):
+        return (
+            " (it is a zip archive: a torch.save .bin or an archived directory; upload the .safetensors file, or a"
+            " PEFT checkpoint's adapter_config.json and adapter_model.safetensors as multipart)"
+        )
+    if blob.lstrip()[:1] in (b"{", b"["):
+        return " (it is JSON: a PEFT checkpoint's adapter_config.json goes with its weights, as multipart)"
+    return ""
 
 
 def tensor_from_blob(blob: bytes, entry: TensorEntry) -> torch.Tensor:

@@ -162,8 +162,10 @@ def _tamper(mutate) -> bytes:  # type: ignore[no-untyped-def]
         (lambda h: h["__metadata__"].update(fingerprint="{"), "fingerprint"),
         (lambda h: h["__metadata__"].update(tenant="../x"), "tenant"),
         (lambda h: h["__metadata__"].pop("sha256"), "sha256"),
-        (lambda h: h.pop("layers.2.value"), "expected tensors"),
-        (lambda h: h.update({"extra": h["layers.0.key"]}), "expected tensors"),
+        (lambda h: h.pop("layers.2.value"), "bytes after the last tensor"),  # its bytes, indexed by none
+        (lambda h: h.update({"extra": h["layers.0.key"]}), "overlaps the tensor before it"),  # the same bytes
+        (lambda h: h["layers.1.key"].update(data_offsets=h["layers.0.key"]["data_offsets"]), "overlaps"),
+        (lambda h: h.pop("layers.0.value"), "leaves unindexed bytes before it"),
         (lambda h: h["layers.1.key"].update(dtype="I64"), "unsupported dtype"),
         (lambda h: h["layers.1.key"].update(shape=[2, 4, -8]), "negative"),
         (lambda h: h["layers.1.key"].update(shape=[2, 8, 4]), "expected"),
@@ -178,6 +180,19 @@ def _tamper(mutate) -> bytes:  # type: ignore[no-untyped-def]
 def test_malformed_artifacts_are_invalid(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidPrefix, match=message):
         decode_artifact(_tamper(mutate))
+
+
+def test_missing_and_extra_tensors_are_named() -> None:
+    tensors = {
+        f"layers.{layer}.{n}": make_kv()[layer, i].clone() for layer in range(3) for i, n in enumerate(("key", "value"))
+    }
+    missing = {name: t for name, t in tensors.items() if name != "layers.2.value"}
+    with pytest.raises(InvalidPrefix, match="expected tensors"):
+        parse_uploaded_native(save(missing))
+    with pytest.raises(InvalidPrefix, match="expected tensors"):
+        parse_uploaded_native(save({**tensors, "extra": torch.zeros(1)}))
+    with pytest.raises(InvalidPrefix, match="bytes after the last tensor"):
+        parse_uploaded_native(save(tensors) + b"polyglot")
 
 
 def test_stored_fingerprint_must_match_tensors() -> None:
@@ -256,3 +271,10 @@ def test_parse_uploaded_native_checks_sha_and_format() -> None:
         parse_uploaded_native(bytes(blob))
     with pytest.raises(InvalidPrefix, match="format"):
         parse_uploaded_native(_tamper(lambda h: h["__metadata__"].update(format="gguf")))
+
+
+def test_files_that_are_not_safetensors_say_what_they_look_like() -> None:
+    with pytest.raises(InvalidPrefix, match=r"implausible .*zip archive"):
+        parse_uploaded_native(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(InvalidPrefix, match=r"implausible .*it is JSON"):
+        parse_uploaded_native(b'{"peft_type": "PREFIX_TUNING", "num_layers": 30}')
