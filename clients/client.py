@@ -76,7 +76,11 @@ def upload_body(path: str | os.PathLike[str]) -> tuple[bytes, str]:
         files = [source / PEFT_CONFIG_FILE, source / PEFT_WEIGHTS_FILE]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{source} is not a PEFT prefix checkpoint: missing {', '.join(missing)}")
+            pickled = PEFT_WEIGHTS_FILE in missing and (source / "adapter_model.bin").is_file()
+            hint = " (adapter_model.bin is a pickle, never read: save_pretrained with safe_serialization=True)"
+            raise FileNotFoundError(
+                f"{source} is not a PEFT prefix checkpoint: missing {', '.join(missing)}{hint if pickled else ''}"
+            )
         boundary = secrets.token_hex(16)
         parts = []
         for file, content_type in zip(files, ("application/json", "application/octet-stream"), strict=True):
@@ -216,7 +220,10 @@ def _parse_sse_line(line: str) -> StreamEvent | None:
 def _task_path(task_id: str) -> str:
     if not task_id:
         raise ValueError("task_id must not be empty")
-    return "/v1/prefixes/" + quote(task_id, safe="")
+    # "." and ".." stay as they are under quote(), and HTTP clients resolve them as path segments (to another
+    # route): escaped, they reach the server, which says the id is invalid.
+    escaped = quote(task_id, safe="")
+    return "/v1/prefixes/" + (escaped.replace(".", "%2E") if set(task_id) == {"."} else escaped)
 
 
 class _Base:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -188,16 +189,33 @@ def encode_artifact(
     return save(tensors, metadata=metadata)
 
 
+_LAYER_NAME = re.compile(r"layers\.(\d{1,6})\.(?:key|value)")
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
 def layer_entries(header: Header) -> list[tuple[TensorEntry, TensorEntry]]:
     """The (key, value) entries per layer, checking names and shapes are consistent."""
     names = set(header.tensors)
-    num_layers = len(names) // 2
+    # As many layers as the highest layer named says (a missing tensor is then named as missing).
+    indices = [int(m[1]) for m in map(_LAYER_NAME.fullmatch, names) if m is not None]
+    num_layers = max(indices) + 1 if indices else 0
+    if num_layers > len(names):  # e.g. only "layers.99999.key": not worth listing what is missing
+        raise InvalidPrefix(f"tensor layers.{num_layers - 1} is named, but there are only {len(names)} tensors")
     expected = {f"layers.{layer}.{kv}" for layer in range(num_layers) for kv in _KV_NAMES}
     if num_layers == 0 or names != expected:
-        shown = sorted(names)[:6]
+        if any(n == "prompt_embeddings" or n.endswith(".prompt_embeddings") for n in names):
+            raise InvalidPrefix(
+                "this is a PEFT checkpoint's adapter_model.safetensors: upload it with its adapter_config.json "
+                "(the checkpoint directory, or both files as multipart)"
+            )
+        missing, extra = sorted(expected - names), sorted(names - expected)
         raise InvalidPrefix(
-            f"expected tensors layers.0..{max(num_layers - 1, 0)}.{{key,value}}, found {shown}"
-            + (" ..." if len(names) > 6 else "")
+            f"expected tensors layers.0..{max(num_layers - 1, 0)}.{{key,value}}"
+            + (f"; missing {_few(missing)}" if missing else "")
+            + (f"; unexpected {_few(extra)}" if extra else "")
         )
     pairs = [
         (header.tensors[f"layers.{layer}.key"], header.tensors[f"layers.{layer}.value"]) for layer in range(num_layers)

@@ -174,8 +174,16 @@ def test_errors_are_typed(server_url: str, client: Client, checkpoint, tmp_path:
         client.upload_prefix("huge", huge)
     (tmp_path / "not-a-ckpt").mkdir()
     (tmp_path / "not-a-ckpt" / "adapter_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors$"):
         client.upload_prefix("x", tmp_path / "not-a-ckpt")
+    (tmp_path / "not-a-ckpt" / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.bin is a pickle, never read"):
+        client.upload_prefix("x", tmp_path / "not-a-ckpt")
+    for dots in (".", ".."):  # sent as the id, not resolved to another route (404)
+        with pytest.raises(errors.InvalidRequest, match="invalid task id"):
+            client.upload_prefix(dots, wrong_shape)
+        with pytest.raises(errors.InvalidRequest, match="invalid task id"):
+            client.get_prefix(dots)
     with Client(server_url, "wrong-key") as bad_key, pytest.raises(errors.Unauthorized):
         bad_key.list_prefixes()
     with Client(server_url, OTHER_KEY) as bob:  # another tenant's tasks are invisible

@@ -187,10 +187,16 @@ def test_missing_and_extra_tensors_are_named() -> None:
         f"layers.{layer}.{n}": make_kv()[layer, i].clone() for layer in range(3) for i, n in enumerate(("key", "value"))
     }
     missing = {name: t for name, t in tensors.items() if name != "layers.2.value"}
-    with pytest.raises(InvalidPrefix, match="expected tensors"):
+    with pytest.raises(
+        InvalidPrefix, match=r"expected tensors layers\.0\.\.2\.\{key,value\}; missing layers\.2\.value$"
+    ):
         parse_uploaded_native(save(missing))
-    with pytest.raises(InvalidPrefix, match="expected tensors"):
+    with pytest.raises(InvalidPrefix, match=r"; unexpected extra$"):
         parse_uploaded_native(save({**tensors, "extra": torch.zeros(1)}))
+    with pytest.raises(InvalidPrefix, match=r"layers\.99999 is named, but there are only 6 tensors"):
+        parse_uploaded_native(save({**missing, "layers.99999.value": torch.zeros(1)}))
+    with pytest.raises(InvalidPrefix, match=r"PEFT checkpoint's adapter_model\.safetensors: upload it with its"):
+        parse_uploaded_native(save({"prompt_embeddings": torch.zeros(4, 8)}))
     with pytest.raises(InvalidPrefix, match="bytes after the last tensor"):
         parse_uploaded_native(save(tensors) + b"polyglot")
 
