@@ -120,6 +120,11 @@ class PrefixRegistry:
         self._latest: dict[TaskKey, tuple[int | None, float]] = {}
         # Bumped by every change we hear of; a latest-version answer read across one is not kept.
         self._epoch = 0
+        # Cached versions to check against the store's header (its sha256) before they are served again. A store
+        # that lost writes (restarted empty, failed over to a lagging copy, flushed) hands version numbers out
+        # again, so a number alone no longer names one content: filled when the subscriber reconnects (messages
+        # may have been missed) and when an upload is announced under a number already cached.
+        self._unverified: set[CacheKey] = set()
         self._store_down_until = 0.0
         self._run_cpu_work = run_cpu_work or run_here
         self._cpu_work_min_bytes = cpu_work_min_bytes
@@ -170,6 +175,7 @@ class PrefixRegistry:
             self._forget_latest((tenant, task_id))
             if deletions == self._deletions:
                 self._cache.put((tenant, task_id, version), PrefixArtifact(kv, metadata))
+                self._unverified.discard((tenant, task_id, version))
         return metadata
 
     def delete(self, tenant: str, task_id: str) -> bool:
@@ -189,9 +195,11 @@ class PrefixRegistry:
         """A backend notification (any thread): drop what it makes stale."""
         with self._lock:
             if event.tenant is None or event.task_id is None:
-                # Notifications may have been missed: ask the backend again before trusting a version.
+                # Notifications may have been missed, or the store may have lost writes: ask the backend again
+                # before trusting a version, and check each cached one's content before serving it again.
                 self._epoch += 1
                 self._latest.clear()
+                self._unverified = set(self._cache.ordered_keys())
                 return
             task = (event.tenant, event.task_id)
             self._forget_latest(task)
@@ -201,6 +209,8 @@ class PrefixRegistry:
             else:
                 # Superseded versions: requests that started on one hold the artifact itself.
                 self._drop_cached(task, below=event.version)
+                if (*task, event.version) in self._cache:  # ours (this replica's upload), or a reused number
+                    self._unverified.add((*task, event.version))
 
     def _forget_latest(self, task: TaskKey) -> None:
         """Drop the latest-version answer for `task` (lock held)."""
@@ -290,6 +300,10 @@ class PrefixRegistry:
     def _resolve_version(self, key: CacheKey) -> PrefixArtifact:
         with self._lock:
             cached = self._cache.get(key)
+            unverified = key in self._unverified
+        if cached is not None and unverified:
+            cached = self._still_stored(key, cached)
+        with self._lock:
             if cached is not None:
                 self.hits += 1
                 return cached
@@ -311,9 +325,31 @@ class PrefixRegistry:
         with self._lock:
             if deletions == self._deletions:
                 self._cache.put(key, artifact)
+                self._unverified.discard(key)
             del self._inflight[key]
         future.set_result(artifact)
         return artifact
+
+    def _still_stored(self, key: CacheKey, cached: PrefixArtifact) -> PrefixArtifact | None:
+        """``cached`` if the store still holds that content under its version (the header's sha256 agrees), else
+        None, with the stale copy dropped. StoreUnavailable if the store cannot say (resolve then serves what is
+        resident, as in any outage)."""
+        tenant, task_id, version = key
+        try:
+            stored = read_metadata(self.backend.get_header(tenant, task_id, version)).sha256
+        except StoreUnavailable:
+            self._open_circuit()
+            raise
+        except (PrefixNotFound, InvalidPrefix):
+            stored = None
+        with self._lock:
+            self._unverified.discard(key)
+            if stored == cached.metadata.sha256:
+                return cached
+            if self._cache.get(key) is cached:
+                self._cache.pop(key)
+        logger.warning("%s/%s v%d changed in the store under the same version number: reloading", *key)
+        return None
 
     def _open_circuit(self) -> None:
         """The store just failed: for ``_STORE_DOWN_HOLD`` seconds, serve what is resident and fail cold loads."""
@@ -377,7 +413,8 @@ class PrefixRegistry:
         version = self._latest_version(tenant, task_id)
         if version is not None:
             with self._lock:
-                cached = self._cache.get((tenant, task_id, version))
+                key = (tenant, task_id, version)
+                cached = None if key in self._unverified else self._cache.get(key)
             if cached is not None:
                 return cached.metadata
         blob = self.backend.get_header(tenant, task_id)

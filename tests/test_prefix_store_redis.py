@@ -352,6 +352,35 @@ def test_redis_down_and_back(
     eventually(lambda: Invalidation("acme", "hot", 2) in events, within=1.0)
 
 
+@pytest.mark.parametrize("loss", ["restarted empty", "flushed"])
+def test_a_version_number_handed_out_again_never_serves_the_old_content(
+    make_redis_server: Callable[..., RedisServer], open_registry: Callable[..., PrefixRegistry], loss: str
+) -> None:
+    """A store that loses its data hands version numbers out again: B, holding v1's old content, must serve the
+    new upload under the same number (it did not, for as long as v1 stayed cached)."""
+    server = make_redis_server()  # no AOF: a restart comes back empty
+    a = open_registry(server.url)
+    b = open_registry(server.url)
+    events: list[Invalidation] = []
+    assert isinstance(b.backend, RedisBackend) and b.backend.wait_subscribed(5)
+    b.backend.subscribe(events.append)
+    a.upload("acme", "sum", make_kv(seed=1))
+    assert torch.equal(b.resolve("acme", "sum").key_values, make_kv(seed=1))  # resident on B
+    heard = len(events)
+    if loss == "flushed":
+        server.client().flushdb()
+    else:
+        server.kill()
+        server.start()
+        eventually(lambda: Invalidation(None, None, None) in events[heard:], within=5.0)  # B reconnected
+    assert a.upload("acme", "sum", make_kv(p=6, seed=2)).version == 1  # the same number, other content
+    eventually(lambda: torch.equal(b.resolve("acme", "sum").key_values, make_kv(p=6, seed=2)), within=1.0)
+    assert b.info("acme", "sum").num_virtual_tokens == 6
+    # A's own copy of what it uploaded is checked once, not reloaded.
+    misses = a.misses
+    assert torch.equal(a.resolve("acme", "sum").key_values, make_kv(p=6, seed=2)) and a.misses == misses
+
+
 def test_write_interrupted_by_a_crash_leaves_nothing_partial(make_redis_server: Callable[..., RedisServer]) -> None:
     server = make_redis_server(persistent=True)
     backend = RedisBackend(server.url)
