@@ -41,7 +41,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         "comma-separated names the OpenAI routes know the base model by, the first listed (vLLM's flag; "
         "default: the model's own name)",
     ),
-    "store": (str, "prefix store: disk://PATH (default: under the user data directory)"),
+    "store": (
+        str,
+        "prefix store: disk://PATH or redis://[USER:PASSWORD@]HOST:PORT/DB (rediss:// for TLS; ?ssl_ca_certs=PATH "
+        "for a private CA) (default: disk:// under the user data directory)",
+    ),
     "host": (str, "address to bind (default 127.0.0.1)"),
     "port": (int, "port (default 8000)"),
     "api_keys": (str, "JSON file of API keys and tenants"),
@@ -206,6 +210,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from prefix_store.backends import default_store_url
+    from prefix_store.backends.redis import redact_url
     from server.api.app import create_app
     from server.api.tool_formats import TOOL_CALL_FORMATS
     from server.model_loading import ModelLoadError, load_model
@@ -257,6 +262,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: --log-format must be one of {', '.join(LOG_FORMATS)}, not {args.log_format!r}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, log_format)
+    store = config.store or default_store_url()
+    if (problem := _store_problem(store)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         allow_unverified = (
             config.allow_unverified_architecture
@@ -267,11 +276,10 @@ def serve(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    store = config.store or default_store_url()
     banner = (
         f"prefix-serve: model {model.name} ({model.num_layers} layers, {model.num_kv_heads} KV heads, "
         f"head size {model.head_dim}) on {model.device} as {str(model.dtype).removeprefix('torch.')}; "
-        f"store {store}; listening on http://{config.host}:{config.port}"
+        f"store {redact_url(store)}; listening on http://{config.host}:{config.port}"
     )
     if log_format == "json":  # every line of a JSON log is JSON
         logging.getLogger("prefix_serve").info(banner)
@@ -293,6 +301,27 @@ def serve(args: argparse.Namespace) -> int:
     )
     _draining_server(server_config, app, config.drain_timeout_s).run()
     return 0
+
+
+def _store_problem(url: str) -> str | None:
+    """Why the server cannot start on this store (a bad URL, credentials Redis refuses), before the model loads.
+    A store that cannot be reached now is only warned about: the server recovers once it can be."""
+    from prefix_store.backends import open_backend
+    from prefix_store.errors import StoreUnavailable
+
+    try:
+        backend = open_backend(url)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        backend.check()
+    except ValueError as exc:
+        return str(exc)
+    except StoreUnavailable as exc:
+        logging.getLogger("prefix_serve").warning("%s; starting anyway: prefixes load once it answers", exc)
+    finally:
+        backend.close()
+    return None
 
 
 def _draining_server(config: Any, app: Any, drain_timeout_s: float) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -206,3 +207,36 @@ def test_a_response_made_on_one_replica_is_read_and_continued_on_another(
     redis_server.start()  # AOF: what was written is back
     eventually(lambda: httpx.get(f"{b}/v1/responses/{second['id']}").status_code == 200, within=10.0)
     assert httpx.get(f"{a}/v1/responses/{unkept.json()['id']}").status_code == 404
+
+
+def test_store_urls_are_checked_before_the_model_loads_and_passwords_never_shown(
+    make_redis_server: Callable[..., RedisServer], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A store the server can never use (a bad URL, a password Redis refuses, a database it does not have) is one
+    error line and exit 2 before the model loads; a good one with a password starts, and its log hides it."""
+    import subprocess
+
+    from tests.server_process import console_script
+
+    server = make_redis_server(password="sekrit-pw")
+    wrong = server.url.replace("sekrit-pw", "wrong-pw")
+    cases = [
+        ("foo://bar", "unknown store URL scheme 'foo'"),
+        (server.url.removesuffix("/0") + "/abc", "the path must be a database number"),
+        (wrong, "refused our credentials"),
+        (server.url.removesuffix("/0") + "/99", "DB index is out of range"),
+    ]
+    for url, words in cases:
+        # --model points nowhere: the store must be refused before any model is looked for.
+        done = subprocess.run(
+            [console_script(), "serve", "--model", str(tmp_path / "no-model"), "--store", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert done.stderr.startswith("error: ") and "wrong-pw" not in done.stderr and "Traceback" not in done.stderr
+    with running_server(["--model", str(tiny_model_dir), "--store", server.url], tmp_path / "pw.log") as replica:
+        assert put(replica.url, "t", prefix_blob(2, seed=1)).status_code == 201
+        assert "sekrit-pw" not in replica.log() and "redis://:***@" in replica.log()

@@ -125,6 +125,10 @@ class PrefixBackend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections or handles."""
 
+    def check(self) -> None:  # noqa: B027 - optional hook: a store opened without error is usable
+        """Try the store once (at startup): ValueError if it is misconfigured for good (a wrong password, a
+        database that does not exist), StoreUnavailable if it cannot be reached now (it may come up later)."""
+
     @abstractmethod
     def describe(self) -> str:
         """One line for the startup banner, e.g. "disk store at /var/lib/prefixes"."""

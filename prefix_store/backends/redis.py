@@ -171,6 +171,9 @@ class RedisBackend(PrefixBackend):
             )
         except ValueError as e:
             raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
+        if urlsplit(url).path.strip("/") and not urlsplit(url).path.strip("/").isdigit():
+            # redis-py would take a path it cannot read as database 0, silently.
+            raise ValueError(f"bad redis store URL {self._safe_url!r}: the path must be a database number, e.g. /0")
         self._db = int(self._client.connection_pool.connection_kwargs.get("db", 0) or 0)
         # Pub/sub is not scoped by database: name the channel after it so two
         # deployments on one server in different dbs do not invalidate each other.
@@ -184,6 +187,21 @@ class RedisBackend(PrefixBackend):
         self._subscribed = threading.Event()
         self._closed = threading.Event()
         self._sub_lock = threading.Lock()
+
+    def check(self) -> None:
+        try:
+            self._client.ping()
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:
+            raise ValueError(f"redis store at {self._safe_url} refused our credentials: {self._scrub(str(e))}") from e
+        except redis.ResponseError as e:  # e.g. "invalid DB index" when the connection selects the database
+            raise ValueError(f"redis store at {self._safe_url}: {self._scrub(str(e))}") from e
+        except redis.RedisError as e:
+            hint = (
+                " (a rediss:// URL to a server without TLS fails like this)"
+                if self._safe_url.startswith("rediss")
+                else ""
+            )
+            raise StoreUnavailable(f"redis store at {self._safe_url} unreachable: {self._scrub(str(e))}{hint}") from e
 
     @property
     def client(self) -> redis.Redis:
