@@ -160,7 +160,8 @@ def test_draining_server_answers_503(tiny_model_dir: Path, tmp_path: Path) -> No
         r = client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 2})
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
         assert r.headers["retry-after"]
-        assert client.get("/health").status_code == 503
+        health = client.get("/health")
+        assert health.status_code == 503 and health.headers["retry-after"] == "5"
         app.state.server.draining = False
 
 

@@ -236,7 +236,9 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
     async def health(request: Request) -> JSONResponse:
         state: ServerState | None = getattr(request.app.state, "server", None)
         if state is None or not state.ready or state.draining:
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+            # As the other routes answer meanwhile: starting, or shutting down (a load balancer tries elsewhere).
+            retry_after = "5" if state is not None and state.draining else "1"
+            return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": retry_after})
         return JSONResponse({"status": "ok"})
 
     app.include_router(generate.router, responses=error_responses(ErrorBody))
