@@ -54,6 +54,12 @@ class TenantQuotas:
                 raise ValueError(f"{where}: unknown quota {name!r} (known: {', '.join(cls.names())})")
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{where}: quota {name!r} must be a non-negative integer or null")
+            if name == "max_queued_requests" and value == 0:
+                # Every request waits for a row at least until the next step: 0 would refuse them all.
+                raise ValueError(
+                    f"{where}: quota 'max_queued_requests' 0 would refuse every request (each waits for the next "
+                    "step); use null for no limit, or max_concurrent_requests: 0 to stop the tenant generating"
+                )
             out[name] = value
         return out
 

@@ -108,6 +108,13 @@ def test_quota_settings_and_overrides() -> None:
     for bad in (-1, 1.5, "3", True):
         with pytest.raises(ValueError, match="non-negative integer"):
             TenantQuotas.parse_overrides({"max_prefixes": bad}, "entry 0")
+    # 0 of these would lock the tenant out of generating even on an idle server: said at startup instead.
+    with pytest.raises(ValueError, match="'max_queued_requests' 0 would refuse every request"):
+        TenantQuotas.parse_overrides({"max_queued_requests": 0}, "entry 0")
+    assert TenantQuotas.parse_overrides({"max_concurrent_requests": 0, "max_prefixes": 0}, "e") == {
+        "max_concurrent_requests": 0,
+        "max_prefixes": 0,
+    }
 
 
 # ----- the request gate, with a scripted engine ------------------------------------------------
