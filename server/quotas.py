@@ -14,16 +14,20 @@ per-tenant lock, so two concurrent uploads cannot both slip under a quota
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from server.errors import Overloaded, PayloadTooLarge, QuotaExceeded, RequestTimeout, Unavailable
 from server.request_log import current_request
 
 if TYPE_CHECKING:
+    from prefix_store.artifact import PrefixMetadata
     from prefix_store.registry import PrefixRegistry
     from server.config import ServeConfig
     from server.engine import Engine, GenerationEvent, GenerationRequest
@@ -161,6 +165,19 @@ class RequestGate:
         if lock is None:
             lock = self._upload_locks[tenant] = asyncio.Lock()
         return lock
+
+
+def upload_within_quotas(
+    registry: PrefixRegistry, tenant: str, task_id: str, key_values: torch.Tensor, quotas: TenantQuotas
+) -> PrefixMetadata:
+    """Store ``key_values`` [L, 2, H_kv, P, d] as the task's next version if the tenant's storage quotas allow
+    (blocks). With a quota on what is stored, the check and the write hold the store's tenant lock, so replicas
+    sharing the store cannot each find room for the same last prefix."""
+    nbytes = key_values.numel() * key_values.element_size() if isinstance(key_values, torch.Tensor) else 0
+    bounded = quotas.max_prefixes is not None or quotas.max_stored_bytes is not None
+    with registry.backend.tenant_lock(tenant) if bounded else contextlib.nullcontext():
+        check_storage(registry, tenant, task_id, nbytes, quotas)
+        return registry.upload(tenant, task_id, key_values)
 
 
 def check_storage(registry: PrefixRegistry, tenant: str, task_id: str, nbytes: int, quotas: TenantQuotas) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -346,3 +347,84 @@ def test_cors_off_by_default_and_docs_can_be_disabled(loaded, key_file: Path, tm
         ok = client.get("/health", headers={"origin": "https://app.example"})
         assert ok.headers["access-control-allow-origin"] == "https://app.example"
         assert "access-control-allow-origin" not in client.get("/health", headers=origin).headers
+
+
+# ----- storage quotas across replicas sharing one store -------------------------------------------------------
+
+
+def _replica_registries(kind: str, tmp_path: Path, make_redis_server) -> list:  # type: ignore[no-untyped-def]
+    from prefix_store.backends import DiskBackend, RedisBackend
+    from prefix_store.fingerprint import ModelFingerprint
+    from prefix_store.registry import PrefixRegistry
+
+    fp = ModelFingerprint("llama", num_layers=2, num_kv_heads=2, head_dim=8, vocab_size=128)
+    if kind == "redis":
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        url = make_redis_server().url
+        backends = [RedisBackend(url), RedisBackend(url)]
+    else:
+        backends = [DiskBackend(tmp_path / "store"), DiskBackend(tmp_path / "store")]
+    return [PrefixRegistry(b, fp) for b in backends]
+
+
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_two_replicas_cannot_both_take_a_tenants_last_prefix(kind: str, tmp_path: Path, make_redis_server) -> None:
+    """Two replicas (registries on backends of their own, one store) upload new tasks for a tenant with room for
+    one more at the same moment, ten times: one upload fits each time, the other gets 409, and the tenant never
+    holds more than its quota (without the store's tenant lock both often fit)."""
+    import threading
+
+    import torch
+
+    from server.errors import QuotaExceeded
+    from server.quotas import upload_within_quotas
+
+    registries = _replica_registries(kind, tmp_path, make_redis_server)
+    kv = torch.randn(2, 2, 2, 3, 8)  # [L, 2, H_kv, P, d]
+
+    def upload(registry, task: str, quotas: TenantQuotas, start: threading.Barrier, outcomes: list[str]) -> None:  # type: ignore[no-untyped-def]
+        start.wait()
+        try:
+            upload_within_quotas(registry, "acme", task, kv, quotas)
+            outcomes.append("stored")
+        except QuotaExceeded:
+            outcomes.append("refused")
+
+    for round_ in range(10):
+        quotas = TenantQuotas(max_prefixes=round_ + 1)  # room for exactly one more each round
+        start, outcomes = threading.Barrier(2), []
+        threads = [
+            threading.Thread(target=upload, args=(r, f"t{round_}-{i}", quotas, start, outcomes))
+            for i, r in enumerate(registries)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcomes) == ["refused", "stored"], (round_, outcomes)
+        assert len(registries[0].list("acme")) == round_ + 1
+    for registry in registries:
+        registry.backend.close()
+
+
+def test_a_tenant_lock_held_elsewhere_is_waited_for_then_given_up(tmp_path: Path, monkeypatch) -> None:
+    """A replica that holds the lock past the wait (a hung upload) costs the other a 503, not a hang."""
+    import threading
+
+    from prefix_store.backends import DiskBackend
+    from prefix_store.backends import disk as disk_module
+    from prefix_store.errors import StoreUnavailable
+
+    monkeypatch.setattr(disk_module, "TENANT_LOCK_WAIT_S", 0.3)
+    a, b = DiskBackend(tmp_path), DiskBackend(tmp_path)
+    released = threading.Event()
+    with a.tenant_lock("acme"):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="held"), b.tenant_lock("acme"):
+            pass
+        assert 0.3 <= time.monotonic() - started < 2
+        with b.tenant_lock("other"):  # other tenants are not held up
+            released.set()
+    with b.tenant_lock("acme"):  # free again
+        assert released.is_set()

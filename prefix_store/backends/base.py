@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from prefix_store.errors import PrefixNotFound
+
+# How long a tenant_lock waits for another process's upload before giving up (StoreUnavailable: 503, try again).
+TENANT_LOCK_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,12 @@ class PrefixBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections or handles."""
+
+    def tenant_lock(self, tenant: str) -> AbstractContextManager[None]:
+        """Held around a tenant's storage-quota check and write, by every process sharing this store, so that two
+        replicas cannot both find room for one more prefix. StoreUnavailable if it cannot be had within seconds.
+        Stores no other process shares need no lock."""
+        return nullcontext()
 
     def check(self) -> None:  # noqa: B027 - optional hook: a store opened without error is usable
         """Try the store once (at startup): ValueError if it is misconfigured for good (a wrong password, a

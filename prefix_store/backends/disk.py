@@ -13,6 +13,7 @@ where it has a version cached, never the old number with new content (Redis keep
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -20,10 +21,10 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from prefix_store.backends.base import BlobReader, PrefixBackend
+from prefix_store.backends.base import TENANT_LOCK_WAIT_S, BlobReader, PrefixBackend
 from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
 
@@ -33,6 +34,7 @@ _VERSION_RE = re.compile(r"^v(\d{8})\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 _SEQ_DIR = ".seq"  # per tenant: the last version handed out per task, kept across deletes
+_TENANT_LOCK = ".lock"  # per tenant: flocked around a storage-quota check and its write (tenant_lock)
 # A temp file this old belongs to a writer that died; pruning removes it.
 _STALE_TMP_SECONDS = 3600.0
 _MAX_PUT_ATTEMPTS = 100
@@ -106,6 +108,31 @@ class DiskBackend(PrefixBackend):
             return version
         except (OSError, ValueError) as e:
             raise StoreUnavailable(f"cannot claim a version in {seq_file}: {e}") from e
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def tenant_lock(self, tenant: str) -> Iterator[None]:
+        """An exclusive flock on root/<tenant>/.lock, which every process on this directory takes."""
+        path = self.root / validate_tenant(tenant) / _TENANT_LOCK
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot open {path}: {e}") from e
+        try:
+            deadline = time.monotonic() + TENANT_LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreUnavailable(
+                            f"another process held {path} for over {TENANT_LOCK_WAIT_S:g} s"
+                        ) from None
+                    time.sleep(0.01)
+            yield
         finally:
             os.close(fd)  # releases the lock
 

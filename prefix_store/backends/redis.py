@@ -41,9 +41,11 @@ import contextlib
 import inspect
 import json
 import logging
+import secrets
 import threading
+import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,7 +53,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from prefix_store.backends.base import BlobReader, Invalidation, PrefixBackend, WholeBlobReader
+from prefix_store.backends.base import TENANT_LOCK_WAIT_S, BlobReader, Invalidation, PrefixBackend, WholeBlobReader
 from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
 
@@ -119,6 +121,15 @@ return n
 """
 
 
+# KEYS: a lock. ARGV: the token its holder set. Deletes it only if that holder still has it.
+_UNLOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# A tenant lock expires after this long (an upload of 64 MiB to Redis takes well under a second).
+_TENANT_LOCK_MS = 30_000
+
+
 def redact_url(url: str) -> str:
     """`url` with any password replaced by ***, for logs and error messages."""
     parts = urlsplit(url)
@@ -181,12 +192,30 @@ class RedisBackend(PrefixBackend):
         self._put_script = self._client.register_script(_PUT_SCRIPT)
         self._get_latest_script = self._client.register_script(_GET_LATEST_SCRIPT)
         self._delete_script = self._client.register_script(_DELETE_SCRIPT)
+        self._unlock_script = self._client.register_script(_UNLOCK_SCRIPT)
         # Each entry returns the callback, or None once its owner is gone (see subscribe).
         self._callbacks: list[Callable[[], Callable[[Invalidation], None] | None]] = []
         self._subscriber: threading.Thread | None = None
         self._subscribed = threading.Event()
         self._closed = threading.Event()
         self._sub_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def tenant_lock(self, tenant: str) -> Iterator[None]:
+        """``ps:{T}:lock``, set if absent with a token of ours and an expiry (a replica that dies holding it does
+        not hold it for ever), deleted only while it still holds our token."""
+        key = f"ps:{{{validate_tenant(tenant)}}}:lock"
+        token = secrets.token_hex(8)
+        deadline = time.monotonic() + TENANT_LOCK_WAIT_S
+        while not self.call("locking the tenant", lambda: self._client.set(key, token, nx=True, px=_TENANT_LOCK_MS)):
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"another replica held tenant {tenant!r}'s upload lock for over 10 s")
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(StoreUnavailable):  # it expires by itself
+                self.call("unlocking the tenant", lambda: self._unlock_script(keys=[key], args=[token]))
 
     def check(self) -> None:
         try:

@@ -19,7 +19,7 @@ from prefix_store.peft_import import key_values_from_peft
 from server.api.schemas import PrefixInfo, PrefixList
 from server.api.state import Caller, State
 from server.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, from_store_error
-from server.quotas import check_storage
+from server.quotas import upload_within_quotas
 
 router = APIRouter()
 
@@ -84,11 +84,13 @@ async def upload_prefix(
             f"or multipart/form-data with {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE}"
         )
     tenant = principal.tenant
-    nbytes = key_values.numel() * key_values.element_size() if isinstance(key_values, torch.Tensor) else 0
     try:
-        async with state.gate.upload_lock(tenant):  # the quota check and the write as one step
-            await _in_thread(check_storage, state.registry, tenant, task_id, nbytes, state.quotas_for(tenant))
-            meta = await _in_thread(state.registry.upload, tenant, task_id, key_values)
+        # The quota check and the write as one step, here (an asyncio lock: no thread waits on another's upload)
+        # and across replicas (upload_within_quotas).
+        async with state.gate.upload_lock(tenant):
+            meta = await _in_thread(
+                upload_within_quotas, state.registry, tenant, task_id, key_values, state.quotas_for(tenant)
+            )
     finally:
         state.heap_trimmer.request()  # the body, blob and parsed copies are freed now, between cached prefixes
     return JSONResponse(meta.to_public_dict(), status_code=201)
