@@ -133,6 +133,7 @@ class PrefixRegistry:
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
         self.store_fallbacks = 0  # resolves served from the host cache because the backend was unavailable
+        self.store_errors = 0  # backend calls of resolves and loads that found the store unavailable
         self._listing = ListingCache()  # headers parsed by earlier listings
         backend.subscribe(self._on_invalidation)
 
@@ -355,6 +356,7 @@ class PrefixRegistry:
         """The store just failed: for ``_STORE_DOWN_HOLD`` seconds, serve what is resident and fail cold loads."""
         with self._lock:
             self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+            self.store_errors += 1
 
     def _close_circuit(self) -> None:
         """The store answered: cold loads may try it again."""
@@ -434,6 +436,7 @@ class PrefixRegistry:
                 "host_cache_misses": self.misses,
                 "host_cache_evictions": self._cache.evictions,
                 "store_fallbacks": self.store_fallbacks,
+                "store_errors": self.store_errors,
             }
 
     def cached_keys(self) -> builtins.list[CacheKey]:

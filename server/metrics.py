@@ -365,7 +365,16 @@ class _StateCollector(Collector):
         prompt_cache = GaugeMetricFamily(
             "prefix_serve_prompt_cache_bytes", "Tensor bytes of prompt heads' K/V kept by the prompt cache."
         )
+        store_errors = CounterMetricFamily(
+            "prefix_serve_store_errors", "Prefix lookups and loads that found the prefix store unavailable."
+        )
+        store_fallbacks = CounterMetricFamily(
+            "prefix_serve_store_fallbacks", "Prefix lookups served from memory because the store was unavailable."
+        )
         if state is not None:
+            store = state.registry.stats()
+            store_errors.add_metric([], store["store_errors"])
+            store_fallbacks.add_metric([], store["store_fallbacks"])
             cache = state.engine.prompt_cache
             prompt_cache.add_metric([], 0 if cache is None else cache.bytes)
             queue.add_metric([], state.engine.num_waiting)
@@ -382,6 +391,7 @@ class _StateCollector(Collector):
                 capacity.add_metric([tier], stats[f"{tier}_cache_capacity_bytes"])
                 resident.add_metric([tier], stats[f"{tier}_cache_entries"])
         yield from (queue, running, hits, misses, evictions, used, capacity, resident, prompt_cache)
+        yield from (store_errors, store_fallbacks)
         if state is not None and state.model.device.type == "cuda":
             yield from _cuda_memory(state.model.device)
 
