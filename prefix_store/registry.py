@@ -403,6 +403,10 @@ class PrefixRegistry:
         self._check_fits(meta)
         return artifact
 
+    def fits_model(self, meta: PrefixMetadata) -> bool:
+        """Whether a stored prefix was made for this registry's model (one that was not is never served)."""
+        return not meta.fingerprint.differences(self.fingerprint)
+
     def _check_fits(self, meta: PrefixMetadata) -> None:
         diffs = meta.fingerprint.differences(self.fingerprint)
         if diffs:

@@ -313,3 +313,21 @@ def test_stock_linear_serves_on_torchs_default_kernel(tiny_model_dir: Path, tmp_
             texts.append(r.json()["text"])
             assert onednn_switched(model.model) == ([] if stock else running_linears(model.model))
     assert texts[0] == texts[1]
+
+
+def test_a_prefix_made_for_another_model_is_listed_as_such_and_not_offered(loaded, tmp_path: Path) -> None:
+    """A store kept while the server's model changed: its old prefixes are listed with fits_model false (to be
+    deleted), left out of /v1/models (no client should pick them), and refused when named."""
+    from prefix_store.backends import DiskBackend
+    from prefix_store.fingerprint import ModelFingerprint
+    from prefix_store.registry import PrefixRegistry
+
+    other = ModelFingerprint("gpt2", num_layers=3, num_kv_heads=4, head_dim=8, vocab_size=500)
+    PrefixRegistry(DiskBackend(tmp_path), other).upload("default", "old", torch.randn(3, 2, 4, 2, 8))
+    with TestClient(create_app(ServeConfig(store=f"disk://{tmp_path}"), model=loaded)) as c:
+        assert put_native(c, "new", native_blob(p=3)).json()["fits_model"] is True
+        listed = {p["task_id"]: p["fits_model"] for p in c.get("/v1/prefixes").json()["data"]}
+        assert listed == {"old": False, "new": True} and c.get("/v1/prefixes/old").json()["fits_model"] is False
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]][1:] == ["new"]
+        assert_error(c.post("/v1/generate", json={"task_id": "old", "prompt": "x"}), 422, "does not fit this model")
+        assert c.delete("/v1/prefixes/old").status_code == 204

@@ -1009,8 +1009,10 @@ async def list_models(state: State, principal: Caller) -> dict[str, Any]:
         metas = await asyncio.to_thread(state.registry.list, principal.tenant)
     except PrefixStoreError as exc:
         raise from_store_error(exc) from exc
-    # A task stored under a base model's name (before that name was served) cannot be reached by it.
-    tasks = [_task_card(state, m) for m in metas if m.task_id not in state.model_names]
+    # A task stored under a base model's name (before that name was served) cannot be reached by it, nor one made
+    # for another base model (stored before this server's model changed) be used.
+    usable = [m for m in metas if m.task_id not in state.model_names and state.registry.fits_model(m)]
+    tasks = [_task_card(state, m) for m in usable]
     return {"object": "list", "data": [*_base_cards(state), *tasks]}
 
 

@@ -12,12 +12,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from prefix_store.artifact import parse_uploaded_native
+from prefix_store.artifact import PrefixMetadata, parse_uploaded_native
 from prefix_store.errors import PrefixStoreError
 from prefix_store.ids import validate_task_id
 from prefix_store.peft_import import key_values_from_peft
 from server.api.schemas import PrefixInfo, PrefixList
-from server.api.state import Caller, State
+from server.api.state import Caller, ServerState, State
 from server.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, from_store_error
 from server.quotas import upload_within_quotas
 
@@ -93,7 +93,7 @@ async def upload_prefix(
             )
     finally:
         state.heap_trimmer.request()  # the body, blob and parsed copies are freed now, between cached prefixes
-    return JSONResponse(meta.to_public_dict(), status_code=201)
+    return JSONResponse(_info(state, meta), status_code=201)
 
 
 async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool) -> torch.Tensor:
@@ -122,13 +122,16 @@ async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool) -
 @router.get("/v1/prefixes", response_model=PrefixList)
 async def list_prefixes(state: State, principal: Caller) -> dict[str, Any]:
     metas = await _in_thread(state.registry.list, principal.tenant)
-    return {"data": [m.to_public_dict() for m in metas]}
+    return {"data": [_info(state, m) for m in metas]}
 
 
 @router.get("/v1/prefixes/{task_id:path}", response_model=PrefixInfo)
 async def get_prefix(task_id: str, state: State, principal: Caller) -> dict[str, Any]:
-    meta = await _in_thread(state.registry.info, principal.tenant, task_id)
-    return meta.to_public_dict()
+    return _info(state, await _in_thread(state.registry.info, principal.tenant, task_id))
+
+
+def _info(state: ServerState, meta: PrefixMetadata) -> dict[str, Any]:
+    return {**meta.to_public_dict(), "fits_model": state.registry.fits_model(meta)}
 
 
 @router.delete("/v1/prefixes/{task_id:path}", status_code=204)

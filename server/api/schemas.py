@@ -160,6 +160,9 @@ class PrefixInfo(BaseModel):
     bytes: int
     created_at: str
     dtype: str | None = None
+    # False for a prefix made for another base model (stored before this server's model changed): requests
+    # naming it are refused; delete it, or serve the model it was made for.
+    fits_model: bool = True
 
 
 class PrefixList(BaseModel):
