@@ -203,3 +203,38 @@ def test_the_store_keeps_the_most_recently_used() -> None:
     store.put("t", "c", StoredResponse([], {"id": "c"}))
     assert store.get("t", "b") is None and store.get("t", "a") is not None and len(store) == 2
     assert store.get("other", "a") is None and store.delete("t", "a") and not store.delete("t", "a")
+
+
+def test_input_items_list_what_a_stored_response_read(oai: openai.OpenAI, server_url: str) -> None:
+    """GET /v1/responses/{id}/input_items (the SDK's responses.input_items.list): the conversation a response
+    read, the earlier response's included, each item with an id, newest first by default, paged by limit/after."""
+    first = oai.responses.create(model=TASK, input="My name is Ada.", max_output_tokens=3, temperature=0)
+    second = oai.responses.create(
+        model=TASK, previous_response_id=first.id, input="What is my name?", max_output_tokens=3, temperature=0
+    )
+    oldest_first = list(oai.responses.input_items.list(second.id, order="asc"))
+    assert [(item.type, item.role) for item in oldest_first] == [
+        ("message", "user"),
+        ("message", "assistant"),
+        ("message", "user"),
+    ]
+    assert [part.text for item in oldest_first for part in item.content] == [
+        "My name is Ada.",
+        first.output_text,
+        "What is my name?",
+    ]
+    assert oldest_first[1].id == first.output[0].id and all(item.id for item in oldest_first)
+    assert [i.id for i in oai.responses.input_items.list(first.id)] == [oldest_first[0].id]  # the first read one
+
+    headers = {"authorization": f"Bearer {KEY_A}"}
+    url = f"{server_url}/v1/responses/{second.id}/input_items"
+    page = httpx.get(url, params={"limit": 2}, headers=headers).json()  # newest first
+    assert [i["id"] for i in page["data"]] == [oldest_first[2].id, oldest_first[1].id] and page["has_more"]
+    assert (page["first_id"], page["last_id"]) == (oldest_first[2].id, oldest_first[1].id)
+    rest = httpx.get(url, params={"limit": 2, "after": page["last_id"]}, headers=headers).json()
+    assert [i["id"] for i in rest["data"]] == [oldest_first[0].id] and not rest["has_more"]
+    for params, param in [({"after": "msg_nope"}, "after"), ({"limit": 0}, "limit"), ({"include": "x"}, "include.0")]:
+        bad = httpx.get(url, params=params, headers=headers)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.input_items.list("resp_" + "0" * 24)

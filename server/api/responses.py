@@ -11,7 +11,7 @@ deltas, function-call argument deltas, ``response.completed``).
 Responses are kept unless ``store: false`` (server/api/response_store.py: per tenant, in Redis with a Redis store,
 where every replica sees them, else in this process's memory): ``previous_response_id`` continues one (its
 conversation, then this input; its instructions are not carried over, as OpenAI does), GET and DELETE
-/v1/responses/{id} read and drop one. ``conversation`` objects are not supported; a client may always send the
+/v1/responses/{id} read and drop one, GET /v1/responses/{id}/input_items lists the items it read. ``conversation`` objects are not supported; a client may always send the
 whole conversation as ``input``, earlier output items included, as for the chat API.
 """
 
@@ -23,9 +23,9 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -113,11 +113,19 @@ def _text_of(content: Any, param: str) -> str:
 
 
 def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's ``input`` as items (a string is one user message)."""
+    """The request's ``input`` as items (a string is one user message), each with an id (OpenAI gives every item
+    one: GET /v1/responses/{id}/input_items lists them by it)."""
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     if not items:
         raise ParameterError("input", "input is empty")
-    return items
+    return [item if "id" in item else {**item, "id": _new_item_id(item)} for item in items]
+
+
+_ITEM_ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}
+
+
+def _new_item_id(item: dict[str, Any]) -> str:
+    return _ITEM_ID_PREFIXES.get(item.get("type", "message"), "item_") + secrets.token_hex(12)
 
 
 def _messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -210,7 +218,7 @@ def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
     part = {"type": "output_text", "text": text, "annotations": []}
     return {
         "type": "message",
-        "id": "msg_" + secrets.token_hex(12),
+        "id": _new_item_id({"type": "message"}),
         "status": status,
         "role": "assistant",
         "content": [part],
@@ -220,7 +228,7 @@ def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
 def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
     return {
         "type": "function_call",
-        "id": "fc_" + secrets.token_hex(12),
+        "id": _new_item_id({"type": "function_call"}),
         "call_id": "call_" + secrets.token_hex(12),
         "name": call.name,
         "arguments": call.arguments,
@@ -488,6 +496,59 @@ async def _stored(state: ServerState, principal: Principal, response_id: str, pa
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, state: State, principal: Caller) -> dict[str, Any]:
     return (await _stored(state, principal, response_id, "response_id")).response
+
+
+# What OpenAI's input_items listing may be asked to include; none of it exists here (no images, no reasoning).
+_ListingInclude = Literal[
+    "message.input_image.image_url",
+    "message.output_text.logprobs",
+    "reasoning.encrypted_content",
+    "file_search_call.results",
+    "web_search_call.action.sources",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+]
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    state: State,
+    principal: Caller,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+    include: Annotated[list[_ListingInclude] | None, Query()] = None,
+) -> dict[str, Any]:
+    """The items a stored response read (earlier responses' conversation, then its own input), as OpenAI lists
+    them: newest first unless ``order=asc``, ``limit`` at a time, the page after the item ``after``."""
+    stored = await _stored(state, principal, response_id, "response_id")
+    listed = [_listed(item) for item in stored.items[: len(stored.items) - len(stored.response["output"])]]
+    if order == "desc":
+        listed.reverse()
+    if after is not None:
+        ids = [item.get("id") for item in listed]
+        if after not in ids:
+            raise ParameterError("after", f"no item {after!r} among this response's input items")
+        listed = listed[ids.index(after) + 1 :]
+    page = listed[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0].get("id") if page else None,
+        "last_id": page[-1].get("id") if page else None,
+        "has_more": len(listed) > limit,
+    }
+
+
+def _listed(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as OpenAI lists it: a message's text as a content part, its type and status named."""
+    if item.get("type", "message") != "message":
+        return item
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "output_text" if item.get("role") == "assistant" else "input_text", "text": content}]
+    return {"type": "message", "status": "completed", **item, "content": content}
 
 
 @router.delete("/v1/responses/{response_id}")

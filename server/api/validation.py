@@ -30,8 +30,16 @@ def describe(exc: RequestValidationError) -> ValidationProblem:
         return ValidationProblem(f"the request body is not valid JSON: {reason}{where}", None, True)
     problems, params = [], []
     for err in errors:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        where = ".".join(str(p) for p in _field_path(err.get("loc", ())))
         message = str(err.get("msg", "invalid value")).removeprefix(_VALUE_ERROR)
         params.append(where or None)
         problems.append(f"{where}: {message}" if where else message)
     return ValidationProblem("; ".join(problems) or "invalid request", params[0] if params else None, False)
+
+
+# Where FastAPI says a value came from, first in an error's loc: the field is named without it.
+_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+def _field_path(loc: Any) -> list[Any]:
+    return list(loc[1:]) if loc and loc[0] in _SOURCES else list(loc)
