@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import save
@@ -196,27 +196,34 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
-def layer_entries(header: Header) -> list[tuple[TensorEntry, TensorEntry]]:
-    """The (key, value) entries per layer, checking names and shapes are consistent."""
-    names = set(header.tensors)
-    # As many layers as the highest layer named says (a missing tensor is then named as missing).
+def _explain_layer_names(names: set[str]) -> NoReturn:
+    """Why tensor names are not a prefix's: the layers are counted up to the highest named (so a missing tensor
+    is named as missing), or the file is a PEFT checkpoint's weights sent alone."""
+    if any(n == "prompt_embeddings" or n.endswith(".prompt_embeddings") for n in names):
+        raise InvalidPrefix(
+            "this is a PEFT checkpoint's adapter_model.safetensors: upload it with its adapter_config.json "
+            "(the checkpoint directory, or both files as multipart)"
+        )
     indices = [int(m[1]) for m in map(_LAYER_NAME.fullmatch, names) if m is not None]
     num_layers = max(indices) + 1 if indices else 0
     if num_layers > len(names):  # e.g. only "layers.99999.key": not worth listing what is missing
         raise InvalidPrefix(f"tensor layers.{num_layers - 1} is named, but there are only {len(names)} tensors")
     expected = {f"layers.{layer}.{kv}" for layer in range(num_layers) for kv in _KV_NAMES}
+    missing, extra = sorted(expected - names), sorted(names - expected)
+    raise InvalidPrefix(
+        f"expected tensors layers.0..{max(num_layers - 1, 0)}.{{key,value}}"
+        + (f"; missing {_few(missing)}" if missing else "")
+        + (f"; unexpected {_few(extra)}" if extra else "")
+    )
+
+
+def layer_entries(header: Header) -> list[tuple[TensorEntry, TensorEntry]]:
+    """The (key, value) entries per layer, checking names and shapes are consistent."""
+    names = set(header.tensors)
+    num_layers = len(names) // 2
+    expected = {f"layers.{layer}.{kv}" for layer in range(num_layers) for kv in _KV_NAMES}
     if num_layers == 0 or names != expected:
-        if any(n == "prompt_embeddings" or n.endswith(".prompt_embeddings") for n in names):
-            raise InvalidPrefix(
-                "this is a PEFT checkpoint's adapter_model.safetensors: upload it with its adapter_config.json "
-                "(the checkpoint directory, or both files as multipart)"
-            )
-        missing, extra = sorted(expected - names), sorted(names - expected)
-        raise InvalidPrefix(
-            f"expected tensors layers.0..{max(num_layers - 1, 0)}.{{key,value}}"
-            + (f"; missing {_few(missing)}" if missing else "")
-            + (f"; unexpected {_few(extra)}" if extra else "")
-        )
+        _explain_layer_names(names)
     pairs = [
         (header.tensors[f"layers.{layer}.key"], header.tensors[f"layers.{layer}.value"]) for layer in range(num_layers)
     ]

@@ -103,6 +103,14 @@ def _check_layout(tensors: dict[str, TensorEntry], data_start: int, data_end: in
     """The tensors' bytes follow each other with no overlap and no hole, to the end of the data (the safetensors
     format's rule, which its own loader enforces: no two tensors read the same bytes, no bytes hide between)."""
     at = data_start
+    for entry in tensors.values():  # the usual case: listed in the order of their bytes (safetensors writes so)
+        if entry.start != at:
+            break
+        at = entry.end
+    else:
+        if data_end is None or at == data_end:
+            return
+    at = data_start
     for name, entry in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
         if entry.start != at:
             what = "overlaps the tensor before it" if entry.start < at else "leaves unindexed bytes before it"

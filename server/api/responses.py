@@ -11,8 +11,9 @@ deltas, function-call argument deltas, ``response.completed``).
 Responses are kept unless ``store: false`` (server/api/response_store.py: per tenant, in Redis with a Redis store,
 where every replica sees them, else in this process's memory): ``previous_response_id`` continues one (its
 conversation, then this input; its instructions are not carried over, as OpenAI does), GET and DELETE
-/v1/responses/{id} read and drop one, GET /v1/responses/{id}/input_items lists the items it read. ``conversation`` objects are not supported; a client may always send the
-whole conversation as ``input``, earlier output items included, as for the chat API.
+/v1/responses/{id} read and drop one, GET /v1/responses/{id}/input_items lists the items it read.
+``conversation`` objects are not supported; a client may always send the whole conversation as ``input``, earlier
+output items included, as for the chat API.
 """
 
 from __future__ import annotations
