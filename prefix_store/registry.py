@@ -349,7 +349,7 @@ class PrefixRegistry:
                 return cached
             if self._cache.get(key) is cached:
                 self._cache.pop(key)
-        logger.warning("%s/%s v%d changed in the store under the same version number: reloading", *key)
+        logger.warning("%s/%s v%d is no longer what the store holds under that version number", *key)
         return None
 
     def _open_circuit(self) -> None:
