@@ -698,10 +698,12 @@ class Engine:
     @staticmethod
     def _prefix_key(request: GenerationRequest) -> str | None:
         """The request's prefix, by its id (tenant, task, version, content hash): what a prompt's cached K/V depend
-        on besides its tokens, and whose outputs draft for its later requests. "" for the base model; None when a
-        prefix comes without an id (such a request is never cached, nor its outputs kept)."""
+        on besides its tokens, and whose outputs draft for its later requests. "TENANT/" for the base model: each
+        tenant's prompts are cached apart, or a tenant could tell from its usage's cached_tokens how much of its
+        guess another tenant's prompt matched. None when a prefix comes without an id (such a request is never
+        cached, nor its outputs kept)."""
         if request.prefix_kv is None:
-            return ""  # the base model
+            return f"{request.tenant}/"  # the base model, for this tenant (task ids never end a key like this)
         return request.prefix_id
 
     def _cached_head(self, t: _Tracked) -> CachedPrompt | None:

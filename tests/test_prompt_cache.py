@@ -156,3 +156,23 @@ async def test_cache_hits_change_no_token(base, prefixes, mode) -> None:
     assert with_penalty != alone[6], "the penalty must change this row's tokens"
     first_event = next(e for e in scored if e.prompt_logprobs is not None)
     assert len(first_event.prompt_logprobs) == len(head + tails[2])
+
+
+async def test_base_model_prompts_are_cached_per_tenant(base) -> None:
+    """Tenants share the base model, not its prompt cache: usage reports cached_tokens, so one tenant would
+    otherwise learn how much of a guess matched another tenant's prompt (a confidential memo, 16 tokens at a
+    time). The same tenant still hits its own head."""
+    head = prompt(900, 24)
+    engine = make_engine(base, prompt_cache=PromptCache(64 << 20, block_tokens=BLOCK))
+
+    def request(tenant: str, tail: int) -> GenerationRequest:
+        return GenerationRequest(head + prompt(950 + tail, 3), SamplingParams(max_new_tokens=2), tenant=tenant)
+
+    try:
+        await collect(engine, request("alice", 0))  # alice's memo fills the cache
+        bob = await collect(engine, request("bob", 1))
+        alice = await collect(engine, request("alice", 2))
+    finally:
+        engine.shutdown()
+    assert bob[0].cached_tokens == 0
+    assert alice[0].cached_tokens >= 24 // BLOCK * BLOCK
