@@ -205,6 +205,47 @@ def test_the_store_keeps_the_most_recently_used() -> None:
     assert store.get("other", "a") is None and store.delete("t", "a") and not store.delete("t", "a")
 
 
+def test_each_tenant_keeps_its_own_responses_within_its_bytes() -> None:
+    """One tenant's flood of responses pushes out only its own (it evicted everyone's past a shared count), and a
+    tenant's responses are bounded in bytes, as all tenants' are together."""
+    from server.api.response_store import MemoryResponseStore, StoredResponse
+
+    def response(i: int, size: int = 100) -> StoredResponse:
+        return StoredResponse([{"role": "user", "content": "x" * size}], {"id": f"r{i}"})
+
+    store = MemoryResponseStore(capacity=3, tenant_bytes=1000, total_bytes=2500)
+    store.put("bob", "mine", response(0))
+    for i in range(10):
+        store.put("alice", f"a{i}", response(i))
+    assert store.get("bob", "mine") is not None and len(store) == 4  # alice keeps her newest 3
+    for i in range(3):
+        store.put("alice", f"big{i}", response(i, size=400))  # ~450 bytes each: two fit in 1,000
+    assert store.get("alice", "big0") is None and store.get("alice", "big2") is not None
+    assert store.bytes_of("alice") <= 1000 and store.get("bob", "mine") is not None
+    store.put("alice", "huge", response(0, size=5000))  # over a tenant's budget alone: not kept
+    assert store.get("alice", "huge") is None and store.get("alice", "big2") is not None
+    for tenant in ("carol", "dave"):
+        for i in range(2):
+            store.put(tenant, f"c{i}", response(i, size=400))
+    assert sum(store.bytes_of(t) for t in ("alice", "bob", "carol", "dave")) <= 2500
+
+
+def test_stored_input_items_keep_only_what_is_read(oai: openai.OpenAI, server_url: str) -> None:
+    """Keys of an input item that nothing reads are not kept with the response (megabytes of them were)."""
+    first = oai.responses.create(
+        model=TASK,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi", "junk": "x" * 1000}], "junk": "y"}],
+        max_output_tokens=2,
+        temperature=0,
+    )
+    (item,) = oai.responses.input_items.list(first.id)
+    assert set(item.model_dump(exclude_none=True)) == {"type", "id", "role", "content", "status"}
+    assert [part.model_dump(exclude_none=True) for part in item.content] == [{"type": "input_text", "text": "Hi"}]
+    too_much = {"model": TASK, "input": "Hi", "metadata": {f"k{i}": "v" for i in range(17)}}
+    r = httpx.post(f"{server_url}/v1/responses", json=too_much, headers={"authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata", r.text
+
+
 def test_input_items_list_what_a_stored_response_read(oai: openai.OpenAI, server_url: str) -> None:
     """GET /v1/responses/{id}/input_items (the SDK's responses.input_items.list): the conversation a response
     read, the earlier response's included, each item with an id, newest first by default, paged by limit/after."""

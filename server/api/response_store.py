@@ -8,14 +8,16 @@ Where they live:
 
 - with a Redis prefix store, in that Redis (``RedisResponseStore``), for ``--responses-ttl-s`` (default a day):
   every replica sharing the store knows every response, so a client may continue a response on any of them;
-- otherwise (a disk store, or ``--responses-ttl-s 0``) in this process's memory (``MemoryResponseStore``), the
-  least recently used dropped past a bound: a response is known to the replica that made it only, and clients
-  that chain responses behind a load balancer need sticky sessions (or send the whole conversation as ``input``).
+- otherwise (a disk store, or ``--responses-ttl-s 0``) in this process's memory (``MemoryResponseStore``), each
+  tenant's least recently used dropped past its bounds: a response is known to the replica that made it only, and
+  clients that chain responses behind a load balancer need sticky sessions (or send the whole conversation as
+  ``input``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -25,8 +27,13 @@ from typing import Any, Protocol
 from prefix_store.backends import RedisBackend
 from prefix_store.ids import validate_tenant
 
-# Responses kept per process (all tenants) in memory: a turn's items are text, a few KB each.
+logger = logging.getLogger(__name__)
+
+# Kept in memory, per tenant: its most recently used responses, within a count and a byte budget (a tenant's
+# responses never push out another's), and all tenants within a byte budget (admin keys may act for any tenant).
 MAX_STORED_RESPONSES = 4096
+MAX_STORED_BYTES_PER_TENANT = 64 << 20
+MAX_STORED_BYTES = 1 << 30
 # The ids this server gives responses ("resp_" and 24 hex digits); any other id names no stored response.
 _RESPONSE_ID = re.compile(r"resp_[0-9a-f]{24}")
 
@@ -50,31 +57,70 @@ class ResponseStore(Protocol):
 
 
 class MemoryResponseStore:
-    def __init__(self, capacity: int = MAX_STORED_RESPONSES) -> None:
-        self.capacity = capacity
-        self._stored: OrderedDict[tuple[str, str], StoredResponse] = OrderedDict()
+    def __init__(
+        self,
+        capacity: int = MAX_STORED_RESPONSES,
+        tenant_bytes: int = MAX_STORED_BYTES_PER_TENANT,
+        total_bytes: int = MAX_STORED_BYTES,
+    ) -> None:
+        self.capacity = capacity  # responses per tenant
+        self.tenant_bytes = tenant_bytes
+        self.total_bytes = total_bytes
+        # Least recently used first: (tenant, id) -> (response, its size as JSON).
+        self._stored: OrderedDict[tuple[str, str], tuple[StoredResponse, int]] = OrderedDict()
+        self._count: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def put(self, tenant: str, response_id: str, stored: StoredResponse) -> None:
+        size = len(_encode(stored))
+        if size > self.tenant_bytes:
+            logger.warning(
+                "response %s not kept: %d bytes, over the %d kept per tenant", response_id, size, self.tenant_bytes
+            )
+            return
         with self._lock:
-            self._stored[(tenant, response_id)] = stored
-            self._stored.move_to_end((tenant, response_id))
-            while len(self._stored) > self.capacity:
-                self._stored.popitem(last=False)
+            self._drop((tenant, response_id))
+            self._stored[(tenant, response_id)] = (stored, size)
+            self._count[tenant] = self._count.get(tenant, 0) + 1
+            self._bytes[tenant] = self._bytes.get(tenant, 0) + size
+            while self._count[tenant] > self.capacity or self._bytes[tenant] > self.tenant_bytes:
+                self._drop(next(key for key in self._stored if key[0] == tenant))
+            while sum(self._bytes.values()) > self.total_bytes:
+                self._drop(next(iter(self._stored)))
 
     def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         with self._lock:
-            stored = self._stored.get((tenant, response_id))
-            if stored is not None:
-                self._stored.move_to_end((tenant, response_id))
-            return stored
+            entry = self._stored.get((tenant, response_id))
+            if entry is None:
+                return None
+            self._stored.move_to_end((tenant, response_id))
+            return entry[0]
 
     def delete(self, tenant: str, response_id: str) -> bool:
         with self._lock:
-            return self._stored.pop((tenant, response_id), None) is not None
+            return self._drop((tenant, response_id))
+
+    def _drop(self, key: tuple[str, str]) -> bool:
+        entry = self._stored.pop(key, None)
+        if entry is None:
+            return False
+        tenant = key[0]
+        self._count[tenant] -= 1
+        self._bytes[tenant] -= entry[1]
+        if not self._count[tenant]:
+            del self._count[tenant], self._bytes[tenant]
+        return True
 
     def __len__(self) -> int:
         return len(self._stored)
+
+    def bytes_of(self, tenant: str) -> int:
+        return self._bytes.get(tenant, 0)
+
+
+def _encode(stored: StoredResponse) -> str:
+    return json.dumps({"items": stored.items, "response": stored.response}, separators=(",", ":"))
 
 
 class RedisResponseStore:
@@ -97,7 +143,7 @@ class RedisResponseStore:
         return f"ps:{{{validate_tenant(tenant)}}}:resp:{response_id}"
 
     def put(self, tenant: str, response_id: str, stored: StoredResponse) -> None:
-        data = json.dumps({"items": stored.items, "response": stored.response}, separators=(",", ":"))
+        data = _encode(stored)
         key = self._key(tenant, response_id)
         self._backend.call("storing a response", lambda: self._backend.client.set(key, data, ex=self.ttl_s))
 

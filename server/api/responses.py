@@ -79,8 +79,11 @@ class ResponsesRequest(BaseModel):
     text: TextOptions | None = None
     # Accepted as OpenAI takes them, changing nothing here (nothing is stored; no reasoning to configure).
     store: bool | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
+    # OpenAI's bounds: kept with the response, so bounded like it.
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16
+    )
+    user: str | None = Field(None, max_length=512)
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
@@ -119,7 +122,29 @@ def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     if not items:
         raise ParameterError("input", "input is empty")
-    return [item if "id" in item else {**item, "id": _new_item_id(item)} for item in items]
+    kept = [_known_fields(item) for item in items]
+    return [item if "id" in item else {**item, "id": _new_item_id(item)} for item in kept]
+
+
+# What an input item of each type is read for: a stored response keeps only these (a client's other keys, which
+# nothing reads, would otherwise be kept with it, megabytes of them if sent).
+_ITEM_FIELDS = {
+    "message": ("type", "id", "role", "content", "status"),
+    "function_call": ("type", "id", "call_id", "name", "arguments", "status"),
+    "function_call_output": ("type", "id", "call_id", "output", "status"),
+}
+_PART_FIELDS = ("type", "text")
+
+
+def _known_fields(item: dict[str, Any]) -> dict[str, Any]:
+    fields = _ITEM_FIELDS.get(item.get("type", "message"))
+    if fields is None:  # refused by name when read (_messages)
+        return item
+    kept = {k: item[k] for k in fields if k in item}
+    for key in ("content", "output"):
+        if isinstance(kept.get(key), list):
+            kept[key] = [{k: p[k] for k in _PART_FIELDS if k in p} if isinstance(p, dict) else p for p in kept[key]]
+    return kept
 
 
 _ITEM_ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}
