@@ -331,3 +331,36 @@ def test_a_prefix_made_for_another_model_is_listed_as_such_and_not_offered(loade
         assert [m["id"] for m in c.get("/v1/models").json()["data"]][1:] == ["new"]
         assert_error(c.post("/v1/generate", json={"task_id": "old", "prompt": "x"}), 422, "does not fit this model")
         assert c.delete("/v1/prefixes/old").status_code == 204
+
+
+def test_tokenizing_a_prompt_never_holds_the_event_loop(loaded, tmp_path: Path, monkeypatch) -> None:
+    """Rendering and tokenizing run off the event loop: while one request's prompt is being tokenized (held here
+    until /health has answered: megabytes take seconds), the server answers others. On the loop, /health could
+    not answer until the hold timed out."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from server.api import generate as generate_module
+    from tests.live_server import serve_in_thread
+
+    held, release = threading.Event(), threading.Event()
+    real = generate_module.tokenize
+
+    def slow_tokenize(*args, **kwargs):  # type: ignore[no-untyped-def]
+        held.set()
+        release.wait(20)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "tokenize", slow_tokenize)
+    app = create_app(ServeConfig(store=f"disk://{tmp_path}"), model=loaded)
+    with serve_in_thread(app) as url, ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "a long document", "max_new_tokens": 2}
+        slow = pool.submit(httpx.post, f"{url}/v1/generate", json=body, timeout=60)
+        assert held.wait(20)
+        try:
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        finally:
+            release.set()
+        assert slow.result().status_code == 200

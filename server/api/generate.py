@@ -115,7 +115,9 @@ async def prepare_generation(
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
         raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters", param="stop")
     if prompt_ids is None:  # token ids sent as they are: the engine checks they are in the vocabulary
-        prompt_ids = tokenize(state, prompt, messages, tools, tool_format, chat)
+        # Off the event loop: a body of megabytes takes seconds to render and tokenize, which every other
+        # request's stream (and /health) would wait out.
+        prompt_ids = await asyncio.to_thread(tokenize, state, prompt, messages, tools, tool_format, chat)
     if truncate_prompt_tokens is not None:
         prompt_ids = prompt_ids[-truncate_prompt_tokens:]
     if len(prompt_ids) > config.max_prompt_tokens:
@@ -135,9 +137,8 @@ async def prepare_generation(
         # The content hash makes the id unique even when a deleted task is uploaded again and its version
         # numbers restart: the device tier of the prefix cache is keyed by this id.
         prefix_id = f"{meta.tenant}/{meta.task_id}@{meta.version}#{meta.sha256[:16]}"
-    request = GenerationRequest(
-        prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant, prediction=_predicted(state, prediction)
-    )
+    predicted = await asyncio.to_thread(_predicted, state, prediction) if prediction else ()
+    request = GenerationRequest(prompt_ids, params, prefix_kv, prefix_id, tenant=principal.tenant, prediction=predicted)
     room = state.engine.max_context - request.prefix_len - len(prompt_ids)
     if fit_to_context and 0 < room < params.max_new_tokens:
         params = dataclasses.replace(params, max_new_tokens=room)

@@ -10,6 +10,7 @@ routes. As in vLLM, these live at the root (no /v1) and answer errors in OpenAI'
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -91,7 +92,7 @@ def _ids(state: ServerState, body: TokenizeRequest) -> list[int]:
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: State, principal: Caller) -> TokenizeResponse:
     await task_metadata(state, principal, body.model)
-    ids = _ids(state, body)
+    ids = await asyncio.to_thread(_ids, state, body)  # megabytes of text take seconds: not on the event loop
     return TokenizeResponse(count=len(ids), max_model_len=state.engine.max_context, tokens=ids)
 
 
@@ -104,7 +105,7 @@ async def detokenize(body: DetokenizeRequest, state: State, principal: Caller) -
     vocab = len(tokenizer)  # the tokenizer would decode a larger id to '' without a word
     if any(not 0 <= token < vocab for token in body.tokens):
         raise ParameterError("tokens", f"token ids must be between 0 and {vocab - 1}")
-    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await asyncio.to_thread(tokenizer.decode, body.tokens))
 
 
 @functools.cache
