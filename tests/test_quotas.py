@@ -332,6 +332,19 @@ def test_limits_are_clear_4xx(loaded, key_file: Path, tmp_path: Path) -> None:
             assert_error(client.post("/v1/generate", json=body, headers=h), 422, words)
         assert_error(client.post("/v1/generate", json={"prompt": "x" * 5000}, headers=h), 413, "4096 bytes")
 
+        def chunked(payload: bytes):  # a body without Content-Length, sent in pieces
+            return (payload[i : i + 1000] for i in range(0, len(payload), 1000))
+
+        big = json.dumps({"prompt": "x" * 5000}).encode()
+        for path in ("/v1/generate", "/v1/chat/completions", "/v1/responses", "/tokenize"):
+            assert_error(client.post(path, content=chunked(big), headers=h), 413, "4096 bytes")  # was a 400
+        small = json.dumps({"prompt": "x", "max_new_tokens": 2}).encode()
+        ok = client.post("/v1/generate", content=chunked(small), headers={**h, "content-type": "application/json"})
+        assert ok.status_code == 200, ok.text
+        deep = b"[" * 2000 + b"]" * 2000  # past Python's recursion limit, within the 4,096 bytes
+        r = client.post("/v1/generate", content=deep, headers={**h, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] != "internal_error", r.text
+
 
 def test_cors_off_by_default_and_docs_can_be_disabled(loaded, key_file: Path, tmp_path: Path) -> None:
     origin = {"origin": "https://evil.example"}

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from prefix_store.backends import PrefixBackend, RedisBackend, default_store_url, open_backend
 from prefix_store.piecewise import run_here
@@ -265,7 +266,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error: ApiError = NotFound(str(exc.detail)) if exc.status_code == 404 else ApiError(str(exc.detail))
+        error: ApiError
+        if exc.status_code == 404:
+            error = NotFound(str(exc.detail))
+        elif exc.status_code == 400:  # e.g. a body the framework could not parse (JSON nested past recursion)
+            error = BadRequest(str(exc.detail))
+        else:
+            error = ApiError(str(exc.detail))
         error.status_code = exc.status_code
         if exc.status_code == 405:
             error.error_type = "method_not_allowed"
@@ -274,6 +281,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             body = openai_compat.openai_error_body(exc.status_code, error.message, None, error.error_type)
             return JSONResponse(body, status_code=exc.status_code, headers=headers)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client left while its body was being read: nothing failed here, and no one reads the answer.
+        # 499 (nginx's "client closed request") keeps it out of the 5xx rate the alert rules page on.
+        log.info("client disconnected before its request body was read: %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

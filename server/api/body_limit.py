@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import PayloadTooLarge
@@ -28,6 +29,20 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_413(send, limit)
             return
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # Chunked: read it here, up to the limit, and hand it on whole. Raised from inside the app's own read,
+            # the 413 would reach the client as the framework's 400 "error parsing the body".
+            try:
+                body = await _read_within(receive, limit)
+            except ClientDisconnect:  # as the app answers one (server/api/app.py): no one reads it, 499 is logged
+                await send({"type": "http.response.start", "status": 499, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            if body is None:
+                await _send_413(send, limit)
+                return
+            await self.app(scope, _replay(body, receive), send)
+            return
         received = 0
 
         async def limited_receive() -> Message:
@@ -40,6 +55,36 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+async def _read_within(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` bytes (what is left of it is not read)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives ``body`` in one message, then what the connection says next (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _send_413(send: Send, limit: int) -> None:
