@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -364,3 +365,57 @@ def test_tokenizing_a_prompt_never_holds_the_event_loop(loaded, tmp_path: Path, 
         finally:
             release.set()
         assert slow.result().status_code == 200
+
+
+def test_bodies_that_stop_arriving_get_408_and_hold_nothing_else(loaded, tmp_path: Path, monkeypatch) -> None:
+    """A client that announces a body and stops sending it (declared length or chunked, an upload or a JSON
+    request) gets 408 once a piece is overdue, instead of holding its connection and buffer for as long as it
+    likes; another tenant's upload meanwhile goes through; and a stream running far longer than the wait is not
+    cut (the wait is over once the body is in)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    from server.api import body_limit
+    from tests.live_server import serve_in_thread
+
+    monkeypatch.setattr(body_limit, "BODY_IDLE_S", 0.3)
+    app = create_app(ServeConfig(store=f"disk://{tmp_path}", max_new_tokens=400), model=loaded)
+    with serve_in_thread(app) as url:
+        parts = urlsplit(url)
+
+        def stalled(method: str, path: str, headers: str, first: bytes) -> bytes:
+            with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+                sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + first)
+                answer = sock.recv(4096)
+                head, _, rest = answer.partition(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head)[1])  # type: ignore[index]
+                while len(rest) < length:
+                    rest += sock.recv(4096)
+                return head + b"\r\n\r\n" + rest
+
+        blob = native_blob(p=4)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(stalled, "PUT", "/v1/prefixes/slow", f"Content-Length: {len(blob)}\r\n", blob[:100])
+            other = httpx.put(
+                f"{url}/v1/prefixes/quick",
+                content=blob,
+                headers={"content-type": "application/octet-stream", "x-prefix-serve-tenant": "bob"},
+            )
+            assert other.status_code == 201  # bob's upload is not held up by default's
+            answer = held.result()
+        assert answer.startswith(b"HTTP/1.1 408") and b"stopped arriving" in answer, answer
+        json_head = "Content-Type: application/json\r\nContent-Length: 100\r\n"
+        assert stalled("POST", "/v1/generate", json_head, b'{"prompt": ').startswith(b"HTTP/1.1 408")
+        chunked_head = "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        assert stalled("POST", "/v1/generate", chunked_head, b'5\r\n{"pro\r\n').startswith(b"HTTP/1.1 408")
+        assert httpx.get(f"{url}/v1/prefixes/slow").status_code == 404
+
+        started = time.monotonic()
+        body = {"prompt": "Once", "max_new_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/generate", json=body, timeout=60) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert time.monotonic() - started > 0.3, "the stream must outlast the wait for this test to say anything"
+        assert json.loads(events[-1][6:])["finish_reason"] == "length" and len(events) == 400

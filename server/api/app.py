@@ -27,7 +27,7 @@ from server.api.state import ServerState
 from server.api.validation import describe as describe_validation
 from server.config import ServeConfig
 from server.engine import Engine
-from server.errors import ApiError, BadRequest, InvalidInput, NotFound
+from server.errors import ApiError, BadRequest, InvalidInput, NotFound, RequestTimeout
 from server.gc_freeze import frozen_heap
 from server.heap_trim import HeapTrimmer, malloc_trim
 from server.metrics import MetricsMiddleware, ServerMetrics
@@ -271,6 +271,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             error = NotFound(str(exc.detail))
         elif exc.status_code == 400:  # e.g. a body the framework could not parse (JSON nested past recursion)
             error = BadRequest(str(exc.detail))
+        elif exc.status_code == 408:  # a body that stopped arriving (server/api/body_limit.py)
+            error = RequestTimeout(str(exc.detail))
         else:
             error = ApiError(str(exc.detail))
         error.status_code = exc.status_code

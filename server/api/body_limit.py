@@ -1,13 +1,21 @@
-"""ASGI middleware bounding request bodies: 413 before the body is read, whatever the route."""
+"""ASGI middleware bounding request bodies: 413 before the body is read, whatever the route, and 408 for a body that
+stops coming (a client holding connections open with bodies it never finishes)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import PayloadTooLarge
+from server.errors import PayloadTooLarge, RequestTimeout
+
+# A request body must keep arriving: each piece within BODY_IDLE_S of the last, all of it within BODY_TOTAL_S (a
+# 64 MiB upload at 1 MB/s takes a minute).
+BODY_IDLE_S = 30.0
+BODY_TOTAL_S = 300.0
 
 
 class BodyLimitMiddleware:
@@ -33,10 +41,13 @@ class BodyLimitMiddleware:
             # Chunked: read it here, up to the limit, and hand it on whole. Raised from inside the app's own read,
             # the 413 would reach the client as the framework's 400 "error parsing the body".
             try:
-                body = await _read_within(receive, limit)
+                body = await _read_within(_timed(receive), limit)
             except ClientDisconnect:  # as the app answers one (server/api/app.py): no one reads it, 499 is logged
                 await send({"type": "http.response.start", "status": 499, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
+                return
+            except StarletteHTTPException as exc:  # the body stopped coming
+                await _send_error(send, exc.status_code, RequestTimeout(str(exc.detail)).body())
                 return
             if body is None:
                 await _send_413(send, limit)
@@ -44,10 +55,11 @@ class BodyLimitMiddleware:
             await self.app(scope, _replay(body, receive), send)
             return
         received = 0
+        timed_receive = _timed(receive)
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            message = await timed_receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -73,6 +85,31 @@ async def _read_within(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
+def _timed(receive: Receive) -> Receive:
+    """``receive``, giving up on a body whose next piece takes over BODY_IDLE_S or whose whole takes over
+    BODY_TOTAL_S: an HTTP 408, which the framework passes through (any other error in its own read of the body
+    reaches the client as a 400 "error parsing the body"). Once the body is in, waits are the app's (a stream
+    listens for the client leaving for as long as it runs)."""
+    deadline = asyncio.get_running_loop().time() + BODY_TOTAL_S
+    body_done = False
+
+    async def timed() -> Message:
+        nonlocal body_done
+        if body_done:
+            return await receive()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + BODY_IDLE_S)):
+                message = await receive()
+        except TimeoutError:
+            wait = f"over {BODY_IDLE_S:g} s for a piece or {BODY_TOTAL_S:g} s in all"
+            raise StarletteHTTPException(408, f"the request body stopped arriving ({wait})") from None
+        body_done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return timed
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A receive that gives ``body`` in one message, then what the connection says next (a disconnect)."""
     sent = False
@@ -88,12 +125,15 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _send_413(send: Send, limit: int) -> None:
-    body = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes").body()
+    await _send_error(send, 413, PayloadTooLarge(f"request body exceeds the limit of {limit} bytes").body())
+
+
+async def _send_error(send: Send, status: int, body: dict) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
         }
     )

@@ -71,23 +71,27 @@ async def upload_prefix(
             param="task_id",
         )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        key_values = await _read_peft_form(request, state.config.max_upload_bytes, state.model.is_encoder_decoder)
-    elif content_type in ("application/octet-stream", ""):
-        blob = await request.body()
-        if not blob:
-            raise BadRequest("empty body: send the .safetensors prefix file")
-        key_values = await _in_thread(parse_uploaded_native, blob, state.registry.fingerprint)
-    else:
+    if content_type not in ("multipart/form-data", "application/octet-stream", ""):
         raise BadRequest(
             f"unsupported content type {content_type!r}: send application/octet-stream (native .safetensors) "
             f"or multipart/form-data with {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE}"
         )
     tenant = principal.tenant
     try:
-        # The quota check and the write as one step, here (an asyncio lock: no thread waits on another's upload)
-        # and across replicas (upload_within_quotas).
+        # One upload of a tenant at a time, from its body's first byte to the write: a tenant holds at most one
+        # body in memory (uploads held open by a client cost it alone), and the quota check and the write are one
+        # step here (an asyncio lock: no thread waits on another's upload) and across replicas
+        # (upload_within_quotas).
         async with state.gate.upload_lock(tenant):
+            if content_type == "multipart/form-data":
+                key_values = await _read_peft_form(
+                    request, state.config.max_upload_bytes, state.model.is_encoder_decoder
+                )
+            else:
+                blob = await request.body()
+                if not blob:
+                    raise BadRequest("empty body: send the .safetensors prefix file")
+                key_values = await _in_thread(parse_uploaded_native, blob, state.registry.fingerprint)
             meta = await _in_thread(
                 upload_within_quotas, state.registry, tenant, task_id, key_values, state.quotas_for(tenant)
             )
