@@ -13,8 +13,16 @@ _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 def _validate(kind: str, value: object) -> str:
     # fullmatch also refuses a trailing "\n", which "$" alone would let through.
     if not isinstance(value, str) or _TASK_ID_RE.fullmatch(value) is None or ".." in value:
-        raise InvalidTaskId(f"invalid {kind} {value!r}: must match {TASK_ID_PATTERN} and must not contain '..'")
+        raise InvalidTaskId(f"invalid {kind} {shown(value)}: must match {TASK_ID_PATTERN} and must not contain '..'")
     return value
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """``value`` as an error message quotes it: its repr, cut short (a client's 100,000-character id is not sent
+    back whole)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
 
 
 def validate_task_id(task_id: object) -> str:

@@ -15,6 +15,12 @@ def test_bad_ids_are_rejected(bad: object) -> None:
         validate_tenant(bad)
 
 
+def test_a_long_id_is_quoted_cut_short() -> None:
+    with pytest.raises(InvalidTaskId) as info:
+        validate_task_id("x" * 100_000)
+    assert "(100000 characters)" in str(info.value) and len(str(info.value)) < 300
+
+
 @pytest.mark.parametrize("good", ["a", "summarize", "Task_1.v2-final", "9", "a" * 128])
 def test_good_ids_pass_unchanged(good: str) -> None:
     assert validate_task_id(good) == good

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefix_store.artifact import PrefixMetadata
 from prefix_store.errors import InvalidTaskId, PrefixNotFound, PrefixStoreError
-from prefix_store.ids import validate_task_id
+from prefix_store.ids import shown, validate_task_id
 from server.api import logprobs as token_logprobs
 from server.api.auth import Principal
 from server.api.generate import (
@@ -96,7 +96,7 @@ class UnsupportedParameter(ParameterError):
 
 class ModelNotFound(NotFound):
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model {model!r} does not exist or you do not have access to it")
+        super().__init__(f"The model {shown(model)} does not exist or you do not have access to it")
         self.param = "model"
         self.code = "model_not_found"
 
