@@ -124,7 +124,11 @@ class GrammarCompiler:
             # xgrammar's cache evicts within its limit, but keeps ~600 bytes per distinct constraint beyond it
             # (measured with 0.2.8): cleared when over the budget, it stays bounded whatever clients send.
             compiler.clear_cache()
-        return Grammar(spec, compiled)
+        grammar = Grammar(spec, compiled)
+        if not _allows_a_first_token(grammar):
+            # e.g. "root ::= root", or a regex of characters no token holds: every logit would be masked.
+            raise GrammarError(f"invalid {spec.describe()}: no text this model can write satisfies it")
+        return grammar
 
     @property
     def cache_bytes(self) -> int:
@@ -141,6 +145,16 @@ class GrammarCompiler:
                 # One thread: the engine owns the other cores; and xgrammar caches what it compiled.
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=self._cache_bytes)
             return self._compiler
+
+
+def _allows_a_first_token(grammar: Grammar) -> bool:
+    """Whether a fresh matcher allows any token at all (one bitmask fill: ~0.1 ms for a 49k vocabulary)."""
+    matcher = grammar.matcher()
+    if matcher.is_terminated():
+        return True
+    bitmask = xgr.allocate_token_bitmask(1, grammar.compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    return bool(bitmask.any())
 
 
 def choice_grammar(choices: Sequence[str]) -> str:

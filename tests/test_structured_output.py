@@ -57,6 +57,9 @@ def text_of(tokens: list[int]) -> str:
             'invalid EBNF grammar: EBNF parser error at line 1, column 10: Rule "foo"',
         ),
         (GrammarSpec("choice"), "invalid choice: a choice needs at least one string"),
+        # Compiled, but nothing satisfies them: every logit would be masked (they were served unconstrained).
+        (GrammarSpec("ebnf", "root ::= root"), "invalid EBNF grammar: no text this model can write satisfies it"),
+        (GrammarSpec("regex", "[^\\x00-\\U0010FFFF]"), "invalid regex: no text this model can write"),
     ],
 )
 def test_bad_constraints_say_what_is_wrong(compiler: GrammarCompiler, spec: GrammarSpec, message: str) -> None:
