@@ -13,6 +13,9 @@ from typing import Protocol
 # token decodes with the spacing it has in context (sentencepiece drops a
 # leading space when a token is decoded alone).
 _CONTEXT_TOKENS = 4
+# Tokens held back at most while their text is unfinished: a UTF-8 character takes at most 4 byte tokens, so more
+# is a model writing stray bytes (each held token made every later step decode a longer window: quadratic).
+_MAX_HELD_TOKENS = 8
 
 
 class Decoder(Protocol):
@@ -44,7 +47,8 @@ class IncrementalDetokenizer:
         skip = self._skip_special_tokens
         emitted = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
         full = decode(self._ids[self._prefix_offset :], skip_special_tokens=skip)
-        if not final and (len(full) <= len(emitted) or full.endswith("\ufffd")):
+        waiting = len(self._ids) - self._read_offset
+        if not final and waiting <= _MAX_HELD_TOKENS and (len(full) <= len(emitted) or full.endswith("\ufffd")):
             return ""  # an unfinished byte sequence: wait for the next token
         piece = full[len(emitted) :]
         self._prefix_offset = self._read_offset

@@ -35,6 +35,26 @@ def test_emoji_split_across_tokens_is_held_back(tokenizer) -> None:
     assert detok.push(ids[-1]) == "🎉"
 
 
+def test_stray_bytes_are_not_held_for_ever(tokenizer) -> None:
+    """A model writing lone continuation bytes (no character ever completes): each is held only a few tokens,
+    so the window decoded each step stays short (it grew with the output: quadratic), and the pieces still add
+    up to the decoded text."""
+
+    class Counting:
+        decoded = 0
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            Counting.decoded += len(ids)
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    stray = tokenizer.convert_tokens_to_ids("\u00a2")  # byte 0x80 alone: a continuation byte
+    detok = IncrementalDetokenizer(Counting(), [])
+    pieces = [detok.push(stray) for _ in range(2000)]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == tokenizer.decode([stray] * 2000)
+    assert Counting.decoded < 2000 * 40, Counting.decoded  # held back without bound: ~2000 * 2000
+
+
 def test_stop_string_completed_across_pieces() -> None:
     stop = StopMatcher(["END"])
     assert stop.feed("abc E") == ("abc ", False)  # "E" might start END: held back
