@@ -47,7 +47,7 @@ def test_stray_bytes_are_not_held_for_ever(tokenizer) -> None:
             Counting.decoded += len(ids)
             return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    stray = tokenizer.convert_tokens_to_ids("\u00a2")  # byte 0x80 alone: a continuation byte
+    stray = tokenizer.convert_tokens_to_ids("\u00a2")  # byte 0xA2 alone: a continuation byte
     detok = IncrementalDetokenizer(Counting(), [])
     pieces = [detok.push(stray) for _ in range(2000)]
     pieces.append(detok.flush())
