@@ -137,13 +137,20 @@ class RequestGate:
                 return
             yield event
 
-    def _enter(self, tenant: str, quotas: TenantQuotas, stream: bool) -> None:
+    def refuse_if_full(self, tenant: str, quotas: TenantQuotas) -> None:
+        """429 now if the tenant already has its quota of requests in flight: checked before a request is prepared
+        (rendered, tokenized, its grammar compiled: seconds of CPU for a large one), so a tenant at its quota
+        costs the server nothing more. ``events`` checks again when it takes the place."""
         running = self.in_flight.get(tenant, 0)
         if quotas.max_concurrent_requests is not None and running >= quotas.max_concurrent_requests:
             raise Overloaded(
                 f"tenant {tenant!r} has {running} requests in flight; "
                 f"its quota max_concurrent_requests is {quotas.max_concurrent_requests}"
             )
+
+    def _enter(self, tenant: str, quotas: TenantQuotas, stream: bool) -> None:
+        self.refuse_if_full(tenant, quotas)
+        running = self.in_flight.get(tenant, 0)
         if stream and self.max_open_streams is not None and self.open_streams >= self.max_open_streams:
             raise Overloaded(f"the server has {self.open_streams} open streams; its limit max_open_streams is reached")
         self.in_flight[tenant] = running + 1

@@ -253,20 +253,27 @@ async def _settled(state: ServerState) -> None:
     raise AssertionError(f"counters did not settle: {state.gate.in_flight}, {state.gate.open_streams} streams")
 
 
-async def test_rate_quotas_and_open_streams_over_http(live) -> None:
+async def test_rate_quotas_and_open_streams_over_http(live, monkeypatch) -> None:
+    from server.api import generate as generate_module
+
     url, state = live
+    tokenized = []
+    real_tokenize = generate_module.tokenize
+    monkeypatch.setattr(generate_module, "tokenize", lambda *a, **k: tokenized.append(1) or real_tokenize(*a, **k))
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         # Two of "capped"'s requests in flight (one running, one queued behind it): a third is refused.
         short = {"prompt": "x", "max_new_tokens": 8}
         a = await _open_stream(client, "capped", 40)
         b = asyncio.ensure_future(client.post("/v1/generate", json=short, headers=hdr("capped")))
         await asyncio.sleep(0.1)
+        before = len(tokenized)
         r = await client.post("/v1/generate", json={"prompt": "x"}, headers=hdr("capped"))
         assert_error(r, 429, "max_concurrent_requests is 2")
         assert r.headers["retry-after"]
         r = await client.post("/v1/completions", json={"model": state.model.name, "prompt": "x"}, headers=hdr("capped"))
         assert r.status_code == 429 and "max_concurrent_requests" in r.json()["error"]["message"]
         assert r.json()["error"]["type"] == "rate_limit_error"
+        assert len(tokenized) == before  # refused before their prompts cost anything
         assert (await client.post("/v1/generate", json=short, headers=hdr("alice"))).status_code == 200
         assert (await a.drain())[-1]["finish_reason"] in ("length", "eos")
         assert (await b).status_code == 200

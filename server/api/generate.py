@@ -108,6 +108,7 @@ async def prepare_generation(
     ``truncate_prompt_tokens``: only the prompt's last this many tokens are kept (vLLM's field). ``prediction``: the
     client's guess of the output, drafts for speculative decoding (OpenAI's predicted outputs)."""
     config = state.config
+    state.gate.refuse_if_full(principal.tenant, state.quotas_for(principal.tenant))
     if params.max_new_tokens > config.max_new_tokens:
         if not fit_to_context:
             raise InvalidInput(f"max_new_tokens must be at most {config.max_new_tokens}", param="max_new_tokens")
