@@ -7,6 +7,7 @@ file, or a hub id that is already in the local cache. Nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -58,6 +59,15 @@ class LoadedModel:
     head_dim: int
     max_context: int
     eos_token_ids: list[int]
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Characters of the tokenizer's longest token (its vocabulary's longest entry: a byte-level token's
+        symbols are one per byte, so no fewer than the characters it decodes to); 0 without a tokenizer. A text of
+        n characters is at least n / this many tokens."""
+        if self.tokenizer is None:
+            return 0
+        return max((len(token) for token in self.tokenizer.get_vocab()), default=0)
 
     @property
     def is_encoder_decoder(self) -> bool:

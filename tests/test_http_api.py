@@ -419,3 +419,25 @@ def test_bodies_that_stop_arriving_get_408_and_hold_nothing_else(loaded, tmp_pat
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert time.monotonic() - started > 0.3, "the stream must outlast the wait for this test to say anything"
         assert json.loads(events[-1][6:])["finish_reason"] == "length" and len(events) == 400
+
+
+def test_a_prompt_longer_than_any_tokenization_of_the_limit_is_refused_untokenized(
+    client: TestClient, loaded, monkeypatch
+) -> None:
+    """More characters than max_prompt_tokens tokens can hold (the longest token's characters, with a margin) is
+    refused before tokenizing: megabytes cost seconds of CPU beside the engine. A prompt under that bound is
+    tokenized and judged by its tokens."""
+    from server.api import generate as generate_module
+
+    calls = []
+    real = generate_module.tokenize
+    monkeypatch.setattr(generate_module, "tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bound = 200 * loaded.longest_token_chars * 2  # the client fixture's max_prompt_tokens is 200
+    assert loaded.longest_token_chars == max(len(t) for t in loaded.tokenizer.get_vocab())
+    r = client.post("/v1/generate", json={"prompt": "x" * (bound + 1)})
+    assert_error(r, 422, "characters, more than 200 tokens")
+    chat = {"messages": [{"role": "user", "content": "x" * (bound + 1)}]}
+    assert_error(client.post("/v1/generate", json=chat), 422, "characters")
+    assert calls == []
+    assert_error(client.post("/v1/generate", json={"prompt": "word " * 300}), 422, "tokens; the limit is 200")
+    assert calls == [1]

@@ -116,6 +116,7 @@ async def prepare_generation(
     if len(params.stop) > config.max_stop_strings or any(len(s) > 256 for s in params.stop):
         raise InvalidInput(f"at most {config.max_stop_strings} stop strings of at most 256 characters", param="stop")
     if prompt_ids is None:  # token ids sent as they are: the engine checks they are in the vocabulary
+        _refuse_sure_overlong(state, prompt, messages, truncated=truncate_prompt_tokens is not None)
         # Off the event loop: a body of megabytes takes seconds to render and tokenize, which every other
         # request's stream (and /health) would wait out.
         prompt_ids = await asyncio.to_thread(tokenize, state, prompt, messages, tools, tool_format, chat)
@@ -145,6 +146,30 @@ async def prepare_generation(
         params = dataclasses.replace(params, max_new_tokens=room)
         request = dataclasses.replace(request, params=params)
     return PreparedGeneration(response_id=response_id, task_id=task_id, prefix_version=version, request=request)
+
+
+# How far under the longest token's characters a token may average before the bound below could refuse a prompt
+# that fits: a normalizer that drops characters (accents, controls) shortens text before it is split.
+_CHARS_BOUND_MARGIN = 2
+
+
+def _refuse_sure_overlong(
+    state: ServerState, prompt: str | None, messages: list[dict[str, Any]] | None, *, truncated: bool
+) -> None:
+    """Refuse, before tokenizing it, a prompt with more characters than ``max_prompt_tokens`` tokens can hold
+    (tokenizing megabytes takes seconds of CPU, beside the engine's)."""
+    longest = state.model.longest_token_chars
+    if truncated or not longest:
+        return
+    if prompt is not None:
+        chars = len(prompt)
+    else:
+        chars = sum(len(m["content"]) for m in messages or () if isinstance(m.get("content"), str))
+    limit = state.config.max_prompt_tokens
+    if chars > limit * longest * _CHARS_BOUND_MARGIN:
+        raise InvalidInput(
+            f"prompt has {chars} characters, more than {limit} tokens (the limit) can hold", param="prompt"
+        )
 
 
 def _predicted(state: ServerState, prediction: str | None) -> tuple[int, ...]:
