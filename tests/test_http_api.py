@@ -65,6 +65,17 @@ def native_blob(layers: int = 2, heads: int = 2, p: int = 4, head_dim: int = 16,
     return save(tensors)
 
 
+def plain_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The native usage of a request that took nothing from the prompt cache and brought no prediction."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cached_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    }
+
+
 def put_native(client: TestClient, task_id: str, blob: bytes):
     return client.put(f"/v1/prefixes/{task_id}", content=blob, headers={"content-type": "application/octet-stream"})
 
@@ -98,13 +109,7 @@ def test_peft_upload_then_generate_matches_oracle(client: TestClient, loaded, pe
     # eos may end it early; then the oracle's first tokens match and the last is eos.
     assert got == want[: len(got)] and (len(got) == 8 or got[-1] in loaded.eos_token_ids)
     assert body["prefix_version"] == info["version"]
-    assert body["usage"] == {
-        "prompt_tokens": len(prompt_ids),
-        "completion_tokens": len(got),
-        "cached_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    }
+    assert body["usage"] == plain_usage(len(prompt_ids), len(got))
 
     base = client.post("/v1/generate", json={"task_id": None, "prompt": prompt, "max_new_tokens": 8}).json()
     want_base, _ = oracle_greedy(loaded.model, prompt_ids, 8)

@@ -90,11 +90,7 @@ class DiskBackend(PrefixBackend):
     def _claim_version(self, seq_file: Path, after: int) -> int:
         """A version number above both ``after`` (the task's newest file) and every number handed out before,
         recorded as handed out (under an exclusive lock on the record, so concurrent writers never share one)."""
-        try:
-            seq_file.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(seq_file, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StoreUnavailable(f"cannot open {seq_file}: {e}") from e
+        fd = _open_record(seq_file)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             recorded = os.pread(fd, 32, 0).strip()
@@ -115,11 +111,7 @@ class DiskBackend(PrefixBackend):
     def tenant_lock(self, tenant: str) -> Iterator[None]:
         """An exclusive flock on root/<tenant>/.lock, which every process on this directory takes."""
         path = self.root / validate_tenant(tenant) / _TENANT_LOCK
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StoreUnavailable(f"cannot open {path}: {e}") from e
+        fd = _open_record(path)
         try:
             deadline = time.monotonic() + TENANT_LOCK_WAIT_S
             while True:
@@ -239,6 +231,16 @@ class DiskBackend(PrefixBackend):
             raise StoreUnavailable(f"cannot delete {task_dir}: {e}") from e
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+
+def _open_record(path: Path) -> int:
+    """A small file of the store's own (created with its directory if need be), opened for reading and writing and
+    locking: the caller closes the descriptor, which releases any lock taken on it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreUnavailable(f"cannot open {path}: {e}") from e
 
 
 class _FileReader(BlobReader):
