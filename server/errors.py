@@ -6,7 +6,13 @@ The client's exceptions (clients/errors.py) mirror the ``type`` strings.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from prefix_store import errors as store_errors
+
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -137,3 +143,12 @@ def from_store_error(exc: store_errors.PrefixStoreError) -> ApiError:
     if isinstance(exc, store_errors.CorruptPrefix | store_errors.StoreUnavailable):
         return Unavailable(message, retry_after_s=2)
     return ApiError(message)
+
+
+async def store_work(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking store work (a Redis round trip, a file read) off the event loop, its store errors turned into
+    API errors."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except store_errors.PrefixStoreError as exc:
+        raise from_store_error(exc) from exc

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -13,26 +11,17 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from prefix_store.artifact import PrefixMetadata, parse_uploaded_native
-from prefix_store.errors import PrefixStoreError
 from prefix_store.ids import validate_task_id
 from prefix_store.peft_import import key_values_from_peft
 from server.api.schemas import PrefixInfo, PrefixList
 from server.api.state import Caller, ServerState, State
-from server.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, from_store_error
+from server.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, store_work
 from server.quotas import upload_within_quotas
 
 router = APIRouter()
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run blocking store work off the event loop, turning store errors into API errors."""
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except PrefixStoreError as exc:
-        raise from_store_error(exc) from exc
 
 
 @router.put(
@@ -64,7 +53,7 @@ async def upload_prefix(
     state: State,
     principal: Caller,
 ) -> JSONResponse:
-    await _in_thread(validate_task_id, task_id)
+    await store_work(validate_task_id, task_id)
     if task_id in state.model_names:  # the OpenAI routes' ``model`` would name the base model, never this task
         raise InvalidInput(
             f"task id {task_id!r} is a name of this server's base model (--served-model-name): choose another",
@@ -91,8 +80,8 @@ async def upload_prefix(
                 blob = await request.body()
                 if not blob:
                     raise BadRequest("empty body: send the .safetensors prefix file")
-                key_values = await _in_thread(parse_uploaded_native, blob, state.registry.fingerprint)
-            meta = await _in_thread(
+                key_values = await store_work(parse_uploaded_native, blob, state.registry.fingerprint)
+            meta = await store_work(
                 upload_within_quotas, state.registry, tenant, task_id, key_values, state.quotas_for(tenant)
             )
     finally:
@@ -116,7 +105,7 @@ async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool) -
             parts[name] = await part.read()
     finally:
         await form.close()
-    return await _in_thread(
+    return await store_work(
         partial(key_values_from_peft, encoder_decoder=encoder_decoder),
         parts[PEFT_CONFIG_FILE],
         parts[PEFT_WEIGHTS_FILE],
@@ -125,13 +114,13 @@ async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool) -
 
 @router.get("/v1/prefixes", response_model=PrefixList)
 async def list_prefixes(state: State, principal: Caller) -> dict[str, Any]:
-    metas = await _in_thread(state.registry.list, principal.tenant)
+    metas = await store_work(state.registry.list, principal.tenant)
     return {"data": [_info(state, m) for m in metas]}
 
 
 @router.get("/v1/prefixes/{task_id:path}", response_model=PrefixInfo)
 async def get_prefix(task_id: str, state: State, principal: Caller) -> dict[str, Any]:
-    return _info(state, await _in_thread(state.registry.info, principal.tenant, task_id))
+    return _info(state, await store_work(state.registry.info, principal.tenant, task_id))
 
 
 def _info(state: ServerState, meta: PrefixMetadata) -> dict[str, Any]:
@@ -140,7 +129,7 @@ def _info(state: ServerState, meta: PrefixMetadata) -> dict[str, Any]:
 
 @router.delete("/v1/prefixes/{task_id:path}", status_code=204)
 async def delete_prefix(task_id: str, state: State, principal: Caller) -> Response:
-    deleted = await _in_thread(state.registry.delete, principal.tenant, task_id)
+    deleted = await store_work(state.registry.delete, principal.tenant, task_id)
     state.heap_trimmer.request()
     if not deleted:
         raise NotFound(f"no prefix {task_id!r}")

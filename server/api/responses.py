@@ -47,7 +47,7 @@ from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import ReplyReader, ToolMode, calls_in
 from server.api.tool_formats import ToolCall, read_reply
 from server.engine import GenerationEvent
-from server.errors import ApiError, GenerationFailed, NotFound, from_store_error
+from server.errors import ApiError, GenerationFailed, NotFound, store_work
 
 logger = logging.getLogger(__name__)
 router = APIRouter(route_class=OpenAIRoute)
@@ -77,7 +77,7 @@ class ResponsesRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: TextOptions | None = None
-    # Accepted as OpenAI takes them, changing nothing here (nothing is stored; no reasoning to configure).
+    # Whether the response is kept (the default, as OpenAI's): server/api/response_store.py.
     store: bool | None = None
     # OpenAI's bounds: kept with the response, so bounded like it.
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
@@ -510,10 +510,7 @@ class ResponseNotFound(NotFound):
 
 
 async def _stored(state: ServerState, principal: Principal, response_id: str, param: str) -> StoredResponse:
-    try:
-        stored = await asyncio.to_thread(state.responses.get, principal.tenant, response_id)
-    except PrefixStoreError as exc:
-        raise from_store_error(exc) from exc
+    stored = await store_work(state.responses.get, principal.tenant, response_id)
     if stored is None:
         raise ResponseNotFound(response_id, param)
     return stored
@@ -580,10 +577,7 @@ def _listed(item: dict[str, Any]) -> dict[str, Any]:
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, state: State, principal: Caller) -> dict[str, Any]:
     await _stored(state, principal, response_id, "response_id")
-    try:
-        await asyncio.to_thread(state.responses.delete, principal.tenant, response_id)
-    except PrefixStoreError as exc:
-        raise from_store_error(exc) from exc
+    await store_work(state.responses.delete, principal.tenant, response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
