@@ -6,15 +6,25 @@ and version numbers and never look inside.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from prefix_store.errors import PrefixNotFound
+from prefix_store.errors import PrefixNotFound, StoreUnavailable
 
 # How long a tenant_lock waits for another process's upload before giving up (StoreUnavailable: 503, try again).
 TENANT_LOCK_WAIT_S = 10.0
+
+
+def wait_for_lock(acquire: Callable[[], bool], what: str, wait_s: float) -> None:
+    """Try ``acquire`` every 10 ms until it returns True; StoreUnavailable once ``wait_s`` have passed."""
+    deadline = time.monotonic() + wait_s
+    while not acquire():
+        if time.monotonic() > deadline:
+            raise StoreUnavailable(f"{what} was held elsewhere for over {wait_s:g} s")
+        time.sleep(0.01)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from prefix_store.backends.base import TENANT_LOCK_WAIT_S, BlobReader, PrefixBackend
+from prefix_store.backends.base import TENANT_LOCK_WAIT_S, BlobReader, PrefixBackend, wait_for_lock
 from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
 
@@ -112,18 +112,16 @@ class DiskBackend(PrefixBackend):
         """An exclusive flock on root/<tenant>/.lock, which every process on this directory takes."""
         path = self.root / validate_tenant(tenant) / _TENANT_LOCK
         fd = _open_record(path)
+
+        def acquire() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+
         try:
-            deadline = time.monotonic() + TENANT_LOCK_WAIT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StoreUnavailable(
-                            f"another process held {path} for over {TENANT_LOCK_WAIT_S:g} s"
-                        ) from None
-                    time.sleep(0.01)
+            wait_for_lock(acquire, str(path), TENANT_LOCK_WAIT_S)
             yield
         finally:
             os.close(fd)  # releases the lock

@@ -43,7 +43,6 @@ import json
 import logging
 import secrets
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -53,7 +52,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from prefix_store.backends.base import TENANT_LOCK_WAIT_S, BlobReader, Invalidation, PrefixBackend, WholeBlobReader
+from prefix_store.backends.base import (
+    TENANT_LOCK_WAIT_S,
+    BlobReader,
+    Invalidation,
+    PrefixBackend,
+    WholeBlobReader,
+    wait_for_lock,
+)
 from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
 
@@ -206,11 +212,13 @@ class RedisBackend(PrefixBackend):
         not hold it for ever), deleted only while it still holds our token."""
         key = f"ps:{{{validate_tenant(tenant)}}}:lock"
         token = secrets.token_hex(8)
-        deadline = time.monotonic() + TENANT_LOCK_WAIT_S
-        while not self.call("locking the tenant", lambda: self._client.set(key, token, nx=True, px=_TENANT_LOCK_MS)):
-            if time.monotonic() > deadline:
-                raise StoreUnavailable(f"another replica held tenant {tenant!r}'s upload lock for over 10 s")
-            time.sleep(0.01)
+        wait_for_lock(
+            lambda: bool(
+                self.call("locking the tenant", lambda: self._client.set(key, token, nx=True, px=_TENANT_LOCK_MS))
+            ),
+            f"tenant {tenant!r}'s upload lock",
+            TENANT_LOCK_WAIT_S,
+        )
         try:
             yield
         finally:
