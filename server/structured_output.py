@@ -81,6 +81,10 @@ class Grammar:
         return xgr.GrammarMatcher(self.compiled)
 
 
+# Constraints compiled at once: each compile takes one core (xgrammar's max_threads=1), beside the engine's.
+MAX_CONCURRENT_COMPILES = 2
+
+
 class GrammarCompiler:
     """Compiles ``GrammarSpec``s against one tokenizer's vocabulary; thread-safe, and lazy: the vocabulary's
     tables (~0.1 s for a 49k vocabulary) are built by the first ``compile``, not at server start."""
@@ -90,6 +94,7 @@ class GrammarCompiler:
         self._cache_bytes = cache_bytes
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
+        self._compiling = threading.BoundedSemaphore(MAX_CONCURRENT_COMPILES)
 
     @classmethod
     def for_tokenizer(
@@ -104,8 +109,14 @@ class GrammarCompiler:
         )
 
     def compile(self, spec: GrammarSpec) -> Grammar:
-        """The compiled constraint, or GrammarError saying what is wrong with it."""
+        """The compiled constraint, or GrammarError saying what is wrong with it. At most MAX_CONCURRENT_COMPILES
+        run at once (a large schema takes seconds of a core, which the engine's steps would otherwise share with
+        as many compiles as requests bring); repeats are cache hits, quick once their turn comes."""
         compiler = self._ready()
+        with self._compiling:
+            return self._compile(compiler, spec)
+
+    def _compile(self, compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> Grammar:
         try:
             if spec.kind == "json":
                 compiled = compiler.compile_json_schema(spec.source, any_whitespace=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -86,6 +87,47 @@ def test_the_compiled_constraints_kept_stay_within_their_budget() -> None:
         sizes.append(bounded.cache_bytes)
     assert max(sizes) <= limit and sizes[0] > 0, sizes
     assert max(sizes) >= limit // 2, "the cache must fill up towards its budget, not be emptied every time"
+
+
+def test_at_most_two_constraints_compile_at_once() -> None:
+    """Eight requests' schemas at once: two compile while the rest wait their turn (each takes a core; 32 I/O
+    threads let 32 compile beside the engine's steps), and every one comes back compiled."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    compiler = GrammarCompiler(byte_vocab_info)
+    xgr_compiler = compiler._ready()  # the real xgrammar compiler, watched
+    active, most, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+    class Watched:
+        def compile_json_schema(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            release.wait(10)
+            try:
+                return xgr_compiler.compile_json_schema(*args, **kwargs)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(xgr_compiler, name)
+
+    compiler._compiler = Watched()  # type: ignore[assignment]
+    specs = [
+        GrammarSpec.json_schema({"type": "object", "properties": {f"f{i}": {"type": "integer"}}}) for i in range(8)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(compiler.compile, spec) for spec in specs]
+        deadline = time.monotonic() + 10
+        while most[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # time for a third to get in, if it could
+        assert active[0] == 2
+        release.set()
+        assert all(f.result().spec == spec for f, spec in zip(futures, specs, strict=True))
+    assert most[0] == 2
 
 
 def allowed(grammar: Grammar, text: str) -> set[int]:
