@@ -183,6 +183,12 @@ def test_a_response_made_on_one_replica_is_read_and_continued_on_another(
     assert output_text(second) == output_text(want)
     assert second["usage"]["input_tokens"] == want["usage"]["input_tokens"]
     assert httpx.get(f"{b}/v1/responses/{want['id']}").status_code == 404  # store false: kept nowhere
+    # Items A kept, named by their ids on B (Redis keeps each stored item under its id too).
+    user_item = httpx.get(f"{a}/v1/responses/{first['id']}/input_items").json()["data"][0]
+    refs = [{"type": "item_reference", "id": item["id"]} for item in [user_item, *first["output"]]]
+    question = {"role": "user", "content": "What is my name?"}
+    by_reference = create_response(b, model=model, input=[*refs, question], store=False).json()
+    assert output_text(by_reference) == output_text(want)
     ttl = redis_server.client().ttl(f"ps:{{default}}:resp:{second['id']}")
     assert 0 < ttl <= 24 * 3600  # --responses-ttl-s's default
 

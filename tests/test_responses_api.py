@@ -279,3 +279,32 @@ def test_input_items_list_what_a_stored_response_read(oai: openai.OpenAI, server
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
     with pytest.raises(openai.NotFoundError):
         oai.responses.input_items.list("resp_" + "0" * 24)
+
+
+def test_an_item_reference_stands_for_the_stored_item(oai: openai.OpenAI, server_url: str) -> None:
+    """{"type": "item_reference", "id": ...} (clients that keep their history as ids send it) reads as the stored
+    item itself: the reply equals sending the items whole. Unknown ids, another tenant's, and an item already in the
+    conversation are refused by position."""
+    first = oai.responses.create(model=TASK, input="My name is Ada.", max_output_tokens=4, temperature=0)
+    (asked,) = oai.responses.input_items.list(first.id)
+    question = {"role": "user", "content": "What is my name?"}
+    refs = [{"type": "item_reference", "id": asked.id}, {"type": "item_reference", "id": first.output[0].id}]
+    by_reference = oai.responses.create(
+        model=TASK, input=[*refs, question], max_output_tokens=6, temperature=0, store=False
+    )
+    whole = [{"role": "user", "content": "My name is Ada."}, *[i.model_dump() for i in first.output], question]
+    want = oai.responses.create(model=TASK, input=whole, max_output_tokens=6, temperature=0, store=False)
+    assert by_reference.output_text == want.output_text
+    assert by_reference.usage is not None and want.usage is not None
+    assert by_reference.usage.input_tokens == want.usage.input_tokens
+
+    def refused(key: str, body: dict[str, Any]) -> str:
+        r = httpx.post(f"{server_url}/v1/responses", json=body, headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]["param"]
+
+    unknown = {"model": TASK, "input": [question, {"type": "item_reference", "id": "msg_nope"}]}
+    assert refused(KEY_A, unknown) == "input.1.id"
+    assert refused(KEY_B, {**unknown, "input": refs}) == "input.0.id"  # another tenant's items are unknown to B
+    again = {"model": TASK, "previous_response_id": first.id, "input": [refs[1]]}
+    assert refused(KEY_A, again) == f"input.{len(whole) - 1}.id"  # already in the continued conversation

@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 MAX_STORED_RESPONSES = 4096
 MAX_STORED_BYTES_PER_TENANT = 64 << 20
 MAX_STORED_BYTES = 1 << 30
+# Items are found by id up to this long (ids are the client's for its input items; ours are ~28 characters).
+_MAX_ITEM_ID = 128
 # The ids this server gives responses ("resp_" and 24 hex digits); any other id names no stored response.
 _RESPONSE_ID = re.compile(r"resp_[0-9a-f]{24}")
 
@@ -54,6 +57,11 @@ class ResponseStore(Protocol):
         ...
 
     def delete(self, tenant: str, response_id: str) -> bool: ...
+
+    def find_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The items of the tenant's stored responses with these ids (an ``item_reference`` names one), by id;
+        ids no stored response holds are left out."""
+        ...
 
 
 class MemoryResponseStore:
@@ -101,6 +109,19 @@ class MemoryResponseStore:
         with self._lock:
             return self._drop((tenant, response_id))
 
+    def find_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        wanted, found = set(item_ids), {}
+        with self._lock:
+            for (owner, _), (stored, _) in reversed(self._stored.items()):  # the newest first
+                if owner != tenant:
+                    continue
+                for item in stored.items:
+                    if item.get("id") in wanted:
+                        found.setdefault(item["id"], item)
+                if len(found) == len(wanted):
+                    break
+        return found
+
     def _drop(self, key: tuple[str, str]) -> bool:
         entry = self._stored.pop(key, None)
         if entry is None:
@@ -125,7 +146,9 @@ def _encode(stored: StoredResponse) -> str:
 
 class RedisResponseStore:
     """One JSON string per response, ``ps:{T}:resp:<id>`` (T = tenant: the hash tag keeps a tenant's responses in
-    one Redis Cluster slot, beside its listing index), expiring ``ttl_s`` after it was written.
+    one Redis Cluster slot, beside its listing index), expiring ``ttl_s`` after it was written; and each of its
+    items under ``ps:{T}:item:<id>``, for as long (an item stays findable its TTL after the last response that
+    held it was written, deleted or not).
 
     Bounded by the TTL, not a count: with ``maxmemory-policy volatile-lru`` Redis drops the least recently used
     responses first under memory pressure, and never a prefix (prefix keys have no TTL). Redis unreachable: the
@@ -143,9 +166,15 @@ class RedisResponseStore:
         return f"ps:{{{validate_tenant(tenant)}}}:resp:{response_id}"
 
     def put(self, tenant: str, response_id: str, stored: StoredResponse) -> None:
-        data = _encode(stored)
-        key = self._key(tenant, response_id)
-        self._backend.call("storing a response", lambda: self._backend.client.set(key, data, ex=self.ttl_s))
+        """The response, and each of its items under ``ps:{T}:item:<id>`` (what an ``item_reference`` names), for
+        ``ttl_s``: one round trip, all keys in the tenant's slot."""
+        pipe = self._backend.client.pipeline(transaction=False)
+        pipe.set(self._key(tenant, response_id), _encode(stored), ex=self.ttl_s)
+        for item in stored.items:
+            item_id = item.get("id")
+            if isinstance(item_id, str) and len(item_id) <= _MAX_ITEM_ID:
+                pipe.set(self._item_key(tenant, item_id), json.dumps(item, separators=(",", ":")), ex=self.ttl_s)
+        self._backend.call("storing a response", pipe.execute)
 
     def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         if not _RESPONSE_ID.fullmatch(response_id):
@@ -162,3 +191,15 @@ class RedisResponseStore:
             return False
         key = self._key(tenant, response_id)
         return bool(self._backend.call("deleting a response", lambda: self._backend.client.delete(key)))
+
+    def find_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        ids = [i for i in dict.fromkeys(item_ids) if len(i) <= _MAX_ITEM_ID]
+        if not ids:
+            return {}
+        keys = [self._item_key(tenant, i) for i in ids]
+        values = self._backend.call("reading items", lambda: self._backend.client.mget(keys))
+        return {i: json.loads(v) for i, v in zip(ids, values, strict=True) if v is not None}
+
+    @staticmethod
+    def _item_key(tenant: str, item_id: str) -> str:
+        return f"ps:{{{validate_tenant(tenant)}}}:item:{item_id}"

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefix_store.errors import PrefixStoreError
+from prefix_store.ids import shown
 from server.api.auth import Principal
 from server.api.generate import check_event, events_until_disconnect, start_events
 from server.api.openai_compat import (
@@ -132,6 +133,7 @@ _ITEM_FIELDS = {
     "message": ("type", "id", "role", "content", "status"),
     "function_call": ("type", "id", "call_id", "name", "arguments", "status"),
     "function_call_output": ("type", "id", "call_id", "output", "status"),
+    "item_reference": ("type", "id"),  # an item of a stored response, by its id (resolve_references)
 }
 _PART_FIELDS = ("type", "text")
 
@@ -466,7 +468,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     earlier: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         earlier = (await _stored(state, principal, body.previous_response_id, "previous_response_id")).items
-    items = [*earlier, *input_items(body)]
+    items = await _resolve_references(state, principal, [*earlier, *input_items(body)])
     response_id = "resp_" + secrets.token_hex(12)
     prepared, mode = await prepare_chat(state, principal, chat_request(body, items), response_id)
     reply = _Reply(body, response_id)
@@ -500,6 +502,28 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     reply.output = _output_of(mode, "".join(text))
     await keep()
     return JSONResponse(reply.object(reply.status))
+
+
+async def _resolve_references(
+    state: ServerState, principal: Principal, items: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``items`` with each ``{"type": "item_reference", "id": ...}`` replaced by the stored item of that id (an
+    earlier response's input or output: what clients that keep their history as ids send). An id no stored
+    response holds, or one already in the conversation, is refused by position."""
+    refs = {i: item.get("id") for i, item in enumerate(items) if item.get("type") == "item_reference"}
+    if not refs:
+        return items
+    present = {item.get("id") for item in items if item.get("type") != "item_reference"}
+    for i, item_id in refs.items():
+        if not isinstance(item_id, str):
+            raise ParameterError(f"input.{i}.id", "an item_reference needs the id of a stored item")
+        if item_id in present:
+            raise ParameterError(f"input.{i}.id", f"item {item_id!r} is in the conversation already")
+    found = await store_work(state.responses.find_items, principal.tenant, list(refs.values()))
+    for i, item_id in refs.items():
+        if item_id not in found:
+            raise ParameterError(f"input.{i}.id", f"no stored item {shown(item_id)} (unknown, or expired)")
+    return [found[refs[i]] if i in refs else item for i, item in enumerate(items)]
 
 
 class ResponseNotFound(NotFound):
