@@ -308,3 +308,6 @@ def test_an_item_reference_stands_for_the_stored_item(oai: openai.OpenAI, server
     assert refused(KEY_B, {**unknown, "input": refs}) == "input.0.id"  # another tenant's items are unknown to B
     again = {"model": TASK, "previous_response_id": first.id, "input": [refs[1]]}
     assert refused(KEY_A, again) == f"input.{len(whole) - 1}.id"  # already in the continued conversation
+    odd_id = {"model": TASK, "max_output_tokens": 2, "input": [{"role": "user", "content": "Hi", "id": [1]}, refs[0]]}
+    r = httpx.post(f"{server_url}/v1/responses", json=odd_id, headers={"authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 200, r.text  # a list as an item's id names nothing (it was a set member: a 500)

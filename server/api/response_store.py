@@ -116,8 +116,9 @@ class MemoryResponseStore:
                 if owner != tenant:
                     continue
                 for item in stored.items:
-                    if item.get("id") in wanted:
-                        found.setdefault(item["id"], item)
+                    item_id = item.get("id")  # a client's input item may carry any JSON as its id
+                    if isinstance(item_id, str) and item_id in wanted:
+                        found.setdefault(item_id, item)
                 if len(found) == len(wanted):
                     break
         return found

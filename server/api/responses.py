@@ -133,7 +133,7 @@ _ITEM_FIELDS = {
     "message": ("type", "id", "role", "content", "status"),
     "function_call": ("type", "id", "call_id", "name", "arguments", "status"),
     "function_call_output": ("type", "id", "call_id", "output", "status"),
-    "item_reference": ("type", "id"),  # an item of a stored response, by its id (resolve_references)
+    "item_reference": ("type", "id"),  # an item of a stored response, by its id (_resolve_references)
 }
 _PART_FIELDS = ("type", "text")
 
@@ -513,12 +513,13 @@ async def _resolve_references(
     refs = {i: item.get("id") for i, item in enumerate(items) if item.get("type") == "item_reference"}
     if not refs:
         return items
-    present = {item.get("id") for item in items if item.get("type") != "item_reference"}
+    # A client's input item may carry any JSON as its id: only strings name items.
+    present = {i for item in items if item.get("type") != "item_reference" and isinstance(i := item.get("id"), str)}
     for i, item_id in refs.items():
         if not isinstance(item_id, str):
             raise ParameterError(f"input.{i}.id", "an item_reference needs the id of a stored item")
         if item_id in present:
-            raise ParameterError(f"input.{i}.id", f"item {item_id!r} is in the conversation already")
+            raise ParameterError(f"input.{i}.id", f"item {shown(item_id)} is in the conversation already")
     found = await store_work(state.responses.find_items, principal.tenant, list(refs.values()))
     for i, item_id in refs.items():
         if item_id not in found:
