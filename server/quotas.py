@@ -43,6 +43,11 @@ class TenantQuotas:
     max_stored_bytes: int | None = None  # tensor bytes of the latest version of every task
     max_upload_bytes: int | None = None  # tensor bytes of one upload (the server's --max-upload-bytes caps it too)
 
+    @property
+    def limits_storage(self) -> bool:
+        """Whether what the tenant stores is bounded (the number of prefixes or their bytes)."""
+        return self.max_prefixes is not None or self.max_stored_bytes is not None
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
@@ -181,8 +186,7 @@ def upload_within_quotas(
     (blocks). With a quota on what is stored, the check and the write hold the store's tenant lock, so replicas
     sharing the store cannot each find room for the same last prefix."""
     nbytes = key_values.numel() * key_values.element_size() if isinstance(key_values, torch.Tensor) else 0
-    bounded = quotas.max_prefixes is not None or quotas.max_stored_bytes is not None
-    with registry.backend.tenant_lock(tenant) if bounded else contextlib.nullcontext():
+    with registry.backend.tenant_lock(tenant) if quotas.limits_storage else contextlib.nullcontext():
         check_storage(registry, tenant, task_id, nbytes, quotas)
         return registry.upload(tenant, task_id, key_values)
 
@@ -193,7 +197,7 @@ def check_storage(registry: PrefixRegistry, tenant: str, task_id: str, nbytes: i
         raise PayloadTooLarge(
             f"prefix has {nbytes} bytes of tensors; the tenant's quota max_upload_bytes is {quotas.max_upload_bytes}"
         )
-    if quotas.max_prefixes is None and quotas.max_stored_bytes is None:
+    if not quotas.limits_storage:
         return
     metas = registry.list(tenant)
     others = [m for m in metas if m.task_id != task_id]
