@@ -15,8 +15,8 @@ Redis Cluster slot, so a version write is a single-slot Lua script:
                              fields are also the task's stored versions
     ps:{T}:tasks     SET     the tenant's task ids (the listing index)
 
-The server keeps the Responses API's stored responses beside them, `ps:{T}:resp:<id>` (server/api/response_store.py,
-with a TTL; these keys have none).
+The server keeps the Responses API's stored responses beside them, under `ps:{T}:resp...` and `ps:{T}:item:...`
+(server/api/response_store.py, with a TTL; these keys have none).
 
 Stores written before blobs were strings hold them in `ps:{T/K}:blob`, a HASH
 version -> bytes: reads fall back to it, and deletes and pruning clear it.

@@ -145,62 +145,183 @@ def _encode(stored: StoredResponse) -> str:
     return json.dumps({"items": stored.items, "response": stored.response}, separators=(",", ":"))
 
 
-class RedisResponseStore:
-    """One JSON string per response, ``ps:{T}:resp:<id>`` (T = tenant: the hash tag keeps a tenant's responses in
-    one Redis Cluster slot, beside its listing index), expiring ``ttl_s`` after it was written; and each of its
-    items under ``ps:{T}:item:<id>``, for as long (an item stays findable its TTL after the last response that
-    held it was written, deleted or not).
+# KEYS: the response, the tenant's index (ZSET id -> expiry, ms), its sizes (HASH id -> bytes), their sum (STRING).
+# ARGV: id, the response's JSON, TTL (ms), the tenant's count and byte bounds, this response's size, the prefix of
+# response keys ("ps:{T}:resp:"), of item keys ("ps:{T}:item:"), then the ids of its items.
+# Forgets what has expired, writes the response and its item pointers, then drops the tenant's oldest responses
+# while it is past a bound. Returns the tenant's bytes after. Redis's clock, not the replicas': they may disagree.
+_PUT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local function forget(id)
+  local size = redis.call('HGET', KEYS[3], id)
+  if size then
+    redis.call('DECRBY', KEYS[4], size)
+    redis.call('HDEL', KEYS[3], id)
+  end
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, id in ipairs(expired) do forget(id) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+forget(ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[2], string.format('%.0f', now + ttl), ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[6])
+redis.call('INCRBY', KEYS[4], ARGV[6])
+for i = 9, #ARGV do redis.call('SET', ARGV[8] .. ARGV[i], ARGV[1], 'PX', ttl) end
+local count, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+while redis.call('ZCARD', KEYS[2]) > count or tonumber(redis.call('GET', KEYS[4]) or '0') > budget do
+  local oldest = redis.call('ZPOPMIN', KEYS[2])
+  if #oldest == 0 then
+    redis.call('SET', KEYS[4], 0)  -- sizes of responses Redis evicted by itself: nothing left to drop
+    break
+  end
+  redis.call('DEL', ARGV[7] .. oldest[1])
+  forget(oldest[1])
+end
+for i = 2, 4 do
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return tonumber(redis.call('GET', KEYS[4]) or '0')
+"""
 
-    Bounded by the TTL, not a count: with ``maxmemory-policy volatile-lru`` Redis drops the least recently used
-    responses first under memory pressure, and never a prefix (prefix keys have no TTL). Redis unreachable: the
-    backend's StoreUnavailable (503 with Retry-After), as for prefixes.
+# KEYS: the response, the tenant's index, sizes and their sum. ARGV: the id. Returns the number of keys deleted.
+_DELETE_SCRIPT = """
+local deleted = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local size = redis.call('HGET', KEYS[3], ARGV[1])
+if size then
+  redis.call('DECRBY', KEYS[4], size)
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+return deleted
+"""
+
+# What an item pointer costs Redis beyond its key and value (its entry, expiry, allocation), counted against the
+# tenant's bytes: a response of many tiny input items writes as many pointers.
+_POINTER_OVERHEAD = 64
+
+
+class RedisResponseStore:
+    """Each tenant's responses in the Redis of the prefix store, expiring ``ttl_s`` after they were written, and
+    within the same bounds per tenant as in memory (its oldest dropped first, never another tenant's):
+
+        ps:{T}:resp:<id>     STRING  the response and its conversation (JSON), with a TTL
+        ps:{T}:resps         ZSET    the tenant's response ids, scored by expiry (ms): the oldest is dropped first
+        ps:{T}:resp-sizes    HASH    id -> bytes counted against the tenant (its JSON and its item pointers)
+        ps:{T}:resp-bytes    STRING  their sum
+        ps:{T}:item:<id>     STRING  the id of the last stored response that held this item (what an
+                                     ``item_reference`` names), with the same TTL: a pointer, not a copy
+
+    T = tenant: the hash tag keeps a tenant's keys in one Redis Cluster slot, so each write is one script. An item
+    is found while the last response stored with it is (deleting that response makes its items unfindable, even
+    where an earlier response held them too). Redis's own eviction (``maxmemory-policy volatile-lru``) still bounds
+    all tenants together, dropping responses before it would drop a prefix (prefix keys have no TTL). Reads do not
+    count as use here (in memory they do): the oldest written goes first. Redis unreachable: the backend's
+    StoreUnavailable (503 with Retry-After), as for prefixes.
     """
 
-    def __init__(self, backend: RedisBackend, ttl_s: int) -> None:
+    def __init__(
+        self,
+        backend: RedisBackend,
+        ttl_s: int,
+        capacity: int = MAX_STORED_RESPONSES,
+        tenant_bytes: int = MAX_STORED_BYTES_PER_TENANT,
+    ) -> None:
         if ttl_s < 1:
             raise ValueError("ttl_s must be >= 1")
         self._backend = backend
         self.ttl_s = ttl_s
+        self.capacity = capacity
+        self.tenant_bytes = tenant_bytes
+        self._put_script = backend.client.register_script(_PUT_SCRIPT)
+        self._delete_script = backend.client.register_script(_DELETE_SCRIPT)
 
     @staticmethod
-    def _key(tenant: str, response_id: str) -> str:
-        return f"ps:{{{validate_tenant(tenant)}}}:resp:{response_id}"
+    def _tag(tenant: str) -> str:
+        return f"ps:{{{validate_tenant(tenant)}}}"
+
+    def _bookkeeping(self, tenant: str) -> list[str]:
+        tag = self._tag(tenant)
+        return [f"{tag}:resps", f"{tag}:resp-sizes", f"{tag}:resp-bytes"]
 
     def put(self, tenant: str, response_id: str, stored: StoredResponse) -> None:
-        """The response, and each of its items under ``ps:{T}:item:<id>`` (what an ``item_reference`` names), for
-        ``ttl_s``: one round trip, all keys in the tenant's slot."""
-        pipe = self._backend.client.pipeline(transaction=False)
-        pipe.set(self._key(tenant, response_id), _encode(stored), ex=self.ttl_s)
-        for item in stored.items:
-            item_id = item.get("id")
-            if isinstance(item_id, str) and len(item_id) <= _MAX_ITEM_ID:
-                pipe.set(self._item_key(tenant, item_id), json.dumps(item, separators=(",", ":")), ex=self.ttl_s)
-        self._backend.call("storing a response", pipe.execute)
+        """The response and a pointer to it under each of its items' ids, then the tenant's bounds: one script,
+        all keys in the tenant's slot."""
+        tag = self._tag(tenant)
+        document = _encode(stored)
+        item_ids = list(
+            dict.fromkeys(
+                item["id"]
+                for item in stored.items
+                if isinstance(item.get("id"), str) and len(item["id"]) <= _MAX_ITEM_ID
+            )
+        )
+        pointers = sum(len(f"{tag}:item:{i}") + len(response_id) + _POINTER_OVERHEAD for i in item_ids)
+        size = len(document.encode()) + pointers
+        if size > self.tenant_bytes:
+            logger.warning(
+                "response %s not kept: %d bytes, over the %d kept per tenant", response_id, size, self.tenant_bytes
+            )
+            return
+        keys = [f"{tag}:resp:{response_id}", *self._bookkeeping(tenant)]
+        args = [
+            response_id,
+            document,
+            self.ttl_s * 1000,
+            self.capacity,
+            self.tenant_bytes,
+            size,
+            f"{tag}:resp:",
+            f"{tag}:item:",
+            *item_ids,
+        ]
+        self._backend.call("storing a response", lambda: self._put_script(keys=keys, args=args))
 
     def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         if not _RESPONSE_ID.fullmatch(response_id):
             return None
-        key = self._key(tenant, response_id)
+        key = f"{self._tag(tenant)}:resp:{response_id}"
         data = self._backend.call("reading a response", lambda: self._backend.client.get(key))
-        if data is None:
-            return None
-        document = json.loads(data)
-        return StoredResponse(document["items"], document["response"])
+        return None if data is None else _decode(data)
 
     def delete(self, tenant: str, response_id: str) -> bool:
         if not _RESPONSE_ID.fullmatch(response_id):
             return False
-        key = self._key(tenant, response_id)
-        return bool(self._backend.call("deleting a response", lambda: self._backend.client.delete(key)))
+        keys = [f"{self._tag(tenant)}:resp:{response_id}", *self._bookkeeping(tenant)]
+        deleted = self._backend.call("deleting a response", lambda: self._delete_script(keys=keys, args=[response_id]))
+        return bool(deleted)
 
     def find_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Two reads: the pointers, then the responses they name (each once)."""
         ids = [i for i in dict.fromkeys(item_ids) if len(i) <= _MAX_ITEM_ID]
         if not ids:
             return {}
-        keys = [self._item_key(tenant, i) for i in ids]
-        values = self._backend.call("reading items", lambda: self._backend.client.mget(keys))
-        return {i: json.loads(v) for i, v in zip(ids, values, strict=True) if v is not None}
+        tag = self._tag(tenant)
+        holders = self._backend.call(
+            "reading items", lambda: self._backend.client.mget([f"{tag}:item:{i}" for i in ids])
+        )
+        wanted: dict[str, list[str]] = {}  # response id -> the item ids it is to give
+        for item_id, holder in zip(ids, holders, strict=True):
+            if holder is not None and _RESPONSE_ID.fullmatch(holder := holder.decode()):
+                wanted.setdefault(holder, []).append(item_id)
+        if not wanted:
+            return {}
+        keys = [f"{tag}:resp:{r}" for r in wanted]
+        documents = self._backend.call("reading items", lambda: self._backend.client.mget(keys))
+        found: dict[str, dict[str, Any]] = {}
+        for item_ids_held, data in zip(wanted.values(), documents, strict=True):
+            if data is None:  # deleted, expired or dropped since the pointer was written
+                continue
+            held = set(item_ids_held)
+            for item in _decode(data).items:
+                item_id = item.get("id")  # a client's input item may carry any JSON as its id
+                if isinstance(item_id, str) and item_id in held:
+                    found.setdefault(item_id, item)
+        return found
 
-    @staticmethod
-    def _item_key(tenant: str, item_id: str) -> str:
-        return f"ps:{{{validate_tenant(tenant)}}}:item:{item_id}"
+
+def _decode(data: bytes | str) -> StoredResponse:
+    document = json.loads(data)
+    return StoredResponse(document["items"], document["response"])
