@@ -446,3 +446,28 @@ def test_a_prompt_longer_than_any_tokenization_of_the_limit_is_refused_untokeniz
     assert calls == []
     assert_error(client.post("/v1/generate", json={"prompt": "word " * 300}), 422, "tokens; the limit is 200")
     assert calls == [1]
+
+
+def test_a_lone_surrogate_in_a_string_is_refused_by_field(client: TestClient) -> None:
+    """JSON can escape half a UTF-16 pair alone ("\\ud800"): no encoder turns it into text, and it was a 500 on
+    every route that tokenized, matched or echoed it. Refused by name; a whole pair (an escaped emoji) is text."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    lone = "\\ud800x"
+    cases = {
+        "/v1/generate": (f'{{"prompt": "{lone}", "max_new_tokens": 2}}', 422, "prompt"),
+        "/v1/completions": (f'{{"model": "{model}", "prompt": "hi", "stop": ["{lone}"]}}', 400, "stop.0"),
+        "/v1/chat/completions": (
+            f'{{"model": "{model}", "messages": [{{"role": "user", "content": "{lone}"}}]}}',
+            400,
+            "messages.0.content",
+        ),
+        "/v1/responses": (f'{{"model": "{model}", "input": "{lone}"}}', 400, "input"),
+        "/tokenize": (f'{{"model": "{model}", "prompt": "{lone}"}}', 400, "prompt"),
+    }
+    for path, (body, status, param) in cases.items():
+        response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+        assert_error(response, status, "surrogate")
+        assert response.json()["error"]["param"] == param, (path, response.text)
+    pair = json.dumps({"prompt": "smile \U0001f600", "max_new_tokens": 2})  # ensure_ascii: "\ud83d\ude00"
+    assert "\\ud83d\\ude00" in pair
+    assert client.post("/v1/generate", content=pair, headers={"content-type": "application/json"}).status_code == 200

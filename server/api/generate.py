@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from prefix_store.errors import PrefixStoreError
 from server.api import logprobs as token_logprobs
 from server.api.auth import Principal
+from server.api.json_body import TextJSONRoute
 from server.api.logprobs import TokenLogprobOut
 from server.api.schemas import GenerateRequest, GenerateResponse, GrammarIn, StreamEvent, Usage
 from server.api.state import Caller, ServerState, State
@@ -25,7 +26,7 @@ from server.errors import ApiError, GenerationFailed, InvalidInput, from_store_e
 from server.sampling import SamplingParams
 from server.structured_output import Grammar, GrammarError, GrammarSpec
 
-router = APIRouter()
+router = APIRouter(route_class=TextJSONRoute)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefix_store.artifact import PrefixMetadata
@@ -49,6 +48,7 @@ from server.api.generate import (
     prepare_generation,
     start_events,
 )
+from server.api.json_body import TextJSONRoute
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from server.api.state import Caller, ServerState, State
 from server.api.tool_calls import (
@@ -144,7 +144,7 @@ def _from_validation_error(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(openai_error_body(400, problem.message, problem.param, None), status_code=400)
 
 
-class OpenAIRoute(APIRoute):
+class OpenAIRoute(TextJSONRoute):
     """A route whose errors (auth, validation, engine) leave in OpenAI's shape."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

@@ -13,12 +13,13 @@ from starlette.datastructures import UploadFile
 from prefix_store.artifact import PrefixMetadata, parse_uploaded_native
 from prefix_store.ids import validate_task_id
 from prefix_store.peft_import import key_values_from_peft
+from server.api.json_body import TextJSONRoute
 from server.api.schemas import PrefixInfo, PrefixList
 from server.api.state import Caller, ServerState, State
 from server.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, store_work
 from server.quotas import upload_within_quotas
 
-router = APIRouter()
+router = APIRouter(route_class=TextJSONRoute)
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
