@@ -458,6 +458,21 @@ def test_token_id_prompts(oai: openai.OpenAI, loaded: LoadedModel) -> None:
         oai.completions.create(model=TASK, prompt=[5, vocab], max_tokens=2)
 
 
+def test_chat_logprob_bytes_are_each_tokens_own(loaded: LoadedModel) -> None:
+    """A token holding part of a character reads as U+FFFD alone, but its ``bytes`` are its own (they were
+    U+FFFD's): joined, a reply's tokens' bytes are its text, which is what OpenAI gives them for."""
+    from server.api import logprobs as token_logprobs
+    from server.sampling import TokenLogprob
+
+    text = "日本語で 🦊!"
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    texts = token_logprobs.TokenTexts(loaded.tokenizer)
+    assert "\ufffd" in "".join(texts(i) for i in ids)  # some tokens are parts of characters
+    content = token_logprobs.chat([(i, TokenLogprob(-1.0, ((i, -1.0),))) for i in ids], texts)["content"]
+    assert b"".join(bytes(entry["bytes"]) for entry in content).decode() == text
+    assert [entry["top_logprobs"][0]["bytes"] for entry in content] == [entry["bytes"] for entry in content]
+
+
 def test_chat_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url: str) -> None:
     messages = [{"role": "user", "content": "What is a fox?"}]
     native = native_generate(server_url, task_id=TASK, messages=messages, max_new_tokens=8, temperature=0, logprobs=2)
@@ -466,7 +481,7 @@ def test_chat_logprobs_are_the_native_ones(oai: openai.OpenAI, server_url: str) 
     assert got is not None and got.content is not None
     assert [(c.token, c.logprob) for c in got.content] == [(e["token"], e["logprob"]) for e in native["logprobs"]]
     for c, e in zip(got.content, native["logprobs"], strict=True):
-        assert c.bytes == list(c.token.encode("utf-8"))
+        assert c.bytes == list(c.token.encode("utf-8"))  # whole characters: their text's bytes
         assert [(t.token, t.logprob) for t in c.top_logprobs] == [(t["token"], t["logprob"]) for t in e["top_logprobs"]]
     chunks = oai.chat.completions.create(**request, logprobs=True, stream=True)
     streamed = [
