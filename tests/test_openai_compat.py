@@ -734,6 +734,20 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content is None
     (cut_call,) = cut.choices[0].message.tool_calls or []
     assert cut_call.function.name == whole_call.function.name == "get_weather"
+    # Stop strings do not act on a forced call: it ends where its grammar ends, its arguments whole JSON (a stop
+    # string inside them cut them mid-JSON, under finish_reason "tool_calls").
+    for choice, whole_arguments, reason in (
+        ("required", whole_call.function.arguments, "tool_calls"),
+        (named, named_arguments, "stop"),
+    ):
+        stop = [whole_arguments[1:5], whole_arguments[-4:-1]]
+        asked = {**request, "tool_choice": choice, "max_tokens": 48, "temperature": 0, "stop": stop}
+        stopped = oai.chat.completions.create(**asked)
+        assert stopped.choices[0].finish_reason == reason, stopped
+        assert [c.function.arguments for c in stopped.choices[0].message.tool_calls or []] == [whole_arguments]
+        chunks = list(oai.chat.completions.create(**asked, stream=True))
+        pieces = [d.function.arguments for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+        assert "".join(pieces) == whole_arguments and chunks[-1].choices[0].finish_reason == reason
     for stream in (False, True):
         cut = oai.chat.completions.create(**request, max_tokens=3, temperature=0, stream=stream)
         if stream:

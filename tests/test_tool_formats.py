@@ -82,7 +82,7 @@ def test_a_reply_reads_the_same_however_it_streams() -> None:
     rng = random.Random(0)
     for _ in range(200):
         assert _pieces_streamed(HERMES, _split(HERMES_REPLY, rng)) == HERMES_PIECES
-    assert read_reply(HERMES, HERMES_REPLY) == (
+    assert read_reply(HERMES, HERMES_REPLY)[:2] == (
         "Let me look.One moment <please>.",
         [p for p in HERMES_PIECES if isinstance(p, ToolCall)],
     )
@@ -102,14 +102,21 @@ def test_calls_only_have_no_text_and_a_call_cut_short_keeps_what_it_has() -> Non
     """A call cut short (max_tokens, a stop string) comes back as a call with its arguments so far once its name
     is complete, as OpenAI's do; before that, its text comes back as text: nothing is lost."""
     calls_only = '\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n \n'
-    assert read_reply(HERMES, calls_only) == (None, [ToolCall("now", "{}")])
+    assert read_reply(HERMES, calls_only)[:2] == (None, [ToolCall("now", "{}")])
     cut = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"ci'
-    assert read_reply(HERMES, cut) == ("Sure.", [ToolCall("get_weather", '{"ci')])
+    assert read_reply(HERMES, cut)[:2] == ("Sure.", [ToolCall("get_weather", '{"ci')])
     unclosed = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool'
-    assert read_reply(HERMES, unclosed) == (None, [ToolCall("now", "{}")])
+    assert read_reply(HERMES, unclosed)[:2] == (None, [ToolCall("now", "{}")])
     unnamed = 'Sure. <tool_call>\n{"name": "get_w'
-    assert read_reply(HERMES, unnamed) == (unnamed, [])
-    assert read_reply(HERMES, "plain answer  \n") == ("plain answer", [])
+    assert read_reply(HERMES, unnamed)[:2] == (unnamed, [])
+    assert read_reply(HERMES, "plain answer  \n")[:2] == ("plain answer", [])
+    # Whether the reply ended inside a call (a stop string there leaves the call incomplete: ToolMode.finish).
+    assert [read_reply(HERMES, r).cut_in_call for r in (cut, unclosed, unnamed, calls_only)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_a_call_being_written_is_partial_once_named() -> None:
@@ -127,7 +134,7 @@ def test_llama_calls_are_bare_json_objects() -> None:
     rng = random.Random(1)
     for parts in ([reply], list(reply), *(_split(reply, rng) for _ in range(50))):
         assert _pieces_streamed(LLAMA, parts) == expected
-    assert read_reply(LLAMA, '{"name": "now", "arguments": {}}') == ('{"name": "now", "arguments": {}}', [])
+    assert read_reply(LLAMA, '{"name": "now", "arguments": {}}')[:2] == ('{"name": "now", "arguments": {}}', [])
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +187,8 @@ def test_auto_mode_takes_the_servers_format_and_is_refused_without_one() -> None
         mode, spec = tool_mode(tools, choice, None, HERMES)
         assert mode == ToolMode(None, HERMES) and mode.finish("stop") == "tool_calls"
         assert mode.finish("length") == "length"  # cut short: the calls so far are read, the reason stays
+        assert mode.finish("stop", cut_in_call=True) == "stop"  # a stop string cut a call: not a whole one
+        assert mode.finish("stop") == mode.finish("eos") == "tool_calls"  # ...after it: the calls are whole
         assert spec == HERMES.grammar(TOOLS, parallel_tool_calls=True)
     _, spec = tool_mode(tools, "auto", False, LLAMA)
     assert spec == LLAMA.grammar(TOOLS, parallel_tool_calls=False)
@@ -199,7 +208,7 @@ def test_tools_are_told_in_a_system_message_where_the_template_ignores_them(
     told = with_tools_in_text(HERMES, messages, TOOLS)
     assert told[0]["role"] == "system" and told[1:3] != messages[:2] and told[3] == messages[2]
     assert '"name": "get_weather"' in told[0]["content"] and "<tool_call>" in told[0]["content"]
-    assert read_reply(HERMES, told[2]["content"]) == (None, [ToolCall("now", "{}")])  # the earlier call, written
+    assert read_reply(HERMES, told[2]["content"])[:2] == (None, [ToolCall("now", "{}")])  # the earlier call, written
     with_system = with_tools_in_text(LLAMA, [{"role": "system", "content": "Be brief."}, *messages], TOOLS)
     assert with_system[0]["content"].startswith("Be brief.\n\n") and '"parameters"' in with_system[0]["content"]
     assert len(with_system) == 4

@@ -391,6 +391,7 @@ async def _prepare(
         except InvalidTaskId as exc:  # cannot name a task, so no such model
             raise ModelNotFound(body.model) from exc
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    forced_call = mode is not None and mode.forced  # its grammar ends it; a stop string would cut its JSON
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
     params = SamplingParams(
         # max_tokens 0 (echo): the prompt's forward samples a first token anyway; the response leaves it out.
@@ -400,7 +401,7 @@ async def _prepare(
         top_p=1.0 if body.top_p is None else body.top_p,
         min_p=body.min_p or 0.0,
         seed=secrets.randbits(63) if body.seed is None else body.seed,
-        stop=tuple(s for s in stop if s),
+        stop=() if forced_call else tuple(s for s in stop if s),
         logprobs=_logprobs_asked(body),
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         frequency_penalty=body.frequency_penalty or 0.0,
@@ -408,7 +409,7 @@ async def _prepare(
         logit_bias=_logit_bias(body.logit_bias),
         ignore_eos=bool(body.ignore_eos),
         min_tokens=body.min_tokens or 0,
-        stop_token_ids=tuple(body.stop_token_ids or ()),
+        stop_token_ids=() if forced_call else tuple(body.stop_token_ids or ()),
         prompt_logprobs=_logprobs_asked(body) if echo else None,
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,
@@ -581,9 +582,10 @@ class _Shape:
         out = []
         for index, c in enumerate(choices):
             assert c.last is not None
-            text, tokens, finish_reason = "".join(c.text), c.tokens, _finish_reason(c.last)
+            text, tokens, finish = "".join(c.text), c.tokens, c.last.finish_reason
             if not self.generated:
-                text, tokens, finish_reason = "", [], "length"
+                text, tokens, finish = "", [], "length"
+            finish_reason = "length" if finish == "length" else "stop"
             echo = self.echo(index)
             if echo is not None:
                 text, tokens = echo + text, c.prompt_tokens + tokens
@@ -593,7 +595,7 @@ class _Shape:
                 "finish_reason": finish_reason,
             }
             if self.chat:
-                choice["message"], choice["finish_reason"] = self.message(text, finish_reason)
+                choice["message"], choice["finish_reason"] = self.message(text, finish)
             else:
                 choice["text"] = text
             out.append(choice)
@@ -601,20 +603,23 @@ class _Shape:
         usage = self.usage([c.last for c in choices if c.last is not None])
         return {**self.head, "object": kind, "choices": out, "usage": usage}
 
-    def message(self, text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
-        """A chat reply's message and finish reason: in tool mode, its tool calls (server/api/tool_calls.py)."""
+    def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
+        """A chat reply's message and finish reason, given the engine's finish: in tool mode, its tool calls
+        (server/api/tool_calls.py)."""
+        finish_reason = "length" if finish == "length" else "stop"
         if self.tools is not None and self.tools.auto is not None:
-            content, read = read_reply(self.tools.auto, text)
-            if not read:
-                return {"role": "assistant", "content": content or ""}, finish_reason
-            auto_calls = [_call_out(call) for call in read]
-            return {"role": "assistant", "content": content, "tool_calls": auto_calls}, self.tools.finish(finish_reason)
+            reply = read_reply(self.tools.auto, text)
+            if not reply.calls:
+                return {"role": "assistant", "content": reply.content or ""}, finish_reason
+            auto_calls = [_call_out(call) for call in reply.calls]
+            message = {"role": "assistant", "content": reply.content, "tool_calls": auto_calls}
+            return message, self.tools.finish(finish, reply.cut_in_call)
         if self.tools is None:
             return {"role": "assistant", "content": text}, finish_reason
         calls = tool_calls(self.tools, text)
         if not calls:  # 'required', cut short before a call's name was complete: nothing to call
             return {"role": "assistant", "content": ""}, finish_reason
-        return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish(finish_reason)
+        return {"role": "assistant", "content": None, "tool_calls": calls}, self.tools.finish(finish)
 
     def tool_chunks(self, index: int, event: GenerationEvent) -> list[str]:
         """Tool mode, streamed: the chunks an event of choice ``index`` makes. Each call opens with its id and name
@@ -631,7 +636,8 @@ class _Shape:
             else:
                 out += self._call_deltas(index, streamed.update(step))
         if finish is not None:
-            out.append(self._delta(index, {}, self.tools.finish(finish) if streamed else finish))
+            reason = self.tools.finish(event.finish_reason, reply.cut_in_call) if streamed else finish
+            out.append(self._delta(index, {}, reason))
         return out
 
     def _call_deltas(self, index: int, entries: list[dict[str, Any]]) -> list[str]:

@@ -326,8 +326,8 @@ def _output_of(mode: ToolMode | None, text: str) -> list[dict[str, Any]]:
     if mode is None:
         return [_message_item(text)]
     if mode.auto is not None:
-        content, calls = read_reply(mode.auto, text)
-        return ([_message_item(content)] if content else []) + [_call_item(call) for call in calls]
+        reply = read_reply(mode.auto, text)
+        return ([_message_item(reply.content)] if reply.content else []) + [_call_item(call) for call in reply.calls]
     return [_call_item(call) for call in calls_in(mode, text)]
 
 

@@ -61,9 +61,21 @@ class ToolMode:
     def finish_reason(self) -> str:
         return "stop" if self.function is not None else "tool_calls"
 
-    def finish(self, generation_finish: str) -> str:
-        """A tool reply's finish reason, given the generation's: cut short stays ``length``."""
-        return generation_finish if generation_finish == "length" else self.finish_reason
+    @property
+    def forced(self) -> bool:
+        """A named function or 'required': the whole reply is the calls, held to their grammar, which ends it.
+        Stop strings and stop token ids do not act on it (they cut a call's arguments mid-JSON)."""
+        return self.auto is None
+
+    def finish(self, generation_finish: str, cut_in_call: bool = False) -> str:
+        """A tool reply's finish reason, given the engine's (``length``, ``stop``: a stop string or token id, or
+        ``eos``): cut short by max_tokens stays ``length``; a stop string that cut an 'auto' reply inside a call
+        gives ``stop``, not ``tool_calls``: the call is incomplete, as the client must not take it for whole."""
+        if generation_finish == "length":
+            return "length"
+        if generation_finish == "stop" and cut_in_call:
+            return "stop"
+        return self.finish_reason
 
 
 def tool_mode(
@@ -181,6 +193,7 @@ class ReplyReader:
         self.reader = None if mode is None or mode.auto is None else ToolCallReader(mode.auto)
         self.text = ""  # named and 'required' replies so far
         self.done: list[ToolCall] = []  # 'auto' replies' whole calls so far
+        self.cut_in_call = False  # 'auto': the reply ended inside a call
 
     def feed(self, text: str, end: bool = False) -> list[str | list[ToolCall]]:
         if self.mode is None:
@@ -189,7 +202,11 @@ class ReplyReader:
             self.text += text
             return [calls_in(self.mode, self.text)]
         out: list[str | list[ToolCall]] = []
-        for piece in self.reader.feed(text) + (self.reader.finish() if end else []):
+        pieces = self.reader.feed(text)
+        if end:
+            self.cut_in_call = self.reader.partial is not None
+            pieces += self.reader.finish()
+        for piece in pieces:
             if isinstance(piece, str):
                 out.append(piece)
             else:

@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 from xgrammar import get_model_structural_tag
@@ -230,12 +230,20 @@ class ToolCallReader:
             self._after_call = False
 
 
-def read_reply(tool_format: ToolCallFormat, text: str) -> tuple[str | None, list[ToolCall]]:
-    """A whole reply's text (None when there is none) and calls."""
+class Reply(NamedTuple):
+    content: str | None  # its text, None when there is none
+    calls: list[ToolCall]
+    cut_in_call: bool  # it ended inside its last call
+
+
+def read_reply(tool_format: ToolCallFormat, text: str) -> Reply:
+    """A whole reply's text and calls."""
     reader = ToolCallReader(tool_format)
-    pieces = reader.feed(text) + reader.finish()
+    pieces = reader.feed(text)
+    cut_in_call = reader.partial is not None
+    pieces += reader.finish()
     content = "".join(p for p in pieces if isinstance(p, str))
-    return content or None, [p for p in pieces if isinstance(p, ToolCall)]
+    return Reply(content or None, [p for p in pieces if isinstance(p, ToolCall)], cut_in_call)
 
 
 def template_shows_tools(
