@@ -19,7 +19,7 @@ import dataclasses
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -32,12 +32,14 @@ if TYPE_CHECKING:
     from server.config import ServeConfig
     from server.engine import Engine, GenerationEvent, GenerationRequest
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True)
 class TenantQuotas:
     """One tenant's limits; None = unlimited."""
 
-    max_concurrent_requests: int | None = None  # generation requests in flight (waiting or running)
+    max_concurrent_requests: int | None = None  # HTTP generation requests in flight (waiting or running)
     max_queued_requests: int | None = None  # of those, waiting for a batch row
     max_prefixes: int | None = None  # stored tasks
     max_stored_bytes: int | None = None  # tensor bytes of the latest version of every task
@@ -89,16 +91,18 @@ class RequestGate:
         self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def events(
-        self, engine: Engine, request: GenerationRequest, quotas: TenantQuotas, *, stream: bool
+        self, engine: Engine, request: GenerationRequest, quotas: TenantQuotas, *, stream: bool, counted: bool = True
     ) -> AsyncIterator[GenerationEvent]:
         """The engine's events for ``request``, within the tenant's quotas and the server's limits.
 
         Raises Overloaded (429) before submitting when a limit is reached, and
         RequestTimeout (408) once the request has run past the timeout (it is
-        aborted then, freeing its row).
+        aborted then, freeing its row). ``counted`` False: one of several generations of one HTTP request,
+        which ``together`` counts once.
         """
         tenant = request.tenant
-        self._enter(tenant, quotas, stream)
+        if counted:
+            self._enter(tenant, quotas, stream)
         try:
             waiting = engine.scheduler.waiting_for(tenant)
             if quotas.max_queued_requests is not None and waiting >= quotas.max_queued_requests:
@@ -124,6 +128,22 @@ class RequestGate:
             finally:
                 await events.aclose()  # type: ignore[attr-defined]  # aborts the request if it is still going
         finally:
+            if counted:
+                self._leave(tenant, stream)
+
+    async def together(
+        self, tenant: str, quotas: TenantQuotas, events: AsyncIterator[_T], *, stream: bool
+    ) -> AsyncIterator[_T]:
+        """The events of one HTTP request's several generations (``n`` choices, a list of prompts), each from
+        ``events(..., counted=False)``, counted as the one request they are against the tenant's
+        ``max_concurrent_requests`` and the open-stream limit: its choices do not refuse each other, and its
+        stream does not end with a 429 after its first choice's tokens."""
+        self._enter(tenant, quotas, stream)
+        try:
+            async for item in events:
+                yield item
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
             self._leave(tenant, stream)
 
     async def _with_deadline(self, events: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:

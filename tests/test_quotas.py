@@ -306,6 +306,29 @@ async def test_rate_quotas_and_open_streams_over_http(live, monkeypatch) -> None
         await _settled(state)
 
 
+async def test_a_requests_choices_count_as_one_request(live) -> None:
+    """n choices, or a list of prompts, are one request against max_concurrent_requests and the open-stream limit:
+    a tenant capped at 2 gets its 3 choices, streamed or not (they refused each other: a 429 that retrying could
+    never cure, or a stream broken by one after the first choice's tokens)."""
+    url, state = live
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        chat = {"model": state.model.name, "messages": [{"role": "user", "content": "x"}], "n": 3, "max_tokens": 12}
+        r = await client.post("/v1/chat/completions", json=chat, headers=hdr("capped"))
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
+        body = {"model": state.model.name, "prompt": ["x", "y", "z"], "max_tokens": 12, "stream": True}
+        indexes, counted = set(), set()
+        async with client.stream("POST", "/v1/completions", json=body, headers=hdr("capped")) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                counted.add(state.gate.in_flight.get("capped"))
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    indexes.update(choice["index"] for choice in chunk["choices"])
+        assert indexes == {0, 1, 2} and counted - {None} == {1}  # None: the request over, before its [DONE]
+        await _settled(state)
+
+
 async def test_request_timeout_cancels_and_says_so(live) -> None:
     url, state = live
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:

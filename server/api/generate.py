@@ -196,10 +196,13 @@ async def compile_grammar(state: ServerState, spec: GrammarSpec) -> Grammar:
         raise InvalidInput(str(exc), param="grammar") from exc
 
 
-def start_events(state: ServerState, prepared: PreparedGeneration, *, stream: bool) -> AsyncIterator[GenerationEvent]:
-    """The engine's events for a prepared request, within its tenant's quotas and the server's limits."""
+def start_events(
+    state: ServerState, prepared: PreparedGeneration, *, stream: bool, counted: bool = True
+) -> AsyncIterator[GenerationEvent]:
+    """The engine's events for a prepared request, within its tenant's quotas and the server's limits
+    (``counted`` False: one of an HTTP request's several, counted once by ``RequestGate.together``)."""
     request = prepared.request
-    return state.gate.events(state.engine, request, state.quotas_for(request.tenant), stream=stream)
+    return state.gate.events(state.engine, request, state.quotas_for(request.tenant), stream=stream, counted=counted)
 
 
 def tokenize(

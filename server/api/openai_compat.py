@@ -802,8 +802,12 @@ async def _respond(
 ) -> Response:
     # Choice p * n + c: choice c of prompt p.
     engine_requests = [choice for prompt in shape.prompts for choice in _choices(prompt, shape.n)]
-    streams = [start_events(state, p, stream=bool(body.stream)) for p in engine_requests]
+    single = len(engine_requests) == 1
+    streams = [start_events(state, p, stream=bool(body.stream), counted=single) for p in engine_requests]
     events = _indexed(streams, _waits(state, shape.prompts, shape.n))
+    if not single:  # its choices are one request against the tenant's quota and the open-stream limit
+        tenant = engine_requests[0].request.tenant
+        events = state.gate.together(tenant, state.quotas_for(tenant), events, stream=bool(body.stream))
     if body.stream:
         try:
             first = await anext(events)  # errors before the first token still get a proper status code
