@@ -104,12 +104,8 @@ class RequestGate:
         if counted:
             self._enter(tenant, quotas, stream)
         try:
-            waiting = engine.scheduler.waiting_for(tenant)
-            if quotas.max_queued_requests is not None and waiting >= quotas.max_queued_requests:
-                raise Overloaded(
-                    f"tenant {tenant!r} has {waiting} requests waiting; "
-                    f"its quota max_queued_requests is {quotas.max_queued_requests}"
-                )
+            if counted:
+                self._refuse_if_queue_full(engine, tenant, quotas)
             events = engine.generate(request)
             record = current_request.get()  # the HTTP request's log record, when served over HTTP
             if record is not None:
@@ -132,14 +128,15 @@ class RequestGate:
                 self._leave(tenant, stream)
 
     async def together(
-        self, tenant: str, quotas: TenantQuotas, events: AsyncIterator[_T], *, stream: bool
+        self, engine: Engine, tenant: str, quotas: TenantQuotas, events: AsyncIterator[_T], *, stream: bool
     ) -> AsyncIterator[_T]:
         """The events of one HTTP request's several generations (``n`` choices, a list of prompts), each from
-        ``events(..., counted=False)``, counted as the one request they are against the tenant's
-        ``max_concurrent_requests`` and the open-stream limit: its choices do not refuse each other, and its
-        stream does not end with a 429 after its first choice's tokens."""
+        ``events(..., counted=False)``, counted as the one request they are against the tenant's quotas and the
+        open-stream limit: its choices do not refuse each other, and its stream does not end with a 429 after
+        its first choice's tokens."""
         self._enter(tenant, quotas, stream)
         try:
+            self._refuse_if_queue_full(engine, tenant, quotas)
             async for item in events:
                 yield item
         finally:
@@ -171,6 +168,15 @@ class RequestGate:
             raise Overloaded(
                 f"tenant {tenant!r} has {running} requests in flight; "
                 f"its quota max_concurrent_requests is {quotas.max_concurrent_requests}"
+            )
+
+    @staticmethod
+    def _refuse_if_queue_full(engine: Engine, tenant: str, quotas: TenantQuotas) -> None:
+        waiting = engine.scheduler.waiting_for(tenant)
+        if quotas.max_queued_requests is not None and waiting >= quotas.max_queued_requests:
+            raise Overloaded(
+                f"tenant {tenant!r} has {waiting} requests waiting; "
+                f"its quota max_queued_requests is {quotas.max_queued_requests}"
             )
 
     def _enter(self, tenant: str, quotas: TenantQuotas, stream: bool) -> None:

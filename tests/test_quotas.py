@@ -307,13 +307,16 @@ async def test_rate_quotas_and_open_streams_over_http(live, monkeypatch) -> None
 
 
 async def test_a_requests_choices_count_as_one_request(live) -> None:
-    """n choices, or a list of prompts, are one request against max_concurrent_requests and the open-stream limit:
-    a tenant capped at 2 gets its 3 choices, streamed or not (they refused each other: a 429 that retrying could
-    never cure, or a stream broken by one after the first choice's tokens)."""
+    """n choices, or a list of prompts, are one request against the tenant's quotas and the open-stream limit:
+    a tenant capped at 2 requests, or at 1 waiting, gets its 3 choices, streamed or not (they refused each other:
+    a 429 that retrying could never cure, or a stream broken by one after the first choice's tokens)."""
     url, state = live
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         chat = {"model": state.model.name, "messages": [{"role": "user", "content": "x"}], "n": 3, "max_tokens": 12}
         r = await client.post("/v1/chat/completions", json=chat, headers=hdr("capped"))
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
+        prompts = {"model": state.model.name, "prompt": ["x", "y", "z"], "max_tokens": 12}
+        r = await client.post("/v1/completions", json=prompts, headers=hdr("queued"))  # may have 1 waiting
         assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
         body = {"model": state.model.name, "prompt": ["x", "y", "z"], "max_tokens": 12, "stream": True}
         indexes, counted = set(), set()

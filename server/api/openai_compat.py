@@ -807,7 +807,7 @@ async def _respond(
     events = _indexed(streams, _waits(state, shape.prompts, shape.n))
     if not single:  # its choices are one request against the tenant's quota and the open-stream limit
         tenant = engine_requests[0].request.tenant
-        events = state.gate.together(tenant, state.quotas_for(tenant), events, stream=bool(body.stream))
+        events = state.gate.together(state.engine, tenant, state.quotas_for(tenant), events, stream=bool(body.stream))
     if body.stream:
         try:
             first = await anext(events)  # errors before the first token still get a proper status code
