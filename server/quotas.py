@@ -153,7 +153,9 @@ class RequestGate:
             except TimeoutError:
                 raise RequestTimeout(
                     f"the request ran longer than the server's limit of {timeout:g} s "
-                    "(request_timeout_s) and was cancelled; ask for fewer tokens"
+                    "(request_timeout_s) and was cancelled; ask for fewer tokens",
+                    # The same request would run as long again: OpenAI's SDKs retry a 408 unless told not to.
+                    headers={"x-should-retry": "false"},
                 ) from None
             if event is None:
                 return

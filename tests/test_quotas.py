@@ -338,6 +338,7 @@ async def test_request_timeout_cancels_and_says_so(live) -> None:
         started = time.monotonic()
         r = await client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 390}, headers=hdr("alice"))
         assert_error(r, 408, "1.5 s")
+        assert r.headers["x-should-retry"] == "false"  # the SDKs retry 408s: it would run as long again, twice
         assert r.json()["error"]["type"] == "timeout" and time.monotonic() - started < 5
         await _settled(state)  # the row was freed
 
@@ -345,7 +346,12 @@ async def test_request_timeout_cancels_and_says_so(live) -> None:
         assert events[-1] == {"error": {"type": "timeout", "message": events[-1]["error"]["message"]}}
         await _settled(state)
 
-        body = {"model": state.model.name, "prompt": "x", "max_tokens": 390, "stream": True}
+        body = {"model": state.model.name, "prompt": "x", "max_tokens": 390}
+        r = await client.post("/v1/completions", json=body, headers=hdr("alice"))
+        assert r.status_code == 408 and r.headers["x-should-retry"] == "false"
+        await _settled(state)
+
+        body["stream"] = True
         async with client.stream("POST", "/v1/completions", json=body, headers=hdr("alice")) as response:
             chunks = [line async for line in response.aiter_lines() if line.startswith("data: ")]
         assert json.loads(chunks[-1][6:])["error"]["code"] == "timeout"
