@@ -377,6 +377,11 @@ def test_limits_are_clear_4xx(loaded, key_file: Path, tmp_path: Path) -> None:
         big = json.dumps({"prompt": "x" * 5000}).encode()
         for path in ("/v1/generate", "/v1/chat/completions", "/v1/responses", "/tokenize"):
             assert_error(client.post(path, content=chunked(big), headers=h), 413, "4096 bytes")  # was a 400
+        # Under OpenAI's paths, OpenAI's error shape (its SDKs read the code), with or without a Content-Length.
+        for content in (big, chunked(big)):
+            error = client.post("/v1/chat/completions", content=content, headers=h).json()["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "payload_too_large", error
+            assert set(error) == {"message", "type", "param", "code"}
         small = json.dumps({"prompt": "x", "max_new_tokens": 2}).encode()
         ok = client.post("/v1/generate", content=chunked(small), headers={**h, "content-type": "application/json"})
         assert ok.status_code == 200, ok.text

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -180,6 +180,14 @@ def _openai_path(path: str) -> bool:
     return path.startswith("/v1/") and not path.startswith(_NATIVE_PREFIXES)
 
 
+def _error_body(path: str, error: ApiError) -> dict[str, Any]:
+    """An error answered outside the routes (the body limit, the framework, a bug), in the shape of the API the
+    path belongs to: OpenAI's under its paths, so the SDKs read its code."""
+    if _openai_path(path):
+        return openai_compat.openai_error_body(error.status_code, error.message, None, error.error_type)
+    return error.body()
+
+
 def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> FastAPI:
     """The app; the model is loaded in the lifespan unless one is given (tests, embedding)."""
 
@@ -225,6 +233,7 @@ def create_app(config: ServeConfig, *, model: LoadedModel | None = None) -> Fast
         default_limit=config.max_request_bytes,
         upload_limit=config.max_upload_bytes,
         upload_prefix="/v1/prefixes/",
+        error_body=_error_body,
     )
     if config.cors_allow_origins:  # off unless asked for: browsers on other origins get no access
         origins = [o.strip() for o in config.cors_allow_origins.split(",") if o.strip()]
@@ -279,10 +288,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             error.error_type = "method_not_allowed"
         headers = getattr(exc, "headers", None)
-        if _openai_path(request.url.path):  # a route an OpenAI client was after: its error shape
-            body = openai_compat.openai_error_body(exc.status_code, error.message, None, error.error_type)
-            return JSONResponse(body, status_code=exc.status_code, headers=headers)
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=headers)
+        return JSONResponse(_error_body(request.url.path, error), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _: ClientDisconnect) -> Response:
@@ -292,6 +298,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return JSONResponse({"error": {"type": "internal_error", "message": "internal server error"}}, 500)
+        return JSONResponse(_error_body(request.url.path, ApiError("internal server error")), 500)

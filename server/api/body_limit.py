@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import PayloadTooLarge, RequestTimeout
+from server.errors import ApiError, PayloadTooLarge, RequestTimeout
 
 # A request body must keep arriving: each piece within BODY_IDLE_S of the last, all of it within BODY_TOTAL_S (a
 # 64 MiB upload at 1 MB/s takes a minute).
@@ -21,11 +23,20 @@ BODY_TOTAL_S = 300.0
 class BodyLimitMiddleware:
     """Refuse bodies over a limit: at once when Content-Length says so, else when the stream passes it."""
 
-    def __init__(self, app: ASGIApp, *, default_limit: int, upload_limit: int, upload_prefix: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        default_limit: int,
+        upload_limit: int,
+        upload_prefix: str,
+        error_body: Callable[[str, ApiError], dict[str, Any]] = lambda _path, error: error.body(),
+    ) -> None:
         self.app = app
         self.default_limit = default_limit
         self.upload_limit = upload_limit
         self.upload_prefix = upload_prefix
+        self.error_body = error_body  # (path, error) -> the body of its response: each API's error shape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,8 +45,9 @@ class BodyLimitMiddleware:
         is_upload = scope["method"] == "PUT" and scope["path"].startswith(self.upload_prefix)
         limit = self.upload_limit if is_upload else self.default_limit
         declared = dict(scope["headers"]).get(b"content-length")
+        too_large = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_413(send, limit)
+            await self._refuse(send, scope, too_large)
             return
         if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
             # Chunked: read it here, up to the limit, and hand it on whole. Raised from inside the app's own read,
@@ -47,10 +59,10 @@ class BodyLimitMiddleware:
                 await send({"type": "http.response.body", "body": b""})
                 return
             except StarletteHTTPException as exc:  # the body stopped coming
-                await _send_error(send, exc.status_code, RequestTimeout(str(exc.detail)).body())
+                await self._refuse(send, scope, RequestTimeout(str(exc.detail)))
                 return
             if body is None:
-                await _send_413(send, limit)
+                await self._refuse(send, scope, too_large)
                 return
             await self.app(scope, _replay(body, receive), send)
             return
@@ -63,10 +75,21 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    raise too_large
             return message
 
         await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send: Send, scope: Scope, error: ApiError) -> None:
+        payload = json.dumps(self.error_body(scope["path"], error)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status_code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
 
 
 async def _read_within(receive: Receive, limit: int) -> bytes | None:
@@ -122,19 +145,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-async def _send_413(send: Send, limit: int) -> None:
-    await _send_error(send, 413, PayloadTooLarge(f"request body exceeds the limit of {limit} bytes").body())
-
-
-async def _send_error(send: Send, status: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
