@@ -123,3 +123,15 @@ def test_errors_found_late_name_their_field(
     r = post(url, path, {**base, "max_tokens" if path != "/v1/generate" else "max_new_tokens": 4, **body})
     assert r.status_code in (400, 422), r.text
     assert r.json()["error"]["param"] == param, (field, r.json())
+
+
+def test_a_prompt_over_the_servers_prompt_limit_is_a_context_length_error(loaded: LoadedModel, tmp_path: Path) -> None:
+    """Past --max-prompt-tokens (below the model's context), a prompt gets OpenAI's context_length_exceeded too:
+    clients trim their history on that code, and on a default server a prompt between 4,096 tokens and the
+    context got a plain invalid_request that they would not act on."""
+    config = ServeConfig(store=f"disk://{tmp_path / 'store'}", max_prompt_tokens=20)
+    with serve_in_thread(create_app(config, model=loaded)) as base:
+        for prompt in (PROMPT, "word " * 30, "w" * 10_000):  # ids; tokenized; refused by its characters alone
+            r = post(base, "/v1/completions", {"model": loaded.name, "prompt": prompt, "max_tokens": 2})
+            assert r.status_code == 400, r.text
+            assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("context_length_exceeded", "prompt")

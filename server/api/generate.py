@@ -124,8 +124,10 @@ async def prepare_generation(
     if truncate_prompt_tokens is not None:
         prompt_ids = prompt_ids[-truncate_prompt_tokens:]
     if len(prompt_ids) > config.max_prompt_tokens:
-        raise InvalidInput(
-            f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}", param="prompt"
+        raise InvalidInput(  # OpenAI's code for a prompt too long: clients trim their history on it
+            f"prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}",
+            param="prompt",
+            code="context_length_exceeded",
         )
     if grammar is not None:
         params = dataclasses.replace(params, grammar=await compile_grammar(state, grammar))
@@ -169,7 +171,9 @@ def _refuse_sure_overlong(
     limit = state.config.max_prompt_tokens
     if chars > limit * longest * _CHARS_BOUND_MARGIN:
         raise InvalidInput(
-            f"prompt has {chars} characters, more than {limit} tokens (the limit) can hold", param="prompt"
+            f"prompt has {chars} characters, more than {limit} tokens (the limit) can hold",
+            param="prompt",
+            code="context_length_exceeded",
         )
 
 
