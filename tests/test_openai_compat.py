@@ -788,9 +788,15 @@ def test_tool_choice_auto_answers_in_text_when_the_model_calls_nothing(oai: open
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content and chunks[-1].choices[0].finish_reason == choice.finish_reason
     assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
-    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": 1}}}}
     with pytest.raises(openai.BadRequestError, match="invalid tool schema"):
         oai.chat.completions.create(**request, tools=[bad])
+    # Arguments are an object (keyword arguments), whichever tool_choice: a string's schema is refused, as OpenAI does.
+    for choice in ("auto", "required", "none"):
+        text = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+        with pytest.raises(openai.BadRequestError, match="type 'object'") as info:
+            oai.chat.completions.create(**request, tools=[text], tool_choice=choice)
+        assert _error_of(info.value)["param"] == "tools.0.function.parameters"
 
 
 def _error_of(exc: openai.APIStatusError) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.api.tool_formats import ToolCall, ToolCallFormat, ToolCallReader, read_call_at
 from server.structured_output import GrammarSpec
@@ -30,8 +30,18 @@ class FunctionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; none: any JSON object
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: any JSON object
     strict: bool | None = None  # followed strictly in any case
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Arguments are keyword arguments: a call whose arguments were '"cats"' breaks fn(**json.loads(args)).
+        # OpenAI refuses such a schema too.
+        kind = "object" if parameters is None else parameters.get("type", "object")
+        if kind != "object":
+            raise ValueError(f"a function's parameters must be a JSON schema of type 'object', not {kind!r}")
+        return parameters
 
 
 class ToolIn(BaseModel):
