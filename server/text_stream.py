@@ -37,8 +37,9 @@ class IncrementalDetokenizer:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """Whatever is left when the request ends, even if it is not a whole character."""
-        return self._advance(final=True)
+        """Whatever is left when the request ends, but for a character it ended inside of (max_tokens cut it):
+        that would read as U+FFFD, which the model never wrote. vLLM leaves it out too."""
+        return self._advance(final=True).rstrip("\ufffd")
 
     def _advance(self, *, final: bool) -> str:
         if self._read_offset >= len(self._ids):

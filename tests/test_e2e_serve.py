@@ -276,7 +276,7 @@ def test_tool_choice_auto_on_the_real_model_calls_or_answers_as_the_model_would(
         ids = list(tokenizer(prompt, add_special_tokens=False).input_ids)
         want, _ = oracle_greedy(default_model.model, ids, 48)
         ended = [i for i, token in enumerate(want) if token in default_model.eos_token_ids]
-        wanted_content, wanted_calls = read_reply(hermes, tokenizer.decode(want[: ended[0] if ended else None]))
+        wanted_content, wanted_calls, _ = read_reply(hermes, tokenizer.decode(want[: ended[0] if ended else None]))
         assert wanted_content == message["content"]
         assert [(c.name, json.loads(c.arguments)) for c in wanted_calls] == calls
 
