@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +148,12 @@ def run_client_command(args: argparse.Namespace) -> int:
     try:
         with Client(args.url, args.api_key) as client:
             handler(client, args)
+        sys.stdout.flush()  # into a pipe, output is written here: a reader gone is found here, not at exit
+    except BrokenPipeError:
+        # Whoever read our output left (`| head`): quiet, as Unix tools are. stdout goes nowhere from here, so that
+        # the interpreter's last flush of it does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (PrefixServeError, OSError, ValueError) as exc:  # server errors, and local mistakes (missing file, ...)
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1
@@ -203,11 +211,16 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         else:
             print(result.text)
         return
-    for event in client.stream(**request):
-        if args.json:
-            _print_json(event.model_dump(exclude_none=True))
-        else:
-            print(event.text, end="", flush=True)
+    try:
+        for event in client.stream(**request):
+            if args.json:
+                _print_json(event.model_dump(exclude_none=True))
+            else:
+                print(event.text, end="", flush=True)
+    except PrefixServeError:
+        if not args.json:
+            print(flush=True)  # the error's line starts on a line of its own, after the text so far
+        raise
     if not args.json:
         print()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -373,6 +374,16 @@ def test_cli_readable_errors(server_url: str, tmp_path: Path, capsys: pytest.Cap
         code, out, err = run_cli(capsys, *argv)
         assert code == 1 and out == "" and len(err.splitlines()) == 1, (argv, err)
         assert err.startswith("error: ") and words in err and "Traceback" not in err, (argv, err)
+
+
+def test_cli_is_quiet_when_its_reader_leaves(server_url: str) -> None:
+    """`prefix-serve list | head -n 0`: no "error: [Errno 32] Broken pipe" (twice with --json), and the status
+    of a tool SIGPIPE ended (141), as Unix tools leave it."""
+    cli = f"{shlex.quote(sys.executable)} -c 'import sys; from server.cli import main; sys.exit(main())'"
+    for command in ("list --json", "list"):
+        script = f"set -o pipefail; {cli} {command} --url {server_url} --api-key {KEY} | head -n 0"
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False)
+        assert (done.returncode, done.stderr) == (141, ""), (command, done)
 
 
 def test_cli_uses_environment(server_url: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

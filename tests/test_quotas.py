@@ -358,6 +358,18 @@ async def test_request_timeout_cancels_and_says_so(live) -> None:
         await _settled(state)
 
 
+def test_the_cli_writes_a_mid_stream_error_on_a_line_of_its_own(live, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stream that fails after some text (here, past the request timeout): the error line was glued to it."""
+    from server.cli import main
+
+    url, _ = live
+    argv = ["generate", "-", "x", "--stream", "--max-new-tokens", "390", "--url", url, "--api-key", "k-alice"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 1 and out.strip() and out.endswith("\n"), out
+    assert err.startswith("error: ") and "1.5 s" in err and len(err.splitlines()) == 1, err
+
+
 def test_limits_are_clear_4xx(loaded, key_file: Path, tmp_path: Path) -> None:
     cfg = config(tmp_path, key_file, max_new_tokens=16, max_prompt_tokens=50, max_request_bytes=4096)
     with TestClient(create_app(cfg, model=loaded)) as client:
