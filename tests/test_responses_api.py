@@ -139,6 +139,10 @@ def test_text_format_holds_the_reply_to_a_schema(oai: openai.OpenAI) -> None:
         ({"include": ["message.output_text.logprobs"]}, 400, "include.0"),
         ({"model": "no-such-task"}, 404, "model"),
         ({"input": "word " * 300}, 400, "input"),  # past the server's prompt limit (200), found after reading
+        # Checked as the chat request a Responses request becomes, named as the client sent them (they were
+        # max_completion_tokens and response_format).
+        ({"max_output_tokens": 5000}, 400, "max_output_tokens"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text.format"),
     ],
 )
 def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str, Any], status: int, param: str) -> None:
@@ -150,6 +154,8 @@ def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str,
     )
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+    message = r.json()["error"]["message"]
+    assert not any(chat in message for chat in ("max_completion_tokens", "response_format", "json_schema.schema"))
 
 
 def test_a_stored_response_is_continued_read_and_deleted(oai: openai.OpenAI, server_url: str) -> None:

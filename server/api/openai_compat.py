@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -120,8 +121,23 @@ def _from_api_error(exc: ApiError, path: str) -> JSONResponse:
     if isinstance(exc, InvalidInput) and param is not None:
         param = openai_param(param, path)
     code = "invalid_api_key" if status == 401 else getattr(exc, "code", exc.error_type)  # OpenAI's code for it
-    body = openai_error_body(status, exc.message, param, code)
+    message = exc.message
+    if path.endswith("/v1/responses"):  # a Responses request is checked as the chat request it becomes
+        param = None if param is None else _RESPONSES_WORDS.get(param, param)
+        message = _CHAT_WORD.sub(lambda m: _RESPONSES_WORDS[m.group(0)], message)
+    body = openai_error_body(status, message, param, code)
     return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+# The chat request's fields as the Responses request that became it (server/api/responses.py) names them.
+_RESPONSES_WORDS = {
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "json_schema.schema": "text.format.schema",
+    "messages": "input",
+}
+_CHAT_WORD = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in sorted(_RESPONSES_WORDS, key=len, reverse=True)))
 
 
 # The native names of the fields the engine's errors name (server/errors.py InvalidInput), as each OpenAI route
