@@ -471,3 +471,17 @@ def test_a_lone_surrogate_in_a_string_is_refused_by_field(client: TestClient) ->
     pair = json.dumps({"prompt": "smile \U0001f600", "max_new_tokens": 2})  # ensure_ascii: "\ud83d\ude00"
     assert "\\ud83d\\ude00" in pair
     assert client.post("/v1/generate", content=pair, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_a_body_that_is_not_a_json_object_says_so(client: TestClient) -> None:
+    """`curl -d '{...}'` sends JSON as a form (its default Content-Type): the message said "Input should be a valid
+    dictionary or object to extract fields from", which names neither the body nor its Content-Type."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    for path, body in (("/v1/generate", {"prompt": "hi"}), ("/v1/completions", {"model": model, "prompt": "hi"})):
+        r = client.post(path, content=json.dumps(body), headers=form)
+        assert r.status_code in (400, 422), r.text
+        assert "Content-Type: application/json" in r.json()["error"]["message"], r.text
+        for not_an_object in ([body], "hi"):  # JSON, but not an object
+            r = client.post(path, json=not_an_object)
+            assert r.json()["error"]["message"] == "the request body must be a JSON object", r.text

@@ -28,6 +28,16 @@ def describe(exc: RequestValidationError) -> ValidationProblem:
         position = [p for p in broken.get("loc", ()) if p != "body"]
         where = f" at character {position[0]}" if position else ""
         return ValidationProblem(f"the request body is not valid JSON: {reason}{where}", None, True)
+    whole = next((err for err in errors if tuple(err.get("loc", ())) == ("body",)), None)
+    if whole is not None and whole.get("type") in _NOT_AN_OBJECT:
+        if isinstance(getattr(exc, "body", None), bytes):  # not read as JSON: its Content-Type said otherwise
+            message = (
+                "the request body must be JSON, sent with Content-Type: application/json "
+                "(curl: add -H 'Content-Type: application/json')"
+            )
+        else:
+            message = "the request body must be a JSON object"
+        return ValidationProblem(message, None, True)
     problems, params = [], []
     for err in errors:
         where = ".".join(str(p) for p in _field_path(err.get("loc", ())))
@@ -36,6 +46,9 @@ def describe(exc: RequestValidationError) -> ValidationProblem:
         problems.append(f"{where}: {message}" if where else message)
     return ValidationProblem("; ".join(problems) or "invalid request", params[0] if params else None, False)
 
+
+# pydantic's error types for a body that is not an object: a list, a string, or bytes FastAPI did not read as JSON.
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
 
 # Where FastAPI says a value came from, first in an error's loc: the field is named without it.
 _SOURCES = ("body", "query", "path", "header", "cookie")
