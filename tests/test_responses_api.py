@@ -44,7 +44,9 @@ def test_a_response_is_the_chat_reply_to_the_same_conversation(oai: openai.OpenA
     assert got.status == ("incomplete" if cut else "completed")
     assert (got.incomplete_details is not None and got.incomplete_details.reason == "max_output_tokens") == cut
     (item,) = got.output
-    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+    assert item.type == "message" and item.role == "assistant" and item.status == got.status
+    cut_short = oai.responses.create(model=TASK, input="Tell me a story", max_output_tokens=2, temperature=0)
+    assert cut_short.status == cut_short.output[-1].status == "incomplete"  # the message max_output_tokens cut
 
 
 def test_streamed_events_add_up_to_the_response(oai: openai.OpenAI) -> None:
@@ -59,6 +61,9 @@ def test_streamed_events_add_up_to_the_response(oai: openai.OpenAI) -> None:
     assert len(deltas) > 1 and "".join(deltas) == whole.output_text
     done = events[-1].response
     assert done.output_text == whole.output_text and whole.usage is not None
+    assert done.output[-1].status == whole.output[-1].status == whole.status  # incomplete where cut
+    item_done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert item_done[-1].status == whole.status
     assert (done.usage.input_tokens, done.usage.output_tokens) == (whole.usage.input_tokens, whole.usage.output_tokens)
     for kind in ("response.output_item.added", "response.content_part.added", "response.output_text.done"):
         assert kinds.count(kind) == 1, kind

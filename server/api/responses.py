@@ -407,13 +407,13 @@ class _Events:
                 )
         return out
 
-    def close(self) -> list[str]:
-        """The open item done."""
+    def close(self, last: bool = False) -> list[str]:
+        """The open item done (``last``: the response's last, incomplete where max_output_tokens cut it)."""
         item, self.open = self.open, None
         if item is None:
             return []
         index = self._index_of(item)
-        item["status"] = "completed"
+        item["status"] = self.reply.status if last else "completed"
         out = []
         if item["type"] == "message":
             part = {"type": "output_text", "text": self.text, "annotations": []}
@@ -446,7 +446,7 @@ class _Events:
         return out
 
     def finish(self) -> list[str]:
-        out = self.close()
+        out = self.close(last=True)
         reply = self.reply
         kind = "response.incomplete" if reply.status == "incomplete" else "response.completed"
         return [*out, self.event(kind, response=reply.object(reply.status))]
@@ -500,6 +500,8 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         raise GenerationFailed("the request ended without a result")
     reply.finished(last)
     reply.output = _output_of(mode, "".join(text))
+    if reply.output:  # the item max_output_tokens cut, as OpenAI marks it
+        reply.output[-1]["status"] = reply.status
     await keep()
     return JSONResponse(reply.object(reply.status))
 
