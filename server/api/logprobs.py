@@ -65,7 +65,7 @@ def _vocabulary_bytes(tokenizer: Any) -> tuple[bytes, ...]:
     try:
         return tuple(bytes(token) for token in xgr.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab)
     except (RuntimeError, ValueError, TypeError) as exc:
-        logger.warning("token bytes unknown for this vocabulary (%s): each token's text's are given", exc)
+        logger.warning("token bytes unknown for this vocabulary (%s): each token's text's bytes are given instead", exc)
         return ()
 
 

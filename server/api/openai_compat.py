@@ -506,7 +506,12 @@ def _logprobs_asked(body: OpenAIBody) -> int | None:
 
 
 def _finish_reason(event: GenerationEvent) -> str:
-    return "length" if event.finish_reason == "length" else "stop"
+    return _openai_finish(event.finish_reason)
+
+
+def _openai_finish(finish: str) -> str:
+    """The engine's finish (``length``, ``stop``: a stop string or token id, ``eos``) as OpenAI says it."""
+    return "length" if finish == "length" else "stop"
 
 
 # A token and its log-probability, None for a prompt's first token (echo).
@@ -601,7 +606,7 @@ class _Shape:
             text, tokens, finish = "".join(c.text), c.tokens, c.last.finish_reason
             if not self.generated:
                 text, tokens, finish = "", [], "length"
-            finish_reason = "length" if finish == "length" else "stop"
+            finish_reason = _openai_finish(finish)
             echo = self.echo(index)
             if echo is not None:
                 text, tokens = echo + text, c.prompt_tokens + tokens
@@ -622,7 +627,7 @@ class _Shape:
     def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
         """A chat reply's message and finish reason, given the engine's finish: in tool mode, its tool calls
         (server/api/tool_calls.py)."""
-        finish_reason = "length" if finish == "length" else "stop"
+        finish_reason = _openai_finish(finish)
         if self.tools is not None and self.tools.auto is not None:
             reply = read_reply(self.tools.auto, text)
             if not reply.calls:
