@@ -235,6 +235,13 @@ def test_disconnect_while_waiting_for_a_whole_response_frees_the_row(server) -> 
     extra = metric(proc.url, "prefix_serve_generated_tokens_total") - generated
     print(f"\nnon-streamed disconnect: row freed {1000 * (time.monotonic() - closed_at):.0f} ms after close")
     assert extra < LONG / 4  # nowhere near running to its end
+    # A client leaving is no server error: 499, as nginx logs it (it was a 500 the 5xx alert paged on).
+    counted = 'prefix_serve_requests_total{endpoint="/v1/generate",method="POST",status="499"}'
+    deadline = time.monotonic() + 5
+    while counted not in httpx.get(proc.url + "/metrics", timeout=5).text:
+        assert time.monotonic() < deadline, "the disconnect was not counted as 499"
+        time.sleep(0.01)
+    assert 'endpoint="/v1/generate",method="POST",status="500"' not in httpx.get(proc.url + "/metrics").text
 
 
 def test_overload_gets_429_quickly_and_admitted_requests_complete(server) -> None:

@@ -292,9 +292,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _: ClientDisconnect) -> Response:
-        # The client left while its body was being read: nothing failed here, and no one reads the answer.
-        # 499 (nginx's "client closed request") keeps it out of the 5xx rate the alert rules page on.
-        log.info("client disconnected before its request body was read: %s %s", request.method, request.url.path)
+        # The client left while its body was read or its whole answer made: nothing failed here, and no one reads
+        # the answer. 499 (nginx's "client closed request") keeps it out of the 5xx rate the alert rules page on.
+        log.info("client disconnected before its answer: %s %s", request.method, request.url.path)
         return Response(status_code=499)
 
     @app.exception_handler(Exception)
