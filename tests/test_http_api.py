@@ -162,6 +162,17 @@ def test_versions_list_get_delete(client: TestClient) -> None:
     assert listed["versioned"]["version"] == second["version"]
     gen = client.post("/v1/generate", json={"task_id": "versioned", "prompt": "x", "max_new_tokens": 2}).json()
     assert gen["prefix_version"] == second["version"]
+    # OpenAI's bodies have no field for it: a header says which upload answered (each route, streamed or not).
+    version = str(second["version"])
+    completion = {"model": "versioned", "prompt": "x", "max_tokens": 2}
+    chat = {"model": "versioned", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    responses = {"model": "versioned", "input": "x", "max_output_tokens": 2}
+    for path, body in (("/v1/completions", completion), ("/v1/chat/completions", chat), ("/v1/responses", responses)):
+        for stream in (False, True):
+            r = client.post(path, json={**body, "stream": stream})
+            assert r.status_code == 200 and r.headers["x-prefix-version"] == version, (path, stream, r.headers)
+    base = {**completion, "model": client.get("/v1/models").json()["data"][0]["id"]}
+    assert base["model"] != "versioned" and "x-prefix-version" not in client.post("/v1/completions", json=base).headers
     assert client.delete("/v1/prefixes/versioned").status_code == 204
     assert_error(client.get("/v1/prefixes/versioned"), 404)
     assert_error(client.delete("/v1/prefixes/versioned"), 404)

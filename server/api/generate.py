@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,14 @@ class PreparedGeneration:
     task_id: str | None
     prefix_version: int | None
     request: GenerationRequest
+
+
+def version_headers(prepared: Sequence[PreparedGeneration]) -> dict[str, str]:
+    """``x-prefix-version``: the prefix versions a response's generations run with (one, unless an upload came
+    between a list's prompts), so that an OpenAI client, whose bodies have no field for it, can tell which upload
+    answered it. None for the base model."""
+    versions = sorted({p.prefix_version for p in prepared if p.prefix_version is not None})
+    return {"x-prefix-version": ",".join(map(str, versions))} if versions else {}
 
 
 # apply_chat_template's own parameters: chat_template_kwargs may not set them (they have fields of their own, or

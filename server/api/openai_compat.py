@@ -48,6 +48,7 @@ from server.api.generate import (
     events_until_disconnect,
     prepare_generation,
     start_events,
+    version_headers,
 )
 from server.api.json_body import TextJSONRoute
 from server.api.response_format import FormatError, ResponseFormat, StructuredOutputs, grammar_of
@@ -836,7 +837,9 @@ async def _respond(
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
             raise
-        return StreamingResponse(_sse(shape, first, events), media_type="text/event-stream")
+        return StreamingResponse(
+            _sse(shape, first, events), media_type="text/event-stream", headers=version_headers(shape.prompts)
+        )
     choices = [_Choice() for _ in range(shape.choices)]
     async for index, event in events_until_disconnect(request, events):  # type: ignore[arg-type]
         check_event(event)
@@ -847,7 +850,7 @@ async def _respond(
         choice.last = event
     if any(c.last is None or c.last.finish_reason not in _FINISHED for c in choices):
         raise GenerationFailed("the request ended without a result")
-    return JSONResponse(shape.response(choices))
+    return JSONResponse(shape.response(choices), headers=version_headers(shape.prompts))
 
 
 def _collect_logprob(event: GenerationEvent, tokens: list[Scored]) -> None:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prefix_store.errors import PrefixStoreError
 from prefix_store.ids import shown
 from server.api.auth import Principal
-from server.api.generate import check_event, events_until_disconnect, start_events
+from server.api.generate import check_event, events_until_disconnect, start_events, version_headers
 from server.api.openai_compat import (
     ChatCompletionRequest,
     OpenAIRoute,
@@ -490,7 +490,10 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
             raise
-        return StreamingResponse(_stream(reply, mode, first, events, keep), media_type="text/event-stream")
+        headers = version_headers([prepared])
+        return StreamingResponse(
+            _stream(reply, mode, first, events, keep), media_type="text/event-stream", headers=headers
+        )
     text, last = [], None
     async for event in events_until_disconnect(request, events):
         check_event(event)
@@ -503,7 +506,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     if reply.output:  # the item max_output_tokens cut, as OpenAI marks it
         reply.output[-1]["status"] = reply.status
     await keep()
-    return JSONResponse(reply.object(reply.status))
+    return JSONResponse(reply.object(reply.status), headers=version_headers([prepared]))
 
 
 async def _resolve_references(
