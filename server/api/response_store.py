@@ -145,15 +145,8 @@ def _encode(stored: StoredResponse) -> str:
     return json.dumps({"items": stored.items, "response": stored.response}, separators=(",", ":"))
 
 
-# KEYS: the response, the tenant's index (ZSET id -> expiry, ms), its sizes (HASH id -> bytes), their sum (STRING).
-# ARGV: id, the response's JSON, TTL (ms), the tenant's count and byte bounds, this response's size, the prefix of
-# response keys ("ps:{T}:resp:"), of item keys ("ps:{T}:item:"), then the ids of its items.
-# Forgets what has expired, writes the response and its item pointers, then drops the tenant's oldest responses
-# while it is past a bound. Returns the tenant's bytes after. Redis's clock, not the replicas': they may disagree.
-_PUT_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local ttl = tonumber(ARGV[3])
+# Both scripts: a response's size no longer counted against its tenant (KEYS[3]: sizes, KEYS[4]: their sum).
+_FORGET = """
 local function forget(id)
   local size = redis.call('HGET', KEYS[3], id)
   if size then
@@ -161,6 +154,19 @@ local function forget(id)
     redis.call('HDEL', KEYS[3], id)
   end
 end
+"""
+
+# KEYS: the response, the tenant's index (ZSET id -> expiry, ms), its sizes (HASH id -> bytes), their sum (STRING).
+# ARGV: id, the response's JSON, TTL (ms), the tenant's count and byte bounds, this response's size, the prefix of
+# response keys ("ps:{T}:resp:"), of item keys ("ps:{T}:item:"), then the ids of its items.
+# Forgets what has expired, writes the response and its item pointers, then drops the tenant's oldest responses
+# while it is past a bound. Returns the tenant's bytes after. Redis's clock, not the replicas': they may disagree.
+_PUT_SCRIPT = (
+    _FORGET
+    + """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl = tonumber(ARGV[3])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, id in ipairs(expired) do forget(id) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -185,18 +191,18 @@ for i = 2, 4 do
 end
 return tonumber(redis.call('GET', KEYS[4]) or '0')
 """
+)
 
 # KEYS: the response, the tenant's index, sizes and their sum. ARGV: the id. Returns the number of keys deleted.
-_DELETE_SCRIPT = """
+_DELETE_SCRIPT = (
+    _FORGET
+    + """
 local deleted = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-local size = redis.call('HGET', KEYS[3], ARGV[1])
-if size then
-  redis.call('DECRBY', KEYS[4], size)
-  redis.call('HDEL', KEYS[3], ARGV[1])
-end
+forget(ARGV[1])
 return deleted
 """
+)
 
 # What an item pointer costs Redis beyond its key and value (its entry, expiry, allocation), counted against the
 # tenant's bytes: a response of many tiny input items writes as many pointers.
