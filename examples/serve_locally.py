@@ -24,7 +24,8 @@ def _free_port() -> int:
 def local_server(model: str | None, log_path: Path) -> Iterator[str]:
     """``prefix-serve serve`` in a subprocess with a throwaway store; yields its URL."""
     port = _free_port()
-    store = tempfile.mkdtemp(prefix="example-store-")
+    store_dir = tempfile.TemporaryDirectory(prefix="example-store-")  # removed when the server stops
+    store = store_dir.name
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--store", f"disk://{store}"]
     if model:
         cmd += ["--model", model]
@@ -49,3 +50,4 @@ def local_server(model: str | None, log_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(30)
+        store_dir.cleanup()

@@ -156,20 +156,22 @@ _UPLOADS = textwrap.dedent(
 
     trimmer = HeapTrimmer(malloc_trim() if sys.argv[1] == "trim" else None, min_interval_s=0.2)
     fingerprint = ModelFingerprint("llama", 30, 3, 64, 49152)
-    registry = PrefixRegistry(DiskBackend(Path(tempfile.mkdtemp())), fingerprint, host_cache_bytes=8 << 30)
+    # ~680 MB of prefix files: removed on the way out (left behind, each run of this test filled /tmp further)
+    with tempfile.TemporaryDirectory() as store:
+        registry = PrefixRegistry(DiskBackend(Path(store)), fingerprint, host_cache_bytes=8 << 30)
 
-    def upload(i: int) -> None:
-        registry.upload("t", f"task{i}", torch.randn(30, 2, 3, 10, 64))
+        def upload(i: int) -> None:
+            registry.upload("t", f"task{i}", torch.randn(30, 2, 3, 10, 64))
+            trimmer.request()
+
+        before = rss()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(upload, range(1500)))
         trimmer.request()
-
-    before = rss()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(upload, range(1500)))
-    trimmer.request()
-    time.sleep(0.5)  # the last trim
-    cached = registry.stats()["host_cache_bytes"]
-    print((rss() - before) / cached)
-    trimmer.close()
+        time.sleep(0.5)  # the last trim
+        cached = registry.stats()["host_cache_bytes"]
+        print((rss() - before) / cached)
+        trimmer.close()
     """
 )
 
