@@ -119,6 +119,10 @@ ENGINES: dict[str, Callable[[Models, int], Engine]] = {
     "engine_sdpa": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, decode_kernel=False, **FUSED),
     # The default, the step compiled first (Inductor's fused kernels, then replayed from graphs).
     "compiled": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, compile_decode=True, **FUSED),
+    # The same with KV buffers that grow by half when full, instead of reserving the rows' decode steps.
+    "compiled_growing": lambda m, b: make_engine(
+        m.fused, *m.shape, m.context, b, compile_decode=True, reserve_decode=False, **FUSED
+    ),
     "compiled_sdpa": lambda m, b: make_engine(
         m.fused, *m.shape, m.context, b, compile_decode=True, decode_kernel=False, **FUSED
     ),

@@ -113,6 +113,7 @@ def make_engine(
     onednn_linear: bool = True,
     fuse_projections: bool | None = None,
     decode_kernel: bool = True,
+    reserve_decode: bool | None = None,
     tokenizer: Decoder | None = None,
     eos_token_ids: Sequence[int] = (),
     metrics: EngineMetrics | None = None,
@@ -125,8 +126,9 @@ def make_engine(
     (on CUDA: each step launched before the last one's tokens are handed out). ``onednn_linear``: the runner's
     (server/cpu_linear.py); False leaves the model's linear layers as they are. ``fuse_projections``: the
     runner's (server/fused_projections.py); None, its default (on CUDA). ``decode_kernel``: the runner's
-    (server/decode_attention.py, where supported). ``tokenizer``, ``eos_token_ids``, ``metrics``, ``speculative``:
-    the engine's (no text, no EOS, no metrics and no speculation by default)."""
+    (server/decode_attention.py, where supported). ``reserve_decode``: the runner's (KV buffers that reserve their
+    rows' decode steps; None, its default: with the kernel). ``tokenizer``, ``eos_token_ids``, ``metrics``,
+    ``speculative``: the engine's (no text, no EOS, no metrics and no speculation by default)."""
     runner = ModelRunner(
         model,
         num_layers,
@@ -137,6 +139,7 @@ def make_engine(
         onednn_linear=onednn_linear,
         fuse_projections=fuse_projections,
         decode_kernel=decode_kernel,
+        reserve_decode=reserve_decode,
     )
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
     return Engine(

@@ -85,6 +85,9 @@ class Batch:
     next_positions: torch.Tensor  # [B] int64
     next_input_ids: torch.Tensor  # [B] int64
     sampling: SamplingBatch
+    # Buffers made for these rows reserve the columns their decode steps may still write (``from_requests``'s
+    # ``reserve_decode``), and joins and compaction keep that room, so decode steps never grow them.
+    keeps_room: bool = False
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -93,6 +96,11 @@ class Batch:
     def width(self) -> int:
         """T, the padded KV length shared by all rows."""
         return self.attention_mask.shape[1]
+
+    @property
+    def room(self) -> int:
+        """Free columns after T: decode steps the buffers take before they grow."""
+        return self.keys[0].shape[2] - self.width
 
     @property
     def request_ids(self) -> list[str]:
@@ -112,12 +120,17 @@ class Batch:
         dtype: torch.dtype,
         device: torch.device,
         place_prefix: Callable[[NewRequest], torch.Tensor],
+        reserve_decode: bool = False,
     ) -> tuple[Batch, PrefillInputs]:
         """New rows holding only their prefixes, and the prompt inputs that the prefill forward appends.
 
         ``kv_shape`` is (layers, KV heads, head size); ``place_prefix`` gives a request's prefix
         [L, 2, H_kv, P, d] on ``device`` in ``dtype`` (the device tier of the prefix cache). The KV buffers
         have room for the prompts and the first decode steps: per layer [B, H_kv, P_max + N_max + headroom, d].
+        With ``reserve_decode`` the room is every decode step the rows may take (the most ``max_new_tokens`` of
+        any row): where free columns cost no reads (the decode-attention kernel), a buffer that never grows
+        spares the copy and, on CUDA, the eager steps and the graph capture that follow every growth. Admission
+        already counts each row's whole ``max_len``, so this reserves at most the padded share more.
         """
         num_layers, num_kv_heads, head_dim = kv_shape
         n_rows = len(requests)
@@ -125,7 +138,10 @@ class Batch:
         prefix_lens = [r.prefix_len + r.cached_len for r in requests]
         prompt_lens = [len(r.computed_ids) for r in requests]
         p_max, n_max = max(prefix_lens), max(prompt_lens)
-        capacity = p_max + n_max + HEADROOM_COLUMNS
+        room = HEADROOM_COLUMNS
+        if reserve_decode:
+            room = max(room, max(r.params.max_new_tokens for r in requests))
+        capacity = p_max + n_max + room
         # One buffer per layer and K/V, not views of one tensor: every batch's buffers are then laid out alike
         # (filtered, joined and grown ones are separate too), which a compiled decode step relies on.
         keys = [
@@ -159,6 +175,7 @@ class Batch:
             next_positions=torch.tensor(prefix_lens, dtype=torch.int64, device=device),
             next_input_ids=torch.zeros(n_rows, dtype=torch.int64, device=device),
             sampling=SamplingBatch.from_params([r.params for r in requests], device, [r.prompt_ids for r in requests]),
+            keeps_room=reserve_decode,
         )
         return batch, PrefillInputs(input_ids.to(device), positions.to(device), mask)
 
@@ -184,10 +201,12 @@ class Batch:
         order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices[:, self.width - width :]  # [B, width]
         rows, heads, _, head_dim = self.keys[0].shape
         index = order[:, None, :, None].expand(rows, heads, width, head_dim)
+        # The squeezed-out columns become room where the rows' decode steps are reserved.
+        room = self.keys[0].shape[2] - width if self.keeps_room else HEADROOM_COLUMNS
         keys, values = [], []
         for old, new in ((self.keys, keys), (self.values, values)):
             for buffer in old:  # [B, H_kv, C, d]
-                compacted = allocate(rows, heads, width, head_dim, like=buffer)
+                compacted = allocate(rows, heads, width, head_dim, like=buffer, room=room)
                 compacted[:, :, :width] = buffer.gather(2, index)
                 new.append(compacted)
         self.keys, self.values = keys, values
@@ -281,6 +300,7 @@ class Batch:
             next_positions=self.next_positions[index],
             next_input_ids=self.next_input_ids[index],
             sampling=self.sampling.filter(index, order),
+            keeps_room=self.keeps_room,
         )
 
     @classmethod
@@ -291,10 +311,13 @@ class Batch:
         width = max(b.width for b in batches)
         num_layers = len(batches[0].keys)
         rows = sum(len(b) for b in batches)
+        # Right-aligned, each batch's room stays after its last column: the most any of them reserved.
+        keeps_room = any(b.keeps_room for b in batches)
+        room = max(HEADROOM_COLUMNS, *(b.room for b in batches)) if keeps_room else HEADROOM_COLUMNS
         keys, values = [], []
         for layer in range(num_layers):
             first = batches[0].keys[layer]  # [B, H_kv, C, d]
-            k = allocate(rows, first.shape[1], width, first.shape[3], like=first)
+            k = allocate(rows, first.shape[1], width, first.shape[3], like=first, room=room)
             v = torch.zeros_like(k)
             offset = 0
             for b in batches:  # right-aligned: each batch's T columns end at the new width
@@ -314,6 +337,7 @@ class Batch:
             next_positions=torch.cat([b.next_positions for b in batches]),
             next_input_ids=torch.cat([b.next_input_ids for b in batches]),
             sampling=SamplingBatch.concatenate([b.sampling for b in batches]),
+            keeps_room=keeps_room,
         )
 
     def check(self) -> None:

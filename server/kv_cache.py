@@ -19,9 +19,11 @@ KV = tuple[list[torch.Tensor], list[torch.Tensor]]
 HEADROOM_COLUMNS = 64
 
 
-def allocate(batch: int, heads: int, columns: int, head_dim: int, *, like: torch.Tensor) -> torch.Tensor:
-    """A zeroed [B, H_kv, columns + headroom, d] buffer. Zeros, so padding columns are finite (0 x NaN = NaN)."""
-    return torch.zeros(batch, heads, columns + HEADROOM_COLUMNS, head_dim, dtype=like.dtype, device=like.device)
+def allocate(
+    batch: int, heads: int, columns: int, head_dim: int, *, like: torch.Tensor, room: int = HEADROOM_COLUMNS
+) -> torch.Tensor:
+    """A zeroed [B, H_kv, columns + room, d] buffer. Zeros, so padding columns are finite (0 x NaN = NaN)."""
+    return torch.zeros(batch, heads, columns + room, head_dim, dtype=like.dtype, device=like.device)
 
 
 class _BufferLayer(DynamicLayer):

@@ -69,6 +69,7 @@ class ModelRunner:
         onednn_linear: bool = True,
         fuse_projections: bool | None = None,
         decode_kernel: bool = True,
+        reserve_decode: bool | None = None,
     ) -> None:
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # V, the logits' width
@@ -126,6 +127,12 @@ class ModelRunner:
             if static_decode and self.fuses_prefill
             else None
         )
+        # KV buffers reserve every decode step their rows may take (Batch.from_requests), by default where the
+        # kernel leaves free columns unread: there a growth costs a copy, eager steps and a new graph, and room
+        # costs only memory. SDPA (elsewhere) would read every reserved column each step.
+        if reserve_decode is None:
+            reserve_decode = self.static_decoder is not None and self.static_decoder.kernel
+        self.reserve_decode = reserve_decode
 
     @torch.inference_mode()
     def compile_decode_steps(self, max_groups: int) -> None:
@@ -427,6 +434,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             place_prefix=lambda r: self.prefix_cache.get(r.prefix_id, r.prefix_kv),
+            reserve_decode=self.reserve_decode,
         )
 
     def _forward(

@@ -44,20 +44,21 @@ def prefixes(base):
         {"prefill_chunk_tokens": 0},
         {"prefill_chunk_tokens": 3, "kv_groups": 3},
         {"prefill_chunk_tokens": 0, "static_decode": True, "overlap_steps": True},
-        {"prefill_chunk_tokens": 3, "kv_groups": 3, "static_decode": True, "overlap_steps": True},
+        {"prefill_chunk_tokens": 3, "kv_groups": 3, "static_decode": True, "overlap_steps": True, "reserve": True},
     ],
     ids=[
         "separate-prefill",
         "fused-chunks-of-3-in-3-groups",
         "overlapped-static-decode",
-        "overlapped-static-in-3-groups",
+        "overlapped-static-in-3-groups-reserved",
     ],
 )
 def mode(request, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Every engine test runs with prefill forwards of their own, with prompts fused into decode steps and
     the running rows kept in up to 3 padded groups, and with the fixed-shape decode step that CUDA graphs
     replay (eager here: server/static_decode.py), on one batch and on groups (steps without prompt chunks),
-    each step launched before the last one's tokens are handed out (``overlap_steps``, the default on CUDA).
+    each step launched before the last one's tokens are handed out (``overlap_steps``, the default on CUDA),
+    the last with KV buffers that reserve their rows' decode steps (``reserve_decode``, CUDA's default too).
     The tiny prompts differ by fewer columns than the groups' slack, so it is off: any difference in length
     starts a group."""
     monkeypatch.setattr(kv_groups, "SLACK_COLUMNS", 0)
@@ -73,9 +74,10 @@ def make_engine(
     eos_token_ids: list[int] | None = None,
     prompt_cache: PromptCache | None = None,
     speculative: SpeculativeConfig | None = None,
+    reserve: bool = False,
     **config,
 ) -> Engine:
-    runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode)
+    runner = ModelRunner(model, *probe_kv_shape(model), static_decode=static_decode, reserve_decode=reserve)
     engine = Engine(
         runner,
         None,

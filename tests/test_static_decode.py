@@ -52,6 +52,44 @@ def test_static_decode_equals_eager_decode_through_growth_and_filtering() -> Non
         torch.testing.assert_close(v_s[:, :, :width], v_e[:, :, :width])
 
 
+def test_reserved_buffers_never_grow_and_keep_their_room_through_leaves_and_joins() -> None:
+    """``reserve_decode`` (the default with the decode-attention kernel): a batch's buffers hold every decode step
+    its rows may take, so the fixed-shape step keeps its buffers (on CUDA: its graph) from the first step to the
+    last, through more steps than the default headroom; a row leaving and a row joining keep the room the rows
+    still need. The tokens stay the growing eager decode's."""
+    from server.batch import Batch
+
+    base = tiny_llama(seed=5)
+    shape = probe_kv_shape(base)
+    eager = ModelRunner(base, *shape, static_decode=False)
+    reserved = ModelRunner(base, *shape, static_decode=True, reserve_decode=True)
+    assert not eager.reserve_decode
+    requests = _requests(base)
+    batches = [runner.prefill(requests)[0] for runner in (eager, reserved)]
+    assert batches[1].keeps_room and batches[1].room == STEPS
+    late = NewRequest("late", [9, 8, 7], SamplingParams(max_new_tokens=STEPS + 5))
+    late_rows = [runner.prefill([late])[0] for runner in (eager, reserved)]
+    decoder = reserved.static_decoder
+    steps_seen = set()
+    for step in range(STEPS):
+        if step == STEPS // 2:  # a row leaves
+            batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
+            assert batches[1].room == STEPS - step
+        if step == STEPS // 2 + 3:  # a row joins with more steps to go than the others: its room is kept
+            assert late_rows[1].room == STEPS + 5
+            batches = [Batch.concatenate([b, row]) for b, row in zip(batches, late_rows, strict=True)]
+            assert batches[1].keeps_room and batches[1].room == STEPS + 5
+            late_rows = []
+        want, got = eager.decode(batches[0]), reserved.decode(batches[1])
+        assert torch.equal(got, want), f"step {step}"
+        steps_seen.add(id(decoder._step))
+        batches[1].check()
+    # One fixed-shape step per set of buffers: the first, after the leave, after the join. No growth.
+    assert len(steps_seen) == 3
+    assert batches[1].room == STEPS + 5 - (STEPS - (STEPS // 2 + 3))
+    assert batches[0].room < batches[1].room  # the eager buffers grew by the default policy instead
+
+
 def test_a_failed_capture_leaves_the_steps_eager_and_right(caplog) -> None:
     """Graph capture fails on a CPU (no CUDA streams): the decoder says so once, stays eager, loses nothing."""
     base = tiny_llama(seed=5)
