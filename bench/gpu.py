@@ -119,10 +119,6 @@ ENGINES: dict[str, Callable[[Models, int], Engine]] = {
     "engine_sdpa": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, decode_kernel=False, **FUSED),
     # The default, the step compiled first (Inductor's fused kernels, then replayed from graphs).
     "compiled": lambda m, b: make_engine(m.fused, *m.shape, m.context, b, compile_decode=True, **FUSED),
-    # The same with the kernel's columns never split across programs (one program per row and KV head).
-    "compiled_unsplit": lambda m, b: make_engine(
-        m.fused, *m.shape, m.context, b, compile_decode=True, split_kv=False, **FUSED
-    ),
     # The same with KV buffers that grow by half when full, instead of reserving the rows' decode steps.
     "compiled_growing": lambda m, b: make_engine(
         m.fused, *m.shape, m.context, b, compile_decode=True, reserve_decode=False, **FUSED
@@ -317,7 +313,7 @@ def check_decode_kernel(device: torch.device, dtype: torch.dtype) -> dict[str, A
     """server/decode_attention.py's kernel on this device: its largest difference from SDPA under the same mask
     (fresh random inputs, left padding, NaN in the columns it must not read), and its time against SDPA over all
     C columns (what the step did before) at the 1B model's heads, batch 64, 400 of 600 columns in use."""
-    from server.decode_attention import decode_attention, kv_splits, supported
+    from server.decode_attention import decode_attention, supported
     from server.fused_step import decode_rows_attention
 
     if not supported(device, 32, 8, 64):
@@ -334,14 +330,13 @@ def check_decode_kernel(device: torch.device, dtype: torch.dtype) -> dict[str, A
             mask = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
             for r in range(rows):
                 mask[r, (r * 13) % column : column + 1] = True
+            got = decode_attention(q, k, v, mask, torch.tensor([column], device=device), head_dim**-0.5)
             end = column + 1
             want = decode_rows_attention(
                 q.float(), k[:, :, :end].float(), v[:, :, :end].float(), mask[:, None, None, :end], head_dim**-0.5
             )
-            for splits in (1, 4):
-                got = decode_attention(q, k, v, mask, torch.tensor([column], device=device), head_dim**-0.5, splits)
-                key = f"{str(check_dtype).removeprefix('torch.')}_{rows}x{heads}/{kv_heads}x{head_dim}_c{column}"
-                errors[f"{key}_s{splits}"] = float((got.float() - want).abs().max())
+            key = f"{str(check_dtype).removeprefix('torch.')}_{rows}x{heads}/{kv_heads}x{head_dim}_c{column}"
+            errors[key] = float((got.float() - want).abs().max())
     rows, heads, kv_heads, head_dim, capacity, column = 64, 32, 8, 64, 600, 399
     q = torch.randn(rows, heads, head_dim, device=device, dtype=dtype)
     k = torch.randn(rows, kv_heads, capacity, head_dim, device=device, dtype=dtype)
@@ -350,11 +345,8 @@ def check_decode_kernel(device: torch.device, dtype: torch.dtype) -> dict[str, A
     mask[:, : column + 1] = True
     col = torch.tensor([column], device=device)
     scale = head_dim**-0.5
-    splits = kv_splits(rows, kv_heads, device)
     timings = {
         "kernel_us": _time_us(lambda: decode_attention(q, k, v, mask, col, scale)),
-        "splits": splits,
-        "kernel_split_us": _time_us(lambda: decode_attention(q, k, v, mask, col, scale, splits)),
         "sdpa_all_columns_us": _time_us(lambda: decode_rows_attention(q, k, v, mask[:, None, None], scale)),
     }
     kv_bytes = 2 * rows * kv_heads * (column + 1) * head_dim * k.element_size()

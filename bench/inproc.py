@@ -114,7 +114,6 @@ def make_engine(
     fuse_projections: bool | None = None,
     decode_kernel: bool = True,
     reserve_decode: bool | None = None,
-    split_kv: bool = True,
     tokenizer: Decoder | None = None,
     eos_token_ids: Sequence[int] = (),
     metrics: EngineMetrics | None = None,
@@ -128,8 +127,7 @@ def make_engine(
     (server/cpu_linear.py); False leaves the model's linear layers as they are. ``fuse_projections``: the
     runner's (server/fused_projections.py); None, its default (on CUDA). ``decode_kernel``: the runner's
     (server/decode_attention.py, where supported). ``reserve_decode``: the runner's (KV buffers that reserve their
-    rows' decode steps; None, its default: with the kernel). ``split_kv``: the runner's (the kernel's columns split
-    across programs where rows alone leave the GPU idle). ``tokenizer``, ``eos_token_ids``, ``metrics``,
+    rows' decode steps; None, its default: with the kernel). ``tokenizer``, ``eos_token_ids``, ``metrics``,
     ``speculative``: the engine's (no text, no EOS, no metrics and no speculation by default)."""
     runner = ModelRunner(
         model,
@@ -142,7 +140,6 @@ def make_engine(
         fuse_projections=fuse_projections,
         decode_kernel=decode_kernel,
         reserve_decode=reserve_decode,
-        split_kv=split_kv,
     )
     config = SchedulerConfig(max_batch_size=batch, max_queue=max(256, 4 * batch), **scheduler)
     return Engine(

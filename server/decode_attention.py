@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -48,27 +48,6 @@ def _triton_available() -> bool:
     return True
 
 
-# Programs per streaming multiprocessor that splits aim for: (rows x KV heads) alone gave ~4 on an H200 at batch
-# 64 (512 programs, 132 SMs), with the kernel at about half the copy bandwidth (bench/RESULTS.md).
-PROGRAMS_PER_SM = 16
-MAX_SPLITS = 8
-
-
-def kv_splits(rows: int, kv_heads: int, device: torch.device) -> int:
-    """Splits of each row's columns for a step of ``rows`` rows: a power of two, so that rows x KV heads x splits
-    comes near ``PROGRAMS_PER_SM`` programs per multiprocessor; 1 (no split) on a full GPU or off CUDA. Fixed for a
-    batch's rows whatever its width, so a replayed graph keeps it."""
-    if device.type != "cuda" or rows * kv_heads == 0:
-        return 1
-    wanted = PROGRAMS_PER_SM * _multiprocessors(device) // (rows * kv_heads)
-    return max(1, min(MAX_SPLITS, 1 << max(0, wanted.bit_length() - 1)))
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @torch.library.custom_op("prefix_serve::decode_attention", mutates_args=())
 def decode_attention(
     query: torch.Tensor,  # [B, H_q, d]: one query token per row
@@ -77,36 +56,35 @@ def decode_attention(
     mask: torch.Tensor,  # [B, C] bool: the columns each row attends to (its own, and the step's column)
     column: torch.Tensor,  # [1] int64: the step's column; nothing past it is read
     scale: float,
-    splits: int = 1,  # programs per (row, KV head), each over a share of the columns (``kv_splits``)
 ) -> torch.Tensor:
     """Attention output [B, H_q, d] in the query's dtype."""
     rows, heads, head_dim = query.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
-    group_pad = max(16, 1 << (group - 1).bit_length())  # tl.dot needs 16 rows, tl.arange a power of two
     query = query if query.stride(-1) == 1 else query.contiguous()
     out = torch.empty(rows, heads, head_dim, dtype=query.dtype, device=query.device)
     if rows == 0:
         return out
-    kernels, config, interpreted = _kernels()
-    shapes = {"GROUP": group, "GROUP_PAD": group_pad, "HEAD_DIM": head_dim}
-    strides = (*query.stride()[:2], *keys.stride()[:3], *values.stride()[:3], mask.stride(0))
-    dot_fp32 = interpreted or query.dtype == torch.float32
-    if splits == 1:
-        kernels.whole[(rows, kv_heads)](
-            query, keys, values, mask, column, out, *strides, *out.stride()[:2], scale,
-            **shapes, DOT_FP32=dot_fp32, **config,
-        )  # fmt: skip
-        return out
-    # Each split's unnormalised output, then its max and sum of weights per query head (float32, ~2 MB at batch
-    # 64 and 4 splits of the 1B model's heads: next to nothing beside the K/V read).
-    parts = torch.empty(rows, kv_heads, splits, group_pad, head_dim, dtype=torch.float32, device=query.device)
-    stats = torch.empty(rows, kv_heads, splits, 2, group_pad, dtype=torch.float32, device=query.device)
-    kernels.split[(rows, kv_heads, splits)](
-        query, keys, values, mask, column, parts, stats, *strides, scale,
-        **shapes, SPLITS=splits, DOT_FP32=dot_fp32, **config,
-    )  # fmt: skip
-    kernels.combine[(rows, kv_heads)](parts, stats, out, *out.stride()[:2], **shapes, SPLITS=splits)
+    kernel, config, interpreted = _kernel()
+    kernel[(rows, kv_heads)](
+        query,
+        keys,
+        values,
+        mask,
+        column,
+        out,
+        *query.stride()[:2],
+        *keys.stride()[:3],
+        *values.stride()[:3],
+        mask.stride(0),
+        *out.stride()[:2],
+        scale,
+        GROUP=group,
+        GROUP_PAD=max(16, 1 << (group - 1).bit_length()),  # tl.dot needs 16 rows, tl.arange a power of two
+        HEAD_DIM=head_dim,
+        DOT_FP32=interpreted or query.dtype == torch.float32,
+        **config,
+    )
     return out
 
 
@@ -118,30 +96,17 @@ def _(
     mask: torch.Tensor,
     column: torch.Tensor,
     scale: float,
-    splits: int = 1,
 ) -> torch.Tensor:
     return query.new_empty(query.shape)
 
 
-class _Kernels(NamedTuple):
-    whole: Any  # one program per (row, KV head)
-    split: Any  # one per (row, KV head, split)
-    combine: Any  # the splits' outputs into one
-
-
 @functools.cache
-def _kernels() -> tuple[_Kernels, dict[str, int], bool]:
-    """The Triton kernels, the launch options the attending ones need, and whether they are interpreted; imported
-    on first use (``triton.jit`` reads TRITON_INTERPRET when it decorates): autotuned on a GPU, one fixed config
-    in Triton's interpreter."""
+def _kernel() -> tuple[Any, dict[str, int], bool]:
+    """The Triton kernel, the launch options it needs, and whether it is interpreted; imported on first use
+    (``triton.jit`` reads TRITON_INTERPRET when it decorates): autotuned on a GPU, one fixed config in Triton's
+    interpreter."""
     from server import decode_attention_kernel as module
 
     if os.environ.get("TRITON_INTERPRET") == "1":
-        kernels = _Kernels(
-            module.decode_attention_kernel, module.decode_attention_split_kernel, module.combine_splits_kernel
-        )
-        return kernels, module.INTERPRETER_CONFIG, True
-    tuned = _Kernels(
-        module.tuned_decode_attention_kernel, module.tuned_decode_attention_split_kernel, module.combine_splits_kernel
-    )
-    return tuned, {}, False
+        return module.decode_attention_kernel, module.INTERPRETER_CONFIG, True
+    return module.tuned_decode_attention_kernel, {}, False

@@ -1,12 +1,8 @@
-"""The Triton kernels of server/decode_attention.py (imported only where Triton is installed).
+"""The Triton kernel of server/decode_attention.py (imported only where Triton is installed).
 
 One program per (row, KV head): the G query heads of the KV head (padded to ``GROUP_PAD`` >= 16 rows, what tl.dot
 needs) against the row's K and V, tile by tile of ``BLOCK_N`` columns up to the step's column, with an online
-softmax in float32. Split (flash-decoding): S programs per (row, KV head), each over its share of the columns,
-write their unnormalised outputs, maxima and sums; a second kernel rescales them to a common maximum and sums
-them. More programs keep more loads in flight where rows x KV heads alone do not fill the GPU.
-
-The two products of a tile are tensor-core dots on bf16/fp16 inputs (float32 accumulation);
+softmax in float32. The two products of a tile are tensor-core dots on bf16/fp16 inputs (float32 accumulation);
 with ``DOT_FP32`` (float32 models, and Triton's interpreter, whose bf16 dot is wrong) they run in float32 without
 tf32, so a float32 model's results stay float32-exact.
 
@@ -25,62 +21,6 @@ CONFIGS = [
     triton.Config({"BLOCK_N": block}, num_warps=warps, num_stages=stages)
     for block, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3))
 ]
-
-
-@triton.jit
-def _attend_columns(
-    q,  # [GP, d]: the KV head's query heads (padded rows zero)
-    k_row,  # pointers to the row's K of this KV head, column 0
-    v_row,
-    mask_row,  # pointer to the row's mask, column 0
-    first,  # the first column to attend to
-    stop,  # one past the last (the tiles stop at or after it; columns at or past it are not read)
-    stride_kc,
-    stride_vc,
-    scale,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    """Online softmax over columns [first, stop) of one row and KV head: the unnormalised output [GP, d] (float32),
-    the running max [GP] (-inf where no column was kept) and the sum of the weights [GP]."""
-    dims = tl.arange(0, HEAD_DIM)
-    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    running_sum = tl.full([GROUP_PAD], 0.0, tl.float32)
-    acc = tl.full([GROUP_PAD, HEAD_DIM], 0.0, tl.float32)
-    for start in range(first, stop, BLOCK_N):
-        columns = start + tl.arange(0, BLOCK_N)
-        keep = tl.load(mask_row + columns, mask=columns < stop, other=0) != 0  # [N]
-        k = tl.load(k_row + columns[:, None] * stride_kc + dims[None, :], mask=keep[:, None], other=0.0)
-        if DOT_FP32:  # noqa: SIM108 (a constexpr branch: Triton compiles one side)
-            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")  # [GP, N]
-        else:
-            scores = tl.dot(q, tl.trans(k))  # float32 accumulation
-        scores = scores * scale
-        scores = tl.where(keep[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        # A tile with nothing kept leaves the max at -inf: shift by 0 then (every weight is exp(-inf) = 0).
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        weights = tl.exp(scores - shift[:, None])  # [GP, N]
-        rescale = tl.exp(running_max - shift)
-        v = tl.load(v_row + columns[:, None] * stride_vc + dims[None, :], mask=keep[:, None], other=0.0)
-        if DOT_FP32:  # noqa: SIM108 (a constexpr branch: Triton compiles one side)
-            part = tl.dot(weights, v.to(tl.float32), input_precision="ieee")  # [GP, d]
-        else:
-            part = tl.dot(weights.to(v.dtype), v)
-        acc = acc * rescale[:, None] + part
-        running_sum = running_sum * rescale + tl.sum(weights, 1)
-        running_max = new_max
-    return acc, running_max, running_sum
-
-
-@triton.jit
-def _load_query(q_ptr, row, kv_head, stride_qb, stride_qh, GROUP, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    heads = tl.arange(0, GROUP_PAD)  # this KV head's query heads, padded to a power of two
-    dims = tl.arange(0, HEAD_DIM)
-    q_offsets = row * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :]
-    return tl.load(q_ptr + q_offsets, mask=(heads < GROUP)[:, None], other=0.0)  # [GP, d]
 
 
 @triton.jit
@@ -109,118 +49,50 @@ def decode_attention_kernel(
     BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """One program per (row, KV head): every column up to the step's, normalised, written to ``out``."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q = _load_query(q_ptr, row, kv_head, stride_qb, stride_qh, GROUP, GROUP_PAD, HEAD_DIM)
+    heads = tl.arange(0, GROUP_PAD)  # this KV head's query heads, padded to a power of two
+    dims = tl.arange(0, HEAD_DIM)
+    real_head = heads < GROUP
+    q_offsets = row * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=real_head[:, None], other=0.0)  # [GP, d]
     if DOT_FP32:
         q = q.to(tl.float32)
     end = tl.load(column_ptr) + 1  # columns [0, end): the row's KV and the step's own column
     k_row = k_ptr + row * stride_kb + kv_head * stride_kh
     v_row = v_ptr + row * stride_vb + kv_head * stride_vh
-    acc, _, running_sum = _attend_columns(
-        q, k_row, v_row, mask_ptr + row * stride_mb, 0, end, stride_kc, stride_vc, scale,
-        GROUP_PAD, HEAD_DIM, BLOCK_N, DOT_FP32,
-    )  # fmt: skip
-    out = acc / running_sum[:, None]
-    heads = tl.arange(0, GROUP_PAD)
-    dims = tl.arange(0, HEAD_DIM)
-    out_offsets = row * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=(heads < GROUP)[:, None])
-
-
-@triton.jit
-def decode_attention_split_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    mask_ptr,
-    column_ptr,
-    part_ptr,  # [B, H_kv, S, GP, d] float32: each split's unnormalised output
-    stats_ptr,  # [B, H_kv, S, 2, GP] float32: each split's running max, then its sum of weights
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_kh,
-    stride_kc,
-    stride_vb,
-    stride_vh,
-    stride_vc,
-    stride_mb,
-    scale,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    """One program per (row, KV head, split): the split's share of the columns up to the step's, in whole tiles
-    (a split past the last column keeps nothing: max -inf, sum 0)."""
-    row = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    q = _load_query(q_ptr, row, kv_head, stride_qb, stride_qh, GROUP, GROUP_PAD, HEAD_DIM)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    end = tl.load(column_ptr) + 1
-    share = tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N  # columns per split, whole tiles
-    first = split * share
-    stop = tl.minimum(first + share, end)
-    k_row = k_ptr + row * stride_kb + kv_head * stride_kh
-    v_row = v_ptr + row * stride_vb + kv_head * stride_vh
-    acc, running_max, running_sum = _attend_columns(
-        q, k_row, v_row, mask_ptr + row * stride_mb, first, stop, stride_kc, stride_vc, scale,
-        GROUP_PAD, HEAD_DIM, BLOCK_N, DOT_FP32,
-    )  # fmt: skip
-    heads = tl.arange(0, GROUP_PAD)
-    dims = tl.arange(0, HEAD_DIM)
-    program = (row * tl.num_programs(1) + kv_head) * SPLITS + split
-    tl.store(part_ptr + program * GROUP_PAD * HEAD_DIM + heads[:, None] * HEAD_DIM + dims[None, :], acc)
-    tl.store(stats_ptr + program * 2 * GROUP_PAD + heads, running_max)
-    tl.store(stats_ptr + program * 2 * GROUP_PAD + GROUP_PAD + heads, running_sum)
-
-
-@triton.jit
-def combine_splits_kernel(
-    part_ptr,
-    stats_ptr,
-    out_ptr,
-    stride_ob,
-    stride_oh,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    SPLITS: tl.constexpr,
-):
-    """One program per (row, KV head): the splits' outputs rescaled to their common max, summed, normalised."""
-    row = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    heads = tl.arange(0, GROUP_PAD)
-    dims = tl.arange(0, HEAD_DIM)
-    first_program = (row * tl.num_programs(1) + kv_head) * SPLITS
-    top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for split in tl.static_range(SPLITS):
-        top = tl.maximum(top, tl.load(stats_ptr + (first_program + split) * 2 * GROUP_PAD + heads))
-    shift = tl.where(top == float("-inf"), 0.0, top)  # padded heads: nothing anywhere
-    total = tl.full([GROUP_PAD], 0.0, tl.float32)
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.full([GROUP_PAD], 0.0, tl.float32)
     acc = tl.full([GROUP_PAD, HEAD_DIM], 0.0, tl.float32)
-    for split in tl.static_range(SPLITS):
-        stats = stats_ptr + (first_program + split) * 2 * GROUP_PAD
-        weight = tl.exp(tl.load(stats + heads) - shift)  # 0 for a split that kept nothing
-        total += weight * tl.load(stats + GROUP_PAD + heads)
-        part_offsets = (first_program + split) * GROUP_PAD * HEAD_DIM + heads[:, None] * HEAD_DIM + dims[None, :]
-        part = tl.load(part_ptr + part_offsets)
-        acc += weight[:, None] * part
-    out = acc / total[:, None]
+    for start in range(0, end, BLOCK_N):
+        columns = start + tl.arange(0, BLOCK_N)
+        keep = tl.load(mask_ptr + row * stride_mb + columns, mask=columns < end, other=0) != 0  # [N]
+        k = tl.load(k_row + columns[:, None] * stride_kc + dims[None, :], mask=keep[:, None], other=0.0)
+        if DOT_FP32:  # noqa: SIM108 (a constexpr branch: Triton compiles one side)
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")  # [GP, N]
+        else:
+            scores = tl.dot(q, tl.trans(k))  # float32 accumulation
+        scores = scores * scale
+        scores = tl.where(keep[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        # A tile with nothing kept leaves the max at -inf: shift by 0 then (every weight is exp(-inf) = 0).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        weights = tl.exp(scores - shift[:, None])  # [GP, N]
+        rescale = tl.exp(running_max - shift)
+        v = tl.load(v_row + columns[:, None] * stride_vc + dims[None, :], mask=keep[:, None], other=0.0)
+        if DOT_FP32:  # noqa: SIM108 (a constexpr branch: Triton compiles one side)
+            part = tl.dot(weights, v.to(tl.float32), input_precision="ieee")  # [GP, d]
+        else:
+            part = tl.dot(weights.to(v.dtype), v)
+        acc = acc * rescale[:, None] + part
+        running_sum = running_sum * rescale + tl.sum(weights, 1)
+        running_max = new_max
+    out = acc / running_sum[:, None]
     out_offsets = row * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=(heads < GROUP)[:, None])
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=real_head[:, None])
 
 
 # What the server launches on a GPU. Triton's interpreter (tests on a CPU) has no driver to time configs with,
 # so there the plain kernel runs with INTERPRETER_CONFIG.
 tuned_decode_attention_kernel = triton.autotune(configs=CONFIGS, key=["HEAD_DIM", "GROUP_PAD"])(decode_attention_kernel)
-tuned_decode_attention_split_kernel = triton.autotune(configs=CONFIGS, key=["HEAD_DIM", "GROUP_PAD", "SPLITS"])(
-    decode_attention_split_kernel
-)
 INTERPRETER_CONFIG = {"BLOCK_N": 32}

@@ -70,7 +70,6 @@ class ModelRunner:
         fuse_projections: bool | None = None,
         decode_kernel: bool = True,
         reserve_decode: bool | None = None,
-        split_kv: bool = True,
     ) -> None:
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # V, the logits' width
@@ -124,13 +123,7 @@ class ModelRunner:
             and decode_attention_supported(self.device, heads, num_kv_heads, head_dim)
         )
         self.static_decoder = (
-            StaticDecoder(
-                model,
-                use_graphs=self.device.type == "cuda",
-                compile_forward=compile_decode,
-                kernel=kernel,
-                split_kv=split_kv,
-            )
+            StaticDecoder(model, use_graphs=self.device.type == "cuda", compile_forward=compile_decode, kernel=kernel)
             if static_decode and self.fuses_prefill
             else None
         )

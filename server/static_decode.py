@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from server.batch import Batch
-from server.decode_attention import decode_attention, kv_splits
+from server.decode_attention import decode_attention
 from server.fused_step import LAYOUT_KWARG, decode_rows_attention, placeholder_mask
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ class StaticGroup:
     values: list[torch.Tensor]
     column: torch.Tensor  # [1] int64: the column this step's K/V go to (T_g, the group's width)
     mask: torch.Tensor  # [B_g, 1, 1, C_g] bool: each row's real columns and ``column``
-    splits: int = 1  # the kernel's programs per (row, KV head) (decode_attention.kv_splits)
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def static_decode_attention(
         rows = query[0, :, span].transpose(0, 1)  # [B_g, H_q, d]
         if layout.kernel:  # the shapes stay the same; the kernel reads up to ``column``, the rest stays unread
             scale = rows.shape[-1] ** -0.5 if scaling is None else scaling
-            parts.append(decode_attention(rows, keys, values, group.mask[:, 0, 0], group.column, scale, group.splits))
+            parts.append(decode_attention(rows, keys, values, group.mask[:, 0, 0], group.column, scale))
         else:  # all C_g columns under the mask: the shapes stay the same from step to step
             parts.append(decode_rows_attention(rows, keys, values, group.mask, scaling))
         offset = span.stop
@@ -99,9 +98,7 @@ def static_decode_attention(
 class _Step:
     """The static inputs and outputs of one set of groups' step, and its graph once captured."""
 
-    def __init__(
-        self, groups: Sequence[Batch], forward: Callable[..., torch.Tensor], kernel: bool, split_kv: bool
-    ) -> None:
+    def __init__(self, groups: Sequence[Batch], forward: Callable[..., torch.Tensor], kernel: bool) -> None:
         rows = sum(len(batch) for batch in groups)
         device = groups[0].keys[0].device
         self.buffers = _addresses(groups)
@@ -114,7 +111,6 @@ class _Step:
                     batch.values,
                     torch.zeros(1, dtype=torch.int64, device=device),
                     torch.zeros(len(batch), 1, 1, batch.keys[0].shape[2], dtype=torch.bool, device=device),
-                    kv_splits(len(batch), batch.keys[0].shape[1], device) if kernel and split_kv else 1,
                 )
                 for batch in groups
             ],
@@ -174,17 +170,11 @@ class StaticDecoder:
     """Runs a batch's decode forward at fixed shapes; on CUDA, from a graph once the batch has settled."""
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        use_graphs: bool,
-        compile_forward: bool = False,
-        kernel: bool = False,
-        split_kv: bool = True,
+        self, model: torch.nn.Module, use_graphs: bool, compile_forward: bool = False, kernel: bool = False
     ) -> None:
         self.model = model
         self.use_graphs = use_graphs
         self.kernel = kernel  # attention by server/decode_attention.py's kernel (the caller checked ``supported``)
-        self.split_kv = split_kv  # the kernel's rows split across programs where they alone leave the GPU idle
         self.compiled = compile_forward
         # dynamic=True: rows and KV columns are symbolic from the first compile, so growth never recompiles.
         self._step_forward = torch.compile(self._forward, dynamic=True) if compile_forward else self._forward
@@ -205,8 +195,7 @@ class StaticDecoder:
         if step is None or step.buffers != _addresses(groups):
             compiled = self.compiled and all(len(batch) > 1 for batch in groups)
             # The old graph (if any) goes with the old step.
-            forward = self._step_forward if compiled else self._forward
-            step = self._step = _Step(groups, forward, self.kernel, self.split_kv)
+            step = self._step = _Step(groups, self._step_forward if compiled else self._forward, self.kernel)
         step.load(groups)
         step.steps += 1
         if self.use_graphs and step.graph is None and step.steps > CAPTURE_AFTER:

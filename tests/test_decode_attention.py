@@ -61,13 +61,10 @@ def _reference(query, keys, values, mask, column, scale):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("splits", [1, 2, 8], ids=["whole", "2-splits", "8-splits"])
-def test_kernel_equals_sdpa_under_the_mask(rows, heads, kv_heads, head_dim, capacity, column, dtype, splits) -> None:
-    """Split or not: 8 splits of the short cases leave some splits past the step's column, with nothing kept, and
-    the last row's only column (the step's) in the last split that keeps anything."""
+def test_kernel_equals_sdpa_under_the_mask(rows, heads, kv_heads, head_dim, capacity, column, dtype) -> None:
     query, keys, values, mask, col = _case(rows, heads, kv_heads, head_dim, capacity, column, dtype)
     scale = head_dim**-0.5
-    got = decode_attention(query, keys, values, mask, col, scale, splits)
+    got = decode_attention(query, keys, values, mask, col, scale)
     assert got.shape == query.shape and got.dtype == dtype
     assert torch.isfinite(got).all()
     want = _reference(query, keys, values, mask, col, scale)
@@ -84,14 +81,8 @@ def test_a_strided_query_view_is_read_as_it_lies() -> None:
     torch.testing.assert_close(got, _reference(query, keys, values, mask, col, 0.25), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("splits", [1, 2], ids=["whole", "split"])
-def test_fixed_shape_steps_with_the_kernel_equal_the_eager_decode(splits: int, monkeypatch) -> None:
-    """Through the runner: prefixes and prompts of different lengths, buffer growth, a row leaving; with the
-    columns split across programs as on a GPU that rows alone leave idle (here by decree: kv_splits is 1 on a
-    CPU)."""
-    from server import static_decode
-
-    monkeypatch.setattr(static_decode, "kv_splits", lambda rows, kv_heads, device: splits)
+def test_fixed_shape_steps_with_the_kernel_equal_the_eager_decode() -> None:
+    """Through the runner: prefixes and prompts of different lengths, buffer growth, a row leaving."""
     base = tiny_llama(seed=5)
     shape = probe_kv_shape(base)
     eager = ModelRunner(copy.deepcopy(base), *shape, static_decode=False)
@@ -104,14 +95,3 @@ def test_fixed_shape_steps_with_the_kernel_equal_the_eager_decode(splits: int, m
             batches = [b.filter(["r0", "r2", "r3"]) for b in batches]
         assert torch.equal(static.decode(batches[1]), eager.decode(batches[0])), f"step {step}"
     assert static.static_decoder._step.layout.kernel
-    assert [group.splits for group in static.static_decoder._step.layout.groups] == [splits]
-
-
-def test_splits_fill_the_gpu_that_rows_alone_leave_idle(monkeypatch) -> None:
-    """~16 programs per multiprocessor, in powers of two up to 8; none on a full GPU or off CUDA."""
-    from server import decode_attention as module
-
-    monkeypatch.setattr(module, "_multiprocessors", lambda device: 132)  # an H100 / H200
-    cuda = torch.device("cuda")
-    assert [module.kv_splits(rows, 8, cuda) for rows in (1, 16, 64, 128, 256, 1024)] == [8, 8, 4, 2, 1, 1]
-    assert module.kv_splits(64, 8, torch.device("cpu")) == 1
