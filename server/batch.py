@@ -130,7 +130,8 @@ class Batch:
         With ``reserve_decode`` the room is every decode step the rows may take (the most ``max_new_tokens`` of
         any row): where free columns cost no reads (the decode-attention kernel), a buffer that never grows
         spares the copy and, on CUDA, the eager steps and the graph capture that follow every growth. Admission
-        already counts each row's whole ``max_len``, so this reserves at most the padded share more.
+        already counts each row's whole ``max_len`` (rows x the longest): the padding can add up to as much again
+        where the longest prompt and the most new tokens belong to different rows.
         """
         num_layers, num_kv_heads, head_dim = kv_shape
         n_rows = len(requests)
