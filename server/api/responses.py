@@ -123,6 +123,9 @@ def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     if not items:
         raise ParameterError("input", "input is empty")
+    for i, item in enumerate(items):
+        if not isinstance(item.get("type", "message"), str):
+            raise ParameterError(f"input.{i}.type", "an input item's type must be a string")
     kept = [_known_fields(item) for item in items]
     return [item if "id" in item else {**item, "id": _new_item_id(item)} for item in kept]
 
