@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.kv_cache import HEADROOM_COLUMNS, allocate, with_room
+from server.kv_cache import HEADROOM_COLUMNS, RESERVED_DECODE_COLUMNS, allocate, with_room
 from server.prompt_cache import CachedPrompt
 from server.sampling import SamplingBatch, SamplingParams
 
@@ -128,10 +128,11 @@ class Batch:
         [L, 2, H_kv, P, d] on ``device`` in ``dtype`` (the device tier of the prefix cache). The KV buffers
         have room for the prompts and the first decode steps: per layer [B, H_kv, P_max + N_max + headroom, d].
         With ``reserve_decode`` the room is every decode step the rows may take (the most ``max_new_tokens`` of
-        any row): where free columns cost no reads (the decode-attention kernel), a buffer that never grows
-        spares the copy and, on CUDA, the eager steps and the graph capture that follow every growth. Admission
-        already counts each row's whole ``max_len`` (rows x the longest): the padding can add up to as much again
-        where the longest prompt and the most new tokens belong to different rows.
+        any row, up to ``RESERVED_DECODE_COLUMNS``): where free columns cost no reads (the decode-attention
+        kernel), a buffer that does not grow spares the copy and, on CUDA, the eager steps and the graph capture
+        that follow every growth. Admission already counts each row's whole ``max_len`` (rows x the longest): the
+        padding can add up to as much again where the longest prompt and the most new tokens belong to different
+        rows.
         """
         num_layers, num_kv_heads, head_dim = kv_shape
         n_rows = len(requests)
@@ -141,7 +142,7 @@ class Batch:
         p_max, n_max = max(prefix_lens), max(prompt_lens)
         room = HEADROOM_COLUMNS
         if reserve_decode:
-            room = max(room, max(r.params.max_new_tokens for r in requests))
+            room = max(room, min(RESERVED_DECODE_COLUMNS, max(r.params.max_new_tokens for r in requests)))
         capacity = p_max + n_max + room
         # One buffer per layer and K/V, not views of one tensor: every batch's buffers are then laid out alike
         # (filtered, joined and grown ones are separate too), which a compiled decode step relies on.

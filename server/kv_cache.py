@@ -17,6 +17,11 @@ KV = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 # Free columns a fresh buffer gets beyond what it holds: a few dozen decode steps before the first growth.
 HEADROOM_COLUMNS = 64
+# The most decode steps a batch reserves up front where it reserves its rows' steps (Batch.from_requests's
+# ``reserve_decode``): a run of 256 new tokens never grows, and a chat request that leaves max_tokens at the
+# server's 2,048 does not hold 2,048 columns per row from its first step (most replies end long before: growth,
+# once every few hundred steps past this, costs a few percent of a step).
+RESERVED_DECODE_COLUMNS = 512
 
 
 def allocate(

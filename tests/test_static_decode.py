@@ -90,6 +90,23 @@ def test_reserved_buffers_never_grow_and_keep_their_room_through_leaves_and_join
     assert batches[0].room < batches[1].room  # the eager buffers grew by the default policy instead
 
 
+def test_reserved_room_is_capped() -> None:
+    """A request that may run to the server's 2,048 new tokens reserves RESERVED_DECODE_COLUMNS, not 2,048 columns
+    a row from its first step; past them its buffers grow as others do."""
+    from server.kv_cache import RESERVED_DECODE_COLUMNS
+
+    base = tiny_llama(seed=5)
+    reserved = ModelRunner(base, *probe_kv_shape(base), static_decode=True, reserve_decode=True)
+    long = NewRequest("long", [5, 6, 7], SamplingParams(max_new_tokens=RESERVED_DECODE_COLUMNS + 1000))
+    batch, _ = reserved.prefill([long])
+    assert batch.room == RESERVED_DECODE_COLUMNS
+    batch.keys = [k[:, :, : batch.width + 1] for k in batch.keys]  # as if the room were spent
+    batch.values = [v[:, :, : batch.width + 1] for v in batch.values]
+    reserved.decode(batch)
+    reserved.decode(batch)  # no room left: grows (by half), as without reservation
+    assert batch.room > 0
+
+
 def test_a_failed_capture_leaves_the_steps_eager_and_right(caplog) -> None:
     """Graph capture fails on a CPU (no CUDA streams): the decoder says so once, stays eager, loses nothing."""
     base = tiny_llama(seed=5)
