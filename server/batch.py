@@ -86,7 +86,8 @@ class Batch:
     next_input_ids: torch.Tensor  # [B] int64
     sampling: SamplingBatch
     # Buffers made for these rows reserve the columns their decode steps may still write (``from_requests``'s
-    # ``reserve_decode``), and joins and compaction keep that room, so decode steps never grow them.
+    # ``reserve_decode``, up to RESERVED_DECODE_COLUMNS), and joins and compaction keep that room, so decode
+    # steps do not grow them.
     keeps_room: bool = False
 
     def __len__(self) -> int:
