@@ -16,7 +16,12 @@ class InvalidPrefix(PrefixStoreError):
 
 
 class InvalidTaskId(PrefixStoreError):
-    """A task id or tenant name that does not match the allowed pattern (422)."""
+    """A task id or tenant name that does not match the allowed pattern (422). ``field``: which of the two
+    ("task_id" or "tenant"), the request field an error names."""
+
+    def __init__(self, message: str, field: str = "task_id") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PrefixTooLarge(PrefixStoreError):

@@ -13,7 +13,10 @@ _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 def _validate(kind: str, value: object) -> str:
     # fullmatch also refuses a trailing "\n", which "$" alone would let through.
     if not isinstance(value, str) or _TASK_ID_RE.fullmatch(value) is None or ".." in value:
-        raise InvalidTaskId(f"invalid {kind} {shown(value)}: must match {TASK_ID_PATTERN} and must not contain '..'")
+        raise InvalidTaskId(
+            f"invalid {kind} {shown(value)}: must match {TASK_ID_PATTERN} and must not contain '..'",
+            field=kind.replace(" ", "_"),
+        )
     return value
 
 

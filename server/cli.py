@@ -120,7 +120,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     for name, (kind, text) in _SERVE_FLAGS.items():
         env = ENV_PREFIX + name.upper()
         serve.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{text} [env {env}]")
-    serve.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without API keys")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help=f"allow a non-loopback bind without API keys [env {ENV_PREFIX}INSECURE_NO_AUTH=1]",
+    )
     serve.add_argument(  # a store_true flag: the table's type(raw) conversion would read "0" as True
         "--allow-unverified-architecture",
         action="store_true",
@@ -166,7 +170,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="leave the objects alive after start-up in the garbage collector's full walks (~300 ms pauses of "
         f"every stream when one runs) instead of freezing them [env {ENV_PREFIX}NO_GC_FREEZE=1]",
     )
-    serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"),
+        help=f"debug, info, warning or error (default info) [env {ENV_PREFIX}LOG_LEVEL]",
+    )
     serve.add_argument(
         "--log-format",
         default=os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text"),

@@ -135,7 +135,7 @@ def from_store_error(exc: store_errors.PrefixStoreError) -> ApiError:
     if isinstance(exc, store_errors.PrefixNotFound):
         return NotFound(message)
     if isinstance(exc, store_errors.InvalidTaskId):
-        return InvalidInput(message)
+        return InvalidInput(message, param=exc.field)
     if isinstance(exc, store_errors.InvalidPrefix):
         return InvalidPrefixError(message)
     if isinstance(exc, store_errors.PrefixTooLarge):

@@ -212,6 +212,11 @@ def test_bad_input_is_a_clear_4xx(client: TestClient) -> None:
     assert_error(put_native(client, "a/b", native_blob()), 422, "task id")  # not a bare 404 from the router
     assert_error(client.get("/v1/prefixes/a/b"), 422, "task id")
     assert_error(client.delete("/v1/prefixes/a/b"), 422, "task id")
+    for bad_id in (
+        put_native(client, ".bad", native_blob()),
+        client.post("/v1/generate", json={"task_id": "../x", "prompt": "hi"}),
+    ):
+        assert bad_id.json()["error"]["param"] == "task_id"  # the field at fault, as every other 422 names it
     assert_error(client.post("/v1/generate", json={"prompt": "word " * 400}), 422, "prompt")
     assert_error(client.put("/v1/prefixes/huge", content=b"\0" * (MAX_UPLOAD + 1)), 413)
     assert_error(client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 0}), 422)
