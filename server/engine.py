@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -257,6 +257,8 @@ class Engine:
             overlap_steps = isinstance(runner, ModelRunner) and runner.device.type == "cuda"
         self._overlap = overlap_steps
         self._ahead: _Launched | None = None  # the decode step launched last, its tokens not yet handed out
+        # Called on the engine thread each time it goes idle (nothing running or waiting), before it sleeps.
+        self.idle_hooks: list[Callable[[], None]] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -433,6 +435,11 @@ class Engine:
                 if not self._running:
                     return
                 self.runner.on_idle()
+                for hook in self.idle_hooks:
+                    try:
+                        hook()
+                    except Exception:  # a hook's failure is its own: the engine goes on
+                        log.exception("engine idle hook failed")
                 self._step_clock.idle()
                 self._wakeup.get()  # idle: block until something arrives
             self._step_clock.tick(time.perf_counter())

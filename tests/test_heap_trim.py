@@ -94,6 +94,8 @@ async def test_a_servers_trimmer_waits_for_its_engine_to_finish_decoding(tiny_mo
     try:
         if not trimmer.enabled:
             pytest.skip("no malloc_trim in this C library")
+        wait_for(lambda: trimmer.trims == 1)  # the engine went idle at start: its idle hook asked for one
+        time.sleep(trimmer.min_interval_s)  # past the interval: the next request is taken up at once
         request = GenerationRequest([5, 6, 7, 8], SamplingParams(max_new_tokens=500, ignore_eos=True))
         tokens = 0
         async for event in state.engine.generate(request):
@@ -101,10 +103,30 @@ async def test_a_servers_trimmer_waits_for_its_engine_to_finish_decoding(tiny_mo
             if tokens == 1 and trimmer.trims_delayed == 0:
                 trimmer.request()
                 # Blocking here is fine: the engine decodes on its own thread, and its events wait in the queue.
-                wait_for(lambda: trimmer.trims_delayed + trimmer.trims > 0)
-                assert (trimmer.trims_delayed, trimmer.trims) == (1, 0)  # rows are decoding: the trim waits
+                wait_for(lambda: trimmer.trims_delayed > 0)
+                assert (trimmer.trims_delayed, trimmer.trims) == (1, 1)  # rows are decoding: the trim waits
         assert tokens == 500
-        wait_for(lambda: trimmer.trims == 1)  # the engine is idle now
+        wait_for(lambda: trimmer.trims >= 2)  # the engine is idle now
+    finally:
+        state.engine.shutdown()
+        state.registry.backend.close()
+        trimmer.close()
+
+
+async def test_a_server_trims_when_its_engine_goes_idle(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Generations free activations, KV buffers and logits in the heap: once the engine has nothing to run, that
+    memory goes back too, with no prefix upload or load to ask for it (a soak left ~85 MiB otherwise)."""
+    state = build_state(ServeConfig(store=f"disk://{tmp_path}"), load_model(str(tiny_model_dir)))
+    trimmer = state.heap_trimmer
+    try:
+        if not trimmer.enabled:
+            pytest.skip("no malloc_trim in this C library")
+        wait_for(lambda: trimmer.trims == 1)  # idle at start
+        time.sleep(trimmer.min_interval_s)  # past the interval: a request from now on trims at once
+        before = trimmer.trims
+        request = GenerationRequest([5, 6, 7, 8], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        assert len([e async for e in state.engine.generate(request) if e.token_id is not None]) == 8
+        wait_for(lambda: trimmer.trims == before + 1)
     finally:
         state.engine.shutdown()
         state.registry.backend.close()
