@@ -257,8 +257,9 @@ class Engine:
             overlap_steps = isinstance(runner, ModelRunner) and runner.device.type == "cuda"
         self._overlap = overlap_steps
         self._ahead: _Launched | None = None  # the decode step launched last, its tokens not yet handed out
-        # Called on the engine thread each time it goes idle (nothing running or waiting), before it sleeps.
-        self.idle_hooks: list[Callable[[], None]] = []
+        # Called on the engine thread each time it goes idle (nothing running or waiting), before it sleeps: the
+        # runner lets go of its last batch first; the server adds a heap trim.
+        self.idle_hooks: list[Callable[[], None]] = [runner.on_idle]
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -434,7 +435,6 @@ class Engine:
             if not self._groups and not self._prefilling and self.scheduler.num_waiting == 0 and self._ahead is None:
                 if not self._running:
                     return
-                self.runner.on_idle()
                 for hook in self.idle_hooks:
                     try:
                         hook()
