@@ -125,7 +125,8 @@ class PrefixRegistry:
         # again, so a number alone no longer names one content: filled when the subscriber reconnects (messages
         # may have been missed) and when an upload is announced under a number already cached.
         self._unverified: set[CacheKey] = set()
-        self._store_down_until = 0.0
+        # Per fault domain of the store (backend.fault_domain: "" for a single server), when its circuit closes.
+        self._store_down_until: dict[str, float] = {}
         self._run_cpu_work = run_cpu_work or run_here
         self._cpu_work_min_bytes = cpu_work_min_bytes
         self._load_piece_bytes = load_piece_bytes
@@ -233,12 +234,13 @@ class PrefixRegistry:
             if known is not None and asked - known[1] < self.latest_ttl:
                 return known[0]
             epoch = self._epoch
+        domain = self.backend.fault_domain(tenant, task_id)
         try:
             version = self.backend.latest_version(tenant, task_id)
         except StoreUnavailable:
-            self._open_circuit()
+            self._open_circuit(domain)
             raise
-        self._close_circuit()
+        self._close_circuit(domain)
         with self._lock:
             if epoch == self._epoch:  # no change was heard of while we asked
                 if len(self._latest) >= _LATEST_SWEEP_AT:
@@ -269,7 +271,7 @@ class PrefixRegistry:
         validate_task_id(task_id)
         if version is not None:
             return self._resolve_version((tenant, task_id, version))
-        if self._circuit_open():
+        if self._circuit_open(self.backend.fault_domain(tenant, task_id)):
             # Circuit open: serve what is resident, and fail cold loads now rather than each waiting out
             # its own store timeout (a burst of them would pile up on the I/O threads).
             if (resident := self._newest_cached(tenant, task_id)) is not None:
@@ -339,7 +341,7 @@ class PrefixRegistry:
         try:
             stored = read_metadata(self.backend.get_header(tenant, task_id, version)).sha256
         except StoreUnavailable:
-            self._open_circuit()
+            self._open_circuit(self.backend.fault_domain(tenant, task_id))
             raise
         except (PrefixNotFound, InvalidPrefix):
             stored = None
@@ -352,32 +354,34 @@ class PrefixRegistry:
         logger.warning("%s/%s v%d is no longer what the store holds under that version number", *key)
         return None
 
-    def _open_circuit(self) -> None:
-        """The store just failed: for ``_STORE_DOWN_HOLD`` seconds, serve what is resident and fail cold loads."""
+    def _open_circuit(self, domain: str) -> None:
+        """The store (its part `domain`) just failed: for ``_STORE_DOWN_HOLD`` seconds, serve what is resident and
+        fail cold loads there."""
         with self._lock:
-            self._store_down_until = time.monotonic() + _STORE_DOWN_HOLD
+            self._store_down_until[domain] = time.monotonic() + _STORE_DOWN_HOLD
             self.store_errors += 1
 
-    def _close_circuit(self) -> None:
-        """The store answered: cold loads may try it again."""
+    def _close_circuit(self, domain: str) -> None:
+        """The store's part `domain` answered: cold loads may try it again."""
         with self._lock:
-            self._store_down_until = 0.0
+            self._store_down_until.pop(domain, None)
 
-    def _circuit_open(self) -> bool:
+    def _circuit_open(self, domain: str) -> bool:
         with self._lock:
-            return time.monotonic() < self._store_down_until
+            return time.monotonic() < self._store_down_until.get(domain, 0.0)
 
     def _load_in_turn(self, key: CacheKey) -> PrefixArtifact:
         """``_load`` once a load slot is free; StoreUnavailable at once if the store failed while we waited."""
+        domain = self.backend.fault_domain(key[0], key[1])
         with self._load_slots or contextlib.nullcontext():
-            if self._circuit_open():
+            if self._circuit_open(domain):
                 # Loads queued behind one that found the store hung must not each wait out a timeout.
                 raise StoreUnavailable(_STORE_DOWN_MESSAGE)
             started = time.perf_counter()
             try:
                 artifact = self._load(key)
             except StoreUnavailable:
-                self._open_circuit()
+                self._open_circuit(domain)
                 raise
             if self.on_load is not None:
                 self.on_load(time.perf_counter() - started)
@@ -454,13 +458,14 @@ class PrefixRegistry:
         Tasks deleted meanwhile are skipped; so are unreadable ones (logged).
         """
         validate_tenant(tenant)
+        domain = self.backend.fault_domain(tenant)  # the index's; the tasks' may be elsewhere on a cluster
         try:
             task_ids = self.backend.list_tasks(tenant)
             headers = self.backend.latest_headers(tenant, task_ids)  # batched where the store allows
         except StoreUnavailable:
-            self._open_circuit()
+            self._open_circuit(domain)
             raise
-        self._close_circuit()
+        self._close_circuit(domain)
         out: builtins.list[PrefixMetadata] = []
         for task_id in task_ids:
             header = headers.get(task_id)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
 if TYPE_CHECKING:
     import openai
@@ -46,6 +46,18 @@ def make_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def make_redis_cluster(make_redis_server: Callable[..., RedisServer]) -> Callable[..., RedisClusterServers]:
+    """Starts and forms a Redis Cluster of `nodes` real redis-server primaries (stopped after the test)."""
+
+    def make(nodes: int = 3, persistent: bool = False) -> RedisClusterServers:
+        cluster = RedisClusterServers([make_redis_server(cluster=True, persistent=persistent) for _ in range(nodes)])
+        cluster.form()
+        return cluster
+
+    return make
 
 
 @pytest.fixture(scope="session")

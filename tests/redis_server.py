@@ -17,14 +17,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (and so below 65536)."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a redis cluster node")
+
+
 class RedisServer:
     """One redis-server process on a fixed loopback port, restartable on that port."""
 
-    def __init__(self, workdir: Path, *, persistent: bool = False, password: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self, workdir: Path, *, persistent: bool = False, password: str | None = None, cluster: bool = False
+    ) -> None:
+        self.port = free_cluster_port() if cluster else free_port()
         self.workdir = workdir
         self.persistent = persistent  # AOF with fsync always, so a restart keeps what was written
         self.password = password
+        self.cluster = cluster  # a Redis Cluster node: its nodes.conf in workdir lets a restart rejoin
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,6 +68,15 @@ class RedisServer:
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.cluster:
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "5000",
+            ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         client = self.client()
@@ -72,3 +99,57 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
             self.kill()
+
+
+class RedisClusterServers:
+    """A Redis Cluster of real redis-server nodes on loopback, primaries only, the 16,384 slots split evenly."""
+
+    SLOTS = 16384
+
+    def __init__(self, nodes: list[RedisServer]) -> None:
+        assert nodes and all(node.cluster for node in nodes)
+        self.nodes = nodes
+
+    @property
+    def url(self) -> str:
+        """The store URL: any one node is enough, the client discovers the rest."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def form(self, timeout: float = 20.0) -> None:
+        """Give each node its share of the slots, introduce them, and wait until every node says the cluster is ok."""
+        clients = [node.client() for node in self.nodes]
+        share = self.SLOTS // len(self.nodes)
+        for i, client in enumerate(clients):
+            # Distinct config epochs from the start: nodes that all begin at epoch 0 settle the collision by
+            # gossip first, which takes seconds.
+            client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+            last = self.SLOTS - 1 if i == len(clients) - 1 else (i + 1) * share - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+        for client in clients[1:]:
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+        self.wait_ok(timeout)
+        for client in clients:
+            client.close()
+
+    def wait_ok(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        clients = [node.client() for node in self.nodes]
+        try:
+            while True:
+                infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
+                texts = [info.decode() if isinstance(info, bytes) else str(info) for info in infos]
+                if all(
+                    "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.nodes)}" in text for text in texts
+                ):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis cluster did not form: {texts}")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def node_of(self, key: str) -> RedisServer:
+        """The node that serves `key`'s slot."""
+        slot = int(self.nodes[0].client().execute_command("CLUSTER", "KEYSLOT", key))
+        return self.nodes[min(slot // (self.SLOTS // len(self.nodes)), len(self.nodes) - 1)]

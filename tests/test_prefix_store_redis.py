@@ -253,6 +253,17 @@ def test_store_url_and_password_never_shown(make_redis_server: Callable[..., Red
     wrong.close()
 
 
+def test_an_acl_user_without_info_is_accepted(server: RedisServer) -> None:
+    """The startup check asks INFO whether the server is a Cluster node; a user not allowed INFO still gets in."""
+    server.client().execute_command("ACL", "SETUSER", "app", "on", ">app-pw", "~*", "&*", "+@all", "-info")
+    backend = open_backend(f"redis://app:app-pw@127.0.0.1:{server.port}/0")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        backend.client.info("cluster")
+    backend.check()  # no ValueError: the store is usable
+    assert backend.put("acme", "sum", lambda v: b"x") == 1
+    backend.close()
+
+
 def test_a_dropped_registry_is_not_kept_alive_by_its_backend(backend: RedisBackend) -> None:
     registry = PrefixRegistry(backend, FP)
     ref = weakref.ref(registry)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 from tests.server_process import ServerProcess, running_server
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
@@ -246,3 +246,42 @@ def test_store_urls_are_checked_before_the_model_loads_and_passwords_never_shown
     with running_server(["--model", str(tiny_model_dir), "--store", server.url], tmp_path / "pw.log") as replica:
         assert put(replica.url, "t", prefix_blob(2, seed=1)).status_code == 201
         assert "sekrit-pw" not in replica.log() and "redis://:***@" in replica.log()
+
+
+def test_replicas_on_a_redis_cluster(
+    make_redis_cluster: Callable[..., RedisClusterServers], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two servers on a three-node Redis Cluster (each given a different node): uploads, new versions and deletes
+    on one are served by the other, tasks on every node; a plain redis:// URL to a node is refused by name."""
+    import subprocess
+
+    from tests.server_process import console_script
+
+    cluster = make_redis_cluster()
+    refused = subprocess.run(
+        [console_script(), "serve", "--model", str(tmp_path / "no-model"), "--store", cluster.nodes[0].url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert refused.returncode == 2 and "redis+cluster://" in refused.stderr, refused.stderr
+    urls = [f"redis+cluster://127.0.0.1:{node.port}" for node in cluster.nodes[:2]]
+    with ExitStack() as stack:
+        a, b = (
+            stack.enter_context(
+                running_server(["--model", str(tiny_model_dir), "--store", url], tmp_path / f"c{i}.log")
+            ).url
+            for i, url in enumerate(urls)
+        )
+        tasks = [f"spread{i}" for i in range(6)]
+        assert len({cluster.node_of(f"ps:{{default/{t}}}:latest").port for t in tasks}) >= 2
+        for i, task in enumerate(tasks):
+            assert put(a, task, prefix_blob(4, seed=20 + i)).status_code == 201
+        for task in tasks:
+            assert generate(b, task).json()["prefix_version"] == 1
+        assert sorted(p["task_id"] for p in httpx.get(f"{b}/v1/prefixes").json()["data"]) == tasks
+        assert put(a, tasks[0], prefix_blob(6, seed=40)).json()["version"] == 2
+        eventually(lambda: generate(b, tasks[0]).json()["prefix_version"] == 2, within=1.0)
+        assert httpx.delete(f"{a}/v1/prefixes/{tasks[1]}").status_code == 204
+        eventually(lambda: generate(b, tasks[1]).status_code == 404, within=1.0)

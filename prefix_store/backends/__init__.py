@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefix_store.backends.base import Invalidation, PrefixBackend
 from prefix_store.backends.disk import DiskBackend
-from prefix_store.backends.redis import RedisBackend, redact_url
+from prefix_store.backends.redis import CLUSTER_SCHEMES, RedisBackend, redact_url
 
 __all__ = ["DiskBackend", "Invalidation", "PrefixBackend", "RedisBackend", "default_store_url", "open_backend"]
 
@@ -23,7 +23,8 @@ def open_backend(url: str) -> PrefixBackend:
 
     `disk://PATH` or a bare path: DiskBackend. `redis://[user:password@]host:port/db`
     or `rediss://` (TLS): RedisBackend, which connects lazily, so an unreachable
-    Redis shows up as StoreUnavailable on use rather than at startup.
+    Redis shows up as StoreUnavailable on use rather than at startup;
+    `redis+cluster://host:port` or `rediss+cluster://`: the same on a Redis Cluster.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -33,8 +34,9 @@ def open_backend(url: str) -> PrefixBackend:
         if not rest:
             raise ValueError(f"store URL {url!r} has no path (use disk:///abs/path or disk://rel/path)")
         return DiskBackend(Path(rest))
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", *CLUSTER_SCHEMES):
         return RedisBackend(url)
     raise ValueError(
-        f"unknown store URL scheme {scheme!r} in {redact_url(url)!r} (use disk://PATH or redis://HOST:PORT/DB)"
+        f"unknown store URL scheme {scheme!r} in {redact_url(url)!r}"
+        " (use disk://PATH, redis://HOST:PORT/DB or redis+cluster://HOST:PORT)"
     )

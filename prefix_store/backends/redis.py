@@ -33,6 +33,14 @@ Writes publish `{"tenant", "task_id", "version"}` (version null for a delete)
 on `ps:invalidate:<db>` from inside the same script, so a notification is
 sent exactly when the write happens; `subscribe` delivers them to other
 replicas.
+
+Redis Cluster: `redis+cluster://HOST:PORT` (or `rediss+cluster://`), any one
+node; the client finds the others and routes each command by its key's slot.
+Nothing above changes: every script's keys share one hash tag, pipelines span
+slots only without transactions, and a PUBLISH reaches every node's
+subscribers. Only database 0 exists there. The cluster client connects when
+constructed, so it is built on first use (an unreachable cluster at startup is
+StoreUnavailable on use, as for one Redis) and again after a failed attempt.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from prefix_store.backends.base import (
@@ -132,6 +142,11 @@ _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Store URL schemes of a Redis Cluster, and the redis-py scheme each becomes.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# What redis-py raises when a command or connection fails; a cluster client that cannot find its nodes raises
+# RedisClusterException, which is not a RedisError.
+_REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 # A tenant lock expires after this long (an upload of 64 MiB to Redis takes well under a second).
 _TENANT_LOCK_MS = 30_000
 
@@ -174,37 +189,82 @@ class RedisBackend(PrefixBackend):
         self.keep_versions = keep_versions
         self._safe_url = redact_url(url)
         self._password = urlsplit(url).password
-        try:
-            self._client: redis.Redis = redis.Redis.from_url(
-                url,
-                socket_connect_timeout=socket_connect_timeout,
-                socket_timeout=socket_timeout,
-                # One immediate retry on a dropped connection: the first command on a pooled
-                # connection to a restarted Redis fails and the retry reconnects. Timeouts are
-                # not retried: a hung Redis would then cost twice the timeout, over the 2 s budget.
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                # Lets the subscriber notice a silently dead connection (no RST).
-                health_check_interval=5,
-            )
-        except ValueError as e:
-            raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
-        if urlsplit(url).path.strip("/") and not urlsplit(url).path.strip("/").isdigit():
+        scheme, _, rest = url.partition("://")
+        self.cluster = scheme.lower() in CLUSTER_SCHEMES
+        path = urlsplit(url).path.strip("/")
+        if path and not path.isdigit():
             # redis-py would take a path it cannot read as database 0, silently.
             raise ValueError(f"bad redis store URL {self._safe_url!r}: the path must be a database number, e.g. /0")
-        self._db = int(self._client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        options: dict[str, Any] = dict(
+            socket_connect_timeout=socket_connect_timeout,
+            socket_timeout=socket_timeout,
+            # One immediate retry on a dropped connection: the first command on a pooled
+            # connection to a restarted Redis fails and the retry reconnects. Timeouts are
+            # not retried: a hung Redis would then cost twice the timeout, over the 2 s budget.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            # Lets the subscriber notice a silently dead connection (no RST).
+            health_check_interval=5,
+        )
+        self._connect_lock = threading.Lock()
+        self._connected: redis.Redis | redis.RedisCluster | None = None
+        if self.cluster:
+            if path not in ("", "0"):
+                raise ValueError(f"bad redis store URL {self._safe_url!r}: a Redis Cluster has only database 0")
+            self._client_url = f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}"
+            self._options = options
+            self._db = 0
+        else:
+            try:
+                self._connected = redis.Redis.from_url(url, **options)  # connects on first command
+            except ValueError as e:
+                raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
+            self._db = int(self._connected.connection_pool.connection_kwargs.get("db", 0) or 0)
         # Pub/sub is not scoped by database: name the channel after it so two
         # deployments on one server in different dbs do not invalidate each other.
         self.channel = f"ps:invalidate:{self._db}"
-        self._put_script = self._client.register_script(_PUT_SCRIPT)
-        self._get_latest_script = self._client.register_script(_GET_LATEST_SCRIPT)
-        self._delete_script = self._client.register_script(_DELETE_SCRIPT)
-        self._unlock_script = self._client.register_script(_UNLOCK_SCRIPT)
+        self._put_script = self.register_script(_PUT_SCRIPT)
+        self._get_latest_script = self.register_script(_GET_LATEST_SCRIPT)
+        self._delete_script = self.register_script(_DELETE_SCRIPT)
+        self._unlock_script = self.register_script(_UNLOCK_SCRIPT)
         # Each entry returns the callback, or None once its owner is gone (see subscribe).
         self._callbacks: list[Callable[[], Callable[[Invalidation], None] | None]] = []
         self._subscriber: threading.Thread | None = None
         self._subscribed = threading.Event()
         self._closed = threading.Event()
         self._sub_lock = threading.Lock()
+
+    @property
+    def _client(self) -> redis.Redis | redis.RedisCluster:
+        """The client; a cluster's is built here on first use (its constructor asks a node for the slot map)."""
+        client = self._connected
+        if client is not None:
+            return client
+        with self._connect_lock:
+            if self._connected is None:
+                if self._closed.is_set():
+                    raise redis.ConnectionError("the store is closed")
+                try:
+                    self._connected = redis.RedisCluster.from_url(self._client_url, **self._options)
+                except ValueError as e:
+                    raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
+            return self._connected
+
+    def register_script(self, text: str) -> Callable[..., Any]:
+        """A Lua script, run as ``script(keys=[...], args=[...], client=pipeline_or_None)`` against this store's
+        client (the cluster's, once there is one). Loaded on first use, and again on a node that lost it."""
+        script = Script(None, text.encode())  # bytes: the SHA needs no client's encoder
+
+        def run(keys: Sequence[Any], args: Sequence[Any], client: Any = None) -> Any:
+            if not self.cluster or client is not None:
+                return script(keys=keys, args=args, client=client if client is not None else self._client)
+            # redis-py answers NOSCRIPT by loading the script on every primary, which fails while any node is
+            # down, even for a key on a live one. EVAL goes to the key's node alone and caches it there.
+            try:
+                return self._client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return self._client.eval(text, len(keys), *keys, *args)
+
+        return run
 
     @contextlib.contextmanager
     def tenant_lock(self, tenant: str) -> Iterator[None]:
@@ -228,11 +288,16 @@ class RedisBackend(PrefixBackend):
     def check(self) -> None:
         try:
             self._client.ping()
+            if not self.cluster and _cluster_enabled(self._client):
+                raise ValueError(
+                    f"redis store at {self._safe_url} is a Redis Cluster node: name it redis+cluster://"
+                    f" (or rediss+cluster://), so that each key goes to the node that holds it"
+                )
         except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:
             raise ValueError(f"redis store at {self._safe_url} refused our credentials: {self._scrub(str(e))}") from e
         except redis.ResponseError as e:  # e.g. "invalid DB index" when the connection selects the database
             raise ValueError(f"redis store at {self._safe_url}: {self._scrub(str(e))}") from e
-        except redis.RedisError as e:
+        except _REDIS_ERRORS as e:
             hint = (
                 " (a rediss:// URL to a server without TLS fails like this)"
                 if self._safe_url.startswith("rediss")
@@ -241,12 +306,24 @@ class RedisBackend(PrefixBackend):
             raise StoreUnavailable(f"redis store at {self._safe_url} unreachable: {self._scrub(str(e))}{hint}") from e
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | redis.RedisCluster:
         """The connection pool's client, for other documents kept beside the prefixes (use ``call`` around it)."""
         return self._client
 
     def describe(self) -> str:
         return f"redis store at {self._safe_url} (keeping {self.keep_versions} versions per task)"
+
+    def fault_domain(self, tenant: str, task_id: str | None = None) -> str:
+        """On a cluster, the node that holds the task's slot as the client last heard ("host:port"): with one node
+        down, tasks on the others still load. One Redis, or a cluster client not built yet: the whole store."""
+        client = self._connected
+        if not self.cluster or client is None:
+            return ""
+        key = self._task_keys(tenant, task_id)[1] if task_id is not None else self._index_key(tenant)
+        try:
+            return str(client.get_node_from_key(key).name)  # type: ignore[union-attr]
+        except (RedisClusterException, AttributeError):  # no node holds the slot now
+            return ""
 
     # -- keys -----------------------------------------------------------------
 
@@ -279,7 +356,7 @@ class RedisBackend(PrefixBackend):
         """Run one Redis operation, turning redis-py's errors into StoreUnavailable."""
         try:
             return fn()
-        except redis.RedisError as e:
+        except _REDIS_ERRORS as e:
             detail = self._scrub(str(e)) or type(e).__name__
             raise StoreUnavailable(f"redis store at {self._safe_url} unavailable ({what}): {detail}") from e
 
@@ -384,6 +461,8 @@ class RedisBackend(PrefixBackend):
             batch = task_ids[start : start + _LIST_BATCH]
 
             def fetch(batch: Sequence[str] = batch) -> list[Any]:
+                if self.cluster:
+                    return self._latest_headers_on_cluster(tenant, batch)
                 pipe = self._client.pipeline(transaction=False)
                 for task_id in batch:
                     _, latest, head_key, _ = self._task_keys(tenant, task_id)
@@ -393,6 +472,32 @@ class RedisBackend(PrefixBackend):
             for task_id, found in zip(batch, self.call("listing prefixes", fetch), strict=True):
                 if found:  # nil: deleted since it was listed
                     out[task_id] = bytes(found[1])
+        return out
+
+    def _latest_headers_on_cluster(self, tenant: str, task_ids: Sequence[str]) -> list[Any]:
+        """``[version, header]`` of each task's latest (None where it has none), as the script gives them.
+
+        A cluster pipeline runs no scripts, so: the pointers in one pipelined round trip, then the headers they
+        name in another. A version pruned between the two (a newer one was written) is read again with the
+        script, pointer and header together, so a listing never loses a task that has versions.
+        """
+        keys = [self._task_keys(tenant, task_id) for task_id in task_ids]
+        pipe = self._client.pipeline(transaction=False)
+        for _, latest, _, _ in keys:
+            pipe.get(latest)
+        versions = pipe.execute()
+        pipe = self._client.pipeline(transaction=False)
+        for (_, _, head_key, _), version in zip(keys, versions, strict=True):
+            if version is not None:
+                pipe.hget(head_key, version)
+        headers = iter(pipe.execute())
+        out: list[Any] = []
+        for (_, latest, head_key, _), version in zip(keys, versions, strict=True):
+            header = next(headers) if version is not None else None
+            if version is not None and header is None:
+                out.append(self._get_latest_script(keys=[latest, head_key], args=[""]))
+            else:
+                out.append(None if version is None else [version, header])
         return out
 
     def open_blob(self, tenant: str, task_id: str, version: int, first_bytes: int) -> BlobReader:
@@ -465,8 +570,9 @@ class RedisBackend(PrefixBackend):
         backoff = _BACKOFF_FIRST
         failing = False
         while not self._closed.is_set():
-            pubsub = self._client.pubsub()
+            pubsub = None
             try:
+                pubsub = self._client.pubsub()
                 pubsub.subscribe(self.channel)
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=0.1)  # also how quickly close() is noticed
@@ -483,7 +589,7 @@ class RedisBackend(PrefixBackend):
                         event = _parse_message(message["data"])
                         if event is not None:
                             self._dispatch(event)
-            except (redis.RedisError, OSError) as e:
+            except (*_REDIS_ERRORS, OSError) as e:
                 self._subscribed.clear()
                 if not failing:
                     logger.warning(
@@ -493,15 +599,18 @@ class RedisBackend(PrefixBackend):
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_CAP)
             finally:
-                with contextlib.suppress(redis.RedisError, OSError):
-                    pubsub.close()
+                if pubsub is not None:
+                    with contextlib.suppress(*_REDIS_ERRORS, OSError):
+                        pubsub.close()
 
     def close(self) -> None:
         self._closed.set()
         subscriber = self._subscriber
         if subscriber is not None:
             subscriber.join(timeout=2.0)
-        self._client.close()
+        with self._connect_lock:  # a cluster's client may never have been built: nothing to close then
+            if self._connected is not None:
+                self._connected.close()
 
 
 class _RangeReader(BlobReader):
@@ -524,6 +633,14 @@ class _RangeReader(BlobReader):
             if len(part) != end - start:
                 raise PrefixNotFound(f"{self._what} was deleted while it was being read")
         return parts
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the one Redis `client` talks to is a Cluster node (INFO's cluster section says so)."""
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError:  # an ACL user may not run INFO: not a reason to refuse the store
+        return False
 
 
 def _parse_message(data: bytes | str) -> Invalidation | None:

@@ -241,8 +241,8 @@ class RedisResponseStore:
         self.ttl_s = ttl_s
         self.capacity = capacity
         self.tenant_bytes = tenant_bytes
-        self._put_script = backend.client.register_script(_PUT_SCRIPT)
-        self._delete_script = backend.client.register_script(_DELETE_SCRIPT)
+        self._put_script = backend.register_script(_PUT_SCRIPT)
+        self._delete_script = backend.register_script(_DELETE_SCRIPT)
 
     @staticmethod
     def _tag(tenant: str) -> str:

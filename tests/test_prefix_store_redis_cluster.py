@@ -1,0 +1,226 @@
+"""The Redis backend on a real Redis Cluster (three redis-server primaries on loopback, the slots split between
+them): each task's keys in one slot, tasks spread over the nodes, scripts, pipelines and pub/sub across them, a
+node down and back."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+import torch
+
+from prefix_store.backends import RedisBackend, open_backend
+from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
+from prefix_store.registry import PrefixRegistry
+from server.api.response_store import RedisResponseStore, StoredResponse
+from server.cli import _store_problem
+from tests.redis_server import RedisClusterServers, free_cluster_port
+from tests.test_prefix_store_redis import FP, eventually
+from tests.test_prefix_store_redis import make_kv as make_kv_of
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+TASKS = [f"task{i}" for i in range(8)]
+
+
+def make_kv(seed: int = 0) -> torch.Tensor:
+    return make_kv_of(p=16, seed=seed)  # [L, 2, H, P, d]: 4 KiB, so 1 KiB pieces make four reads
+
+
+def absent(registry: PrefixRegistry, task_id: str) -> bool:
+    try:
+        registry.resolve("acme", task_id)
+    except PrefixNotFound:
+        return True
+    return False
+
+
+@pytest.fixture
+def cluster(make_redis_cluster: Callable[..., RedisClusterServers]) -> RedisClusterServers:
+    return make_redis_cluster()
+
+
+@pytest.fixture
+def open_registry() -> Iterator[Callable[..., PrefixRegistry]]:
+    """Registries on their own backend each (as separate replicas would have), closed afterwards."""
+    backends: list[RedisBackend] = []
+
+    def make(url: str, **kwargs: object) -> PrefixRegistry:
+        backend = open_backend(url)
+        assert isinstance(backend, RedisBackend) and backend.cluster
+        backends.append(backend)
+        return PrefixRegistry(backend, FP, max_virtual_tokens=16, **kwargs)  # type: ignore[arg-type]
+
+    yield make
+    for backend in backends:
+        backend.close()
+
+
+def test_replicas_share_prefixes_spread_over_the_cluster(
+    cluster: RedisClusterServers, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    a = open_registry(cluster.url)
+    b = open_registry(f"redis+cluster://127.0.0.1:{cluster.nodes[2].port}", load_piece_bytes=1024)
+    assert b.backend.wait_subscribed(5.0)  # type: ignore[attr-defined]
+    uploaded = {task: make_kv(seed=i) for i, task in enumerate(TASKS)}
+    for task, kv in uploaded.items():
+        assert a.upload("acme", task, kv).version == 1
+    # The tasks live on more than one node, and every key of a task in its one slot.
+    slots: dict[str, set[int]] = {}
+    for node in cluster.nodes:
+        client = node.client()
+        for key in client.scan_iter("ps:{acme/*"):
+            tag = key.decode().split("}")[0] + "}"
+            slots.setdefault(tag, set()).add(int(client.execute_command("CLUSTER", "KEYSLOT", key)))
+    assert len(slots) == len(TASKS) and all(len(s) == 1 for s in slots.values())
+    assert len({cluster.node_of(f"ps:{{acme/{task}}}:latest").port for task in TASKS}) >= 2
+    # Another replica reads each one in 1 KiB pieces (GETRANGE pipelines) from whichever node holds it.
+    for task, kv in uploaded.items():
+        assert torch.equal(b.resolve("acme", task).key_values, kv)
+    assert sorted(m.task_id for m in b.list("acme")) == TASKS
+    # A new version and a delete reach the other replica within a second (PUBLISH reaches every node).
+    newer = make_kv_of(p=8, seed=99)
+    assert a.upload("acme", "task3", newer).version == 2
+    eventually(lambda: torch.equal(b.resolve("acme", "task3").key_values, newer), within=1.0)
+    assert a.delete("acme", "task5")
+    eventually(lambda: absent(b, "task5"), within=1.0)
+    # Versions beyond the newest five are pruned, on the node that holds the task.
+    for seed in range(6):
+        a.upload("acme", "task0", make_kv(seed=100 + seed))
+    with pytest.raises(PrefixNotFound):
+        b.resolve("acme", "task0", version=1)
+    assert torch.equal(b.resolve("acme", "task0", version=7).key_values, make_kv(seed=105))
+    assert {m.task_id: m.version for m in b.list("acme")}["task0"] == 7
+
+
+def test_listing_keeps_a_task_whose_version_was_pruned_between_its_two_reads(cluster: RedisClusterServers) -> None:
+    """A cluster pipeline runs no scripts: listing reads pointers, then headers. A version pruned in between is
+    read again, pointer and header together."""
+    writer = RedisBackend(cluster.url, keep_versions=1)
+    lister = RedisBackend(cluster.url)
+    writer.put("acme", "busy", lambda v: b"\x02\x00\x00\x00\x00\x00\x00\x00{}" + bytes([v]))
+    pipeline_class = type(lister.client.pipeline())
+    execute = pipeline_class.execute
+    calls, writing = 0, False
+
+    def execute_then_write(self: object, *args: object, **kwargs: object) -> object:
+        nonlocal calls, writing
+        result = execute(self, *args, **kwargs)  # type: ignore[arg-type]
+        if writing:  # the writer's own pipeline
+            return result
+        calls += 1
+        if calls == 1:  # the pointers are read: a newer version replaces the one they name
+            writing = True
+            writer.put("acme", "busy", lambda v: b'\x07\x00\x00\x00\x00\x00\x00\x00{"a":2}' + bytes([v]))
+            writing = False
+        return result
+
+    pipeline_class.execute = execute_then_write  # type: ignore[method-assign]
+    try:
+        headers = lister.latest_headers("acme", ["busy", "never"])
+    finally:
+        pipeline_class.execute = execute  # type: ignore[method-assign]
+    assert calls == 2
+    assert headers == {"busy": b'\x07\x00\x00\x00\x00\x00\x00\x00{"a":2}'}
+    writer.close()
+    lister.close()
+
+
+@pytest.mark.parametrize("offset", [-1, 20])  # a tensor byte; a header byte
+def test_corrupt_blob_on_a_cluster_is_never_served(
+    cluster: RedisClusterServers, open_registry: Callable[..., PrefixRegistry], offset: int
+) -> None:
+    open_registry(cluster.url).upload("acme", "sum", make_kv())
+    client = cluster.node_of("ps:{acme/sum}:v:1").client()  # the node that holds it
+    data = bytearray(client.get("ps:{acme/sum}:v:1"))  # type: ignore[arg-type]
+    data[offset] ^= 0x5A
+    client.set("ps:{acme/sum}:v:1", bytes(data))
+    cold = open_registry(cluster.url, load_piece_bytes=1024)
+    for _ in range(2):  # and not cached after the first failure
+        with pytest.raises(CorruptPrefix):
+            cold.resolve("acme", "sum")
+
+
+def test_a_node_down_and_back(
+    make_redis_cluster: Callable[..., RedisClusterServers], open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    cluster = make_redis_cluster(persistent=True)  # AOF: a restarted node keeps what it held
+    writer = open_registry(cluster.url)
+    for i, task in enumerate(TASKS):
+        writer.upload("acme", task, make_kv(seed=i))
+    down = cluster.nodes[1]
+    on_down = [t for t in TASKS if cluster.node_of(f"ps:{{acme/{t}}}:latest") is down]
+    elsewhere = [t for t in TASKS if t not in on_down]
+    assert on_down and elsewhere
+    serving = open_registry(cluster.url)
+    resident = serving.resolve("acme", elsewhere[0]).key_values
+
+    down.kill()
+    # The resident prefix keeps being served; a cold one on the dead node fails fast.
+    for _ in range(3):
+        assert torch.equal(serving.resolve("acme", elsewhere[0]).key_values, resident)
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        serving.resolve("acme", on_down[0])
+    assert time.monotonic() - start < 2.0
+    # Only that node's tasks fail: a cold one on a live node loads right after (its circuit is its node's).
+    assert torch.equal(serving.resolve("acme", elsewhere[1]).key_values, make_kv(seed=TASKS.index(elsewhere[1])))
+    # An upload to a task in the dead node's slots fails and writes nothing; one elsewhere is stored, also where
+    # the node has no scripts cached (as after its own restart), which redis-py would load on every node.
+    lost = next(f"new{i}" for i in range(100) if cluster.node_of(f"ps:{{acme/new{i}}}:latest") is down)
+    with pytest.raises(StoreUnavailable):
+        writer.upload("acme", lost, make_kv(seed=50))
+    for node in cluster.nodes:
+        if node is not down:
+            node.client().script_flush()
+    kept = next(f"new{i}" for i in range(100) if cluster.node_of(f"ps:{{acme/new{i}}}:latest") is not down)
+    assert writer.upload("acme", kept, make_kv(seed=51)).version == 1
+
+    down.start()  # same port and nodes.conf: it rejoins with its slots
+    cluster.wait_ok()
+    eventually(
+        lambda: torch.equal(serving.resolve("acme", on_down[0]).key_values, make_kv(seed=TASKS.index(on_down[0]))),
+        within=10.0,
+    )
+    assert absent(serving, lost)
+    assert sorted(m.task_id for m in serving.list("acme")) == sorted([*TASKS, kept])
+
+
+def test_responses_store_on_a_cluster(cluster: RedisClusterServers) -> None:
+    backend = RedisBackend(cluster.url)
+    store = RedisResponseStore(backend, ttl_s=60)
+    tenants = [f"tenant{i}" for i in range(6)]
+    assert len({cluster.node_of(f"ps:{{{t}}}:resps").port for t in tenants}) >= 2
+    for i, tenant in enumerate(tenants):
+        item = {"id": f"msg_{i}", "role": "user", "content": f"hello {i}"}
+        store.put(tenant, f"resp_{i:024x}", StoredResponse([item], {"id": f"resp_{i:024x}"}))
+    for i, tenant in enumerate(tenants):
+        got = store.get(tenant, f"resp_{i:024x}")
+        assert got is not None and got.items[0]["content"] == f"hello {i}"
+        assert store.find_items(tenant, [f"msg_{i}", "msg_missing"]) == {f"msg_{i}": got.items[0]}
+        assert store.get(tenants[i - 1], f"resp_{i:024x}") is None  # another tenant's
+    assert store.delete(tenants[0], f"resp_{0:024x}") and store.get(tenants[0], f"resp_{0:024x}") is None
+    backend.close()
+
+
+def test_cluster_urls_checked_by_name(cluster: RedisClusterServers) -> None:
+    node = cluster.nodes[0]
+    plain = f"redis://127.0.0.1:{node.port}/0"
+    problem = _store_problem(plain)
+    assert problem is not None and "is a Redis Cluster node" in problem and "redis+cluster://" in problem
+    assert _store_problem(cluster.url) is None
+    with pytest.raises(ValueError, match="only database 0"):
+        open_backend(f"redis+cluster://127.0.0.1:{node.port}/2")
+    # Nothing listens there: the backend opens (the client is built on first use) and fails on use, fast.
+    backend = open_backend(f"redis+cluster://127.0.0.1:{free_cluster_port()}")
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        backend.check()
+    with pytest.raises(StoreUnavailable):
+        backend.latest_version("acme", "sum")
+    assert time.monotonic() - start < 2.0
+    backend.close()
+    assert isinstance(RedisBackend(cluster.url).client, redis.RedisCluster)
