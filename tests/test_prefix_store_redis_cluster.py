@@ -12,7 +12,7 @@ import pytest
 import redis
 import torch
 
-from prefix_store.backends import RedisBackend, open_backend
+from prefix_store.backends import Invalidation, RedisBackend, open_backend
 from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
 from prefix_store.registry import PrefixRegistry
 from server.api.response_store import RedisResponseStore, StoredResponse
@@ -224,3 +224,21 @@ def test_cluster_urls_checked_by_name(cluster: RedisClusterServers) -> None:
     assert time.monotonic() - start < 2.0
     backend.close()
     assert isinstance(RedisBackend(cluster.url).client, redis.RedisCluster)
+
+
+def test_the_subscriber_moves_off_a_node_that_died(cluster: RedisClusterServers) -> None:
+    """Invalidations keep arriving while the node the subscriber listened on is down."""
+    listener, writer = RedisBackend(cluster.url), RedisBackend(cluster.url)
+    events: list[Invalidation] = []
+    listener.subscribe(events.append)
+    assert listener.wait_subscribed(5.0)
+    writer.put("acme", "before", lambda v: b"x")
+    eventually(lambda: any(e.task_id == "before" for e in events), within=1.0)
+    # The node the subscription is on: the one whose client list shows a connection subscribed to one channel.
+    listening = [n for n in cluster.nodes if any(c.get("sub") == "1" for c in n.client().client_list())]
+    assert len(listening) == 1
+    listening[0].kill()
+    task = next(f"t{i}" for i in range(100) if cluster.node_of(f"ps:{{acme/t{i}}}:latest") is not listening[0])
+    eventually(lambda: writer.put("acme", task, lambda v: b"y") > 0 and any(e.task_id == task for e in events), 5.0)
+    listener.close()
+    writer.close()

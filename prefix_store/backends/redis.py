@@ -569,10 +569,12 @@ class RedisBackend(PrefixBackend):
     def _listen(self) -> None:
         backoff = _BACKOFF_FIRST
         failing = False
+        attempt = 0
         while not self._closed.is_set():
             pubsub = None
             try:
-                pubsub = self._client.pubsub()
+                pubsub = self._pubsub(attempt)
+                attempt += 1
                 pubsub.subscribe(self.channel)
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=0.1)  # also how quickly close() is noticed
@@ -602,6 +604,15 @@ class RedisBackend(PrefixBackend):
                 if pubsub is not None:
                     with contextlib.suppress(*_REDIS_ERRORS, OSError):
                         pubsub.close()
+
+    def _pubsub(self, attempt: int) -> Any:
+        """A pub/sub connection. On a cluster, a PUBLISH reaches every node's subscribers, so each attempt takes
+        the next node, and one node down does not leave the subscriber waiting for it to come back."""
+        client = self._client
+        if not self.cluster:
+            return client.pubsub()
+        nodes = sorted(client.get_nodes(), key=lambda node: node.name)  # type: ignore[union-attr]
+        return client.pubsub(node=nodes[attempt % len(nodes)])
 
     def close(self) -> None:
         self._closed.set()
