@@ -5,7 +5,8 @@ model itself is not loaded. A cold load is `PrefixRegistry.resolve` with an empt
 backend for the latest version, read the blob, verify its sha256 and fingerprint, build the
 [L, 2, H_kv, P, d] tensor (on CPU that tensor is "device-ready"). Disk figures are with a warm page cache.
 
-Starts its own redis-server on a free loopback port unless --redis-url is given (the database is flushed).
+Starts its own redis-server on a free loopback port unless --redis-url is given (the database is flushed;
+a redis+cluster:// URL flushes every primary of the cluster).
 
     python -m bench.store_latency [--samples 200] [--many 10000] [--resident 2000] [--redis-url URL]
 """
@@ -69,6 +70,14 @@ def redis_server() -> Iterator[str]:
             proc.wait()
 
 
+def used_memory(client: redis.Redis | redis.RedisCluster) -> int:
+    """Redis's used_memory, summed over a cluster's nodes (INFO there answers per node)."""
+    if isinstance(client, redis.RedisCluster):
+        per_node = client.info("memory", target_nodes=redis.RedisCluster.PRIMARIES)
+        return sum(int(node_info["used_memory"]) for node_info in per_node.values())
+    return int(client.info("memory")["used_memory"])
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -127,9 +136,9 @@ def main() -> None:
 
     with contextlib.ExitStack() as stack:
         url = args.redis_url or stack.enter_context(redis_server())
-        redis.Redis.from_url(url).flushdb()
         backend = RedisBackend(url)
         stack.callback(backend.close)
+        backend.client.flushdb()  # on a cluster: every primary
         disk_root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         disk = DiskBackend(disk_root)
 
@@ -146,14 +155,14 @@ def main() -> None:
                     )
         shutil.rmtree(disk_root, ignore_errors=True)
 
-        redis.Redis.from_url(url).flushdb()
+        backend.client.flushdb()
         writer = PrefixRegistry(backend, FP, host_cache_bytes=0)
         kv = make_kv(10, seed=1)
         started = time.perf_counter()
         for i in range(args.many):
             writer.upload(TENANT, f"task-{i:05d}", kv)
         elapsed = time.perf_counter() - started
-        used = redis.Redis.from_url(url).info("memory")["used_memory"]
+        used = used_memory(backend.client)
         print(f"{args.many} prefixes (P=10, {kv.numel() * 4} tensor bytes each) in one Redis:")
         print(f"  upload rate: {args.many / elapsed:.0f} prefixes/s ({elapsed:.1f} s, 1 thread)")
         print(f"  redis used_memory: {used / 2**30:.2f} GiB ({used / args.many / (kv.numel() * 4):.3f}x tensor bytes)")

@@ -5,6 +5,7 @@ node down and back."""
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -158,6 +159,14 @@ def test_a_node_down_and_back(
     serving = open_registry(cluster.url)
     resident = serving.resolve("acme", elsewhere[0]).key_values
 
+    assert down.proc is not None
+    down.proc.send_signal(signal.SIGSTOP)  # hung: a cold load there costs one socket timeout (1 s), not two
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        serving.resolve("acme", on_down[1] if len(on_down) > 1 else on_down[0])
+    assert time.monotonic() - start < 1.6
+    down.proc.send_signal(signal.SIGCONT)
+
     down.kill()
     # The resident prefix keeps being served; a cold one on the dead node fails fast.
     for _ in range(3):
@@ -238,7 +247,12 @@ def test_the_subscriber_moves_off_a_node_that_died(cluster: RedisClusterServers)
     listening = [n for n in cluster.nodes if any(c.get("sub") == "1" for c in n.client().client_list())]
     assert len(listening) == 1
     listening[0].kill()
-    task = next(f"t{i}" for i in range(100) if cluster.node_of(f"ps:{{acme/t{i}}}:latest") is not listening[0])
-    eventually(lambda: writer.put("acme", task, lambda v: b"y") > 0 and any(e.task_id == task for e in events), 5.0)
+    # A write the live nodes take: its task's keys and its tenant's index both elsewhere.
+    tenant, task = next(
+        (f"tenant{i}", f"t{i}")
+        for i in range(1000)
+        if listening[0] not in (cluster.node_of(f"ps:{{tenant{i}}}:tasks"), cluster.node_of(f"ps:{{tenant{i}/t{i}}}:v"))
+    )
+    eventually(lambda: writer.put(tenant, task, lambda v: b"y") > 0 and any(e.task_id == task for e in events), 5.0)
     listener.close()
     writer.close()

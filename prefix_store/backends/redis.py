@@ -211,7 +211,9 @@ class RedisBackend(PrefixBackend):
             if path not in ("", "0"):
                 raise ValueError(f"bad redis store URL {self._safe_url!r}: a Redis Cluster has only database 0")
             self._client_url = f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}"
-            self._options = options
+            # The cluster client retries timeouts too (its retry ignores supported_errors): a hung node would cost
+            # two socket timeouts. It does not retry; `call` retries a dropped connection once instead.
+            self._options = {**options, "retry": Retry(NoBackoff(), 0)}
             self._db = 0
         else:
             try:
@@ -353,9 +355,19 @@ class RedisBackend(PrefixBackend):
         return text.replace(self._password, "***") if self._password else text
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run one Redis operation, turning redis-py's errors into StoreUnavailable."""
+        """Run one Redis operation, turning redis-py's errors into StoreUnavailable.
+
+        On a cluster a dropped connection (a node restarted or moved) is tried once more, as the one-server
+        client's own retry does; a timeout is not. Every operation here may run twice: a version number
+        allocated twice leaves a gap, and the scripts write or delete the same thing again.
+        """
         try:
-            return fn()
+            try:
+                return fn()
+            except redis.ConnectionError:
+                if not self.cluster:
+                    raise
+                return fn()
         except _REDIS_ERRORS as e:
             detail = self._scrub(str(e)) or type(e).__name__
             raise StoreUnavailable(f"redis store at {self._safe_url} unavailable ({what}): {detail}") from e
