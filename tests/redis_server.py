@@ -37,13 +37,20 @@ class RedisServer:
     """One redis-server process on a fixed loopback port, restartable on that port."""
 
     def __init__(
-        self, workdir: Path, *, persistent: bool = False, password: str | None = None, cluster: bool = False
+        self,
+        workdir: Path,
+        *,
+        persistent: bool = False,
+        password: str | None = None,
+        cluster: bool = False,
+        node_timeout_ms: int = 5000,
     ) -> None:
         self.port = free_cluster_port() if cluster else free_port()
         self.workdir = workdir
         self.persistent = persistent  # AOF with fsync always, so a restart keeps what was written
         self.password = password
         self.cluster = cluster  # a Redis Cluster node: its nodes.conf in workdir lets a restart rejoin
+        self.cluster_node_timeout_ms = node_timeout_ms  # how long a silent node takes to be marked failed (replaced)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,7 +83,9 @@ class RedisServer:
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
-                "5000",
+                str(self.cluster_node_timeout_ms),
+                "--repl-diskless-sync-delay",  # a replica's first sync starts at once (the default waits 5 s)
+                "0",
             ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -103,13 +112,20 @@ class RedisServer:
 
 
 class RedisClusterServers:
-    """A Redis Cluster of real redis-server nodes on loopback, primaries only, the 16,384 slots split evenly."""
+    """A Redis Cluster of real redis-server nodes on loopback: primaries with the 16,384 slots split evenly, and
+    optionally one replica of each (``replicas[i]`` follows ``nodes[i]``)."""
 
     SLOTS = 16384
 
-    def __init__(self, nodes: list[RedisServer]) -> None:
-        assert nodes and all(node.cluster for node in nodes)
+    def __init__(self, nodes: list[RedisServer], replicas: list[RedisServer] | None = None) -> None:
+        self.replicas = replicas or []
+        assert nodes and all(node.cluster for node in [*nodes, *self.replicas])
+        assert not self.replicas or len(self.replicas) == len(nodes)
         self.nodes = nodes
+
+    @property
+    def members(self) -> list[RedisServer]:
+        return [*self.nodes, *self.replicas]
 
     @property
     def url(self) -> str:
@@ -126,21 +142,40 @@ class RedisClusterServers:
             client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
             last = self.SLOTS - 1 if i == len(clients) - 1 else (i + 1) * share - 1
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
-        for client in clients[1:]:
-            client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+        for member in self.members[1:]:
+            with member.client() as client:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+        self.wait_ok(timeout)
+        for primary, replica in zip(self.nodes, self.replicas, strict=False):
+            primary_id = primary.client().execute_command("CLUSTER", "MYID")
+            with replica.client() as client:
+                deadline = time.monotonic() + timeout
+                while True:  # the replica may not have heard of the primary's id yet
+                    try:
+                        client.execute_command("CLUSTER", "REPLICATE", primary_id)
+                        break
+                    except redis.ResponseError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+                while client.info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"replica on port {replica.port} did not sync")
+                    time.sleep(0.05)
         self.wait_ok(timeout)
         for client in clients:
             client.close()
 
     def wait_ok(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        clients = [node.client() for node in self.nodes]
+        members = [node for node in self.members if node.proc is not None and node.proc.poll() is None]
+        clients = [node.client() for node in members]
         try:
             while True:
                 infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
                 texts = [info.decode() if isinstance(info, bytes) else str(info) for info in infos]
                 if all(
-                    "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.nodes)}" in text for text in texts
+                    "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.members)}" in text for text in texts
                 ):
                     return
                 if time.monotonic() > deadline:

@@ -256,3 +256,32 @@ def test_the_subscriber_moves_off_a_node_that_died(cluster: RedisClusterServers)
     eventually(lambda: writer.put(tenant, task, lambda v: b"y") > 0 and any(e.task_id == task for e in events), 5.0)
     listener.close()
     writer.close()
+
+
+def test_a_primary_fails_over_to_its_replica(
+    make_redis_cluster: Callable[..., RedisClusterServers], open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """With a replica per primary, a primary that dies is replaced (its node timeout is 1 s here): cold loads and
+    uploads of its tasks come back by themselves, from the same registries, with no restart."""
+    cluster = make_redis_cluster(replicas=True)
+    writer = open_registry(cluster.url)
+    for i, task in enumerate(TASKS):
+        writer.upload("acme", task, make_kv(seed=i))
+    failed = cluster.nodes[1]
+    on_failed = [t for t in TASKS if cluster.node_of(f"ps:{{acme/{t}}}:latest") is failed]
+    assert on_failed
+    assert failed.client().wait(1, 5000) == 1  # its replica has every write
+    serving = open_registry(cluster.url)
+
+    def loads(task: str, seed: int) -> bool:
+        try:
+            return torch.equal(serving.resolve("acme", task).key_values, make_kv(seed=seed))
+        except StoreUnavailable:
+            return False
+
+    failed.kill()
+    took = eventually(lambda: loads(on_failed[0], TASKS.index(on_failed[0])), within=20.0)
+    assert all(loads(task, TASKS.index(task)) for task in TASKS)
+    assert writer.upload("acme", on_failed[0], make_kv(seed=77)).version == 2
+    eventually(lambda: loads(on_failed[0], 77), within=1.0)
+    print(f"cold loads back {took:.1f} s after the primary died")
