@@ -103,28 +103,19 @@ def test_listing_keeps_a_task_whose_version_was_pruned_between_its_two_reads(clu
     writer = RedisBackend(cluster.url, keep_versions=1)
     lister = RedisBackend(cluster.url)
     writer.put("acme", "busy", lambda v: b"\x02\x00\x00\x00\x00\x00\x00\x00{}" + bytes([v]))
-    pipeline_class = type(lister.client.pipeline())
-    execute = pipeline_class.execute
-    calls, writing = 0, False
+    pipelined = lister._pipelined
+    calls: list[str] = []
 
-    def execute_then_write(self: object, *args: object, **kwargs: object) -> object:
-        nonlocal calls, writing
-        result = execute(self, *args, **kwargs)  # type: ignore[arg-type]
-        if writing:  # the writer's own pipeline
-            return result
-        calls += 1
-        if calls == 1:  # the pointers are read: a newer version replaces the one they name
-            writing = True
+    def pipelined_then_write(commands: list[tuple[object, ...]]) -> list[object]:
+        result = pipelined(commands)
+        calls.append(str(commands[0][0]))
+        if len(calls) == 1:  # the pointers are read: a newer version replaces the one they name
             writer.put("acme", "busy", lambda v: b'\x07\x00\x00\x00\x00\x00\x00\x00{"a":2}' + bytes([v]))
-            writing = False
         return result
 
-    pipeline_class.execute = execute_then_write  # type: ignore[method-assign]
-    try:
-        headers = lister.latest_headers("acme", ["busy", "never"])
-    finally:
-        pipeline_class.execute = execute  # type: ignore[method-assign]
-    assert calls == 2
+    lister._pipelined = pipelined_then_write  # type: ignore[method-assign]
+    headers = lister.latest_headers("acme", ["busy", "never"])
+    assert calls == ["get", "hget"]
     assert headers == {"busy": b'\x07\x00\x00\x00\x00\x00\x00\x00{"a":2}'}
     writer.close()
     lister.close()
@@ -285,3 +276,37 @@ def test_a_primary_fails_over_to_its_replica(
     assert writer.upload("acme", on_failed[0], make_kv(seed=77)).version == 2
     eventually(lambda: loads(on_failed[0], 77), within=1.0)
     print(f"cold loads back {took:.1f} s after the primary died")
+
+
+def test_a_hung_node_costs_one_socket_timeout_per_call(
+    cluster: RedisClusterServers, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """Pipelines to a hung node fail after one socket timeout (1 s), not one per command in them (redis-py's
+    cluster pipeline sends each timed-out command again on its own: a listing of 20 tasks took 21 s)."""
+    writer = open_registry(cluster.url)
+    tasks = [f"many{i}" for i in range(30)]
+    for i, task in enumerate(tasks):
+        writer.upload("acme", task, make_kv(seed=i))
+    index_node = cluster.node_of("ps:{acme}:tasks")
+    hung = next(n for n in cluster.nodes if n is not index_node)
+    on_hung = [t for t in tasks if cluster.node_of(f"ps:{{acme/{t}}}:latest") is hung]
+    assert len(on_hung) >= 3
+    backend = RedisBackend(cluster.url)
+    reader = backend.open_blob("acme", on_hung[0], 1, 64)
+    assert hung.proc is not None
+    hung.proc.send_signal(signal.SIGSTOP)
+    try:
+        calls: dict[str, Callable[[], object]] = {
+            "listing": lambda: backend.list_tasks("acme"),
+            "headers": lambda: backend.latest_headers("acme", tasks),
+            "pieces": lambda: reader.read([(i * 64, (i + 1) * 64) for i in range(8)]),
+        }
+        for what, call in calls.items():
+            start = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                call()
+            assert time.monotonic() - start < 1.6, what
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+    eventually(lambda: len(backend.list_tasks("acme")) == len(tasks), within=5.0)
+    backend.close()

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.exceptions import AskError, NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from prefix_store.backends.base import (
@@ -383,10 +383,7 @@ class RedisBackend(PrefixBackend):
             # Index first: if the script below fails after running (connection lost
             # mid-reply), the version still has an index entry. A leftover entry
             # without versions is harmless.
-            pipe = self._client.pipeline(transaction=False)
-            pipe.sadd(index, task_id)
-            pipe.incr(seq)
-            return int(pipe.execute()[1])
+            return int(self._pipelined([("sadd", index, task_id), ("incr", seq)])[1])
 
         # INCR hands out each number once, so concurrent puts never collide and
         # `encode` is called exactly once.
@@ -486,6 +483,32 @@ class RedisBackend(PrefixBackend):
                     out[task_id] = bytes(found[1])
         return out
 
+    def _pipelined(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The results of `commands`, each ``(name, key, *args)`` of a redis-py command, in one round trip.
+
+        On a cluster: one plain pipeline per node that holds some of the keys. redis-py's cluster pipeline sends
+        each command that timed out again, one at a time, each waiting out its own timeout (a listing of 20 tasks
+        on a hung node took 21 s); here a hung node costs one. Moved slots (a failover, resharding) are learnt
+        and the commands sent once more; a refused connection makes the client learn the map again before
+        ``call`` retries (the node may have been replaced).
+        """
+        client = self._client
+        if not self.cluster:
+            pipe = client.pipeline(transaction=False)
+            for name, *args in commands:
+                getattr(pipe, name)(*args)
+            return pipe.execute()
+        assert isinstance(client, redis.RedisCluster)
+        try:
+            return _pipelined_per_node(client, commands)
+        except AskError:  # MOVED or ASK: the slot map changed
+            client.nodes_manager.initialize()
+            return _pipelined_per_node(client, commands)
+        except redis.ConnectionError:
+            with contextlib.suppress(*_REDIS_ERRORS):
+                client.nodes_manager.initialize()
+            raise
+
     def _latest_headers_on_cluster(self, tenant: str, task_ids: Sequence[str]) -> list[Any]:
         """``[version, header]`` of each task's latest (None where it has none), as the script gives them.
 
@@ -494,15 +517,9 @@ class RedisBackend(PrefixBackend):
         script, pointer and header together, so a listing never loses a task that has versions.
         """
         keys = [self._task_keys(tenant, task_id) for task_id in task_ids]
-        pipe = self._client.pipeline(transaction=False)
-        for _, latest, _, _ in keys:
-            pipe.get(latest)
-        versions = pipe.execute()
-        pipe = self._client.pipeline(transaction=False)
-        for (_, _, head_key, _), version in zip(keys, versions, strict=True):
-            if version is not None:
-                pipe.hget(head_key, version)
-        headers = iter(pipe.execute())
+        versions = self._pipelined([("get", latest) for _, latest, _, _ in keys])
+        heads = [("hget", head_key, v) for (_, _, head_key, _), v in zip(keys, versions, strict=True) if v is not None]
+        headers = iter(self._pipelined(heads))
         out: list[Any] = []
         for (_, latest, head_key, _), version in zip(keys, versions, strict=True):
             header = next(headers) if version is not None else None
@@ -517,11 +534,13 @@ class RedisBackend(PrefixBackend):
         legacy_key = self._task_keys(tenant, task_id)[3]
 
         def open_() -> tuple[int, bytes, bytes | None]:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.strlen(key)
-            pipe.getrange(key, 0, first_bytes - 1)
-            pipe.hget(legacy_key, str(version))  # nil unless stored before blobs were strings
-            size, first, legacy = pipe.execute()
+            size, first, legacy = self._pipelined(
+                [
+                    ("strlen", key),
+                    ("getrange", key, 0, first_bytes - 1),
+                    ("hget", legacy_key, str(version)),  # nil unless stored before blobs were strings
+                ]
+            )
             return int(size), bytes(first), legacy
 
         size, first, legacy = self.call("reading a prefix", open_)
@@ -538,10 +557,8 @@ class RedisBackend(PrefixBackend):
             # SSCAN, not SMEMBERS or KEYS: bounded work per call on a big tenant.
             names = sorted(m.decode() for m in self._client.sscan_iter(index, count=1000))
             # Entries of deleted tasks or interrupted puts have no latest pointer.
-            pipe = self._client.pipeline(transaction=False)
-            for name in names:
-                pipe.exists(f"{self._tag(tenant, name)}:latest")
-            return [n for n, present in zip(names, pipe.execute(), strict=True) if present]
+            present = self._pipelined([("exists", f"{self._tag(tenant, name)}:latest") for name in names])
+            return [n for n, there in zip(names, present, strict=True) if there]
 
         return self.call("listing tasks", scan)
 
@@ -645,10 +662,8 @@ class _RangeReader(BlobReader):
 
     def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         def fetch() -> list[bytes]:
-            pipe = self._backend._client.pipeline(transaction=False)
-            for start, end in ranges:
-                pipe.getrange(self._key, start, end - 1)
-            return [bytes(part) for part in pipe.execute()]
+            parts = self._backend._pipelined([("getrange", self._key, start, end - 1) for start, end in ranges])
+            return [bytes(part) for part in parts]
 
         parts = self._backend.call("reading a prefix", fetch)
         for (start, end), part in zip(ranges, parts, strict=True):
@@ -656,6 +671,23 @@ class _RangeReader(BlobReader):
             if len(part) != end - start:
                 raise PrefixNotFound(f"{self._what} was deleted while it was being read")
         return parts
+
+
+def _pipelined_per_node(client: redis.RedisCluster, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """`commands` (``(name, key, *args)``) in one plain pipeline per node that holds their keys, results in order."""
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, (_, key, *_) in enumerate(commands):
+        node = client.get_node_from_key(key)
+        groups.setdefault(node.name, (node, []))[1].append(i)
+    results: list[Any] = [None] * len(commands)
+    for node, indexes in groups.values():
+        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+        for i in indexes:
+            name, *args = commands[i]
+            getattr(pipe, name)(*args)
+        for i, result in zip(indexes, pipe.execute(), strict=True):
+            results[i] = result
+    return results
 
 
 def _cluster_enabled(client: redis.Redis) -> bool:
