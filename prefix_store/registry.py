@@ -354,19 +354,23 @@ class PrefixRegistry:
         logger.warning("%s/%s v%d is no longer what the store holds under that version number", *key)
         return None
 
-    def _open_circuit(self, domain: str) -> None:
-        """The store (its part `domain`) just failed: for ``_STORE_DOWN_HOLD`` seconds, serve what is resident and
-        fail cold loads there."""
+    def _open_circuit(self, domain: str | None) -> None:
+        """The store (its part `domain`; None: no part can be blamed) just failed: for ``_STORE_DOWN_HOLD`` seconds,
+        serve what is resident and fail cold loads there."""
         with self._lock:
-            self._store_down_until[domain] = time.monotonic() + _STORE_DOWN_HOLD
+            if domain is not None:
+                self._store_down_until[domain] = time.monotonic() + _STORE_DOWN_HOLD
             self.store_errors += 1
 
-    def _close_circuit(self, domain: str) -> None:
+    def _close_circuit(self, domain: str | None) -> None:
         """The store's part `domain` answered: cold loads may try it again."""
         with self._lock:
-            self._store_down_until.pop(domain, None)
+            if domain is not None:
+                self._store_down_until.pop(domain, None)
 
-    def _circuit_open(self, domain: str) -> bool:
+    def _circuit_open(self, domain: str | None) -> bool:
+        if domain is None:
+            return False
         with self._lock:
             return time.monotonic() < self._store_down_until.get(domain, 0.0)
 
@@ -458,7 +462,7 @@ class PrefixRegistry:
         Tasks deleted meanwhile are skipped; so are unreadable ones (logged).
         """
         validate_tenant(tenant)
-        domain = self.backend.fault_domain(tenant)  # the index's; the tasks' may be elsewhere on a cluster
+        domain = self.backend.fault_domain(tenant)  # a listing's: on a cluster, no one node
         try:
             task_ids = self.backend.list_tasks(tenant)
             headers = self.backend.latest_headers(tenant, task_ids)  # batched where the store allows

@@ -53,9 +53,12 @@ def make_redis_cluster(make_redis_server: Callable[..., RedisServer]) -> Callabl
     """Starts and forms a Redis Cluster of `nodes` real redis-server primaries (stopped after the test); with
     `replicas`, one replica each too, and a failed node replaced after 1 s (its node timeout) instead of 5."""
 
-    def make(nodes: int = 3, persistent: bool = False, replicas: bool = False) -> RedisClusterServers:
+    def make(
+        nodes: int = 3, persistent: bool = False, replicas: bool = False, password: str | None = None
+    ) -> RedisClusterServers:
         def node() -> RedisServer:
-            return make_redis_server(cluster=True, persistent=persistent, node_timeout_ms=1000 if replicas else 5000)
+            timeout_ms = 1000 if replicas else 5000
+            return make_redis_server(cluster=True, persistent=persistent, node_timeout_ms=timeout_ms, password=password)
 
         primaries = [node() for _ in range(nodes)]
         cluster = RedisClusterServers(primaries, [node() for _ in range(nodes)] if replicas else None)

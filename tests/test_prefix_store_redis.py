@@ -251,6 +251,13 @@ def test_store_url_and_password_never_shown(make_redis_server: Callable[..., Red
     assert "wrong-pw" not in str(e.value) and "***" in str(e.value)
     backend.close()
     wrong.close()
+    # A password given as a query parameter (redis-py reads it there too) is hidden as well.
+    query = RedisBackend(f"redis://127.0.0.1:{server.port}/0?password=wrong-q%40pw")
+    assert "wrong-q" not in query.describe() and "password=***" in query.describe()
+    with pytest.raises(StoreUnavailable) as e:
+        query.latest_version("acme", "sum")
+    assert "wrong-q" not in str(e.value) and "password=***" in str(e.value)
+    query.close()
 
 
 def test_an_acl_user_without_info_is_accepted(server: RedisServer) -> None:

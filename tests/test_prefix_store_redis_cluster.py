@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,7 +19,7 @@ from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
 from prefix_store.registry import PrefixRegistry
 from server.api.response_store import RedisResponseStore, StoredResponse
 from server.cli import _store_problem
-from tests.redis_server import RedisClusterServers, free_cluster_port
+from tests.redis_server import RedisClusterServers, RedisServer, free_cluster_port
 from tests.test_prefix_store_redis import FP, eventually
 from tests.test_prefix_store_redis import make_kv as make_kv_of
 
@@ -32,8 +33,12 @@ def make_kv(seed: int = 0) -> torch.Tensor:
 
 
 def absent(registry: PrefixRegistry, task_id: str) -> bool:
+    return absent_for(registry, "acme", task_id)
+
+
+def absent_for(registry: PrefixRegistry, tenant: str, task_id: str) -> bool:
     try:
-        registry.resolve("acme", task_id)
+        registry.resolve(tenant, task_id)
     except PrefixNotFound:
         return True
     return False
@@ -146,7 +151,14 @@ def test_a_node_down_and_back(
     down = cluster.nodes[1]
     on_down = [t for t in TASKS if cluster.node_of(f"ps:{{acme/{t}}}:latest") is down]
     elsewhere = [t for t in TASKS if t not in on_down]
-    assert on_down and elsewhere
+    assert on_down and len(elsewhere) >= 3
+    other_tenant, other_task = next(
+        (f"tenant{i}", f"t{i}")
+        for i in range(1000)
+        if cluster.node_of(f"ps:{{tenant{i}}}:tasks") is down
+        and cluster.node_of(f"ps:{{tenant{i}/t{i}}}:v") is not down
+    )
+    writer.upload(other_tenant, other_task, make_kv(seed=60))
     serving = open_registry(cluster.url)
     resident = serving.resolve("acme", elsewhere[0]).key_values
 
@@ -166,8 +178,15 @@ def test_a_node_down_and_back(
     with pytest.raises(StoreUnavailable):
         serving.resolve("acme", on_down[0])
     assert time.monotonic() - start < 2.0
-    # Only that node's tasks fail: a cold one on a live node loads right after (its circuit is its node's).
+    # Only that node's tasks fail: a cold one on a live node loads right after (its circuit is its node's), and
+    # after a listing, which reads every node and fails, blaming none of them.
     assert torch.equal(serving.resolve("acme", elsewhere[1]).key_values, make_kv(seed=TASKS.index(elsewhere[1])))
+    with pytest.raises(StoreUnavailable):
+        serving.list("acme")
+    assert torch.equal(serving.resolve("acme", elsewhere[2]).key_values, make_kv(seed=TASKS.index(elsewhere[2])))
+    # A delete whose tenant index is on the dead node still deletes, and says so (the entry is left behind).
+    assert writer.delete(other_tenant, other_task) is True
+    assert absent_for(serving, other_tenant, other_task)
     # An upload to a task in the dead node's slots fails and writes nothing; one elsewhere is stored, also where
     # the node has no scripts cached (as after its own restart), which redis-py would load on every node.
     lost = next(f"new{i}" for i in range(100) if cluster.node_of(f"ps:{{acme/new{i}}}:latest") is down)
@@ -212,8 +231,9 @@ def test_cluster_urls_checked_by_name(cluster: RedisClusterServers) -> None:
     problem = _store_problem(plain)
     assert problem is not None and "is a Redis Cluster node" in problem and "redis+cluster://" in problem
     assert _store_problem(cluster.url) is None
-    with pytest.raises(ValueError, match="only database 0"):
-        open_backend(f"redis+cluster://127.0.0.1:{node.port}/2")
+    for db in ("/2", "/0?db=1"):
+        with pytest.raises(ValueError, match="only database 0"):
+            open_backend(f"redis+cluster://127.0.0.1:{node.port}{db}")
     # Nothing listens there: the backend opens (the client is built on first use) and fails on use, fast.
     backend = open_backend(f"redis+cluster://127.0.0.1:{free_cluster_port()}")
     start = time.monotonic()
@@ -309,4 +329,78 @@ def test_a_hung_node_costs_one_socket_timeout_per_call(
     finally:
         hung.proc.send_signal(signal.SIGCONT)
     eventually(lambda: len(backend.list_tasks("acme")) == len(tasks), within=5.0)
+    backend.close()
+
+
+def test_cluster_urls_it_can_never_use_are_refused_at_startup(
+    make_redis_cluster: Callable[..., RedisClusterServers], make_redis_server: Callable[..., RedisServer]
+) -> None:
+    """A wrong password, or a cluster URL to a Redis that is not a cluster: one error line before the model loads,
+    not "unreachable, starting anyway" and a 503 on every request after."""
+    cluster = make_redis_cluster(nodes=1, password="right-pw")
+    port = cluster.nodes[0].port
+    assert _store_problem(f"redis+cluster://:right-pw@127.0.0.1:{port}") is None
+    wrong = _store_problem(f"redis+cluster://:wrong-pw@127.0.0.1:{port}")
+    assert wrong is not None and "refused our credentials" in wrong and "wrong-pw" not in wrong
+    plain = make_redis_server()
+    not_a_cluster = _store_problem(f"redis+cluster://127.0.0.1:{plain.port}")
+    assert not_a_cluster is not None and "is not a Redis Cluster" in not_a_cluster
+
+
+def test_calls_behind_a_hung_seed_node_fail_together(cluster: RedisClusterServers) -> None:
+    """The client is built by asking the URL's node for the slot map. While that node hangs, requests arriving
+    together fail after one build's timeout, not one after the other (each had waited out its own build)."""
+    backend = RedisBackend(cluster.url)  # nodes[0]; nothing built yet
+    seed = cluster.nodes[0]
+    assert seed.proc is not None
+    seed.proc.send_signal(signal.SIGSTOP)
+    took: list[float] = []
+
+    def ask() -> None:
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            backend.latest_version("acme", "sum")
+        took.append(time.monotonic() - start)
+
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        seed.proc.send_signal(signal.SIGCONT)
+    assert len(took) == 4 and max(took) < 2.0, took
+
+    def answers() -> bool:
+        try:
+            return backend.latest_version("acme", "sum") is None
+        except StoreUnavailable:
+            return False
+
+    eventually(answers, within=5.0)  # built once the node answers, no restart
+    backend.close()
+
+
+def test_the_tenant_lock_survives_a_lost_reply(cluster: RedisClusterServers) -> None:
+    """``call`` sends a command again after a dropped connection; a lock SET whose reply was lost then finds our
+    own token, which is ours to hold (before, the upload waited for its own lock and failed)."""
+    backend = RedisBackend(cluster.url)
+    client = backend.client
+    set_command = client.set
+    lost: list[bool] = []
+
+    def set_then_lose_the_reply(*args: object, **kwargs: object) -> object:
+        result = set_command(*args, **kwargs)  # type: ignore[arg-type]
+        if not lost:
+            lost.append(True)
+            raise redis.ConnectionError("connection lost before the reply")
+        return result
+
+    client.set = set_then_lose_the_reply  # type: ignore[method-assign]
+    start = time.monotonic()
+    with backend.tenant_lock("acme"):
+        assert lost and time.monotonic() - start < 1.0
+        assert client.get("ps:{acme}:lock") is not None
+    assert client.get("ps:{acme}:lock") is None  # released
     backend.close()

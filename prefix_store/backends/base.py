@@ -145,10 +145,11 @@ class PrefixBackend(ABC):
         Stores no other process shares need no lock."""
         return nullcontext()
 
-    def fault_domain(self, tenant: str, task_id: str | None = None) -> str:
-        """The part of the store whose failure the task (or, without one, the tenant's index) shares: the registry
+    def fault_domain(self, tenant: str, task_id: str | None = None) -> str | None:
+        """The part of the store whose failure the task (without one: the tenant's listing) shares: the registry
         fails cold loads fast for a second after a failure, but only those in the failed domain. "" is the whole
-        store, for stores that are one server; a cluster names the node that holds the task's slot."""
+        store, for stores that are one server; a cluster names the node that holds the task's slot, and None
+        (a listing there reads every node) blames no part."""
         return ""
 
     def check(self) -> None:  # noqa: B027 - optional hook: a store opened without error is usable

@@ -51,10 +51,11 @@ import json
 import logging
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -147,21 +148,35 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # What redis-py raises when a command or connection fails; a cluster client that cannot find its nodes raises
 # RedisClusterException, which is not a RedisError.
 _REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+# After a cluster client could not be built (no node answered), calls fail at once for this long.
+_CLUSTER_BUILD_RETRY_S = 0.5
 # A tenant lock expires after this long (an upload of 64 MiB to Redis takes well under a second).
 _TENANT_LOCK_MS = 30_000
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by ***, for logs and error messages."""
+    """`url` with any password (``user:password@`` or a ``password=`` query parameter) replaced by ***, for logs
+    and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    query = "&".join(
+        "password=***" if piece.partition("=")[0].lower() == "password" else piece for piece in parts.query.split("&")
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _url_passwords(url: str) -> list[str]:
+    """The passwords `url` carries, as redis-py reads them (percent-decoded), to scrub from messages."""
+    parts = urlsplit(url)
+    found = [parts.password, unquote(parts.password)] if parts.password else []
+    found += [value for name, value in parse_qsl(parts.query) if name.lower() == "password" and value]
+    return found
 
 
 def _header_of(blob: bytes) -> bytes:
@@ -188,7 +203,7 @@ class RedisBackend(PrefixBackend):
             raise ValueError("keep_versions must be >= 1")
         self.keep_versions = keep_versions
         self._safe_url = redact_url(url)
-        self._password = urlsplit(url).password
+        self._passwords = _url_passwords(url)
         scheme, _, rest = url.partition("://")
         self.cluster = scheme.lower() in CLUSTER_SCHEMES
         path = urlsplit(url).path.strip("/")
@@ -207,8 +222,10 @@ class RedisBackend(PrefixBackend):
         )
         self._connect_lock = threading.Lock()
         self._connected: redis.Redis | redis.RedisCluster | None = None
+        self._build_retry_at, self._build_error = 0.0, ""  # a cluster client's last failed build
         if self.cluster:
-            if path not in ("", "0"):
+            db_query = [value for name, value in parse_qsl(urlsplit(url).query) if name == "db"]
+            if path not in ("", "0") or any(value != "0" for value in db_query):
                 raise ValueError(f"bad redis store URL {self._safe_url!r}: a Redis Cluster has only database 0")
             self._client_url = f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}"
             # The cluster client retries timeouts too (its retry ignores supported_errors): a hung node would cost
@@ -245,10 +262,18 @@ class RedisBackend(PrefixBackend):
             if self._connected is None:
                 if self._closed.is_set():
                     raise redis.ConnectionError("the store is closed")
+                if time.monotonic() < self._build_retry_at:
+                    # Requests waiting on the lock behind a failed build (each ~1 s against a hung node) fail
+                    # at once with its error instead of each building again in turn.
+                    raise RedisClusterException(self._build_error)
                 try:
                     self._connected = redis.RedisCluster.from_url(self._client_url, **self._options)
                 except ValueError as e:
                     raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
+                except RedisClusterException as e:
+                    self._build_retry_at = time.monotonic() + _CLUSTER_BUILD_RETRY_S
+                    self._build_error = str(e)
+                    raise
             return self._connected
 
     def register_script(self, text: str) -> Callable[..., Any]:
@@ -274,10 +299,16 @@ class RedisBackend(PrefixBackend):
         not hold it for ever), deleted only while it still holds our token."""
         key = f"ps:{{{validate_tenant(tenant)}}}:lock"
         token = secrets.token_hex(8)
+
+        def take() -> bool:
+            # Or ours already: `call` may send the SET again after a reply was lost, and it finds our own token.
+            return (
+                bool(self._client.set(key, token, nx=True, px=_TENANT_LOCK_MS))
+                or self._client.get(key) == token.encode()
+            )
+
         wait_for_lock(
-            lambda: bool(
-                self.call("locking the tenant", lambda: self._client.set(key, token, nx=True, px=_TENANT_LOCK_MS))
-            ),
+            lambda: bool(self.call("locking the tenant", take)),
             f"tenant {tenant!r}'s upload lock",
             TENANT_LOCK_WAIT_S,
         )
@@ -299,6 +330,15 @@ class RedisBackend(PrefixBackend):
             raise ValueError(f"redis store at {self._safe_url} refused our credentials: {self._scrub(str(e))}") from e
         except redis.ResponseError as e:  # e.g. "invalid DB index" when the connection selects the database
             raise ValueError(f"redis store at {self._safe_url}: {self._scrub(str(e))}") from e
+        except RedisClusterException as e:  # the cluster client could not be built; its cause says why
+            if isinstance(e.__cause__, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+                detail = self._scrub(str(e.__cause__))
+                raise ValueError(f"redis store at {self._safe_url} refused our credentials: {detail}") from e
+            if "Cluster mode is not enabled" in str(e):
+                raise ValueError(
+                    f"redis store at {self._safe_url} is not a Redis Cluster: name it redis://HOST:PORT/DB"
+                ) from e
+            raise StoreUnavailable(f"redis store at {self._safe_url} unreachable: {self._scrub(str(e))}") from e
         except _REDIS_ERRORS as e:
             hint = (
                 " (a rediss:// URL to a server without TLS fails like this)"
@@ -315,13 +355,16 @@ class RedisBackend(PrefixBackend):
     def describe(self) -> str:
         return f"redis store at {self._safe_url} (keeping {self.keep_versions} versions per task)"
 
-    def fault_domain(self, tenant: str, task_id: str | None = None) -> str:
+    def fault_domain(self, tenant: str, task_id: str | None = None) -> str | None:
         """On a cluster, the node that holds the task's slot as the client last heard ("host:port"): with one node
-        down, tasks on the others still load. One Redis, or a cluster client not built yet: the whole store."""
+        down, tasks on the others still load; without a task (a listing reads every node), None: no one node can
+        be blamed. One Redis, or a cluster client not built yet: the whole store."""
         client = self._connected
         if not self.cluster or client is None:
             return ""
-        key = self._task_keys(tenant, task_id)[1] if task_id is not None else self._index_key(tenant)
+        if task_id is None:
+            return None
+        key = self._task_keys(tenant, task_id)[1]
         try:
             return str(client.get_node_from_key(key).name)  # type: ignore[union-attr]
         except (RedisClusterException, AttributeError):  # no node holds the slot now
@@ -352,7 +395,9 @@ class RedisBackend(PrefixBackend):
 
     def _scrub(self, text: str) -> str:
         # redis-py's messages name host and port, not the password; make sure of it.
-        return text.replace(self._password, "***") if self._password else text
+        for password in self._passwords:
+            text = text.replace(password, "***")
+        return text
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one Redis operation, turning redis-py's errors into StoreUnavailable.
@@ -428,7 +473,12 @@ class RedisBackend(PrefixBackend):
             if self._client.exists(latest):
                 self._client.sadd(index, task_id)
 
-        self.call("unindexing a task", unindex)
+        try:
+            self.call("unindexing a task", unindex)
+        except StoreUnavailable as e:
+            # The versions are gone (the script ran); an index entry without them is skipped by listings, as
+            # one left by an interrupted put is. On a cluster the index may be on a node that is down now.
+            logger.warning("deleted %s/%s, but its listing entry stays for now: %s", tenant, task_id, e)
         return int(removed) > 0
 
     # -- reads ----------------------------------------------------------------
