@@ -44,8 +44,8 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "store": (
         str,
         "prefix store: disk://PATH or redis://[USER:PASSWORD@]HOST:PORT/DB (rediss:// for TLS; ?ssl_ca_certs=PATH "
-        "for a private CA; redis+cluster://HOST:PORT for a Redis Cluster) (default: disk:// under the user data "
-        "directory)",
+        "for a private CA; redis+cluster://HOST:PORT[,HOST:PORT...] for a Redis Cluster) (default: disk:// under "
+        "the user data directory)",
     ),
     "host": (str, "address to bind (default 127.0.0.1)"),
     "port": (int, "port (default 8000)"),

@@ -260,6 +260,18 @@ def test_store_url_and_password_never_shown(make_redis_server: Callable[..., Red
     query.close()
 
 
+def test_urls_are_shown_as_written_but_for_their_passwords() -> None:
+    cases = {
+        "disk:///var/lib/prefixes": "disk:///var/lib/prefixes",  # rebuilt by urlunsplit it would be disk:/var/...
+        "redis://h:6379/0": "redis://h:6379/0",
+        "redis://:pw@h:6379/0": "redis://:***@h:6379/0",
+        "rediss://app:pw@[::1]:6380/0?ssl_ca_certs=/ca.pem": "rediss://app:***@[::1]:6380/0?ssl_ca_certs=/ca.pem",
+        "redis://h:6379/0?username=app&password=pw": "redis://h:6379/0?username=app&password=***",
+        "redis+cluster://app:pw@h1:7000,h2:7001": "redis+cluster://app:***@h1:7000,h2:7001",
+    }
+    assert {url: redis_backend_module.redact_url(url) for url in cases} == cases
+
+
 def test_an_acl_user_without_info_is_accepted(server: RedisServer) -> None:
     """The startup check asks INFO whether the server is a Cluster node; a user not allowed INFO still gets in."""
     server.client().execute_command("ACL", "SETUSER", "app", "on", ">app-pw", "~*", "&*", "+@all", "-info")

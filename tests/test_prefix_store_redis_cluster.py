@@ -404,3 +404,17 @@ def test_the_tenant_lock_survives_a_lost_reply(cluster: RedisClusterServers) -> 
         assert client.get("ps:{acme}:lock") is not None
     assert client.get("ps:{acme}:lock") is None  # released
     backend.close()
+
+
+def test_several_seed_nodes_one_of_them_down(cluster: RedisClusterServers) -> None:
+    """`redis+cluster://A,B`: the client asks the seeds in turn, so a first seed that is down at startup does not
+    keep the server from the cluster; the whole list is shown (any password hidden) and checked."""
+    down = f"127.0.0.1:{free_cluster_port()}"  # nothing listens there
+    url = f"redis+cluster://{down},127.0.0.1:{cluster.nodes[1].port},127.0.0.1:{cluster.nodes[2].port}"
+    assert _store_problem(url) is None
+    backend = open_backend(url)
+    assert backend.put("acme", "sum", lambda v: b"seeded") == 1 and backend.get("acme", "sum") == b"seeded"
+    assert down in backend.describe()
+    backend.close()
+    with pytest.raises(ValueError, match="bad port"):
+        open_backend(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port},127.0.0.1:x")

@@ -59,6 +59,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode
 from redis.commands.core import Script
 from redis.exceptions import AskError, NoScriptError, RedisClusterException
 from redis.retry import Retry
@@ -160,15 +161,24 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        userinfo, _, hosts = netloc.rpartition("@")  # hosts as written: a cluster URL may name several
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
     query = "&".join(
         "password=***" if piece.partition("=")[0].lower() == "password" else piece for piece in parts.query.split("&")
     )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to hide (rebuilt, "disk:///abs" would lose its empty host: "disk:/abs")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port" (6379 when no port is given)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or "]" in port:
+        host, port = address, "6379"
+    if not port.isdigit():
+        raise ValueError(f"bad port in {address!r}")
+    return host.strip("[]"), int(port)
 
 
 def _url_passwords(url: str) -> list[str]:
@@ -227,10 +237,19 @@ class RedisBackend(PrefixBackend):
             db_query = [value for name, value in parse_qsl(urlsplit(url).query) if name == "db"]
             if path not in ("", "0") or any(value != "0" for value in db_query):
                 raise ValueError(f"bad redis store URL {self._safe_url!r}: a Redis Cluster has only database 0")
-            self._client_url = f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}"
+            # Several seed nodes may be named, comma-separated: the client asks them in turn for the slot map, so
+            # one seed that is down when the server starts does not keep it from the cluster.
+            parts = urlsplit(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}")
+            userinfo, at, hosts = parts.netloc.rpartition("@")
+            first, *others = hosts.split(",")
+            self._client_url = urlunsplit(parts._replace(netloc=f"{userinfo}{at}{first}"))
+            try:
+                seeds = [ClusterNode(*_host_and_port(other)) for other in others]
+            except ValueError as e:
+                raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
             # The cluster client retries timeouts too (its retry ignores supported_errors): a hung node would cost
             # two socket timeouts. It does not retry; `call` retries a dropped connection once instead.
-            self._options = {**options, "retry": Retry(NoBackoff(), 0)}
+            self._options = {**options, "retry": Retry(NoBackoff(), 0), "startup_nodes": seeds}
             self._db = 0
         else:
             try:
