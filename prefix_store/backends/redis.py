@@ -345,20 +345,18 @@ class RedisBackend(PrefixBackend):
                     f"redis store at {self._safe_url} is a Redis Cluster node: name it redis+cluster://"
                     f" (or rediss+cluster://), so that each key goes to the node that holds it"
                 )
-        except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:
-            raise ValueError(f"redis store at {self._safe_url} refused our credentials: {self._scrub(str(e))}") from e
-        except redis.ResponseError as e:  # e.g. "invalid DB index" when the connection selects the database
-            raise ValueError(f"redis store at {self._safe_url}: {self._scrub(str(e))}") from e
-        except RedisClusterException as e:  # the cluster client could not be built; its cause says why
-            if isinstance(e.__cause__, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
-                detail = self._scrub(str(e.__cause__))
+        except _REDIS_ERRORS as e:
+            # A cluster client that could not be built says why in its cause (a refused password, say).
+            cause = e.__cause__ if isinstance(e, RedisClusterException) and e.__cause__ is not None else e
+            if isinstance(cause, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+                detail = self._scrub(str(cause))
                 raise ValueError(f"redis store at {self._safe_url} refused our credentials: {detail}") from e
+            if isinstance(cause, redis.ResponseError):  # e.g. "invalid DB index" when the connection selects it
+                raise ValueError(f"redis store at {self._safe_url}: {self._scrub(str(cause))}") from e
             if "Cluster mode is not enabled" in str(e):
                 raise ValueError(
                     f"redis store at {self._safe_url} is not a Redis Cluster: name it redis://HOST:PORT/DB"
                 ) from e
-            raise StoreUnavailable(f"redis store at {self._safe_url} unreachable: {self._scrub(str(e))}") from e
-        except _REDIS_ERRORS as e:
             hint = (
                 " (a rediss:// URL to a server without TLS fails like this)"
                 if self._safe_url.startswith("rediss")
@@ -581,9 +579,10 @@ class RedisBackend(PrefixBackend):
     def _latest_headers_on_cluster(self, tenant: str, task_ids: Sequence[str]) -> list[Any]:
         """``[version, header]`` of each task's latest (None where it has none), as the script gives them.
 
-        A cluster pipeline runs no scripts, so: the pointers in one pipelined round trip, then the headers they
-        name in another. A version pruned between the two (a newer one was written) is read again with the
-        script, pointer and header together, so a listing never loses a task that has versions.
+        Scripts are not pipelined here (redis-py's cluster pipeline refuses them, and a node may lack one), so:
+        the pointers in one pipelined round trip, then the headers they name in another. A version pruned between
+        the two (a newer one was written) is read again with the script, pointer and header together, so a
+        listing never loses a task that has versions.
         """
         keys = [self._task_keys(tenant, task_id) for task_id in task_ids]
         versions = self._pipelined([("get", latest) for _, latest, _, _ in keys])
