@@ -292,10 +292,12 @@ def test_a_primary_fails_over_to_its_replica(
 
     failed.kill()
     took = eventually(lambda: loads(on_failed[0], TASKS.index(on_failed[0])), within=20.0)
-    assert all(loads(task, TASKS.index(task)) for task in TASKS)
+    # The other primaries say the cluster is ok again tens of milliseconds after the promoted replica does; a load
+    # that meets a CLUSTERDOWN in between holds its node's circuit open for a second. So: all of them, soon after.
+    all_back = took + eventually(lambda: all(loads(task, TASKS.index(task)) for task in TASKS), within=5.0)
     assert writer.upload("acme", on_failed[0], make_kv(seed=77)).version == 2
     eventually(lambda: loads(on_failed[0], 77), within=1.0)
-    print(f"cold loads back {took:.1f} s after the primary died")
+    print(f"cold loads of its tasks back {took:.1f} s after the primary died, of every task {all_back:.1f} s")
 
 
 def test_a_hung_node_costs_one_socket_timeout_per_call(
