@@ -52,7 +52,10 @@ async def _flood_then_late_request(
         flood = [
             asyncio.ensure_future(_run(engine, "A", [3, 4, 5 + i], done, f"a{i}", flood_tokens)) for i in range(FLOOD)
         ]
-        while engine.num_running == 0:  # the first rows are decoding, the rest of the flood waits
+        # Every row decodes one of A's and the rest of the flood waits. (Waiting only for a first row let the
+        # late request find rows still free when the engine had taken in part of the flood at its first step.)
+        # One of A's finished: the rows were all A's before that, whatever this loop saw.
+        while engine.num_running < ROWS and not done:
             await asyncio.sleep(0.001)
         before = len(done)
         late = asyncio.ensure_future(_run(engine, late_tenant, [7, 8, 9], done, "late"))
