@@ -219,7 +219,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from prefix_store.backends import default_store_url
-    from prefix_store.backends.redis import redact_url
+    from prefix_store.backends.redis_url import redact_url
     from server.api.app import create_app
     from server.api.tool_formats import TOOL_CALL_FORMATS
     from server.model_loading import ModelLoadError, load_model

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.redis_server import RedisClusterServers, RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer, TlsFiles
 
 if TYPE_CHECKING:
     import openai
@@ -49,16 +49,31 @@ def make_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 @pytest.fixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    """A test CA's certificate, a server certificate for 127.0.0.1 it signed, and a client certificate."""
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    return TlsFiles.make(directory)
+
+
+@pytest.fixture
 def make_redis_cluster(make_redis_server: Callable[..., RedisServer]) -> Callable[..., RedisClusterServers]:
     """Starts and forms a Redis Cluster of `nodes` real redis-server primaries (stopped after the test); with
-    `replicas`, one replica each too, and a failed node replaced after 1 s (its node timeout) instead of 5."""
+    `replicas`, one replica each too, and a failed node replaced after 1 s (its node timeout) instead of 5; with
+    `tls`, every node, and the cluster bus, speaks only TLS."""
 
     def make(
-        nodes: int = 3, persistent: bool = False, replicas: bool = False, password: str | None = None
+        nodes: int = 3,
+        persistent: bool = False,
+        replicas: bool = False,
+        password: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> RedisClusterServers:
         def node() -> RedisServer:
             timeout_ms = 1000 if replicas else 5000
-            return make_redis_server(cluster=True, persistent=persistent, node_timeout_ms=timeout_ms, password=password)
+            return make_redis_server(
+                cluster=True, persistent=persistent, node_timeout_ms=timeout_ms, password=password, tls=tls
+            )
 
         primaries = [node() for _ in range(nodes)]
         cluster = RedisClusterServers(primaries, [node() for _ in range(nodes)] if replicas else None)

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -33,6 +34,32 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a redis cluster node")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test CA, a certificate it signed for 127.0.0.1 and localhost (the server's), and one it
+    signed for a client (for servers that require client certificates)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> TlsFiles:
+        import trustme
+
+        ca = trustme.CA()
+        server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("prefix-serve-client")
+        files = cls(*(directory / name for name in ("ca.pem", "cert.pem", "key.pem", "client.pem", "client-key.pem")))
+        ca.cert_pem.write_to_path(str(files.ca))
+        server.cert_chain_pems[0].write_to_path(str(files.cert))
+        server.private_key_pem.write_to_path(str(files.key))
+        client.cert_chain_pems[0].write_to_path(str(files.client_cert))
+        client.private_key_pem.write_to_path(str(files.client_key))
+        return files
+
+
 class RedisServer:
     """One redis-server process on a fixed loopback port, restartable on that port."""
 
@@ -44,6 +71,8 @@ class RedisServer:
         password: str | None = None,
         cluster: bool = False,
         node_timeout_ms: int = 5000,
+        tls: TlsFiles | None = None,
+        tls_auth_clients: bool = False,
     ) -> None:
         self.port = free_cluster_port() if cluster else free_port()
         self.workdir = workdir
@@ -51,20 +80,34 @@ class RedisServer:
         self.password = password
         self.cluster = cluster  # a Redis Cluster node: its nodes.conf in workdir lets a restart rejoin
         self.cluster_node_timeout_ms = node_timeout_ms  # how long a silent node takes to be marked failed (replaced)
+        self.tls = tls  # TLS only: the port speaks nothing else (and, on a cluster node, so does its bus)
+        self.tls_auth_clients = tls_auth_clients  # TLS clients must show a certificate the CA signed
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        if self.tls:
+            return redis.Redis(
+                port=self.port,
+                password=self.password,
+                socket_timeout=2,
+                ssl=True,
+                ssl_ca_certs=str(self.tls.ca),
+                ssl_certfile=str(self.tls.client_cert),
+                ssl_keyfile=str(self.tls.client_key),
+            )
         return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
 
     def start(self) -> None:
         args = [
             "redis-server",
-            "--port",
+            *(("--port", "0", "--tls-port") if self.tls else ("--port",)),
             str(self.port),
             "--bind",
             "127.0.0.1",
@@ -76,6 +119,12 @@ class RedisServer:
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            args += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            args += ["--tls-ca-cert-file", str(self.tls.ca)]
+            args += ["--tls-auth-clients", "yes" if self.tls_auth_clients else "no"]
+            if self.cluster:
+                args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
         if self.cluster:
             args += [
                 "--cluster-enabled",
@@ -130,6 +179,9 @@ class RedisClusterServers:
     @property
     def url(self) -> str:
         """The store URL: any one node is enough, the client discovers the rest."""
+        tls = self.nodes[0].tls
+        if tls:
+            return f"rediss+cluster://127.0.0.1:{self.nodes[0].port}/0?ssl_ca_certs={tls.ca}"
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
 
     def form(self, timeout: float = 20.0) -> None:

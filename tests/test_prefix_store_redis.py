@@ -22,6 +22,7 @@ import torch
 from prefix_store.artifact import decode_artifact
 from prefix_store.backends import Invalidation, RedisBackend, open_backend
 from prefix_store.backends import redis as redis_backend_module
+from prefix_store.backends.redis_url import redact_url
 from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.registry import PrefixRegistry
@@ -269,7 +270,7 @@ def test_urls_are_shown_as_written_but_for_their_passwords() -> None:
         "redis://h:6379/0?username=app&password=pw": "redis://h:6379/0?username=app&password=***",
         "redis+cluster://app:pw@h1:7000,h2:7001": "redis+cluster://app:***@h1:7000,h2:7001",
     }
-    assert {url: redis_backend_module.redact_url(url) for url in cases} == cases
+    assert {url: redact_url(url) for url in cases} == cases
 
 
 def test_an_acl_user_without_info_is_accepted(server: RedisServer) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from prefix_store.backends.base import Invalidation, PrefixBackend
 from prefix_store.backends.disk import DiskBackend
-from prefix_store.backends.redis import CLUSTER_SCHEMES, RedisBackend, redact_url
+from prefix_store.backends.redis import RedisBackend
+from prefix_store.backends.redis_url import CLUSTER_SCHEMES, redact_url
 
 __all__ = ["DiskBackend", "Invalidation", "PrefixBackend", "RedisBackend", "default_store_url", "open_backend"]
 

@@ -55,7 +55,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -71,6 +71,15 @@ from prefix_store.backends.base import (
     PrefixBackend,
     WholeBlobReader,
     wait_for_lock,
+)
+from prefix_store.backends.redis_url import (
+    CLUSTER_SCHEMES,
+    check_options,
+    connection_hint,
+    host_and_port,
+    redact_url,
+    untrusted_certificate,
+    url_passwords,
 )
 from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
@@ -144,8 +153,6 @@ _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-# Store URL schemes of a Redis Cluster, and the redis-py scheme each becomes.
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # What redis-py raises when a command or connection fails; a cluster client that cannot find its nodes raises
 # RedisClusterException, which is not a RedisError.
 _REDIS_ERRORS = (redis.RedisError, RedisClusterException)
@@ -153,40 +160,6 @@ _REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 _CLUSTER_BUILD_RETRY_S = 0.5
 # A tenant lock expires after this long (an upload of 64 MiB to Redis takes well under a second).
 _TENANT_LOCK_MS = 30_000
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password (``user:password@`` or a ``password=`` query parameter) replaced by ***, for logs
-    and error messages."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hosts = netloc.rpartition("@")  # hosts as written: a cluster URL may name several
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    query = "&".join(
-        "password=***" if piece.partition("=")[0].lower() == "password" else piece for piece in parts.query.split("&")
-    )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # nothing to hide (rebuilt, "disk:///abs" would lose its empty host: "disk:/abs")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _host_and_port(address: str) -> tuple[str, int]:
-    """("host", port) of "host:port" or "[v6]:port" (6379 when no port is given)."""
-    host, colon, port = address.rpartition(":")
-    if not colon or "]" in port:
-        host, port = address, "6379"
-    if not port.isdigit():
-        raise ValueError(f"bad port in {address!r}")
-    return host.strip("[]"), int(port)
-
-
-def _url_passwords(url: str) -> list[str]:
-    """The passwords `url` carries, as redis-py reads them (percent-decoded), to scrub from messages."""
-    parts = urlsplit(url)
-    found = [parts.password, unquote(parts.password)] if parts.password else []
-    found += [value for name, value in parse_qsl(parts.query) if name.lower() == "password" and value]
-    return found
 
 
 def _header_of(blob: bytes) -> bytes:
@@ -213,7 +186,7 @@ class RedisBackend(PrefixBackend):
             raise ValueError("keep_versions must be >= 1")
         self.keep_versions = keep_versions
         self._safe_url = redact_url(url)
-        self._passwords = _url_passwords(url)
+        self._passwords = url_passwords(url)
         scheme, _, rest = url.partition("://")
         self.cluster = scheme.lower() in CLUSTER_SCHEMES
         path = urlsplit(url).path.strip("/")
@@ -244,7 +217,8 @@ class RedisBackend(PrefixBackend):
             first, *others = hosts.split(",")
             self._client_url = urlunsplit(parts._replace(netloc=f"{userinfo}{at}{first}"))
             try:
-                seeds = [ClusterNode(*_host_and_port(other)) for other in others]
+                check_options(self._client_url)  # the client, and so its connections, is only built on first use
+                seeds = [ClusterNode(*host_and_port(other)) for other in others]
             except ValueError as e:
                 raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
             # The cluster client retries timeouts too (its retry ignores supported_errors): a hung node would cost
@@ -253,6 +227,7 @@ class RedisBackend(PrefixBackend):
             self._db = 0
         else:
             try:
+                check_options(url)  # options redis-py would only fail on when it connects
                 self._connected = redis.Redis.from_url(url, **options)  # connects on first command
             except ValueError as e:
                 raise ValueError(f"bad redis store URL {self._safe_url!r}: {e}") from None
@@ -357,11 +332,12 @@ class RedisBackend(PrefixBackend):
                 raise ValueError(
                     f"redis store at {self._safe_url} is not a Redis Cluster: name it redis://HOST:PORT/DB"
                 ) from e
-            hint = (
-                " (a rediss:// URL to a server without TLS fails like this)"
-                if self._safe_url.startswith("rediss")
-                else ""
-            )
+            if (refused := untrusted_certificate(e)) is not None:
+                raise ValueError(
+                    f"redis store at {self._safe_url}: its TLS certificate failed verification"
+                    f" ({refused.verify_message}); name the CA that signed it with ?ssl_ca_certs=PATH"
+                ) from e
+            hint = connection_hint(e, tls=self._safe_url.lower().startswith("rediss"))
             raise StoreUnavailable(f"redis store at {self._safe_url} unreachable: {self._scrub(str(e))}{hint}") from e
 
     @property
