@@ -196,7 +196,9 @@ def live(loaded, key_file: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         key_file,
         max_batch_size=1,
         max_open_streams=3,
-        request_timeout_s=1.5,
+        # Over 5x the longest request that must finish (40 tokens, 0.5 s unloaded: a busy CI machine took 1.5 s
+        # once); under the 390-token ones that must time out (at least 3.9 s of STEP_DELAY_S alone).
+        request_timeout_s=3,
     )
     app = create_app(cfg, model=loaded)
     with serve_in_thread(app) as url:
@@ -337,9 +339,9 @@ async def test_request_timeout_cancels_and_says_so(live) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         started = time.monotonic()
         r = await client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 390}, headers=hdr("alice"))
-        assert_error(r, 408, "1.5 s")
+        assert_error(r, 408, "3 s")
         assert r.headers["x-should-retry"] == "false"  # the SDKs retry 408s: it would run as long again, twice
-        assert r.json()["error"]["type"] == "timeout" and time.monotonic() - started < 5
+        assert r.json()["error"]["type"] == "timeout" and time.monotonic() - started < 6
         await _settled(state)  # the row was freed
 
         events = await (await _open_stream(client, "alice", 390)).drain()
@@ -367,7 +369,7 @@ def test_the_cli_writes_a_mid_stream_error_on_a_line_of_its_own(live, capsys: py
     code = main(argv)
     out, err = capsys.readouterr()
     assert code == 1 and out.strip() and out.endswith("\n"), out
-    assert err.startswith("error: ") and "1.5 s" in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "3 s" in err and len(err.splitlines()) == 1, err
 
 
 def test_limits_are_clear_4xx(loaded, key_file: Path, tmp_path: Path) -> None:
