@@ -134,7 +134,7 @@ class PrefixRegistry:
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
         self.store_fallbacks = 0  # resolves served from the host cache because the backend was unavailable
-        self.store_errors = 0  # backend calls of resolves and loads that found the store unavailable
+        self.store_errors = 0  # resolves and loads that found the store unavailable (or refused while it was)
         self._listing = ListingCache()  # headers parsed by earlier listings
         backend.subscribe(self._on_invalidation)
 
@@ -276,7 +276,7 @@ class PrefixRegistry:
             # its own store timeout (a burst of them would pile up on the I/O threads).
             if (resident := self._newest_cached(tenant, task_id)) is not None:
                 return resident
-            raise StoreUnavailable(_STORE_DOWN_MESSAGE)
+            raise self._refused_while_down()
         try:
             return self._resolve_latest(tenant, task_id)
         except StoreUnavailable:
@@ -362,6 +362,13 @@ class PrefixRegistry:
                 self._store_down_until[domain] = time.monotonic() + _STORE_DOWN_HOLD
             self.store_errors += 1
 
+    def _refused_while_down(self) -> StoreUnavailable:
+        """The error for a lookup or load refused while the circuit is open, counted as one that found the store
+        unavailable (it did: the operator's error rate and alert see every request the outage refused)."""
+        with self._lock:
+            self.store_errors += 1
+        return StoreUnavailable(_STORE_DOWN_MESSAGE)
+
     def _close_circuit(self, domain: str | None) -> None:
         """The store's part `domain` answered: cold loads may try it again."""
         with self._lock:
@@ -380,7 +387,7 @@ class PrefixRegistry:
         with self._load_slots or contextlib.nullcontext():
             if self._circuit_open(domain):
                 # Loads queued behind one that found the store hung must not each wait out a timeout.
-                raise StoreUnavailable(_STORE_DOWN_MESSAGE)
+                raise self._refused_while_down()
             started = time.perf_counter()
             try:
                 artifact = self._load(key)

@@ -801,7 +801,10 @@ class Engine:
         """Record one token sampled at ``now`` (perf_counter); returns True when the request finished."""
         if self.metrics is not None:
             if tracked.generated:
-                self.metrics.inter_token_latency.observe(now - tracked.last_token_at)
+                # Once per step, as vLLM does: the tokens a speculative step accepts arrive together (same `now`),
+                # and a zero gap for each would pull the histogram's quantiles to 0.
+                if now != tracked.last_token_at:
+                    self.metrics.inter_token_latency.observe(now - tracked.last_token_at)
             else:
                 self.metrics.first_token(tracked.request.prefix_id, now - tracked.submitted_at)
         tracked.last_token_at = now

@@ -20,6 +20,7 @@ N tasks seen their own value and counts every later one under ``other``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -36,6 +37,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.request_log import RequestRecord, current_request, log_request, new_request_id
@@ -54,6 +56,13 @@ if TYPE_CHECKING:
 UPLOAD_PATH_PREFIX = "/v1/prefixes/"
 # Requests no route handled (404s, bodies refused before routing): one label value however many paths are probed.
 UNMATCHED_ENDPOINT = "unmatched"
+# The ``method`` label's values: any other method a client makes up is counted as OTHER_METHOD (each would be a
+# series of its own, and they are refused before authentication).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER_METHOD = "other"
+# The status a response that started but never finished is counted and logged under, without an exception: the
+# client left mid-stream (nginx's 499, as for one that leaves before the answer).
+CLIENT_CLOSED = 499
 
 # Bucket edges. Batch sizes and prefix counts are small integers; latencies span a cached
 # tiny model on CPU (milliseconds) to a long generation (minutes).
@@ -177,7 +186,7 @@ class EngineMetrics:
         )
         self.inter_token_latency = Histogram(
             "prefix_serve_inter_token_latency_seconds",
-            "Time between consecutive tokens of one request.",
+            "Time between consecutive steps that gave one request tokens (a speculative step's several: one gap).",
             buckets=ITL_BUCKETS,
             registry=registry,
         )
@@ -307,6 +316,7 @@ class ServerMetrics:
         self, method: str, path: str, endpoint: str, status: int, seconds: float, record: RequestRecord | None = None
     ) -> None:
         code = str(status)
+        method = method if method in HTTP_METHODS else OTHER_METHOD
         if self.tasks is None:
             self.requests.labels(method, endpoint, code).inc()
         else:
@@ -319,9 +329,9 @@ class ServerMetrics:
         """The ``task`` value of a finished request: its generation's task, or NO_TASK if it generated nothing."""
         assert self.tasks is not None
         # The request gate notes the generation (tenant, task, token counts) once the prefix has resolved and
-        # the request goes to the engine; requests refused before that (bad input, unknown task, quota)
-        # never claim a slot, so made-up task ids cannot use the slots up.
-        if record is None or record.generated_tokens is None:
+        # the request goes to the engine; requests refused before that (bad input, unknown task, quota), or
+        # by the engine before a token, never claim a slot, so made-up task ids cannot use the slots up.
+        if record is None or not record.generated_tokens:
             return NO_TASK
         return self.tasks.value(None if record.task_id is None else f"{record.tenant}/{record.task_id}")
 
@@ -435,26 +445,40 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # what the server error middleware answers if the app raises
+        finished = False  # the response's last body message was sent
         sent_id = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
         record = RequestRecord(new_request_id(sent_id), scope["method"], scope["path"], started=started)
         token = current_request.set(record)
 
         async def send_and_record_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), (b"x-request-id", record.request_id.encode())]
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
             await send(message)
 
+        error: BaseException | None = None
         try:
             await self.app(scope, receive, send_and_record_status)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             current_request.reset(token)
             endpoint = _endpoint(scope)
             if record.task_id is None:  # prefix routes name the task in the path
                 task_id = scope.get("path_params", {}).get("task_id")
                 record.task_id = task_id if isinstance(task_id, str) else None
+            # A stream fails after its 200 went out: counted under what its error event says (or, cut off, as the
+            # client leaving or a server error), so error rates and alerts see it.
+            if record.stream_error is not None:
+                status = record.stream_error
+            elif status < 400 and not finished:
+                client_left = error is None or isinstance(error, (ClientDisconnect, OSError, asyncio.CancelledError))
+                status = CLIENT_CLOSED if client_left else 500
             seconds = time.perf_counter() - started
             self.metrics.observe_request(scope["method"], scope["path"], endpoint, status, seconds, record)
             log_request(record, endpoint, status)

@@ -51,6 +51,9 @@ class RequestRecord:
     generated_tokens: int | None = None
     first_token_at: float | None = None
     finish_reason: str | None = None
+    # A streamed response that failed after its 200 was sent (timed out, aborted at shutdown, the engine failed):
+    # the status its error event carries, which the request is counted and logged under.
+    stream_error: int | None = None
     # Per engine request this HTTP request submits (OpenAI's n and prompt lists make several), by id(): its
     # prompt tokens and the tokens generated so far. The token fields above are their sums.
     _prompts: dict[int, int] = field(default_factory=dict, repr=False)
@@ -101,6 +104,13 @@ class RequestRecord:
 
 
 current_request: ContextVar[RequestRecord | None] = ContextVar("prefix_serve_request", default=None)
+
+
+def note_stream_error(status: int) -> None:
+    """The current request's stream ends in an error event after its 200 went out: count and log it as `status`."""
+    record = current_request.get()
+    if record is not None and record.stream_error is None:
+        record.stream_error = status
 
 
 def new_request_id(sent: str | None) -> str:

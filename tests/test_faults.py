@@ -48,6 +48,13 @@ def metric(url: str, name: str) -> float:
     return float(match.group(1))
 
 
+def requests_answered(url: str, endpoint: str, status: int) -> float:
+    """prefix_serve_requests_total of one route and status."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    labels = rf'\{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*status="{status}"[^}}]*\}}'
+    return sum(float(value) for value in re.findall(rf"^prefix_serve_requests_total{labels} (\S+)$", text, re.M))
+
+
 def peak_rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
@@ -170,6 +177,7 @@ def test_draining_server_answers_503(tiny_model_dir: Path, tmp_path: Path) -> No
 
 def test_disconnect_mid_stream_frees_the_row(server) -> None:
     proc, _ = server
+    left = requests_answered(proc.url, "/v1/generate", 499)
     body = {"prompt": "hello", "max_new_tokens": LONG, "stream": True, "stop": ["\u0000"]}
     with httpx.Client(timeout=30) as client, client.stream("POST", proc.url + "/v1/generate", json=body) as r:
         lines = r.iter_lines()
@@ -192,6 +200,10 @@ def test_disconnect_mid_stream_frees_the_row(server) -> None:
         f"mean decode step {step_ms:.1f} ms"
     )
     assert extra < LONG / 4  # nowhere near running to its end
+    # Counted as the client leaving (499), not as the 200 its response started with.
+    while requests_answered(proc.url, "/v1/generate", 499) == left:
+        assert time.monotonic() - closed_at < 5, "the stream the client left was not counted as a 499"
+        time.sleep(0.01)
 
 
 def test_disconnect_frees_every_row_of_an_n_choice_stream(server) -> None:

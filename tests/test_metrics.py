@@ -158,6 +158,18 @@ def test_concurrent_mixed_prefixes_move_the_metrics(loaded, tmp_path: Path) -> N
     assert total(after, "process_resident_memory_bytes") > 0
 
 
+def test_made_up_methods_share_one_label_value(loaded, tmp_path: Path) -> None:
+    """A method is the client's to choose, and refused before authentication: each made-up one was a new series."""
+    with TestClient(create_app(ServeConfig(store=f"disk://{tmp_path}"), model=loaded)) as client:
+        for method in ("FOO", "BAR", "X-CUSTOM-1"):
+            assert client.request(method, "/v1/generate").status_code == 405
+        assert client.get("/health").status_code == 200
+        samples = scrape(client)
+    methods = {s.labels["method"] for s in samples if s.name == "prefix_serve_requests_total"}
+    assert methods == {"GET", "other"}
+    assert total(samples, "prefix_serve_requests_total", method="other", status="405") == 3
+
+
 def test_openmetrics_when_asked(loaded, tmp_path: Path) -> None:
     with TestClient(create_app(ServeConfig(store=f"disk://{tmp_path}"), model=loaded)) as client:
         r = client.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})

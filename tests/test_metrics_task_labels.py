@@ -116,7 +116,10 @@ def labelled_run(loaded, tmp_path_factory: pytest.TempPathFactory) -> Run:
         for headers, task_id, p in ((ALICE, "alpha", 4), (ALICE, "beta", 5), (BOB, "alpha", 6), (ALICE, "delta", 3)):
             r = put_native_as(client, headers, task_id, p)
             assert r.status_code == 201, r.text
-        # Uploads are no generation: they take no slot, whatever their path names.
+        # Uploads are no generation: they take no slot, whatever their path names; nor does a request the engine
+        # refuses before its first token (its prompt and max_new_tokens overflow the 512-token context).
+        generate(ALICE, "delta", NO_TASK, "word " * 600)
+        assert sent[-1].status == 422
         generate(ALICE, "alpha", "alice/alpha", "first task seen")
         generate(ALICE, None, BASE_TASK, "the base model takes no slot")
         complete(BOB, "alpha", "bob/alpha")  # the second and last slot
@@ -155,7 +158,7 @@ def put_native_as(client: TestClient, headers: dict[str, str], task_id: str, p: 
 
 def test_first_n_tasks_get_a_label_later_ones_other(labelled_run: Run) -> None:
     samples, sent = labelled_run.samples, labelled_run.sent
-    assert all(s.status in (200, 404) for s in sent)
+    assert all(s.status in (200, 404, 422) for s in sent)
     assert {s.status for s in sent if s.task != NO_TASK} == {200}
     generated = [s for s in sent if s.status == 200]
 
@@ -184,6 +187,8 @@ def test_first_n_tasks_get_a_label_later_ones_other(labelled_run: Run) -> None:
     # Refused before the engine: the unknown and the deleted task are counted without a task value.
     refused = total(samples, "prefix_serve_requests_total", endpoint="/v1/generate", status="404", task=NO_TASK)
     assert refused == 2
+    too_long = total(samples, "prefix_serve_requests_total", endpoint="/v1/generate", status="422", task=NO_TASK)
+    assert too_long == 1
     assert total(samples, "prefix_serve_requests_total", method="PUT", status="201", task=NO_TASK) == 5
 
 

@@ -363,6 +363,11 @@ def test_redis_down_and_back(
         b.resolve("acme", "cold")
     assert time.monotonic() - started < 2.0
     assert PASSWORD not in str(cold_error.value)
+    errors = b.stats()["store_errors"]
+    for _ in range(5):  # refused inside the circuit's second without asking the store: each still counted
+        with pytest.raises(StoreUnavailable):
+            b.resolve("acme", "cold")
+    assert b.stats()["store_errors"] == errors + 5
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
         b.upload("acme", "new", make_kv(seed=3))

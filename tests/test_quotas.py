@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.app import create_app
 from server.api.state import ServerState
@@ -334,9 +335,24 @@ async def test_a_requests_choices_count_as_one_request(live) -> None:
         await _settled(state)
 
 
+async def _counted(client: httpx.AsyncClient, endpoint: str, status: int) -> float:
+    """prefix_serve_requests_total for one route and status, scraped now."""
+    text = (await client.get("/metrics")).text
+    families = text_string_to_metric_families(text)
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "prefix_serve_requests_total"
+        and (sample.labels["endpoint"], sample.labels["status"]) == (endpoint, str(status))
+    )
+
+
 async def test_request_timeout_cancels_and_says_so(live) -> None:
     url, state = live
+    routes = ("/v1/generate", "/v1/completions")
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        before = {(route, status): await _counted(client, route, status) for route in routes for status in (200, 408)}
         started = time.monotonic()
         r = await client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 390}, headers=hdr("alice"))
         assert_error(r, 408, "3 s")
@@ -358,6 +374,32 @@ async def test_request_timeout_cancels_and_says_so(live) -> None:
             chunks = [line async for line in response.aiter_lines() if line.startswith("data: ")]
         assert json.loads(chunks[-1][6:])["error"]["code"] == "timeout"
         await _settled(state)
+        # The streams failed after their 200 went out: counted (and logged) as the 408s they end with.
+        for route in routes:
+            assert await _counted(client, route, 408) - before[route, 408] == 2, route
+            assert await _counted(client, route, 200) == before[route, 200], route
+
+
+async def test_a_stream_whose_client_leaves_while_queued_is_dropped(live) -> None:
+    """A streamed request waiting for a row is aborted when its client goes away (it was prefilled once the row
+    freed, and counted a 200, as its response had not started yet); the running request goes on."""
+    url, state = live
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        left = await _counted(client, "/v1/generate", 499)
+        running = await _open_stream(client, "alice", 200)  # the only row, for 2 s at least (STEP_DELAY_S)
+        body = {"prompt": "x", "max_new_tokens": 8, "stream": True}
+        queued = asyncio.ensure_future(client.post("/v1/generate", json=body, headers=hdr("alice")))
+        while state.engine.num_waiting == 0:
+            await asyncio.sleep(0.01)
+        queued.cancel()  # the client gives up: httpx closes the connection
+        gone_at = time.monotonic()
+        while state.engine.num_waiting:
+            assert time.monotonic() - gone_at < 1.0, "the request kept its place in the queue"
+            await asyncio.sleep(0.01)
+        assert state.engine.num_running == 1  # the stream still holds the row
+        await running.drain()
+        await _settled(state)
+        assert await _counted(client, "/v1/generate", 499) - left == 1
 
 
 def test_the_cli_writes_a_mid_stream_error_on_a_line_of_its_own(live, capsys: pytest.CaptureFixture[str]) -> None:

@@ -247,6 +247,36 @@ async def test_a_task_drafts_from_its_earlier_outputs_for_its_own_tenant_only(ba
     assert after_other == (2 * before[0], 2 * before[1]), "tenant b drafted exactly as a's first request did"
 
 
+def inter_token_gaps(metrics: EngineMetrics) -> float:
+    """How many inter-token latencies the histogram has observed so far."""
+    samples = metrics.inter_token_latency.collect()[0].samples
+    return next(sample.value for sample in samples if sample.name.endswith("_count"))
+
+
+async def test_a_step_of_accepted_drafts_is_one_inter_token_gap(base, prefixes) -> None:
+    """The tokens one step gives a request (its accepted drafts and the step's own) reach the client together:
+    one gap in the inter-token latency histogram, as vLLM counts it, not a zero gap for each (which pulled the
+    dashboard's ITL quantiles to 0 with speculation on)."""
+    metrics = EngineMetrics(CollectorRegistry())
+    config = SpeculativeConfig(tokens=4, max_rows=8, ngram_max=3, ngram_min=2, draft_cost=0.0, verify_overhead=0.0)
+    engine = make_engine(base, metrics=metrics, speculative=config)
+    ids = prompt(130, 6)
+
+    def request() -> GenerationRequest:
+        return GenerationRequest(ids, SamplingParams(max_new_tokens=24), prefix_kv_of(prefixes[1]), "p1", "a")
+
+    try:
+        await collect(engine, request())  # its output is the next one's drafts
+        gaps, (_, accepted) = inter_token_gaps(metrics), counters(metrics)
+        assert len(tokens_of(await collect(engine, request()))) == 24
+        steps_gaps, steps_accepted = inter_token_gaps(metrics) - gaps, counters(metrics)[1] - accepted
+    finally:
+        engine.shutdown()
+    assert steps_accepted >= 12, "most tokens came as accepted drafts"
+    # 24 tokens: the first from the prefill, the others from decode steps of 1 + that step's accepted drafts.
+    assert steps_gaps == 24 - 1 - steps_accepted
+
+
 async def test_a_prediction_changes_no_token_and_drafts_what_it_got_right(base, prefixes, mode) -> None:
     """A request with its own output as the prediction takes most of its tokens from drafts; with a guess half
     wrong, or wrong throughout, it still decodes exactly the oracle's tokens, alone and beside others."""

@@ -8,7 +8,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -24,6 +24,7 @@ from server.api.state import Caller, ServerState, State
 from server.api.tool_formats import ToolCallFormat, template_shows_tools, with_tools_in_text
 from server.engine import GenerationEvent, GenerationRequest
 from server.errors import ApiError, GenerationFailed, InvalidInput, from_store_error
+from server.request_log import note_stream_error
 from server.sampling import SamplingParams
 from server.structured_output import Grammar, GrammarError, GrammarSpec
 
@@ -254,27 +255,47 @@ def tokenize(
     return list(tokenizer(prompt or "").input_ids)
 
 
-async def events_until_disconnect(
-    request: Request, events: AsyncIterator[GenerationEvent]
-) -> AsyncIterator[GenerationEvent]:
+T = TypeVar("T")
+
+
+async def events_until_disconnect(request: Request, events: AsyncIterator[T]) -> AsyncIterator[T]:
     """Yield engine events; stop (and so cancel the request) as soon as the client goes away, raising
     ClientDisconnect: answered 499, which no one reads, and kept out of the 5xx that a result-less end was."""
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        while True:
-            next_event = asyncio.ensure_future(anext(events, None))
-            await asyncio.wait({next_event, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_event.done():
-                next_event.cancel()
-                await asyncio.gather(next_event, return_exceptions=True)
-                raise ClientDisconnect()
-            event = next_event.result()
-            if event is None:
-                return
+        while (event := await _next_unless_gone(events, disconnect)) is not None:
             yield event
     finally:
         disconnect.cancel()
         await events.aclose()  # type: ignore[attr-defined]
+
+
+async def first_event(request: Request, events: AsyncIterator[T]) -> T:
+    """A stream's first event, before its response starts; ClientDisconnect (499) if the client goes away while
+    the request waits for a row or its prefix, and GenerationFailed if the events end first. The events are closed
+    (the request aborted) unless the first one comes."""
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        first = await _next_unless_gone(events, disconnect)
+        if first is None:
+            raise GenerationFailed("the request ended without a result")
+        return first
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+    finally:
+        disconnect.cancel()  # the response's own disconnect watch takes over
+
+
+async def _next_unless_gone(events: AsyncIterator[T], disconnect: asyncio.Future[None]) -> T | None:
+    """The next event (None at the end), or ClientDisconnect as soon as `disconnect` completes first."""
+    next_event = asyncio.ensure_future(anext(events, None))
+    await asyncio.wait({next_event, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    if not next_event.done():
+        next_event.cancel()
+        await asyncio.gather(next_event, return_exceptions=True)
+        raise ClientDisconnect()
+    return next_event.result()
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -336,7 +357,7 @@ async def generate(
     if body.stream:
         # StreamingResponse cancels the body iterator when the client goes away, which aborts the request.
         stream = start_events(state, prepared, stream=True)
-        first = await anext(stream)  # errors before the first token still get a proper status code
+        first = await first_event(request, stream)  # errors before the first token still get a proper status code
         check_event(first)
         return StreamingResponse(_sse(prepared, first, stream, texts), media_type="text/event-stream")
     events = events_until_disconnect(request, start_events(state, prepared, stream=False))
@@ -399,6 +420,7 @@ async def _sse(
         async for chunk in _sse_chunks(prepared, first, rest, texts):
             yield chunk
     except ApiError as exc:  # ended by the server mid-stream (timed out): say why in the last event
+        note_stream_error(exc.status_code)
         yield f"data: {json.dumps(exc.body())}\n\n"
     finally:
         await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the request
@@ -413,6 +435,7 @@ async def _sse_chunks(
     event: GenerationEvent | None = first
     while event is not None:
         if event.finish_reason == "error":
+            note_stream_error(GenerationFailed.status_code)
             error = {"error": {"type": GenerationFailed.error_type, "message": event.error or "generation failed"}}
             yield f"data: {json.dumps(error)}\n\n"
             return

@@ -46,6 +46,7 @@ from server.api.generate import (
     PreparedGeneration,
     check_event,
     events_until_disconnect,
+    first_event,
     prepare_generation,
     start_events,
     version_headers,
@@ -69,6 +70,7 @@ from server.api.validation import describe as describe_validation
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, InvalidInput, NotFound, from_store_error
+from server.request_log import note_stream_error
 from server.sampling import SamplingParams, TokenLogprob
 from server.structured_output import GrammarSpec
 
@@ -831,8 +833,8 @@ async def _respond(
         tenant = engine_requests[0].request.tenant
         events = state.gate.together(state.engine, tenant, state.quotas_for(tenant), events, stream=bool(body.stream))
     if body.stream:
+        first = await first_event(request, events)  # errors before the first token still get a proper status code
         try:
-            first = await anext(events)  # errors before the first token still get a proper status code
             check_event(first[1])
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
@@ -841,7 +843,7 @@ async def _respond(
             _sse(shape, first, events), media_type="text/event-stream", headers=version_headers(shape.prompts)
         )
     choices = [_Choice() for _ in range(shape.choices)]
-    async for index, event in events_until_disconnect(request, events):  # type: ignore[arg-type]
+    async for index, event in events_until_disconnect(request, events):
         check_event(event)
         choice = choices[index]
         choice.text.append(event.text)
@@ -871,6 +873,7 @@ async def _sse(
         while item is not None:
             index, event = item
             if event.finish_reason == "error":
+                note_stream_error(GenerationFailed.status_code)
                 error = openai_error_body(500, event.error or "generation failed", None, GenerationFailed.error_type)
                 yield f"data: {json.dumps(error)}\n\n"
                 return
@@ -903,6 +906,7 @@ async def _sse(
                     return
             item = await anext(rest, None)
     except ApiError as exc:  # ended by the server mid-stream (timed out): say why in the last chunk
+        note_stream_error(exc.status_code)
         yield f"data: {json.dumps(openai_error_body(exc.status_code, exc.message, None, exc.error_type))}\n\n"
     finally:
         await rest.aclose()  # type: ignore[attr-defined]  # a disconnect lands here: abort the requests

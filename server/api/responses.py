@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prefix_store.errors import PrefixStoreError
 from prefix_store.ids import shown
 from server.api.auth import Principal
-from server.api.generate import check_event, events_until_disconnect, start_events, version_headers
+from server.api.generate import check_event, events_until_disconnect, first_event, start_events, version_headers
 from server.api.openai_compat import (
     ChatCompletionRequest,
     OpenAIRoute,
@@ -49,6 +49,7 @@ from server.api.tool_calls import ReplyReader, ToolMode, calls_in
 from server.api.tool_formats import ToolCall, read_reply
 from server.engine import GenerationEvent
 from server.errors import ApiError, GenerationFailed, NotFound, store_work
+from server.request_log import note_stream_error
 
 logger = logging.getLogger(__name__)
 router = APIRouter(route_class=OpenAIRoute)
@@ -487,8 +488,8 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
 
     events = start_events(state, prepared, stream=body.stream)
     if body.stream:
+        first = await first_event(request, events)  # errors before the first token still get a proper status code
         try:
-            first = await anext(events)  # errors before the first token still get a proper status code
             check_event(first)
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
@@ -629,6 +630,7 @@ async def _stream(
         event: GenerationEvent | None = first
         while event is not None:
             if event.finish_reason == "error":
+                note_stream_error(GenerationFailed.status_code)
                 yield writer.event(
                     "error", code="generation_failed", message=event.error or "generation failed", param=None
                 )
@@ -646,6 +648,7 @@ async def _stream(
                 return
             event = await anext(rest, None)
     except ApiError as exc:  # ended by the server mid-stream (timed out, shutting down): say why
+        note_stream_error(exc.status_code)
         error = openai_error_body(exc.status_code, exc.message, None, exc.error_type)["error"]
         yield writer.event("error", code=error["code"], message=error["message"], param=None)
     finally:
