@@ -50,7 +50,24 @@ def _embeddings_entry_name(names: list[str]) -> str:
     matches = [n for n in names if n == EMBEDDINGS_NAME or n.endswith("." + EMBEDDINGS_NAME)]
     if len(matches) != 1:
         raise InvalidPrefix(f"{WEIGHTS_NAME} must hold one tensor {EMBEDDINGS_NAME!r}, found {sorted(names)[:6]}")
+    if others := sorted(set(names) - set(matches)):
+        # Weights trained beside the prefix (PEFT's modules_to_save: a head, an embedding) change the model
+        # itself; served with the prefix alone, the output would differ from the checkpoint's from the first token.
+        raise InvalidPrefix(
+            f"{WEIGHTS_NAME} holds tensors besides {EMBEDDINGS_NAME!r} ({', '.join(others[:6])}): weights trained"
+            " with the prefix change the shared model, which a prefix cannot carry; train the prefix alone"
+        )
     return matches[0]
+
+
+def _refuse_trained_modules(config: dict[str, Any]) -> None:
+    """PEFT's modules_to_save trains and saves copies of model modules beside the prefix: not servable here."""
+    modules = config.get("modules_to_save")
+    if modules:
+        raise InvalidPrefix(
+            f"{CONFIG_NAME}: modules_to_save is {modules!r}: weights trained with the prefix change the shared"
+            " model, which a prefix cannot carry; train the prefix alone"
+        )
 
 
 def key_values_from_peft(
@@ -66,6 +83,7 @@ def key_values_from_peft(
     peft_type = config.get("peft_type")
     if peft_type != "PREFIX_TUNING":
         raise InvalidPrefix(f"not a prefix-tuning checkpoint: peft_type is {peft_type!r}, want 'PREFIX_TUNING'")
+    _refuse_trained_modules(config)
     submodules = config.get("num_transformer_submodules", 1)
     if submodules not in (1, 2, None):
         raise InvalidPrefix(f"{CONFIG_NAME}: num_transformer_submodules must be 1 or 2, got {submodules!r}")

@@ -491,7 +491,7 @@ def _endpoint(scope: Scope) -> str:
     route in the scope, 405s included; read it after the app has run.
     """
     path = getattr(scope.get("route"), "path", None)
-    # "{task_id:path}" (a converter that lets the router match ids with slashes, to refuse them) reads "{task_id}".
+    # "{task_id:anytext}" (a converter that lets the router match ids with slashes, to refuse them) reads "{task_id}".
     return _CONVERTER.sub(r"{\1}", path) if isinstance(path, str) else UNMATCHED_ENDPOINT
 
 

@@ -212,6 +212,12 @@ def test_bad_input_is_a_clear_4xx(client: TestClient) -> None:
     assert_error(put_native(client, "a/b", native_blob()), 422, "task id")  # not a bare 404 from the router
     assert_error(client.get("/v1/prefixes/a/b"), 422, "task id")
     assert_error(client.delete("/v1/prefixes/a/b"), 422, "task id")
+    # A trailing newline is part of the id, which it makes invalid: it did not act on task "nl" (the router's '$'
+    # matched before the newline).
+    assert put_native(client, "nl", native_blob()).status_code == 201
+    for method in ("PUT", "GET", "DELETE"):
+        assert_error(client.request(method, "/v1/prefixes/nl%0A", content=native_blob()), 422, "task id")
+    assert client.get("/v1/prefixes/nl").json()["version"] == 1
     for bad_id in (
         put_native(client, ".bad", native_blob()),
         client.post("/v1/generate", json={"task_id": "../x", "prompt": "hi"}),

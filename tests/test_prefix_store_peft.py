@@ -12,6 +12,7 @@ from prefix_store.artifact import decode_artifact, encode_artifact, validate_key
 from prefix_store.errors import InvalidPrefix
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.peft_import import key_values_from_peft, key_values_from_peft_dir
+from prefix_store.safetensors_io import read_header
 
 # transformers warns about its own deprecated helper while PEFT wraps the model.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -180,3 +181,21 @@ def test_bad_files_rejected(saved, tmp_path: Path) -> None:  # type: ignore[no-u
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidPrefix, match=r"adapter_model\.safetensors is missing"):
         key_values_from_peft_dir(tmp_path)
+
+
+def test_weights_trained_beside_the_prefix_are_refused(tmp_path: Path) -> None:
+    """PEFT's modules_to_save trains a copy of a module (here the LM head) with the prefix and saves it beside
+    prompt_embeddings; its forward uses that copy. Served with the prefix alone, the output differed from the first
+    token, so such a checkpoint is refused, by its config and by its tensors."""
+    torch.manual_seed(0)
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS, modules_to_save=["lm_head"]
+    )
+    model = get_peft_model(tiny_llama_gqa(), config)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(InvalidPrefix, match=r"modules_to_save is \['lm_head'\]"):
+        key_values_from_peft_dir(tmp_path)
+    saved_config, weights = _files(tmp_path)
+    assert any("lm_head" in name for name in read_header(weights).tensors)  # what PEFT wrote beside the prefix
+    with pytest.raises(InvalidPrefix, match=r"holds tensors besides 'prompt_embeddings' \(.*lm_head"):
+        key_values_from_peft({**saved_config, "modules_to_save": None}, weights)

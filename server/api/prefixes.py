@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.datastructures import UploadFile
 
 from prefix_store.artifact import PrefixMetadata, parse_uploaded_native
@@ -19,6 +20,17 @@ from server.api.state import Caller, ServerState, State
 from server.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, store_work
 from server.quotas import upload_within_quotas
 
+
+class _AnyTextConvertor(PathConvertor):
+    """Starlette's "path" (slashes, so that ids holding one reach the id check and get its 422), plus line
+    breaks: with "path" ('.*'), the route's closing '$' matched before a trailing newline, so a PUT or DELETE of
+    '/v1/prefixes/a%0A' acted on task 'a' instead of being refused as the id 'a\\n'."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("anytext", _AnyTextConvertor())
+
 router = APIRouter(route_class=TextJSONRoute)
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -26,7 +38,7 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 @router.put(
-    "/v1/prefixes/{task_id:path}",
+    "/v1/prefixes/{task_id:anytext}",
     status_code=201,
     response_model=PrefixInfo,
     openapi_extra={
@@ -119,7 +131,7 @@ async def list_prefixes(state: State, principal: Caller) -> dict[str, Any]:
     return {"data": [_info(state, m) for m in metas]}
 
 
-@router.get("/v1/prefixes/{task_id:path}", response_model=PrefixInfo)
+@router.get("/v1/prefixes/{task_id:anytext}", response_model=PrefixInfo)
 async def get_prefix(task_id: str, state: State, principal: Caller) -> dict[str, Any]:
     return _info(state, await store_work(state.registry.info, principal.tenant, task_id))
 
@@ -128,7 +140,7 @@ def _info(state: ServerState, meta: PrefixMetadata) -> dict[str, Any]:
     return {**meta.to_public_dict(), "fits_model": state.registry.fits_model(meta)}
 
 
-@router.delete("/v1/prefixes/{task_id:path}", status_code=204)
+@router.delete("/v1/prefixes/{task_id:anytext}", status_code=204)
 async def delete_prefix(task_id: str, state: State, principal: Caller) -> Response:
     deleted = await store_work(state.registry.delete, principal.tenant, task_id)
     state.heap_trimmer.request()
