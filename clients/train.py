@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from clients.client import Client
+    from prefix_store.fingerprint import ModelFingerprint
     from server.model_loading import LoadedModel
 
 ARTIFACT_NAME = "prefix.safetensors"
@@ -189,13 +190,22 @@ def _check_options(options: TrainOptions) -> str:
         raise TrainError(f"{exc}{hint}") from None
 
 
-def _tokenize_all(path: str, tokenizer: Any, eos: int, max_length: int) -> list[Tokenized]:
+def _tokenize_all(path: str, tokenizer: Any, eos: int, max_length: int, prefix: int, context: int) -> list[Tokenized]:
+    """Every example of `path`, tokenized; an error naming the line of one that is too long to train on (over
+    --max-length, or with the `prefix` virtual tokens before it, over the model's `context`)."""
     out = []
     for example in read_examples(path):
         tokens = tokenize_example(example, tokenizer, eos, source=path)
         if len(tokens.input_ids) > max_length:
             raise TrainingDataError(
                 f"{path} line {example.line}: {len(tokens.input_ids)} tokens, over --max-length {max_length}"
+            )
+        if prefix + len(tokens.input_ids) > context:
+            # Positions past the context do not exist (GPT-2's position table: an IndexError mid-training) or
+            # were never trained (RoPE): the server refuses such requests, so no example may need them.
+            raise TrainingDataError(
+                f"{path} line {example.line}: {len(tokens.input_ids)} tokens after the {prefix}-token prefix"
+                f" exceed the model's context of {context}"
             )
         if all(label == IGNORE_INDEX for label in tokens.labels[1:]):
             raise TrainingDataError(f"{path} line {example.line}: no completion tokens to learn")
@@ -217,6 +227,20 @@ def _collate(rows: list[Tokenized], pad_id: int, device: torch.device) -> dict[s
         labels[i, :n] = torch.tensor(row.labels)
         mask[i, :n] = 1
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def _check_peft_layout(config: Any, fingerprint: ModelFingerprint) -> None:
+    """TrainError unless PEFT lays the prefix out as the model's attention caches hold it: PEFT reads the layout
+    from the model's config (num_attention_heads, hidden_size), which for some architectures is not the cache's
+    (Falcon's multi-query attention keeps one KV head). Its own forward then fails on those models too."""
+    peft_layout = (config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads)
+    cache_layout = (fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim)
+    if peft_layout != cache_layout:
+        raise TrainError(
+            f"PEFT's prefix tuning lays this {fingerprint.architecture} model's prefix out as (layers, heads,"
+            f" head_dim) {peft_layout}, but its attention caches hold {cache_layout}: PEFT cannot train a prefix"
+            " for it (the server serves such prefixes when they come in the native format)"
+        )
 
 
 def _init_from_text(peft_model: PeftModel, loaded: LoadedModel, ids: list[int]) -> None:
@@ -320,8 +344,9 @@ def train(options: TrainOptions, *, log: Callable[[str], None] | None = None) ->
         raise TrainError(f"model {loaded.name} has no tokenizer")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else loaded.eos_token_ids[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # masked out: any id will do
-    train_rows = _tokenize_all(options.data, tokenizer, eos, options.max_length)
-    eval_rows = _tokenize_all(options.eval, tokenizer, eos, options.max_length) if options.eval else []
+    limits = (options.max_length, options.num_virtual_tokens, loaded.max_context)
+    train_rows = _tokenize_all(options.data, tokenizer, eos, *limits)
+    eval_rows = _tokenize_all(options.eval, tokenizer, eos, *limits) if options.eval else []
     fingerprint = loaded.fingerprint  # probed on the bare model, as the server does
 
     config = PrefixTuningConfig(
@@ -331,6 +356,7 @@ def train(options: TrainOptions, *, log: Callable[[str], None] | None = None) ->
         encoder_hidden_size=options.encoder_hidden_size,
     )
     peft_model = get_peft_model(loaded.model, config)
+    _check_peft_layout(peft_model.peft_config["default"], fingerprint)
     if not options.prefix_projection:
         first = train_rows[0].input_ids
         init_ids = list(tokenizer(options.init_text).input_ids) if options.init_text is not None else first
@@ -399,7 +425,14 @@ def train(options: TrainOptions, *, log: Callable[[str], None] | None = None) ->
     # With prefix_projection PEFT saves the MLP's output, so both files hold the prefix as served.
     # save_embedding_layers=False: prefix tuning never changes the embeddings, and "auto" probes the hub for them.
     peft_model.save_pretrained(str(out), save_embedding_layers=False)
-    key_values = key_values_from_peft_dir(out).to(getattr(torch, options.artifact_dtype))  # [L, 2, H_kv, P, d]
+    trained = key_values_from_peft_dir(out)  # [L, 2, H_kv, P, d]
+    key_values = trained.to(getattr(torch, options.artifact_dtype))
+    if not bool(torch.isfinite(key_values).all()):
+        largest = float(trained.abs().max())
+        raise TrainError(
+            f"the prefix's values (up to {largest:.3g}) overflow --artifact-dtype {options.artifact_dtype}: use"
+            f" float32 or bfloat16 (the PEFT checkpoint in {out} is complete)"
+        )
     blob = encode_artifact(key_values, task_id=task_id, tenant=_TENANT, version=1, fingerprint=fingerprint)
     _write_atomic(result.artifact, blob)
     result.wall_s = time.monotonic() - started

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from transformers import AutoTokenizer, FalconConfig, FalconForCausalLM
 
 from clients.client import Client
 from clients.train import ARTIFACT_NAME, TrainOptions, train
@@ -17,6 +18,7 @@ from server.api.app import create_app
 from server.cli import main
 from server.config import ServeConfig
 from server.model_loading import LoadedModel, load_model
+from tests.conftest import SMOL_VOCAB
 from tests.live_server import serve_in_thread
 from tests.tiny_models import oracle_greedy
 
@@ -85,6 +87,37 @@ def test_bad_options_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFix
         code = main(["train", str(data), "--output", str(tmp_path / "out"), *extra])
         err = capsys.readouterr().err
         assert code == 1 and err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def test_what_cannot_be_trained_or_stored_is_refused_clearly(
+    tiny_model_dir: Path, smol_tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An example that with the prefix overflows the model's context (GPT-2's position table: an IndexError mid-run;
+    RoPE: positions the server would refuse), a prefix too large for --artifact-dtype float16 (it wrote infinities
+    and exited 0), a model whose caches PEFT lays out wrongly (Falcon's one KV head: a RuntimeError): one line each."""
+    falcon_dir = tmp_path / "falcon"
+    config = FalconConfig(
+        vocab_size=SMOL_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        new_decoder_architecture=False, parallel_attn=True, alibi=False, max_position_embeddings=512,
+    )  # fmt: skip
+    FalconForCausalLM(config).save_pretrained(falcon_dir)
+    AutoTokenizer.from_pretrained(smol_tokenizer_dir).save_pretrained(falcon_dir)
+    data = write_jsonl(tmp_path / "data.jsonl", PAIRS)
+    long = write_jsonl(tmp_path / "long.jsonl", [PAIRS[0], {"prompt": "x", "completion": " word" * 505}])
+    cases = [
+        ([str(long), "--model", str(tiny_model_dir)], f"{long} line 2: 507 tokens after the 10-token prefix exceed"),
+        (
+            [str(data), "--model", str(tiny_model_dir), "--artifact-dtype", "float16", "--lr", "30000"],
+            "overflow --artifact-dtype float16",
+        ),
+        ([str(data), "--model", str(falcon_dir)], "PEFT cannot train a prefix for it"),
+    ]
+    for args, words in cases:
+        out = tmp_path / "out"
+        code = main(["train", *args, "--output", str(out), "--steps", "5", "--batch-size", "4", "--no-progress"])
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+        assert code == 1 and last.startswith("error: ") and words in last, last
+        assert not (out / ARTIFACT_NAME).exists()
 
 
 def test_labels_cover_completion_and_assistant_turns(loaded: LoadedModel) -> None:
