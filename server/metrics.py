@@ -40,6 +40,8 @@ from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prefix_store.errors import InvalidTaskId
+from prefix_store.ids import shown, validate_task_id
 from server.request_log import RequestRecord, current_request, log_request, new_request_id
 
 # No ``*_created`` series beside every counter and histogram (the time each was made, which prometheus_client adds
@@ -470,8 +472,7 @@ class MetricsMiddleware:
             current_request.reset(token)
             endpoint = _endpoint(scope)
             if record.task_id is None:  # prefix routes name the task in the path
-                task_id = scope.get("path_params", {}).get("task_id")
-                record.task_id = task_id if isinstance(task_id, str) else None
+                record.task_id = _task_in_path(scope)
             # A stream fails after its 200 went out: counted under what its error event says (or, cut off, as the
             # client leaving or a server error), so error rates and alerts see it.
             if record.stream_error is not None:
@@ -482,6 +483,18 @@ class MetricsMiddleware:
             seconds = time.perf_counter() - started
             self.metrics.observe_request(scope["method"], scope["path"], endpoint, status, seconds, record)
             log_request(record, endpoint, status)
+
+
+def _task_in_path(scope: Scope) -> str | None:
+    """The task id a prefix route's path names, for the log line: as sent if it is a valid id, else quoted and cut
+    short (a line break or any other character in it must not start a forged line of a text log)."""
+    task_id = scope.get("path_params", {}).get("task_id")
+    if not isinstance(task_id, str):
+        return None
+    try:
+        return validate_task_id(task_id)
+    except InvalidTaskId:
+        return shown(task_id)
 
 
 def _endpoint(scope: Scope) -> str:

@@ -69,13 +69,16 @@ def test_one_json_line_per_request(tiny_model_dir: Path, tmp_path: Path, capture
         unauthorized = client.post("/v1/generate", json=body, headers={"x-request-id": "bad id with spaces"})
         assert unauthorized.status_code == 401
         assert unauthorized.headers["x-request-id"] != "bad id with spaces"  # not echoed: made fresh
+        assert client.delete("/v1/prefixes/a%0D%0Aforged", headers=auth).status_code == 422
 
     text = captured.getvalue()
     assert KEY not in text and PROMPT not in text
     lines = lines_of(text)  # every line is JSON
-    assert [line["status"] for line in lines] == [201, 200, 200, 404, 401]
+    assert [line["status"] for line in lines] == [201, 200, 200, 404, 401, 422]
     assert all(line["event"] == "request" and line["logger"] == "prefix_serve.access" for line in lines)
-    put, plain, streamed, not_found, refused = lines
+    put, plain, streamed, not_found, refused, bad_id = lines
+    # An invalid id in the path is logged quoted: its line break would start a forged line of a text log.
+    assert bad_id["task_id"] == repr("a\r\nforged")
     assert put["task_id"] == "alpha" and put["tenant"] == "acme" and put["method"] == "PUT"
     assert put["endpoint"] == "/v1/prefixes/{task_id}"
     for line, request_id in ((plain, "client-id-1"), (streamed, streamed_id)):
