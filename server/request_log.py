@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,9 +55,11 @@ class RequestRecord:
     # A streamed response that failed after its 200 was sent (timed out, aborted at shutdown, the engine failed):
     # the status its error event carries, which the request is counted and logged under.
     stream_error: int | None = None
-    # Per engine request this HTTP request submits (OpenAI's n and prompt lists make several), by id(): its
-    # prompt tokens and the tokens generated so far. The token fields above are their sums.
-    _prompts: dict[int, int] = field(default_factory=dict, repr=False)
+    # The engine requests this HTTP request submits (OpenAI's n and prompt lists make several): each distinct
+    # prompt's token ids, by id() (held, so an id is not reused meanwhile), and each request's tokens generated so
+    # far, by the request's id(). The token fields above are their sums. The n choices of one prompt share its list
+    # (they are copies of one request), so it counts once, as the response's usage counts it.
+    _prompts: dict[int, Sequence[int]] = field(default_factory=dict, repr=False)
     _generated: dict[int, int] = field(default_factory=dict, repr=False)
 
     def note_generation(self, request: GenerationRequest) -> None:
@@ -64,7 +67,7 @@ class RequestRecord:
         self.tenant = request.tenant
         if request.prefix_id is not None:
             self.task_id = request.prefix_id.partition("/")[2].rpartition("@")[0] or None
-        self._prompts[id(request)] = len(request.prompt_ids)
+        self._prompts[id(request.prompt_ids)] = request.prompt_ids
         self._generated[id(request)] = 0
         self._add_up()
 
@@ -82,7 +85,7 @@ class RequestRecord:
         self._add_up()
 
     def _add_up(self) -> None:
-        self.prompt_tokens = sum(self._prompts.values())
+        self.prompt_tokens = sum(len(prompt) for prompt in self._prompts.values())
         self.generated_tokens = sum(self._generated.values())
 
     def fields(self, endpoint: str, status: int, finished: float) -> dict[str, Any]:

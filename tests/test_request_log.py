@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -70,13 +71,20 @@ def test_one_json_line_per_request(tiny_model_dir: Path, tmp_path: Path, capture
         assert unauthorized.status_code == 401
         assert unauthorized.headers["x-request-id"] != "bad id with spaces"  # not echoed: made fresh
         assert client.delete("/v1/prefixes/a%0D%0Aforged", headers=auth).status_code == 422
+        choices = {"model": "alpha", "prompt": PROMPT, "max_tokens": 3, "n": 3}
+        usage = client.post("/v1/completions", json=choices, headers=auth).json()["usage"]
 
     text = captured.getvalue()
     assert KEY not in text and PROMPT not in text
     lines = lines_of(text)  # every line is JSON
-    assert [line["status"] for line in lines] == [201, 200, 200, 404, 401, 422]
+    assert [line["status"] for line in lines] == [201, 200, 200, 404, 401, 422, 200]
     assert all(line["event"] == "request" and line["logger"] == "prefix_serve.access" for line in lines)
-    put, plain, streamed, not_found, refused, bad_id = lines
+    put, plain, streamed, not_found, refused, bad_id, three_choices = lines
+    # Three choices of one prompt: its tokens once, as the usage the client is billed by counts them.
+    assert (three_choices["prompt_tokens"], three_choices["generated_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
     # An invalid id in the path is logged quoted: its line break would start a forged line of a text log.
     assert bad_id["task_id"] == repr("a\r\nforged")
     assert put["task_id"] == "alpha" and put["tenant"] == "acme" and put["method"] == "PUT"
@@ -117,6 +125,11 @@ def test_record_adds_up_the_engine_requests_of_one_http_request() -> None:
     record.note_event(second, GenerationEvent(8, "b", prompt_tokens=2, completion_tokens=1))
     record.note_event(first, GenerationEvent(9, "c", "length", prompt_tokens=3, completion_tokens=2))
     assert (record.prompt_tokens, record.generated_tokens) == (5, 3)
+    # Another choice of the first prompt (a copy of its request, sharing its token list): no new prompt tokens.
+    another = dataclasses.replace(first, params=SamplingParams(seed=1))
+    record.note_generation(another)
+    record.note_event(another, GenerationEvent(5, "d", prompt_tokens=3, completion_tokens=1))
+    assert (record.prompt_tokens, record.generated_tokens) == (5, 4)
 
 
 def test_serve_log_format_json_process(tiny_model_dir: Path, tmp_path: Path) -> None:
