@@ -55,6 +55,9 @@ class RequestRecord:
     # A streamed response that failed after its 200 was sent (timed out, aborted at shutdown, the engine failed):
     # the status its error event carries, which the request is counted and logged under.
     stream_error: int | None = None
+    # Completions' echo with max_tokens 0 (scoring a prompt): the token each prompt's forward samples is dropped,
+    # and usage counts none, so neither does the line.
+    drops_generated: bool = False
     # The engine requests this HTTP request submits (OpenAI's n and prompt lists make several): each distinct
     # prompt's token ids, by id() (held, so an id is not reused meanwhile), and each request's tokens generated so
     # far, by the request's id(). The token fields above are their sums. The n choices of one prompt share its list
@@ -86,7 +89,7 @@ class RequestRecord:
 
     def _add_up(self) -> None:
         self.prompt_tokens = sum(len(prompt) for prompt in self._prompts.values())
-        self.generated_tokens = sum(self._generated.values())
+        self.generated_tokens = 0 if self.drops_generated else sum(self._generated.values())
 
     def fields(self, endpoint: str, status: int, finished: float) -> dict[str, Any]:
         """The log line's fields; those still unknown (no generation, no first token) are left out."""

@@ -73,18 +73,23 @@ def test_one_json_line_per_request(tiny_model_dir: Path, tmp_path: Path, capture
         assert client.delete("/v1/prefixes/a%0D%0Aforged", headers=auth).status_code == 422
         choices = {"model": "alpha", "prompt": PROMPT, "max_tokens": 3, "n": 3}
         usage = client.post("/v1/completions", json=choices, headers=auth).json()["usage"]
+        scoring = {"model": "alpha", "prompt": PROMPT, "max_tokens": 0, "echo": True}
+        scored = client.post("/v1/completions", json=scoring, headers=auth).json()["usage"]
 
     text = captured.getvalue()
     assert KEY not in text and PROMPT not in text
     lines = lines_of(text)  # every line is JSON
-    assert [line["status"] for line in lines] == [201, 200, 200, 404, 401, 422, 200]
+    assert [line["status"] for line in lines] == [201, 200, 200, 404, 401, 422, 200, 200]
     assert all(line["event"] == "request" and line["logger"] == "prefix_serve.access" for line in lines)
-    put, plain, streamed, not_found, refused, bad_id, three_choices = lines
+    put, plain, streamed, not_found, refused, bad_id, three_choices, scoring_line = lines
     # Three choices of one prompt: its tokens once, as the usage the client is billed by counts them.
     assert (three_choices["prompt_tokens"], three_choices["generated_tokens"]) == (
         usage["prompt_tokens"],
         usage["completion_tokens"],
     )
+    # Scoring a prompt (echo, max_tokens 0): the token its forward samples is dropped, and counted by neither.
+    assert scored["completion_tokens"] == 0
+    assert (scoring_line["prompt_tokens"], scoring_line["generated_tokens"]) == (scored["prompt_tokens"], 0)
     # An invalid id in the path is logged quoted: its line break would start a forged line of a text log.
     assert bad_id["task_id"] == repr("a\r\nforged")
     assert put["task_id"] == "alpha" and put["tenant"] == "acme" and put["method"] == "PUT"

@@ -70,7 +70,7 @@ from server.api.validation import describe as describe_validation
 from server.config import MAX_LISTED_TOKENS, MAX_LOGPROBS
 from server.engine import GenerationEvent
 from server.errors import ApiError, BadRequest, GenerationFailed, InvalidInput, NotFound, from_store_error
-from server.request_log import note_stream_error
+from server.request_log import current_request, note_stream_error
 from server.sampling import SamplingParams, TokenLogprob
 from server.structured_output import GrammarSpec
 
@@ -951,6 +951,8 @@ async def completions(body: CompletionRequest, request: Request, state: State, p
             text if text is not None else tokenizer.decode(p.request.prompt_ids)
             for (text, _), p in zip(prompts, prepared, strict=True)
         ]
+    if body.max_tokens == 0 and (record := current_request.get()) is not None:
+        record.drops_generated = True  # echo only: the tokens sampled are left out of the response
     return await _respond(request, state, body, _Shape(False, prepared, body, tokenizer, echoes))
 
 
