@@ -359,7 +359,9 @@ class _StateCollector(Collector):
 
     @staticmethod
     def _families(state: ServerState | None) -> Iterator[Metric]:
-        queue = GaugeMetricFamily("prefix_serve_queue_depth", "Requests waiting for admission.")
+        queue = GaugeMetricFamily(
+            "prefix_serve_queue_depth", "Requests waiting for admission (or first for their prefix to load)."
+        )
         running = GaugeMetricFamily("prefix_serve_running_requests", "Requests in the decoding batch.")
         hits = CounterMetricFamily(
             "prefix_serve_prefix_cache_hits", "Prefix lookups served by a tier.", labels=["tier"]
@@ -390,7 +392,7 @@ class _StateCollector(Collector):
             store_fallbacks.add_metric([], store["store_fallbacks"])
             cache = state.engine.prompt_cache
             prompt_cache.add_metric([], 0 if cache is None else cache.bytes)
-            queue.add_metric([], state.engine.num_waiting)
+            queue.add_metric([], state.engine.num_waiting + state.awaiting_prefix)
             running.add_metric([], state.engine.num_running)
             tiers = [("host", state.registry.stats())]
             device_cache = state.engine.runner.prefix_cache

@@ -155,6 +155,38 @@ def test_cold_burst_while_decoding_keeps_tokens_flowing(
     assert len(token_times) == 400
 
 
+def test_requests_waiting_for_a_cold_prefix_count_as_queued(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """prefix_serve_queue_depth, which the autoscaler reads, counts requests waiting for their prefix to load."""
+    args = ["--model", str(tiny_model_dir), "--store", redis_server.url + "?socket_timeout=10"]
+    with running_server(args, tmp_path / "server.log") as server:
+        for i in range(3):
+            assert put(server.url, f"cold{i}", prefix_blob(4, seed=i)).status_code == 201
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)  # the loads hang until Redis resumes
+        results: list[int] = []
+        try:
+            burst = [
+                threading.Thread(target=lambda i=i: results.append(generate(server.url, f"cold{i}").status_code))
+                for i in range(3)
+            ]
+            for t in burst:
+                t.start()
+            eventually(lambda: queue_depth(server.url) == 3, within=5.0)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        for t in burst:
+            t.join(30)
+        assert results == [200, 200, 200]
+        assert queue_depth(server.url) == 0
+
+
+def queue_depth(url: str) -> float:
+    (line,) = [x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith("prefix_serve_queue_depth ")]
+    return float(line.split()[1])
+
+
 def create_response(url: str, **body: object) -> httpx.Response:
     return httpx.post(f"{url}/v1/responses", json={"max_output_tokens": 6, "temperature": 0, **body}, timeout=30)
 

@@ -143,10 +143,13 @@ async def prepare_generation(
         params = dataclasses.replace(params, grammar=await compile_grammar(state, grammar))
     prefix_kv, prefix_id, version = None, None, None
     if task_id is not None:
+        state.awaiting_prefix += 1
         try:
             artifact = await asyncio.to_thread(state.registry.resolve, principal.tenant, task_id)
         except PrefixStoreError as exc:
             raise from_store_error(exc) from exc
+        finally:
+            state.awaiting_prefix -= 1
         meta = artifact.metadata
         prefix_kv, version = artifact.key_values, meta.version
         # The content hash makes the id unique even when a deleted task is uploaded again and its version

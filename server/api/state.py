@@ -40,6 +40,9 @@ class ServerState:
     started_at: int = field(default_factory=lambda: int(time.time()))  # the base model's "created" in /v1/models
     # The Responses API's stored responses: in Redis with a Redis store, else in memory (response_store.py).
     responses: ResponseStore = field(default_factory=MemoryResponseStore)
+    # Generation requests waiting for their prefix (a cold one loads from the store first): queued as much as
+    # those waiting for a row, so prefix_serve_queue_depth (which the autoscaler reads) counts them too.
+    awaiting_prefix: int = 0
 
     @property
     def model_names(self) -> tuple[str, ...]:
