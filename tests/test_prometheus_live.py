@@ -59,6 +59,42 @@ def test_promtool_check_rules() -> None:
     assert "SUCCESS" in result.stdout
 
 
+def test_error_rate_alert_counts_clients_requests_only(tmp_path: Path) -> None:
+    """promtool's rule unit tests: /health's 503s while a replica drains page no one; 10% of generations failing
+    does, and the probes' 200s do not dilute it."""
+
+    def series(endpoint: str, status: str, per_minute: int) -> dict[str, str]:
+        labels = f'instance="a",method="GET",endpoint="{endpoint}",status="{status}"'
+        return {"series": f"prefix_serve_requests_total{{{labels}}}", "values": f"0+{per_minute}x20"}
+
+    paging = {
+        "exp_labels": {"severity": "page", "instance": "a"},
+        "exp_annotations": {"summary": "a: over 5% of requests fail with a 5xx"},
+    }
+    tests = [
+        {  # draining: readiness probes get 503 while the clients' generations finish
+            "interval": "1m",
+            "input_series": [series("/health", "503", 6), series("/v1/generate", "200", 10)],
+            "alert_rule_test": [{"eval_time": "15m", "alertname": "PrefixServeHighErrorRate", "exp_alerts": []}],
+        },
+        {  # 1 generation in 10 fails, beside many probes and scrapes that succeed
+            "interval": "1m",
+            "input_series": [
+                series("/v1/generate", "200", 9),
+                series("/v1/generate", "500", 1),
+                series("/health", "200", 60),
+                series("/metrics", "200", 60),
+            ],
+            "alert_rule_test": [{"eval_time": "15m", "alertname": "PrefixServeHighErrorRate", "exp_alerts": [paging]}],
+        },
+    ]
+    spec = {"rule_files": [str(DOCKER / "alert_rules.yml")], "evaluation_interval": "1m", "tests": tests}
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(spec))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_prometheus_scrapes_the_generated_token_rate(server_url: str, tmp_path: Path) -> None:
     assert PROMETHEUS is not None
     target = server_url.removeprefix("http://")
