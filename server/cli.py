@@ -112,7 +112,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "tenant_max_prefixes": (int, "per-tenant stored prefixes before 409 (default 0 = no limit)"),
     "tenant_max_stored_bytes": (int, "per-tenant stored prefix bytes before 409 (default 0 = no limit)"),
     "tenant_max_upload_bytes": (int, "per-tenant largest upload before 413 (default 0 = --max-upload-bytes)"),
-    "metrics_task_labels": (int, 'tasks with their own metric label, later ones as "other" (default 0 = no label)'),
+    "metrics_task_labels": (
+        int,
+        'tasks with their own metric label, later ones as "other" (default 0 = no label); with --api-keys, '
+        "/metrics then answers admin keys only",
+    ),
 }
 
 

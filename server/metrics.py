@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store.errors import InvalidTaskId
 from prefix_store.ids import shown, validate_task_id
+from server.errors import Forbidden
 from server.request_log import RequestRecord, current_request, log_request, new_request_id
 
 # No ``*_created`` series beside every counter and histogram (the time each was made, which prometheus_client adds
@@ -519,5 +520,14 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    exported: ServerMetrics = request.app.state.metrics
+    state: ServerState | None = getattr(request.app.state, "server", None)
+    # The task label names every tenant's tasks, which no tenant's own routes show another (they answer 404 as for
+    # a task that does not exist): with keys, only an admin key may read it.
+    labelled = exported.tasks is not None and state is not None and state.keys.enabled
+    if labelled and not state.keys.authenticate(request.headers.get("authorization")).admin:
+        raise Forbidden(
+            "with --metrics-task-labels, /metrics needs an admin key: its task label names every tenant's tasks"
+        )
+    body, content_type = exported.exposition(request.headers.get("accept"))
     return Response(body, media_type=content_type)

@@ -28,6 +28,7 @@ from tests.test_metrics import native_blob, put_native
 PROMTOOL = shutil.which("promtool")
 ALICE = {"authorization": "Bearer alice-key-for-task-label-tests"}
 BOB = {"authorization": "Bearer bob-key-for-task-label-tests"}
+ADMIN = {"authorization": "Bearer admin-key-for-task-label-tests"}  # with keys, task labels are an admin's to read
 NEW_TOKENS = 6
 TOKEN_FAMILIES = (
     "prefix_serve_generated_tokens_total",
@@ -54,8 +55,8 @@ class Run:
     sent: list[Sent]
 
 
-def scrape_text(client: TestClient) -> str:
-    response = client.get("/metrics")
+def scrape_text(client: TestClient, headers: dict[str, str] | None = None) -> str:
+    response = client.get("/metrics", headers=headers)
     assert response.status_code == 200
     return response.text
 
@@ -90,6 +91,7 @@ def labelled_run(loaded, tmp_path_factory: pytest.TempPathFactory) -> Run:
             [
                 {"tenant": "alice", "key": ALICE["authorization"].removeprefix("Bearer ")},
                 {"tenant": "bob", "key": BOB["authorization"].removeprefix("Bearer ")},
+                {"tenant": "ops", "key": ADMIN["authorization"].removeprefix("Bearer "), "admin": True},
             ]
         )
     )
@@ -144,7 +146,7 @@ def labelled_run(loaded, tmp_path_factory: pytest.TempPathFactory) -> Run:
         assert sent[-1].status == 404
         assert put_native_as(client, ALICE, "alpha", 7).status_code == 201
         generate(ALICE, "alpha", "alice/alpha", "uploaded again")
-        text = scrape_text(client)
+        text = scrape_text(client, ADMIN)
     return Run(text, parse(text), sent)
 
 
@@ -201,6 +203,31 @@ def test_promtool_accepts_the_labelled_exposition(labelled_run: Run) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == ""  # no lint findings either
     assert 'task="other"' in labelled_run.text  # the exposition checked is the labelled one
+
+
+def test_task_labels_need_an_admin_key_to_read(loaded, tmp_path: Path) -> None:
+    """The label names every tenant's tasks: with keys, /metrics then answers admins only (it needs no key else)."""
+    keys = tmp_path / "keys.json"
+    entries = [
+        {"tenant": "alice", "key": ALICE["authorization"].removeprefix("Bearer ")},
+        {"tenant": "ops", "key": ADMIN["authorization"].removeprefix("Bearer "), "admin": True},
+    ]
+    keys.write_text(json.dumps(entries))
+    for task_labels in (0, 2):
+        config = ServeConfig(store=f"disk://{tmp_path / 'store'}", api_keys=str(keys), metrics_task_labels=task_labels)
+        with TestClient(create_app(config, model=loaded)) as client:
+            assert put_native_as(client, ALICE, "secret-plan", 4).status_code == 201
+            body = {"task_id": "secret-plan", "prompt": "hello", "max_new_tokens": 2}
+            assert client.post("/v1/generate", json=body, headers=ALICE).status_code == 200
+            anonymous, tenant, admins = (client.get("/metrics", headers=h) for h in ({}, ALICE, ADMIN))
+            if task_labels:
+                assert (anonymous.status_code, tenant.status_code, admins.status_code) == (401, 403, 200)
+                assert "secret-plan" not in anonymous.text + tenant.text
+                assert "admin key" in tenant.json()["error"]["message"]
+                assert 'task="alice/secret-plan"' in admins.text
+            else:
+                assert anonymous.status_code == tenant.status_code == 200
+                assert "secret-plan" not in anonymous.text
 
 
 def test_off_by_default_no_task_label_anywhere(loaded, tmp_path: Path) -> None:
