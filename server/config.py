@@ -10,8 +10,8 @@ MAX_LOGPROBS = 20
 MAX_LISTED_TOKENS = 1024
 # Each logit bias within +-this (OpenAI's documented range).
 MAX_LOGIT_BIAS = 100.0
-# Structured output: the compiled constraints xgrammar keeps for reuse, in bytes (unbounded by default in xgrammar;
-# a server sent many distinct schemas would grow without end). Least recently used go first.
+# Structured output: the compiled constraints kept for reuse (per tenant), in bytes; a server sent many distinct
+# schemas would otherwise grow without end. Least recently used go first.
 GRAMMAR_CACHE_BYTES = 64 << 20
 
 

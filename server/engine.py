@@ -732,7 +732,10 @@ class Engine:
         runner = self.runner
         try:
             self.prompt_cache.store(
-                key, t.request.prompt_ids, lambda start, end: runner.prompt_kv(batch, row, start, end)
+                key,
+                t.request.prompt_ids,
+                lambda start, end: runner.prompt_kv(batch, row, start, end),
+                owner=t.request.tenant,
             )
         except Exception:  # the cache saves work; failing to fill it must not fail the rows
             log.error("storing a prompt in the prompt cache failed:\n%s", traceback.format_exc())

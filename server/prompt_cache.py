@@ -10,8 +10,10 @@ position P + m on.
 The cache holds blocks of ``block_tokens`` prompt tokens, each keyed by its tokens and the block before it (the
 first by the prefix's id, which names tenant, task, version and content hash), so a key matches only the exact
 same prefix and token history; dictionary lookups compare the tokens themselves, never a hash of them. Blocks are
-kept least recently used first out, within a byte budget; a hit refreshes its blocks last to first, so that a
-chain's first blocks, which every longer prompt needs, go last. A block that goes takes the blocks after it
+kept within a byte budget, least recently used first out, from the tenant whose blocks hold the most bytes: one
+tenant sending many distinct prompts evicts its own blocks once it holds the most, not the few another tenant keeps
+(nor can it tell, from another's evictions, how busy the others are). A hit refreshes its blocks last to first, so
+that a chain's first blocks, which every longer prompt needs, go last. A block that goes takes the blocks after it
 (unreachable without it) along.
 
 Only the engine thread uses it: a lookup when a request is admitted, a store when its prompt is all in the KV.
@@ -36,6 +38,7 @@ BlockKey = tuple[object, tuple[int, ...]]
 class _Block:
     number: int  # unique for the cache's life: the next block's key refers to it
     kv: torch.Tensor  # [L, 2, H_kv, block_tokens, d]
+    owner: str  # the tenant whose request computed it (every block of a chain has its first block's)
     children: set[BlockKey] = field(default_factory=set)
     parent: BlockKey | None = None
 
@@ -57,6 +60,9 @@ class PromptCache:
         self.bytes = 0
         self.hit_tokens = 0  # prompt tokens taken from the cache instead of computed, since start
         self._blocks: OrderedDict[BlockKey, _Block] = OrderedDict()  # least recently used first
+        # Per tenant: its blocks' keys, least recently used first, and their bytes.
+        self._owned: dict[str, OrderedDict[BlockKey, None]] = {}
+        self._owned_bytes: dict[str, int] = {}
         self._numbers = itertools.count()
 
     def __len__(self) -> int:
@@ -70,13 +76,17 @@ class PromptCache:
             return None
         for key in reversed(chain):  # the first block ends most recently used: it goes last
             self._blocks.move_to_end(key)
+            self._owned[self._blocks[key].owner].move_to_end(key)
         tokens = len(chain) * self.block_tokens
         self.hit_tokens += tokens
         return CachedPrompt(tokens, tuple(self._blocks[key].kv for key in chain))
 
-    def store(self, prefix_key: str, prompt: Sequence[int], kv_of: Callable[[int, int], torch.Tensor]) -> None:
+    def store(
+        self, prefix_key: str, prompt: Sequence[int], kv_of: Callable[[int, int], torch.Tensor], owner: str = ""
+    ) -> None:
         """Keep the whole blocks of ``prompt`` not cached yet (those a hit took are there already, unless evicted
-        since). ``kv_of(start, end)`` gives the K/V of prompt tokens [start, end) as [L, 2, H_kv, end - start, d]."""
+        since), as ``owner``'s (the request's tenant). ``kv_of(start, end)`` gives the K/V of prompt tokens
+        [start, end) as [L, 2, H_kv, end - start, d]."""
         size = self.block_tokens
         whole = len(prompt) // size
         cached, parent = self._cached_chain(prefix_key, prompt, whole)
@@ -88,12 +98,16 @@ class PromptCache:
         chain: list[tuple[BlockKey, _Block]] = []
         for j, piece in enumerate(kv.split(size, dim=3)):
             key = (parent, tuple(prompt[start + j * size : start + (j + 1) * size]))
-            block = _Block(next(self._numbers), piece.clone(), parent=parent_key)
+            block = _Block(next(self._numbers), piece.clone(), owner, parent=parent_key)
             chain.append((key, block))
             parent, parent_key = block.number, key
+        owned = self._owned.setdefault(owner, OrderedDict())
         for key, block in reversed(chain):  # the chain's first block ends most recently used
             self._blocks[key] = block
-            self.bytes += block.kv.numel() * block.kv.element_size()
+            owned[key] = None
+            size = block.kv.numel() * block.kv.element_size()
+            self.bytes += size
+            self._owned_bytes[owner] = self._owned_bytes.get(owner, 0) + size
         for key, block in chain:
             if block.parent is not None and block.parent in self._blocks:
                 self._blocks[block.parent].children.add(key)
@@ -116,18 +130,26 @@ class PromptCache:
 
     def clear(self) -> None:
         self._blocks.clear()
+        self._owned.clear()
+        self._owned_bytes.clear()
         self.bytes = 0
 
     def _evict(self) -> None:
         while self.bytes > self.max_bytes and self._blocks:
-            key = next(iter(self._blocks))
-            self._drop(key)
+            largest = max(self._owned_bytes, key=self._owned_bytes.__getitem__)
+            self._drop(next(iter(self._owned[largest])))
 
     def _drop(self, key: BlockKey) -> None:
         block = self._blocks.pop(key, None)
         if block is None:
             return
-        self.bytes -= block.kv.numel() * block.kv.element_size()
+        size = block.kv.numel() * block.kv.element_size()
+        self.bytes -= size
+        owned = self._owned[block.owner]
+        del owned[key]
+        self._owned_bytes[block.owner] -= size
+        if not owned:
+            del self._owned[block.owner], self._owned_bytes[block.owner]
         if block.parent is not None and block.parent in self._blocks:
             self._blocks[block.parent].children.discard(key)
         for child in list(block.children):  # unreachable without this block

@@ -33,7 +33,7 @@ looked up first, with up to ``PREDICTION_DRAFT_TOKENS`` drafts a step.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -162,6 +162,8 @@ class TaskHistory:
     from the request's own context alone gave 1.06 tokens per verifying step, adding the task's previous outputs
     1.74 (bench/RESULTS.md). Kept per tenant and prefix version: a tenant's outputs never draft (nor, through the
     time a step takes, show) anything to another tenant. The base model's rows are each tenant's own task too.
+    Past ``tasks`` tasks, the least recently used of the tenant holding the most goes: a tenant cycling through
+    many tasks drops its own, not the few another keeps (whose lost drafts would also tell it how busy others are).
     """
 
     def __init__(self, config: SpeculativeConfig, tasks: int = HISTORY_TASKS, budget: int = HISTORY_TOKENS) -> None:
@@ -178,7 +180,9 @@ class TaskHistory:
         if outputs is None:
             outputs = self._tasks[key] = TaskOutputs(self.config, self.budget)
             while len(self._tasks) > self.capacity:
-                self._tasks.popitem(last=False)
+                held = Counter(owner for owner, _ in self._tasks)
+                largest = max(held, key=held.__getitem__)
+                del self._tasks[next(k for k in self._tasks if k[0] == largest)]  # its least recently used
         self._tasks.move_to_end(key)
         return outputs
 

@@ -1,8 +1,8 @@
 """Structured output: sampling held to a JSON schema, a regular expression, a list of choices or an EBNF grammar.
 
 xgrammar (vLLM's default backend for the same thing) does the grammar work. A request's constraint is compiled
-once, off the engine thread (``GrammarCompiler.compile``: the API calls it from a worker thread; xgrammar caches
-what it compiled, so a schema many requests share compiles once, in a few ms). Each row that has a constraint
+once, off the engine thread (``GrammarCompiler.compile``: the API calls it from a worker thread), and kept per
+tenant, so a schema a tenant's requests share compiles once, in a few ms. Each row that has a constraint
 holds a ``GrammarMatcher``: before a sampling call, the tokens its matcher allows next go into a bitmask
 [B, ceil(V / 32)] int32 and every other token's logit becomes -inf; after the call, the matcher takes the sampled
 token. A grammar ends only with EOS, which the mask allows once the text is complete and nothing else can follow;
@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -95,6 +96,11 @@ class GrammarCompiler:
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
         self._compiling = threading.BoundedSemaphore(MAX_CONCURRENT_COMPILES)
+        # What was compiled, per owner (a tenant), least recently used first. Not xgrammar's own cache, which is
+        # one for everyone: a repeat's quick answer would tell a tenant that another had sent that exact schema
+        # (its field names, its choices), even before a 404 for a made-up task, since constraints compile first.
+        self._kept: OrderedDict[tuple[str, GrammarSpec], Grammar] = OrderedDict()
+        self._kept_bytes = 0
 
     @classmethod
     def for_tokenizer(
@@ -108,13 +114,31 @@ class GrammarCompiler:
             )
         )
 
-    def compile(self, spec: GrammarSpec) -> Grammar:
+    def compile(self, spec: GrammarSpec, owner: str = "") -> Grammar:
         """The compiled constraint, or GrammarError saying what is wrong with it. At most MAX_CONCURRENT_COMPILES
         run at once (a large schema takes seconds of a core, which the engine's steps would otherwise share with
-        as many compiles as requests bring); repeats are cache hits, quick once their turn comes."""
+        as many compiles as requests bring); ``owner``'s repeats are kept, quick once their turn comes."""
         compiler = self._ready()
         with self._compiling:
-            return self._compile(compiler, spec)
+            with self._lock:
+                kept = self._kept.get((owner, spec))
+                if kept is not None:
+                    self._kept.move_to_end((owner, spec))
+                    return kept
+            grammar = self._compile(compiler, spec)
+            self._keep(owner, grammar)
+            return grammar
+
+    def _keep(self, owner: str, grammar: Grammar) -> None:
+        size = grammar.compiled.memory_size_bytes
+        with self._lock:
+            if size > self._cache_bytes or (owner, grammar.spec) in self._kept:
+                return
+            self._kept[(owner, grammar.spec)] = grammar
+            self._kept_bytes += size
+            while self._kept_bytes > self._cache_bytes:
+                _, evicted = self._kept.popitem(last=False)
+                self._kept_bytes -= evicted.compiled.memory_size_bytes
 
     def _compile(self, compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> Grammar:
         try:
@@ -131,10 +155,6 @@ class GrammarCompiler:
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar raises RuntimeError for bad input
             message = _SOURCE_LOCATION.sub("", str(exc).strip()).splitlines()[0] if str(exc).strip() else repr(exc)
             raise GrammarError(f"invalid {spec.describe()}: {message}") from exc
-        if compiler.get_cache_size_bytes() > self._cache_bytes:
-            # xgrammar's cache evicts within its limit, but keeps ~600 bytes per distinct constraint beyond it
-            # (measured with 0.2.8): cleared when over the budget, it stays bounded whatever clients send.
-            compiler.clear_cache()
         grammar = Grammar(spec, compiled)
         if not _allows_a_first_token(grammar):
             # e.g. "root ::= root", or a regex of characters no token holds: every logit would be masked.
@@ -144,7 +164,8 @@ class GrammarCompiler:
     @property
     def cache_bytes(self) -> int:
         """What the compiled constraints kept for reuse hold now."""
-        return 0 if self._compiler is None else self._compiler.get_cache_size_bytes()
+        with self._lock:
+            return self._kept_bytes
 
     def _ready(self) -> xgr.GrammarCompiler:
         with self._lock:
@@ -153,8 +174,8 @@ class GrammarCompiler:
                     info = self._tokenizer_info()
                 except Exception as exc:  # a tokenizer xgrammar cannot read: no constraint can be compiled
                     raise GrammarError(f"structured output is not available for this model's tokenizer: {exc}") from exc
-                # One thread: the engine owns the other cores; and xgrammar caches what it compiled.
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=self._cache_bytes)
+                # One thread: the engine owns the other cores. Its cache is off: ``_kept`` keeps what was compiled.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             return self._compiler
 
 

@@ -100,6 +100,28 @@ def test_a_dropped_block_takes_the_blocks_after_it() -> None:
     assert hit is not None and hit.tokens == 4
 
 
+def test_the_tenant_holding_the_most_is_evicted_from_first() -> None:
+    """A tenant sending many distinct prompts evicts its own blocks, not the few another tenant keeps (which would
+    also tell that tenant how busy the others are)."""
+    cache = PromptCache(6 * block_bytes(), block_tokens=BLOCK)
+    alice = list(range(500, 509))  # 2 blocks
+    cache.store("alice/t@1", alice, fake_kv(alice)[0], owner="alice")
+    for i in range(12):  # 24 blocks of bob's, each prompt used once
+        prompt = list(range(1000 + 10 * i, 1009 + 10 * i))
+        cache.store("bob/t@1", prompt, fake_kv(prompt)[0], owner="bob")
+    assert cache.bytes <= 6 * block_bytes() and len(cache) == 6
+    hit = cache.lookup("alice/t@1", [*alice, 1])
+    assert hit is not None and hit.tokens == 8
+    assert cache.lookup("bob/t@1", list(range(1000, 1009))) is None  # bob's oldest went
+    hit = cache.lookup("bob/t@1", list(range(1110, 1119)))
+    assert hit is not None and hit.tokens == 8
+    for i in range(3):  # alice now holds the most: her own least recently used go first
+        prompt = list(range(2000 + 10 * i, 2009 + 10 * i))
+        cache.store("alice/t@1", prompt, fake_kv(prompt)[0], owner="alice")
+    assert len(cache) == 6 and cache.lookup("alice/t@1", [*alice, 1]) is None
+    assert cache.bytes == len(cache) * block_bytes()
+
+
 def test_dropping_a_first_block_drops_its_chain() -> None:
     cache = PromptCache(100 * block_bytes(), block_tokens=BLOCK)
     a = list(range(13))

@@ -112,8 +112,21 @@ def test_task_histories_are_per_tenant_and_task_and_bounded() -> None:
     history.of("a", "t").add([1, 2, 3], [4, 5, 6])
     assert history.of("b", "t").following([2, 3, 4], 2) == [], "another tenant's task of the same name"
     assert history.of("a", "t").following([2, 3, 4], 2) == [5, 6]
-    history.of("a", "u")  # a third task: the least recently used ("b", "t") goes
-    assert len(history) == 2 and history.of("a", "t").following([3, 4], 1) == [5]
+    history.of("b", "t").add([7], [8, 9, 10])
+    history.of("a", "u")  # a third task: a holds the most, so a's least recently used ("a", "t") goes, not b's
+    assert len(history) == 2 and history.of("b", "t").following([8, 9], 1) == [10]
+    assert history.of("a", "t").following([3, 4], 1) == [], "a's first task went"
+
+
+def test_a_tenant_cycling_through_tasks_drops_its_own() -> None:
+    """One tenant running more tasks than are kept evicts its own task histories, not the one another keeps."""
+    history = TaskHistory(SpeculativeConfig(tokens=4), tasks=8)
+    history.of("a", "t").add([1, 2, 3], [4, 5, 6])
+    for i in range(64):
+        history.of("c", f"task{i}").add([1, 2, 3], [i, i + 1])
+    assert len(history) == 8 and history.of("a", "t").following([2, 3, 4], 2) == [5, 6]
+    assert history.of("c", "task63").following([3, 63], 1) == [64]
+    assert history.of("c", "task0").following([3, 0], 1) == [], "c's oldest went"
 
 
 def test_drafts_stand_while_they_equal_the_greedy_tokens() -> None:

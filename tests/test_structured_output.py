@@ -89,6 +89,30 @@ def test_the_compiled_constraints_kept_stay_within_their_budget() -> None:
     assert max(sizes) >= limit // 2, "the cache must fill up towards its budget, not be emptied every time"
 
 
+def test_compiled_constraints_are_kept_per_tenant() -> None:
+    """A repeat comes from what its tenant compiled before; another tenant's same schema compiles anew, so how quickly
+    a request is answered never tells a tenant which schemas (field names, choices) others have sent."""
+    compiler = GrammarCompiler(byte_vocab_info)
+    xgr_compiler = compiler._ready()
+    compiled: list[str] = []
+
+    class Counted:
+        def compile_json_schema(self, source, **kwargs):  # type: ignore[no-untyped-def]
+            compiled.append(source)
+            return xgr_compiler.compile_json_schema(source, **kwargs)
+
+    compiler._compiler = Counted()  # type: ignore[assignment]
+    spec = GrammarSpec.json_schema({"type": "object", "properties": {"acquisition_target": {"type": "string"}}})
+    first = compiler.compile(spec, "bob")
+    assert compiler.compile(GrammarSpec.json_schema(spec.source), "bob") is first  # an equal spec: kept
+    assert len(compiled) == 1
+    alices = compiler.compile(spec, "alice")
+    assert alices is not first and len(compiled) == 2  # compiled again, for her
+    assert xgr_compiler.get_cache_size_bytes() == 0  # ... from scratch: xgrammar's own cache (one for all) is off
+    assert compiler.compile(spec, "alice") is alices and len(compiled) == 2
+    assert compiler.cache_bytes == first.compiled.memory_size_bytes + alices.compiled.memory_size_bytes > 0
+
+
 def test_at_most_two_constraints_compile_at_once() -> None:
     """Eight requests' schemas at once: two compile while the rest wait their turn (each takes a core; 32 I/O
     threads let 32 compile beside the engine's steps), and every one comes back compiled."""

@@ -140,7 +140,7 @@ async def prepare_generation(
             code="context_length_exceeded",
         )
     if grammar is not None:
-        params = dataclasses.replace(params, grammar=await compile_grammar(state, grammar))
+        params = dataclasses.replace(params, grammar=await compile_grammar(state, grammar, principal.tenant))
     prefix_kv, prefix_id, version = None, None, None
     if task_id is not None:
         state.awaiting_prefix += 1
@@ -203,12 +203,12 @@ def _predicted(state: ServerState, prediction: str | None) -> tuple[int, ...]:
     return tuple(ids)
 
 
-async def compile_grammar(state: ServerState, spec: GrammarSpec) -> Grammar:
-    """The compiled constraint (off the event loop: a big schema takes a while; xgrammar caches repeats)."""
+async def compile_grammar(state: ServerState, spec: GrammarSpec, tenant: str) -> Grammar:
+    """The compiled constraint (off the event loop: a big schema takes a while; the tenant's repeats are kept)."""
     if state.grammars is None:
         raise InvalidInput("structured output needs a model with a tokenizer", param="grammar")
     try:
-        return await asyncio.to_thread(state.grammars.compile, spec)
+        return await asyncio.to_thread(state.grammars.compile, spec, tenant)
     except GrammarError as exc:
         raise InvalidInput(str(exc), param="grammar") from exc
 
