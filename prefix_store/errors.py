@@ -37,4 +37,13 @@ class CorruptPrefix(PrefixStoreError):
 
 
 class StoreUnavailable(PrefixStoreError):
-    """The backend cannot be reached or an I/O operation failed (503)."""
+    """The backend cannot be reached or an I/O operation failed (503).
+
+    ``answered``: the store replied at once with an error (a cluster failing over says CLUSTERDOWN, a restarted
+    Redis says LOADING, a permission was taken away) rather than failing to answer: there is no timeout for later
+    requests to wait out, so the registry asks it again at the next request instead of holding its circuit open.
+    """
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered

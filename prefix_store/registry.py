@@ -237,8 +237,8 @@ class PrefixRegistry:
         domain = self.backend.fault_domain(tenant, task_id)
         try:
             version = self.backend.latest_version(tenant, task_id)
-        except StoreUnavailable:
-            self._open_circuit(domain)
+        except StoreUnavailable as e:
+            self._open_circuit(domain, e)
             raise
         self._close_circuit(domain)
         with self._lock:
@@ -340,8 +340,8 @@ class PrefixRegistry:
         tenant, task_id, version = key
         try:
             stored = read_metadata(self.backend.get_header(tenant, task_id, version)).sha256
-        except StoreUnavailable:
-            self._open_circuit(self.backend.fault_domain(tenant, task_id))
+        except StoreUnavailable as e:
+            self._open_circuit(self.backend.fault_domain(tenant, task_id), e)
             raise
         except (PrefixNotFound, InvalidPrefix):
             stored = None
@@ -354,11 +354,12 @@ class PrefixRegistry:
         logger.warning("%s/%s v%d is no longer what the store holds under that version number", *key)
         return None
 
-    def _open_circuit(self, domain: str | None) -> None:
+    def _open_circuit(self, domain: str | None, error: StoreUnavailable) -> None:
         """The store (its part `domain`; None: no part can be blamed) just failed: for ``_STORE_DOWN_HOLD`` seconds,
-        serve what is resident and fail cold loads there."""
+        serve what is resident and fail cold loads there, unless it answered with an error at once (then the
+        next request asks again: its answer costs no timeout, and ends as soon as the store recovers)."""
         with self._lock:
-            if domain is not None:
+            if domain is not None and not error.answered:
                 self._store_down_until[domain] = time.monotonic() + _STORE_DOWN_HOLD
             self.store_errors += 1
 
@@ -391,8 +392,8 @@ class PrefixRegistry:
             started = time.perf_counter()
             try:
                 artifact = self._load(key)
-            except StoreUnavailable:
-                self._open_circuit(domain)
+            except StoreUnavailable as e:
+                self._open_circuit(domain, e)
                 raise
             if self.on_load is not None:
                 self.on_load(time.perf_counter() - started)
@@ -473,8 +474,8 @@ class PrefixRegistry:
         try:
             task_ids = self.backend.list_tasks(tenant)
             headers = self.backend.latest_headers(tenant, task_ids)  # batched where the store allows
-        except StoreUnavailable:
-            self._open_circuit(domain)
+        except StoreUnavailable as e:
+            self._open_circuit(domain, e)
             raise
         self._close_circuit(domain)
         out: builtins.list[PrefixMetadata] = []

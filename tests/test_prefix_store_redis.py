@@ -439,6 +439,25 @@ def test_write_interrupted_by_a_crash_leaves_nothing_partial(make_redis_server: 
     backend.close()
 
 
+def test_an_error_the_store_answers_holds_no_circuit(
+    server: RedisServer, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """An error Redis replies with at once (here NOPERM; a cluster failing over says CLUSTERDOWN, a restarted
+    Redis LOADING) fails the request and is counted, but the next request asks again: there is no timeout to
+    spare it, and it is served as soon as the store is. (A hung store holds the circuit: the test below.)"""
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">app-pw", "~*", "&*", "+@all")
+    url = f"redis://app:app-pw@127.0.0.1:{server.port}/0"
+    open_registry(url).upload("acme", "cold", make_kv(seed=2))
+    registry = open_registry(url, latest_ttl=0.0)
+    admin.execute_command("ACL", "SETUSER", "app", "-@all")  # every command now answered NOPERM
+    with pytest.raises(StoreUnavailable, match=r"(?i)permission"):
+        registry.resolve("acme", "cold")
+    assert registry.stats()["store_errors"] == 1
+    admin.execute_command("ACL", "SETUSER", "app", "+@all")
+    assert registry.resolve("acme", "cold").metadata.version == 1  # at once: not refused for a second
+
+
 def test_hung_redis_fails_cold_loads_fast(server: RedisServer, open_registry: Callable[..., PrefixRegistry]) -> None:
     a = open_registry(server.url)
     a.upload("acme", "hot", make_kv(seed=1))

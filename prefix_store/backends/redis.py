@@ -156,6 +156,9 @@ return 0
 # What redis-py raises when a command or connection fails; a cluster client that cannot find its nodes raises
 # RedisClusterException, which is not a RedisError.
 _REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+# Errors Redis replies with (CLUSTERDOWN, TRYAGAIN, LOADING, READONLY, NOPERM, OOM...), as opposed to a connection
+# that fails or times out: asking again costs a round trip, not a timeout.
+_ANSWERS = (redis.ResponseError, redis.exceptions.BusyLoadingError)
 # After a cluster client could not be built (no node answered), calls fail at once for this long.
 _CLUSTER_BUILD_RETRY_S = 0.5
 # A tenant lock expires after this long (an upload of 64 MiB to Redis takes well under a second).
@@ -408,7 +411,10 @@ class RedisBackend(PrefixBackend):
                 return fn()
         except _REDIS_ERRORS as e:
             detail = self._scrub(str(e)) or type(e).__name__
-            raise StoreUnavailable(f"redis store at {self._safe_url} unavailable ({what}): {detail}") from e
+            answered = isinstance(e, _ANSWERS)
+            raise StoreUnavailable(
+                f"redis store at {self._safe_url} unavailable ({what}): {detail}", answered=answered
+            ) from e
 
     # -- writes ---------------------------------------------------------------
 
