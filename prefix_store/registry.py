@@ -116,8 +116,9 @@ class PrefixRegistry:
         # cache, since a deleted task's version numbers may be reused by a new upload.
         self._deletions = 0
         self.latest_ttl = latest_ttl
-        # (version or None, monotonic time asked) per task, for the latest-version check on use.
-        self._latest: dict[TaskKey, tuple[int | None, float]] = {}
+        # (the latest version's metadata, or None; monotonic time asked) per task, for the check on use: a store
+        # that lost writes hands numbers out again, so the content (its sha256) is compared, not the number.
+        self._latest: dict[TaskKey, tuple[PrefixMetadata | None, float]] = {}
         # Bumped by every change we hear of; a latest-version answer read across one is not kept.
         self._epoch = 0
         # Cached versions to check against the store's header (its sha256) before they are served again. A store
@@ -225,8 +226,9 @@ class PrefixRegistry:
             if key[:2] == task and (below is None or key[2] < below):
                 self._cache.pop(key)
 
-    def _latest_version(self, tenant: str, task_id: str) -> int | None:
-        """The task's latest version, asking the backend unless it answered within `latest_ttl`."""
+    def _latest_version(self, tenant: str, task_id: str) -> PrefixMetadata | None:
+        """The metadata of the task's latest version (its number, its content's sha256), asking the backend unless
+        it answered within `latest_ttl`."""
         task = (tenant, task_id)
         with self._lock:
             known = self._latest.get(task)
@@ -236,7 +238,7 @@ class PrefixRegistry:
             epoch = self._epoch
         domain = self.backend.fault_domain(tenant, task_id)
         try:
-            version = self.backend.latest_version(tenant, task_id)
+            version = self._latest_stored(tenant, task_id)
         except StoreUnavailable as e:
             self._open_circuit(domain, e)
             raise
@@ -249,6 +251,18 @@ class PrefixRegistry:
             if version is None:
                 self._drop_cached(task)  # deleted elsewhere and we missed the notification
         return version
+
+    def _latest_stored(self, tenant: str, task_id: str) -> PrefixMetadata | None:
+        """The latest version's metadata, from its header (one round trip to Redis)."""
+        try:
+            header = self.backend.get_header(tenant, task_id)
+        except PrefixNotFound:
+            return None
+        try:
+            metadata = read_metadata(header)
+        except InvalidPrefix as exc:
+            raise CorruptPrefix(f"stored prefix {task_id!r} is unreadable: {exc}") from exc
+        return metadata
 
     def _newest_cached(self, tenant: str, task_id: str) -> PrefixArtifact | None:
         """The newest host-cached version of the task, if any (marks it recently used)."""
@@ -290,19 +304,26 @@ class PrefixRegistry:
     def _resolve_latest(self, tenant: str, task_id: str) -> PrefixArtifact:
         # The latest version may be pruned between asking and reading: ask again.
         for _ in range(3):
-            v = self._latest_version(tenant, task_id)
-            if v is None:
+            latest = self._latest_version(tenant, task_id)
+            if latest is None:
                 break
             try:
-                return self._resolve_version((tenant, task_id, v))
+                return self._resolve_version((tenant, task_id, latest.version), sha256=latest.sha256)
             except PrefixNotFound:
                 with self._lock:
                     self._forget_latest((tenant, task_id))
         raise PrefixNotFound(f"prefix {task_id!r} not found")
 
-    def _resolve_version(self, key: CacheKey) -> PrefixArtifact:
+    def _resolve_version(self, key: CacheKey, sha256: str | None = None) -> PrefixArtifact:
+        """``sha256``: the content the store holds under that version now (the check on use), when known."""
         with self._lock:
             cached = self._cache.get(key)
+            if cached is not None and sha256 is not None and cached.metadata.sha256 != sha256:
+                # The store holds other bytes under this number (it lost writes and handed the number out again,
+                # or was replaced by another copy without a message: a Redis demoted to replica in place).
+                logger.info("%s/%s v%d is no longer what the store holds; loading it again", *key)
+                self._cache.pop(key)
+                cached = None
             unverified = key in self._unverified
         if cached is not None and unverified:
             cached = self._still_stored(key, cached)
@@ -432,18 +453,10 @@ class PrefixRegistry:
         """Metadata of the latest version (read from the header; tensors are not verified here)."""
         validate_tenant(tenant)
         validate_task_id(task_id)
-        version = self._latest_version(tenant, task_id)
-        if version is not None:
-            with self._lock:
-                key = (tenant, task_id, version)
-                cached = None if key in self._unverified else self._cache.get(key)
-            if cached is not None:
-                return cached.metadata
-        blob = self.backend.get_header(tenant, task_id)
-        try:
-            return read_metadata(blob)
-        except InvalidPrefix as e:
-            raise CorruptPrefix(f"stored prefix {task_id!r} is unreadable: {e}") from e
+        latest = self._latest_version(tenant, task_id)
+        if latest is None:
+            raise PrefixNotFound(f"prefix {task_id!r} not found (any version)")
+        return latest
 
     def stats(self) -> dict[str, int]:
         """Host-cache counters for metrics."""

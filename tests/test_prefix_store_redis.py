@@ -23,7 +23,7 @@ from prefix_store.artifact import decode_artifact
 from prefix_store.backends import Invalidation, RedisBackend, open_backend
 from prefix_store.backends import redis as redis_backend_module
 from prefix_store.backends.redis_url import redact_url
-from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
+from prefix_store.errors import CorruptPrefix, PrefixNotFound, PrefixStoreError, StoreUnavailable
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.registry import PrefixRegistry
 from tests.redis_server import RedisServer
@@ -115,6 +115,42 @@ def test_versions_pruning_and_delete(backend: RedisBackend, server: RedisServer)
     # Every key of the task carries the {tenant/task} hash tag (one Cluster slot); the index is per tenant.
     keys = sorted(k.decode() for k in server.client().scan_iter())
     assert keys == [f"ps:{{acme/sum}}:{s}" for s in ("head", "latest", "seq", "v:8")] + ["ps:{acme}:tasks"]
+
+
+def test_a_lost_version_counter_never_hands_out_a_stored_number(
+    backend: RedisBackend, server: RedisServer, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """The counter evicted (an allkeys-* maxmemory-policy) or edited: INCR would restart at 1, and the upload would
+    overwrite a kept version, or be pruned at once as the oldest, or never become the latest (all seen: 201s whose
+    prefix was never served). Numbers resume above what is stored."""
+    registry = open_registry(server.url)
+    for seed in range(3):
+        registry.upload("acme", "sum", make_kv(seed=seed))
+    client = server.client()
+    client.delete(backend._task_keys("acme", "sum")[0])  # its :seq key
+    assert registry.upload("acme", "sum", make_kv(seed=9)).version == 4
+    assert torch.equal(registry.resolve("acme", "sum").key_values, make_kv(seed=9))
+    assert torch.equal(registry.resolve("acme", "sum", version=1).key_values, make_kv(seed=0))  # not overwritten
+    for _ in range(6):  # more than are kept: the oldest go
+        backend.put("acme", "many", lambda v: f"blob-{v}".encode())
+    client.delete(backend._task_keys("acme", "many")[0])
+    client.delete(backend._task_keys("acme", "many")[1])  # and the latest pointer: the stored versions still count
+    assert backend.put("acme", "many", lambda v: f"blob-{v}".encode()) == 7
+    assert backend.get("acme", "many") == b"blob-7"
+
+
+def test_an_unreadable_latest_pointer_is_a_store_error_and_an_upload_mends_it(
+    backend: RedisBackend, server: RedisServer, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    registry = open_registry(server.url, latest_ttl=0.0)
+    registry.upload("acme", "sum", make_kv(seed=1))
+    server.client().set(backend._task_keys("acme", "sum")[1], "abc")  # was a ValueError: a 500
+    with pytest.raises(PrefixStoreError):
+        registry.resolve("acme", "sum")
+    with pytest.raises(CorruptPrefix, match="latest-version pointer"):
+        backend.latest_version("acme", "sum")
+    assert registry.upload("acme", "sum", make_kv(seed=2)).version == 2
+    assert torch.equal(registry.resolve("acme", "sum").key_values, make_kv(seed=2))
 
 
 def test_reader_never_sees_a_pointer_without_its_blob(backend: RedisBackend) -> None:
@@ -284,6 +320,21 @@ def test_an_acl_user_without_info_is_accepted(server: RedisServer) -> None:
     backend.close()
 
 
+def test_a_store_that_evicts_keys_is_warned_of(server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """allkeys-* policies evict prefixes' keys one by one (a blob without its header, a lost counter): warned of at
+    startup; noeviction (the default) and volatile-* are quiet."""
+    client = server.client()
+    for policy, warned in (("noeviction", False), ("volatile-lru", False), ("allkeys-lru", True)):
+        client.config_set("maxmemory-policy", policy)
+        caplog.clear()
+        backend = open_backend(server.url)
+        backend.check()
+        backend.close()
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(said) == warned, (policy, said)
+    assert "maxmemory-policy allkeys-lru" in said[0] and "noeviction" in said[0]
+
+
 def test_a_dropped_registry_is_not_kept_alive_by_its_backend(backend: RedisBackend) -> None:
     registry = PrefixRegistry(backend, FP)
     ref = weakref.ref(registry)
@@ -415,6 +466,26 @@ def test_a_version_number_handed_out_again_never_serves_the_old_content(
     # A's own copy of what it uploaded is checked once, not reloaded.
     misses = a.misses
     assert torch.equal(a.resolve("acme", "sum").key_values, make_kv(p=6, seed=2)) and a.misses == misses
+
+
+def test_a_store_replaced_in_place_without_a_message_is_noticed(
+    make_redis_server: Callable[..., RedisServer], open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """A Redis demoted in place to a replica of another copy (an old primary rejoining after a failover) swaps its
+    data under open connections: no reconnect, no message. The check on use compares the latest version's
+    content, not its number, so the replaced bytes stop being served within the check's period."""
+    ours, other = make_redis_server(), make_redis_server()
+    registry = open_registry(ours.url, latest_ttl=0.2)
+    writer = open_registry(other.url)
+    for seed in (1, 2, 3):
+        registry.upload("acme", "sum", make_kv(seed=seed))
+        writer.upload("acme", "sum", make_kv(seed=10 + seed))  # the same numbers, other content
+    assert torch.equal(registry.resolve("acme", "sum").key_values, make_kv(seed=3))  # v3, resident
+    ours.client().execute_command("REPLICAOF", "127.0.0.1", str(other.port))
+    eventually(lambda: ours.client().info("replication")["master_link_status"] == "up", within=10.0)
+    eventually(lambda: torch.equal(registry.resolve("acme", "sum").key_values, make_kv(seed=13)), within=1.0)
+    assert registry.resolve("acme", "sum").metadata.version == 3
+    assert registry.info("acme", "sum").sha256 == writer.info("acme", "sum").sha256
 
 
 def test_write_interrupted_by_a_crash_leaves_nothing_partial(make_redis_server: Callable[..., RedisServer]) -> None:

@@ -59,6 +59,9 @@ class CountingBackend(PrefixBackend):
             with self._lock:
                 self.in_flight -= 1
 
+    def get_header(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
+        return self.inner.get_header(tenant, task_id, version)  # the check on use: a header, not counted
+
     def latest_version(self, tenant: str, task_id: str) -> int | None:
         return self.inner.latest_version(tenant, task_id)
 

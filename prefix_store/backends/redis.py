@@ -81,7 +81,7 @@ from prefix_store.backends.redis_url import (
     untrusted_certificate,
     url_passwords,
 )
-from prefix_store.errors import PrefixNotFound, StoreUnavailable
+from prefix_store.errors import CorruptPrefix, PrefixNotFound, StoreUnavailable
 from prefix_store.ids import validate_task_id, validate_tenant
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ _PUT_SCRIPT = """
 local v = tonumber(ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+local latest = tonumber(redis.call('GET', KEYS[1])) or 0  -- an unreadable pointer is replaced
 if v > latest then
   redis.call('SET', KEYS[1], ARGV[1])
   latest = v
@@ -121,6 +121,23 @@ if #stored > keep then
 end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return latest
+"""
+
+# KEYS: seq, latest, head. Returns a version number never handed out before: INCR's, unless the counter is behind
+# what is stored (evicted by an allkeys-* maxmemory-policy, or edited): then one above the latest and every stored
+# version, so an upload can neither overwrite a kept version nor be pruned at once as the oldest.
+_ALLOCATE_SCRIPT = """
+local v = redis.call('INCR', KEYS[1])
+local floor = tonumber(redis.call('GET', KEYS[2])) or 0
+for _, s in ipairs(redis.call('HKEYS', KEYS[3])) do
+  local n = tonumber(s)
+  if n and n > floor then floor = n end
+end
+if v <= floor then
+  v = floor + 1
+  redis.call('SET', KEYS[1], v)
+end
+return v
 """
 
 # KEYS: latest, a version -> bytes hash. ARGV: the prefix of version keys, or "" to read the hash alone.
@@ -238,6 +255,7 @@ class RedisBackend(PrefixBackend):
         # Pub/sub is not scoped by database: name the channel after it so two
         # deployments on one server in different dbs do not invalidate each other.
         self.channel = f"ps:invalidate:{self._db}"
+        self._allocate_script = self.register_script(_ALLOCATE_SCRIPT)
         self._put_script = self.register_script(_PUT_SCRIPT)
         self._get_latest_script = self.register_script(_GET_LATEST_SCRIPT)
         self._delete_script = self.register_script(_DELETE_SCRIPT)
@@ -322,6 +340,14 @@ class RedisBackend(PrefixBackend):
                 raise ValueError(
                     f"redis store at {self._safe_url} is a Redis Cluster node: name it redis+cluster://"
                     f" (or rediss+cluster://), so that each key goes to the node that holds it"
+                )
+            if (policy := _evicting_policy(self._client)) is not None:
+                logger.warning(
+                    "redis store at %s evicts keys when its memory is full (maxmemory-policy %s): prefixes would be"
+                    " lost, whole or in part (a listed task that no longer loads, orphaned blobs); set"
+                    " maxmemory-policy noeviction, so that an upload that does not fit is refused (503) instead",
+                    self._safe_url,
+                    policy,
                 )
         except _REDIS_ERRORS as e:
             # A cluster client that could not be built says why in its cause (a refused password, say).
@@ -423,15 +449,15 @@ class RedisBackend(PrefixBackend):
         prefix = self._version_prefix(tenant, task_id)
         index = self._index_key(tenant)
 
-        def allocate() -> int:
-            # Index first: if the script below fails after running (connection lost
-            # mid-reply), the version still has an index entry. A leftover entry
-            # without versions is harmless.
-            return int(self._pipelined([("sadd", index, task_id), ("incr", seq)])[1])
-
+        # Index first: if the script below fails after running (connection lost
+        # mid-reply), the version still has an index entry. A leftover entry
+        # without versions is harmless.
+        self.call("indexing a task", lambda: self._client.sadd(index, task_id))
         # INCR hands out each number once, so concurrent puts never collide and
         # `encode` is called exactly once.
-        version = self.call("allocating a version", allocate)
+        version = int(
+            self.call("allocating a version", lambda: self._allocate_script(keys=[seq, latest, head_key], args=[]))
+        )
         blob = encode(version)
         self.call(
             "writing a version",
@@ -485,7 +511,12 @@ class RedisBackend(PrefixBackend):
     def latest_version(self, tenant: str, task_id: str) -> int | None:
         _, latest, _, _ = self._task_keys(tenant, task_id)
         raw = self.call("reading the latest version", lambda: self._client.get(latest))
-        return int(raw) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise CorruptPrefix(f"prefix {task_id!r}: its latest-version pointer holds {raw[:20]!r}") from None
 
     def _read(self, tenant: str, task_id: str, version: int | None, head: bool) -> bytes:
         _, latest, head_key, legacy_key = self._task_keys(tenant, task_id)
@@ -746,6 +777,23 @@ def _cluster_enabled(client: redis.Redis) -> bool:
         return bool(client.info("cluster").get("cluster_enabled"))
     except redis.ResponseError:  # an ACL user may not run INFO: not a reason to refuse the store
         return False
+
+
+def _evicting_policy(client: redis.Redis | redis.RedisCluster) -> str | None:
+    """The store's maxmemory-policy if it may evict our keys (allkeys-*: every key is a candidate; volatile-*
+    touches only keys with a TTL, of which ours have one, the tenant lock), else None; None too when INFO is not
+    allowed."""
+    try:
+        info = client.info("memory")
+    except redis.ResponseError:
+        return None
+    # A cluster client answers per node: {node name: its INFO}.
+    sections = [info] if "maxmemory_policy" in info else [v for v in info.values() if isinstance(v, dict)]
+    for section in sections:
+        policy = str(section.get("maxmemory_policy", ""))
+        if policy.startswith("allkeys-"):
+            return policy
+    return None
 
 
 def _parse_message(data: bytes | str) -> Invalidation | None:
