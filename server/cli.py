@@ -68,6 +68,10 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     ),
     "kv_groups": (int, "padded groups of similar lengths the running rows are kept in, with fused steps (default 4)"),
     "reserved_rows": (int, "rows beyond --max-batch-size for tenants other than the one holding the most (default 1)"),
+    "reserved_queue": (
+        int,
+        "waiting slots beyond --max-queue for tenants other than the one with the most waiting (default 32)",
+    ),
     "max_new_tokens": (int, "largest max_new_tokens a request may ask (default 2048)"),
     "max_prompt_tokens": (int, "longest prompt in tokens (default 4096)"),
     "max_upload_bytes": (int, "largest prefix upload (default 64 MiB)"),
@@ -250,13 +254,14 @@ def serve(args: argparse.Namespace) -> int:
     if (
         config.max_prefill_tokens < 0
         or config.reserved_rows < 0
+        or config.reserved_queue < 0
         or config.prefill_chunk_tokens < 0
         or (config.speculative_tokens or 0) < 0
         or config.speculative_max_rows < 0
     ):
         print(
-            "error: --max-prefill-tokens, --prefill-chunk-tokens, --reserved-rows, --speculative-tokens and "
-            "--speculative-max-rows must be 0 (off) or positive",
+            "error: --max-prefill-tokens, --prefill-chunk-tokens, --reserved-rows, --reserved-queue, "
+            "--speculative-tokens and --speculative-max-rows must be 0 (off) or positive",
             file=sys.stderr,
         )
         return 2

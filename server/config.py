@@ -47,6 +47,9 @@ class ServeConfig:
     # Rows beyond max_batch_size for tenants other than the one holding the most rows: another tenant's request
     # starts at the next step while one tenant fills the batch (issue 6's fairness), and a lone tenant loses nothing.
     reserved_rows: int = 1
+    # Waiting slots beyond max_queue for tenants other than the one with the most waiting: a tenant that fills the
+    # queue does not get every other tenant 429s; a lone tenant loses nothing.
+    reserved_queue: int = 32
     max_new_tokens: int = 2048  # upper bound a request may ask for
     max_prompt_tokens: int = 4096
     max_stop_strings: int = 16

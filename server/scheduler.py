@@ -4,7 +4,9 @@ Waiting requests queue per tenant. When rows are scarce, the tenant holding the 
 the next one (ties go round-robin), so a tenant that floods the server delays the others by at most one freed
 row, not by its whole backlog. ``reserved_rows`` are rows beyond ``max_batch_size`` that the tenant holding the
 most rows may not take: while one tenant fills the batch, another tenant's request starts at the next step
-instead of waiting for one of the flood's rows to finish, and a tenant alone still has the whole batch. A
+instead of waiting for one of the flood's rows to finish, and a tenant alone still has the whole batch.
+``reserved_queue`` does the same for waiting slots beyond ``max_queue``: a flood that fills the queue leaves other
+tenants room to queue. A
 per-step prefill budget spreads a burst of newcomers over several steps, so running streams never stall for all
 of them at once.
 """
@@ -30,6 +32,9 @@ class SchedulerConfig:
     # Rows beyond max_batch_size that the tenant holding the most running rows may not take, so that another
     # tenant's request starts at once while one tenant fills the batch.
     reserved_rows: int = 0
+    # Waiting slots beyond max_queue that the tenant with the most waiting requests may not take: while one tenant
+    # fills the queue, another's request still queues (and is admitted first: it holds fewer rows) instead of 429.
+    reserved_queue: int = 0
     # Prompt tokens fused into one decode step (chunked prefill, server/fused_step.py): admitted requests enter
     # the batch chunk by chunk inside decode steps instead of in a prefill forward of their own. 0 = off.
     # Only for runners that can (``ModelRunner.fuses_prefill``); others always prefill separately.
@@ -85,8 +90,17 @@ class Scheduler:
 
     def add(self, request_id: str, max_len: int, tenant: str = DEFAULT_TENANT, prefill_tokens: int = 1) -> None:
         """Queue a request that may reach ``max_len`` KV slots and whose prompt is ``prefill_tokens`` long."""
-        if len(self._tenant_of) >= self.config.max_queue:
-            raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests)")
+        waiting = len(self._tenant_of)
+        if waiting >= self.config.max_queue:
+            mine = self.waiting_for(tenant)
+            holds_most = mine > 0 and mine == max(len(queue) for queue in self._queues.values())
+            if holds_most:
+                raise QueueFull(f"the queue is full ({waiting} waiting requests, {mine} of them this tenant's)")
+            if waiting >= self.config.max_queue + self.config.reserved_queue:
+                raise QueueFull(
+                    f"the queue is full ({waiting} waiting requests, with the {self.config.reserved_queue} slots kept"
+                    " for tenants other than the one with the most waiting)"
+                )
         queue = self._queues.get(tenant)
         if queue is None:
             queue = self._queues[tenant] = OrderedDict()

@@ -44,6 +44,7 @@ def test_refuses_public_bind_without_keys(capsys: pytest.CaptureFixture[str]) ->
     [
         ("--max-prefill-tokens", "-1"),
         ("--reserved-rows", "-1"),
+        ("--reserved-queue", "-1"),
         ("--prefill-chunk-tokens", "-1"),
         ("--prefill-deadline-s", "-1"),
         ("--prefill-deadline-s", "nan"),

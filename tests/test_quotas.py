@@ -402,6 +402,43 @@ async def test_a_stream_whose_client_leaves_while_queued_is_dropped(live) -> Non
         assert await _counted(client, "/v1/generate", 499) - left == 1
 
 
+async def test_a_tenant_filling_the_queue_leaves_the_reserved_slots_to_others(
+    loaded, key_file: Path, tmp_path: Path
+) -> None:
+    """--max-queue 2 with --reserved-queue 1: alice fills the queue and is refused; few still queues, in the
+    reserved slot, and once it is taken small is refused too. Every queued request is served."""
+    cfg = config(tmp_path, key_file, max_batch_size=1, reserved_rows=0, max_queue=2, reserved_queue=1)
+    app = create_app(cfg, model=loaded)
+    with serve_in_thread(app) as url:
+        state: ServerState = app.state.server
+        decode = state.engine.runner.decode
+
+        def slow_decode(batch):  # type: ignore[no-untyped-def]
+            time.sleep(STEP_DELAY_S)
+            return decode(batch)
+
+        state.engine.runner.decode = slow_decode  # type: ignore[method-assign]
+
+        async def waiting(count: int) -> None:
+            while state.engine.num_waiting < count:
+                await asyncio.sleep(0.01)
+
+        short = {"prompt": "x", "max_new_tokens": 4}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            running = await _open_stream(client, "alice", 300)  # the only row, for 3 s at least
+            queued = [asyncio.ensure_future(client.post("/v1/generate", json=short, headers=hdr("alice")))]
+            await waiting(1)
+            queued.append(asyncio.ensure_future(client.post("/v1/generate", json=short, headers=hdr("alice"))))
+            await waiting(2)
+            assert_error(await client.post("/v1/generate", json=short, headers=hdr("alice")), 429, "the queue is full")
+            queued.append(asyncio.ensure_future(client.post("/v1/generate", json=short, headers=hdr("few"))))
+            await waiting(3)
+            assert_error(await client.post("/v1/generate", json=short, headers=hdr("small")), 429, "slots kept")
+            await running.close()
+            assert [(await r).status_code for r in queued] == [200, 200, 200]
+            await _settled(state)
+
+
 def test_the_cli_writes_a_mid_stream_error_on_a_line_of_its_own(live, capsys: pytest.CaptureFixture[str]) -> None:
     """A stream that fails after some text (here, past the request timeout): the error line was glued to it."""
     from server.cli import main

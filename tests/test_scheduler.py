@@ -80,6 +80,23 @@ def test_turn_is_kept_by_a_head_that_does_not_fit() -> None:
     assert s.admit(rows(400)) == ["small"]
 
 
+def test_reserved_queue_slots_are_for_tenants_other_than_the_one_with_the_most_waiting() -> None:
+    s = Scheduler(SchedulerConfig(max_queue=4, reserved_queue=2))
+    for i in range(4):  # a tenant alone has the whole queue
+        s.add(f"a{i}", 1, "A")
+    with pytest.raises(QueueFull, match="4 of them this tenant's"):
+        s.add("a4", 1, "A")
+    s.add("b0", 1, "B")  # the queue is full, but B is not the tenant flooding it
+    s.add("c0", 1, "C")
+    with pytest.raises(QueueFull, match="2 slots kept"):
+        s.add("b1", 1, "B")  # the reserve is taken
+    assert s.remove("a0") and s.remove("a1") and s.remove("a2")  # A 1, B 1, C 1: 3 waiting
+    s.add("b1", 1, "B")
+    with pytest.raises(QueueFull, match="2 of them"):
+        s.add("b2", 1, "B")  # 4 waiting, and B now holds the most
+    assert s.admit(rows()) == ["a3", "b0", "c0", "b1"]
+
+
 def test_removal_and_queue_bound_across_tenants() -> None:
     s = Scheduler(SchedulerConfig(max_queue=3))
     s.add("a0", 1, "A")

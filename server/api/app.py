@@ -105,6 +105,7 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
             config.max_queue,
             max_prefill_tokens=config.max_prefill_tokens,
             reserved_rows=config.reserved_rows,
+            reserved_queue=config.reserved_queue,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
             prefill_deadline_s=_prefill_deadline_s(config, model.device),
             kv_groups=config.kv_groups,
