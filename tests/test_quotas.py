@@ -203,15 +203,19 @@ def live(loaded, key_file: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     )
     app = create_app(cfg, model=loaded)
     with serve_in_thread(app) as url:
-        state: ServerState = app.state.server
-        decode = state.engine.runner.decode
+        yield url, slowed(app.state.server)
 
-        def slow_decode(batch):  # type: ignore[no-untyped-def]
-            time.sleep(STEP_DELAY_S)
-            return decode(batch)
 
-        state.engine.runner.decode = slow_decode  # type: ignore[method-assign]
-        yield url, state
+def slowed(state: ServerState) -> ServerState:
+    """``state``, its engine's decode steps each STEP_DELAY_S longer, so that requests stay in flight a while."""
+    decode = state.engine.runner.decode
+
+    def slow_decode(batch):  # type: ignore[no-untyped-def]
+        time.sleep(STEP_DELAY_S)
+        return decode(batch)
+
+    state.engine.runner.decode = slow_decode  # type: ignore[method-assign]
+    return state
 
 
 class _Stream:
@@ -410,14 +414,7 @@ async def test_a_tenant_filling_the_queue_leaves_the_reserved_slots_to_others(
     cfg = config(tmp_path, key_file, max_batch_size=1, reserved_rows=0, max_queue=2, reserved_queue=1)
     app = create_app(cfg, model=loaded)
     with serve_in_thread(app) as url:
-        state: ServerState = app.state.server
-        decode = state.engine.runner.decode
-
-        def slow_decode(batch):  # type: ignore[no-untyped-def]
-            time.sleep(STEP_DELAY_S)
-            return decode(batch)
-
-        state.engine.runner.decode = slow_decode  # type: ignore[method-assign]
+        state = slowed(app.state.server)
 
         async def waiting(count: int) -> None:
             while state.engine.num_waiting < count:
