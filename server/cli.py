@@ -75,7 +75,7 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "max_new_tokens": (int, "largest max_new_tokens a request may ask (default 2048)"),
     "max_prompt_tokens": (int, "longest prompt in tokens (default 4096)"),
     "max_upload_bytes": (int, "largest prefix upload (default 64 MiB)"),
-    "max_virtual_tokens": (int, "longest prefix P (default 512)"),
+    "max_virtual_tokens": (int, "longest prefix P (default 512; at most the model's context minus 2)"),
     "host_cache_bytes": (int, "host prefix cache budget (default 512 MiB)"),
     "max_concurrent_loads": (int, "prefix loads from the store at once (default 1; 0 = no limit)"),
     "load_piece_bytes": (

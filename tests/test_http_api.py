@@ -507,3 +507,15 @@ def test_a_body_that_is_not_a_json_object_says_so(client: TestClient) -> None:
         for not_an_object in ([body], "hi"):  # JSON, but not an object
             r = client.post(path, json=not_an_object)
             assert r.json()["error"]["message"] == "the request body must be a JSON object", r.text
+
+
+def test_a_prefix_must_leave_room_in_the_context(loaded, tmp_path: Path) -> None:
+    """A prefix as long as the context (512 here) could be stored and never serve: uploads are held to the context
+    minus a prompt token and a generated one."""
+    assert loaded.max_context == 512
+    with TestClient(create_app(ServeConfig(store=f"disk://{tmp_path}"), model=loaded)) as c:
+        assert_error(put_native(c, "whole-context", native_blob(p=511)), 422, "between 1 and 510")
+        assert put_native(c, "fits", native_blob(p=510)).status_code == 201
+        done = c.post("/v1/completions", json={"model": "fits", "prompt": [5], "max_tokens": 1})
+        assert done.status_code == 200, done.text
+        assert (done.json()["usage"]["prompt_tokens"], done.json()["usage"]["completion_tokens"]) == (1, 1)

@@ -132,7 +132,9 @@ def build_state(config: ServeConfig, model: LoadedModel, metrics: ServerMetrics 
         backend,
         model.fingerprint,
         host_cache_bytes=config.host_cache_bytes,
-        max_virtual_tokens=config.max_virtual_tokens,
+        # A prefix must leave the context room for a prompt token and a generated one: a longer one could be
+        # stored and never serve a request.
+        max_virtual_tokens=min(config.max_virtual_tokens, model.max_context - 2),
         max_upload_bytes=config.max_upload_bytes,
         max_concurrent_loads=config.max_concurrent_loads,
         load_piece_bytes=config.load_piece_bytes,
