@@ -249,3 +249,29 @@ def test_truncation_among_the_likeliest_candidates_equals_sorting_the_whole_row(
     assert torch.equal(got, reference(probs, top_k, top_p))
     heads = (got > 0).sum(dim=-1)
     assert heads.min() < sampling.TRUNCATION_CANDIDATES < heads.max(), "both paths taken"
+
+
+def test_a_head_longer_than_the_candidates_is_found_on_the_whole_row() -> None:
+    """_truncate looks for each row's top-k / top-p head among the 256 likeliest tokens; a row whose head takes them
+    all is sorted whole. A near-flat row (its 0.9 head ~1,800 of 2,000 tokens), a peaked one and a top-k of 300,
+    against the head computed on each fully sorted row."""
+    from server.sampling import TRUNCATION_CANDIDATES, _truncate
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 2000
+    flat = torch.rand(vocab, generator=g) + 1
+    peaked = (torch.randn(vocab, generator=g) * 8).softmax(-1)
+    wide_k = torch.rand(vocab, generator=g).softmax(-1)
+    probs = torch.stack([flat / flat.sum(), peaked, wide_k])
+    top_k, top_p = torch.tensor([0, 0, 300]), torch.tensor([0.9, 0.9, 1.0])
+    got = _truncate(probs, top_k, top_p)
+    for row in range(3):
+        sorted_probs, order = probs[row].sort(descending=True)
+        mass_before = sorted_probs.cumsum(0) - sorted_probs
+        keep = int((mass_before < top_p[row]).sum()) if top_p[row] < 1 else int(top_k[row])
+        expected = torch.zeros(vocab, dtype=torch.bool)
+        expected[order[:keep]] = True
+        assert torch.equal(got[row] > 0, expected), row
+        assert torch.equal(got[row][expected], probs[row][expected])  # kept tokens keep their probabilities
+    kept = (got > 0).sum(dim=1).tolist()
+    assert kept[0] > TRUNCATION_CANDIDATES and kept[1] < TRUNCATION_CANDIDATES and kept[2] == 300
