@@ -488,6 +488,21 @@ def prompt_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -
     return [TokenLogprob(chosen, tuple(zip(ids, values, strict=True))) for chosen, ids, values in step.rows()]
 
 
+def _distribution(logits: torch.Tensor, params: SamplingBatch, sampling_rows: torch.Tensor) -> torch.Tensor:
+    """Each row's probabilities after temperature, min-p, top-k and top-p (unnormalised: zeros cut the tail).
+    [B, V] -> [B, V]. A row's values never depend on what its batch-mates ask for."""
+    temperature = torch.where(sampling_rows, params.temperature, torch.ones_like(params.temperature))
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
+    if params.may_min_p and bool((params.min_p > 0).any()):  # before top-k / top-p, as vLLM applies it
+        probs = probs.masked_fill(probs < params.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+        # Top-p's mass is the kept tokens': rows with min_p renormalise; the others divide by exactly 1, as alone.
+        kept_mass = torch.where(params.min_p > 0, probs.sum(dim=-1), torch.ones_like(params.min_p))
+        probs = probs / kept_mass[:, None]
+    if bool((params.top_k > 0).any()) or bool((params.top_p < 1).any()):
+        probs = _truncate(probs, params.top_k, params.top_p)
+    return probs
+
+
 def _pick(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     greedy_tokens = logits.argmax(dim=-1)
     sampling_rows = params.temperature > 0
@@ -496,13 +511,7 @@ def _pick(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         params.step += 1
         return greedy_tokens
 
-    temperature = torch.where(sampling_rows, params.temperature, torch.ones_like(params.temperature))
-    probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
-    if params.may_min_p and bool((params.min_p > 0).any()):  # before top-k / top-p, as vLLM applies it
-        probs = probs.masked_fill(probs < params.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p's mass is the kept tokens'
-    if bool((params.top_k > 0).any()) or bool((params.top_p < 1).any()):
-        probs = _truncate(probs, params.top_k, params.top_p)
+    probs = _distribution(logits, params, sampling_rows)
 
     # The CDF runs in vocabulary order for every row, truncated or not, so a row's pick never
     # depends on which code path its batch-mates needed.

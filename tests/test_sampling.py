@@ -275,3 +275,19 @@ def test_a_head_longer_than_the_candidates_is_found_on_the_whole_row() -> None:
         assert torch.equal(got[row][expected], probs[row][expected])  # kept tokens keep their probabilities
     kept = (got > 0).sum(dim=1).tolist()
     assert kept[0] > TRUNCATION_CANDIDATES and kept[1] < TRUNCATION_CANDIDATES and kept[2] == 300
+
+
+def test_a_rows_distribution_does_not_depend_on_a_min_p_neighbour() -> None:
+    """min_p renormalises the rows that ask for it; a row beside one has the very probabilities it has alone
+    (it was divided by its own sum too, ~1 but not exactly: an ulp's dependence on its batch-mates)."""
+    from server.sampling import _distribution
+
+    plain, with_min_p = SamplingParams(temperature=0.8, top_p=0.95, seed=1), SamplingParams(temperature=1, min_p=0.05)
+    alone, together = batch_of(plain), batch_of(plain, with_min_p)
+    for seed in range(8):  # softmax sums to 1 exactly for some rows, not for others
+        logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(seed))
+        alone_probs = _distribution(logits[:1], alone, alone.temperature > 0)
+        together_probs = _distribution(logits, together, together.temperature > 0)
+        assert torch.equal(together_probs[0], alone_probs[0]), seed
+        kept = together_probs[1] > 0
+        assert 0 < int(kept.sum()) < 1000 and abs(float(together_probs[1].sum()) - 1) < 1e-5
