@@ -402,6 +402,10 @@ class Client(_Base):
     def list_prefixes(self) -> list[PrefixInfo]:
         return PrefixList.model_validate_json(self._send(_Call("GET", "/v1/prefixes")).content).data
 
+    def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: the base model's cards (``max_model_len``, ``max_prefix_tokens``) and the tasks'."""
+        return list(self._send(_Call("GET", "/v1/models")).json()["data"])
+
     def get_prefix(self, task_id: str) -> PrefixInfo:
         return PrefixInfo.model_validate_json(self._send(_Call("GET", _task_path(task_id))).content)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clients.client import ENV_API_KEY
+from clients.errors import PrefixServeError
 from clients.training_data import IGNORE_INDEX, Tokenized, TrainingDataError, read_examples, tokenize_example
 
 if TYPE_CHECKING:
@@ -134,6 +135,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 def _train_command(client: Client, args: argparse.Namespace) -> None:
     """Train; with --upload, ``client`` is already pointed at that server."""
     options = options_from_args(args)
+    if args.url:
+        _check_server_takes(client, options.num_virtual_tokens, args.url)
     result = train(options)
     summary: dict[str, Any] = {
         "output": str(result.output),
@@ -153,6 +156,21 @@ def _train_command(client: Client, args: argparse.Namespace) -> None:
     print(f"saved {result.output} (PEFT checkpoint) and {result.artifact} after {result.steps} steps")
     if args.url:
         print(f"uploaded {result.task_id} version {summary['uploaded']['version']} to {args.url}")
+
+
+def _check_server_takes(client: Client, num_virtual_tokens: int, url: str) -> None:
+    """Refuse, before training, a prefix longer than the server at ``url`` takes. A server that cannot say (not up
+    yet, or older) is not a reason to stop: the upload reports what it finds."""
+    try:
+        cards = client.models()
+    except (PrefixServeError, ValueError, KeyError, TypeError):
+        return
+    limits = [card["max_prefix_tokens"] for card in cards if isinstance(card.get("max_prefix_tokens"), int)]
+    if limits and num_virtual_tokens > min(limits):
+        raise TrainError(
+            f"--num-virtual-tokens {num_virtual_tokens}: the server at {url} takes prefixes of at most "
+            f"{min(limits)} virtual tokens (its --max-virtual-tokens, and its model's context); nothing was trained"
+        )
 
 
 # -- training -----------------------------------------------------------------

@@ -221,3 +221,20 @@ def test_cli_trains_and_uploads(
         assert f.get_tensor("layers.0.key").shape == (2, 3, 16)  # [H_kv, P, d]: only the MLP's output is kept
     with Client(server_url) as client:
         assert client.get_prefix("cli-trained").version == summary["uploaded"]["version"]
+
+
+def test_cli_refuses_before_training_a_prefix_the_server_would_refuse(
+    tiny_model_dir: Path, server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server takes prefixes of at most its context minus 2 (510 here): asked for more with --upload, train says
+    so before it loads the model or trains, not after."""
+    data = write_jsonl(tmp_path / "data.jsonl", PAIRS)
+    out = tmp_path / "ckpt"
+    argv = ["train", str(data), "--model", str(tiny_model_dir), "--output", str(out), "--steps", "2", "-p", "511"]
+    assert main([*argv, "--upload", server_url, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "at most 510 virtual tokens" in err and "nothing was trained" in err
+    assert not out.exists()
+    with Client(server_url) as client:
+        (base,) = [card for card in client.models() if card["parent"] is None]
+        assert base["max_prefix_tokens"] == 510 and base["max_model_len"] == 512

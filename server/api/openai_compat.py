@@ -1016,7 +1016,10 @@ def _model_card(state: ServerState, model_id: str, created: int, owned_by: str, 
 
 
 def _base_cards(state: ServerState) -> list[dict[str, Any]]:
-    return [_model_card(state, name, state.started_at, "prefix-serve", None) for name in state.model_names]
+    # prefix-serve's own field: the longest prefix an upload may have (so `prefix-serve train --upload` can tell
+    # before it trains).
+    extra = {"max_prefix_tokens": state.registry.max_virtual_tokens}
+    return [{**_model_card(state, n, state.started_at, "prefix-serve", None), **extra} for n in state.model_names]
 
 
 def _task_card(state: ServerState, meta: PrefixMetadata) -> dict[str, Any]:
