@@ -510,6 +510,26 @@ def test_write_interrupted_by_a_crash_leaves_nothing_partial(make_redis_server: 
     backend.close()
 
 
+def test_a_password_asked_for_later_is_named_as_the_cause(
+    server: RedisServer, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """A password set on the running Redis (the URL has none): the error names the credentials, not only redis-py's
+    words about HELLO; served again once the URL's (no) password is accepted again."""
+    registry = open_registry(server.url, latest_ttl=0.0)
+    registry.upload("acme", "sum", make_kv(seed=1))
+    admin = server.client()
+    admin.config_set("requirepass", "now-needed")
+    admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # connections log in again
+    try:
+        with pytest.raises(
+            StoreUnavailable, match=r"refused our credentials \(the password or user in the store URL\)"
+        ):
+            registry.info("acme", "sum")
+    finally:
+        admin.config_set("requirepass", "")
+    assert registry.info("acme", "sum").version == 1
+
+
 def test_an_error_the_store_answers_holds_no_circuit(
     server: RedisServer, open_registry: Callable[..., PrefixRegistry]
 ) -> None:

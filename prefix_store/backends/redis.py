@@ -437,6 +437,8 @@ class RedisBackend(PrefixBackend):
                 return fn()
         except _REDIS_ERRORS as e:
             detail = self._scrub(str(e)) or type(e).__name__
+            if isinstance(e, redis.AuthenticationError):  # redis-py 8 words a missing password as HELLO's rule
+                detail = f"it refused our credentials (the password or user in the store URL): {detail}"
             answered = isinstance(e, _ANSWERS)
             raise StoreUnavailable(
                 f"redis store at {self._safe_url} unavailable ({what}): {detail}", answered=answered
