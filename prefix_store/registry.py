@@ -238,7 +238,7 @@ class PrefixRegistry:
             epoch = self._epoch
         domain = self.backend.fault_domain(tenant, task_id)
         try:
-            version = self._latest_stored(tenant, task_id)
+            latest = self._latest_stored(tenant, task_id)
         except StoreUnavailable as e:
             self._open_circuit(domain, e)
             raise
@@ -247,10 +247,10 @@ class PrefixRegistry:
             if epoch == self._epoch:  # no change was heard of while we asked
                 if len(self._latest) >= _LATEST_SWEEP_AT:
                     self._latest = {t: a for t, a in self._latest.items() if asked - a[1] < self.latest_ttl}
-                self._latest[task] = (version, asked)
-            if version is None:
+                self._latest[task] = (latest, asked)
+            if latest is None:
                 self._drop_cached(task)  # deleted elsewhere and we missed the notification
-        return version
+        return latest
 
     def _latest_stored(self, tenant: str, task_id: str) -> PrefixMetadata | None:
         """The latest version's metadata, from its header (one round trip to Redis)."""
