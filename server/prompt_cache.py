@@ -59,8 +59,8 @@ class PromptCache:
         self.block_tokens = block_tokens
         self.bytes = 0
         self.hit_tokens = 0  # prompt tokens taken from the cache instead of computed, since start
-        self._blocks: OrderedDict[BlockKey, _Block] = OrderedDict()  # least recently used first
-        # Per tenant: its blocks' keys, least recently used first, and their bytes.
+        self._blocks: dict[BlockKey, _Block] = {}
+        # Per tenant: its blocks' keys, least recently used first (the eviction order), and their bytes.
         self._owned: dict[str, OrderedDict[BlockKey, None]] = {}
         self._owned_bytes: dict[str, int] = {}
         self._numbers = itertools.count()
@@ -75,7 +75,6 @@ class PromptCache:
         if not chain:
             return None
         for key in reversed(chain):  # the first block ends most recently used: it goes last
-            self._blocks.move_to_end(key)
             self._owned[self._blocks[key].owner].move_to_end(key)
         tokens = len(chain) * self.block_tokens
         self.hit_tokens += tokens
