@@ -84,8 +84,10 @@ def key_values_from_peft(
     if peft_type != "PREFIX_TUNING":
         raise InvalidPrefix(f"not a prefix-tuning checkpoint: peft_type is {peft_type!r}, want 'PREFIX_TUNING'")
     _refuse_trained_modules(config)
-    submodules = config.get("num_transformer_submodules", 1)
-    if submodules not in (1, 2, None):
+    submodules = config.get("num_transformer_submodules")
+    if submodules is None:  # as PEFT fills it in when it loads the checkpoint: from the task type
+        submodules = 2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1
+    if submodules not in (1, 2):
         raise InvalidPrefix(f"{CONFIG_NAME}: num_transformer_submodules must be 1 or 2, got {submodules!r}")
     if encoder_decoder is not None and (submodules == 2) != encoder_decoder:
         made_for, serving = (

@@ -139,6 +139,16 @@ def test_a_checkpoint_for_the_other_kind_of_model_is_refused(saved) -> None:  # 
         key_values_from_peft(seq2seq, weights, encoder_decoder=False)
     with pytest.raises(InvalidPrefix, match="for a decoder-only model; this server's model is an encoder-decoder"):
         key_values_from_peft(config, weights, encoder_decoder=True)
+    # Without num_transformer_submodules, PEFT takes it from the task type: 2 for SEQ_2_SEQ_LM, else 1.
+    unset = {k: v for k, v in seq2seq.items() if k != "num_transformer_submodules"}
+    assert torch.equal(
+        key_values_from_peft(unset, weights, encoder_decoder=True),
+        key_values_from_peft(seq2seq, weights, encoder_decoder=True),
+    )
+    causal = {k: v for k, v in config.items() if k != "num_transformer_submodules"}
+    assert torch.equal(
+        key_values_from_peft(causal, weights, encoder_decoder=False), key_values_from_peft(config, weights)
+    )
 
 
 def test_the_checkpoints_dtype_is_kept(saved) -> None:  # type: ignore[no-untyped-def]
