@@ -248,6 +248,11 @@ def test_http_peft_seq2seq_upload_then_generate(bart_dir: Path, tmp_path: Path) 
         echoed_text = client.post(
             "/v1/completions", json={"model": "summarize", "prompt": text, "max_tokens": 2, "echo": True}
         )
+        begun = [{"role": "user", "content": text}, {"role": "assistant", "content": "Alice lives"}]
+        continued = client.post(
+            "/v1/chat/completions",
+            json={"model": "summarize", "messages": begun, "continue_final_message": True, "max_tokens": 2},
+        )
     want = oracle_greedy_seq2seq(peft, prompt_ids, loaded.model.config.decoder_start_token_id, STEPS)[0]
     want_base = oracle_greedy_seq2seq(loaded.model, prompt_ids, loaded.model.config.decoder_start_token_id, STEPS)[0]
     got = body["token_ids"]
@@ -262,6 +267,8 @@ def test_http_peft_seq2seq_upload_then_generate(bart_dir: Path, tmp_path: Path) 
     assert scored.status_code == 422 and "decoder-only" in scored.json()["error"]["message"]
     assert echoed.status_code == 400 and "decoder-only" in echoed.json()["error"]["message"]
     assert echoed_text.status_code == 200 and echoed_text.json()["choices"][0]["text"].startswith(text)
+    # The messages are the encoder's: a reply begun by the client cannot be gone on with (it was a fresh reply).
+    assert continued.status_code == 400 and continued.json()["error"]["param"] == "continue_final_message"
 
 
 def test_train_says_it_trains_decoder_only_models(

@@ -239,6 +239,13 @@ def tokenize(
     if messages is not None:
         if not tokenizer.chat_template:
             raise InvalidInput("this model has no chat template; send 'prompt' instead of 'messages'", param="messages")
+        if chat.continue_final_message and state.model.is_encoder_decoder:
+            # The messages are the encoder's input; the decoder starts afresh, so the reply could not go on.
+            raise InvalidInput(
+                "continue_final_message needs a decoder-only model: this one is an encoder-decoder, whose reply "
+                "starts from its decoder's start token",
+                param="continue_final_message",
+            )
         try:
             if tools and tool_format is not None and not template_shows_tools(tokenizer, messages, tools):
                 messages = with_tools_in_text(tool_format, messages, tools)
