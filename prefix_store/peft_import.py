@@ -71,13 +71,19 @@ def _refuse_trained_modules(config: dict[str, Any]) -> None:
 
 
 def key_values_from_peft(
-    config_json: bytes | str | dict[str, Any], weights: bytes, *, encoder_decoder: bool | None = None
+    config_json: bytes | str | dict[str, Any],
+    weights: bytes,
+    *,
+    encoder_decoder: bool | None = None,
+    decoder_layers: int | None = None,
 ) -> torch.Tensor:
     """key_values [L, 2, H_kv, P, d] from a PEFT prefix-tuning checkpoint's two files, in the checkpoint's dtype.
 
     With `encoder_decoder` (the serving model's kind), a checkpoint for the other kind is refused: PEFT lays an
     encoder-decoder's slots out in another order, so the tensors would fit and every layer but the first would
-    get another layer's K/V.
+    get another layer's K/V. An encoder-decoder checkpoint has one pair of slots per *encoder* layer (PEFT sizes
+    it by ``num_layers``, the encoder's depth); with `decoder_layers` (the serving model's decoder depth, which
+    may be smaller: distilled summarisers keep 12 encoder layers and 6 decoder ones) L is that depth.
     """
     config = _parse_config(config_json)
     peft_type = config.get("peft_type")
@@ -116,22 +122,30 @@ def key_values_from_peft(
     emb = tensor_from_blob(weights, entry)  # [P, 2L*H*d], as saved (bf16 stays bf16: half the bytes stored)
     slots = emb.view(P, 2 * L, H, d).permute(1, 2, 0, 3)  # [2L, H, P, d]
     if submodules == 2:
-        slots = slots[decoder_slot_order(L)]
+        decoder_depth = L if decoder_layers is None else decoder_layers
+        if decoder_depth > L:
+            raise InvalidPrefix(
+                f"{CONFIG_NAME}: num_layers {L} (the encoder's depth, by which PEFT sizes the prefix) gives "
+                f"{decoder_depth} decoder layers too few slots"
+            )
+        slots = slots[decoder_slot_order(L, decoder_depth)]
+        L = decoder_depth
     # [2L, H, P, d] -> [L, 2, H, P, d]; slot 2l = K_l, 2l+1 = V_l.
     return slots.reshape(L, 2, H, P, d).contiguous()
 
 
-def decoder_slot_order(num_layers: int) -> list[int]:
-    """For an encoder-decoder checkpoint: the slots that PEFT's forward puts in each decoder layer's self-attention.
+def decoder_slot_order(num_layers: int, decoder_layers: int | None = None) -> list[int]:
+    """For an encoder-decoder checkpoint of ``num_layers`` slot pairs (the encoder's depth): the slots that PEFT's
+    forward puts in each of the ``decoder_layers`` (default: as many) decoder layers' self-attention.
 
     PEFT 0.21.2 duplicates the 2L slots (for self- and cross-attention), concatenates the copies and hands
     decoder layer l the group [4l, 4l + 4) of that list: self-attention K, V, cross-attention K, V. It then
     discards the cross-attention part (it resets that cache so the encoder output is attended to). So layer l's
     self-attention K is slot 4l mod 2L and its V the slot after it: for L = 3, layers take slots (0, 1), (4, 5),
-    (2, 3). Verified against PEFT's forward by tests/test_seq2seq.py.
+    (2, 3). A shallower decoder takes the first groups. Verified against PEFT's forward by tests/test_seq2seq.py.
     """
     order: list[int] = []
-    for layer in range(num_layers):
+    for layer in range(num_layers if decoder_layers is None else decoder_layers):
         key_slot = (4 * layer) % (2 * num_layers)
         order += [key_slot, key_slot + 1]
     return order

@@ -145,6 +145,9 @@ def test_a_checkpoint_for_the_other_kind_of_model_is_refused(saved) -> None:  # 
         key_values_from_peft(unset, weights, encoder_decoder=True),
         key_values_from_peft(seq2seq, weights, encoder_decoder=True),
     )
+    # A decoder deeper than the encoder PEFT sized the prefix by has layers without slots.
+    with pytest.raises(InvalidPrefix, match="too few slots"):
+        key_values_from_peft(seq2seq, weights, encoder_decoder=True, decoder_layers=4)
     causal = {k: v for k, v in config.items() if k != "num_transformer_submodules"}
     assert torch.equal(
         key_values_from_peft(causal, weights, encoder_decoder=False), key_values_from_peft(config, weights)

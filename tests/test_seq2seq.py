@@ -283,3 +283,40 @@ def test_train_says_it_trains_decoder_only_models(
     last = capsys.readouterr().err.splitlines()[-1]  # after transformers' weight-loading progress
     assert code == 1 and last.startswith("error: ") and "encoder-decoder" in last and "SEQ_2_SEQ_LM" in last, last
     assert not (tmp_path / "out").exists()
+
+
+def test_a_decoder_shallower_than_its_encoder_takes_peft_checkpoints(smol_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Distilled summarisers keep more encoder layers than decoder ones (distilbart-cnn-12-6). PEFT sizes their
+    prefixes by the encoder's depth and gives the decoder's layers the first groups of slots: the upload is
+    taken (it was refused: 'prefix has 4, model has 2'), and greedy output equals PEFT's forward."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import SMOL_VOCAB
+
+    model = tiny_bart(seed=6, vocab_size=SMOL_VOCAB, pad=0, bos=1, eos=2, encoder_layers=4, decoder_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(smol_tokenizer_dir).save_pretrained(tmp_path / "model")
+    loaded = load_model(str(tmp_path / "model"), device="cpu")
+    peft = peft_seq2seq_prefix_model(copy.deepcopy(loaded.model), 4, seed=12)
+    assert peft.peft_config["default"].num_layers == 4 and loaded.num_layers == 2
+    peft.save_pretrained(tmp_path / "ckpt")
+    files = {
+        name: (name, (tmp_path / "ckpt" / name).read_bytes())
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
+    text = "Table: name | Bob ; city | Rome"
+    config = ServeConfig(store=f"disk://{tmp_path / 'store'}", max_new_tokens=64)
+    with TestClient(create_app(config, model=loaded)) as client:
+        r = client.put("/v1/prefixes/distilled", files=files)
+        assert r.status_code == 201, r.text
+        got = client.post("/v1/generate", json={"task_id": "distilled", "prompt": text, "max_new_tokens": STEPS})
+        base = client.post("/v1/generate", json={"prompt": text, "max_new_tokens": STEPS})
+    want = oracle_greedy_seq2seq(
+        peft, loaded.tokenizer(text).input_ids, loaded.model.config.decoder_start_token_id, STEPS
+    )[0]
+    tokens = got.json()["token_ids"]
+    assert tokens == want[: len(tokens)] and (len(tokens) == STEPS or tokens[-1] in loaded.eos_token_ids), (
+        tokens,
+        want,
+    )
+    assert tokens != base.json()["token_ids"]  # the prefix acts

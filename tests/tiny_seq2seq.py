@@ -11,9 +11,15 @@ PAD, BOS, EOS = 1, 0, 2
 
 
 def tiny_bart(
-    seed: int = 0, vocab_size: int = VOCAB, pad: int = PAD, bos: int = BOS, eos: int = EOS
+    seed: int = 0,
+    vocab_size: int = VOCAB,
+    pad: int = PAD,
+    bos: int = BOS,
+    eos: int = EOS,
+    encoder_layers: int = 3,
+    decoder_layers: int = 3,
 ) -> PreTrainedModel:
-    """BART: learned absolute positions (offset 2) in encoder and decoder, 3 layers each, 4 heads of 8.
+    """BART: learned absolute positions (offset 2) in encoder and decoder, 3 layers each (by default), 4 heads of 8.
 
     Scaled embeddings and a unit-variance decoder position table make greedy tokens depend on the prompt and on
     the position (at the default init a tiny BART repeats one token), so a wrong position changes the output.
@@ -24,8 +30,8 @@ def tiny_bart(
         scale_embedding=True,
         vocab_size=vocab_size,
         d_model=32,
-        encoder_layers=3,
-        decoder_layers=3,
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
         encoder_ffn_dim=64,

@@ -87,7 +87,7 @@ async def upload_prefix(
         async with state.gate.upload_lock(tenant):
             if content_type == "multipart/form-data":
                 key_values = await _read_peft_form(
-                    request, state.config.max_upload_bytes, state.model.is_encoder_decoder
+                    request, state.config.max_upload_bytes, state.model.is_encoder_decoder, state.model.num_layers
                 )
             else:
                 blob = await request.body()
@@ -102,7 +102,8 @@ async def upload_prefix(
     return JSONResponse(_info(state, meta), status_code=201)
 
 
-async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool) -> torch.Tensor:
+async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool, layers: int) -> torch.Tensor:
+    """A PEFT checkpoint's two files, as key_values for a model of ``layers`` (decoder) layers."""
     try:
         form = await request.form(max_files=4, max_fields=8, max_part_size=limit)
     except PayloadTooLarge:
@@ -119,7 +120,9 @@ async def _read_peft_form(request: Request, limit: int, encoder_decoder: bool) -
     finally:
         await form.close()
     return await store_work(
-        partial(key_values_from_peft, encoder_decoder=encoder_decoder),
+        partial(
+            key_values_from_peft, encoder_decoder=encoder_decoder, decoder_layers=layers if encoder_decoder else None
+        ),
         parts[PEFT_CONFIG_FILE],
         parts[PEFT_WEIGHTS_FILE],
     )
