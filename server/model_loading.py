@@ -27,6 +27,7 @@ from transformers import (
 from prefix_store.fingerprint import ModelFingerprint
 from server.architectures import VERIFIED_ARCHITECTURES, VERIFIED_ENCODER_DECODER, supported_list
 from server.attention import use_gqa_attention
+from server.gguf_files import check_gguf_file, fix_pre_tokenizer
 from server.threads import release_openmp_pool
 
 log = logging.getLogger(__name__)
@@ -172,13 +173,28 @@ def _offline_kwargs(source: ModelSource) -> dict[str, object]:
     return kwargs
 
 
+def _tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The source's tokenizer; from a GGUF file, checked first and with the pre-tokenizer its model was trained with
+    (server/gguf_files.py)."""
+    if not source.gguf_file:
+        return AutoTokenizer.from_pretrained(source.path, **_offline_kwargs(source))
+    pre = check_gguf_file(Path(source.path) / source.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **_offline_kwargs(source))
+    fix_pre_tokenizer(tokenizer, pre)
+    return tokenizer
+
+
 def load_tokenizer(spec: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of a model (default: the embedded one) without its weights."""
     source = resolve_model_source(spec)
     try:
-        return AutoTokenizer.from_pretrained(source.path, **_offline_kwargs(source))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {spec or source.name!r}: {exc}") from exc
+        return _tokenizer(source)
+    except Exception as exc:  # transformers' GGUF reader raises KeyError, struct.error... on a broken file
+        raise ModelLoadError(f"cannot load the tokenizer of {spec or source.name!r}: {_described(exc)}") from exc
+
+
+def _described(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
 
 
 def load_model(
@@ -199,11 +215,21 @@ def load_model(
             config = AutoConfig.from_pretrained(source.path, **kwargs)
             check_architecture(config, allow_unverified=allow_unverified)
             encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer = _tokenizer(source)
         auto_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
-        model = auto_class.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {spec or source.name!r} (offline, local files only): {exc}") from exc
+        model, loading = auto_class.from_pretrained(source.path, dtype=torch_dtype, output_loading_info=True, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a broken GGUF file raises KeyError, struct.error, NotImplementedError... from its reader
+        raise ModelLoadError(
+            f"cannot load model {spec or source.name!r} (offline, local files only): {_described(exc)}"
+        ) from exc
+    if missing := sorted(loading.get("missing_keys") or ()):
+        # transformers initialises them at random and carries on: that would serve another model.
+        raise ModelLoadError(
+            f"model {spec or source.name!r} lacks {len(missing)} of its weights ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): they would be random"
+        )
     model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly; it moves parameters in place
     loaded = prepare_model(model, tokenizer, source.name, allow_unverified=allow_unverified)
     release_openmp_pool()  # loading is this thread's last intra-op work: its idle pool would slow the engine's

@@ -85,13 +85,11 @@ def make_redis_cluster(make_redis_server: Callable[..., RedisServer]) -> Callabl
 
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded default model's tokenizer and chat template, saved as a plain HF tokenizer once."""
-    from transformers import AutoTokenizer
+    """The embedded default model's tokenizer and chat template (as the server loads it: with SmolLM2's
+    pre-tokenizer, server/gguf_files.py), saved as a plain HF tokenizer once."""
+    from server.model_loading import load_tokenizer
 
-    from server.model_loading import default_model_source
-
-    source = default_model_source()
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, local_files_only=True)
+    tokenizer = load_tokenizer(None)
     out = tmp_path_factory.mktemp("smol-tokenizer")
     tokenizer.save_pretrained(out)
     return out

@@ -77,3 +77,71 @@ def test_a_tokenizer_loads_without_its_weights(tiny_model_dir: Path, tmp_path: P
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="cannot load the tokenizer"):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+def _gguf(
+    path: Path, *, block_count: int | None = 2, rope_scaling: str | None = None, rope_freqs: bool = False
+) -> Path:
+    """A small GGUF file with the fields and tensors the checks before loading read (not a whole model)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, "llama")
+    if block_count is not None:
+        writer.add_block_count(block_count)
+    if rope_scaling is not None:
+        writer.add_string("llama.rope.scaling.type", rope_scaling)
+    writer.add_string("tokenizer.ggml.pre", "smollm")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    if rope_freqs:
+        writer.add_tensor("rope_freqs.weight", np.ones(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_files_transformers_would_load_wrong_are_refused(tmp_path: Path) -> None:
+    """transformers' GGUF loader gives a file without block_count its config's default depth (32 Llama layers, 30
+    of them random) and drops RoPE scaling: refused, by name, before any weight is read."""
+    from server.gguf_files import check_gguf_file
+
+    assert check_gguf_file(_gguf(tmp_path / "plain.gguf")) == "smollm"
+    assert check_gguf_file(_gguf(tmp_path / "none.gguf", rope_scaling="none")) == "smollm"
+    with pytest.raises(ValueError, match=r"how many layers it has \(llama.block_count\)"):
+        check_gguf_file(_gguf(tmp_path / "depth.gguf", block_count=None))
+    for name, kwargs in (("linear.gguf", {"rope_scaling": "linear"}), ("llama3.gguf", {"rope_freqs": True})):
+        path = _gguf(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ModelLoadError, match="scales its RoPE positions"):
+            load_model(str(path), device="cpu")
+    whole = (Path(default_model_source().path) / DEFAULT_GGUF_FILE).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:2000])  # cut inside its metadata: a struct.error traceback before
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model(str(tmp_path / "cut.gguf"), device="cpu")
+
+
+def test_a_model_missing_weights_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """transformers initialises missing weights at random and serves on: refused, naming them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"lacks 1 of its weights \(model.layers.1.mlp.down_proj.weight\)"):
+        load_model(str(broken), device="cpu")
+
+
+def test_the_default_tokenizer_splits_as_smollm2s_does() -> None:
+    """The GGUF says tokenizer.ggml.pre 'smollm', which transformers does not know (it fell back to GPT-2's
+    split): each digit apart first, then GPT-2's byte-level split, as llama.cpp and SmolLM2's own tokenizer do."""
+    tokenizer = load_tokenizer(None)
+    pieces = {
+        text: tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids) for text in ("Steps:\n 1. mix", "x =  5")
+    }
+    assert pieces == {"Steps:\n 1. mix": ["Steps", ":", "ĊĠ", "1", ".", "Ġmix"], "x =  5": ["x", "Ġ=", "ĠĠ", "5"]}
+    assert tokenizer.convert_ids_to_tokens(tokenizer("In 2024").input_ids) == ["In", "Ġ", "2", "0", "2", "4"]
