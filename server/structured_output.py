@@ -117,17 +117,17 @@ class GrammarCompiler:
     def compile(self, spec: GrammarSpec, owner: str = "") -> Grammar:
         """The compiled constraint, or GrammarError saying what is wrong with it. At most MAX_CONCURRENT_COMPILES
         run at once (a large schema takes seconds of a core, which the engine's steps would otherwise share with
-        as many compiles as requests bring); ``owner``'s repeats are kept, quick once their turn comes."""
+        as many compiles as requests bring); ``owner``'s repeats are kept, and wait for no compile."""
         compiler = self._ready()
+        with self._lock:
+            kept = self._kept.get((owner, spec))
+            if kept is not None:
+                self._kept.move_to_end((owner, spec))
+                return kept
         with self._compiling:
-            with self._lock:
-                kept = self._kept.get((owner, spec))
-                if kept is not None:
-                    self._kept.move_to_end((owner, spec))
-                    return kept
             grammar = self._compile(compiler, spec)
-            self._keep(owner, grammar)
-            return grammar
+        self._keep(owner, grammar)
+        return grammar
 
     def _keep(self, owner: str, grammar: Grammar) -> None:
         size = grammar.compiled.memory_size_bytes

@@ -15,7 +15,14 @@ import xgrammar as xgr
 from server.engine import GenerationRequest
 from server.errors import InvalidInput
 from server.sampling import SamplingBatch, SamplingParams, sample
-from server.structured_output import Grammar, GrammarCompiler, GrammarError, GrammarRows, GrammarSpec
+from server.structured_output import (
+    MAX_CONCURRENT_COMPILES,
+    Grammar,
+    GrammarCompiler,
+    GrammarError,
+    GrammarRows,
+    GrammarSpec,
+)
 from tests import test_engine
 from tests.test_engine import collect, make_engine, prompt, together_and_staggered, tokens_of
 from tests.tiny_models import VOCAB, peft_prefix_model, prefix_kv_of, tiny_llama
@@ -111,6 +118,23 @@ def test_compiled_constraints_are_kept_per_tenant() -> None:
     assert xgr_compiler.get_cache_size_bytes() == 0  # ... from scratch: xgrammar's own cache (one for all) is off
     assert compiler.compile(spec, "alice") is alices and len(compiled) == 2
     assert compiler.cache_bytes == first.compiled.memory_size_bytes + alices.compiled.memory_size_bytes > 0
+
+
+def test_a_kept_constraint_waits_for_no_compile() -> None:
+    """Both compile slots busy with others' large schemas: a tenant's repeat is answered from what was kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    compiler = GrammarCompiler(byte_vocab_info)
+    spec = GrammarSpec("regex", "[a-c]+")
+    first = compiler.compile(spec, "alice")
+    for _ in range(MAX_CONCURRENT_COMPILES):
+        compiler._compiling.acquire()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(compiler.compile, spec, "alice").result(timeout=5) is first
+    finally:
+        for _ in range(MAX_CONCURRENT_COMPILES):
+            compiler._compiling.release()
 
 
 def test_at_most_two_constraints_compile_at_once() -> None:
