@@ -139,6 +139,18 @@ def test_a_lost_version_counter_never_hands_out_a_stored_number(
     assert backend.get("acme", "many") == b"blob-7"
 
 
+def test_a_task_whose_key_has_the_wrong_type_is_left_out_of_the_listing(
+    backend: RedisBackend, server: RedisServer, open_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """A key edited by hand into another type spoils its own task: the listing goes on without it (it was a 503 for
+    the whole tenant, and so for every upload under a storage quota, which lists)."""
+    registry = open_registry(server.url)
+    for task in ("good", "bad"):
+        registry.upload("acme", task, make_kv(seed=1))
+    server.client().set(backend._task_keys("acme", "bad")[2], "not a hash")  # its :head
+    assert [m.task_id for m in registry.list("acme")] == ["good"]
+
+
 def test_an_unreadable_latest_pointer_is_a_store_error_and_an_upload_mends_it(
     backend: RedisBackend, server: RedisServer, open_registry: Callable[..., PrefixRegistry]
 ) -> None:

@@ -558,10 +558,18 @@ class RedisBackend(PrefixBackend):
                 for task_id in batch:
                     _, latest, head_key, _ = self._task_keys(tenant, task_id)
                     self._get_latest_script(keys=[latest, head_key], args=[""], client=pipe)
-                return pipe.execute()
+                results = pipe.execute(raise_on_error=False)
+                # A key of the wrong type (edited by hand) spoils its own task, not the listing; any other error
+                # is the store's (NOPERM, LOADING...), for every task.
+                errors = [r for r in results if isinstance(r, redis.ResponseError)]
+                if spoiling := [e for e in errors if not str(e).startswith("WRONGTYPE")]:
+                    raise spoiling[0]
+                return results
 
             for task_id, found in zip(batch, self.call("listing prefixes", fetch), strict=True):
-                if found:  # nil: deleted since it was listed
+                if isinstance(found, redis.ResponseError):
+                    logger.warning("listing %s/%s: its keys are unreadable (%s); left out", tenant, task_id, found)
+                elif found:  # nil: deleted since it was listed
                     out[task_id] = bytes(found[1])
         return out
 
