@@ -359,7 +359,7 @@ class PrefixRegistry:
         resident, as in any outage)."""
         tenant, task_id, version = key
         try:
-            stored = read_metadata(self.backend.get_header(tenant, task_id, version)).sha256
+            stored = self._listing.metadata(self.backend.get_header(tenant, task_id, version)).sha256
         except StoreUnavailable as e:
             self._open_circuit(self.backend.fault_domain(tenant, task_id), e)
             raise
