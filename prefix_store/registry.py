@@ -36,6 +36,7 @@ from prefix_store.artifact import (
 )
 from prefix_store.backends.base import Invalidation, PrefixBackend
 from prefix_store.errors import CorruptPrefix, InvalidPrefix, PrefixNotFound, PrefixTooLarge, StoreUnavailable
+from prefix_store.fair_slots import FairSlots
 from prefix_store.fingerprint import ModelFingerprint
 from prefix_store.ids import validate_task_id, validate_tenant
 from prefix_store.listing_cache import ListingCache
@@ -131,7 +132,8 @@ class PrefixRegistry:
         self._run_cpu_work = run_cpu_work or run_here
         self._cpu_work_min_bytes = cpu_work_min_bytes
         self._load_piece_bytes = load_piece_bytes
-        self._load_slots = threading.BoundedSemaphore(max_concurrent_loads) if max_concurrent_loads > 0 else None
+        # Tenants take turns for load slots: one tenant's burst of cold prefixes does not queue others' loads.
+        self._load_slots = FairSlots(max_concurrent_loads) if max_concurrent_loads > 0 else None
         self.hits = 0
         self.misses = 0  # backend reads done by resolve
         self.store_fallbacks = 0  # resolves served from the host cache because the backend was unavailable
@@ -300,6 +302,25 @@ class PrefixRegistry:
             logger.debug("store unavailable; serving resident %s/%s v%d", tenant, task_id, resident.metadata.version)
             return resident
 
+    def resolve_resident(self, tenant: str, task_id: str) -> PrefixArtifact | None:
+        """The latest version's artifact if ``resolve`` would return it without asking the store (host-cached, its
+        latest-version answer fresh, nothing to check): no I/O, no waiting, so callers may run it on an event loop.
+        None when ``resolve`` has work to do (a load, a check on use, an error to raise)."""
+        task = (tenant, task_id)
+        with self._lock:
+            known = self._latest.get(task)
+            if known is None or known[0] is None or time.monotonic() - known[1] >= self.latest_ttl:
+                return None
+            latest = known[0]
+            key = (tenant, task_id, latest.version)
+            if key in self._unverified:
+                return None
+            cached = self._cache.get(key)
+            if cached is None or cached.metadata.sha256 != latest.sha256:
+                return None
+            self.hits += 1
+            return cached
+
     def _resolve_latest(self, tenant: str, task_id: str) -> PrefixArtifact:
         # The latest version may be pruned between asking and reading: ask again.
         for _ in range(3):
@@ -405,7 +426,7 @@ class PrefixRegistry:
     def _load_in_turn(self, key: CacheKey) -> PrefixArtifact:
         """``_load`` once a load slot is free; StoreUnavailable at once if the store failed while we waited."""
         domain = self.backend.fault_domain(key[0], key[1])
-        with self._load_slots or contextlib.nullcontext():
+        with self._load_slots.slot(key[0]) if self._load_slots is not None else contextlib.nullcontext():
             if self._circuit_open(domain):
                 # Loads queued behind one that found the store hung must not each wait out a timeout.
                 raise self._refused_while_down()
@@ -470,6 +491,10 @@ class PrefixRegistry:
                 "store_fallbacks": self.store_fallbacks,
                 "store_errors": self.store_errors,
             }
+
+    def loads_waiting(self) -> int:
+        """Loads waiting for one of the `max_concurrent_loads` slots."""
+        return 0 if self._load_slots is None else self._load_slots.waiting()
 
     def cached_keys(self) -> builtins.list[CacheKey]:
         """(tenant, task_id, version) of the host-cached prefixes, least recently used first."""

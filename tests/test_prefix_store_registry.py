@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from prefix_store.backends import DiskBackend, PrefixBackend
+from prefix_store.backends.base import Invalidation
 from prefix_store.errors import (
     CorruptPrefix,
     InvalidPrefix,
@@ -36,6 +37,7 @@ class CountingBackend(PrefixBackend):
     def __init__(self, inner: PrefixBackend, delay: float = 0.0, gate: threading.Event | None = None) -> None:
         self.inner, self.delay, self.gate = inner, delay, gate
         self.reads = self.in_flight = self.most_in_flight = 0
+        self.order: list[tuple[str, str]] = []  # (tenant, task_id) of each read, in the order they began
         self.fail_with: Exception | None = None  # raised by reads once set
         self._lock = threading.Lock()
 
@@ -45,6 +47,7 @@ class CountingBackend(PrefixBackend):
     def get(self, tenant: str, task_id: str, version: int | None = None) -> bytes:
         with self._lock:
             self.reads += 1
+            self.order.append((tenant, task_id))
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -325,6 +328,68 @@ def test_queued_loads_do_not_hold_up_resident_prefixes(disk: DiskBackend) -> Non
     for t in cold:
         t.join()
     assert counting.reads == 3
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_cold_loads_take_turns_across_tenants(disk: DiskBackend) -> None:
+    for i in range(4):
+        PrefixRegistry(disk, FP).upload("flood", f"c{i}", make_kv(seed=i))
+    PrefixRegistry(disk, FP).upload("calm", "a", make_kv())
+    gate = threading.Event()
+    counting = CountingBackend(disk, gate=gate)
+    registry = PrefixRegistry(counting, FP, max_concurrent_loads=1)
+    threads = [threading.Thread(target=registry.resolve, args=("flood", f"c{i}")) for i in range(4)]
+    for t in threads:
+        t.start()
+    _wait_until(lambda: counting.in_flight == 1 and registry.loads_waiting() == 3)
+    threads.append(threading.Thread(target=registry.resolve, args=("calm", "a")))
+    threads[-1].start()
+    _wait_until(lambda: registry.loads_waiting() == 4)
+    gate.set()
+    for t in threads:
+        t.join()
+    # The flood's load in flight, then one of its queue, then the calm tenant's (first come first served
+    # would have put it last, behind the flood's whole queue).
+    assert [tenant for tenant, _ in counting.order[:3]] == ["flood", "flood", "calm"]
+    assert sorted(counting.order) == sorted([("flood", f"c{i}") for i in range(4)] + [("calm", "a")])
+
+
+def test_resolve_resident_answers_only_what_needs_no_store(disk: DiskBackend) -> None:
+    registry = PrefixRegistry(disk, FP, latest_ttl=60)
+    assert registry.resolve_resident("acme", "sum") is None  # never seen
+    registry.upload("acme", "sum", make_kv(seed=1))
+    assert registry.resolve_resident("acme", "sum") is None  # no latest-version answer yet
+    first = registry.resolve("acme", "sum")
+    assert registry.resolve_resident("acme", "sum") is first
+    registry.upload("acme", "sum", make_kv(seed=2))  # forgets the latest answer
+    assert registry.resolve_resident("acme", "sum") is None
+    second = registry.resolve("acme", "sum")
+    assert second.metadata.version == 2 and registry.resolve_resident("acme", "sum") is second
+    registry.latest_ttl = 0  # the answer expired: a check on use is due
+    assert registry.resolve_resident("acme", "sum") is None
+    registry.latest_ttl = 60
+    registry.resolve("acme", "sum")
+    registry.delete("acme", "sum")
+    assert registry.resolve_resident("acme", "sum") is None
+
+
+def test_resolve_resident_leaves_unverified_versions_to_resolve(disk: DiskBackend) -> None:
+    registry = PrefixRegistry(disk, FP, latest_ttl=60)
+    registry.upload("acme", "sum", make_kv())
+    registry.resolve("acme", "sum")
+    # An upload announced under a number already cached (a store that lost writes hands numbers out again): the
+    # cached copy must be checked against the store before it is served again.
+    registry._on_invalidation(Invalidation("acme", "sum", 1))
+    assert registry.info("acme", "sum").version == 1  # the latest-version answer is fresh again
+    assert registry.resolve_resident("acme", "sum") is None
+    assert registry.resolve("acme", "sum").metadata.version == 1  # checked: the store still holds it
+    assert registry.resolve_resident("acme", "sum") is not None
 
 
 def test_loads_queued_behind_a_failed_one_fail_at_once(disk: DiskBackend) -> None:

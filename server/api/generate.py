@@ -145,7 +145,10 @@ async def prepare_generation(
     if task_id is not None:
         state.awaiting_prefix += 1
         try:
-            artifact = await asyncio.to_thread(state.registry.resolve, principal.tenant, task_id)
+            # A resident prefix needs no thread; a cold one (or a due check on use) takes one of the tenant's few.
+            artifact = state.registry.resolve_resident(principal.tenant, task_id) or await state.lookups.run(
+                principal.tenant, state.registry.resolve, principal.tenant, task_id
+            )
         except PrefixStoreError as exc:
             raise from_store_error(exc) from exc
         finally:
