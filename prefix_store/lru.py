@@ -1,4 +1,10 @@
-"""An LRU map bounded by the total size of its values (not thread-safe; callers lock)."""
+"""An LRU map bounded by the total size of its values (not thread-safe; callers lock).
+
+With ``owner_of`` (the tenant of a key), an owner that holds more than its share of the capacity (capacity ÷
+owners holding entries) makes room from its own least recently used entries: one tenant's flood of cold prefixes
+no longer flushes every other tenant's resident ones. Any other insert evicts the least recently used entry of all,
+so a cache that no one floods (one tenant, or many with a prefix each) is a plain LRU.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,16 @@ V = TypeVar("V")
 
 
 class ByteLRU(Generic[K, V]):
-    def __init__(self, capacity_bytes: int, size_of: Callable[[V], int]) -> None:
+    def __init__(
+        self, capacity_bytes: int, size_of: Callable[[V], int], owner_of: Callable[[K], Hashable] | None = None
+    ) -> None:
         self.capacity_bytes = capacity_bytes
         self._size_of = size_of
+        self._owner_of = owner_of or (lambda _: None)
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        # Per owner, its keys in LRU order and their bytes (owners without entries are not kept).
+        self._owned: dict[Hashable, OrderedDict[K, None]] = {}
+        self._owned_bytes: dict[Hashable, int] = {}
         self.used_bytes = 0
         self.evictions = 0  # entries dropped to make room (explicit pops are not evictions)
 
@@ -29,29 +41,49 @@ class ByteLRU(Generic[K, V]):
         if item is None:
             return None
         self._entries.move_to_end(key)
+        self._owned[self._owner_of(key)].move_to_end(key)
         return item[0]
 
     def put(self, key: K, value: V) -> bool:
-        """Insert (evicting least recently used entries); False if `value` alone exceeds capacity."""
+        """Insert (evicting entries to make room); False if `value` alone exceeds capacity."""
         self.pop(key)
         size = self._size_of(value)
         if size > self.capacity_bytes:
             return False
+        owner = self._owner_of(key)
         while self.used_bytes + size > self.capacity_bytes:
-            _, (_, evicted_size) = self._entries.popitem(last=False)
-            self.used_bytes -= evicted_size
+            self._remove(self._victim(owner, size))
             self.evictions += 1
         self._entries[key] = (value, size)
+        self._owned.setdefault(owner, OrderedDict())[key] = None
+        self._owned_bytes[owner] = self._owned_bytes.get(owner, 0) + size
         self.used_bytes += size
         return True
 
     def pop(self, key: K) -> V | None:
-        item = self._entries.pop(key, None)
-        if item is None:
+        if key not in self._entries:
             return None
-        self.used_bytes -= item[1]
-        return item[0]
+        return self._remove(key)
 
     def ordered_keys(self) -> list[K]:
         """Keys from least to most recently used."""
         return list(self._entries)
+
+    def _victim(self, owner: Hashable, size: int) -> K:
+        """The entry to evict for `owner`'s insert of `size` bytes: its own least recently used if it would hold
+        more than its share, else the least recently used of all."""
+        owned = self._owned.get(owner)
+        if owned and self._owned_bytes[owner] + size > self.capacity_bytes / len(self._owned):
+            return next(iter(owned))
+        return next(iter(self._entries))
+
+    def _remove(self, key: K) -> V:
+        value, size = self._entries.pop(key)
+        owner = self._owner_of(key)
+        owned = self._owned[owner]
+        del owned[key]
+        self._owned_bytes[owner] -= size
+        if not owned:
+            del self._owned[owner], self._owned_bytes[owner]
+        self.used_bytes -= size
+        return value

@@ -69,6 +69,10 @@ DEFAULT_CPU_WORK_MIN_BYTES = 2**20
 _LATEST_SWEEP_AT = 4096
 
 
+def _tenant_of(key: CacheKey) -> str:
+    return key[0]
+
+
 def _artifact_bytes(artifact: PrefixArtifact) -> int:
     kv = artifact.key_values
     return kv.numel() * kv.element_size()
@@ -111,7 +115,8 @@ class PrefixRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.serving_dtype = serving_dtype
         self._lock = threading.Lock()
-        self._cache: ByteLRU[CacheKey, PrefixArtifact] = ByteLRU(host_cache_bytes, _artifact_bytes)
+        # Keyed by tenant too: a tenant past its share of the budget evicts its own prefixes, not others'.
+        self._cache: ByteLRU[CacheKey, PrefixArtifact] = ByteLRU(host_cache_bytes, _artifact_bytes, _tenant_of)
         self._inflight: dict[CacheKey, Future[PrefixArtifact]] = {}
         # Bumped by every delete; a load or upload that straddles one does not fill the
         # cache, since a deleted task's version numbers may be reused by a new upload.

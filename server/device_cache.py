@@ -23,7 +23,8 @@ class DevicePrefixCache:
         self.device = device
         self.dtype = dtype
         self.enabled = device.type != "cpu"
-        self._lru: ByteLRU[str, torch.Tensor] = ByteLRU(capacity_bytes, _nbytes)
+        # A tenant past its share of the budget evicts its own prefixes ("tenant/task@version#sha256-prefix").
+        self._lru: ByteLRU[str, torch.Tensor] = ByteLRU(capacity_bytes, _nbytes, lambda id_: id_.split("/", 1)[0])
         self.hits = 0
         self.misses = 0
 

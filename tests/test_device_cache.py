@@ -36,3 +36,14 @@ def test_lru_by_bytes_when_enabled() -> None:
     assert cache.stats()["device_cache_misses"] == 5  # p1 had to be copied again
     cache.get(None, kv(4, 9.0))  # anonymous prefixes are never cached
     assert cache.stats()["device_cache_entries"] == 3
+
+
+def test_a_tenants_flood_evicts_its_own_copies() -> None:
+    cache = DevicePrefixCache(torch.device("meta"), torch.float16, capacity_bytes=4 * 128 * 2)  # 4 of P=4
+    cache.get("calm/hot@1#00", kv(4, 0.0))
+    for i in range(10):
+        cache.get(f"flood/c{i}@1#00", kv(4, 1.0))
+    cache.get("calm/hot@1#00", kv(4, 0.0))
+    stats = cache.stats()
+    assert stats["device_cache_hits"] == 1 and stats["device_cache_misses"] == 11
+    assert stats["device_cache_entries"] == 4 and stats["device_cache_evictions"] == 7  # all flood's own

@@ -226,6 +226,21 @@ def test_host_cache_evicts_by_bytes(disk: DiskBackend) -> None:
     assert registry.stats()["host_cache_bytes"] <= int(2.5 * KV_BYTES)
 
 
+def test_a_tenants_flood_of_cold_prefixes_leaves_others_resident(disk: DiskBackend) -> None:
+    for i in range(10):
+        PrefixRegistry(disk, FP).upload("flood", f"c{i}", make_kv(seed=i))
+    PrefixRegistry(disk, FP).upload("calm", "hot", make_kv())
+    counting = CountingBackend(disk)
+    registry = PrefixRegistry(counting, FP, host_cache_bytes=4 * KV_BYTES)
+    registry.resolve("calm", "hot")
+    for i in range(10):
+        registry.resolve("flood", f"c{i}")
+    # Once the budget was full, the flood (past half of it: two tenants hold prefixes) evicted its own oldest.
+    assert registry.cached_keys() == [("calm", "hot", 1), *(("flood", f"c{i}", 1) for i in (7, 8, 9))]
+    registry.resolve("calm", "hot")
+    assert counting.reads == 11  # calm's second request was a hit
+
+
 def test_new_version_is_resolved_after_upload(registry: PrefixRegistry) -> None:
     registry.upload("acme", "sum", make_kv(seed=1))
     first = registry.resolve("acme", "sum")
