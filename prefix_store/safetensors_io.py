@@ -23,6 +23,9 @@ from prefix_store.errors import InvalidPrefix
 MAX_HEADER_BYTES = 16 * 2**20
 # Bound on data offsets when only a header is at hand.
 MAX_DATA_BYTES = 2**40
+# No dimension of a stored tensor comes near this; beyond it, a zero-size tensor (whose byte count matches any
+# other dimension) could declare a shape that overflows the allocation of the stack it is copied into.
+MAX_DIMENSION = 2**31 - 1
 
 DTYPES: dict[str, torch.dtype] = {
     "F16": torch.float16,
@@ -59,6 +62,8 @@ def _parse_entry(name: str, raw: object, data_len: int, data_start: int) -> Tens
         raise InvalidPrefix(f"tensor {name!r}: shape must be a list of integers")
     if shape and min(shape) < 0:
         raise InvalidPrefix(f"tensor {name!r}: negative dimension in shape {shape}")
+    if shape and max(shape) > MAX_DIMENSION:
+        raise InvalidPrefix(f"tensor {name!r}: dimension above {MAX_DIMENSION} in shape {shape}")
     if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
         raise InvalidPrefix(f"tensor {name!r}: data_offsets must be two integers")
     begin, end = offsets

@@ -405,8 +405,13 @@ class Engine:
                 f"a {params.grammar.spec.describe()} cannot be combined with ignore_eos or min_tokens",
                 param="ignore_eos" if params.ignore_eos else "min_tokens",
             )
+        if params.top_k < 0:
+            raise InvalidInput(f"top_k must be 0 (off) or positive, got {params.top_k}", param="top_k")
+        # A top_k of the vocabulary or more keeps every token: it is off (and a huge one overflowed the int64 tensor
+        # the sampler builds for the batch, failing every row sampled with it).
+        top_k = params.top_k if params.top_k < vocab else 0
         ending = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        return dataclasses.replace(params, held_back=tuple(sorted(ending)) if params.min_tokens else ())
+        return dataclasses.replace(params, top_k=top_k, held_back=tuple(sorted(ending)) if params.min_tokens else ())
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: a waiting one leaves the queue now, a running one frees its row next step."""

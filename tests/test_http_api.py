@@ -495,6 +495,30 @@ def test_a_lone_surrogate_in_a_string_is_refused_by_field(client: TestClient) ->
     assert client.post("/v1/generate", content=pair, headers={"content-type": "application/json"}).status_code == 200
 
 
+@pytest.mark.parametrize("depth", [990, 5000])
+def test_a_lone_surrogate_nested_deep_is_a_clear_error(client: TestClient, depth: int) -> None:
+    """Nested near the decoder's limit (990: the walk that looks for surrogates recursed past Python's limit) or
+    past it (5000: the decoder itself), a body with a lone surrogate in it was a 500."""
+    body = '{"prompt": ' + "[" * depth + '"\\ud800"' + "]" * depth + ', "max_new_tokens": 2}'
+    response = client.post("/v1/generate", content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422), response.text[:300]
+    assert client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_a_top_k_past_the_vocabulary_is_off(client: TestClient) -> None:
+    """It keeps every token; from 2**63 up it overflowed the sampler's int64 tensor (a 500, and with
+    --prefill-chunk-tokens 0 for every request admitted beside it)."""
+    base = {"prompt": "hi", "max_new_tokens": 6, "temperature": 1.0, "seed": 3}
+    off = client.post("/v1/generate", json=base)
+    assert off.status_code == 200
+    for top_k in (10**6, 2**63, 2**70):
+        r = client.post("/v1/generate", json={**base, "top_k": top_k})
+        assert r.status_code == 200 and r.json()["text"] == off.json()["text"], (top_k, r.text)
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    r = client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2, "top_k": 2**64})
+    assert r.status_code == 200, r.text
+
+
 def test_a_body_that_is_not_a_json_object_says_so(client: TestClient) -> None:
     """`curl -d '{...}'` sends JSON as a form (its default Content-Type): the message said "Input should be a valid
     dictionary or object to extract fields from", which names neither the body nor its Content-Type."""

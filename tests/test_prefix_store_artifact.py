@@ -182,6 +182,18 @@ def test_malformed_artifacts_are_invalid(mutate, message: str) -> None:  # type:
         decode_artifact(_tamper(mutate))
 
 
+@pytest.mark.parametrize("shape", [[3, 0, 10**20], [2**62, 0, 2**62]])
+def test_zero_size_tensors_of_huge_dimensions_are_invalid(shape: list[int]) -> None:
+    """Their byte count (0) matches any shape with a 0 in it: the stack they are copied into overflowed (a 500)."""
+    header = {
+        f"layers.{layer}.{kv}": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
+        for layer in range(2)
+        for kv in ("key", "value")
+    }
+    with pytest.raises(InvalidPrefix, match="dimension above"):
+        parse_uploaded_native(with_header(header, b""))
+
+
 def test_missing_and_extra_tensors_are_named() -> None:
     tensors = {
         f"layers.{layer}.{n}": make_kv()[layer, i].clone() for layer in range(3) for i, n in enumerate(("key", "value"))

@@ -23,23 +23,23 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def lone_surrogate_at(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
-    """Where in a decoded JSON document a string (or an object's key) holds a lone surrogate, or None."""
-    if isinstance(value, str):
-        return path if _SURROGATE.search(value) else None
-    if isinstance(value, list):
-        items: Any = enumerate(value)
-    elif isinstance(value, dict):
-        for key in value:
-            if _SURROGATE.search(key):
+def lone_surrogate_at(document: Any) -> tuple[str | int, ...] | None:
+    """Where in a decoded JSON document a string (or an object's key) holds a lone surrogate, or None.
+
+    Walked with a stack of its own, not by recursion: a document nested as deep as the JSON decoder allows would
+    otherwise exhaust Python's recursion limit here (a 500)."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
                 return path
-        items = value.items()
-    else:
-        return None
-    for key, item in items:
-        found = lone_surrogate_at(item, (*path, key))
-        if found is not None:
-            return found
+        elif isinstance(value, list):
+            stack.extend((item, (*path, index)) for index, item in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            if any(_SURROGATE.search(key) for key in value):
+                return path
+            stack.extend((item, (*path, key)) for key, item in reversed(list(value.items())))
     return None
 
 
@@ -63,8 +63,8 @@ async def check_text(request: Request) -> None:
         return
     try:
         document = await request.json()
-    except ValueError:
-        return  # not JSON at all: the route's own parsing says so
+    except (ValueError, RecursionError):
+        return  # not JSON at all, or nested past the decoder's limit: the route's own parsing says so
     where = lone_surrogate_at(document)
     if where is not None:
         raise RequestValidationError(
