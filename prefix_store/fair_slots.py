@@ -3,7 +3,8 @@
 The registry loads prefixes from the store a few at a time. With a plain semaphore, a tenant that sends 200
 requests for cold prefixes queues every other tenant's load behind all 200 of its own. Here each owner
 (tenant) waits in its own line, and a freed slot goes to the next owner in the rotation: another tenant's
-load waits for at most one load per tenant ahead of it.
+load waits for at most one load per tenant ahead of it. With ``per_owner``, an owner also holds at most that many
+slots at once, so it cannot take every slot while others wait (grammar compiles, which can each take minutes).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from contextlib import contextmanager
 
 
 class FairSlots:
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
+    def __init__(self, capacity: int, per_owner: int | None = None) -> None:
+        if capacity < 1 or (per_owner is not None and per_owner < 1):
+            raise ValueError("capacity and per_owner must be at least 1")
         self._lock = threading.Lock()
         self._free = capacity
+        self._per_owner = per_owner or capacity
+        self._held: dict[Hashable, int] = {}  # slots each owner holds (owners holding none are not kept)
         # Waiting owners in rotation order, each with its waiters (oldest first); an owner that is handed a slot
         # moves to the back of the rotation.
         self._waiting: OrderedDict[Hashable, deque[threading.Event]] = OrderedDict()
@@ -31,7 +34,7 @@ class FairSlots:
         try:
             yield
         finally:
-            self._release()
+            self._release(owner)
 
     def waiting(self) -> int:
         with self._lock:
@@ -39,22 +42,36 @@ class FairSlots:
 
     def _acquire(self, owner: Hashable) -> None:
         with self._lock:
-            if self._free > 0 and not self._waiting:
-                self._free -= 1
+            # A free slot means no waiter could take it (releases hand slots to every one that can): take it.
+            if self._free > 0 and self._held.get(owner, 0) < self._per_owner:
+                self._take(owner)
                 return
             handed_over = threading.Event()
             self._waiting.setdefault(owner, deque()).append(handed_over)
-        handed_over.wait()  # _release gave us its slot: the count was not raised in between
+        handed_over.wait()  # a release took the slot for us (_take): the count was not raised in between
 
-    def _release(self) -> None:
+    def _release(self, owner: Hashable) -> None:
         with self._lock:
-            if not self._waiting:
-                self._free += 1
-                return
-            owner, line = next(iter(self._waiting.items()))
-            handed_over = line.popleft()
-            if line:
-                self._waiting.move_to_end(owner)
-            else:
-                del self._waiting[owner]
-        handed_over.set()
+            self._held[owner] -= 1
+            if not self._held[owner]:
+                del self._held[owner]
+            self._free += 1
+            handed_over = []
+            while self._free > 0 and (nxt := self._next_in_turn()) is not None:
+                line = self._waiting[nxt]
+                handed_over.append(line.popleft())
+                if line:
+                    self._waiting.move_to_end(nxt)
+                else:
+                    del self._waiting[nxt]
+                self._take(nxt)
+        for event in handed_over:
+            event.set()
+
+    def _next_in_turn(self) -> Hashable | None:
+        """The first waiting owner in the rotation that may hold another slot (lock held)."""
+        return next((o for o in self._waiting if self._held.get(o, 0) < self._per_owner), None)
+
+    def _take(self, owner: Hashable) -> None:
+        self._free -= 1
+        self._held[owner] = self._held.get(owner, 0) + 1

@@ -30,6 +30,7 @@ import torch
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
+from prefix_store.fair_slots import FairSlots
 from server.config import GRAMMAR_CACHE_BYTES
 
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "structural_tag"]
@@ -95,7 +96,9 @@ class GrammarCompiler:
         self._cache_bytes = cache_bytes
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
-        self._compiling = threading.BoundedSemaphore(MAX_CONCURRENT_COMPILES)
+        # Tenants take turns, one compile each at a time: a schema can take minutes of a core, and one tenant's
+        # backlog of them held every slot (and every I/O thread) while others' constraints waited.
+        self._compiling = FairSlots(MAX_CONCURRENT_COMPILES, per_owner=1)
         # What was compiled, per owner (a tenant), least recently used first. Not xgrammar's own cache, which is
         # one for everyone: a repeat's quick answer would tell a tenant that another had sent that exact schema
         # (its field names, its choices), even before a 404 for a made-up task, since constraints compile first.
@@ -119,15 +122,21 @@ class GrammarCompiler:
         run at once (a large schema takes seconds of a core, which the engine's steps would otherwise share with
         as many compiles as requests bring); ``owner``'s repeats are kept, and wait for no compile."""
         compiler = self._ready()
+        kept = self.kept(spec, owner)
+        if kept is not None:
+            return kept
+        with self._compiling.slot(owner):
+            grammar = self._compile(compiler, spec)
+        self._keep(owner, grammar)
+        return grammar
+
+    def kept(self, spec: GrammarSpec, owner: str = "") -> Grammar | None:
+        """``owner``'s constraint for ``spec`` if it was compiled and kept (no waiting: fit for an event loop)."""
         with self._lock:
             kept = self._kept.get((owner, spec))
             if kept is not None:
                 self._kept.move_to_end((owner, spec))
-                return kept
-        with self._compiling:
-            grammar = self._compile(compiler, spec)
-        self._keep(owner, grammar)
-        return grammar
+            return kept
 
     def _keep(self, owner: str, grammar: Grammar) -> None:
         size = grammar.compiled.memory_size_bytes

@@ -1,9 +1,11 @@
 """Blocking calls run on the I/O executor, at most a few per tenant at once.
 
-Prefix lookups run on the event loop's executor (server/threads.py: ``IO_THREADS``), and a cold one holds its
-thread while it waits for a load slot and loads. Without a cap, one tenant's burst of 200 cold prefixes took
-every thread, and other tenants' lookups — of prefixes already resident too — queued behind the whole burst in
-the executor. Here a tenant's calls beyond its share wait on the event loop, holding no thread.
+Prefix lookups and grammar compiles run on the event loop's executor (server/threads.py: ``IO_THREADS``), and a
+cold lookup holds its thread while it waits for a load slot and loads (a compile, for a compile slot and its
+compile). Without a cap, one tenant's burst of 200 cold prefixes (or of 36 schemas that each compile for a
+minute) took every thread, and other tenants' lookups (of prefixes already resident too), compiles and
+tokenizing queued behind the whole burst in the executor. Here a tenant's calls beyond its share wait on the
+event loop, holding no thread.
 """
 
 from __future__ import annotations

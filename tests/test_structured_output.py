@@ -3,6 +3,7 @@ tokens against the PEFT oracle with the same grammar's mask, alone and batched."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -127,19 +128,17 @@ def test_a_kept_constraint_waits_for_no_compile() -> None:
     compiler = GrammarCompiler(byte_vocab_info)
     spec = GrammarSpec("regex", "[a-c]+")
     first = compiler.compile(spec, "alice")
-    for _ in range(MAX_CONCURRENT_COMPILES):
-        compiler._compiling.acquire()
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            assert pool.submit(compiler.compile, spec, "alice").result(timeout=5) is first
-    finally:
-        for _ in range(MAX_CONCURRENT_COMPILES):
-            compiler._compiling.release()
+    with contextlib.ExitStack() as busy, ThreadPoolExecutor(1) as pool:
+        for i in range(MAX_CONCURRENT_COMPILES):
+            busy.enter_context(compiler._compiling.slot(f"other{i}"))
+        assert pool.submit(compiler.compile, spec, "alice").result(timeout=5) is first
 
 
-def test_at_most_two_constraints_compile_at_once() -> None:
+@pytest.mark.parametrize(("owners", "at_once"), [(4, 2), (1, 1)])
+def test_at_most_two_constraints_compile_at_once_one_per_tenant(owners: int, at_once: int) -> None:
     """Eight requests' schemas at once: two compile while the rest wait their turn (each takes a core; 32 I/O
-    threads let 32 compile beside the engine's steps), and every one comes back compiled."""
+    threads let 32 compile beside the engine's steps), one per tenant (a tenant's slow schemas held both slots
+    while others waited), and every one comes back compiled."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -167,15 +166,15 @@ def test_at_most_two_constraints_compile_at_once() -> None:
         GrammarSpec.json_schema({"type": "object", "properties": {f"f{i}": {"type": "integer"}}}) for i in range(8)
     ]
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(compiler.compile, spec) for spec in specs]
+        futures = [pool.submit(compiler.compile, spec, f"t{i % owners}") for i, spec in enumerate(specs)]
         deadline = time.monotonic() + 10
-        while most[0] < 2 and time.monotonic() < deadline:
+        while most[0] < at_once and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.2)  # time for a third to get in, if it could
-        assert active[0] == 2
+        time.sleep(0.2)  # time for another to get in, if it could
+        assert active[0] == at_once
         release.set()
         assert all(f.result().spec == spec for f, spec in zip(futures, specs, strict=True))
-    assert most[0] == 2
+    assert most[0] == at_once
 
 
 def allowed(grammar: Grammar, text: str) -> set[int]:

@@ -140,3 +140,38 @@ async def test_one_tenants_cold_burst_leaves_others_lookups_a_thread(loaded, tmp
             finally:
                 gate.set()
             assert [(await r).status_code for r in flood] == [200] * burst
+
+
+async def test_one_tenants_slow_compiles_leave_others_a_thread_and_a_compile_slot(loaded, tmp_path: Path) -> None:
+    """40 of flood's constraints compile (held here, as schemas that take minutes would be): calm's constraint
+    still compiles and its request is served. They took every I/O thread, and both compile slots first come first
+    served, so calm waited for the whole backlog."""
+    app = create_app(ServeConfig(store=f"disk://{tmp_path}", max_queue=256), model=loaded)
+    with serve_in_thread(app) as url:
+        grammars = app.state.server.grammars
+        gate, compile_ = threading.Event(), grammars._compile
+        held = [0]
+
+        def held_compile(compiler, spec):  # type: ignore[no-untyped-def]
+            if spec.source.startswith("flood"):
+                held[0] += 1
+                assert gate.wait(30)
+            return compile_(compiler, spec)
+
+        grammars._compile = held_compile
+
+        def constrained(tenant: str, pattern: str):  # type: ignore[no-untyped-def]
+            body = {"prompt": "x", "max_new_tokens": 1, "grammar": {"type": "regex", "value": pattern}}
+            return client.post("/v1/generate", json=body, headers={TENANT_HEADER: tenant})
+
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            try:
+                flood = [asyncio.ensure_future(constrained("flood", f"flood{i}[a-z]*")) for i in range(40)]
+                await _until(lambda: held[0] >= 1)
+                await asyncio.sleep(0.3)
+                assert held[0] == 1  # one of flood's compiles at a time
+                calm = await asyncio.wait_for(constrained("calm", "calm[a-z]*"), 10)
+                assert calm.status_code == 200, calm.text
+            finally:
+                gate.set()
+            assert [(await r).status_code for r in flood] == [200] * 40

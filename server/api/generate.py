@@ -146,7 +146,7 @@ async def prepare_generation(
         state.awaiting_prefix += 1
         try:
             # A resident prefix needs no thread; a cold one (or a due check on use) takes one of the tenant's few.
-            artifact = state.registry.resolve_resident(principal.tenant, task_id) or await state.lookups.run(
+            artifact = state.registry.resolve_resident(principal.tenant, task_id) or await state.tenant_threads.run(
                 principal.tenant, state.registry.resolve, principal.tenant, task_id
             )
         except PrefixStoreError as exc:
@@ -211,7 +211,9 @@ async def compile_grammar(state: ServerState, spec: GrammarSpec, tenant: str) ->
     if state.grammars is None:
         raise InvalidInput("structured output needs a model with a tokenizer", param="grammar")
     try:
-        return await asyncio.to_thread(state.grammars.compile, spec, tenant)
+        # A kept repeat needs no thread; a compile takes one of the tenant's few (server/tenant_threads.py).
+        kept = state.grammars.kept(spec, tenant)
+        return kept or await state.tenant_threads.run(tenant, state.grammars.compile, spec, tenant)
     except GrammarError as exc:
         raise InvalidInput(str(exc), param="grammar") from exc
 

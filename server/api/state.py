@@ -44,9 +44,9 @@ class ServerState:
     # Generation requests waiting for their prefix (a cold one loads from the store first): queued as much as
     # those waiting for a row, so prefix_serve_queue_depth (which the autoscaler reads) counts them too.
     awaiting_prefix: int = 0
-    # Prefix lookups that may wait on the store run on the I/O threads, a few per tenant at once: one tenant's
-    # burst of cold loads does not take every thread (server/tenant_threads.py).
-    lookups: TenantThreads = field(default_factory=TenantThreads)
+    # Prefix lookups that may wait on the store, and grammar compiles, run on the I/O threads a few per tenant at
+    # once: one tenant's burst of cold loads or slow schemas does not take every thread (server/tenant_threads.py).
+    tenant_threads: TenantThreads = field(default_factory=TenantThreads)
 
     @property
     def model_names(self) -> tuple[str, ...]:
