@@ -21,15 +21,31 @@ async def drain_generations(state: ServerState, timeout_s: float) -> None:
     """Return once no generation is in flight: at once when none is, else when the last ends, or when those still
     running at ``timeout_s`` have been stopped."""
     loop = asyncio.get_running_loop()
-    await _until_idle(state, loop.time() + timeout_s)
-    if not state.gate.in_flight:
+    if await _until_idle(state, loop.time() + timeout_s):
         return
+    # Requests still being prepared meet the closed gate: a 503 (retry elsewhere), never a start of work.
     state.gate.closing = True
     state.engine.abort_all()
     await _until_idle(state, loop.time() + ABORT_GRACE_S)
 
 
-async def _until_idle(state: ServerState, deadline: float) -> None:
+def _busy(state: ServerState) -> bool:
+    """Generations in flight, or being prepared (a cold prefix loading, a constraint compiling)."""
+    return bool(state.gate.in_flight) or state.preparing > 0
+
+
+async def _until_idle(state: ServerState, deadline: float) -> bool:
+    """Whether the server went idle before ``deadline``. Idle must be seen twice, a poll apart: a prepared stream
+    passes from ``preparing`` to the gate's count across a few event-loop turns (its response headers are sent
+    between), and one look could fall between the two."""
     loop = asyncio.get_running_loop()
-    while state.gate.in_flight and loop.time() < deadline:
+    idle_seen = False
+    while loop.time() < deadline:
+        if _busy(state):
+            idle_seen = False
+        elif idle_seen:
+            return True
+        else:
+            idle_seen = True
         await asyncio.sleep(POLL_S)
+    return not _busy(state)

@@ -467,6 +467,9 @@ class Engine:
             rows = [self._tracked[r] for r in self._running_ids()] + [p.tracked for p in self._prefilling]
             running = [Running(t.max_len, t.request.tenant) for t in rows]
             admitted = [self._tracked[r] for r in self.scheduler.admit(running)]
+        for t in admitted:
+            if t.cancelled:  # aborted since admission took it off the queue: abort() found nothing to remove
+                self._finish(t, GenerationEvent(None, "", "cancelled"))
         admitted = [t for t in admitted if not t.cancelled]
         if self.prompt_cache is not None:
             for t in admitted:

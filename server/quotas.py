@@ -101,6 +101,7 @@ class RequestGate:
         which ``together`` counts once.
         """
         tenant = request.tenant
+        self._refuse_if_closing()
         if counted:
             self._enter(tenant, quotas, stream)
         try:
@@ -134,6 +135,7 @@ class RequestGate:
         ``events(..., counted=False)``, counted as the one request they are against the tenant's quotas and the
         open-stream limit: its choices do not refuse each other, and its stream does not end with a 429 after
         its first choice's tokens."""
+        self._refuse_if_closing()
         self._enter(tenant, quotas, stream)
         try:
             self._refuse_if_queue_full(engine, tenant, quotas)
@@ -142,6 +144,11 @@ class RequestGate:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
             self._leave(tenant, stream)
+
+    def _refuse_if_closing(self) -> None:
+        """A request prepared (its prefix loaded, say) after the drain's deadline is not started."""
+        if self.closing:
+            raise Unavailable("the server is shutting down; send the request again", retry_after_s=1)
 
     async def _with_deadline(self, events: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
         timeout = self.request_timeout_s

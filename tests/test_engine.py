@@ -498,6 +498,31 @@ async def test_cancel_frees_row_and_others_continue(base, prefixes, mode) -> Non
         engine.shutdown()
 
 
+async def test_a_request_aborted_as_it_is_admitted_still_ends(base, mode) -> None:
+    """An abort that lands between admission (under the lock) and the step's look at what was cancelled finds the
+    request out of the queue, so it only marks it: the step then dropped it without an event, and its caller (a
+    drain's abort at the deadline) waited for ever. It ends as cancelled."""
+    engine = make_engine(base, **mode)
+    admit = engine.scheduler.admit
+
+    def admit_then_abort(running):  # type: ignore[no-untyped-def]
+        admitted = admit(running)
+        for request_id in admitted:
+            engine._tracked[request_id].cancelled = True  # abort()'s effect once remove() finds nothing queued
+        return admitted
+
+    try:
+        engine.scheduler.admit = admit_then_abort  # type: ignore[method-assign]
+        request = GenerationRequest(prompt(30, 5), SamplingParams(max_new_tokens=8))
+        events = await asyncio.wait_for(collect(engine, request), 10)
+        assert [e.finish_reason for e in events] == ["cancelled"]
+        engine.scheduler.admit = admit  # type: ignore[method-assign]
+        assert len(await collect(engine, request)) == 8  # the engine serves on
+        assert not engine._tracked
+    finally:
+        engine.shutdown()
+
+
 async def test_queue_full_is_overloaded(base, mode) -> None:
     engine = make_engine(base, max_queue=2, max_batch_size=1, **mode)
     try:

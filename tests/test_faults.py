@@ -153,6 +153,49 @@ def test_streams_past_the_drain_time_end_with_an_error_event_not_cut_off(tiny_mo
     assert "Traceback" not in proc.log() and "Exception in ASGI application" not in proc.log(), proc.log()
 
 
+async def test_a_drain_waits_for_requests_still_loading_their_prefix(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM while a request waits for its cold prefix (nothing in flight yet): the drain waited for nothing, and
+    the request was cut off when the server stopped. It now counts; past the deadline it gets a 503, never work
+    started after the drain gave up."""
+    from server.api.app import create_app
+    from server.config import ServeConfig
+    from server.drain import drain_generations
+    from server.model_loading import load_model
+    from tests.live_server import serve_in_thread
+
+    cfg = ServeConfig(store=f"disk://{tmp_path}")
+    loaded = load_model(str(tiny_model_dir))
+    with serve_in_thread(create_app(cfg, model=loaded)) as url:
+        put(url, "cold", native_blob(p=4))
+    app = create_app(cfg, model=loaded)  # nothing resident
+    with serve_in_thread(app) as url:
+        state = app.state.server
+        gate, load = threading.Event(), state.registry._load
+
+        def held_load(key):  # type: ignore[no-untyped-def]
+            assert gate.wait(30)
+            return load(key)
+
+        state.registry._load = held_load
+        body = {"task_id": "cold", "prompt": "hello", "max_new_tokens": 4, "stream": True}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            request = asyncio.ensure_future(client.post("/v1/generate", json=body))
+            while state.awaiting_prefix == 0:
+                await asyncio.sleep(0.01)
+            drain = asyncio.ensure_future(drain_generations(state, timeout_s=0.3))
+            await asyncio.sleep(0.6)  # past the drain's deadline
+            assert not drain.done(), "the drain ended with a request still loading its prefix"
+            assert state.gate.closing
+            gate.set()
+            response = await request
+            await asyncio.wait_for(drain, 5)
+    if response.status_code == 200:  # the stream had started: its one event says why it ends
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+        assert [e.get("error", {}).get("type") for e in events] == ["unavailable"], events
+    else:
+        assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable", response.text
+
+
 def test_draining_server_answers_503(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Between the signal and the listener closing, a request on an open connection gets 503, not work."""
     from fastapi.testclient import TestClient

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -92,6 +93,28 @@ class ChatTemplateOptions:
             raise InvalidInput(f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
 
 
+P = ParamSpec("P")
+
+
+def _counted_while_preparing(
+    prepare: Callable[Concatenate[ServerState, P], Awaitable[PreparedGeneration]],
+) -> Callable[Concatenate[ServerState, P], Awaitable[PreparedGeneration]]:
+    """Counts the request in ``state.preparing`` while it is prepared, before the gate counts it in flight: a drain
+    (SIGTERM) that saw nothing in flight while a request waited for a cold prefix ended at once, and the request
+    was cut off when the server stopped."""
+
+    @functools.wraps(prepare)
+    async def counted(state: ServerState, *args: P.args, **kwargs: P.kwargs) -> PreparedGeneration:
+        state.preparing += 1
+        try:
+            return await prepare(state, *args, **kwargs)
+        finally:
+            state.preparing -= 1
+
+    return counted
+
+
+@_counted_while_preparing
 async def prepare_generation(
     state: ServerState,
     principal: Principal,

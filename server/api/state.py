@@ -44,6 +44,9 @@ class ServerState:
     # Generation requests waiting for their prefix (a cold one loads from the store first): queued as much as
     # those waiting for a row, so prefix_serve_queue_depth (which the autoscaler reads) counts them too.
     awaiting_prefix: int = 0
+    # Generation requests being prepared (tokenized, constrained, their prefix looked up) before the gate counts
+    # them in flight: a drain waits for these too (server/drain.py).
+    preparing: int = 0
     # Prefix lookups that may wait on the store, and grammar compiles, run on the I/O threads a few per tenant at
     # once: one tenant's burst of cold loads or slow schemas does not take every thread (server/tenant_threads.py).
     tenant_threads: TenantThreads = field(default_factory=TenantThreads)
