@@ -832,12 +832,15 @@ class Engine:
         # ``position`` is where this token would go next; the context has no room past max_context.
         if finish is None and (len(tracked.generated) >= params.max_new_tokens or position >= self.max_context):
             finish = "length"
-        text, stopped = tracked.stop.feed(piece)
+        # Stop strings count once more than min_tokens tokens exist (vLLM's rule): the sampler holds back EOS and
+        # stop tokens until then, and a stop string in the first tokens' text ended the request too soon.
+        matching = len(tracked.generated) > params.min_tokens
+        text, stopped = tracked.stop.feed(piece, matching)
         if stopped:
             finish = "stop"
         elif finish is not None:
             tail = tracked.detokenizer.flush() if tracked.detokenizer is not None else ""
-            tail_text, stopped = tracked.stop.feed(tail)
+            tail_text, stopped = tracked.stop.feed(tail, matching)
             text += tail_text
             if stopped:
                 finish = "stop"

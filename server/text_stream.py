@@ -66,13 +66,18 @@ class StopMatcher:
         self._include = include
         self._pending = ""
 
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string completed)."""
+    def feed(self, piece: str, match: bool = True) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string completed). ``match`` False: the text is not searched
+        yet (``min_tokens`` not reached, as vLLM does), though a tail that may start a stop string is still held.
+
+        A stop string must end in ``piece``: one that lies whole in the held-back tail arrived while matching was
+        off (otherwise the tail never holds one: it would have been found)."""
         text = self._pending + piece
         if not self._stop:
             self._pending = ""
             return text, False
-        hits = [(i, s) for s in self._stop if (i := text.find(s)) >= 0]
+        held = len(self._pending)
+        hits = [(i, s) for s in self._stop if match and (i := text.find(s, max(0, held - len(s) + 1))) >= 0]
         if hits:
             self._pending = ""
             at, stop = min(hits, key=lambda hit: hit[0])

@@ -519,6 +519,38 @@ def test_a_top_k_past_the_vocabulary_is_off(client: TestClient) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_stop_strings_count_once_min_tokens_are_written(client: TestClient) -> None:
+    """As vLLM: a stop string ends the text only once more than min_tokens tokens exist (it is searched for in
+    what came after, plus a look-back for one straddling that moment). One in the first token's text ended the
+    request after one token though min_tokens asked for 4."""
+    tokenizer = client.app.state.server.model.tokenizer  # type: ignore[attr-defined]
+    free = client.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 16, "ignore_eos": True}).json()
+    text, ids = free["text"], free["token_ids"]
+    first = tokenizer.decode(ids[:1])
+    stop = next(c for c in first if not c.isspace())
+    head = tokenizer.decode(ids[:4])  # the first min_tokens tokens' text
+    at = next((i for i in range(len(text)) if text.startswith(stop, i) and i + len(stop) > len(head)), None)
+    body = {"prompt": "hello", "max_new_tokens": 16, "ignore_eos": True, "stop": [stop]}
+    cut = client.post("/v1/generate", json=body).json()
+    assert cut["text"] == text[: text.index(stop)] and cut["finish_reason"] == "stop"
+    held = client.post("/v1/generate", json={**body, "min_tokens": 4}).json()
+    assert held["text"] == (text if at is None else text[:at]), (stop, text, held)
+    assert len(held["token_ids"]) > 4 > len(cut["token_ids"])
+
+
+def test_completions_top_logprobs_always_hold_the_chosen_token(client: TestClient) -> None:
+    """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements"; a sampled token outside the top ones was left out."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "hello", "max_tokens": 16, "temperature": 1.5, "seed": 1, "logprobs": 1}
+    logprobs = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    outside = 0
+    for token, value, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+        assert top[token] == value and len(top) <= 2
+        outside += len(top) == 2
+    assert outside > 0  # sampled hot: some chosen tokens were not the likeliest (else this checks nothing)
+
+
 def test_a_body_that_is_not_a_json_object_says_so(client: TestClient) -> None:
     """`curl -d '{...}'` sends JSON as a form (its default Content-Type): the message said "Input should be a valid
     dictionary or object to extract fields from", which names neither the body nor its Content-Type."""

@@ -89,3 +89,15 @@ def test_an_included_stop_string_ends_the_text() -> None:
     assert stop.feed("abc E") == ("abc ", False)
     assert stop.feed("ND tail") == ("END", True)  # "END" starts first (before its own "N"), and stays
     assert StopMatcher(["b", "a"], include=True).feed("xxab") == ("xxa", True)
+
+
+def test_stop_strings_are_not_matched_until_asked_and_then_only_in_new_text() -> None:
+    """min_tokens: while matching is off the text passes (a tail that may start a stop string still held);
+    a stop string straddling the moment it turns on is found, one whole before it is not (vLLM's rule)."""
+    stop = StopMatcher(["END", "b"])
+    assert stop.feed("a, b, E", match=False) == ("a, b, ", False)  # "b" not matched; "E" held back
+    assert stop.feed("ND", match=True) == ("", True)  # "END" straddles: found
+    late = StopMatcher(["abc", "b"])
+    assert late.feed("xab", match=False) == ("x", False)  # "ab" held: it may start "abc"; its "b" came too soon
+    assert late.feed("d") == ("abd", False)
+    assert late.feed("b") == ("", True)

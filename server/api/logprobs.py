@@ -107,6 +107,7 @@ def completion(
         alternatives: dict[str, float] = {}
         for i, lp in logprob.top:
             alternatives.setdefault(texts(i), lp)
+        alternatives.setdefault(string, logprob.logprob)  # OpenAI: "always" the chosen token's, up to logprobs + 1
         values.append(logprob.logprob)
         top.append(alternatives)
     return {"tokens": strings, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
