@@ -61,7 +61,11 @@ class TenantThreads:
                     loop.call_soon_threadsafe(release)
 
         context = contextvars.copy_context()  # as asyncio.to_thread does: request-scoped state goes along
-        future = loop.run_in_executor(None, functools.partial(context.run, call))
+        try:
+            future = loop.run_in_executor(None, functools.partial(context.run, call))
+        except BaseException:  # the executor is shut down (the server is stopping): nothing will run
+            release()
+            raise
         # Shielded: a caller cancelled while the call is still queued for a thread must not cancel it, or the
         # slot would never be released. Its outcome is then retrieved here, so an error is not logged as lost.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
