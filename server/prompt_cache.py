@@ -60,7 +60,8 @@ class PromptCache:
         self.bytes = 0
         self.hit_tokens = 0  # prompt tokens taken from the cache instead of computed, since start
         self._blocks: dict[BlockKey, _Block] = {}
-        # Per tenant: its blocks' keys, least recently used first (the eviction order), and their bytes.
+        self._order: OrderedDict[BlockKey, None] = OrderedDict()  # every block's key, least recently used first
+        # Per tenant: its blocks' keys, least recently used first, and their bytes.
         self._owned: dict[str, OrderedDict[BlockKey, None]] = {}
         self._owned_bytes: dict[str, int] = {}
         self._numbers = itertools.count()
@@ -75,6 +76,7 @@ class PromptCache:
         if not chain:
             return None
         for key in reversed(chain):  # the first block ends most recently used: it goes last
+            self._order.move_to_end(key)
             self._owned[self._blocks[key].owner].move_to_end(key)
         tokens = len(chain) * self.block_tokens
         self.hit_tokens += tokens
@@ -103,6 +105,7 @@ class PromptCache:
         owned = self._owned.setdefault(owner, OrderedDict())
         for key, block in reversed(chain):  # the chain's first block ends most recently used
             self._blocks[key] = block
+            self._order[key] = None
             owned[key] = None
             size = block.kv.numel() * block.kv.element_size()
             self.bytes += size
@@ -110,7 +113,7 @@ class PromptCache:
         for key, block in chain:
             if block.parent is not None and block.parent in self._blocks:
                 self._blocks[block.parent].children.add(key)
-        self._evict()
+        self._evict(owner)
 
     def _cached_chain(self, prefix_key: str, prompt: Sequence[int], blocks: int) -> tuple[list[BlockKey], object]:
         """The keys of the cached blocks ``prompt`` starts with (at most ``blocks``), and what the key of the
@@ -129,14 +132,22 @@ class PromptCache:
 
     def clear(self) -> None:
         self._blocks.clear()
+        self._order.clear()
         self._owned.clear()
         self._owned_bytes.clear()
         self.bytes = 0
 
-    def _evict(self) -> None:
+    def _evict(self, owner: str) -> None:
+        """Back within budget after ``owner`` stored blocks: from its own least recently used while it holds more
+        than its share (the budget ÷ the tenants holding blocks), so one tenant's many distinct prompts do not
+        flush the few another keeps (nor tell it how busy others are); else the least recently used of all, as
+        prefix_store/lru.py does."""
         while self.bytes > self.max_bytes and self._blocks:
-            largest = max(self._owned_bytes, key=self._owned_bytes.__getitem__)
-            self._drop(next(iter(self._owned[largest])))
+            owned = self._owned.get(owner)
+            if owned and self._owned_bytes[owner] > self.max_bytes / len(self._owned):
+                self._drop(next(iter(owned)))
+            else:
+                self._drop(next(iter(self._order)))
 
     def _drop(self, key: BlockKey) -> None:
         block = self._blocks.pop(key, None)
@@ -144,6 +155,7 @@ class PromptCache:
             return
         size = block.kv.numel() * block.kv.element_size()
         self.bytes -= size
+        del self._order[key]
         owned = self._owned[block.owner]
         del owned[key]
         self._owned_bytes[block.owner] -= size

@@ -33,10 +33,10 @@ looked up first, with up to ``PREDICTION_DRAFT_TOKENS`` drafts a step.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prefix_store.lru import ByteLRU
 from server.sampling import SamplingParams
 
 # Drafts per row and step by default on a CPU (``--speculative-tokens``).
@@ -162,13 +162,15 @@ class TaskHistory:
     from the request's own context alone gave 1.06 tokens per verifying step, adding the task's previous outputs
     1.74 (bench/RESULTS.md). Kept per tenant and prefix version: a tenant's outputs never draft (nor, through the
     time a step takes, show) anything to another tenant. The base model's rows are each tenant's own task too.
-    Past ``tasks`` tasks, the least recently used of the tenant holding the most goes: a tenant cycling through
-    many tasks drops its own, not the few another keeps (whose lost drafts would also tell it how busy others are).
+    Past ``tasks`` tasks, the least recently used goes, but a tenant holding more than its share (``tasks`` ÷ the
+    tenants with histories) drops its own: a tenant cycling through many tasks does not flush the few another
+    keeps (whose lost drafts would also tell it how busy others are).
     """
 
     def __init__(self, config: SpeculativeConfig, tasks: int = HISTORY_TASKS, budget: int = HISTORY_TOKENS) -> None:
         self.config, self.capacity, self.budget = config, tasks, budget
-        self._tasks: OrderedDict[tuple[str, str], TaskOutputs] = OrderedDict()
+        # Counted in tasks (each "weighs" 1), owned by tenant.
+        self._tasks: ByteLRU[tuple[str, str], TaskOutputs] = ByteLRU(tasks, lambda _: 1, lambda key: key[0])
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -178,12 +180,8 @@ class TaskHistory:
         key = (tenant, task)
         outputs = self._tasks.get(key)
         if outputs is None:
-            outputs = self._tasks[key] = TaskOutputs(self.config, self.budget)
-            while len(self._tasks) > self.capacity:
-                held = Counter(owner for owner, _ in self._tasks)
-                largest = max(held, key=held.__getitem__)
-                del self._tasks[next(k for k in self._tasks if k[0] == largest)]  # its least recently used
-        self._tasks.move_to_end(key)
+            outputs = TaskOutputs(self.config, self.budget)
+            self._tasks.put(key, outputs)
         return outputs
 
 

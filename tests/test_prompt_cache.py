@@ -100,7 +100,7 @@ def test_a_dropped_block_takes_the_blocks_after_it() -> None:
     assert hit is not None and hit.tokens == 4
 
 
-def test_the_tenant_holding_the_most_is_evicted_from_first() -> None:
+def test_a_tenant_past_its_share_evicts_its_own_blocks() -> None:
     """A tenant sending many distinct prompts evicts its own blocks, not the few another tenant keeps (which would
     also tell that tenant how busy the others are)."""
     cache = PromptCache(6 * block_bytes(), block_tokens=BLOCK)
@@ -115,7 +115,7 @@ def test_the_tenant_holding_the_most_is_evicted_from_first() -> None:
     assert cache.lookup("bob/t@1", list(range(1000, 1009))) is None  # bob's oldest went
     hit = cache.lookup("bob/t@1", list(range(1110, 1119)))
     assert hit is not None and hit.tokens == 8
-    for i in range(3):  # alice now holds the most: her own least recently used go first
+    for i in range(3):  # alice now goes past her share (half): her own least recently used go first
         prompt = list(range(2000 + 10 * i, 2009 + 10 * i))
         cache.store("alice/t@1", prompt, fake_kv(prompt)[0], owner="alice")
     assert len(cache) == 6 and cache.lookup("alice/t@1", [*alice, 1]) is None
@@ -198,3 +198,21 @@ async def test_base_model_prompts_are_cached_per_tenant(base) -> None:
         engine.shutdown()
     assert bob[0].cached_tokens == 0
     assert alice[0].cached_tokens >= 24 // BLOCK * BLOCK
+
+
+def test_tenants_within_their_share_evict_the_least_recently_used_of_all() -> None:
+    """Many tenants with a prompt each (no one past its share): a plain LRU, whoever holds the most. Evicting from
+    the tenant holding the most dropped an active tenant's long prompt before idle tenants' short ones."""
+    cache = PromptCache(8 * block_bytes(), block_tokens=BLOCK)
+    long = list(range(700, 717))  # 4 blocks
+    cache.store("active/t@1", long, fake_kv(long)[0], owner="active")
+    for i in range(4):  # 4 idle tenants with a block each: full
+        prompt = list(range(800 + 10 * i, 805 + 10 * i))
+        cache.store(f"idle{i}/t@1", prompt, fake_kv(prompt)[0], owner=f"idle{i}")
+    assert len(cache) == 8
+    assert cache.lookup("active/t@1", [*long, 1]) is not None  # active's prompt is the most recently used
+    newcomer = list(range(900, 905))
+    cache.store("new/t@1", newcomer, fake_kv(newcomer)[0], owner="new")
+    hit = cache.lookup("active/t@1", [*long, 1])
+    assert hit is not None and hit.tokens == 16  # the least recently used went: idle0's block
+    assert cache.lookup("idle0/t@1", list(range(800, 805))) is None

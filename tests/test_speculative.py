@@ -113,7 +113,7 @@ def test_task_histories_are_per_tenant_and_task_and_bounded() -> None:
     assert history.of("b", "t").following([2, 3, 4], 2) == [], "another tenant's task of the same name"
     assert history.of("a", "t").following([2, 3, 4], 2) == [5, 6]
     history.of("b", "t").add([7], [8, 9, 10])
-    history.of("a", "u")  # a third task: a holds the most, so a's least recently used ("a", "t") goes, not b's
+    history.of("a", "u")  # a third task: a would hold 2 of 2 (past its share, 1), so its own ("a", "t") goes
     assert len(history) == 2 and history.of("b", "t").following([8, 9], 1) == [10]
     assert history.of("a", "t").following([3, 4], 1) == [], "a's first task went"
 
@@ -127,6 +127,15 @@ def test_a_tenant_cycling_through_tasks_drops_its_own() -> None:
     assert len(history) == 8 and history.of("a", "t").following([2, 3, 4], 2) == [5, 6]
     assert history.of("c", "task63").following([3, 63], 1) == [64]
     assert history.of("c", "task0").following([3, 0], 1) == [], "c's oldest went"
+
+
+def test_tenants_within_their_share_give_up_the_least_recently_used_task() -> None:
+    history = TaskHistory(SpeculativeConfig(tokens=4), tasks=3)
+    for tenant in ("x", "y", "z"):
+        history.of(tenant, "t").add([1, 2, 3], [4, 5])
+    history.of("x", "t")  # x's is now the most recently used
+    history.of("w", "t")  # w holds nothing yet: the least recently used of all (y's) goes
+    assert history.of("x", "t").following([2, 3], 2) == [4, 5] and history.of("y", "t").following([2, 3], 1) == []
 
 
 def test_drafts_stand_while_they_equal_the_greedy_tokens() -> None:
