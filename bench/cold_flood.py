@@ -11,6 +11,7 @@ With --code NAME=PATH (repeatable) the server of each checkout runs (PATH first 
 one after the other, rounds alternating, so code versions are compared under the same load:
 
     python -m bench.cold_flood [--flood 120] [--prefix-len 200] [--rounds 2] [--code old=/tmp/wt_old --code new=.]
+        [--server-flags '--prefill-deadline-s 0']
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench.cold_burst import prefix_blob
+from bench.variants import flag_list
 from tests.server_process import running_server
 
 TENANT_HEADER = "X-Prefix-Serve-Tenant"
@@ -44,10 +46,15 @@ async def _timed(client: httpx.AsyncClient, tenant: str, task_id: str, delay_s: 
 
 
 async def one_round(url: str, flood: int) -> dict[str, float]:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    # Two clients: in one, calm's requests waited for a free connection of httpx's pool (100) behind the flood's.
+    unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=600, limits=unlimited) as flood_client,
+        httpx.AsyncClient(base_url=url, timeout=600) as client,
+    ):
         await _timed(client, "calm", "hot")  # loads it: resident from now on
         alone = await _timed(client, "calm", "hot")
-        flooding = [asyncio.ensure_future(_timed(client, "flood", f"c{i}")) for i in range(flood)]
+        flooding = [asyncio.ensure_future(_timed(flood_client, "flood", f"c{i}")) for i in range(flood)]
         hot = asyncio.ensure_future(_timed(client, "calm", "hot", 0.5))
         cold = asyncio.ensure_future(_timed(client, "calm", "cold", 0.5))
         flood_s = await asyncio.gather(*flooding)
@@ -66,6 +73,7 @@ def main() -> None:
     parser.add_argument("--prefix-len", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--code", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--server-flags", default="", help="extra `prefix-serve serve` flags of the measured servers")
     parser.add_argument("--out", type=Path, help="write the rounds as JSON here")
     args = parser.parse_args()
     codes = dict(spec.partition("=")[::2] for spec in args.code) or {"this": "."}
@@ -81,7 +89,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, path in codes.items():
                 env = None if path == "." else {"PYTHONPATH": str(Path(path).resolve())}
-                with running_server(flags, Path(tmp) / f"{name}.log", env=env) as server:  # fresh: nothing resident
+                measured = [*flags, *flag_list(args.server_flags)]
+                with running_server(measured, Path(tmp) / f"{name}.log", env=env) as server:  # fresh: nothing resident
                     result = asyncio.run(one_round(server.url, args.flood))
                 results[name].append(result)
                 print(f"round {round_ + 1} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
