@@ -9,11 +9,28 @@ so a cache that no one floods (one tenant, or many with a prefix each) is a plai
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+def victim(
+    owner: Hashable,
+    incoming: int,
+    capacity: int,
+    order: Mapping[K, object],
+    owned: Mapping[Hashable, Mapping[K, None]],
+    owned_bytes: Mapping[Hashable, int],
+) -> K:
+    """The entry to evict for `owner`, which brings `incoming` more bytes: its own least recently used while it would
+    hold more than its share (`capacity` ÷ the owners holding entries), else the least recently used of all.
+    ``order``: every key, least recently used first; ``owned``: each owner's keys, likewise, and their bytes."""
+    own = owned.get(owner)
+    if own and owned_bytes[owner] + incoming > capacity / len(owned):
+        return next(iter(own))
+    return next(iter(order))
 
 
 class ByteLRU(Generic[K, V]):
@@ -70,12 +87,7 @@ class ByteLRU(Generic[K, V]):
         return list(self._entries)
 
     def _victim(self, owner: Hashable, size: int) -> K:
-        """The entry to evict for `owner`'s insert of `size` bytes: its own least recently used if it would hold
-        more than its share, else the least recently used of all."""
-        owned = self._owned.get(owner)
-        if owned and self._owned_bytes[owner] + size > self.capacity_bytes / len(self._owned):
-            return next(iter(owned))
-        return next(iter(self._entries))
+        return victim(owner, size, self.capacity_bytes, self._entries, self._owned, self._owned_bytes)
 
     def _remove(self, key: K) -> V:
         value, size = self._entries.pop(key)

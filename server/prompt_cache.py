@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefix_store.lru import victim
+
 DEFAULT_BLOCK_TOKENS = 16
 
 # A block's key: (the key of the block before it, or the prefix's key for the first block; its tokens).
@@ -140,14 +142,10 @@ class PromptCache:
     def _evict(self, owner: str) -> None:
         """Back within budget after ``owner`` stored blocks: from its own least recently used while it holds more
         than its share (the budget ÷ the tenants holding blocks), so one tenant's many distinct prompts do not
-        flush the few another keeps (nor tell it how busy others are); else the least recently used of all, as
-        prefix_store/lru.py does."""
+        flush the few another keeps (nor tell it how busy others are); else the least recently used of all (the
+        prefix caches' rule: prefix_store/lru.py)."""
         while self.bytes > self.max_bytes and self._blocks:
-            owned = self._owned.get(owner)
-            if owned and self._owned_bytes[owner] > self.max_bytes / len(self._owned):
-                self._drop(next(iter(owned)))
-            else:
-                self._drop(next(iter(self._order)))
+            self._drop(victim(owner, 0, self.max_bytes, self._order, self._owned, self._owned_bytes))
 
     def _drop(self, key: BlockKey) -> None:
         block = self._blocks.pop(key, None)
