@@ -119,8 +119,9 @@ class GrammarCompiler:
 
     def compile(self, spec: GrammarSpec, owner: str = "") -> Grammar:
         """The compiled constraint, or GrammarError saying what is wrong with it. At most MAX_CONCURRENT_COMPILES
-        run at once (a large schema takes seconds of a core, which the engine's steps would otherwise share with
-        as many compiles as requests bring); ``owner``'s repeats are kept, and wait for no compile."""
+        run at once, one per ``owner`` (a large schema takes seconds of a core, which the engine's steps would
+        otherwise share with as many compiles as requests bring); ``owner``'s repeats are kept, and wait for no
+        compile."""
         compiler = self._ready()
         kept = self.kept(spec, owner)
         if kept is not None:
@@ -132,6 +133,8 @@ class GrammarCompiler:
 
     def kept(self, spec: GrammarSpec, owner: str = "") -> Grammar | None:
         """``owner``'s constraint for ``spec`` if it was compiled and kept (no waiting: fit for an event loop)."""
+        if self._compiler is None:  # nothing compiled yet; and _ready may hold the lock while it reads the vocabulary
+            return None
         with self._lock:
             kept = self._kept.get((owner, spec))
             if kept is not None:
