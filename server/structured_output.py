@@ -141,6 +141,9 @@ class GrammarCompiler:
         kept = self.kept(spec, owner)
         if kept is not None:
             return kept
+        # Refused before it waits for a compile slot: the check costs one scan of the text, not a turn.
+        if spec.kind in ("json", "structural_tag") and (depth := json_nesting_depth(spec.source)) > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"invalid {spec.describe()}: nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}")
         with self._compiling.slot(owner):
             grammar = self._compile(compiler, spec)
         self._keep(owner, grammar)
@@ -168,8 +171,6 @@ class GrammarCompiler:
                 self._kept_bytes -= evicted.compiled.memory_size_bytes
 
     def _compile(self, compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> Grammar:
-        if spec.kind in ("json", "structural_tag") and (depth := json_nesting_depth(spec.source)) > MAX_SCHEMA_DEPTH:
-            raise GrammarError(f"invalid {spec.describe()}: nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}")
         try:
             if spec.kind == "json":
                 compiled = compiler.compile_json_schema(spec.source, any_whitespace=False)
