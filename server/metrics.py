@@ -15,7 +15,8 @@ sources feed it:
 By default no label carries a task id or tenant: their number is unbounded.
 ``--metrics-task-labels N`` adds a ``task`` label ("tenant/task_id") to the
 request, token and time-to-first-token families; ``TaskLabels`` gives the first
-N tasks seen their own value and counts every later one under ``other``.
+N tasks seen their own value (no tenant more than half of them) and counts every
+later one under ``other``.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class TaskLabels:
     ``limit`` + 3 values whatever the traffic. A deleted task keeps its slot (its
     counters must stay monotonic) and a task uploaded again under the same id
     reuses it. Called from the engine thread and the HTTP threads alike.
+
+    A tenant takes a slot only while it holds fewer than are still free, so no
+    tenant ever holds more than half of them, and a tenant new to the server gets
+    one as long as any is left: one tenant's many tasks cannot leave every other
+    tenant's traffic under ``other``.
     """
 
     def __init__(self, limit: int) -> None:
@@ -102,6 +108,7 @@ class TaskLabels:
             raise ValueError(f"the number of labelled tasks must be positive, not {limit}")
         self.limit = limit
         self._named: set[str] = set()
+        self._held: dict[str, int] = {}  # slots per tenant
         self._lock = threading.Lock()
 
     def value(self, task: str | None) -> str:
@@ -113,9 +120,12 @@ class TaskLabels:
             return task
         if len(self._named) >= self.limit:
             return OTHER_TASK
+        tenant = task.rpartition("/")[0]  # task ids hold no slash; a tenant name might
         with self._lock:
-            if task not in self._named and len(self._named) < self.limit:
+            free = self.limit - len(self._named)
+            if task not in self._named and self._held.get(tenant, 0) < free:
                 self._named.add(task)
+                self._held[tenant] = self._held.get(tenant, 0) + 1
             return task if task in self._named else OTHER_TASK
 
     def of_prefix(self, prefix_id: str | None) -> str:

@@ -297,6 +297,21 @@ def test_task_labels_never_grow_past_the_limit_across_threads() -> None:
         assert labels.value(task) == (task if task in named else OTHER_TASK)
 
 
+def test_one_tenant_cannot_take_every_task_label() -> None:
+    """A tenant takes a slot only while it holds fewer than are free: at most half, and newcomers still get one."""
+    labels = TaskLabels(8)
+    flood = [f"flood/task{i}" for i in range(100)]
+    named_flood = [task for task in flood if labels.value(task) == task]
+    assert named_flood == flood[:4]  # 0 < 8, 1 < 7, 2 < 6, 3 < 5; then 4 held, 4 free
+    assert labels.value("calm/a") == "calm/a"
+    assert labels.value("calm/b") == "calm/b"  # 1 held < 3 free
+    assert labels.value("calm/c") == OTHER_TASK  # 2 held, 2 free
+    # Every later tenant still finds one of the slots left, until none is.
+    assert [labels.value(f"t{i}/x") for i in range(3)] == ["t0/x", "t1/x", OTHER_TASK]
+    # A slot once given keeps its value, whoever asks later.
+    assert labels.value(flood[0]) == flood[0] and labels.value("calm/b") == "calm/b"
+
+
 def test_negative_task_label_count_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--metrics-task-labels", "-1"]) == 2
     assert "--metrics-task-labels" in capsys.readouterr().err
