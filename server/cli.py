@@ -105,6 +105,10 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
     "request_timeout_s": (float, "cancel a generation running longer, answering 408 (default 600; 0 = never)"),
     "max_open_streams": (int, "streamed generations open at once before 429 (default 1024; 0 = no limit)"),
     "drain_timeout_s": (float, "on SIGTERM, seconds in-flight requests get to finish (default 30)"),
+    "header_timeout_s": (
+        float,
+        "close a connection whose request line and headers take longer than this many seconds (default 30; 0 = never)",
+    ),
     "responses_ttl_s": (
         int,
         "with a redis store, stored Responses API responses are kept there, shared by every replica, this many "
@@ -230,6 +234,7 @@ def serve(args: argparse.Namespace) -> int:
     from prefix_store.backends.redis_url import redact_url
     from server.api.app import create_app
     from server.api.tool_formats import TOOL_CALL_FORMATS
+    from server.http_protocol import header_deadline_protocol
     from server.model_loading import ModelLoadError, load_model
 
     config = config_from_args(args)
@@ -267,6 +272,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if config.prefill_deadline_s is not None and not config.prefill_deadline_s >= 0:
         print("error: --prefill-deadline-s must be 0 (off) or positive", file=sys.stderr)
+        return 2
+    if not 0 <= config.header_timeout_s < float("inf"):
+        print("error: --header-timeout-s must be 0 (never) or a positive number of seconds", file=sys.stderr)
         return 2
     if config.metrics_task_labels < 0:
         print("error: --metrics-task-labels must be 0 (off) or a positive number of tasks", file=sys.stderr)
@@ -316,6 +324,7 @@ def serve(args: argparse.Namespace) -> int:
         # default too): when both sides expire together, a client can send a request on a connection that the
         # server is closing, and gets a connection error with no response (seen by the cold-burst benchmark).
         timeout_keep_alive=KEEP_ALIVE_S,
+        http=header_deadline_protocol(config.header_timeout_s),
     )
     _draining_server(server_config, app, config.drain_timeout_s).run()
     return 0

@@ -79,6 +79,9 @@ class ServeConfig:
     request_timeout_s: float = 600.0  # a generation running longer is cancelled (408); 0 = no limit
     max_open_streams: int = 1024  # streamed generations open at once, server-wide (429 past it); 0 = no limit
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    # A connection is closed when a request's line and headers take longer than this (server/http_protocol.py:
+    # slow clients holding connections); 0 = never.
+    header_timeout_s: float = 30.0
     # With a Redis store, the Responses API's stored responses live in Redis for this long (every replica sees
     # them); 0 = keep them in each process's memory instead (server/api/response_store.py).
     responses_ttl_s: int = 24 * 3600
