@@ -112,7 +112,12 @@ class Seq2SeqRunner:
         self.prefix_cache = DevicePrefixCache(self.device, self.dtype, device_cache_bytes)
         self.kv_shape = (num_layers, num_kv_heads, head_dim)  # the decoder's self-attention
         config = model.config
-        self.decoder_start = int(config.decoder_start_token_id)
+        # What every decoder row starts from: the start token, then the token generation forces first, if the
+        # model has one (BART's summarisation checkpoints: <s>, as transformers' generate() forces it, and as
+        # training saw it: labels "<s> ... </s>" shifted right give decoder inputs "</s> <s> ..."). The forced
+        # token is the row's decoder prompt, never a generated token.
+        forced = getattr(model.generation_config, "forced_bos_token_id", None)
+        self.decoder_prompt = (int(config.decoder_start_token_id), *(() if forced is None else (int(forced),)))
         pad = config.pad_token_id
         self.pad_id = int(pad) if isinstance(pad, int) else 0  # encoder padding is masked; any id will do
         self._positions = _row_positions_for(model)
@@ -121,12 +126,12 @@ class Seq2SeqRunner:
         """Nothing running: nothing to release (decode steps hold no state between batches)."""
 
     def detokenizer_context(self, prompt_ids: Sequence[int]) -> list[int]:
-        """What precedes the generated tokens: the decoder start token, not the (encoder's) prompt."""
-        return [self.decoder_start]
+        """What precedes the generated tokens: the decoder's start (and forced) token, not the encoder's prompt."""
+        return list(self.decoder_prompt)
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[NewRequest]) -> tuple[Seq2SeqBatch, torch.Tensor]:
-        """Encode new prompts and run each row's decoder start token after its prefix. Returns first tokens [B]."""
+        """Encode new prompts and run each row's decoder prompt after its prefix. Returns first tokens [B]."""
         batch, logits = self.prefill_logits(requests)
         return batch, self._sample(batch, logits)
 
@@ -138,8 +143,8 @@ class Seq2SeqRunner:
     @torch.inference_mode()
     def prefill_logits(self, requests: Sequence[NewRequest]) -> tuple[Seq2SeqBatch, torch.Tensor]:
         """The new rows' batch and their first logits [B, V] (float32); nothing sampled yet."""
-        # Every decoder row's "prompt" is the one start token, so no row has padding inside its real columns.
-        starts = [replace(r, prompt_ids=(self.decoder_start,)) for r in requests]
+        # Every decoder row's "prompt" is the same start tokens, so no row has padding inside its real columns.
+        starts = [replace(r, prompt_ids=self.decoder_prompt) for r in requests]
         decoder, inputs = Batch.from_requests(
             starts,
             kv_shape=self.kv_shape,

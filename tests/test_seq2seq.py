@@ -24,7 +24,7 @@ from server.sampling import SamplingParams
 from server.seq2seq_batch import Seq2SeqBatch
 from server.seq2seq_runner import Seq2SeqRunner
 from tests.test_http_api import plain_usage
-from tests.tiny_seq2seq import oracle_greedy_seq2seq, peft_seq2seq_prefix_model, tiny_bart, tiny_t5
+from tests.tiny_seq2seq import BOS, oracle_greedy_seq2seq, peft_seq2seq_prefix_model, tiny_bart, tiny_t5
 
 STEPS = 8
 MODELS: dict[str, Callable[[], PreTrainedModel]] = {"bart": tiny_bart, "t5": tiny_t5}
@@ -106,6 +106,37 @@ def test_mixed_batch_equals_peft_forward(family: Family) -> None:
     # The same prompt under two prefixes and none: three different distributions (prefixes do act, per row).
     first = [torch.stack(want_logits)[0] for _, want_logits in expected[:3]]
     assert min((first[a] - first[b]).abs().max() for a, b in ((0, 1), (0, 2), (1, 2))) > 1e-2
+
+
+def test_a_forced_first_token_starts_every_decoder_row(tmp_path: Path) -> None:
+    """BART's summarisation checkpoints force <s> first (generation_config.forced_bos_token_id): rows decode after
+    the start token and <s>, as generate() and training have it, and <s> is not one of the generated tokens."""
+    base = tiny_bart()
+    base.generation_config.forced_bos_token_id = BOS
+    peft = peft_seq2seq_prefix_model(copy.deepcopy(base), 4, seed=41)
+    peft.save_pretrained(tmp_path / "prefix")
+    kv = key_values_from_peft_dir(tmp_path / "prefix")
+    runner = Seq2SeqRunner(base, *probe_kv_shape(base))
+    start = (int(base.config.decoder_start_token_id), BOS)
+    assert runner.detokenizer_context([5, 6]) == list(start)
+    eos = int(base.config.eos_token_id)
+    cases = [(kv, prompt(1, 7, eos)), (None, prompt(2, 5, eos))]
+    requests = [
+        NewRequest(f"r{i}", p, SamplingParams(max_new_tokens=STEPS), k, None if k is None else "p")
+        for i, (k, p) in enumerate(cases)
+    ]
+    batch, first = runner.prefill(requests)
+    got = [[t] for t in first.tolist()]
+    for _ in range(STEPS - 1):
+        for row, token in zip(got, runner.decode(batch).tolist(), strict=True):
+            row.append(token)
+    assert got[0] == oracle_greedy_seq2seq(peft, cases[0][1], start, STEPS)[0]
+    assert got[1] == oracle_greedy_seq2seq(base, cases[1][1], start, STEPS)[0]
+    # transformers' generate() forces the token itself, then decodes on: the same tokens after it.
+    generated = base.generate(torch.tensor([cases[1][1]]), max_new_tokens=STEPS + 1, do_sample=False)[0].tolist()
+    assert generated[:2] == list(start) and generated[2:] == got[1]
+    # Without the forced token the model's own first choice differs here: the setting is what changes the output.
+    assert oracle_greedy_seq2seq(base, cases[1][1], start[0], STEPS)[0] != got[1]
 
 
 def test_rows_joining_and_leaving_keep_their_outputs(family: Family) -> None:

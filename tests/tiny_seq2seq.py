@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedModel, T5Config, T5ForConditionalGeneration
@@ -84,11 +86,13 @@ def peft_seq2seq_prefix_model(base: PreTrainedModel, num_virtual_tokens: int, se
 
 @torch.inference_mode()
 def oracle_greedy_seq2seq(
-    model: PreTrainedModel, prompt: list[int], decoder_start: int, steps: int
+    model: PreTrainedModel, prompt: list[int], decoder_start: int | Sequence[int], steps: int
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and per-step logits from full, uncached forwards (never generate(), which drops prefixes)."""
+    """Greedy tokens and per-step logits from full, uncached forwards (never generate(), which drops prefixes).
+
+    ``decoder_start``: the decoder's first token, or its first tokens (the start token and a forced BOS)."""
     encoder_ids = torch.tensor([prompt])
-    decoded = [decoder_start]
+    decoded = [decoder_start] if isinstance(decoder_start, int) else list(decoder_start)
     tokens, logits = [], []
     for _ in range(steps):
         out = model(
