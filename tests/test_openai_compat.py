@@ -799,6 +799,64 @@ def test_tool_choice_auto_answers_in_text_when_the_model_calls_nothing(oai: open
         assert _error_of(info.value)["param"] == "tools.0.function.parameters"
 
 
+def test_tools_beside_a_response_format_call_or_answer_in_it(oai: openai.OpenAI) -> None:
+    """OpenAI lets tools and response_format go together (agents with tools and an output type send both): with
+    'auto' the reply either calls a tool or answers in the format; a forced call's reply is the call; 'none'
+    answers in the format. A tool without parameters takes none (OpenAI: an empty parameter list)."""
+    answer = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}, "degrees": {"type": "integer"}},
+        "required": ["city", "degrees"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "weather", "schema": answer}}
+    bare = {"type": "function", "function": {"name": "now"}}  # no parameters
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+    request: dict[str, Any] = {"model": TASK, "messages": messages, "max_tokens": 48, "temperature": 0}
+    replies = [
+        oai.chat.completions.create(**request, tools=[TIME, bare], response_format=response_format, seed=seed)
+        for seed in range(3)
+    ] + [
+        oai.chat.completions.create(
+            **{**request, "temperature": 1.0}, tools=[TIME, bare], response_format=response_format, seed=seed
+        )
+        for seed in range(6)
+    ]
+    kinds = set()
+    for reply in replies:
+        message = reply.choices[0].message
+        kinds.add("call" if message.tool_calls else "answer")
+        if message.tool_calls:  # a call of one of the tools, its arguments held to its schema
+            assert reply.choices[0].finish_reason in ("tool_calls", "length")
+            for call in message.tool_calls:
+                assert call.function.name in ("get_time", "now")
+                if reply.choices[0].finish_reason == "tool_calls" and call.function.name == "now":
+                    assert json.loads(call.function.arguments) == {}
+        elif reply.choices[0].finish_reason == "stop":  # else an answer in the format, whole once it ended
+            assert set(json.loads(message.content or "")) == {"city", "degrees"}, message.content
+    assert kinds == {"call", "answer"}  # these seeds give both (the tiny model's draws, fixed by the seeds)
+    # Forced: the reply is the call, whatever the format says; a tool without parameters gets "{}".
+    forced = oai.chat.completions.create(
+        **request,
+        tools=[WEATHER, bare],
+        tool_choice={"type": "function", "function": {"name": "now"}},
+        response_format=response_format,
+    )
+    (call,) = forced.choices[0].message.tool_calls or []
+    assert call.function.name == "now" and json.loads(call.function.arguments) == {}
+    required = oai.chat.completions.create(
+        **request, tools=[bare], tool_choice="required", parallel_tool_calls=False, response_format=response_format
+    )
+    (call,) = required.choices[0].message.tool_calls or []
+    assert call.function.name == "now" and json.loads(call.function.arguments) == {}
+    # 'none': the tools are only shown; the answer is in the format. Without tools, 'none' asks for nothing.
+    for extra in ({"tools": [WEATHER], "tool_choice": "none"}, {"tool_choice": "none"}):
+        plain = oai.chat.completions.create(**request, **extra, response_format=response_format)
+        if plain.choices[0].finish_reason == "stop":
+            assert set(json.loads(plain.choices[0].message.content or "")) == {"city", "degrees"}
+        assert plain.choices[0].message.tool_calls is None
+
+
 def _error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     body = exc.response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -833,17 +891,10 @@ def test_unknown_model_is_404_in_openai_shape(oai: openai.OpenAI) -> None:
         ("chat", {"n": 17}, "n"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        # tool_choice 'auto' (the default with tools) holds calls to a grammar: no other constraint besides.
-        ("chat", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tool_choice"),
         ("chat", {"tool_choice": "required"}, "tool_choice"),  # no tools
         (
             "chat",
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-            "tool_choice",
-        ),
-        (
-            "chat",
-            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
             "tool_choice",
         ),
         ("chat", {"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),  # names must be distinct

@@ -133,6 +133,35 @@ def test_text_format_holds_the_reply_to_a_schema(oai: openai.OpenAI) -> None:
     assert json.loads(got.output_text)["colour"] in ("red", "blue")
 
 
+def test_tools_beside_a_text_format_and_auto_without_tools(oai: openai.OpenAI) -> None:
+    """Tools and text.format go together (an agent with tools and an output type sends both), as on the chat
+    route; tool_choice 'auto' is the Responses API's default, so it is accepted without tools, and reported."""
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"]}
+    fmt = {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}
+    now = {"type": "function", "name": "now"}  # no parameters
+    forced = oai.responses.create(
+        model=TASK,
+        input="Pick a colour.",
+        text={"format": fmt},
+        tools=[now],
+        tool_choice="required",
+        max_output_tokens=20,
+        temperature=0,
+    )
+    (call,) = [item for item in forced.output if item.type == "function_call"]
+    assert call.name == "now" and json.loads(call.arguments) == {}
+    plain = oai.responses.create(
+        model=TASK,
+        input="Pick a colour.",
+        text={"format": fmt},
+        tool_choice="auto",
+        max_output_tokens=20,
+        temperature=0,
+    )
+    assert json.loads(plain.output_text)["colour"] in ("red", "blue")
+    assert plain.tool_choice == "auto" and plain.tools == []
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [

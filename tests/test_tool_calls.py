@@ -15,6 +15,7 @@ from server.api.tool_calls import (
     tool_calls,
     tool_mode,
 )
+from server.structured_output import GrammarSpec
 
 ADD = ToolIn.model_validate(
     {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {}}}}}
@@ -25,6 +26,17 @@ NOW = ToolIn.model_validate({"type": "function", "function": {"name": "now"}})
 def test_no_tools_or_none_leave_the_reply_free() -> None:
     assert tool_mode(None, None, None) == (None, None)
     assert tool_mode([ADD], "none", None) == (None, None)
+    assert tool_mode(None, "none", None) == (None, None)  # 'none' without tools asks for nothing (vLLM accepts it)
+    # A response format then holds the text reply.
+    answer = GrammarSpec.json_schema({"type": "object"})
+    assert tool_mode([ADD], "none", None, answer=answer) == (None, answer)
+    assert tool_mode(None, None, None, answer=answer) == (None, answer)
+
+
+def test_a_forced_call_is_the_reply_whatever_the_response_format() -> None:
+    answer = GrammarSpec.json_schema({"type": "object", "properties": {"x": {}}})
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        assert tool_mode([ADD, NOW], choice, None, answer=answer) == tool_mode([ADD, NOW], choice, None)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +67,8 @@ def test_named_and_required_constraints() -> None:
     assert schema["minItems"] == 1 and schema["maxItems"] == 1
     names = [call["properties"]["name"]["const"] for call in schema["items"]["anyOf"]]
     assert names == ["add", "now"]
-    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}  # no parameters: any
+    # No parameters: an empty parameter list (OpenAI), not any object.
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
     _, spec = tool_mode([ADD], "required", None)
     assert "maxItems" not in json.loads(spec.source)  # type: ignore[union-attr]
 

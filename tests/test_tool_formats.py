@@ -21,7 +21,7 @@ from server.api.tool_formats import (
     template_shows_tools,
     with_tools_in_text,
 )
-from server.structured_output import GrammarCompiler
+from server.structured_output import GrammarCompiler, GrammarSpec
 
 HERMES = TOOL_CALL_FORMATS["hermes"]
 LLAMA = TOOL_CALL_FORMATS["llama"]
@@ -38,8 +38,10 @@ WEATHER = {
         },
     },
 }
-NOW = {"type": "function", "function": {"name": "now"}}  # no parameters: any object
+NOW = {"type": "function", "function": {"name": "now"}}  # no parameters: an empty parameter list
 TOOLS = [WEATHER, NOW]
+# The tools as tool_mode hands them to a format's grammar (a missing parameters schema filled in).
+GRAMMAR_TOOLS = [ToolIn.model_validate(tool).as_grammar_input() for tool in TOOLS]
 
 HERMES_REPLY = (
     "Let me look.\n"
@@ -158,12 +160,12 @@ def _accepts(compiler: GrammarCompiler, spec: Any, tokenizer: PreTrainedTokenize
 def test_the_grammar_leaves_text_free_and_holds_calls_to_the_tools(
     tool_format: ToolCallFormat, compiler: GrammarCompiler, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    spec = tool_format.grammar(TOOLS, parallel_tool_calls=True)
+    spec = tool_format.grammar(GRAMMAR_TOOLS, parallel_tool_calls=True)
     paris = tool_format.write("get_weather", '{"city": "Paris", "unit": "celsius"}')
-    now = tool_format.write("now", {"any": [1, 2]})
+    now = tool_format.write("now", {})
     assert read_reply(tool_format, f"Sure.\n{paris}\n{now}")[1] == [
         ToolCall("get_weather", '{"city": "Paris", "unit": "celsius"}'),
-        ToolCall("now", '{"any": [1, 2]}'),
+        ToolCall("now", "{}"),
     ]
     assert _accepts(compiler, spec, tokenizer, "Any text at all, with <tags> and {braces}.")
     assert _accepts(compiler, spec, tokenizer, f"Sure.\n{paris}\n{now}\nDone.")
@@ -173,12 +175,37 @@ def test_the_grammar_leaves_text_free_and_holds_calls_to_the_tools(
         tool_format.write("get_weather", {"city": "Paris", "unit": "kelvin"}),  # not in the enum
         tool_format.write("get_weather", {}),  # city is required
         tool_format.write("get_time", {}),  # not a tool
+        tool_format.write("now", {"any": [1, 2]}),  # a tool without parameters takes none
     ):
         assert not _accepts(compiler, spec, tokenizer, f"Sure.\n{wrong}"), wrong
-    one = tool_format.grammar(TOOLS, parallel_tool_calls=False)
+    one = tool_format.grammar(GRAMMAR_TOOLS, parallel_tool_calls=False)
     assert _accepts(compiler, one, tokenizer, f"Sure.\n{paris}")
     assert not _accepts(compiler, one, tokenizer, f"Sure.\n{paris}\n{now}")  # one call, then only the end
     assert not _accepts(compiler, one, tokenizer, f"{paris} and more text")
+
+
+@pytest.mark.parametrize("tool_format", [HERMES, LLAMA], ids=lambda f: f.name)
+def test_beside_a_response_format_the_reply_calls_or_answers_in_it(
+    tool_format: ToolCallFormat, compiler: GrammarCompiler, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    answer = {"type": "object", "properties": {"temp": {"type": "integer"}}, "required": ["temp"]}
+    tools = [ToolIn.model_validate(tool) for tool in TOOLS]
+    mode, spec = tool_mode(tools, "auto", None, tool_format, GrammarSpec.json_schema(answer))
+    assert mode == ToolMode(None, tool_format) and spec is not None
+    paris = tool_format.write("get_weather", '{"city": "Paris"}')
+    now = tool_format.write("now", {})
+    assert _accepts(compiler, spec, tokenizer, '{"temp": 18}')
+    assert _accepts(compiler, spec, tokenizer, paris)
+    assert _accepts(compiler, spec, tokenizer, f"{paris}\n{now}")
+    assert read_reply(tool_format, '{"temp": 18}') == read_reply(tool_format, '{"temp": 18}')
+    for wrong in ("It is warm.", '{"temp": "warm"}', '{"celsius": 18}', tool_format.write("now", {"a": 1})):
+        assert not _accepts(compiler, spec, tokenizer, wrong), wrong
+    # Other formats: a choice, a regex.
+    _, spec = tool_mode(tools, "auto", None, tool_format, GrammarSpec("choice", choices=("yes", "no")))
+    assert _accepts(compiler, spec, tokenizer, "no") and _accepts(compiler, spec, tokenizer, now)
+    assert not _accepts(compiler, spec, tokenizer, "maybe")
+    _, spec = tool_mode(tools, "auto", None, tool_format, GrammarSpec("regex", "[0-9]+ degrees"))
+    assert _accepts(compiler, spec, tokenizer, "18 degrees") and not _accepts(compiler, spec, tokenizer, "warm")
 
 
 def test_auto_mode_takes_the_servers_format_and_is_refused_without_one() -> None:
@@ -189,9 +216,9 @@ def test_auto_mode_takes_the_servers_format_and_is_refused_without_one() -> None
         assert mode.finish("length") == "length"  # cut short: the calls so far are read, the reason stays
         assert mode.finish("stop", cut_in_call=True) == "stop"  # a stop string cut a call: not a whole one
         assert mode.finish("stop") == mode.finish("eos") == "tool_calls"  # ...after it: the calls are whole
-        assert spec == HERMES.grammar(TOOLS, parallel_tool_calls=True)
+        assert spec == HERMES.grammar(GRAMMAR_TOOLS, parallel_tool_calls=True)
     _, spec = tool_mode(tools, "auto", False, LLAMA)
-    assert spec == LLAMA.grammar(TOOLS, parallel_tool_calls=False)
+    assert spec == LLAMA.grammar(GRAMMAR_TOOLS, parallel_tool_calls=False)
     assert json.loads(spec.source)["format"]["stop_after_first"] is True  # type: ignore[union-attr]
 
 

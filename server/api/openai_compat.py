@@ -481,16 +481,13 @@ def _format_grammar(body: OpenAIBody) -> GrammarSpec | None:
 def _tool_mode(
     body: ChatCompletionRequest, format_grammar: GrammarSpec | None, state: ServerState
 ) -> tuple[ToolMode | None, GrammarSpec | None]:
-    """The tool mode and its constraint; ``format_grammar``: the request's other constraint, if any."""
+    """The tool mode and the reply's constraint; ``format_grammar``: the response format's, if any."""
     auto_format = TOOL_CALL_FORMATS.get(state.config.tool_call_format)  # "none": 'auto' refused
     try:
-        mode, grammar = tool_mode(body.tools, body.tool_choice, body.parallel_tool_calls, auto_format)
+        return tool_mode(body.tools, body.tool_choice, body.parallel_tool_calls, auto_format, format_grammar)
     except ToolCallError as exc:
         error = UnsupportedParameter if exc.unsupported else ParameterError
         raise error(exc.param, str(exc)) from exc
-    if grammar is not None and format_grammar is not None:
-        raise ParameterError("tool_choice", "tool calls cannot be combined with response_format or structured_outputs")
-    return mode, grammar
 
 
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
@@ -985,8 +982,7 @@ async def prepare_chat(
     max_tokens = (
         body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, state.config.max_new_tokens)
     )
-    format_grammar = _format_grammar(body)
-    mode, tool_grammar = _tool_mode(body, format_grammar, state)
+    mode, grammar = _tool_mode(body, _format_grammar(body), state)
     prepared = await _prepare(
         state,
         principal,
@@ -995,7 +991,7 @@ async def prepare_chat(
         messages=chat_messages(body.messages),
         max_tokens=max_tokens,
         response_id=response_id,
-        grammar=tool_grammar or format_grammar,
+        grammar=grammar,
         tools=None if body.tools is None else [tool.model_dump(exclude_none=True) for tool in body.tools],
         mode=mode,
         max_tokens_given=bool(body.max_completion_tokens or body.max_tokens),

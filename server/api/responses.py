@@ -205,7 +205,9 @@ def _chat_tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _chat_tool_choice(choice: str | dict[str, Any] | None) -> Any:
+def _chat_tool_choice(choice: str | dict[str, Any] | None, tools: list[Any] | None) -> Any:
+    if choice == "auto" and not tools:  # the Responses API's default, with or without tools (OpenAI, vLLM)
+        return None
     if isinstance(choice, dict) and choice.get("type") == "function":
         return {"type": "function", "function": {"name": choice.get("name")}}
     return choice
@@ -228,7 +230,7 @@ def chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> ChatCom
         "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
-        "tool_choice": _chat_tool_choice(body.tool_choice),
+        "tool_choice": _chat_tool_choice(body.tool_choice, body.tools),
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": _response_format(body.text),
         "user": body.user,
@@ -305,7 +307,7 @@ class _Reply:
             "store": body.store is not False,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": (body.text.format if body.text and body.text.format else {"type": "text"})},
-            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
+            "tool_choice": body.tool_choice or "auto",  # OpenAI reports its default, tools or not
             "tools": body.tools or [],
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled",

@@ -30,7 +30,7 @@ class FunctionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: any JSON object
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no parameters (OpenAI's rule)
     strict: bool | None = None  # followed strictly in any case
 
     @field_validator("parameters")
@@ -44,10 +44,24 @@ class FunctionIn(BaseModel):
         return parameters
 
 
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The schema of the call's arguments. Without ``parameters``, an empty object: "omitting parameters
+        defines a function with an empty parameter list" (OpenAI). ``{"type": "object"}`` would let the model
+        make arguments up."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
 class ToolIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     function: FunctionIn
+
+    def as_grammar_input(self) -> dict[str, Any]:
+        """The tool as xgrammar's structural tags read it, its parameters' schema filled in."""
+        tool = self.model_dump(exclude_none=True)
+        tool["function"]["parameters"] = self.function.schema
+        return tool
 
 
 class ToolCallError(ValueError):
@@ -93,13 +107,15 @@ def tool_mode(
     tool_choice: Any,
     parallel_tool_calls: bool | None,
     auto_format: ToolCallFormat | None = None,
+    answer: GrammarSpec | None = None,
 ) -> tuple[ToolMode | None, GrammarSpec | None]:
-    """The tool mode and the constraint it puts on the reply; (None, None) when the reply is plain text.
-    ``auto_format``: how the model writes calls, for tool_choice 'auto' (None: refused)."""
-    if tool_choice is not None and not tools:
+    """The tool mode (None: the reply is text) and the reply's constraint. ``auto_format``: how the model writes
+    calls, for tool_choice 'auto' (None: refused). ``answer``: the response format's constraint, if any. It holds
+    a text reply; with 'auto' the reply either calls or answers in it; a forced call's reply is the call."""
+    if tool_choice not in (None, "none") and not tools:
         raise ToolCallError("tool_choice", "tool_choice needs tools")
     if not tools or tool_choice == "none":
-        return None, None
+        return None, answer
     names = [tool.function.name for tool in tools]
     if len(set(names)) != len(names):
         raise ToolCallError("tools", "tool names must be distinct")
@@ -111,9 +127,12 @@ def tool_mode(
                 "'none' or a named function",
                 unsupported=True,
             )
-        functions = [tool.model_dump(exclude_none=True) for tool in tools]
-        return ToolMode(None, auto_format), auto_format.grammar(functions, parallel_tool_calls is not False)
-    schemas = {tool.function.name: tool.function.parameters or {"type": "object"} for tool in tools}
+        functions = [tool.as_grammar_input() for tool in tools]
+        parallel = parallel_tool_calls is not False
+        if answer is not None:
+            return ToolMode(None, auto_format), auto_format.grammar_or_answer(functions, parallel, answer)
+        return ToolMode(None, auto_format), auto_format.grammar(functions, parallel)
+    schemas = {tool.function.name: tool.function.schema for tool in tools}
     if tool_choice == "required":
         calls = [
             {
@@ -143,7 +162,8 @@ def _named(tool_choice: Any) -> str:
     ):
         return tool_choice["function"]["name"]
     raise ToolCallError(
-        "tool_choice", "tool_choice must be 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
+        "tool_choice",
+        "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
     )
 
 

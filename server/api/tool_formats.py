@@ -73,6 +73,22 @@ class ToolCallFormat:
         )
         return GrammarSpec("structural_tag", tag.model_dump_json())
 
+    def grammar_or_answer(
+        self, tools: Sequence[dict[str, Any]], parallel_tool_calls: bool, answer: GrammarSpec
+    ) -> GrammarSpec:
+        """Calls of ``tools`` in this format, or else an answer held to ``answer`` (a response format): OpenAI's
+        tools beside ``response_format``, where the model either calls or answers in the format."""
+        calls = get_model_structural_tag(
+            self.grammar_model,
+            tools=list(tools),
+            tool_choice="required",
+            reasoning="disabled",
+            max_whitespace_cnt=MAX_ARGUMENT_WHITESPACE,
+            parallel_tool_calls=parallel_tool_calls,
+        )
+        either = {"type": "or", "elements": [_tag_format(answer), calls.model_dump(mode="json")["format"]]}
+        return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": either}))
+
     def instructions(self, tools: Sequence[dict[str, Any]]) -> str:
         """A system message telling a model the tools and how to call them."""
         listed = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
@@ -109,6 +125,20 @@ class ToolCallFormat:
                 return call, None
             end += gap + len(self.closing)
         return call, end
+
+
+def _tag_format(spec: GrammarSpec) -> dict[str, Any]:
+    """A response format's constraint as an element of xgrammar's structural tag."""
+    if spec.kind == "json":
+        schema = json.loads(spec.source)
+        return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_ARGUMENT_WHITESPACE}
+    if spec.kind == "regex":
+        return {"type": "regex", "pattern": spec.source}
+    if spec.kind == "choice":
+        return {"type": "or", "elements": [{"type": "const_string", "value": choice} for choice in spec.choices]}
+    if spec.kind == "ebnf":
+        return {"type": "grammar", "grammar": spec.source}
+    raise ValueError(f"a {spec.describe()} cannot be a response format")
 
 
 _DECODER = json.JSONDecoder()
