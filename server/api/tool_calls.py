@@ -43,7 +43,6 @@ class FunctionIn(BaseModel):
             raise ValueError(f"a function's parameters must be a JSON schema of type 'object', not {kind!r}")
         return parameters
 
-
     @property
     def schema(self) -> dict[str, Any]:
         """The schema of the call's arguments. Without ``parameters``, an empty object: "omitting parameters
