@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefix_store.fair_slots import FairSlots
 from server.config import GRAMMAR_CACHE_BYTES
+from server.grammar_limits import limit_problem
 
 GrammarKind = Literal["json", "regex", "choice", "ebnf", "structural_tag"]
 # xgrammar's errors start with where in its C++ sources they were raised: "[00:19:35] /project/cpp/x.cc:83: ".
@@ -85,21 +86,6 @@ class Grammar:
 
 # Constraints compiled at once: each compile takes one core (xgrammar's max_threads=1), beside the engine's.
 MAX_CONCURRENT_COMPILES = 2
-# How deep a JSON schema (or a tool schema) may nest its objects and arrays. Compile time grows much faster than
-# depth: 128 nested array schemas (256 levels) compile in 0.1 s, 256 in 0.7 s, 900 took over a minute, and each
-# held a core. Real schemas nest a few dozen levels at most.
-MAX_SCHEMA_DEPTH = 256
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
-
-
-def json_nesting_depth(document: str) -> int:
-    """How deep a JSON document's objects and arrays nest (its brackets outside strings)."""
-    depth = deepest = 0
-    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", document)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
 
 
 class GrammarCompiler:
@@ -141,9 +127,9 @@ class GrammarCompiler:
         kept = self.kept(spec, owner)
         if kept is not None:
             return kept
-        # Refused before it waits for a compile slot: the check costs one scan of the text, not a turn.
-        if spec.kind in ("json", "structural_tag") and (depth := json_nesting_depth(spec.source)) > MAX_SCHEMA_DEPTH:
-            raise GrammarError(f"invalid {spec.describe()}: nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}")
+        # Refused before it waits for a compile slot: the check costs one walk over the text, not a turn.
+        if (problem := limit_problem(spec.kind, spec.source, spec.choices)) is not None:
+            raise GrammarError(f"invalid {spec.describe()}: {problem}")
         with self._compiling.slot(owner):
             grammar = self._compile(compiler, spec)
         self._keep(owner, grammar)

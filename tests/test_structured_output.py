@@ -15,6 +15,7 @@ import xgrammar as xgr
 
 from server.engine import GenerationRequest
 from server.errors import InvalidInput
+from server.grammar_limits import json_nesting_depth
 from server.sampling import SamplingBatch, SamplingParams, sample
 from server.structured_output import (
     MAX_CONCURRENT_COMPILES,
@@ -23,7 +24,6 @@ from server.structured_output import (
     GrammarError,
     GrammarRows,
     GrammarSpec,
-    json_nesting_depth,
 )
 from tests import test_engine
 from tests.test_engine import collect, make_engine, prompt, together_and_staggered, tokens_of
