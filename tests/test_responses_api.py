@@ -160,6 +160,11 @@ def test_tools_beside_a_text_format_and_auto_without_tools(oai: openai.OpenAI) -
     )
     assert json.loads(plain.output_text)["colour"] in ("red", "blue")
     assert plain.tool_choice == "auto" and plain.tools == []
+    # max_tool_calls bounds built-in tools' calls, of which there are none here: taken, and nothing changes.
+    bounded = oai.responses.create(
+        model=TASK, input="Pick a colour.", text={"format": fmt}, max_tool_calls=1, max_output_tokens=20, temperature=0
+    )
+    assert bounded.output_text == plain.output_text
 
 
 @pytest.mark.parametrize(
@@ -172,6 +177,9 @@ def test_tools_beside_a_text_format_and_auto_without_tools(oai: openai.OpenAI) -
         ({"input": [{"role": "robot", "content": "hi"}]}, 400, "input.0.role"),
         ({"input": [{"type": ["message"], "content": "hi"}]}, 400, "input.0.type"),  # was a 500 (schemathesis)
         ({"include": ["message.output_text.logprobs"]}, 400, "include.0"),
+        ({"top_logprobs": 2}, 400, "top_logprobs"),
+        ({"prompt": {"id": "pmpt_1"}}, 400, "prompt"),
+        ({"truncation": "auto"}, 400, "truncation"),
         ({"model": "no-such-task"}, 404, "model"),
         ({"input": "word " * 300}, 400, "input"),  # past the server's prompt limit (200), found after reading
         # Checked as the chat request a Responses request becomes, named as the client sent them (they were

@@ -89,7 +89,8 @@ class ResponsesRequest(BaseModel):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    truncation: Literal["disabled"] | None = None
+    truncation: str | None = None  # "disabled" (the default); "auto" refused (``_refuse_state``)
+    max_tool_calls: int | None = Field(None, ge=0)  # bounds calls of built-in tools, of which there are none here
     reasoning: dict[str, Any] | None = None
     # Extra outputs: only what is empty here anyway (no reasoning items to carry encrypted), others refused.
     include: list[Literal["reasoning.encrypted_content"]] | None = None
@@ -98,6 +99,8 @@ class ResponsesRequest(BaseModel):
     # Refused with a reason (``_refuse_state``).
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
+    prompt: dict[str, Any] | None = None
+    top_logprobs: int | None = None
 
 
 def _refuse_state(body: ResponsesRequest) -> None:
@@ -107,6 +110,12 @@ def _refuse_state(body: ResponsesRequest) -> None:
         )
     if body.background:
         raise UnsupportedParameter("background", "background responses are not supported")
+    if body.prompt is not None:
+        raise UnsupportedParameter("prompt", "stored prompt templates are not supported: send instructions and input")
+    if body.top_logprobs:
+        raise UnsupportedParameter("top_logprobs", "log-probabilities are not supported on /v1/responses: use chat")
+    if body.truncation not in (None, "disabled"):
+        raise UnsupportedParameter("truncation", "only truncation 'disabled' is supported: an input too long is a 400")
 
 
 def _text_of(content: Any, param: str) -> str:
