@@ -701,6 +701,7 @@ def test_tool_calls_by_name_and_required_streamed_or_not(oai: openai.OpenAI) -> 
     assert len(choice.message.tool_calls) == 1  # parallel_tool_calls false: one call
     call = choice.message.tool_calls[0]
     streamed = list(oai.chat.completions.create(**asked, stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant" and streamed[0].choices[0].delta.content is None
     deltas = [d for c in streamed if c.choices for d in c.choices[0].delta.tool_calls or []]
     assert deltas[0].id and deltas[0].function.name == call.function.name and deltas[0].function.arguments == ""
     assert len(deltas) > 3 and all(d.index == 0 and d.id is None for d in deltas[1:])  # arguments piece by piece

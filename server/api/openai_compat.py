@@ -691,15 +691,15 @@ class _Shape:
         return self._sent(payload, usage)
 
     def opening(self, index: int) -> str | None:
-        """Chat streams start each choice by naming the role, as OpenAI's do."""
+        """Chat streams start each choice by naming the role, as OpenAI's do (content null where the reply is a
+        forced call, as OpenAI's tool-call streams have it; "" otherwise)."""
         if not self.chat:
             return None
+        delta = {"role": "assistant", "content": None if self.tools is not None and self.tools.forced else ""}
         payload = {
             **self.head,
             "object": "chat.completion.chunk",
-            "choices": [
-                {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            ],
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
         }
         return self._sent(payload)
 
