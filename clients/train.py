@@ -101,21 +101,25 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="where the checkpoint and artifact go")
     p.add_argument("--model", default=None, help="as for `serve` (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--eval", default=None, metavar="FILE", help="JSONL evaluated once per epoch; early stopping")
-    p.add_argument("--num-virtual-tokens", "-p", type=int, default=10, metavar="P")
+    p.add_argument("--num-virtual-tokens", "-p", type=int, default=10, metavar="P", help="prefix length (default 10)")
     p.add_argument("--prefix-projection", action="store_true", help="train through an MLP (the paper's reparam.)")
     p.add_argument("--encoder-hidden-size", type=int, default=512, help="the MLP's width (default 512)")
     p.add_argument("--init-text", default=None, help="initialise from this text's keys/values (default: the data)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (wins over --epochs)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate (default 5e-3)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of the steps)")
     p.add_argument("--eval-every", type=int, default=None, metavar="STEPS", help="default: once per epoch")
-    p.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
-    p.add_argument("--max-length", type=int, default=1024, help="longest example in tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--patience", type=int, default=2, help="evaluations without improvement before stopping (default 2)"
+    )
+    p.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--task-id", default=None, help="task id of the artifact and the upload (default: DIR's name)")
-    p.add_argument("--artifact-dtype", choices=ARTIFACT_DTYPES, default="float32", help="native artifact dtype")
+    p.add_argument(
+        "--artifact-dtype", choices=ARTIFACT_DTYPES, default="float32", help="native artifact dtype (default float32)"
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda; training is always fp32")
     # dest "url": run_client_command builds the Client for this URL, as for `upload` (key: --api-key or env).
     p.add_argument("--upload", dest="url", default=None, metavar="URL", help="then upload to this server")
@@ -176,6 +180,16 @@ def _check_server_takes(client: Client, num_virtual_tokens: int, url: str) -> No
 # -- training -----------------------------------------------------------------
 
 
+def _check_output_writable(output: Path) -> None:
+    """--output must be able to take files, found before training rather than after (the run was lost). Nothing
+    is made here: a run refused later for bad data leaves no directory behind."""
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(f"--output {output} cannot be written: {existing} is not a writable directory")
+
+
 def _check_options(options: TrainOptions) -> str:
     """Validate options before anything heavy happens; returns the task id."""
     from prefix_store.errors import InvalidTaskId
@@ -202,10 +216,12 @@ def _check_options(options: TrainOptions) -> str:
         raise TrainError("--init-text is empty: give a text whose keys/values start the prefix, or leave it out")
     task_id = options.task_id or Path(options.output).resolve().name
     try:
-        return validate_task_id(task_id)
+        task_id = validate_task_id(task_id)
     except InvalidTaskId as exc:
         hint = "" if options.task_id else " (it defaults to the --output directory's name: pass --task-id)"
         raise TrainError(f"{exc}{hint}") from None
+    _check_output_writable(Path(options.output).expanduser())
+    return task_id
 
 
 def _tokenize_all(path: str, tokenizer: Any, eos: int, max_length: int, prefix: int, context: int) -> list[Tokenized]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from clients.cli import add_client_commands, run_client_command
 from server.config import ServeConfig
-from server.request_log import LOG_FORMATS, configure_logging
+from server.request_log import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 ENV_PREFIX = "PREFIX_SERVE_"
 KEEP_ALIVE_S = 75  # seconds an idle HTTP connection stays open (nginx's default)
@@ -195,8 +195,17 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+class ConfigError(ValueError):
+    """A flag or PREFIX_SERVE_* variable the server cannot start with; the message names it."""
+
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    """Flags win over PREFIX_SERVE_* variables, which win over the defaults."""
+    """Flags win over PREFIX_SERVE_* variables, which win over the defaults. ConfigError for a value of the wrong
+    type or out of its range (a server that would refuse every request, or size nothing)."""
     values: dict[str, object] = {}
     for field in fields(ServeConfig):
         if field.name not in _SERVE_FLAGS:
@@ -207,15 +216,82 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             try:
                 value = kind(raw)
             except ValueError as exc:
-                raise SystemExit(
-                    f"error: {ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
-                ) from exc
+                raise ConfigError(f"{ENV_PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
         if value is not None:
             values[field.name] = value
-    for switch in SERVE_SWITCHES:  # on by its flag or by its variable set to 1
-        if getattr(args, switch, False) or os.environ.get(ENV_PREFIX + switch.upper()) == "1":
+    for switch in SERVE_SWITCHES:  # on by its flag or by its variable set to 1 (or true, yes, on)
+        if getattr(args, switch, False) or _env_switch(switch):
             values[switch] = True
-    return ServeConfig(**values)
+    config = ServeConfig(**values)
+    if (problem := _range_problem(config)) is not None:
+        raise ConfigError(problem)
+    return config
+
+
+def _env_switch(name: str) -> bool:
+    raw = os.environ.get(ENV_PREFIX + name.upper(), "").strip().lower()
+    if raw not in _TRUE_WORDS + _FALSE_WORDS:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} must be 1, true, yes or on (0, false, no or off)")
+    return raw in _TRUE_WORDS
+
+
+# The least value of each numeric flag: 1 where 0 would leave the server unable to serve (or size nothing), 0
+# where 0 means off or no limit. Port 0 would bind a port no one is told of.
+_LEAST: dict[str, int] = {
+    "port": 1,
+    "max_batch_size": 1,
+    "max_batch_tokens": 1,
+    "max_queue": 1,
+    "max_new_tokens": 1,
+    "max_prompt_tokens": 1,
+    "max_upload_bytes": 1,
+    "max_request_bytes": 1,
+    "max_virtual_tokens": 1,
+    "kv_groups": 1,
+    **dict.fromkeys(
+        (
+            "max_prefill_tokens",
+            "prefill_chunk_tokens",
+            "prefill_deadline_s",
+            "reserved_rows",
+            "reserved_queue",
+            "host_cache_bytes",
+            "max_concurrent_loads",
+            "load_piece_bytes",
+            "device_cache_bytes",
+            "prompt_cache_bytes",
+            "speculative_tokens",
+            "speculative_max_rows",
+            "max_stop_strings",
+            "request_timeout_s",
+            "max_open_streams",
+            "drain_timeout_s",
+            "header_timeout_s",
+            "responses_ttl_s",
+            "tenant_max_concurrent_requests",
+            "tenant_max_queued_requests",
+            "tenant_max_prefixes",
+            "tenant_max_stored_bytes",
+            "tenant_max_upload_bytes",
+            "metrics_task_labels",
+        ),
+        0,
+    ),
+}
+
+
+def _range_problem(config: ServeConfig) -> str | None:
+    for name, least in _LEAST.items():
+        value = getattr(config, name)
+        if value is None:  # a default chosen at startup (by device)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not least <= value < float("inf"):  # NaN compares false
+            meaning = " (0 = off or no limit)" if least == 0 else ""
+            return f"{flag} must be at least {least}{meaning}, not {value}"
+    if config.port > 65535:
+        return f"--port must be at most 65535, not {config.port}"
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -237,8 +313,12 @@ def serve(args: argparse.Namespace) -> int:
     from server.http_protocol import header_deadline_protocol
     from server.model_loading import ModelLoadError, load_model
 
-    config = config_from_args(args)
-    insecure = args.insecure_no_auth or os.environ.get(ENV_PREFIX + "INSECURE_NO_AUTH") == "1"
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    insecure = args.insecure_no_auth or _env_switch("insecure_no_auth")
     if not config.api_keys and not _is_loopback(config.host) and not insecure:
         print(
             f"error: refusing to bind {config.host} without --api-keys (pass --insecure-no-auth to override)",
@@ -253,32 +333,6 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    if config.kv_groups < 1:
-        print("error: --kv-groups must be at least 1", file=sys.stderr)
-        return 2
-    if (
-        config.max_prefill_tokens < 0
-        or config.reserved_rows < 0
-        or config.reserved_queue < 0
-        or config.prefill_chunk_tokens < 0
-        or (config.speculative_tokens or 0) < 0
-        or config.speculative_max_rows < 0
-    ):
-        print(
-            "error: --max-prefill-tokens, --prefill-chunk-tokens, --reserved-rows, --reserved-queue, "
-            "--speculative-tokens and --speculative-max-rows must be 0 (off) or positive",
-            file=sys.stderr,
-        )
-        return 2
-    if config.prefill_deadline_s is not None and not config.prefill_deadline_s >= 0:
-        print("error: --prefill-deadline-s must be 0 (off) or positive", file=sys.stderr)
-        return 2
-    if not 0 <= config.header_timeout_s < float("inf"):
-        print("error: --header-timeout-s must be 0 (never) or a positive number of seconds", file=sys.stderr)
-        return 2
-    if config.metrics_task_labels < 0:
-        print("error: --metrics-task-labels must be 0 (off) or a positive number of tasks", file=sys.stderr)
-        return 2
     if config.tool_call_format != "none" and config.tool_call_format not in TOOL_CALL_FORMATS:
         names = ", ".join([*TOOL_CALL_FORMATS, "none"])
         print(f"error: --tool-call-format must be one of {names}, not {config.tool_call_format!r}", file=sys.stderr)
@@ -287,21 +341,31 @@ def serve(args: argparse.Namespace) -> int:
     if log_format not in LOG_FORMATS:
         print(f"error: --log-format must be one of {', '.join(LOG_FORMATS)}, not {args.log_format!r}", file=sys.stderr)
         return 2
+    if args.log_level.lower() not in LOG_LEVELS:
+        print(f"error: --log-level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}", file=sys.stderr)
+        return 2
     configure_logging(args.log_level, log_format)
     store = config.store or default_store_url()
-    if (problem := _store_problem(store)) is not None:
+    if (problem := _store_problem(store) or _bind_problem(config.host, config.port)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         allow_unverified = (
             config.allow_unverified_architecture
             or args.allow_unverified_architecture
-            or os.environ.get(ENV_PREFIX + "ALLOW_UNVERIFIED_ARCHITECTURE") == "1"
+            or _env_switch("allow_unverified_architecture")
         )
-        model = load_model(config.model, device=config.device, dtype=config.dtype, allow_unverified=allow_unverified)
+        logging.getLogger("prefix_serve").info("loading the model %s", config.model or "(the embedded default)")
+        with _stopped_by_signals():
+            model = load_model(
+                config.model, device=config.device, dtype=config.dtype, allow_unverified=allow_unverified
+            )
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _Stopped as stop:
+        print(f"prefix-serve: stopped by {stop.signal_name} while loading the model", file=sys.stderr)
+        return 128 + stop.signal_number
     banner = (
         f"prefix-serve: model {model.name} ({model.num_layers} layers, {model.num_kv_heads} KV heads, "
         f"head size {model.head_dim}) on {model.device} as {str(model.dtype).removeprefix('torch.')}; "
@@ -330,6 +394,51 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM while the server was not serving yet: nothing to drain, a quiet exit. A BaseException,
+    as KeyboardInterrupt is: the loader's handlers of Exception must not take it for a broken model file."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+        self.signal_name = signal.Signals(signal_number).name
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise _Stopped in the block (a model load: seconds to minutes); uvicorn installs its own
+    handlers once it serves. Without this, SIGTERM killed the process mid-load and Ctrl-C printed a traceback."""
+
+    def stop(number: int, frame: FrameType | None) -> None:
+        raise _Stopped(number)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (in use, not an address of this machine), found before the
+    model loads rather than after."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def _store_problem(url: str) -> str | None:
     """Why the server cannot start on this store (a bad URL, credentials Redis refuses), before the model loads.
     A store that cannot be reached now is only warned about: the server recovers once it can be."""
@@ -338,7 +447,7 @@ def _store_problem(url: str) -> str | None:
 
     try:
         backend = open_backend(url)
-    except ValueError as exc:
+    except (ValueError, StoreUnavailable) as exc:  # a bad URL; a disk store's directory that cannot be made
         return str(exc)
     try:
         backend.check()

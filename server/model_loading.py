@@ -111,12 +111,19 @@ def resolve_model_source(spec: str | None) -> ModelSource:
         return ModelSource(str(path), None, path.name)
     if path.exists():
         raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    if spec.startswith(("/", "./", "../", "~")):  # a path, which no hub id can be: say so, not "bad repo id"
+        raise ModelLoadError(f"no such model directory or file: {path}")
     return ModelSource(spec, None, spec)  # a hub id; loaded with local_files_only
 
 
 def pick_device(requested: str | None) -> torch.device:
     if requested:
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:  # torch's message lists every device type it knows
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ModelLoadError(f"--device must be cpu, cuda or cuda:N, not {requested!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("--device cuda was asked for but CUDA is not available")
         return device

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from server.engine import GenerationEvent, GenerationRequest
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REQUEST_ID_HEADER = "x-request-id"
 # A client-sent request id is echoed only when it is short and plain; otherwise the server makes one.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -180,8 +181,11 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # warnings.warn output becomes log lines (JSON ones too)
     if log_format == "json":
-        # Hugging Face writes progress bars and has a handler of its own on stderr: neither is JSON.
+        # Hugging Face writes progress bars and has a handler of its own on stderr: neither is JSON. transformers'
+        # GGUF conversion uses tqdm directly (10 lines of bars when the default model loads): tqdm reads
+        # TQDM_* variables as its defaults.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server_process import running_server
+from tests.redis_server import free_port
+from tests.server_process import console_script, running_server
 from tests.tiny_models import oracle_greedy, peft_prefix_model
 
 
@@ -351,3 +356,29 @@ def test_the_shipped_tool_calling_prefix_calls_without_an_example(server, defaul
     thanks = replies["tool-calls", "Thanks!"]
     assert thanks["finish_reason"] == "stop" and thanks["message"]["content"] and "tool_calls" not in thanks["message"]
     assert "tool_calls" not in replies[default_model.name, "What time is it in Quito?"]["message"]
+
+
+@pytest.mark.parametrize(("signal_number", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_model_loads_stops_the_server_quietly(
+    signal_number: int, status: int, tmp_path: Path
+) -> None:
+    """SIGTERM mid-load killed the process (status -15, no word); Ctrl-C printed a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen(
+        [console_script(), "serve", "--port", str(free_port()), "--store", f"disk://{tmp_path}"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the embedded model takes seconds to load: the signal lands during it
+            if "loading the model" in line:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal_number)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == status, rest
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in rest and f"stopped by {signal.Signals(signal_number).name} while loading" in rest, rest

@@ -160,3 +160,19 @@ def test_serve_rejects_unknown_log_format(tmp_path: Path) -> None:
     from server.cli import main
 
     assert main(["serve", "--log-format", "xml", "--store", f"disk://{tmp_path}"]) == 2
+
+
+def test_json_logs_turn_off_the_progress_bars_of_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' GGUF conversion draws tqdm bars itself (10 non-JSON lines as the default model loaded)."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    script = (
+        "from server.request_log import configure_logging\n"
+        "configure_logging('info', 'json')\n"
+        "from tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='Converting and de-quantizing GGUF tensors...'): pass\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "de-quantizing" not in done.stderr + done.stdout, done.stderr

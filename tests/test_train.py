@@ -82,6 +82,8 @@ def test_bad_options_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFix
         (["--device", "bogus"], "--device 'bogus'"),
         (["--task-id", "../x"], "invalid task id"),
         (["--model", str(tmp_path / "missing.gguf")], "GGUF file not found"),
+        # Found before training, not after it (the whole run was lost).
+        (["--output", str(data / "out")], f"--output {data / 'out'} cannot be written: {data} is not"),
     ]
     for extra, words in cases:
         code = main(["train", str(data), "--output", str(tmp_path / "out"), *extra])

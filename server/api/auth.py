@@ -21,6 +21,8 @@ from server.quotas import TenantQuotas
 
 DEFAULT_TENANT = "default"
 TENANT_HEADER = "X-Prefix-Serve-Tenant"
+# How the placeholder keys of the templates begin (docker/api_keys.example.json, docker/k8s/secret.example.yaml).
+PLACEHOLDER_KEY_PREFIXES = ("replace-me", "CHANGE_ME")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ class KeyRing:
                 tenant = validate_tenant(entry["tenant"])
             except InvalidTaskId as exc:
                 raise ValueError(f"API key entry {i}: {exc}") from exc
+            if isinstance(entry.get("key"), str) and entry["key"].startswith(PLACEHOLDER_KEY_PREFIXES):
+                # The templates' placeholders are public: a server must never take them for keys.
+                raise ValueError(f"API key entry {i} is still the template's placeholder: put a real key in {path}")
             if isinstance(entry.get("key"), str) and entry["key"]:
                 digest = hashlib.sha256(entry["key"].encode()).digest()
             elif isinstance(entry.get("key_sha256"), str):
