@@ -73,10 +73,13 @@ def read_artifact(
     *,
     piece_bytes: int = DEFAULT_PIECE_BYTES,
     run_cpu: CpuRunner = run_here,
+    fetch_in: CpuRunner | None = None,
 ) -> PrefixArtifact:
     """Decode and verify the artifact ``reader`` reads, in pieces of at most ``piece_bytes`` of tensor data.
 
-    Each bite of CPU work (hashing, unpacking a piece) goes through ``run_cpu``; fetches never do. A blob of at
+    Each bite of CPU work (hashing, unpacking a piece) goes through ``run_cpu``; fetches do not, unless
+    ``fetch_in`` is given: each piece's fetch and CPU work then go through it together (a store on this
+    machine, whose fetches are CPU, the store's and ours; ``StepGaps.run_held``). A blob of at
     most ``piece_bytes`` is read whole and decoded at once, and ``piece_bytes <= 0`` reads every blob whole.
     Raises what ``decode_artifact`` raises (CorruptPrefix, InvalidPrefix), and the reader's errors.
     """
@@ -110,7 +113,11 @@ def read_artifact(
             out_bytes[offset : offset + len(part)] = np.frombuffer(part, dtype=np.uint8)
 
     for piece in plan_pieces(segments, piece_bytes):
-        parts = reader.read([(start, end) for start, end, _ in piece])  # network or disk: never in run_cpu
+        ranges = [(start, end) for start, end, _ in piece]
+        if fetch_in is not None:  # the fetch and the CPU work together, where fetch_in runs them
+            fetch_in(lambda piece=piece, ranges=ranges: take(piece, reader.read(ranges)))
+            continue
+        parts = reader.read(ranges)  # network or disk: never in run_cpu
         run_cpu(lambda piece=piece, parts=parts: take(piece, parts))
     actual = digest.hexdigest()
     if actual != metadata.sha256:

@@ -91,6 +91,7 @@ class PrefixRegistry:
         latest_ttl: float = DEFAULT_LATEST_TTL,
         max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
         run_cpu_work: CpuRunner | None = None,
+        fetch_in: CpuRunner | None = None,
         cpu_work_min_bytes: int = DEFAULT_CPU_WORK_MIN_BYTES,
         load_piece_bytes: int = DEFAULT_PIECE_BYTES,
         serving_dtype: torch.dtype | None = None,
@@ -104,7 +105,8 @@ class PrefixRegistry:
         prefix_store.piecewise); 0 reads every blob whole. `run_cpu_work`, if given, runs the CPU-bound part of
         each piece (verifying and unpacking, never the fetch itself) for blobs of at least `cpu_work_min_bytes`:
         the server passes the engine's `StepGaps.run` on a CPU device, so a large load takes one piece per
-        engine step.
+        engine step. `fetch_in`, if given, runs each such piece's fetch and its CPU work together instead (the
+        server passes `StepGaps.run_held` when the store is on this machine, where a fetch is CPU too).
 
         Subscribes to the backend's change notifications; `backend.close()` ends that.
         """
@@ -135,6 +137,7 @@ class PrefixRegistry:
         # Per fault domain of the store (backend.fault_domain: "" for a single server), when its circuit closes.
         self._store_down_until: dict[str, float] = {}
         self._run_cpu_work = run_cpu_work or run_here
+        self._fetch_in = fetch_in
         self._cpu_work_min_bytes = cpu_work_min_bytes
         self._load_piece_bytes = load_piece_bytes
         # Tenants take turns for load slots: one tenant's burst of cold prefixes does not queue others' loads.
@@ -451,7 +454,8 @@ class PrefixRegistry:
         try:
             big = reader.size >= self._cpu_work_min_bytes
             run_cpu = self._run_cpu_work if big else run_here
-            artifact = read_artifact(reader, piece_bytes=self._load_piece_bytes, run_cpu=run_cpu)
+            fetch_in = self._fetch_in if big else None
+            artifact = read_artifact(reader, piece_bytes=self._load_piece_bytes, run_cpu=run_cpu, fetch_in=fetch_in)
         except InvalidPrefix as e:
             # We wrote it, so an unreadable stored blob is damage, not bad input.
             raise CorruptPrefix(f"stored prefix {task_id!r} v{version} is unreadable: {e}") from e

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -16,7 +15,8 @@ from types import FrameType
 from typing import Any
 
 from clients.cli import add_client_commands, run_client_command
-from server.config import ServeConfig
+from prefix_store.backends.redis_url import is_loopback
+from server.config import FETCH_BETWEEN_STEPS, ServeConfig
 from server.request_log import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 ENV_PREFIX = "PREFIX_SERVE_"
@@ -82,6 +82,11 @@ _SERVE_FLAGS: dict[str, tuple[type, str]] = {
         int,
         "read larger prefixes from the store in pieces of this many bytes, one per step on CPU "
         "(default 2 MiB; 0 = whole)",
+    ),
+    "fetch_between_steps": (
+        str,
+        "on a CPU, read prefix pieces from the store between engine steps, which wait up to 10 ms for each: auto "
+        "(default: when the store is on this machine, where a read is CPU the steps would share), on or off",
     ),
     "device_cache_bytes": (int, "accelerator prefix cache budget (default 1 GiB; unused on CPU)"),
     "prompt_cache_bytes": (
@@ -294,15 +299,6 @@ def _range_problem(config: ServeConfig) -> str | None:
     return None
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -319,7 +315,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     insecure = args.insecure_no_auth or _env_switch("insecure_no_auth")
-    if not config.api_keys and not _is_loopback(config.host) and not insecure:
+    if not config.api_keys and not is_loopback(config.host) and not insecure:
         print(
             f"error: refusing to bind {config.host} without --api-keys (pass --insecure-no-auth to override)",
             file=sys.stderr,
@@ -333,6 +329,10 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if config.fetch_between_steps not in FETCH_BETWEEN_STEPS:
+        choices = ", ".join(FETCH_BETWEEN_STEPS)
+        print(f"error: --fetch-between-steps must be {choices}, not {config.fetch_between_steps!r}", file=sys.stderr)
+        return 2
     if config.tool_call_format != "none" and config.tool_call_format not in TOOL_CALL_FORMATS:
         names = ", ".join([*TOOL_CALL_FORMATS, "none"])
         print(f"error: --tool-call-format must be one of {names}, not {config.tool_call_format!r}", file=sys.stderr)

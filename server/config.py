@@ -13,6 +13,8 @@ MAX_LOGIT_BIAS = 100.0
 # Structured output: the compiled constraints kept for reuse (per tenant), in bytes; a server sent many distinct
 # schemas would otherwise grow without end. Least recently used go first.
 GRAMMAR_CACHE_BYTES = 64 << 20
+# The values of --fetch-between-steps.
+FETCH_BETWEEN_STEPS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class ServeConfig:
     # Prefixes larger than this are read from the store in pieces of this many tensor bytes, one piece per
     # engine step on a CPU (prefix_store/piecewise.py); 0 = read each prefix whole.
     load_piece_bytes: int = 2 * 2**20
+    # On a CPU, whether prefix pieces are fetched from the store between engine steps too, not only unpacked
+    # there (prefix_store/piecewise.py): "auto" when the store is on this machine, where a fetch is CPU (the
+    # store's and ours) that would deschedule the steps' threads; "on"; "off". The step waits up to 10 ms for one.
+    fetch_between_steps: str = "auto"
     device_cache_bytes: int = 2**30  # prefixes kept on the accelerator (unused on CPU, where host memory is used)
     # Prompt heads' K/V kept for later requests of the same prefix (server/prompt_cache.py), on the model's device;
     # 0 = off. Decoder-only models.

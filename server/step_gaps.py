@@ -14,12 +14,16 @@ tokens: measured in a cold burst, a 3 ms piece of a prefix load held the next st
 
 Once the engine asks for its next step, no worker starts its work itself any more (it hands it over), so a
 worker that keeps coming back cannot starve the engine. Network waits must stay outside ``run``: the engine
-would idle through them.
+would idle through them. ``run_held`` is for work that may wait: the worker runs it itself, started as a step
+ends, and the next step waits for it at most HOLD_S (a prefix piece's fetch from a store on this machine, whose
+CPU, the store's and ours, would otherwise land in a step). Work handed over as the last step ends, when the
+engine then goes idle, runs on ``flush`` (the engine's idle hook), not after MAX_WAIT_S.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
@@ -30,6 +34,8 @@ T = TypeVar("T")
 # never a dependency: a step held up for long (a long prompt, or a step waiting on something the worker would
 # bring) cannot hold the work up with it.
 MAX_WAIT_S = 1.0
+# The longest the engine waits in a gap for workers running their own work there (``run_held``).
+HOLD_S = 0.01
 
 
 class _Job(Generic[T]):
@@ -55,6 +61,14 @@ class _Job(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
+class _Held:
+    """A worker waiting to run its own work in a gap (``run_held``): started by the engine, waited for a while."""
+
+    def __init__(self) -> None:
+        self.start = threading.Event()
+        self.done = threading.Event()
+
+
 class StepGaps:
     def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
         self.max_wait_s = max_wait_s
@@ -64,6 +78,7 @@ class StepGaps:
         self.gaps_given = 0  # steps that waited for such work (tests read it)
         self._jobs: list[_Job[object]] = []  # handed over during the running step, run when it ends
         self.jobs_run_by_engine = 0  # (tests read it)
+        self._held: list[_Held] = []  # workers waiting for a gap to run their work in (``run_held``)
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -77,8 +92,27 @@ class StepGaps:
             yield
         finally:
             self._run_jobs()
+            self._hold_for_workers()
             with self._cond:
                 self._stepping = False
+
+    def flush(self) -> None:
+        """The engine goes idle: work handed over while its last step ended, which would wait for a step that is
+        not coming (up to MAX_WAIT_S each), runs now. (Later work runs at once: no step is running.)"""
+        self._run_jobs()
+        self._hold_for_workers()
+
+    def _hold_for_workers(self) -> None:
+        """The engine's side of ``run_held``: start the waiting workers, and wait a bounded time for them."""
+        with self._cond:
+            held, self._held = self._held, []
+        if not held:
+            return
+        for job in held:
+            job.start.set()
+        deadline = time.monotonic() + HOLD_S
+        for job in held:
+            job.done.wait(max(0.0, deadline - time.monotonic()))
 
     def _run_jobs(self) -> None:
         """The engine's side of ``run``: the work handed over during the step that just ended. Work handed over
@@ -88,6 +122,40 @@ class StepGaps:
         for job in jobs:
             job.run()
             self.jobs_run_by_engine += 1
+
+    def _run_inside(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` here, counted in ``_inside`` (the caller counted it in): the next step waits for it."""
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._cond.notify_all()
+
+    def run_held(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on this thread, started as the running step ends; the next step waits for it up to HOLD_S.
+
+        For work that may wait on something other than the CPU (a fetch from a store on this machine is mostly
+        CPU, the store's and ours: run during a step, it deschedules the engine's threads): the engine never
+        waits for it long, and past HOLD_S it goes on during the next step. With no step running it starts
+        at once, and the next step waits for it, as with ``run``."""
+        with self._cond:
+            if not self._stepping:
+                self._inside += 1
+                job = None
+            else:
+                job = _Held()
+                self._held.append(job)
+        if job is None:
+            return self._run_inside(fn)
+        job.start.wait(self.max_wait_s)
+        with self._cond:
+            if job in self._held:  # no gap came in time: go on during the step
+                self._held.remove(job)
+        try:
+            return fn()
+        finally:
+            job.done.set()
 
     def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` between two steps: on the engine thread when the running step ends, or here at once while no
@@ -101,12 +169,7 @@ class StepGaps:
                 job = _Job(fn)
                 self._jobs.append(job)  # type: ignore[arg-type]
         if job is None:
-            try:
-                return fn()
-            finally:
-                with self._cond:
-                    self._inside -= 1
-                    self._cond.notify_all()
+            return self._run_inside(fn)
         if not job.done.wait(self.max_wait_s):
             with self._cond:
                 mine = job in self._jobs  # the engine has not taken it: take it back

@@ -141,3 +141,18 @@ def test_every_switch_is_a_serve_flag() -> None:
     parsed = parser.parse_args(["serve", *("--" + switch.replace("_", "-") for switch in SERVE_SWITCHES)])
     assert all(getattr(parsed, switch) is True for switch in SERVE_SWITCHES)
     assert all(getattr(parser.parse_args(["serve"]), switch) is False for switch in SERVE_SWITCHES)
+
+
+def test_fetches_between_steps_by_where_the_store_is(capsys: pytest.CaptureFixture[str]) -> None:
+    from prefix_store.backends import store_on_this_machine
+    from server.api.app import _fetches_between_steps
+
+    local = ["disk:///srv/prefixes", "/srv/prefixes", "redis://127.0.0.1:6379/0", "rediss://u:pw@[::1]:6380/0"]
+    local += ["redis+cluster://localhost:7000,127.0.0.1:7001"]
+    remote = ["redis://10.0.0.5:6379/0", "redis://redis:6379/0", "redis+cluster://127.0.0.1:7000,10.1.1.1:7001"]
+    assert all(store_on_this_machine(url) for url in local) and not any(store_on_this_machine(u) for u in remote)
+    auto, on, off = (ServeConfig(fetch_between_steps=value) for value in ("auto", "on", "off"))
+    assert _fetches_between_steps(auto, local[2]) and not _fetches_between_steps(auto, remote[0])
+    assert _fetches_between_steps(on, remote[0]) and not _fetches_between_steps(off, local[0])
+    assert main(["serve", "--fetch-between-steps", "sometimes"]) == 2
+    assert "--fetch-between-steps must be auto, on, off" in capsys.readouterr().err

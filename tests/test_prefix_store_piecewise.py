@@ -102,6 +102,28 @@ def test_read_in_pieces_equals_decoding_the_whole_blob(dtype: torch.dtype, piece
         assert len(reader.reads) == 1 and runner.runs == 1  # the rest of the blob in one read
 
 
+def test_with_fetch_in_each_piece_is_fetched_inside_it_with_its_cpu_work() -> None:
+    """A store on this machine: the fetch is CPU too, so it runs where the piece's hashing and copying run (the
+    server's StepGaps.run_held: between two engine steps); the header's read stays outside."""
+    blob = make_blob(seed=3)
+    reader = CountingReader(blob)
+    inside: list[int] = []  # reads done so far, at each entry into the runner
+    reads_inside = 0
+
+    def fetch_in(fn: Callable[[], T]) -> T:
+        nonlocal reads_inside
+        before = len(reader.reads)
+        inside.append(before)
+        result = fn()
+        reads_inside += len(reader.reads) - before
+        return result
+
+    artifact = read_artifact(reader, piece_bytes=3 * ENTRY_BYTES, run_cpu=CountingRunner(), fetch_in=fetch_in)
+    assert torch.equal(artifact.key_values, make_kv(seed=3))
+    pieces = -(-2 * FP.num_layers * ENTRY_BYTES // (3 * ENTRY_BYTES))
+    assert len(inside) == pieces and reads_inside == pieces == len(reader.reads)  # every piece's read, inside
+
+
 def test_pieces_follow_the_checksum_order_not_the_file_order() -> None:
     blob = make_blob()
     header = read_header(blob)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
+import torch
 
 from prefix_store.backends import DiskBackend
 from prefix_store.registry import PrefixRegistry
@@ -14,6 +16,16 @@ from server.step_gaps import StepGaps
 from tests.test_engine import collect, make_engine, tokens_of
 from tests.test_prefix_store_registry import FP, make_kv
 from tests.tiny_models import oracle_greedy
+
+
+def _step_then(gaps: StepGaps, order: list[str], in_step: threading.Event, end_step: threading.Event) -> None:
+    """The engine's side: one step held open until ``end_step``, then a second one."""
+    with gaps.step():
+        order.append("step 1")
+        in_step.set()
+        end_step.wait(5)
+    with gaps.step():
+        order.append("step 2")
 
 
 def test_work_run_while_idle_holds_the_next_step_until_it_is_done() -> None:
@@ -65,6 +77,30 @@ def test_the_registry_unpacks_large_loaded_prefixes_between_steps(tmp_path) -> N
     assert len(handed) == 1
 
 
+def test_the_registry_fetches_in_the_gaps_when_told_to(tmp_path) -> None:
+    """The server's setting for a store on this machine: each piece's read and its unpacking, in a gap."""
+    disk = DiskBackend(tmp_path)
+    kv = torch.randn(FP.num_layers, 2, FP.num_kv_heads, 512, FP.head_dim)  # 128 KiB: past the first read
+    PrefixRegistry(disk, FP).upload("acme", "sum", kv)
+    gaps = StepGaps()
+    held: list[int] = []
+    cpu: list[int] = []
+
+    def run_held(fn):
+        held.append(1)
+        return gaps.run_held(fn)
+
+    def run(fn):
+        cpu.append(1)
+        return gaps.run(fn)
+
+    registry = PrefixRegistry(
+        disk, FP, run_cpu_work=run, fetch_in=run_held, cpu_work_min_bytes=1, load_piece_bytes=32 * 2**10
+    )
+    assert torch.equal(registry.resolve("acme", "sum").key_values, kv)
+    assert len(held) == 4 and not cpu  # 4 pieces of 32 KiB, each read and unpacked in one gap
+
+
 def test_run_hands_work_to_the_engine_thread_when_the_step_ends() -> None:
     gaps = StepGaps()
     in_step, end_step = threading.Event(), threading.Event()
@@ -105,14 +141,6 @@ def test_work_handed_over_during_a_gap_waits_for_the_next_step_and_errors_come_b
     errors: list[BaseException] = []
     handing: list[threading.Thread] = []
 
-    def engine() -> None:
-        with gaps.step():
-            order.append("step 1")
-            in_step.set()
-            end_step.wait(5)
-        with gaps.step():
-            order.append("step 2")
-
     def b() -> None:
         order.append("b")
         raise ValueError("bad piece")
@@ -130,7 +158,7 @@ def test_work_handed_over_during_a_gap_waits_for_the_next_step_and_errors_come_b
         while not gaps._jobs:  # until b is queued behind us
             spin.wait(0.001)
 
-    engine_thread = threading.Thread(target=engine)
+    engine_thread = threading.Thread(target=_step_then, args=(gaps, order, in_step, end_step))
     engine_thread.start()
     in_step.wait(5)
     worker = threading.Thread(target=lambda: gaps.run(a))
@@ -202,3 +230,87 @@ async def test_an_engine_with_step_gaps_never_steps_while_work_runs(tmp_path) ->
         engine.shutdown()
     assert not violations
     assert entries > 0 and gaps.jobs_run_by_engine > 0  # the engine ran work between its steps
+
+
+def test_held_work_starts_as_the_step_ends_and_the_next_step_waits_for_it() -> None:
+    gaps = StepGaps()
+    order: list[str] = []
+    in_step, end_step = threading.Event(), threading.Event()
+    engine = threading.Thread(target=_step_then, args=(gaps, order, in_step, end_step))
+    engine.start()
+    in_step.wait(5)
+    ran_on: list[str] = []
+
+    def fetch() -> None:
+        order.append("fetch")
+        ran_on.append(threading.current_thread().name)
+
+    worker = threading.Thread(target=lambda: gaps.run_held(fetch), name="worker")
+    worker.start()
+    assert not worker.join(0.2) and order == ["step 1"], "held work ran during a step"
+    end_step.set()
+    worker.join(5)
+    engine.join(5)
+    assert order == ["step 1", "fetch", "step 2"] and ran_on == ["worker"]  # on its own thread, in the gap
+
+
+def test_held_work_past_the_hold_goes_on_during_the_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.step_gaps.HOLD_S", 0.05)
+    gaps = StepGaps()
+    order: list[str] = []
+    in_step, end_step, release = threading.Event(), threading.Event(), threading.Event()
+    engine = threading.Thread(target=_step_then, args=(gaps, order, in_step, end_step))
+    engine.start()
+    in_step.wait(5)
+
+    def slow_fetch() -> None:  # a store that answers slowly: the engine must not wait for it
+        order.append("fetch starts")
+        release.wait(5)
+        order.append("fetch ends")
+
+    worker = threading.Thread(target=lambda: gaps.run_held(slow_fetch))
+    worker.start()
+    end_step.set()
+    engine.join(5)
+    assert order == ["step 1", "fetch starts", "step 2"]
+    release.set()
+    worker.join(5)
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["run", "run_held"])
+def test_work_left_when_the_engine_goes_idle_runs_on_flush_not_after_max_wait(held: bool) -> None:
+    """Work handed over while a step's gap runs waits for the next step's end; when no step comes (the engine goes
+    idle: its idle hook flushes) it ran only after max_wait_s, a second per piece of a prefix load."""
+    gaps = StepGaps(max_wait_s=30)
+    done = threading.Event()
+    second: list[threading.Thread] = []
+
+    def later() -> None:
+        done.set()
+
+    def first() -> None:  # runs in the gap and hands more work over meanwhile, as a load's next piece does
+        second.append(threading.Thread(target=lambda: (gaps.run_held if held else gaps.run)(later)))
+        second[0].start()
+        while not (gaps._held if held else gaps._jobs):
+            time.sleep(0.001)
+
+    in_step, end_step = threading.Event(), threading.Event()
+
+    def engine() -> None:
+        with gaps.step():
+            in_step.set()
+            end_step.wait(5)
+
+    engine_thread = threading.Thread(target=engine)
+    engine_thread.start()
+    in_step.wait(5)
+    worker = threading.Thread(target=lambda: (gaps.run_held if held else gaps.run)(first))
+    worker.start()
+    end_step.set()
+    engine_thread.join(5)
+    worker.join(5)
+    assert not done.is_set()  # left over: no step will end to run it
+    started = time.monotonic()
+    gaps.flush()  # the engine's idle hook
+    assert done.wait(5) and time.monotonic() - started < 5
+    second[0].join(5)

@@ -8,15 +8,37 @@ from pathlib import Path
 from prefix_store.backends.base import Invalidation, PrefixBackend
 from prefix_store.backends.disk import DiskBackend
 from prefix_store.backends.redis import RedisBackend
-from prefix_store.backends.redis_url import CLUSTER_SCHEMES, redact_url
+from prefix_store.backends.redis_url import CLUSTER_SCHEMES, host_and_port, is_loopback, redact_url
 
-__all__ = ["DiskBackend", "Invalidation", "PrefixBackend", "RedisBackend", "default_store_url", "open_backend"]
+__all__ = [
+    "DiskBackend",
+    "Invalidation",
+    "PrefixBackend",
+    "RedisBackend",
+    "default_store_url",
+    "open_backend",
+    "store_on_this_machine",
+]
 
 
 def default_store_url() -> str:
     """disk:// under the user's data dir ($XDG_DATA_HOME or ~/.local/share)/prefix-serve/prefixes."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return "disk://" + str(Path(base) / "prefix-serve" / "prefixes")
+
+
+def store_on_this_machine(url: str) -> bool:
+    """Whether the store at ``url`` is served by this machine (a disk path; Redis at loopback addresses): reading
+    from it then costs this machine's CPU, not a wait on a network."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() == "disk":
+        return True
+    hosts = rest.partition("/")[0].rpartition("@")[2].split(",")  # userinfo@host:port[,host:port...]/db
+    try:
+        names = [host_and_port(host)[0] for host in hosts if host]
+    except ValueError:
+        return False
+    return bool(names) and all(is_loopback(name) for name in names)
 
 
 def open_backend(url: str) -> PrefixBackend:

@@ -8,6 +8,7 @@ misspelt option as a TypeError (a 500). ``check_options`` finds these when the s
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
 from collections.abc import Iterator
@@ -37,6 +38,16 @@ def redact_url(url: str) -> str:
     if (netloc, query) == (parts.netloc, parts.query):
         return url  # nothing to hide (rebuilt, "disk:///abs" would lose its empty host: "disk:/abs")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def host_and_port(address: str) -> tuple[str, int]:
