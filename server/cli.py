@@ -311,10 +311,15 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
+        insecure = args.insecure_no_auth or _env_switch("insecure_no_auth")
+        allow_unverified = (
+            config.allow_unverified_architecture
+            or args.allow_unverified_architecture
+            or _env_switch("allow_unverified_architecture")
+        )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    insecure = args.insecure_no_auth or _env_switch("insecure_no_auth")
     if not config.api_keys and not is_loopback(config.host) and not insecure:
         print(
             f"error: refusing to bind {config.host} without --api-keys (pass --insecure-no-auth to override)",
@@ -350,11 +355,6 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        allow_unverified = (
-            config.allow_unverified_architecture
-            or args.allow_unverified_architecture
-            or _env_switch("allow_unverified_architecture")
-        )
         logging.getLogger("prefix_serve").info("loading the model %s", config.model or "(the embedded default)")
         with _stopped_by_signals():
             model = load_model(

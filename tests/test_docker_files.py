@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save
 
 from server.api.app import create_app
+from server.api.auth import KeyRing
 from server.cli import _SERVE_FLAGS, ENV_PREFIX
 from server.config import ServeConfig
 from server.model_loading import load_model
@@ -163,10 +164,14 @@ def test_compose_services_and_replicas(compose: dict[str, Any]) -> None:
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"]), "the AOF must live on a volume"
     for name, spec in services.items():
         assert all(port.startswith("127.0.0.1:") for port in spec.get("ports", [])), f"{name}: publish on loopback only"
-    default_keys = re.fullmatch(r"\$\{\w+:-(.+)\}", compose["secrets"]["api_keys"]["file"])
-    assert default_keys is not None
-    keys = json.loads((DOCKER / default_keys.group(1)).read_text())
-    assert all({"tenant", "key"} <= set(entry) for entry in keys)
+    # The key file has no default: `docker compose up` without one stops with the message, and the example's
+    # keys (public placeholders, once the default) are refused by the server itself.
+    required = re.fullmatch(r"\$\{PREFIX_SERVE_API_KEYS_FILE:\?(.+)\}", compose["secrets"]["api_keys"]["file"])
+    assert required is not None and "PREFIX_SERVE_API_KEYS_FILE" in required.group(1)
+    example = DOCKER / "api_keys.example.json"
+    assert all({"tenant", "key"} <= set(entry) for entry in json.loads(example.read_text()))
+    with pytest.raises(ValueError, match="still the template's placeholder"):
+        KeyRing.load(example)
 
 
 def test_compose_bind_mounts_exist(compose: dict[str, Any]) -> None:

@@ -73,8 +73,9 @@ def _speculative(config: ServeConfig, device: torch.device) -> SpeculativeConfig
 
 def _fetches_between_steps(config: ServeConfig, store_url: str) -> bool:
     """--fetch-between-steps: "auto" when the store is on this machine. Measured in S5 (16 cold P = 200 loads
-    from a Redis on the same 2 cores beside 16 streams): the streams' ITL p99 1.17-1.19x of no burst in two runs,
-    against 1.26-1.35x with fetches during the steps; the loads' time to first token +10-20% at the median."""
+    from a Redis on the same 2 cores beside 16 streams, five side-by-side runs): the streams' ITL p99 over no
+    burst, median 1.17 (0.93-1.22) against 1.28 (1.05-1.37) with fetches during the steps; the loads' own time
+    to first token +10-20% at the median (bench/RESULTS.md, twenty-eighth session)."""
     if config.fetch_between_steps != "auto":
         return config.fetch_between_steps == "on"
     return store_on_this_machine(store_url)

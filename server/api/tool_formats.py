@@ -63,31 +63,28 @@ class ToolCallFormat:
     def grammar(self, tools: Sequence[dict[str, Any]], parallel_tool_calls: bool) -> GrammarSpec:
         """Free text, and calls of ``tools`` written in this format (one at most, then the end, without
         ``parallel_tool_calls``). ``tools``: OpenAI's ``{"type": "function", "function": {...}}``."""
-        tag = get_model_structural_tag(
-            self.grammar_model,
-            tools=list(tools),
-            tool_choice="auto",
-            reasoning="disabled",
-            max_whitespace_cnt=MAX_ARGUMENT_WHITESPACE,
-            parallel_tool_calls=parallel_tool_calls,
-        )
-        return GrammarSpec("structural_tag", tag.model_dump_json())
+        return GrammarSpec("structural_tag", self._calls_tag(tools, parallel_tool_calls, "auto").model_dump_json())
 
     def grammar_or_answer(
         self, tools: Sequence[dict[str, Any]], parallel_tool_calls: bool, answer: GrammarSpec
     ) -> GrammarSpec:
         """Calls of ``tools`` in this format, or else an answer held to ``answer`` (a response format): OpenAI's
         tools beside ``response_format``, where the model either calls or answers in the format."""
-        calls = get_model_structural_tag(
+        calls = self._calls_tag(tools, parallel_tool_calls, "required").model_dump(mode="json")["format"]
+        either = {"type": "or", "elements": [_tag_format(answer), calls]}
+        return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": either}))
+
+    def _calls_tag(self, tools: Sequence[dict[str, Any]], parallel_tool_calls: bool, choice: str) -> Any:
+        """xgrammar's structural tag for calls of ``tools`` in this format: text and calls ("auto"), or at least
+        one call ("required")."""
+        return get_model_structural_tag(
             self.grammar_model,
             tools=list(tools),
-            tool_choice="required",
+            tool_choice=choice,
             reasoning="disabled",
             max_whitespace_cnt=MAX_ARGUMENT_WHITESPACE,
             parallel_tool_calls=parallel_tool_calls,
         )
-        either = {"type": "or", "elements": [_tag_format(answer), calls.model_dump(mode="json")["format"]]}
-        return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": either}))
 
     def instructions(self, tools: Sequence[dict[str, Any]]) -> str:
         """A system message telling a model the tools and how to call them."""
