@@ -197,6 +197,8 @@ def test_what_cannot_be_done_is_refused_by_name(server_url: str, body: dict[str,
     )
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+    if param in ("top_logprobs", "prompt", "truncation"):  # OpenAI documents them: not supported, not unknown
+        assert r.json()["error"]["code"] == "unsupported_parameter", r.text
     message = r.json()["error"]["message"]
     assert not any(chat in message for chat in ("max_completion_tokens", "response_format", "json_schema.schema"))
 
