@@ -91,14 +91,14 @@ class StepGaps:
         try:
             yield
         finally:
-            self._run_jobs()
-            self._hold_for_workers()
+            self.flush()
             with self._cond:
                 self._stepping = False
 
     def flush(self) -> None:
-        """The engine goes idle: work handed over while its last step ended, which would wait for a step that is
-        not coming (up to MAX_WAIT_S each), runs now. (Later work runs at once: no step is running.)"""
+        """Run the work handed over so far: jobs here, held workers started and waited for up to HOLD_S. As each
+        step ends; and as the engine goes idle (its idle hook), for work handed over while its last step ended,
+        which would otherwise wait for a step that is not coming (up to MAX_WAIT_S each)."""
         self._run_jobs()
         self._hold_for_workers()
 
@@ -123,31 +123,22 @@ class StepGaps:
             job.run()
             self.jobs_run_by_engine += 1
 
-    def _run_inside(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` here, counted in ``_inside`` (the caller counted it in): the next step waits for it."""
-        try:
-            return fn()
-        finally:
-            with self._cond:
-                self._inside -= 1
-                self._cond.notify_all()
-
     def run_held(self, fn: Callable[[], T]) -> T:
         """``fn()`` on this thread, started as the running step ends; the next step waits for it up to HOLD_S.
 
         For work that may wait on something other than the CPU (a fetch from a store on this machine is mostly
         CPU, the store's and ours: run during a step, it deschedules the engine's threads): the engine never
         waits for it long, and past HOLD_S it goes on during the next step. With no step running it starts
-        at once, and the next step waits for it, as with ``run``."""
+        at once, and the next step does not wait for it (unlike ``run``'s work: a store that hangs would hold
+        the engine for as long)."""
         with self._cond:
             if not self._stepping:
-                self._inside += 1
                 job = None
             else:
                 job = _Held()
                 self._held.append(job)
         if job is None:
-            return self._run_inside(fn)
+            return fn()
         job.start.wait(self.max_wait_s)
         with self._cond:
             if job in self._held:  # no gap came in time: go on during the step
@@ -169,7 +160,12 @@ class StepGaps:
                 job = _Job(fn)
                 self._jobs.append(job)  # type: ignore[arg-type]
         if job is None:
-            return self._run_inside(fn)
+            try:
+                return fn()
+            finally:
+                with self._cond:
+                    self._inside -= 1
+                    self._cond.notify_all()
         if not job.done.wait(self.max_wait_s):
             with self._cond:
                 mine = job in self._jobs  # the engine has not taken it: take it back

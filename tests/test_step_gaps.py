@@ -314,3 +314,32 @@ def test_work_left_when_the_engine_goes_idle_runs_on_flush_not_after_max_wait(he
     gaps.flush()  # the engine's idle hook
     assert done.wait(5) and time.monotonic() - started < 5
     second[0].join(5)
+
+
+def test_held_work_started_while_idle_does_not_hold_the_next_step() -> None:
+    """A fetch started while no step runs may wait on its store (one that hangs: up to its socket timeout): the
+    step that comes meanwhile starts at once, where ``run``'s CPU work would have held it."""
+    gaps = StepGaps()
+    started, release = threading.Event(), threading.Event()
+
+    def hanging_fetch() -> None:
+        started.set()
+        release.wait(5)
+
+    worker = threading.Thread(target=lambda: gaps.run_held(hanging_fetch))
+    worker.start()
+    assert started.wait(5)
+    stepped = threading.Event()
+
+    def engine() -> None:
+        with gaps.step():
+            stepped.set()
+
+    engine_thread = threading.Thread(target=engine)
+    engine_thread.start()
+    try:
+        assert stepped.wait(1), "the step waited for the held fetch"
+    finally:
+        release.set()
+        worker.join(5)
+        engine_thread.join(5)
